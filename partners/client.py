@@ -1,0 +1,240 @@
+"""The Entremise SDK: one gRPC client for partners, analysts, compliance officers and admins."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import pandas as pd
+
+from entremise.partners.prepare import build_upload_table, encode, read_table
+from entremise.partners.schema import UploadSchema
+from entremise.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    agreement_service_pb2,
+    agreement_service_pb2_grpc,
+    common_pb2,
+    compliance_service_pb2,
+    compliance_service_pb2_grpc,
+    partner_service_pb2,
+    partner_service_pb2_grpc,
+    query_service_pb2,
+    query_service_pb2_grpc,
+)
+
+T = TypeVar("T")
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+ROLES = {
+    "admin": common_pb2.ROLE_ADMIN,
+    "partner": common_pb2.ROLE_PARTNER,
+    "analyst": common_pb2.ROLE_ANALYST,
+    "compliance": common_pb2.ROLE_COMPLIANCE,
+}
+AGGREGATES = {
+    "count": query_service_pb2.AGGREGATE_KIND_COUNT,
+    "count_rows": query_service_pb2.AGGREGATE_KIND_COUNT_ROWS,
+    "sum": query_service_pb2.AGGREGATE_KIND_SUM,
+    "mean": query_service_pb2.AGGREGATE_KIND_MEAN,
+}
+
+
+class EntremiseRPCError(Exception):
+    """A call refused by the hub: `status` is the gRPC code, `message` the hub's explanation."""
+
+    def __init__(self, status: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{status.name}: {message}")
+        self.status = status
+        self.message = message
+
+
+def _call(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        raise EntremiseRPCError(code, details or code.name) from None
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """What an upload sent and what the hub published."""
+
+    dataset: common_pb2.Dataset
+    rows_sent: int
+    bytes_sent: int
+    dropped_columns: tuple[str, ...]
+
+
+def aggregate(kind: str, column: str = "", *, name: str = "",
+              epsilon: str = "") -> query_service_pb2.Aggregate:
+    """Build one aggregate: ``aggregate("mean", "panel.amount")``."""
+    if kind not in AGGREGATES:
+        raise ValueError(f"aggregate kind must be one of {sorted(AGGREGATES)}, got {kind!r}")
+    return query_service_pb2.Aggregate(name=name, kind=AGGREGATES[kind], column=column,
+                                       epsilon=epsilon)
+
+
+def where_in(column: str, *categories: str) -> query_service_pb2.Filter:
+    """Keep rows whose categorical `column` is one of `categories`."""
+    return query_service_pb2.Filter(column=column, op=query_service_pb2.FILTER_OP_IN,
+                                    values=list(categories))
+
+
+def where_range(column: str, op: str, value: float) -> query_service_pb2.Filter:
+    """Keep rows with numeric `column` >= or <= `value` (op is ">=" or "<=")."""
+    codes = {">=": query_service_pb2.FILTER_OP_GE, "<=": query_service_pb2.FILTER_OP_LE}
+    return query_service_pb2.Filter(column=column, op=codes[op], values=[repr(float(value))])
+
+
+def query(agreement_id: str, epsilon: str, aggregates: Sequence[query_service_pb2.Aggregate], *,
+          group_by: Sequence[str] = (), filters: Sequence[query_service_pb2.Filter] = (),
+          max_rows_per_person: int = 0, max_groups_per_person: int = 0) -> query_service_pb2.Query:
+    """Build a query message."""
+    return query_service_pb2.Query(
+        agreement_id=agreement_id, epsilon=epsilon, aggregates=list(aggregates),
+        group_by=list(group_by), filters=list(filters),
+        max_rows_per_person=max_rows_per_person, max_groups_per_person=max_groups_per_person)
+
+
+class Client:
+    """Connection to a hub. Every RPC error surfaces as EntremiseRPCError with the hub's message."""
+
+    def __init__(self, channel: grpc.Channel, *, token: str | None, timeout: float) -> None:
+        self._channel = channel
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+        self._admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        self._partner = partner_service_pb2_grpc.PartnerServiceStub(channel)
+        self._agreements = agreement_service_pb2_grpc.AgreementServiceStub(channel)
+        self._queries = query_service_pb2_grpc.QueryServiceStub(channel)
+        self._compliance = compliance_service_pb2_grpc.ComplianceServiceStub(channel)
+
+    @classmethod
+    def connect(cls, target: str, *, token: str | None = None, timeout: float = 300.0,
+                wait_ready: float | None = 10.0) -> Client:
+        """Open a channel to `target` (host:port) and wait until it is ready."""
+        channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ])
+        if wait_ready:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=wait_ready)
+            except grpc.FutureTimeoutError:
+                channel.close()
+                raise EntremiseRPCError(grpc.StatusCode.UNAVAILABLE,
+                                        f"no hub answering at {target}") from None
+        return cls(channel, token=token, timeout=timeout)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _unary(self, method: Any, request: Any) -> Any:
+        return _call(lambda: method(request, metadata=self._metadata, timeout=self.timeout))
+
+    # -- admin --------------------------------------------------------------------------------
+
+    def create_principal(self, name: str, role: str) -> tuple[admin_service_pb2.Principal, str]:
+        """Admin: create a principal; returns it and its token (shown once)."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {sorted(ROLES)}")
+        response = self._unary(self._admin.CreatePrincipal,
+                               admin_service_pb2.CreatePrincipalRequest(name=name, role=ROLES[role]))
+        return response.principal, response.token
+
+    def whoami(self) -> admin_service_pb2.Principal:
+        """The principal this client's token belongs to."""
+        return self._unary(self._admin.WhoAmI, admin_service_pb2.WhoAmIRequest()).principal  # type: ignore[no-any-return]
+
+    # -- partners -----------------------------------------------------------------------------
+
+    def upload_dataset(self, name: str, source: Path | pd.DataFrame, schema: UploadSchema, *,
+                       key: bytes, default_region: str = "FR",
+                       chunk_bytes: int = 1024 * 1024) -> UploadResult:
+        """Pseudonymise `source` locally with `key`, then stream it as Arrow IPC chunks."""
+        frame = read_table(source) if isinstance(source, Path) else source
+        table = build_upload_table(frame, schema, key, default_region=default_region)
+        encoded = encode(table)
+        header = partner_service_pb2.UploadHeader(name=name, schema=schema.to_proto(),
+                                                  content_sha256=encoded.sha256)
+
+        def requests() -> Iterator[partner_service_pb2.UploadDatasetRequest]:
+            yield partner_service_pb2.UploadDatasetRequest(header=header)
+            for chunk in encoded.chunks(chunk_bytes):
+                yield partner_service_pb2.UploadDatasetRequest(chunk=chunk)
+
+        response = _call(lambda: self._partner.UploadDataset(
+            requests(), metadata=self._metadata, timeout=self.timeout))
+        dropped = tuple(c for c in frame.columns if c not in schema.sent_columns)
+        return UploadResult(response.dataset, encoded.rows, len(encoded.payload), dropped)
+
+    def list_datasets(self) -> list[common_pb2.Dataset]:
+        """Datasets visible to the caller."""
+        return list(self._unary(self._partner.ListDatasets,
+                                partner_service_pb2.ListDatasetsRequest()).datasets)
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Delete one of the caller's datasets."""
+        self._unary(self._partner.DeleteDataset,
+                    partner_service_pb2.DeleteDatasetRequest(dataset_id=dataset_id))
+
+    # -- agreements ---------------------------------------------------------------------------
+
+    def create_agreement(self, *, name: str, purpose: str, dataset_ids: Sequence[str],
+                         analyst_ids: Sequence[str], total_epsilon: str,
+                         max_rows_per_person: int = 0,
+                         max_groups_per_person: int = 0) -> agreement_service_pb2.Agreement:
+        """Admin: create an agreement with its total budget."""
+        request = agreement_service_pb2.CreateAgreementRequest(
+            name=name, purpose=purpose, dataset_ids=list(dataset_ids),
+            analyst_ids=list(analyst_ids), total_epsilon=total_epsilon,
+            max_rows_per_person=max_rows_per_person, max_groups_per_person=max_groups_per_person)
+        return self._unary(self._agreements.CreateAgreement, request).agreement  # type: ignore[no-any-return]
+
+    def get_agreement(self, agreement_id: str) -> agreement_service_pb2.Agreement:
+        """One agreement with its budget."""
+        return self._unary(self._agreements.GetAgreement,  # type: ignore[no-any-return]
+                           agreement_service_pb2.GetAgreementRequest(agreement_id=agreement_id)).agreement
+
+    def list_agreements(self) -> list[agreement_service_pb2.Agreement]:
+        """Agreements the caller is party to."""
+        return list(self._unary(self._agreements.ListAgreements,
+                                agreement_service_pb2.ListAgreementsRequest()).agreements)
+
+    # -- analysts -----------------------------------------------------------------------------
+
+    def preview(self, q: query_service_pb2.Query) -> query_service_pb2.QueryPlan:
+        """Cost and expected accuracy of a query; spends nothing."""
+        return self._unary(self._queries.PreviewQuery,  # type: ignore[no-any-return]
+                           query_service_pb2.PreviewQueryRequest(query=q)).plan
+
+    def run(self, q: query_service_pb2.Query) -> query_service_pb2.RunQueryResponse:
+        """Spend budget and release the noisy answer."""
+        return self._unary(self._queries.RunQuery,  # type: ignore[no-any-return]
+                           query_service_pb2.RunQueryRequest(query=q))
+
+    # -- compliance ---------------------------------------------------------------------------
+
+    def budgets(self, agreement_id: str = "") -> list[common_pb2.Budget]:
+        """Budget of one or every agreement."""
+        return list(self._unary(self._compliance.GetBudget, compliance_service_pb2.GetBudgetRequest(
+            agreement_id=agreement_id)).budgets)
+
+    def ledger(self, agreement_id: str = "") -> list[query_service_pb2.Release]:
+        """Every release, oldest first."""
+        return list(self._unary(self._compliance.ListLedger, compliance_service_pb2.ListLedgerRequest(
+            agreement_id=agreement_id)).releases)

@@ -1,0 +1,128 @@
+"""Synthetic demo data: a retail bank's clients and a consumer panel's weekly purchases.
+
+The two files overlap partially (the same people under differently formatted emails), some
+people refused consent, and the panel has several rows per person, so the demo exercises
+normalisation, consent filtering, the join and contribution bounding. Everything is fictitious.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from entremise.partners.schema import Categorical, Numeric, UploadSchema
+
+PURPOSE = "audience_insights"
+SEGMENTS = ("mass", "affluent", "private")
+CATEGORIES = ("grocery", "beauty", "electronics", "fashion", "travel", "leisure")
+WEEKS = 12
+MAX_ROWS_PER_PANELIST = 12
+ASSETS_UPPER = 2_000_000.0
+AMOUNT_UPPER = 300.0
+
+BANK_SCHEMA = UploadSchema(
+    key_column="email",
+    key_kind="email",
+    consents={PURPOSE: "consent_analytics", "marketing": "consent_marketing"},
+    columns={
+        "segment": Categorical(SEGMENTS),
+        "investable_assets": Numeric(0.0, ASSETS_UPPER, 1.0),
+    },
+)
+
+PANEL_SCHEMA = UploadSchema(
+    key_column="email",
+    key_kind="email",
+    consents={PURPOSE: "consent_analytics"},
+    columns={
+        "week": Categorical(tuple(f"w{w:02d}" for w in range(1, WEEKS + 1))),
+        "category": Categorical(CATEGORIES),
+        "amount": Numeric(0.0, AMOUNT_UPPER, 0.01),
+    },
+)
+
+
+@dataclass(frozen=True)
+class SyntheticData:
+    """The two partners' raw files (with raw emails and phones: they stay on the partner side)."""
+
+    bank: pd.DataFrame
+    panel: pd.DataFrame
+
+
+def _emails(ids: np.ndarray) -> np.ndarray:
+    first = np.array(["camille", "louis", "lea", "hugo", "chloe", "jules", "manon", "arthur",
+                      "ines", "gabriel", "sarah", "adam", "lina", "raphael", "emma", "nathan"])
+    last = np.array(["martin", "bernard", "dubois", "thomas", "robert", "richard", "petit",
+                     "durand", "leroy", "moreau", "simon", "laurent", "lefebvre", "michel"])
+    domains = np.array(["example.org", "example.net", "mail.example.com", "demo.example.fr"])
+    return np.array([
+        f"{first[i % 16]}.{last[(i // 16) % 14]}.{i}@{domains[(i // 7) % 4]}" for i in ids.tolist()
+    ])
+
+
+def _phones(ids: np.ndarray) -> np.ndarray:
+    # French mobile numbers in the fictional 06 99 range, in mixed national formats.
+    out = []
+    for i in ids.tolist():
+        digits = f"699{i:06d}"[-8:]
+        out.append(f"06 {digits[:2]} {digits[2:4]} {digits[4:6]} {digits[6:]}" if i % 2
+                   else f"+336{digits}")
+    return np.array(out)
+
+
+def generate(n_bank: int = 200_000, n_panel: int = 50_000, overlap: int = 30_000,
+             seed: int = 7) -> SyntheticData:
+    """Bank clients and panelists; `overlap` people are in both files."""
+    if overlap > min(n_bank, n_panel):
+        raise ValueError("overlap cannot exceed either file's size")
+    rng = np.random.default_rng(seed)
+    bank_ids = np.arange(n_bank)
+    # Panelists: `overlap` bank clients plus people unknown to the bank.
+    shared = rng.choice(bank_ids, size=overlap, replace=False)
+    panel_ids = np.concatenate([shared, np.arange(n_bank, n_bank + n_panel - overlap)])
+
+    segment_index = rng.choice(3, size=n_bank, p=[0.70, 0.22, 0.08])
+    base = np.array([8_000.0, 120_000.0, 900_000.0])[segment_index]
+    assets = np.round(base * rng.lognormal(0.0, 0.6, size=n_bank), 0)
+    bank = pd.DataFrame({
+        "email": _emails(bank_ids),
+        "phone": _phones(bank_ids),
+        "segment": np.array(SEGMENTS)[segment_index],
+        "investable_assets": assets,  # some above the public bound: clamped by the hub
+        "consent_analytics": rng.random(n_bank) < 0.87,
+        "consent_marketing": rng.random(n_bank) < 0.60,
+    })
+
+    spend_level = np.ones(n_bank + n_panel)
+    spend_level[bank_ids] = np.array([1.0, 1.6, 2.2])[segment_index]
+    consent = rng.random(len(panel_ids)) < 0.85
+    rows: list[tuple[int, str, str, float, bool]] = []
+    category_mean = np.array([45.0, 30.0, 120.0, 60.0, 150.0, 40.0])
+    for person, ok in zip(panel_ids.tolist(), consent.tolist(), strict=True):
+        weeks = np.flatnonzero(rng.random(WEEKS) < 0.55)
+        taken = 0
+        for week in weeks.tolist():
+            n_items = 1 if rng.random() < 0.7 else 2
+            for category in rng.choice(len(CATEGORIES), size=n_items, replace=False).tolist():
+                if taken == MAX_ROWS_PER_PANELIST:
+                    break
+                amount = category_mean[category] * spend_level[person] * rng.lognormal(-0.1, 0.45)
+                rows.append((person, f"w{week + 1:02d}", CATEGORIES[category],
+                             round(float(amount), 2), ok))
+                taken += 1
+    frame = pd.DataFrame(rows, columns=["person", "week", "category", "amount", "consent_analytics"])
+    emails = _emails(frame["person"].to_numpy())
+    # Same people, other formatting habits: upper case and stray spaces in the panel's file.
+    messy = frame["person"].to_numpy() % 5 == 0
+    emails = np.where(messy, np.char.add("  ", np.char.upper(emails.astype(str))), emails)
+    panel = pd.DataFrame({
+        "email": emails,
+        "week": frame["week"],
+        "category": frame["category"],
+        "amount": frame["amount"],
+        "consent_analytics": frame["consent_analytics"],
+    })
+    return SyntheticData(bank=bank, panel=panel)

@@ -1,0 +1,9 @@
+"""Differential privacy for Entremise: exact budgets, sensitivities and OpenDP mechanisms.
+
+This package is the only place that imports OpenDP.
+"""
+
+from entremise.privacy.budget import Epsilon
+from entremise.privacy.mechanisms import IntegerLaplace
+
+__all__ = ["Epsilon", "IntegerLaplace"]

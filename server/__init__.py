@@ -1,0 +1,1 @@
+"""The Entremise hub: domain core, storage, DP engine and gRPC API."""

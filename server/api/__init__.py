@@ -1,0 +1,1 @@
+"""gRPC adapters: thin servicers translating proto <-> domain, and the error catalogue."""

@@ -1,0 +1,220 @@
+"""Conversions between protobuf messages and domain objects (the only place that knows both)."""
+
+from __future__ import annotations
+
+from entremise.privacy.budget import Epsilon
+from entremise.server.domain.errors import InvalidArgumentError
+from entremise.server.domain.models import (
+    AggregateKind,
+    AggregatePreview,
+    AggregateResult,
+    AggregateSpec,
+    Agreement,
+    BudgetState,
+    CategoricalColumn,
+    Column,
+    Dataset,
+    DatasetSchema,
+    FilterOp,
+    FilterSpec,
+    IdentifierKind,
+    NumericColumn,
+    PlanSummary,
+    Principal,
+    QuerySpec,
+    Release,
+    Role,
+)
+from entremise.v1 import (
+    admin_service_pb2,
+    agreement_service_pb2,
+    common_pb2,
+    query_service_pb2,
+)
+
+ROLE_TO_PROTO = {
+    Role.ADMIN: common_pb2.ROLE_ADMIN,
+    Role.PARTNER: common_pb2.ROLE_PARTNER,
+    Role.ANALYST: common_pb2.ROLE_ANALYST,
+    Role.COMPLIANCE: common_pb2.ROLE_COMPLIANCE,
+}
+ROLE_FROM_PROTO = {v: k for k, v in ROLE_TO_PROTO.items()}
+KIND_TO_PROTO = {
+    IdentifierKind.EMAIL: common_pb2.IDENTIFIER_KIND_EMAIL,
+    IdentifierKind.PHONE: common_pb2.IDENTIFIER_KIND_PHONE,
+}
+KIND_FROM_PROTO = {v: k for k, v in KIND_TO_PROTO.items()}
+AGG_TO_PROTO = {
+    AggregateKind.COUNT: query_service_pb2.AGGREGATE_KIND_COUNT,
+    AggregateKind.COUNT_ROWS: query_service_pb2.AGGREGATE_KIND_COUNT_ROWS,
+    AggregateKind.SUM: query_service_pb2.AGGREGATE_KIND_SUM,
+    AggregateKind.MEAN: query_service_pb2.AGGREGATE_KIND_MEAN,
+}
+AGG_FROM_PROTO = {v: k for k, v in AGG_TO_PROTO.items()}
+OP_TO_PROTO = {
+    FilterOp.IN: query_service_pb2.FILTER_OP_IN,
+    FilterOp.NOT_IN: query_service_pb2.FILTER_OP_NOT_IN,
+    FilterOp.GE: query_service_pb2.FILTER_OP_GE,
+    FilterOp.LE: query_service_pb2.FILTER_OP_LE,
+}
+OP_FROM_PROTO = {v: k for k, v in OP_TO_PROTO.items()}
+
+
+def role_from_proto(value: int) -> Role:
+    """Role enum, rejecting UNSPECIFIED."""
+    if value not in ROLE_FROM_PROTO:
+        raise InvalidArgumentError("role must be one of admin, partner, analyst, compliance")
+    return ROLE_FROM_PROTO[value]  # type: ignore[index]
+
+
+def principal_to_proto(p: Principal) -> admin_service_pb2.Principal:
+    """Principal message."""
+    return admin_service_pb2.Principal(principal_id=p.principal_id, name=p.name,
+                                       role=ROLE_TO_PROTO[p.role])
+
+
+def schema_from_proto(msg: common_pb2.DatasetSchema) -> DatasetSchema:
+    """Domain schema from its message (validated later by the domain)."""
+    if msg.key_kind not in KIND_FROM_PROTO:
+        raise InvalidArgumentError("key_kind must be email or phone")
+    columns: list[Column] = []
+    for col in msg.columns:
+        which = col.WhichOneof("kind")
+        if which == "numeric":
+            columns.append(NumericColumn(col.name, col.numeric.lower, col.numeric.upper,
+                                         col.numeric.resolution or 0.01))
+        elif which == "categorical":
+            columns.append(CategoricalColumn(col.name, tuple(col.categorical.categories)))
+        else:
+            raise InvalidArgumentError(f"column {col.name!r} must be numeric or categorical")
+    return DatasetSchema(
+        key_column=msg.key_column,
+        key_kind=KIND_FROM_PROTO[msg.key_kind],  # type: ignore[index]
+        consents=tuple((c.purpose, c.column) for c in msg.consents),
+        columns=tuple(columns),
+    )
+
+
+def schema_to_proto(schema: DatasetSchema) -> common_pb2.DatasetSchema:
+    """Schema message."""
+    msg = common_pb2.DatasetSchema(key_column=schema.key_column,
+                                   key_kind=KIND_TO_PROTO[schema.key_kind])
+    for purpose, column in schema.consents:
+        msg.consents.add(purpose=purpose, column=column)
+    for col in schema.columns:
+        if isinstance(col, NumericColumn):
+            msg.columns.add(name=col.name, numeric=common_pb2.NumericColumn(
+                lower=col.lower, upper=col.upper, resolution=col.resolution))
+        else:
+            msg.columns.add(name=col.name, categorical=common_pb2.CategoricalColumn(
+                categories=list(col.categories)))
+    return msg
+
+
+def dataset_to_proto(d: Dataset) -> common_pb2.Dataset:
+    """Dataset message."""
+    return common_pb2.Dataset(
+        dataset_id=d.dataset_id, name=d.name, partner_id=d.partner_id,
+        schema=schema_to_proto(d.schema), row_count=d.row_count, distinct_keys=d.distinct_keys,
+        version=d.version, content_sha256=d.content_sha256, created_at=d.created_at,
+    )
+
+
+def budget_to_proto(b: BudgetState) -> common_pb2.Budget:
+    """Budget message (exact decimal strings)."""
+    return common_pb2.Budget(
+        agreement_id=b.agreement_id, total_epsilon=str(b.total), spent_epsilon=str(b.spent),
+        remaining_epsilon=str(b.remaining), release_count=b.release_count,
+    )
+
+
+def agreement_to_proto(a: Agreement, budget: BudgetState) -> agreement_service_pb2.Agreement:
+    """Agreement message with its current budget."""
+    return agreement_service_pb2.Agreement(
+        agreement_id=a.agreement_id, name=a.name, purpose=a.purpose,
+        dataset_ids=list(a.dataset_ids), analyst_ids=list(a.analyst_ids),
+        total_epsilon=str(a.total_epsilon), max_rows_per_person=a.max_rows_per_person,
+        max_groups_per_person=a.max_groups_per_person, created_at=a.created_at,
+        budget=budget_to_proto(budget),
+    )
+
+
+def epsilon_from_text(text: str, what: str) -> Epsilon:
+    """Parse an exact epsilon or raise INVALID_ARGUMENT with a clear message."""
+    try:
+        return Epsilon.parse(text, what=what)
+    except ValueError as exc:
+        raise InvalidArgumentError(str(exc)) from None
+
+
+def query_from_proto(msg: query_service_pb2.Query) -> QuerySpec:
+    """Domain query from its message; epsilons parsed exactly."""
+    aggregates = []
+    for a in msg.aggregates:
+        if a.kind not in AGG_FROM_PROTO:
+            raise InvalidArgumentError("aggregate kind must be count, count_rows, sum or mean")
+        share = epsilon_from_text(a.epsilon, f"epsilon of aggregate {a.name!r}") if a.epsilon else None
+        aggregates.append(AggregateSpec(a.name, AGG_FROM_PROTO[a.kind], a.column, share))  # type: ignore[index]
+    filters = []
+    for f in msg.filters:
+        if f.op not in OP_FROM_PROTO:
+            raise InvalidArgumentError("filter op must be in, not_in, ge or le")
+        filters.append(FilterSpec(f.column, OP_FROM_PROTO[f.op], tuple(f.values)))  # type: ignore[index]
+    if msg.max_rows_per_person < 0 or msg.max_groups_per_person < 0:
+        raise InvalidArgumentError("contribution bounds must be positive")
+    return QuerySpec(
+        agreement_id=msg.agreement_id,
+        aggregates=tuple(aggregates),
+        epsilon=epsilon_from_text(msg.epsilon, "query epsilon") if msg.epsilon else Epsilon.zero(),
+        group_by=tuple(msg.group_by),
+        filters=tuple(filters),
+        max_rows_per_person=msg.max_rows_per_person,
+        max_groups_per_person=msg.max_groups_per_person,
+    )
+
+
+def _preview_to_proto(p: AggregatePreview) -> query_service_pb2.AggregatePlan:
+    msg = query_service_pb2.AggregatePlan(
+        name=p.name, kind=AGG_TO_PROTO[p.kind], column=p.column, epsilon=str(p.epsilon),
+        mechanism=p.mechanism, noise_scale=p.noise_scale, sensitivity=p.sensitivity,
+        count_noise_scale=p.count_noise_scale, accuracy_note=p.accuracy_note,
+    )
+    if p.ci95_halfwidth is not None:
+        msg.ci95_halfwidth = p.ci95_halfwidth
+    return msg
+
+
+def summary_to_proto(s: PlanSummary) -> query_service_pb2.QueryPlan:
+    """Plan message: costs, scales, intervals and contribution bounds."""
+    return query_service_pb2.QueryPlan(
+        aggregates=[_preview_to_proto(p) for p in s.aggregates],
+        group_by=list(s.group_by), cell_count=s.cell_count,
+        bounding=query_service_pb2.Bounding(
+            max_rows_per_person=s.max_rows_per_person,
+            max_groups_per_person=s.max_groups_per_person,
+            clamped_columns=list(s.clamped_columns)),
+        epsilon=str(s.epsilon), privacy_unit=s.privacy_unit,
+        remaining_epsilon_before=str(s.remaining_before),
+        remaining_epsilon_after=str(s.remaining_after),
+    )
+
+
+def _result_to_proto(r: AggregateResult) -> query_service_pb2.AggregateResult:
+    msg = query_service_pb2.AggregateResult(name=r.name, kind=AGG_TO_PROTO[r.kind], column=r.column)
+    for c in r.cells:
+        cell = msg.cells.add(group=list(c.group))
+        if c.value is not None:
+            cell.value = c.value
+        if c.ci95_halfwidth is not None:
+            cell.ci95_halfwidth = c.ci95_halfwidth
+    return msg
+
+
+def release_to_proto(r: Release) -> query_service_pb2.Release:
+    """Release message with its plan and metadata."""
+    return query_service_pb2.Release(
+        release_id=r.release_id, agreement_id=r.agreement_id, analyst_id=r.analyst_id,
+        plan=summary_to_proto(r.summary), results=[_result_to_proto(x) for x in r.results],
+        epsilon_spent=str(r.epsilon_spent), created_at=r.created_at,
+        data_versions=list(r.data_versions),
+    )

@@ -1,0 +1,151 @@
+"""Assemble and run the hub: store + files + engine + servicers, with health checking and reflection."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from entremise.server.api.servicers import (
+    AdminServicer,
+    AgreementServicer,
+    ComplianceServicer,
+    PartnerServicer,
+    QueryServicer,
+)
+from entremise.server.domain.hub import Hub
+from entremise.server.engine import DuckDBEngine
+from entremise.server.files import ParquetDatasetFiles
+from entremise.server.store.sql import SqlStore
+from entremise.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    agreement_service_pb2,
+    agreement_service_pb2_grpc,
+    compliance_service_pb2,
+    compliance_service_pb2_grpc,
+    partner_service_pb2,
+    partner_service_pb2_grpc,
+    query_service_pb2,
+    query_service_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+ADMIN_TOKEN_ENV = "ENTREMISE_ADMIN_TOKEN"
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+SERVICE_NAMES = [
+    admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    partner_service_pb2.DESCRIPTOR.services_by_name["PartnerService"].full_name,
+    agreement_service_pb2.DESCRIPTOR.services_by_name["AgreementService"].full_name,
+    query_service_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name,
+    compliance_service_pb2.DESCRIPTOR.services_by_name["ComplianceService"].full_name,
+]
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """Everything needed to start a hub."""
+
+    db_url: str
+    data_dir: Path
+    listen: str = "127.0.0.1:50051"
+    admin_token: str | None = None
+    workers: int = 8
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+
+    @classmethod
+    def for_dir(cls, data_dir: Path, *, db_url: str | None = None, listen: str = "127.0.0.1:0",
+                admin_token: str | None = None) -> HubConfig:
+        """A hub whose SQLite database and files live under one directory."""
+        return cls(db_url=db_url or f"sqlite:///{data_dir / 'entremise.db'}", data_dir=data_dir,
+                   listen=listen, admin_token=admin_token)
+
+
+def resolve_admin_token(config: HubConfig) -> str:
+    """The admin token from config or environment, else a new one saved (0600) in the data dir."""
+    token = config.admin_token or os.environ.get(ADMIN_TOKEN_ENV)
+    if token:
+        return token
+    path = config.data_dir / "admin.token"
+    if path.exists():
+        return path.read_text().strip()
+    token = "ent_" + secrets.token_urlsafe(32)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    log.warning("no admin token configured; generated one in %s", path)
+    return token
+
+
+@dataclass
+class RunningHub:
+    """A started hub: its gRPC server, bound port and domain facade."""
+
+    server: grpc.Server
+    port: int
+    hub: Hub
+    store: SqlStore
+
+    def stop(self, grace: float | None = 2.0) -> None:
+        """Stop serving and release the database."""
+        self.server.stop(grace).wait()
+        self.store.close()
+
+
+def build_server(config: HubConfig) -> RunningHub:
+    """Create the hub and bind its gRPC server (port 0 picks a free port); not yet started."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    store = SqlStore(config.db_url)
+    hub = Hub(store, ParquetDatasetFiles(config.data_dir / "data"), DuckDBEngine())
+    hub.bootstrap_admin(resolve_admin_token(config))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ],
+        maximum_concurrent_rpcs=config.workers * 8,
+    )
+    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(hub), server)
+    partner_service_pb2_grpc.add_PartnerServiceServicer_to_server(PartnerServicer(hub), server)
+    agreement_service_pb2_grpc.add_AgreementServiceServicer_to_server(AgreementServicer(hub), server)
+    query_service_pb2_grpc.add_QueryServiceServicer_to_server(QueryServicer(hub), server)
+    compliance_service_pb2_grpc.add_ComplianceServiceServicer_to_server(ComplianceServicer(hub), server)
+
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in [*SERVICE_NAMES, ""]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME,
+                                         reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        store.close()
+        raise OSError(f"cannot listen on {config.listen}")
+    return RunningHub(server, port, hub, store)
+
+
+def serve(config: HubConfig, *, port_file: Path | None = None) -> None:
+    """Run a hub until SIGINT/SIGTERM."""
+    running = build_server(config)
+    running.server.start()
+    host = config.listen.rsplit(":", 1)[0]
+    log.info("entremise hub listening on %s:%d (db %s)", host, running.port,
+             config.db_url.split("@")[-1])
+    if port_file is not None:
+        port_file.write_text(f"{running.port}\n")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down")
+    running.stop()

@@ -1,0 +1,1 @@
+"""Domain core of the hub. Imports neither grpc nor SQLAlchemy."""

@@ -1,0 +1,131 @@
+"""JSON-able dictionaries for domain objects stored as documents (schemas, releases)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from entremise.privacy.budget import Epsilon
+from entremise.server.domain.models import (
+    AggregateKind,
+    AggregatePreview,
+    AggregateResult,
+    CategoricalColumn,
+    CellResult,
+    Column,
+    DatasetSchema,
+    IdentifierKind,
+    NumericColumn,
+    PlanSummary,
+    Release,
+)
+
+
+def schema_to_dict(schema: DatasetSchema) -> dict[str, Any]:
+    """Schema as a plain dictionary."""
+    columns: list[dict[str, Any]] = []
+    for col in schema.columns:
+        if isinstance(col, NumericColumn):
+            columns.append({"name": col.name, "numeric": {
+                "lower": col.lower, "upper": col.upper, "resolution": col.resolution}})
+        else:
+            columns.append({"name": col.name, "categorical": list(col.categories)})
+    return {
+        "key_column": schema.key_column,
+        "key_kind": schema.key_kind.value,
+        "consents": [{"purpose": p, "column": c} for p, c in schema.consents],
+        "columns": columns,
+    }
+
+
+def schema_from_dict(data: dict[str, Any]) -> DatasetSchema:
+    """Inverse of schema_to_dict."""
+    columns: list[Column] = []
+    for col in data["columns"]:
+        if "numeric" in col:
+            n = col["numeric"]
+            columns.append(NumericColumn(col["name"], float(n["lower"]), float(n["upper"]),
+                                         float(n.get("resolution", 0.01))))
+        else:
+            columns.append(CategoricalColumn(col["name"], tuple(col["categorical"])))
+    return DatasetSchema(
+        key_column=data["key_column"],
+        key_kind=IdentifierKind(data["key_kind"]),
+        consents=tuple((c["purpose"], c["column"]) for c in data["consents"]),
+        columns=tuple(columns),
+    )
+
+
+def _preview_to_dict(p: AggregatePreview) -> dict[str, Any]:
+    return {
+        "name": p.name, "kind": p.kind.value, "column": p.column, "epsilon": str(p.epsilon),
+        "mechanism": p.mechanism, "noise_scale": p.noise_scale, "sensitivity": p.sensitivity,
+        "ci95_halfwidth": p.ci95_halfwidth, "count_noise_scale": p.count_noise_scale,
+        "accuracy_note": p.accuracy_note,
+    }
+
+
+def summary_to_dict(s: PlanSummary) -> dict[str, Any]:
+    """Plan summary as a plain dictionary."""
+    return {
+        "aggregates": [_preview_to_dict(p) for p in s.aggregates],
+        "group_by": list(s.group_by),
+        "cell_count": s.cell_count,
+        "max_rows_per_person": s.max_rows_per_person,
+        "max_groups_per_person": s.max_groups_per_person,
+        "clamped_columns": list(s.clamped_columns),
+        "epsilon": str(s.epsilon),
+        "privacy_unit": s.privacy_unit,
+        "remaining_before": str(s.remaining_before),
+        "remaining_after": str(s.remaining_after),
+    }
+
+
+def summary_from_dict(d: dict[str, Any]) -> PlanSummary:
+    """Inverse of summary_to_dict."""
+    return PlanSummary(
+        aggregates=tuple(
+            AggregatePreview(
+                a["name"], AggregateKind(a["kind"]), a["column"], Epsilon.parse(a["epsilon"]),
+                a["mechanism"], a["noise_scale"], a["sensitivity"], a["ci95_halfwidth"],
+                a["count_noise_scale"], a["accuracy_note"],
+            )
+            for a in d["aggregates"]
+        ),
+        group_by=tuple(d["group_by"]),
+        cell_count=d["cell_count"],
+        max_rows_per_person=d["max_rows_per_person"],
+        max_groups_per_person=d["max_groups_per_person"],
+        clamped_columns=tuple(d["clamped_columns"]),
+        epsilon=Epsilon.parse(d["epsilon"]),
+        privacy_unit=d["privacy_unit"],
+        remaining_before=Epsilon.parse(d["remaining_before"]),
+        remaining_after=Epsilon.parse(d["remaining_after"]),
+    )
+
+
+def results_to_list(results: tuple[AggregateResult, ...]) -> list[dict[str, Any]]:
+    """Released values as plain data."""
+    return [
+        {
+            "name": r.name, "kind": r.kind.value, "column": r.column,
+            "cells": [{"group": list(c.group), "value": c.value, "ci95_halfwidth": c.ci95_halfwidth}
+                      for c in r.cells],
+        }
+        for r in results
+    ]
+
+
+def results_from_list(data: list[dict[str, Any]]) -> tuple[AggregateResult, ...]:
+    """Inverse of results_to_list."""
+    return tuple(
+        AggregateResult(
+            r["name"], AggregateKind(r["kind"]), r["column"],
+            tuple(CellResult(tuple(c["group"]), c["value"], c["ci95_halfwidth"]) for c in r["cells"]),
+        )
+        for r in data
+    )
+
+
+def release_payload(release: Release) -> dict[str, Any]:
+    """The document stored for a release (summary + results)."""
+    return {"summary": summary_to_dict(release.summary), "results": results_to_list(release.results)}

@@ -1,0 +1,428 @@
+"""Domain objects of the hub: principals, dataset schemas, datasets, agreements, queries, releases."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from entremise.privacy.budget import Epsilon
+from entremise.server.domain.errors import InvalidArgumentError
+
+#: Names of datasets, columns and purposes: short, ASCII, SQL-safe identifiers.
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+MAX_CATEGORIES = 10_000
+MAX_COLUMNS = 256
+
+
+def check_name(value: str, what: str) -> str:
+    """Validate an identifier used as dataset, column or purpose name."""
+    if not NAME_PATTERN.match(value):
+        raise InvalidArgumentError(
+            f"{what} {value!r} must be 1-63 chars of lowercase letters, digits and '_', "
+            "starting with a letter"
+        )
+    return value
+
+
+class Role(StrEnum):
+    """What a principal may do (see the authorisation table in the API layer)."""
+
+    ADMIN = "admin"
+    PARTNER = "partner"
+    ANALYST = "analyst"
+    COMPLIANCE = "compliance"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller."""
+
+    principal_id: str
+    name: str
+    role: Role
+
+
+class IdentifierKind(StrEnum):
+    """How the identifier was normalised by the partner before keyed hashing."""
+
+    EMAIL = "email"
+    PHONE = "phone"
+
+
+@dataclass(frozen=True)
+class NumericColumn:
+    """A numeric attribute: values are clamped to public [lower, upper] and counted in `resolution` units."""
+
+    name: str
+    lower: float
+    upper: float
+    resolution: float = 0.01
+
+    def validate(self) -> None:
+        """Reject bounds that are not finite, reversed, or too fine for 64-bit sums."""
+        check_name(self.name, "column")
+        values = (self.lower, self.upper, self.resolution)
+        if not all(math.isfinite(v) for v in values):
+            raise InvalidArgumentError(f"column {self.name!r}: bounds must be finite numbers")
+        if self.lower > self.upper:
+            raise InvalidArgumentError(
+                f"column {self.name!r}: lower bound {self.lower} is above upper bound {self.upper}"
+            )
+        if self.resolution <= 0:
+            raise InvalidArgumentError(f"column {self.name!r}: resolution must be positive")
+        if self.max_units > 10**12:
+            raise InvalidArgumentError(
+                f"column {self.name!r}: bounds / resolution exceed 10^12 units; "
+                "use a coarser resolution"
+            )
+
+    @property
+    def lower_units(self) -> int:
+        """Lower bound in integer resolution units."""
+        return round(self.lower / self.resolution)
+
+    @property
+    def upper_units(self) -> int:
+        """Upper bound in integer resolution units."""
+        return round(self.upper / self.resolution)
+
+    @property
+    def max_units(self) -> int:
+        """Largest absolute value a clamped cell can take, in resolution units."""
+        return max(abs(round(self.lower / self.resolution)), abs(round(self.upper / self.resolution)))
+
+
+@dataclass(frozen=True)
+class CategoricalColumn:
+    """A categorical attribute whose categories are public and declared up front."""
+
+    name: str
+    categories: tuple[str, ...]
+
+    def validate(self) -> None:
+        """Reject empty, duplicated or oversized category lists."""
+        check_name(self.name, "column")
+        if not self.categories:
+            raise InvalidArgumentError(f"column {self.name!r}: declare at least one category")
+        if len(self.categories) > MAX_CATEGORIES:
+            raise InvalidArgumentError(
+                f"column {self.name!r}: at most {MAX_CATEGORIES} categories may be declared"
+            )
+        if len(set(self.categories)) != len(self.categories):
+            raise InvalidArgumentError(f"column {self.name!r}: categories must be distinct")
+        for category in self.categories:
+            if not category or len(category) > 200:
+                raise InvalidArgumentError(
+                    f"column {self.name!r}: categories must be 1-200 characters"
+                )
+
+
+Column = NumericColumn | CategoricalColumn
+
+
+@dataclass(frozen=True)
+class DatasetSchema:
+    """What a partner declares about an upload: join key, per-purpose consent, public attribute domains."""
+
+    key_column: str
+    key_kind: IdentifierKind
+    consents: tuple[tuple[str, str], ...]  # (purpose, boolean column)
+    columns: tuple[Column, ...]
+
+    def validate(self) -> None:
+        """Check names, uniqueness and domains; raise a clear error on the first problem."""
+        check_name(self.key_column, "key column")
+        if not self.consents:
+            raise InvalidArgumentError("declare at least one consent column (purpose -> column)")
+        if len(self.columns) > MAX_COLUMNS:
+            raise InvalidArgumentError(f"at most {MAX_COLUMNS} attribute columns may be declared")
+        names = [self.key_column]
+        purposes: set[str] = set()
+        for purpose, column in self.consents:
+            check_name(purpose, "purpose")
+            check_name(column, "consent column")
+            if purpose in purposes:
+                raise InvalidArgumentError(f"purpose {purpose!r} is declared twice")
+            purposes.add(purpose)
+            names.append(column)
+        for col in self.columns:
+            col.validate()
+            names.append(col.name)
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise InvalidArgumentError(f"column names declared more than once: {duplicates}")
+
+    def consent_column(self, purpose: str) -> str | None:
+        """The boolean column that holds consent for `purpose`, if declared."""
+        for declared, column in self.consents:
+            if declared == purpose:
+                return column
+        return None
+
+    def column(self, name: str) -> Column | None:
+        """The attribute column called `name`, if declared."""
+        for col in self.columns:
+            if col.name == name:
+                return col
+        return None
+
+    @property
+    def uploaded_columns(self) -> list[str]:
+        """Every column the upload must contain, in declaration order."""
+        return [self.key_column, *(c for _, c in self.consents), *(c.name for c in self.columns)]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A published, immutable version of a partner's pseudonymised dataset."""
+
+    dataset_id: str
+    name: str
+    partner_id: str
+    schema: DatasetSchema
+    row_count: int
+    distinct_keys: int
+    version: int
+    content_sha256: str
+    created_at: str
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Who may join which datasets, for which purpose, within which total epsilon."""
+
+    agreement_id: str
+    name: str
+    purpose: str
+    dataset_ids: tuple[str, ...]
+    analyst_ids: tuple[str, ...]
+    total_epsilon: Epsilon
+    max_rows_per_person: int
+    max_groups_per_person: int
+    created_at: str
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    """An agreement's budget at one instant."""
+
+    agreement_id: str
+    total: Epsilon
+    spent: Epsilon
+    release_count: int
+
+    @property
+    def remaining(self) -> Epsilon:
+        """What can still be spent."""
+        return self.total - self.spent
+
+
+class AggregateKind(StrEnum):
+    """Aggregates an analyst can ask for."""
+
+    COUNT = "count"  # distinct people
+    COUNT_ROWS = "count_rows"
+    SUM = "sum"
+    MEAN = "mean"
+
+
+class FilterOp(StrEnum):
+    """Row filters over public domains (categories or numeric thresholds)."""
+
+    IN = "in"
+    NOT_IN = "not_in"
+    GE = "ge"
+    LE = "le"
+
+
+@dataclass(frozen=True)
+class AggregateSpec:
+    """One requested aggregate."""
+
+    name: str
+    kind: AggregateKind
+    column: str = ""
+    epsilon: Epsilon | None = None
+
+
+@dataclass(frozen=True)
+class FilterSpec:
+    """One requested row filter."""
+
+    column: str
+    op: FilterOp
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    """An analyst's query, as received (unresolved column names)."""
+
+    agreement_id: str
+    aggregates: tuple[AggregateSpec, ...]
+    epsilon: Epsilon
+    group_by: tuple[str, ...] = ()
+    filters: tuple[FilterSpec, ...] = ()
+    max_rows_per_person: int = 0
+    max_groups_per_person: int = 0
+
+
+@dataclass(frozen=True)
+class ColumnRef:
+    """A column resolved to its dataset (by position in the agreement) and declared domain."""
+
+    dataset_index: int
+    dataset_name: str
+    column: Column
+
+    @property
+    def qualified(self) -> str:
+        """`dataset.column`, the name shown to analysts."""
+        return f"{self.dataset_name}.{self.column.name}"
+
+
+@dataclass(frozen=True)
+class ResolvedFilter:
+    """A filter whose column and values were checked against the public domain."""
+
+    ref: ColumnRef
+    op: FilterOp
+    categories: tuple[str, ...] = ()
+    threshold: float = 0.0
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One noisy vector: which exact vector it perturbs, its L1 sensitivity and epsilon share."""
+
+    component: str  # "count", "count_rows", "sum"
+    sensitivity: int
+    epsilon: Epsilon
+
+
+@dataclass(frozen=True)
+class AggregatePlan:
+    """How one aggregate will be computed and perturbed."""
+
+    spec: AggregateSpec
+    ref: ColumnRef | None
+    epsilon: Epsilon
+    measurements: tuple[Measurement, ...]
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    """A validated query: resolved columns, public group keys, bounds and budget split."""
+
+    agreement: Agreement
+    datasets: tuple[Dataset, ...]
+    group_by: tuple[ColumnRef, ...]
+    group_keys: tuple[tuple[str, ...], ...]
+    filters: tuple[ResolvedFilter, ...]
+    aggregates: tuple[AggregatePlan, ...]
+    max_rows_per_person: int
+    max_groups_per_person: int
+    epsilon: Epsilon
+
+    @property
+    def clamped_columns(self) -> list[str]:
+        """Numeric columns whose values are clamped to declared bounds."""
+        return sorted({a.ref.qualified for a in self.aggregates if a.ref is not None})
+
+    @property
+    def data_versions(self) -> list[int]:
+        """Versions of the joined datasets, in agreement order."""
+        return [d.version for d in self.datasets]
+
+
+@dataclass(frozen=True)
+class ExactAggregates:
+    """Pre-noise aggregates per group cell (integers: counts, or sums in resolution units).
+
+    Never leaves the hub; tests read it to check the consented join exactly.
+    """
+
+    people: list[int]
+    rows: list[int]
+    sums: dict[str, list[int]] = field(default_factory=dict)  # column ref -> per cell
+    value_rows: dict[str, list[int]] = field(default_factory=dict)  # non-null rows per column
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """One released cell."""
+
+    group: tuple[str, ...]
+    value: float | None
+    ci95_halfwidth: float | None
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """Released cells of one aggregate."""
+
+    name: str
+    kind: AggregateKind
+    column: str
+    cells: tuple[CellResult, ...]
+
+
+@dataclass(frozen=True)
+class MeasurementInfo:
+    """Calibrated noise of one measurement, as shown in previews and stored with releases."""
+
+    component: str
+    mechanism: str
+    sensitivity: int
+    scale_units: float
+    ci95_units: float
+    epsilon: Epsilon
+
+
+@dataclass(frozen=True)
+class AggregatePreview:
+    """Expected accuracy of one aggregate, before spending."""
+
+    name: str
+    kind: AggregateKind
+    column: str
+    epsilon: Epsilon
+    mechanism: str
+    noise_scale: float
+    sensitivity: float
+    ci95_halfwidth: float | None
+    count_noise_scale: float
+    accuracy_note: str
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    """What an analyst sees before spending (and what is stored with a release)."""
+
+    aggregates: tuple[AggregatePreview, ...]
+    group_by: tuple[str, ...]
+    cell_count: int
+    max_rows_per_person: int
+    max_groups_per_person: int
+    clamped_columns: tuple[str, ...]
+    epsilon: Epsilon
+    privacy_unit: str
+    remaining_before: Epsilon
+    remaining_after: Epsilon
+
+
+@dataclass(frozen=True)
+class Release:
+    """A differentially private answer, stored in the ledger with its metadata."""
+
+    release_id: str
+    agreement_id: str
+    analyst_id: str
+    summary: PlanSummary
+    results: tuple[AggregateResult, ...]
+    epsilon_spent: Epsilon
+    created_at: str
+    data_versions: tuple[int, ...]
+    query_fingerprint: str

@@ -1,0 +1,296 @@
+"""SQL implementation of the Store port (SQLite by default, PostgreSQL in production)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from entremise.privacy.budget import Epsilon
+from entremise.server.domain.codec import (
+    release_payload,
+    results_from_list,
+    schema_from_dict,
+    schema_to_dict,
+    summary_from_dict,
+)
+from entremise.server.domain.errors import AlreadyExistsError, BudgetExhaustedError, NotFoundError
+from entremise.server.domain.models import (
+    Agreement,
+    BudgetState,
+    Dataset,
+    Principal,
+    Release,
+    Role,
+)
+from entremise.server.domain.ports import Store
+
+metadata = sa.MetaData()
+
+principals = sa.Table(
+    "principals", metadata,
+    sa.Column("principal_id", sa.String(40), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("role", sa.String(20), nullable=False),
+    sa.Column("token_sha256", sa.String(64), nullable=False, unique=True),
+)
+
+datasets = sa.Table(
+    "datasets", metadata,
+    sa.Column("dataset_id", sa.String(40), primary_key=True),
+    sa.Column("partner_id", sa.String(40), sa.ForeignKey("principals.principal_id"), nullable=False),
+    sa.Column("name", sa.String(63), nullable=False),
+    sa.Column("schema_json", sa.Text, nullable=False),
+    sa.Column("row_count", sa.BigInteger, nullable=False),
+    sa.Column("distinct_keys", sa.BigInteger, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("content_sha256", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.UniqueConstraint("partner_id", "name", name="uq_datasets_partner_name"),
+)
+
+agreements = sa.Table(
+    "agreements", metadata,
+    sa.Column("agreement_id", sa.String(40), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("purpose", sa.String(63), nullable=False),
+    sa.Column("dataset_ids_json", sa.Text, nullable=False),
+    sa.Column("analyst_ids_json", sa.Text, nullable=False),
+    # Epsilon in integer micro-units: exact comparisons in the conditional debit.
+    sa.Column("total_micros", sa.BigInteger, nullable=False),
+    sa.Column("spent_micros", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("release_count", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("max_rows_per_person", sa.Integer, nullable=False),
+    sa.Column("max_groups_per_person", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.CheckConstraint("spent_micros >= 0 AND spent_micros <= total_micros", name="ck_budget"),
+)
+
+releases = sa.Table(
+    "releases", metadata,
+    sa.Column("seq", sa.Integer, sa.Identity(), primary_key=True),
+    sa.Column("release_id", sa.String(40), nullable=False, unique=True),
+    sa.Column("agreement_id", sa.String(40), sa.ForeignKey("agreements.agreement_id"),
+              nullable=False, index=True),
+    sa.Column("analyst_id", sa.String(40), nullable=False),
+    sa.Column("epsilon_micros", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("data_versions_json", sa.Text, nullable=False),
+    sa.Column("query_fingerprint", sa.String(64), nullable=False),
+    sa.Column("payload_json", sa.Text, nullable=False),
+)
+
+
+def create_engine(url: str) -> Engine:
+    """An engine with SQLite made safe for a multi-threaded server (WAL, busy timeout, FKs)."""
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            # pysqlite must not emit its own BEGIN (SQLAlchemy's pysqlite transaction recipe).
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _begin_immediate(conn: Connection) -> None:
+            # Writers take the lock at BEGIN so concurrent debits queue instead of failing midway;
+            # readers stay deferred and run concurrently under WAL.
+            immediate = conn.get_execution_options().get("immediate", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def _agreement(row: Any) -> Agreement:
+    return Agreement(
+        agreement_id=row.agreement_id, name=row.name, purpose=row.purpose,
+        dataset_ids=tuple(json.loads(row.dataset_ids_json)),
+        analyst_ids=tuple(json.loads(row.analyst_ids_json)),
+        total_epsilon=Epsilon(row.total_micros), max_rows_per_person=row.max_rows_per_person,
+        max_groups_per_person=row.max_groups_per_person, created_at=row.created_at,
+    )
+
+
+def _dataset(row: Any) -> Dataset:
+    return Dataset(
+        dataset_id=row.dataset_id, name=row.name, partner_id=row.partner_id,
+        schema=schema_from_dict(json.loads(row.schema_json)), row_count=row.row_count,
+        distinct_keys=row.distinct_keys, version=row.version,
+        content_sha256=row.content_sha256, created_at=row.created_at,
+    )
+
+
+def _budget(row: Any) -> BudgetState:
+    return BudgetState(row.agreement_id, Epsilon(row.total_micros), Epsilon(row.spent_micros),
+                       row.release_count)
+
+
+class SqlStore(Store):
+    """Store on any SQLAlchemy URL: ``sqlite:///hub.db`` or ``postgresql+psycopg://...``."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = create_engine(url)
+        self.writer = self.engine.execution_options(immediate=True)
+        metadata.create_all(self.writer)
+
+    def close(self) -> None:
+        """Release pooled connections."""
+        self.engine.dispose()
+
+    def create_principal(self, principal: Principal, token_sha256: str) -> None:  # noqa: D102
+        with self.writer.begin() as conn:
+            conn.execute(principals.insert().values(
+                principal_id=principal.principal_id, name=principal.name,
+                role=principal.role.value, token_sha256=token_sha256))
+
+    def principal_by_token(self, token_sha256: str) -> Principal | None:  # noqa: D102
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(principals).where(
+                principals.c.token_sha256 == token_sha256)).first()
+        return Principal(row.principal_id, row.name, Role(row.role)) if row else None
+
+    def get_principal(self, principal_id: str) -> Principal | None:  # noqa: D102
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(principals).where(
+                principals.c.principal_id == principal_id)).first()
+        return Principal(row.principal_id, row.name, Role(row.role)) if row else None
+
+    def count_principals(self, role: Role | None = None) -> int:  # noqa: D102
+        query = sa.select(sa.func.count()).select_from(principals)
+        if role is not None:
+            query = query.where(principals.c.role == role.value)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def publish_dataset(self, dataset: Dataset) -> None:  # noqa: D102
+        values = {
+            "partner_id": dataset.partner_id, "name": dataset.name,
+            "schema_json": json.dumps(schema_to_dict(dataset.schema)),
+            "row_count": dataset.row_count, "distinct_keys": dataset.distinct_keys,
+            "version": dataset.version, "content_sha256": dataset.content_sha256,
+            "created_at": dataset.created_at,
+        }
+        with self.writer.begin() as conn:
+            if dataset.version == 1:
+                try:
+                    conn.execute(datasets.insert().values(dataset_id=dataset.dataset_id, **values))
+                except sa.exc.IntegrityError:
+                    raise AlreadyExistsError(
+                        f"dataset {dataset.name!r} was uploaded concurrently; retry") from None
+                return
+            updated = conn.execute(datasets.update().where(
+                datasets.c.dataset_id == dataset.dataset_id,
+                datasets.c.version == dataset.version - 1).values(**values))
+            if updated.rowcount != 1:
+                raise AlreadyExistsError(
+                    f"dataset {dataset.name!r} changed during the upload; retry")
+
+    def get_dataset(self, dataset_id: str) -> Dataset | None:  # noqa: D102
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(datasets).where(
+                datasets.c.dataset_id == dataset_id)).first()
+        return _dataset(row) if row else None
+
+    def find_dataset(self, partner_id: str, name: str) -> Dataset | None:  # noqa: D102
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(datasets).where(
+                datasets.c.partner_id == partner_id, datasets.c.name == name)).first()
+        return _dataset(row) if row else None
+
+    def list_datasets(self, partner_id: str | None = None) -> list[Dataset]:  # noqa: D102
+        query = sa.select(datasets).order_by(datasets.c.created_at, datasets.c.dataset_id)
+        if partner_id is not None:
+            query = query.where(datasets.c.partner_id == partner_id)
+        with self.engine.connect() as conn:
+            return [_dataset(r) for r in conn.execute(query)]
+
+    def delete_dataset(self, dataset_id: str) -> None:  # noqa: D102
+        with self.writer.begin() as conn:
+            deleted = conn.execute(datasets.delete().where(datasets.c.dataset_id == dataset_id))
+        if deleted.rowcount != 1:
+            raise NotFoundError(f"dataset {dataset_id!r} not found")
+
+    def create_agreement(self, agreement: Agreement) -> None:  # noqa: D102
+        with self.writer.begin() as conn:
+            conn.execute(agreements.insert().values(
+                agreement_id=agreement.agreement_id, name=agreement.name,
+                purpose=agreement.purpose,
+                dataset_ids_json=json.dumps(list(agreement.dataset_ids)),
+                analyst_ids_json=json.dumps(list(agreement.analyst_ids)),
+                total_micros=agreement.total_epsilon.micros, spent_micros=0, release_count=0,
+                max_rows_per_person=agreement.max_rows_per_person,
+                max_groups_per_person=agreement.max_groups_per_person,
+                created_at=agreement.created_at))
+
+    def get_agreement(self, agreement_id: str) -> Agreement | None:  # noqa: D102
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(agreements).where(
+                agreements.c.agreement_id == agreement_id)).first()
+        return _agreement(row) if row else None
+
+    def list_agreements(self) -> list[Agreement]:  # noqa: D102
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(agreements).order_by(
+                agreements.c.created_at, agreements.c.agreement_id))
+            return [_agreement(r) for r in rows]
+
+    def get_budget(self, agreement_id: str) -> BudgetState | None:  # noqa: D102
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(agreements).where(
+                agreements.c.agreement_id == agreement_id)).first()
+        return _budget(row) if row else None
+
+    def commit_release(self, release: Release) -> BudgetState:  # noqa: D102
+        cost = release.epsilon_spent.micros
+        with self.writer.begin() as conn:
+            # Conditional debit: the WHERE clause is re-checked under the row lock, so two
+            # concurrent releases can never both pass it when only one fits.
+            debited = conn.execute(
+                agreements.update()
+                .where(agreements.c.agreement_id == release.agreement_id,
+                       agreements.c.spent_micros + cost <= agreements.c.total_micros)
+                .values(spent_micros=agreements.c.spent_micros + cost,
+                        release_count=agreements.c.release_count + 1))
+            if debited.rowcount != 1:
+                row = conn.execute(sa.select(agreements).where(
+                    agreements.c.agreement_id == release.agreement_id)).first()
+                if row is None:
+                    raise NotFoundError(f"agreement {release.agreement_id!r} not found")
+                raise BudgetExhaustedError(requested=str(release.epsilon_spent),
+                                           remaining=str(_budget(row).remaining))
+            conn.execute(releases.insert().values(
+                release_id=release.release_id, agreement_id=release.agreement_id,
+                analyst_id=release.analyst_id, epsilon_micros=cost,
+                created_at=release.created_at,
+                data_versions_json=json.dumps(list(release.data_versions)),
+                query_fingerprint=release.query_fingerprint,
+                payload_json=json.dumps(release_payload(release))))
+            row = conn.execute(sa.select(agreements).where(
+                agreements.c.agreement_id == release.agreement_id)).one()
+            return _budget(row)
+
+    def list_releases(self, agreement_id: str | None = None) -> list[Release]:  # noqa: D102
+        query = sa.select(releases).order_by(releases.c.seq)
+        if agreement_id is not None:
+            query = query.where(releases.c.agreement_id == agreement_id)
+        out = []
+        with self.engine.connect() as conn:
+            for row in conn.execute(query):
+                payload = json.loads(row.payload_json)
+                out.append(Release(
+                    release_id=row.release_id, agreement_id=row.agreement_id,
+                    analyst_id=row.analyst_id, summary=summary_from_dict(payload["summary"]),
+                    results=results_from_list(payload["results"]),
+                    epsilon_spent=Epsilon(row.epsilon_micros), created_at=row.created_at,
+                    data_versions=tuple(json.loads(row.data_versions_json)),
+                    query_fingerprint=row.query_fingerprint))
+        return out
