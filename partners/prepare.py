@@ -83,7 +83,7 @@ def build_upload_table(frame: pd.DataFrame, schema: UploadSchema, key: bytes, *,
         arrays[column] = _booleans(frame[column], column)
     for name, spec in schema.columns.items():
         series = frame[name]
-        raw = looks_like_raw_identifier(series.tolist())
+        raw = looks_like_raw_identifier(series.tolist(), numeric=not isinstance(spec, Categorical))
         if raw:
             raise PrepareError(
                 f"column {name!r} still looks like it holds raw identifiers ({raw}); "

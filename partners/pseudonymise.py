@@ -18,6 +18,8 @@ KEY_BYTES = 32
 EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _EMAIL_SEARCH = re.compile(r"[^@\s]+@[^@\s]+\.[a-zA-Z]{2,}")
 _PHONE_SEARCH = re.compile(r"^\+?[\d\s().\-]{8,20}$")
+# In numeric columns only dialling prefixes give a phone away (plain large numbers are amounts).
+_PHONE_IN_NUMBERS = re.compile(r"^\s*(\+|00|0[1-9])[\d\s().\-]{7,20}$")
 
 
 class IdentifierError(ValueError):
@@ -110,8 +112,14 @@ class Pseudonymiser:
         return out
 
 
-def looks_like_raw_identifier(values: Iterable[object], sample: int = 10_000) -> str | None:
-    """'email' or 'phone' if string values look like raw identifiers, else None."""
+def looks_like_raw_identifier(values: Iterable[object], sample: int = 10_000, *,
+                              numeric: bool = False) -> str | None:
+    """'email' or 'phone' if string values look like raw identifiers, else None.
+
+    With ``numeric=True`` (a column declared numeric), only dialling prefixes (+, 00, 0X) count
+    as phones, since amounts are legitimately long digit strings.
+    """
+    phone = _PHONE_IN_NUMBERS if numeric else _PHONE_SEARCH
     emails = phones = seen = 0
     for value in values:
         if seen >= sample:
@@ -121,7 +129,7 @@ def looks_like_raw_identifier(values: Iterable[object], sample: int = 10_000) ->
         seen += 1
         if _EMAIL_SEARCH.search(value):
             emails += 1
-        elif _PHONE_SEARCH.match(value) and sum(c.isdigit() for c in value) >= 8:
+        elif phone.match(value) and sum(c.isdigit() for c in value) >= 8:
             phones += 1
     if emails:
         return "email"

@@ -4,14 +4,16 @@ Pipeline (one SQL statement):
 1. each dataset keeps only rows whose consent column for the agreement's purpose is true;
 2. inner join on the pseudonym, then the analyst's filters;
 3. bound each person's contribution AFTER the join: at most `max_groups_per_person` group
-   cells, then at most `max_rows_per_person` rows (selection depends only on the person's own
-   rows, through a deterministic hash, so it is stable and adds no sensitivity);
+   cells, then at most `max_rows_per_person` rows. The choice is pseudo-random per person
+   (a hash of the pseudonym and the row), depends only on that person's own rows, and is
+   stable across runs, so it adds no sensitivity;
 4. clamp numeric values to their public bounds, in integer units of the declared resolution;
 5. aggregate per public group cell; cells with no row are reported as zero.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -77,14 +79,21 @@ def build_sql(plan: QueryPlan, paths: list[str]) -> tuple[str, list[Any]]:
         key = ", ".join(groups)
         ctes.append(
             "jg AS (SELECT * FROM (SELECT *, dense_rank() OVER (PARTITION BY pid ORDER BY "
-            f"hash({key}), {key}) AS group_rank FROM j) WHERE group_rank <= {plan.max_groups_per_person})"
+            f"hash(pid, {key}), {key}) AS group_rank FROM j) WHERE group_rank <= {plan.max_groups_per_person})"
         )
         source = "jg"
-    order = ", ".join([*groups, *(a for a in aliases if a not in groups)]) or "pid"
-    ctes.append(
-        f"b AS (SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY pid ORDER BY hash({order}), {order}) "
-        f"AS row_rank FROM {source}) WHERE row_rank <= {plan.max_rows_per_person})"
-    )
+    # Upload statistics bound the rows any person can have in the join; when that bound is
+    # already within the cap, the (sorting) window below would drop nothing and is skipped.
+    most_rows = math.prod(d.max_rows_per_key for d in plan.datasets)
+    if most_rows == 0 or most_rows > plan.max_rows_per_person:
+        order = ", ".join([*groups, *(a for a in aliases if a not in groups)]) or "pid"
+        ctes.append(
+            "b AS (SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY pid ORDER BY "
+            f"hash(pid, {order}), {order}) AS row_rank FROM {source}) "
+            f"WHERE row_rank <= {plan.max_rows_per_person})"
+        )
+    else:
+        ctes.append(f"b AS (SELECT * FROM {source})")
 
     aggregates = ["count(DISTINCT pid) AS people", "count(*) AS n_rows"]
     seen: set[str] = set()

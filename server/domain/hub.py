@@ -121,6 +121,7 @@ class Hub:
             dataset_id=dataset_id, name=name, partner_id=caller.principal_id, schema=schema,
             row_count=stats.row_count, distinct_keys=stats.distinct_keys, version=version,
             content_sha256=stats.content_sha256, created_at=now(),
+            max_rows_per_key=stats.max_rows_per_key,
         )
         try:
             self.store.publish_dataset(dataset)

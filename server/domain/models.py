@@ -187,6 +187,7 @@ class Dataset:
     version: int
     content_sha256: str
     created_at: str
+    max_rows_per_key: int = 0  # most rows any one pseudonym has in this dataset (0 = unknown)
 
 
 @dataclass(frozen=True)

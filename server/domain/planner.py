@@ -177,6 +177,10 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
     groups = spec.max_groups_per_person or agreement.max_groups_per_person
     if groups < 1:
         raise InvalidArgumentError("max_groups_per_person must be positive")
+    if not any(a.kind is AggregateKind.COUNT for a in spec.aggregates):
+        # Row counts and sums are bounded by the rows cap alone (L1 <= k x max|value|), so no
+        # extra group cap is needed: k rows reach at most k cells.
+        groups = len(keys)
     groups = min(groups, rows, len(keys))  # one group per row at most; never more than exist
 
     shares = _split_epsilon(spec)

@@ -48,6 +48,7 @@ datasets = sa.Table(
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("content_sha256", sa.String(64), nullable=False),
     sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("max_rows_per_key", sa.BigInteger, nullable=False, server_default="0"),
     sa.UniqueConstraint("partner_id", "name", name="uq_datasets_partner_name"),
 )
 
@@ -125,6 +126,7 @@ def _dataset(row: Any) -> Dataset:
         schema=schema_from_dict(json.loads(row.schema_json)), row_count=row.row_count,
         distinct_keys=row.distinct_keys, version=row.version,
         content_sha256=row.content_sha256, created_at=row.created_at,
+        max_rows_per_key=row.max_rows_per_key,
     )
 
 
@@ -177,7 +179,7 @@ class SqlStore(Store):
             "schema_json": json.dumps(schema_to_dict(dataset.schema)),
             "row_count": dataset.row_count, "distinct_keys": dataset.distinct_keys,
             "version": dataset.version, "content_sha256": dataset.content_sha256,
-            "created_at": dataset.created_at,
+            "created_at": dataset.created_at, "max_rows_per_key": dataset.max_rows_per_key,
         }
         with self.writer.begin() as conn:
             if dataset.version == 1:

@@ -1,0 +1,1 @@
+"""The `entremise` command line (Typer + Rich)."""

@@ -1,0 +1,5 @@
+"""`python -m entremise.cli`."""
+
+from entremise.cli.app import main
+
+main()
