@@ -23,20 +23,30 @@ F = TypeVar("F", bound=Callable[..., Any])
 console = Console()
 err_console = Console(stderr=True)
 
-TargetOption = Annotated[str, typer.Option(
-    "--target", envvar="ENTREMISE_TARGET", help="Hub address host:port.")]
-TokenOption = Annotated[str, typer.Option(
-    "--token", envvar="ENTREMISE_TOKEN", help="API token of the caller (or ENTREMISE_TOKEN).",
-    show_default=False)]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON document.")]
+TargetOption = Annotated[
+    str, typer.Option("--target", envvar="ENTREMISE_TARGET", help="Hub address host:port.")
+]
+TokenOption = Annotated[
+    str,
+    typer.Option(
+        "--token",
+        envvar="ENTREMISE_TOKEN",
+        help="API token of the caller (or ENTREMISE_TOKEN).",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print one machine-readable JSON document.")
+]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 def to_dict(message: Message) -> dict[str, Any]:
     """Protobuf message as a JSON-able dict with snake_case keys and default values included."""
-    return MessageToDict(message, preserving_proto_field_name=True,
-                         always_print_fields_with_no_presence=True)
+    return MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 def print_json(data: Any) -> None:
@@ -56,7 +66,10 @@ def friendly_errors() -> Iterator[None]:
     try:
         yield
     except EntremiseRPCError as exc:
-        fail(f"{exc.status.name.lower()}: {exc.message}", 2 if exc.status.name != "UNAVAILABLE" else 3)
+        fail(
+            f"{exc.status.name.lower()}: {exc.message}",
+            2 if exc.status.name != "UNAVAILABLE" else 3,
+        )
     except (PrepareError, SchemaError, IdentifierError, ValueError, OSError) as exc:
         fail(str(exc))
 

@@ -1,4 +1,4 @@
-"""`entremise`: run a hub, upload as a partner, query as an analyst, review as a compliance officer."""
+"""`entremise`: run a hub, upload as a partner, query as an analyst, review as compliance."""
 
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ from entremise.partners.pseudonymise import load_key, new_key, save_key
 from entremise.partners.schema import UploadSchema
 from entremise.v1 import query_service_pb2
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
-                  help=__doc__)
+app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode="rich", help=__doc__)
 admin_app = typer.Typer(no_args_is_help=True, help="Hub administration: principals and tokens.")
 partner_app = typer.Typer(no_args_is_help=True, help="Partners: keys and dataset uploads.")
-agreement_app = typer.Typer(no_args_is_help=True, help="Agreements: purpose, datasets, analysts, budget.")
+agreement_app = typer.Typer(
+    no_args_is_help=True, help="Agreements: purpose, datasets, analysts, budget."
+)
 query_app = typer.Typer(no_args_is_help=True, help="Analysts: preview and run private aggregates.")
 budget_app = typer.Typer(no_args_is_help=True, help="Compliance: privacy budgets.")
 ledger_app = typer.Typer(no_args_is_help=True, help="Compliance: the ledger of releases.")
@@ -45,33 +46,50 @@ app.add_typer(ledger_app, name="ledger")
 
 # -- hub ---------------------------------------------------------------------------------------
 
+
 @app.command()
 def serve(
-    db: Annotated[str, typer.Option(help="SQLAlchemy URL; default: SQLite file in the data dir.")] = "",
-    data_dir: Annotated[Path, typer.Option(help="Where datasets and the default database live.")] = Path("entremise-data"),
-    listen: Annotated[str, typer.Option(help="host:port to listen on (port 0 = any free port).")] = DEFAULT_TARGET,
-    port_file: Annotated[Path | None, typer.Option(help="Write the bound port here once serving.")] = None,
+    db: Annotated[
+        str, typer.Option(help="SQLAlchemy URL; default: SQLite file in the data dir.")
+    ] = "",
+    data_dir: Annotated[
+        Path, typer.Option(help="Where datasets and the default database live.")
+    ] = Path("entremise-data"),
+    listen: Annotated[
+        str, typer.Option(help="host:port to listen on (port 0 = any free port).")
+    ] = DEFAULT_TARGET,
+    port_file: Annotated[
+        Path | None, typer.Option(help="Write the bound port here once serving.")
+    ] = None,
     log_file: Annotated[Path | None, typer.Option(help="Log here instead of stderr.")] = None,
 ) -> None:
-    """Run a hub (admin token from ENTREMISE_ADMIN_TOKEN, else generated into DATA_DIR/admin.token)."""
+    """Run a hub (admin token: ENTREMISE_ADMIN_TOKEN, else generated in DATA_DIR/admin.token)."""
     from entremise.server.app import HubConfig
     from entremise.server.app import serve as run_hub
 
-    logging.basicConfig(level=logging.INFO, filename=log_file,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        filename=log_file,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     with friendly_errors():
-        config = HubConfig(db_url=db or f"sqlite:///{(data_dir / 'entremise.db').resolve()}",
-                           data_dir=data_dir, listen=listen)
+        config = HubConfig(
+            db_url=db or f"sqlite:///{(data_dir / 'entremise.db').resolve()}",
+            data_dir=data_dir,
+            listen=listen,
+        )
         run_hub(config, port_file=port_file)
 
 
 @app.command()
 def demo(
-    workdir: Annotated[Path | None, typer.Option(help="Keep the hub's files here (default: a temp dir, removed).")] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Keep the hub's files here (default: a temp dir, removed).")
+    ] = None,
     json_out: JsonOption = False,
     size: Annotated[str, typer.Option(help="Synthetic data size: small or default.")] = "default",
 ) -> None:
-    """Start a hub on SQLite, upload two partners' data over gRPC, run private aggregates, print the budget."""
+    """Hub on SQLite, two partner uploads over gRPC, private aggregates, budget report."""
     from entremise.cli.demo import run_demo
 
     with friendly_errors():
@@ -82,11 +100,14 @@ def demo(
 
 # -- admin -------------------------------------------------------------------------------------
 
+
 @admin_app.command("create-principal")
 def create_principal(
     name: Annotated[str, typer.Argument(help="Display name.")],
     role: Annotated[str, typer.Option(help="admin, partner, analyst or compliance.")],
-    target: TargetOption = DEFAULT_TARGET, token: TokenOption = "", json_out: JsonOption = False,
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
 ) -> None:
     """Create a principal; prints its token once (it is stored hashed)."""
     with connect(target, token) as client, friendly_errors():
@@ -99,8 +120,9 @@ def create_principal(
 
 
 @admin_app.command()
-def whoami(target: TargetOption = DEFAULT_TARGET, token: TokenOption = "",
-           json_out: JsonOption = False) -> None:
+def whoami(
+    target: TargetOption = DEFAULT_TARGET, token: TokenOption = "", json_out: JsonOption = False
+) -> None:
     """Show who the token belongs to."""
     with connect(target, token) as client, friendly_errors():
         principal = client.whoami()
@@ -112,9 +134,12 @@ def whoami(target: TargetOption = DEFAULT_TARGET, token: TokenOption = "",
 
 # -- partners ----------------------------------------------------------------------------------
 
+
 @partner_app.command("keygen")
-def keygen(out: Annotated[Path, typer.Argument(help="File to write the hex key to (mode 0600).")]) -> None:
-    """Create a matching key; share it with the other partners of an agreement, never with the hub."""
+def keygen(
+    out: Annotated[Path, typer.Argument(help="File to write the hex key to (mode 0600).")],
+) -> None:
+    """Create a matching key: share it with the agreement's other partners, never the hub."""
     with friendly_errors():
         if out.exists():
             fail(f"{out} exists; refusing to overwrite a key")
@@ -127,9 +152,13 @@ def upload(
     file: Annotated[Path, typer.Argument(help="CSV or Parquet file with raw identifiers.")],
     name: Annotated[str, typer.Option(help="Dataset name (lowercase, digits, _).")],
     schema: Annotated[Path, typer.Option(help="JSON schema: key, consents, column domains.")],
-    key_file: Annotated[Path, typer.Option(help="Matching key (hex) shared with the other partners.")],
+    key_file: Annotated[
+        Path, typer.Option(help="Matching key (hex) shared with the other partners.")
+    ],
     region: Annotated[str, typer.Option(help="Default country for national phone numbers.")] = "FR",
-    target: TargetOption = DEFAULT_TARGET, token: TokenOption = "", json_out: JsonOption = False,
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
 ) -> None:
     """Pseudonymise FILE locally (HMAC-SHA256) and stream it to the hub as Arrow chunks."""
     with friendly_errors():
@@ -139,18 +168,27 @@ def upload(
         result = client.upload_dataset(name, file, upload_schema, key=key, default_region=region)
     ds = result.dataset
     if json_out:
-        print_json({"dataset": to_dict(ds), "rows_sent": result.rows_sent,
-                    "bytes_sent": result.bytes_sent, "dropped_columns": list(result.dropped_columns)})
+        print_json(
+            {
+                "dataset": to_dict(ds),
+                "rows_sent": result.rows_sent,
+                "bytes_sent": result.bytes_sent,
+                "dropped_columns": list(result.dropped_columns),
+            }
+        )
         return
-    console.print(f"dataset [bold]{ds.dataset_id}[/] '{ds.name}' v{ds.version}: {ds.row_count} rows, "
-                  f"{ds.distinct_keys} distinct pseudonyms, {result.bytes_sent} bytes sent")
+    console.print(
+        f"dataset [bold]{ds.dataset_id}[/] '{ds.name}' v{ds.version}: {ds.row_count} rows, "
+        f"{ds.distinct_keys} distinct pseudonyms, {result.bytes_sent} bytes sent"
+    )
     if result.dropped_columns:
         console.print(f"not sent (undeclared): {', '.join(result.dropped_columns)}")
 
 
 @partner_app.command("list")
-def list_datasets(target: TargetOption = DEFAULT_TARGET, token: TokenOption = "",
-                  json_out: JsonOption = False) -> None:
+def list_datasets(
+    target: TargetOption = DEFAULT_TARGET, token: TokenOption = "", json_out: JsonOption = False
+) -> None:
     """List datasets visible to the caller."""
     with connect(target, token) as client, friendly_errors():
         datasets = client.list_datasets()
@@ -159,14 +197,24 @@ def list_datasets(target: TargetOption = DEFAULT_TARGET, token: TokenOption = ""
         return
     table = Table("id", "name", "version", "rows", "pseudonyms", "created")
     for d in datasets:
-        table.add_row(d.dataset_id, d.name, str(d.version), str(d.row_count), str(d.distinct_keys),
-                      d.created_at)
+        table.add_row(
+            d.dataset_id,
+            d.name,
+            str(d.version),
+            str(d.row_count),
+            str(d.distinct_keys),
+            d.created_at,
+        )
     console.print(table)
 
 
 @partner_app.command()
-def delete(dataset_id: str, target: TargetOption = DEFAULT_TARGET, token: TokenOption = "",
-           json_out: JsonOption = False) -> None:
+def delete(
+    dataset_id: str,
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
+) -> None:
     """Delete one of your datasets (metadata and files)."""
     with connect(target, token) as client, friendly_errors():
         client.delete_dataset(dataset_id)
@@ -178,6 +226,7 @@ def delete(dataset_id: str, target: TargetOption = DEFAULT_TARGET, token: TokenO
 
 # -- agreements --------------------------------------------------------------------------------
 
+
 @agreement_app.command("create")
 def create_agreement(
     name: Annotated[str, typer.Option(help="Human-readable name.")],
@@ -187,22 +236,33 @@ def create_agreement(
     epsilon: Annotated[str, typer.Option(help="Total privacy budget (pure DP epsilon).")],
     max_rows: Annotated[int, typer.Option(help="Default max joined rows per person.")] = 10,
     max_groups: Annotated[int, typer.Option(help="Default max group cells per person.")] = 1,
-    target: TargetOption = DEFAULT_TARGET, token: TokenOption = "", json_out: JsonOption = False,
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
 ) -> None:
     """Create an agreement (admin)."""
     with connect(target, token) as client, friendly_errors():
         agreement = client.create_agreement(
-            name=name, purpose=purpose, dataset_ids=dataset, analyst_ids=analyst,
-            total_epsilon=epsilon, max_rows_per_person=max_rows, max_groups_per_person=max_groups)
+            name=name,
+            purpose=purpose,
+            dataset_ids=dataset,
+            analyst_ids=analyst,
+            total_epsilon=epsilon,
+            max_rows_per_person=max_rows,
+            max_groups_per_person=max_groups,
+        )
     if json_out:
         print_json(to_dict(agreement))
     else:
-        console.print(f"agreement [bold]{agreement.agreement_id}[/] created, budget epsilon {epsilon}")
+        console.print(
+            f"agreement [bold]{agreement.agreement_id}[/] created, budget epsilon {epsilon}"
+        )
 
 
 @agreement_app.command("list")
-def list_agreements(target: TargetOption = DEFAULT_TARGET, token: TokenOption = "",
-                    json_out: JsonOption = False) -> None:
+def list_agreements(
+    target: TargetOption = DEFAULT_TARGET, token: TokenOption = "", json_out: JsonOption = False
+) -> None:
     """Agreements you are party to, with their budgets."""
     with connect(target, token) as client, friendly_errors():
         agreements = client.list_agreements()
@@ -211,14 +271,25 @@ def list_agreements(target: TargetOption = DEFAULT_TARGET, token: TokenOption = 
         return
     table = Table("id", "name", "purpose", "datasets", "epsilon total", "spent", "remaining")
     for a in agreements:
-        table.add_row(a.agreement_id, a.name, a.purpose, ", ".join(a.dataset_ids),
-                      a.budget.total_epsilon, a.budget.spent_epsilon, a.budget.remaining_epsilon)
+        table.add_row(
+            a.agreement_id,
+            a.name,
+            a.purpose,
+            ", ".join(a.dataset_ids),
+            a.budget.total_epsilon,
+            a.budget.spent_epsilon,
+            a.budget.remaining_epsilon,
+        )
     console.print(table)
 
 
 @agreement_app.command("show")
-def show_agreement(agreement_id: str, target: TargetOption = DEFAULT_TARGET,
-                   token: TokenOption = "", json_out: JsonOption = False) -> None:
+def show_agreement(
+    agreement_id: str,
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
+) -> None:
     """One agreement."""
     with connect(target, token) as client, friendly_errors():
         agreement = client.get_agreement(agreement_id)
@@ -234,19 +305,30 @@ _AGG = re.compile(r"^(?P<kind>[a-z_]+)(?::(?P<column>[a-z0-9_.]+))?(?:@(?P<eps>[
 _WHERE = re.compile(r"^(?P<column>[a-z0-9_.]+)\s*(?P<op>!=|>=|<=|=)\s*(?P<value>.+)$")
 
 
-def _build_query(agreement_id: str, epsilon: str, aggs: list[str], group_by: list[str],
-                 where: list[str], max_rows: int, max_groups: int) -> query_service_pb2.Query:
+def _build_query(
+    agreement_id: str,
+    epsilon: str,
+    aggs: list[str],
+    group_by: list[str],
+    where: list[str],
+    max_rows: int,
+    max_groups: int,
+) -> query_service_pb2.Query:
     aggregates = []
     for text in aggs:
         m = _AGG.match(text.strip())
         if not m:
-            raise ValueError(f"--agg {text!r}: expected KIND[:COLUMN][@EPSILON], e.g. mean:panel.amount")
+            raise ValueError(
+                f"--agg {text!r}: expected KIND[:COLUMN][@EPSILON], e.g. mean:panel.amount"
+            )
         aggregates.append(aggregate(m["kind"], m["column"] or "", epsilon=m["eps"] or ""))
     filters = []
     for text in where:
         m = _WHERE.match(text.strip())
         if not m:
-            raise ValueError(f"--where {text!r}: expected COLUMN=A,B | COLUMN!=A | COLUMN>=N | COLUMN<=N")
+            raise ValueError(
+                f"--where {text!r}: expected COLUMN=A,B | COLUMN!=A | COLUMN>=N | COLUMN<=N"
+            )
         op, column, value = m["op"], m["column"], m["value"].strip()
         if op in ("=", "!="):
             f = where_in(column, *[v.strip() for v in value.split(",")])
@@ -258,25 +340,52 @@ def _build_query(agreement_id: str, epsilon: str, aggs: list[str], group_by: lis
             except ValueError:
                 raise ValueError(f"--where {text!r}: {value!r} is not a number") from None
         filters.append(f)
-    return query(agreement_id, epsilon, aggregates, group_by=group_by, filters=filters,
-                 max_rows_per_person=max_rows, max_groups_per_person=max_groups)
+    return query(
+        agreement_id,
+        epsilon,
+        aggregates,
+        group_by=group_by,
+        filters=filters,
+        max_rows_per_person=max_rows,
+        max_groups_per_person=max_groups,
+    )
 
 
 AgreementArg = Annotated[str, typer.Option("--agreement", help="Agreement id.")]
 EpsilonOpt = Annotated[str, typer.Option(help="Total epsilon of the query, split over aggregates.")]
-AggOpt = Annotated[list[str], typer.Option(
-    "--agg", help="KIND[:COLUMN][@EPSILON]; KIND is count (people), count_rows, sum or mean. Repeat.")]
-GroupOpt = Annotated[list[str] | None, typer.Option("--group-by", help="Public categorical column. Repeat.")]
-WhereOpt = Annotated[list[str] | None, typer.Option(
-    "--where", help="COLUMN=A,B | COLUMN!=A | COLUMN>=N | COLUMN<=N. Repeat (AND).")]
-MaxRowsOpt = Annotated[int, typer.Option(help="Max joined rows per person (0 = agreement default).")]
-MaxGroupsOpt = Annotated[int, typer.Option(help="Max group cells per person (0 = agreement default).")]
+AggOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--agg",
+        help="KIND[:COLUMN][@EPSILON]; KIND is count (people), count_rows, sum or mean. Repeat.",
+    ),
+]
+GroupOpt = Annotated[
+    list[str] | None, typer.Option("--group-by", help="Public categorical column. Repeat.")
+]
+WhereOpt = Annotated[
+    list[str] | None,
+    typer.Option("--where", help="COLUMN=A,B | COLUMN!=A | COLUMN>=N | COLUMN<=N. Repeat (AND)."),
+]
+MaxRowsOpt = Annotated[
+    int, typer.Option(help="Max joined rows per person (0 = agreement default).")
+]
+MaxGroupsOpt = Annotated[
+    int, typer.Option(help="Max group cells per person (0 = agreement default).")
+]
 
 
 def _plan_table(plan: query_service_pb2.QueryPlan) -> Table:
-    table = Table("aggregate", "column", "epsilon", "mechanism", "noise scale", "95% +/-",
-                  title=f"epsilon {plan.epsilon} over {plan.cell_count} cell(s); "
-                        f"budget {plan.remaining_epsilon_before} -> {plan.remaining_epsilon_after}")
+    table = Table(
+        "aggregate",
+        "column",
+        "epsilon",
+        "mechanism",
+        "noise scale",
+        "95% +/-",
+        title=f"epsilon {plan.epsilon} over {plan.cell_count} cell(s); "
+        f"budget {plan.remaining_epsilon_before} -> {plan.remaining_epsilon_after}",
+    )
     for a in plan.aggregates:
         ci = f"{a.ci95_halfwidth:.4g}" if a.HasField("ci95_halfwidth") else "after release"
         table.add_row(a.name, a.column or "-", a.epsilon, a.mechanism, f"{a.noise_scale:.4g}", ci)
@@ -285,10 +394,16 @@ def _plan_table(plan: query_service_pb2.QueryPlan) -> Table:
 
 @query_app.command()
 def preview(
-    agreement: AgreementArg, agg: AggOpt, epsilon: EpsilonOpt = "",
-    group_by: GroupOpt = None, where: WhereOpt = None, max_rows: MaxRowsOpt = 0,
+    agreement: AgreementArg,
+    agg: AggOpt,
+    epsilon: EpsilonOpt = "",
+    group_by: GroupOpt = None,
+    where: WhereOpt = None,
+    max_rows: MaxRowsOpt = 0,
     max_groups: MaxGroupsOpt = 0,
-    target: TargetOption = DEFAULT_TARGET, token: TokenOption = "", json_out: JsonOption = False,
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
 ) -> None:
     """Show cost, noise scale and 95% interval of a query without spending anything."""
     with friendly_errors():
@@ -299,17 +414,25 @@ def preview(
         print_json(to_dict(plan))
         return
     console.print(_plan_table(plan))
-    console.print(f"bounds: {plan.bounding.max_rows_per_person} rows and "
-                  f"{plan.bounding.max_groups_per_person} group(s) per person; privacy unit: "
-                  f"{plan.privacy_unit}")
+    console.print(
+        f"bounds: {plan.bounding.max_rows_per_person} rows and "
+        f"{plan.bounding.max_groups_per_person} group(s) per person; privacy unit: "
+        f"{plan.privacy_unit}"
+    )
 
 
 @query_app.command()
 def run(
-    agreement: AgreementArg, agg: AggOpt, epsilon: EpsilonOpt = "",
-    group_by: GroupOpt = None, where: WhereOpt = None, max_rows: MaxRowsOpt = 0,
+    agreement: AgreementArg,
+    agg: AggOpt,
+    epsilon: EpsilonOpt = "",
+    group_by: GroupOpt = None,
+    where: WhereOpt = None,
+    max_rows: MaxRowsOpt = 0,
     max_groups: MaxGroupsOpt = 0,
-    target: TargetOption = DEFAULT_TARGET, token: TokenOption = "", json_out: JsonOption = False,
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
 ) -> None:
     """Spend budget and release the differentially private answer."""
     with friendly_errors():
@@ -327,16 +450,23 @@ def run(
             ci = f"{cell.ci95_halfwidth:,.2f}" if cell.HasField("ci95_halfwidth") else "n/a"
             table.add_row(" / ".join(cell.group) or "(all)", value, ci)
         console.print(table)
-    console.print(f"release {release.release_id}: spent epsilon {release.epsilon_spent}, "
-                  f"remaining {response.remaining_epsilon}")
+    console.print(
+        f"release {release.release_id}: spent epsilon {release.epsilon_spent}, "
+        f"remaining {response.remaining_epsilon}"
+    )
 
 
 # -- compliance --------------------------------------------------------------------------------
 
+
 @budget_app.command("show")
 def budget_show(
-    agreement: Annotated[str, typer.Option("--agreement", help="Agreement id (default: all).")] = "",
-    target: TargetOption = DEFAULT_TARGET, token: TokenOption = "", json_out: JsonOption = False,
+    agreement: Annotated[
+        str, typer.Option("--agreement", help="Agreement id (default: all).")
+    ] = "",
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
 ) -> None:
     """Total, spent and remaining epsilon per agreement."""
     with connect(target, token) as client, friendly_errors():
@@ -346,15 +476,24 @@ def budget_show(
         return
     table = Table("agreement", "total", "spent", "remaining", "releases", title="privacy budgets")
     for b in budgets:
-        table.add_row(b.agreement_id, b.total_epsilon, b.spent_epsilon, b.remaining_epsilon,
-                      str(b.release_count))
+        table.add_row(
+            b.agreement_id,
+            b.total_epsilon,
+            b.spent_epsilon,
+            b.remaining_epsilon,
+            str(b.release_count),
+        )
     console.print(table)
 
 
 @ledger_app.command("list")
 def ledger_list(
-    agreement: Annotated[str, typer.Option("--agreement", help="Agreement id (default: all).")] = "",
-    target: TargetOption = DEFAULT_TARGET, token: TokenOption = "", json_out: JsonOption = False,
+    agreement: Annotated[
+        str, typer.Option("--agreement", help="Agreement id (default: all).")
+    ] = "",
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
 ) -> None:
     """Every release with its cost, bounds and data versions."""
     with connect(target, token) as client, friendly_errors():
@@ -362,13 +501,16 @@ def ledger_list(
     if json_out:
         print_json([to_dict(r) for r in releases])
         return
-    table = Table("release", "agreement", "analyst", "epsilon", "aggregates", "bounds", "at",
-                  title="ledger")
+    table = Table(
+        "release", "agreement", "analyst", "epsilon", "aggregates", "bounds", "at", title="ledger"
+    )
     for r in releases:
         aggs = ", ".join(f"{a.name}({a.epsilon})" for a in r.plan.aggregates)
-        bounds = f"{r.plan.bounding.max_rows_per_person} rows/{r.plan.bounding.max_groups_per_person} groups"
-        table.add_row(r.release_id, r.agreement_id, r.analyst_id, r.epsilon_spent, aggs, bounds,
-                      r.created_at)
+        bounding = r.plan.bounding
+        bounds = f"{bounding.max_rows_per_person} rows/{bounding.max_groups_per_person} groups"
+        table.add_row(
+            r.release_id, r.agreement_id, r.analyst_id, r.epsilon_spent, aggs, bounds, r.created_at
+        )
     console.print(table)
 
 

@@ -10,7 +10,6 @@ never reveals them) so that each release can be shown beside the truth and its 9
 from __future__ import annotations
 
 import os
-from decimal import Decimal
 import secrets
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -82,48 +82,105 @@ def consented_join(bank: pd.DataFrame, panel: pd.DataFrame) -> pd.DataFrame:
     return joined
 
 
-def _by(frame: pd.DataFrame, keys: list[str], fn: Callable[[pd.DataFrame], float]) -> dict[tuple[str, ...], float]:
+def _by(
+    frame: pd.DataFrame, keys: list[str], fn: Callable[[pd.DataFrame], float]
+) -> dict[tuple[str, ...], float]:
     if not keys:
         return {(): float(fn(frame))}
-    return {(k,) if isinstance(k, str) else tuple(k): float(fn(g))
-            for k, g in frame.groupby(keys if len(keys) > 1 else keys[0])}
+    out: dict[tuple[str, ...], float] = {}
+    for k, group in frame.groupby(keys if len(keys) > 1 else keys[0]):
+        out[(str(k),) if isinstance(k, str) else tuple(str(x) for x in k)] = float(fn(group))  # type: ignore[union-attr]
+    return out
 
 
 def demo_queries(agreement_id: str) -> list[DemoQuery]:
     """The analyst's questions (3.1 epsilon in all)."""
     return [
-        DemoQuery("joined_people", "people in both files who consented in both",
-                  query(agreement_id, "0.1", [aggregate("count", name="people")]),
-                  lambda j: _by(j, [], lambda g: g["email"].nunique())),
-        DemoQuery("people_per_segment", "joined consenting people per bank segment",
-                  query(agreement_id, "0.2", [aggregate("count", name="people")],
-                        group_by=["bank.segment"]),
-                  lambda j: _by(j, ["segment"], lambda g: g["email"].nunique())),
-        DemoQuery("mean_weekly_spend_affluent", "mean purchase amount per category, affluent clients",
-                  query(agreement_id, "0.6", [aggregate("mean", "panel.amount", name="mean_amount")],
-                        group_by=["panel.category"], filters=[where_in("bank.segment", "affluent")]),
-                  lambda j: _by(j[j["segment"] == "affluent"], ["category"],
-                                lambda g: g["amount"].mean())),
-        DemoQuery("spend_per_segment", "total purchases per bank segment",
-                  query(agreement_id, "0.3", [aggregate("sum", "panel.amount", name="total_amount")],
-                        group_by=["bank.segment"]),
-                  lambda j: _by(j, ["segment"], lambda g: g["amount"].sum())),
-        DemoQuery("buyers_per_category", "joined people buying in each category",
-                  query(agreement_id, "0.4", [aggregate("count", name="people")],
-                        group_by=["panel.category"], max_groups_per_person=6),
-                  lambda j: _by(j, ["category"], lambda g: g["email"].nunique())),
-        DemoQuery("mean_spend_segment_category", "mean purchase amount per segment and category",
-                  query(agreement_id, "0.6", [aggregate("mean", "panel.amount", name="mean_amount")],
-                        group_by=["bank.segment", "panel.category"]),
-                  lambda j: _by(j, ["segment", "category"], lambda g: g["amount"].mean())),
-        DemoQuery("weekly_spend_per_category", "total purchases per week and category",
-                  query(agreement_id, "0.5", [aggregate("sum", "panel.amount", name="total_amount")],
-                        group_by=["panel.week", "panel.category"]),
-                  lambda j: _by(j, ["week", "category"], lambda g: g["amount"].sum())),
-        DemoQuery("shoppers_per_week", "joined people with a purchase in each week",
-                  query(agreement_id, "0.4", [aggregate("count", name="people")],
-                        group_by=["panel.week"], max_groups_per_person=12),
-                  lambda j: _by(j, ["week"], lambda g: g["email"].nunique())),
+        DemoQuery(
+            "joined_people",
+            "people in both files who consented in both",
+            query(agreement_id, "0.1", [aggregate("count", name="people")]),
+            lambda j: _by(j, [], lambda g: g["email"].nunique()),
+        ),
+        DemoQuery(
+            "people_per_segment",
+            "joined consenting people per bank segment",
+            query(
+                agreement_id, "0.2", [aggregate("count", name="people")], group_by=["bank.segment"]
+            ),
+            lambda j: _by(j, ["segment"], lambda g: g["email"].nunique()),
+        ),
+        DemoQuery(
+            "mean_weekly_spend_affluent",
+            "mean purchase amount per category, affluent clients",
+            query(
+                agreement_id,
+                "0.6",
+                [aggregate("mean", "panel.amount", name="mean_amount")],
+                group_by=["panel.category"],
+                filters=[where_in("bank.segment", "affluent")],
+            ),
+            lambda j: _by(
+                j[j["segment"] == "affluent"], ["category"], lambda g: g["amount"].mean()
+            ),
+        ),
+        DemoQuery(
+            "spend_per_segment",
+            "total purchases per bank segment",
+            query(
+                agreement_id,
+                "0.3",
+                [aggregate("sum", "panel.amount", name="total_amount")],
+                group_by=["bank.segment"],
+            ),
+            lambda j: _by(j, ["segment"], lambda g: g["amount"].sum()),
+        ),
+        DemoQuery(
+            "buyers_per_category",
+            "joined people buying in each category",
+            query(
+                agreement_id,
+                "0.4",
+                [aggregate("count", name="people")],
+                group_by=["panel.category"],
+                max_groups_per_person=6,
+            ),
+            lambda j: _by(j, ["category"], lambda g: g["email"].nunique()),
+        ),
+        DemoQuery(
+            "mean_spend_segment_category",
+            "mean purchase amount per segment and category",
+            query(
+                agreement_id,
+                "0.6",
+                [aggregate("mean", "panel.amount", name="mean_amount")],
+                group_by=["bank.segment", "panel.category"],
+            ),
+            lambda j: _by(j, ["segment", "category"], lambda g: g["amount"].mean()),
+        ),
+        DemoQuery(
+            "weekly_spend_per_category",
+            "total purchases per week and category",
+            query(
+                agreement_id,
+                "0.5",
+                [aggregate("sum", "panel.amount", name="total_amount")],
+                group_by=["panel.week", "panel.category"],
+            ),
+            lambda j: _by(j, ["week", "category"], lambda g: g["amount"].sum()),
+        ),
+        DemoQuery(
+            "shoppers_per_week",
+            "joined people with a purchase in each week",
+            query(
+                agreement_id,
+                "0.4",
+                [aggregate("count", name="people")],
+                group_by=["panel.week"],
+                max_groups_per_person=12,
+            ),
+            lambda j: _by(j, ["week"], lambda g: g["email"].nunique()),
+        ),
     ]
 
 
@@ -137,11 +194,27 @@ class HubProcess:
         env = {**os.environ, "ENTREMISE_ADMIN_TOKEN": admin_token}
         self.log = hub_dir / "hub.log"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "entremise.cli", "serve",
-             "--db", f"sqlite:///{(hub_dir / 'entremise.db').resolve()}",
-             "--data-dir", str(hub_dir), "--listen", "127.0.0.1:0",
-             "--port-file", str(port_file), "--log-file", str(self.log)],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                sys.executable,
+                "-m",
+                "entremise.cli",
+                "serve",
+                "--db",
+                f"sqlite:///{(hub_dir / 'entremise.db').resolve()}",
+                "--data-dir",
+                str(hub_dir),
+                "--listen",
+                "127.0.0.1:0",
+                "--port-file",
+                str(port_file),
+                "--log-file",
+                str(self.log),
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 60
         while not port_file.exists() or not port_file.read_text().strip():
             if self.process.poll() is not None:
@@ -170,7 +243,9 @@ def _cell_key(cell: query_service_pb2.Cell) -> tuple[str, ...]:
     return tuple(cell.group)
 
 
-def run_demo(workdir: Path | None = None, *, quiet: bool = False, size: str = "default") -> dict[str, Any]:
+def run_demo(
+    workdir: Path | None = None, *, quiet: bool = False, size: str = "default"
+) -> dict[str, Any]:
     """Run the whole scenario and return the JSON report."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}")
@@ -188,12 +263,14 @@ def run_demo(workdir: Path | None = None, *, quiet: bool = False, size: str = "d
         console.rule("[bold]Entremise demo")
         console.print(f"hub on SQLite at {hub.target} (workdir {root})")
         with Client.connect(hub.target, token=admin_token) as admin:
-            bank_p, bank_token = admin.create_principal("Banque Exemple", "partner")
-            panel_p, panel_token = admin.create_principal("Panel Conso Exemple", "partner")
+            _, bank_token = admin.create_principal("Banque Exemple", "partner")
+            _, panel_token = admin.create_principal("Panel Conso Exemple", "partner")
             analyst_p, analyst_token = admin.create_principal("Analyst", "analyst")
             _, officer_token = admin.create_principal("Compliance officer", "compliance")
-            console.print("registered partners [bold]bank[/] and [bold]panel[/], an analyst and "
-                          "a compliance officer")
+            console.print(
+                "registered partners [bold]bank[/] and [bold]panel[/], an analyst and "
+                "a compliance officer"
+            )
 
             t = time.perf_counter()
             n_bank, n_panel, overlap = SIZES[size]
@@ -207,24 +284,34 @@ def run_demo(workdir: Path | None = None, *, quiet: bool = False, size: str = "d
 
             t = time.perf_counter()
             with Client.connect(hub.target, token=bank_token) as bank:
-                bank_up = bank.upload_dataset("bank", partner_dir / "bank_clients.csv",
-                                              BANK_SCHEMA, key=key)
+                bank_up = bank.upload_dataset(
+                    "bank", partner_dir / "bank_clients.csv", BANK_SCHEMA, key=key
+                )
             with Client.connect(hub.target, token=panel_token) as panel:
-                panel_up = panel.upload_dataset("panel", partner_dir / "panel_purchases.csv",
-                                                PANEL_SCHEMA, key=key)
+                panel_up = panel.upload_dataset(
+                    "panel", partner_dir / "panel_purchases.csv", PANEL_SCHEMA, key=key
+                )
             report.timings_s["pseudonymise_and_upload"] = round(time.perf_counter() - t, 3)
             for who, up in (("bank", bank_up), ("panel", panel_up)):
-                console.print(f"{who}: uploaded {up.dataset.row_count:,} rows "
-                              f"({up.dataset.distinct_keys:,} pseudonyms, {up.bytes_sent:,} bytes); "
-                              f"not sent: {', '.join(up.dropped_columns) or '-'}")
+                console.print(
+                    f"{who}: uploaded {up.dataset.row_count:,} rows "
+                    f"({up.dataset.distinct_keys:,} pseudonyms, {up.bytes_sent:,} bytes); "
+                    f"not sent: {', '.join(up.dropped_columns) or '-'}"
+                )
 
             agreement = admin.create_agreement(
-                name="Bank x panel audience insights", purpose=PURPOSE,
+                name="Bank x panel audience insights",
+                purpose=PURPOSE,
                 dataset_ids=[bank_up.dataset.dataset_id, panel_up.dataset.dataset_id],
-                analyst_ids=[analyst_p.principal_id], total_epsilon=TOTAL_EPSILON,
-                max_rows_per_person=MAX_ROWS_PER_PERSON, max_groups_per_person=1)
-            console.print(f"agreement {agreement.agreement_id}: purpose '{PURPOSE}', "
-                          f"budget epsilon {TOTAL_EPSILON}, <= {MAX_ROWS_PER_PERSON} rows per person")
+                analyst_ids=[analyst_p.principal_id],
+                total_epsilon=TOTAL_EPSILON,
+                max_rows_per_person=MAX_ROWS_PER_PERSON,
+                max_groups_per_person=1,
+            )
+            console.print(
+                f"agreement {agreement.agreement_id}: purpose '{PURPOSE}', "
+                f"budget epsilon {TOTAL_EPSILON}, <= {MAX_ROWS_PER_PERSON} rows per person"
+            )
         joined = consented_join(data.bank, data.panel)
 
         t = time.perf_counter()
@@ -233,59 +320,104 @@ def run_demo(workdir: Path | None = None, *, quiet: bool = False, size: str = "d
                 plan = analyst.preview(dq.query)
                 response = analyst.run(dq.query)
                 truth = dq.truth(joined)
-                table = Table("cell", "released", "true", "95% +/-", "within",
-                              title=f"{dq.name}: {dq.description} (epsilon {plan.epsilon})")
+                table = Table(
+                    "cell",
+                    "released",
+                    "true",
+                    "95% +/-",
+                    "within",
+                    title=f"{dq.name}: {dq.description} (epsilon {plan.epsilon})",
+                )
                 for result in response.release.results:
                     for cell in result.cells:
                         key_ = _cell_key(cell)
                         released = cell.value if cell.HasField("value") else None
                         ci = cell.ci95_halfwidth if cell.HasField("ci95_halfwidth") else None
                         true_value = truth.get(key_, 0.0)
-                        within = (released is not None and ci is not None
-                                  and abs(released - true_value) <= ci)
+                        within = (
+                            released is not None
+                            and ci is not None
+                            and abs(released - true_value) <= ci
+                        )
                         label = "/".join(key_) or "all"
-                        report.values.append({
-                            "name": f"{dq.name}[{label}]" if key_ else dq.name,
-                            "query": dq.name, "group": list(key_), "aggregate": result.name,
-                            "epsilon": plan.epsilon, "released": released,
-                            "true_value": true_value, "ci95_halfwidth": ci, "within_ci95": within,
-                        })
+                        report.values.append(
+                            {
+                                "name": f"{dq.name}[{label}]" if key_ else dq.name,
+                                "query": dq.name,
+                                "group": list(key_),
+                                "aggregate": result.name,
+                                "epsilon": plan.epsilon,
+                                "released": released,
+                                "true_value": true_value,
+                                "ci95_halfwidth": ci,
+                                "within_ci95": within,
+                            }
+                        )
                         if table.row_count < MAX_PRINTED_CELLS:
-                            table.add_row(label, _fmt(released), _fmt(true_value), _fmt(ci),
-                                          "[green]yes[/]" if within else "[red]no[/]")
+                            table.add_row(
+                                label,
+                                _fmt(released),
+                                _fmt(true_value),
+                                _fmt(ci),
+                                "[green]yes[/]" if within else "[red]no[/]",
+                            )
                 cells = [v for v in report.values if v["query"] == dq.name]
                 if len(cells) > MAX_PRINTED_CELLS:
-                    table.caption = (f"... {len(cells) - MAX_PRINTED_CELLS} more cells; "
-                                     f"{sum(v['within_ci95'] for v in cells)}/{len(cells)} within")
+                    table.caption = (
+                        f"... {len(cells) - MAX_PRINTED_CELLS} more cells; "
+                        f"{sum(v['within_ci95'] for v in cells)}/{len(cells)} within"
+                    )
                 console.print(table)
 
-            over = query(agreement.agreement_id, "1.0", [aggregate("count", name="people")],
-                         group_by=["panel.week"])
+            over = query(
+                agreement.agreement_id,
+                "1.0",
+                [aggregate("count", name="people")],
+                group_by=["panel.week"],
+            )
             try:
                 analyst.run(over)
                 report.refused = {"name": "over_budget_query", "refused": False}
             except EntremiseRPCError as exc:
-                report.refused = {"name": "over_budget_query", "epsilon": "1.0", "refused": True,
-                                  "status": exc.status.name, "message": exc.message}
-                console.print(f"[bold]over-budget query refused[/]: {exc.status.name}: {exc.message}")
+                report.refused = {
+                    "name": "over_budget_query",
+                    "epsilon": "1.0",
+                    "refused": True,
+                    "status": exc.status.name,
+                    "message": exc.message,
+                }
+                console.print(
+                    f"[bold]over-budget query refused[/]: {exc.status.name}: {exc.message}"
+                )
         report.timings_s["queries"] = round(time.perf_counter() - t, 3)
 
         with Client.connect(hub.target, token=officer_token) as officer:
             budget = officer.budgets(agreement.agreement_id)[0]
             releases = officer.ledger(agreement.agreement_id)
         report.budget = {
-            "agreement_id": budget.agreement_id, "total": budget.total_epsilon,
-            "spent": budget.spent_epsilon, "remaining": budget.remaining_epsilon,
+            "agreement_id": budget.agreement_id,
+            "total": budget.total_epsilon,
+            "spent": budget.spent_epsilon,
+            "remaining": budget.remaining_epsilon,
             "releases": budget.release_count,
-            "ledger_epsilon_sum": str(sum((Decimal(r.epsilon_spent) for r in releases), Decimal(0))),
+            "ledger_epsilon_sum": str(
+                sum((Decimal(r.epsilon_spent) for r in releases), Decimal(0))
+            ),
         }
         table = Table("agreement", "total", "spent", "remaining", "releases", title="budget report")
-        table.add_row(budget.agreement_id, budget.total_epsilon, budget.spent_epsilon,
-                      budget.remaining_epsilon, str(budget.release_count))
+        table.add_row(
+            budget.agreement_id,
+            budget.total_epsilon,
+            budget.spent_epsilon,
+            budget.remaining_epsilon,
+            str(budget.release_count),
+        )
         console.print(table)
-        within = sum(v["within_ci95"] for v in report.values)
-        console.print(f"{within}/{len(report.values)} released values lie within their stated "
-                      "95% interval of the true value")
+        covered = sum(v["within_ci95"] for v in report.values)
+        console.print(
+            f"{covered}/{len(report.values)} released values lie within their stated "
+            "95% interval of the true value"
+        )
     finally:
         hub.stop()
         shutil.rmtree(partner_dir, ignore_errors=True)
@@ -297,8 +429,10 @@ def run_demo(workdir: Path | None = None, *, quiet: bool = False, size: str = "d
         "queries": report.values,
         "refused_query": report.refused,
         "budget": report.budget,
-        "coverage": {"within_ci95": sum(v["within_ci95"] for v in report.values),
-                     "released_values": len(report.values)},
+        "coverage": {
+            "within_ci95": sum(v["within_ci95"] for v in report.values),
+            "released_values": len(report.values),
+        },
         "timings_s": report.timings_s,
     }
 

@@ -71,19 +71,22 @@ class UploadResult:
     dropped_columns: tuple[str, ...]
 
 
-def aggregate(kind: str, column: str = "", *, name: str = "",
-              epsilon: str = "") -> query_service_pb2.Aggregate:
+def aggregate(
+    kind: str, column: str = "", *, name: str = "", epsilon: str = ""
+) -> query_service_pb2.Aggregate:
     """Build one aggregate: ``aggregate("mean", "panel.amount")``."""
     if kind not in AGGREGATES:
         raise ValueError(f"aggregate kind must be one of {sorted(AGGREGATES)}, got {kind!r}")
-    return query_service_pb2.Aggregate(name=name, kind=AGGREGATES[kind], column=column,
-                                       epsilon=epsilon)
+    return query_service_pb2.Aggregate(
+        name=name, kind=AGGREGATES[kind], column=column, epsilon=epsilon
+    )
 
 
 def where_in(column: str, *categories: str) -> query_service_pb2.Filter:
     """Keep rows whose categorical `column` is one of `categories`."""
-    return query_service_pb2.Filter(column=column, op=query_service_pb2.FILTER_OP_IN,
-                                    values=list(categories))
+    return query_service_pb2.Filter(
+        column=column, op=query_service_pb2.FILTER_OP_IN, values=list(categories)
+    )
 
 
 def where_range(column: str, op: str, value: float) -> query_service_pb2.Filter:
@@ -92,14 +95,26 @@ def where_range(column: str, op: str, value: float) -> query_service_pb2.Filter:
     return query_service_pb2.Filter(column=column, op=codes[op], values=[repr(float(value))])
 
 
-def query(agreement_id: str, epsilon: str, aggregates: Sequence[query_service_pb2.Aggregate], *,
-          group_by: Sequence[str] = (), filters: Sequence[query_service_pb2.Filter] = (),
-          max_rows_per_person: int = 0, max_groups_per_person: int = 0) -> query_service_pb2.Query:
+def query(
+    agreement_id: str,
+    epsilon: str,
+    aggregates: Sequence[query_service_pb2.Aggregate],
+    *,
+    group_by: Sequence[str] = (),
+    filters: Sequence[query_service_pb2.Filter] = (),
+    max_rows_per_person: int = 0,
+    max_groups_per_person: int = 0,
+) -> query_service_pb2.Query:
     """Build a query message."""
     return query_service_pb2.Query(
-        agreement_id=agreement_id, epsilon=epsilon, aggregates=list(aggregates),
-        group_by=list(group_by), filters=list(filters),
-        max_rows_per_person=max_rows_per_person, max_groups_per_person=max_groups_per_person)
+        agreement_id=agreement_id,
+        epsilon=epsilon,
+        aggregates=list(aggregates),
+        group_by=list(group_by),
+        filters=list(filters),
+        max_rows_per_person=max_rows_per_person,
+        max_groups_per_person=max_groups_per_person,
+    )
 
 
 class Client:
@@ -116,20 +131,30 @@ class Client:
         self._compliance = compliance_service_pb2_grpc.ComplianceServiceStub(channel)
 
     @classmethod
-    def connect(cls, target: str, *, token: str | None = None, timeout: float = 300.0,
-                wait_ready: float | None = 10.0) -> Client:
+    def connect(
+        cls,
+        target: str,
+        *,
+        token: str | None = None,
+        timeout: float = 300.0,
+        wait_ready: float | None = 10.0,
+    ) -> Client:
         """Open a channel to `target` (host:port) and wait until it is ready."""
-        channel = grpc.insecure_channel(target, options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ])
+        channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
         if wait_ready:
             try:
                 grpc.channel_ready_future(channel).result(timeout=wait_ready)
             except grpc.FutureTimeoutError:
                 channel.close()
-                raise EntremiseRPCError(grpc.StatusCode.UNAVAILABLE,
-                                        f"no hub answering at {target}") from None
+                raise EntremiseRPCError(
+                    grpc.StatusCode.UNAVAILABLE, f"no hub answering at {target}"
+                ) from None
         return cls(channel, token=token, timeout=timeout)
 
     def close(self) -> None:
@@ -139,11 +164,15 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
-    def _unary(self, method: Any, request: Any) -> Any:
+    def _unary(self, method: Callable[..., T], request: Any) -> T:
         return _call(lambda: method(request, metadata=self._metadata, timeout=self.timeout))
 
     # -- admin --------------------------------------------------------------------------------
@@ -152,89 +181,136 @@ class Client:
         """Admin: create a principal; returns it and its token (shown once)."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {sorted(ROLES)}")
-        response = self._unary(self._admin.CreatePrincipal,
-                               admin_service_pb2.CreatePrincipalRequest(name=name, role=ROLES[role]))
+        response = self._unary(
+            self._admin.CreatePrincipal,
+            admin_service_pb2.CreatePrincipalRequest(name=name, role=ROLES[role]),
+        )
         return response.principal, response.token
 
     def whoami(self) -> admin_service_pb2.Principal:
         """The principal this client's token belongs to."""
-        return self._unary(self._admin.WhoAmI, admin_service_pb2.WhoAmIRequest()).principal  # type: ignore[no-any-return]
+        return self._unary(self._admin.WhoAmI, admin_service_pb2.WhoAmIRequest()).principal
 
     # -- partners -----------------------------------------------------------------------------
 
-    def upload_dataset(self, name: str, source: Path | pd.DataFrame, schema: UploadSchema, *,
-                       key: bytes, default_region: str = "FR",
-                       chunk_bytes: int = 1024 * 1024) -> UploadResult:
+    def upload_dataset(
+        self,
+        name: str,
+        source: Path | pd.DataFrame,
+        schema: UploadSchema,
+        *,
+        key: bytes,
+        default_region: str = "FR",
+        chunk_bytes: int = 1024 * 1024,
+    ) -> UploadResult:
         """Pseudonymise `source` locally with `key`, then stream it as Arrow IPC chunks."""
         frame = read_table(source) if isinstance(source, Path) else source
         table = build_upload_table(frame, schema, key, default_region=default_region)
         encoded = encode(table)
-        header = partner_service_pb2.UploadHeader(name=name, schema=schema.to_proto(),
-                                                  content_sha256=encoded.sha256)
+        header = partner_service_pb2.UploadHeader(
+            name=name, schema=schema.to_proto(), content_sha256=encoded.sha256
+        )
 
         def requests() -> Iterator[partner_service_pb2.UploadDatasetRequest]:
             yield partner_service_pb2.UploadDatasetRequest(header=header)
             for chunk in encoded.chunks(chunk_bytes):
                 yield partner_service_pb2.UploadDatasetRequest(chunk=chunk)
 
-        response = _call(lambda: self._partner.UploadDataset(
-            requests(), metadata=self._metadata, timeout=self.timeout))
+        response = _call(
+            lambda: self._partner.UploadDataset(
+                requests(), metadata=self._metadata, timeout=self.timeout
+            )
+        )
         dropped = tuple(c for c in frame.columns if c not in schema.sent_columns)
         return UploadResult(response.dataset, encoded.rows, len(encoded.payload), dropped)
 
     def list_datasets(self) -> list[common_pb2.Dataset]:
         """Datasets visible to the caller."""
-        return list(self._unary(self._partner.ListDatasets,
-                                partner_service_pb2.ListDatasetsRequest()).datasets)
+        return list(
+            self._unary(
+                self._partner.ListDatasets, partner_service_pb2.ListDatasetsRequest()
+            ).datasets
+        )
 
     def delete_dataset(self, dataset_id: str) -> None:
         """Delete one of the caller's datasets."""
-        self._unary(self._partner.DeleteDataset,
-                    partner_service_pb2.DeleteDatasetRequest(dataset_id=dataset_id))
+        self._unary(
+            self._partner.DeleteDataset,
+            partner_service_pb2.DeleteDatasetRequest(dataset_id=dataset_id),
+        )
 
     # -- agreements ---------------------------------------------------------------------------
 
-    def create_agreement(self, *, name: str, purpose: str, dataset_ids: Sequence[str],
-                         analyst_ids: Sequence[str], total_epsilon: str,
-                         max_rows_per_person: int = 0,
-                         max_groups_per_person: int = 0) -> agreement_service_pb2.Agreement:
+    def create_agreement(
+        self,
+        *,
+        name: str,
+        purpose: str,
+        dataset_ids: Sequence[str],
+        analyst_ids: Sequence[str],
+        total_epsilon: str,
+        max_rows_per_person: int = 0,
+        max_groups_per_person: int = 0,
+    ) -> agreement_service_pb2.Agreement:
         """Admin: create an agreement with its total budget."""
         request = agreement_service_pb2.CreateAgreementRequest(
-            name=name, purpose=purpose, dataset_ids=list(dataset_ids),
-            analyst_ids=list(analyst_ids), total_epsilon=total_epsilon,
-            max_rows_per_person=max_rows_per_person, max_groups_per_person=max_groups_per_person)
-        return self._unary(self._agreements.CreateAgreement, request).agreement  # type: ignore[no-any-return]
+            name=name,
+            purpose=purpose,
+            dataset_ids=list(dataset_ids),
+            analyst_ids=list(analyst_ids),
+            total_epsilon=total_epsilon,
+            max_rows_per_person=max_rows_per_person,
+            max_groups_per_person=max_groups_per_person,
+        )
+        return self._unary(self._agreements.CreateAgreement, request).agreement
 
     def get_agreement(self, agreement_id: str) -> agreement_service_pb2.Agreement:
         """One agreement with its budget."""
-        return self._unary(self._agreements.GetAgreement,  # type: ignore[no-any-return]
-                           agreement_service_pb2.GetAgreementRequest(agreement_id=agreement_id)).agreement
+        return self._unary(
+            self._agreements.GetAgreement,
+            agreement_service_pb2.GetAgreementRequest(agreement_id=agreement_id),
+        ).agreement
 
     def list_agreements(self) -> list[agreement_service_pb2.Agreement]:
         """Agreements the caller is party to."""
-        return list(self._unary(self._agreements.ListAgreements,
-                                agreement_service_pb2.ListAgreementsRequest()).agreements)
+        return list(
+            self._unary(
+                self._agreements.ListAgreements, agreement_service_pb2.ListAgreementsRequest()
+            ).agreements
+        )
 
     # -- analysts -----------------------------------------------------------------------------
 
     def preview(self, q: query_service_pb2.Query) -> query_service_pb2.QueryPlan:
         """Cost and expected accuracy of a query; spends nothing."""
-        return self._unary(self._queries.PreviewQuery,  # type: ignore[no-any-return]
-                           query_service_pb2.PreviewQueryRequest(query=q)).plan
+        return self._unary(
+            self._queries.PreviewQuery,
+            query_service_pb2.PreviewQueryRequest(query=q),
+        ).plan
 
     def run(self, q: query_service_pb2.Query) -> query_service_pb2.RunQueryResponse:
         """Spend budget and release the noisy answer."""
-        return self._unary(self._queries.RunQuery,  # type: ignore[no-any-return]
-                           query_service_pb2.RunQueryRequest(query=q))
+        return self._unary(
+            self._queries.RunQuery,
+            query_service_pb2.RunQueryRequest(query=q),
+        )
 
     # -- compliance ---------------------------------------------------------------------------
 
     def budgets(self, agreement_id: str = "") -> list[common_pb2.Budget]:
         """Budget of one or every agreement."""
-        return list(self._unary(self._compliance.GetBudget, compliance_service_pb2.GetBudgetRequest(
-            agreement_id=agreement_id)).budgets)
+        return list(
+            self._unary(
+                self._compliance.GetBudget,
+                compliance_service_pb2.GetBudgetRequest(agreement_id=agreement_id),
+            ).budgets
+        )
 
     def ledger(self, agreement_id: str = "") -> list[query_service_pb2.Release]:
         """Every release, oldest first."""
-        return list(self._unary(self._compliance.ListLedger, compliance_service_pb2.ListLedgerRequest(
-            agreement_id=agreement_id)).releases)
+        return list(
+            self._unary(
+                self._compliance.ListLedger,
+                compliance_service_pb2.ListLedgerRequest(agreement_id=agreement_id),
+            ).releases
+        )

@@ -52,7 +52,8 @@ def _booleans(series: pd.Series, column: str) -> pa.Array:
     bad = ~text.isin(_TRUE | _FALSE)
     if bad.any():
         raise PrepareError(
-            f"consent column {column!r} has {int(bad.sum())} values that are not true/false")
+            f"consent column {column!r} has {int(bad.sum())} values that are not true/false"
+        )
     return pa.array(text.isin(_TRUE).to_numpy())
 
 
@@ -64,18 +65,21 @@ def _numbers(series: pd.Series, column: str) -> pa.Array:
     return pa.array(values.astype("float64"), from_pandas=True)
 
 
-def build_upload_table(frame: pd.DataFrame, schema: UploadSchema, key: bytes, *,
-                       default_region: str = "FR") -> pa.Table:
+def build_upload_table(
+    frame: pd.DataFrame, schema: UploadSchema, key: bytes, *, default_region: str = "FR"
+) -> pa.Table:
     """Pseudonymise the key column and keep only declared, identifier-free columns."""
     missing = [c for c in schema.sent_columns if c not in frame.columns]
     if missing:
-        raise PrepareError(f"unknown column(s) {missing}: not found in the file "
-                           f"(it has {list(frame.columns)})")
+        raise PrepareError(
+            f"unknown column(s) {missing}: not found in the file (it has {list(frame.columns)})"
+        )
     if frame.empty:
         raise PrepareError("the file has no data rows")
     try:
         pseudonyms = Pseudonymiser(key).pseudonymise(
-            frame[schema.key_column].tolist(), schema.key_kind, default_region=default_region)
+            frame[schema.key_column].tolist(), schema.key_kind, default_region=default_region
+        )
     except IdentifierError as exc:
         raise PrepareError(f"key column {schema.key_column!r}: {exc}") from None
     arrays: dict[str, pa.Array] = {schema.key_column: pa.array(pseudonyms, pa.string())}
@@ -87,10 +91,13 @@ def build_upload_table(frame: pd.DataFrame, schema: UploadSchema, key: bytes, *,
         if raw:
             raise PrepareError(
                 f"column {name!r} still looks like it holds raw identifiers ({raw}); "
-                "refusing to send it: drop it or make it the pseudonymised key")
+                "refusing to send it: drop it or make it the pseudonymised key"
+            )
         if isinstance(spec, Categorical):
             if series.isna().any():
-                raise PrepareError(f"categorical column {name!r} has {int(series.isna().sum())} empty values")
+                raise PrepareError(
+                    f"categorical column {name!r} has {int(series.isna().sum())} empty values"
+                )
             arrays[name] = pa.array(series.astype(str).tolist(), pa.string())
         else:
             arrays[name] = _numbers(series, name)
@@ -109,7 +116,7 @@ class EncodedUpload:
         """Columnar bytes in fixed-size chunks (per-row messages would be ~100x slower)."""
         view = memoryview(self.payload)
         for start in range(0, len(view), size):
-            yield bytes(view[start:start + size])
+            yield bytes(view[start : start + size])
 
 
 def encode(table: pa.Table) -> EncodedUpload:

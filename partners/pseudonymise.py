@@ -88,13 +88,15 @@ class Pseudonymiser:
         outer.update(inner.digest())
         return outer.hexdigest()
 
-    def pseudonymise(self, values: Iterable[object], kind: str, *,
-                     default_region: str = "FR") -> list[str]:
+    def pseudonymise(
+        self, values: Iterable[object], kind: str, *, default_region: str = "FR"
+    ) -> list[str]:
         """Normalise then hash every identifier; report bad rows by number, never by value."""
         out: list[str] = []
         bad: list[int] = []
-        normalise = normalise_email if kind == "email" else (
-            lambda v: normalise_phone(v, default_region))
+        normalise = (
+            normalise_email if kind == "email" else (lambda v: normalise_phone(v, default_region))
+        )
         for row, value in enumerate(values):
             if not isinstance(value, str) or not value.strip():
                 bad.append(row)
@@ -112,8 +114,9 @@ class Pseudonymiser:
         return out
 
 
-def looks_like_raw_identifier(values: Iterable[object], sample: int = 10_000, *,
-                              numeric: bool = False) -> str | None:
+def looks_like_raw_identifier(
+    values: Iterable[object], sample: int = 10_000, *, numeric: bool = False
+) -> str | None:
     """'email' or 'phone' if string values look like raw identifiers, else None.
 
     With ``numeric=True`` (a column declared numeric), only dialling prefixes (+, 00, 0X) count

@@ -61,10 +61,17 @@ class UploadSchema:
                 if "categories" in spec:
                     columns[name] = Categorical(tuple(str(c) for c in spec["categories"]))
                 else:
-                    columns[name] = Numeric(float(spec["lower"]), float(spec["upper"]),
-                                            float(spec.get("resolution", 0.01)))
-            schema = cls(str(key["column"]), str(key.get("kind", "email")),
-                         {str(p): str(c) for p, c in data["consents"].items()}, columns)
+                    columns[name] = Numeric(
+                        float(spec["lower"]),
+                        float(spec["upper"]),
+                        float(spec.get("resolution", 0.01)),
+                    )
+            schema = cls(
+                str(key["column"]),
+                str(key.get("kind", "email")),
+                {str(p): str(c) for p, c in data["consents"].items()},
+                columns,
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SchemaError(f"invalid schema: missing or malformed field {exc}") from None
         if schema.key_kind not in ("email", "phone"):
@@ -89,25 +96,39 @@ class UploadSchema:
             if isinstance(spec, Categorical):
                 columns[name] = {"categories": list(spec.categories)}
             else:
-                columns[name] = {"lower": spec.lower, "upper": spec.upper,
-                                 "resolution": spec.resolution}
-        return {"key": {"column": self.key_column, "kind": self.key_kind},
-                "consents": dict(self.consents), "columns": columns}
+                columns[name] = {
+                    "lower": spec.lower,
+                    "upper": spec.upper,
+                    "resolution": spec.resolution,
+                }
+        return {
+            "key": {"column": self.key_column, "kind": self.key_kind},
+            "consents": dict(self.consents),
+            "columns": columns,
+        }
 
     def to_proto(self) -> common_pb2.DatasetSchema:
         """The wire form."""
-        kind = {"email": common_pb2.IDENTIFIER_KIND_EMAIL,
-                "phone": common_pb2.IDENTIFIER_KIND_PHONE}[self.key_kind]
+        kind = {
+            "email": common_pb2.IDENTIFIER_KIND_EMAIL,
+            "phone": common_pb2.IDENTIFIER_KIND_PHONE,
+        }[self.key_kind]
         msg = common_pb2.DatasetSchema(key_column=self.key_column, key_kind=kind)
         for purpose, column in self.consents.items():
             msg.consents.add(purpose=purpose, column=column)
         for name, spec in self.columns.items():
             if isinstance(spec, Categorical):
-                msg.columns.add(name=name, categorical=common_pb2.CategoricalColumn(
-                    categories=list(spec.categories)))
+                msg.columns.add(
+                    name=name,
+                    categorical=common_pb2.CategoricalColumn(categories=list(spec.categories)),
+                )
             else:
-                msg.columns.add(name=name, numeric=common_pb2.NumericColumn(
-                    lower=spec.lower, upper=spec.upper, resolution=spec.resolution))
+                msg.columns.add(
+                    name=name,
+                    numeric=common_pb2.NumericColumn(
+                        lower=spec.lower, upper=spec.upper, resolution=spec.resolution
+                    ),
+                )
         return msg
 
     @property

@@ -53,14 +53,51 @@ class SyntheticData:
 
 
 def _emails(ids: np.ndarray) -> np.ndarray:
-    first = np.array(["camille", "louis", "lea", "hugo", "chloe", "jules", "manon", "arthur",
-                      "ines", "gabriel", "sarah", "adam", "lina", "raphael", "emma", "nathan"])
-    last = np.array(["martin", "bernard", "dubois", "thomas", "robert", "richard", "petit",
-                     "durand", "leroy", "moreau", "simon", "laurent", "lefebvre", "michel"])
+    first = np.array(
+        [
+            "camille",
+            "louis",
+            "lea",
+            "hugo",
+            "chloe",
+            "jules",
+            "manon",
+            "arthur",
+            "ines",
+            "gabriel",
+            "sarah",
+            "adam",
+            "lina",
+            "raphael",
+            "emma",
+            "nathan",
+        ]
+    )
+    last = np.array(
+        [
+            "martin",
+            "bernard",
+            "dubois",
+            "thomas",
+            "robert",
+            "richard",
+            "petit",
+            "durand",
+            "leroy",
+            "moreau",
+            "simon",
+            "laurent",
+            "lefebvre",
+            "michel",
+        ]
+    )
     domains = np.array(["example.org", "example.net", "mail.example.com", "demo.example.fr"])
-    return np.array([
-        f"{first[i % 16]}.{last[(i // 16) % 14]}.{i}@{domains[(i // 7) % 4]}" for i in ids.tolist()
-    ])
+    return np.array(
+        [
+            f"{first[i % 16]}.{last[(i // 16) % 14]}.{i}@{domains[(i // 7) % 4]}"
+            for i in ids.tolist()
+        ]
+    )
 
 
 def _phones(ids: np.ndarray) -> np.ndarray:
@@ -68,13 +105,17 @@ def _phones(ids: np.ndarray) -> np.ndarray:
     out = []
     for i in ids.tolist():
         digits = f"699{i:06d}"[-8:]
-        out.append(f"06 {digits[:2]} {digits[2:4]} {digits[4:6]} {digits[6:]}" if i % 2
-                   else f"+336{digits}")
+        out.append(
+            f"06 {digits[:2]} {digits[2:4]} {digits[4:6]} {digits[6:]}"
+            if i % 2
+            else f"+336{digits}"
+        )
     return np.array(out)
 
 
-def generate(n_bank: int = 200_000, n_panel: int = 50_000, overlap: int = 30_000,
-             seed: int = 7) -> SyntheticData:
+def generate(
+    n_bank: int = 200_000, n_panel: int = 50_000, overlap: int = 30_000, seed: int = 7
+) -> SyntheticData:
     """Bank clients and panelists; `overlap` people are in both files."""
     if overlap > min(n_bank, n_panel):
         raise ValueError("overlap cannot exceed either file's size")
@@ -87,14 +128,16 @@ def generate(n_bank: int = 200_000, n_panel: int = 50_000, overlap: int = 30_000
     segment_index = rng.choice(3, size=n_bank, p=[0.70, 0.22, 0.08])
     base = np.array([8_000.0, 120_000.0, 900_000.0])[segment_index]
     assets = np.round(base * rng.lognormal(0.0, 0.6, size=n_bank), 0)
-    bank = pd.DataFrame({
-        "email": _emails(bank_ids),
-        "phone": _phones(bank_ids),
-        "segment": np.array(SEGMENTS)[segment_index],
-        "investable_assets": assets,  # some above the public bound: clamped by the hub
-        "consent_analytics": rng.random(n_bank) < 0.87,
-        "consent_marketing": rng.random(n_bank) < 0.60,
-    })
+    bank = pd.DataFrame(
+        {
+            "email": _emails(bank_ids),
+            "phone": _phones(bank_ids),
+            "segment": np.array(SEGMENTS)[segment_index],
+            "investable_assets": assets,  # some above the public bound: clamped by the hub
+            "consent_analytics": rng.random(n_bank) < 0.87,
+            "consent_marketing": rng.random(n_bank) < 0.60,
+        }
+    )
 
     spend_level = np.ones(n_bank + n_panel)
     spend_level[bank_ids] = np.array([1.0, 1.6, 2.2])[segment_index]
@@ -110,19 +153,24 @@ def generate(n_bank: int = 200_000, n_panel: int = 50_000, overlap: int = 30_000
                 if taken == MAX_ROWS_PER_PANELIST:
                     break
                 amount = category_mean[category] * spend_level[person] * rng.lognormal(-0.1, 0.45)
-                rows.append((person, f"w{week + 1:02d}", CATEGORIES[category],
-                             round(float(amount), 2), ok))
+                rows.append(
+                    (person, f"w{week + 1:02d}", CATEGORIES[category], round(float(amount), 2), ok)
+                )
                 taken += 1
-    frame = pd.DataFrame(rows, columns=["person", "week", "category", "amount", "consent_analytics"])
+    frame = pd.DataFrame(
+        rows, columns=["person", "week", "category", "amount", "consent_analytics"]
+    )
     emails = _emails(frame["person"].to_numpy())
     # Same people, other formatting habits: upper case and stray spaces in the panel's file.
     messy = frame["person"].to_numpy() % 5 == 0
     emails = np.where(messy, np.char.add("  ", np.char.upper(emails.astype(str))), emails)
-    panel = pd.DataFrame({
-        "email": emails,
-        "week": frame["week"],
-        "category": frame["category"],
-        "amount": frame["amount"],
-        "consent_analytics": frame["consent_analytics"],
-    })
+    panel = pd.DataFrame(
+        {
+            "email": emails,
+            "week": frame["week"],
+            "category": frame["category"],
+            "amount": frame["amount"],
+            "consent_analytics": frame["consent_analytics"],
+        }
+    )
     return SyntheticData(bank=bank, panel=panel)

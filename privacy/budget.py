@@ -32,7 +32,7 @@ class Epsilon:
 
     @classmethod
     def parse(cls, text: str, *, what: str = "epsilon") -> Epsilon:
-        """Parse a decimal string such as ``"0.25"``; reject NaN, infinity, negatives, >6 decimals."""
+        """Parse a decimal such as ``"0.25"``; reject NaN, infinity, negatives, >6 decimals."""
         try:
             value = Decimal(text.strip())
         except (InvalidOperation, AttributeError):
@@ -50,7 +50,7 @@ class Epsilon:
 
     @classmethod
     def ceil_from_float(cls, value: float) -> Epsilon:
-        """Round a privacy loss computed by a library up to the next micro-epsilon (never under-charge)."""
+        """Round a library-computed privacy loss up to the next micro-epsilon (never under)."""
         if not math.isfinite(value) or value < 0:
             raise InvalidEpsilonError(f"privacy loss must be finite and non-negative, got {value}")
         exact = Decimal(value) * MICROS_PER_EPSILON

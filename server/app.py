@@ -1,4 +1,4 @@
-"""Assemble and run the hub: store + files + engine + servicers, with health checking and reflection."""
+"""Assemble and run the hub: store, files, engine and servicers, plus health and reflection."""
 
 from __future__ import annotations
 
@@ -64,11 +64,21 @@ class HubConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
 
     @classmethod
-    def for_dir(cls, data_dir: Path, *, db_url: str | None = None, listen: str = "127.0.0.1:0",
-                admin_token: str | None = None) -> HubConfig:
+    def for_dir(
+        cls,
+        data_dir: Path,
+        *,
+        db_url: str | None = None,
+        listen: str = "127.0.0.1:0",
+        admin_token: str | None = None,
+    ) -> HubConfig:
         """A hub whose SQLite database and files live under one directory."""
-        return cls(db_url=db_url or f"sqlite:///{data_dir / 'entremise.db'}", data_dir=data_dir,
-                   listen=listen, admin_token=admin_token)
+        return cls(
+            db_url=db_url or f"sqlite:///{data_dir / 'entremise.db'}",
+            data_dir=data_dir,
+            listen=listen,
+            admin_token=admin_token,
+        )
 
 
 def resolve_admin_token(config: HubConfig) -> str:
@@ -117,16 +127,21 @@ def build_server(config: HubConfig) -> RunningHub:
     )
     admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(hub), server)
     partner_service_pb2_grpc.add_PartnerServiceServicer_to_server(PartnerServicer(hub), server)
-    agreement_service_pb2_grpc.add_AgreementServiceServicer_to_server(AgreementServicer(hub), server)
+    agreement_service_pb2_grpc.add_AgreementServiceServicer_to_server(
+        AgreementServicer(hub), server
+    )
     query_service_pb2_grpc.add_QueryServiceServicer_to_server(QueryServicer(hub), server)
-    compliance_service_pb2_grpc.add_ComplianceServiceServicer_to_server(ComplianceServicer(hub), server)
+    compliance_service_pb2_grpc.add_ComplianceServiceServicer_to_server(
+        ComplianceServicer(hub), server
+    )
 
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in [*SERVICE_NAMES, ""]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME,
-                                         reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection(
+        [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
     port = server.add_insecure_port(config.listen)
     if port == 0:
         store.close()
@@ -139,8 +154,9 @@ def serve(config: HubConfig, *, port_file: Path | None = None) -> None:
     running = build_server(config)
     running.server.start()
     host = config.listen.rsplit(":", 1)[0]
-    log.info("entremise hub listening on %s:%d (db %s)", host, running.port,
-             config.db_url.split("@")[-1])
+    log.info(
+        "entremise hub listening on %s:%d (db %s)", host, running.port, config.db_url.split("@")[-1]
+    )
     if port_file is not None:
         port_file.write_text(f"{running.port}\n")
     stop = threading.Event()

@@ -42,8 +42,11 @@ def build_sql(plan: QueryPlan, paths: list[str]) -> tuple[str, list[Any]]:
     params: list[Any] = []
     purpose = plan.agreement.purpose
     needed: dict[int, set[str]] = {i: set() for i in range(len(plan.datasets))}
-    refs = [*plan.group_by, *(f.ref for f in plan.filters),
-            *(a.ref for a in plan.aggregates if a.ref is not None)]
+    refs = [
+        *plan.group_by,
+        *(f.ref for f in plan.filters),
+        *(a.ref for a in plan.aggregates if a.ref is not None),
+    ]
     for ref in refs:
         needed[ref.dataset_index].add(ref.column.name)
 
@@ -54,8 +57,7 @@ def build_sql(plan: QueryPlan, paths: list[str]) -> tuple[str, list[Any]]:
         cols = ", ".join(f'"{c}" AS d{i}_{c}' for c in sorted(needed[i]))
         select = f'"{dataset.schema.key_column}" AS pid' + (f", {cols}" if cols else "")
         ctes.append(
-            f"d{i} AS (SELECT {select} FROM read_parquet({_literal_path(path)}) "
-            f'WHERE "{consent}")'
+            f'd{i} AS (SELECT {select} FROM read_parquet({_literal_path(path)}) WHERE "{consent}")'
         )
     join = "d0" + "".join(f" JOIN d{i} USING (pid)" for i in range(1, len(plan.datasets)))
     aliases = [f"d{i}_{c}" for i in sorted(needed) for c in sorted(needed[i])]
@@ -71,7 +73,11 @@ def build_sql(plan: QueryPlan, paths: list[str]) -> tuple[str, list[Any]]:
         else:
             where.append(f"{alias} {'>=' if f.op is FilterOp.GE else '<='} ?")
             params.append(f.threshold)
-    ctes.append(f"j AS (SELECT {columns} FROM {join}" + (f" WHERE {' AND '.join(where)}" if where else "") + ")")
+    ctes.append(
+        f"j AS (SELECT {columns} FROM {join}"
+        + (f" WHERE {' AND '.join(where)}" if where else "")
+        + ")"
+    )
 
     groups = [_alias(r) for r in plan.group_by]
     source = "j"
@@ -79,7 +85,8 @@ def build_sql(plan: QueryPlan, paths: list[str]) -> tuple[str, list[Any]]:
         key = ", ".join(groups)
         ctes.append(
             "jg AS (SELECT * FROM (SELECT *, dense_rank() OVER (PARTITION BY pid ORDER BY "
-            f"hash(pid, {key}), {key}) AS group_rank FROM j) WHERE group_rank <= {plan.max_groups_per_person})"
+            f"hash(pid, {key}), {key}) AS group_rank FROM j) "
+            f"WHERE group_rank <= {plan.max_groups_per_person})"
         )
         source = "jg"
     # Upload statistics bound the rows any person can have in the join; when that bound is
@@ -104,13 +111,17 @@ def build_sql(plan: QueryPlan, paths: list[str]) -> tuple[str, list[Any]]:
         column = agg.ref.column
         assert isinstance(column, NumericColumn)
         alias = _alias(agg.ref)
-        units = (f"least(greatest(CAST(round({alias} / {column.resolution!r}) AS BIGINT), "
-                 f"{column.lower_units}), {column.upper_units})")
+        units = (
+            f"least(greatest(CAST(round({alias} / {column.resolution!r}) AS BIGINT), "
+            f"{column.lower_units}), {column.upper_units})"
+        )
         aggregates.append(f"CAST(coalesce(sum({units}), 0) AS HUGEINT) AS sum_{alias}")
         aggregates.append(f"count({alias}) AS rows_{alias}")
     group_clause = f" GROUP BY {', '.join(groups)}" if groups else ""
     select_groups = f"{', '.join(groups)}, " if groups else ""
-    sql = (f"WITH {', '.join(ctes)} SELECT {select_groups}{', '.join(aggregates)} FROM b{group_clause}")
+    sql = (
+        f"WITH {', '.join(ctes)} SELECT {select_groups}{', '.join(aggregates)} FROM b{group_clause}"
+    )
     return sql, params
 
 

@@ -1,4 +1,4 @@
-"""Dataset files: stage an upload, verify it, validate it against its schema, store it as Parquet."""
+"""Dataset files: stage an upload, verify and validate it, then store it as Parquet."""
 
 from __future__ import annotations
 
@@ -55,9 +55,13 @@ def validate_table(table: pa.Table, schema: DatasetSchema, *, max_rows: int) -> 
     out: dict[str, pa.ChunkedArray] = {}
     key = _plain(table.column(schema.key_column))
     if not _is_string(key.type):
-        raise InvalidArgumentError(f"key column {schema.key_column!r} must hold pseudonyms (strings)")
+        raise InvalidArgumentError(
+            f"key column {schema.key_column!r} must hold pseudonyms (strings)"
+        )
     if key.null_count:
-        raise InvalidArgumentError(f"key column {schema.key_column!r} has {key.null_count} empty values")
+        raise InvalidArgumentError(
+            f"key column {schema.key_column!r} has {key.null_count} empty values"
+        )
     bad = len(key) - pc.sum(pc.match_substring_regex(key, PSEUDONYM_REGEX)).as_py()
     if bad:
         raw = pc.sum(pc.match_substring(key, "@")).as_py() or 0
@@ -71,26 +75,38 @@ def validate_table(table: pa.Table, schema: DatasetSchema, *, max_rows: int) -> 
     for _purpose, column in schema.consents:
         values = _plain(table.column(column))
         if not pa.types.is_boolean(values.type):
-            raise InvalidArgumentError(f"consent column {column!r} must be boolean, got {values.type}")
+            raise InvalidArgumentError(
+                f"consent column {column!r} must be boolean, got {values.type}"
+            )
         if values.null_count:
-            raise InvalidArgumentError(f"consent column {column!r} has {values.null_count} empty values")
+            raise InvalidArgumentError(
+                f"consent column {column!r} has {values.null_count} empty values"
+            )
         out[column] = values
 
     for col in schema.columns:
         values = _plain(table.column(col.name))
         if isinstance(col, NumericColumn):
             if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
-                raise InvalidArgumentError(f"numeric column {col.name!r} holds {values.type}, not numbers")
+                raise InvalidArgumentError(
+                    f"numeric column {col.name!r} holds {values.type}, not numbers"
+                )
             values = values.cast(pa.float64())
-            non_finite = (len(values) - values.null_count) - (pc.sum(pc.is_finite(values)).as_py() or 0)
+            non_finite = (len(values) - values.null_count) - (
+                pc.sum(pc.is_finite(values)).as_py() or 0
+            )
             if non_finite:
-                raise InvalidArgumentError(f"numeric column {col.name!r} has {non_finite} NaN/infinite values")
+                raise InvalidArgumentError(
+                    f"numeric column {col.name!r} has {non_finite} NaN/infinite values"
+                )
         else:
             assert isinstance(col, CategoricalColumn)
             if not _is_string(values.type):
                 raise InvalidArgumentError(f"categorical column {col.name!r} must hold strings")
             if values.null_count:
-                raise InvalidArgumentError(f"categorical column {col.name!r} has {values.null_count} empty values")
+                raise InvalidArgumentError(
+                    f"categorical column {col.name!r} has {values.null_count} empty values"
+                )
             inside = pc.sum(pc.is_in(values, value_set=pa.array(col.categories))).as_py() or 0
             if inside != len(values):
                 raise InvalidArgumentError(
@@ -105,8 +121,13 @@ def validate_table(table: pa.Table, schema: DatasetSchema, *, max_rows: int) -> 
 class ParquetDatasetFiles(DatasetFiles):
     """Datasets as Parquet files under ``<data_dir>/datasets/<id>/v<version>.parquet``."""
 
-    def __init__(self, data_dir: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-                 max_rows: int = DEFAULT_MAX_ROWS) -> None:
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        max_rows: int = DEFAULT_MAX_ROWS,
+    ) -> None:
         self.root = Path(data_dir)
         self.staging = self.root / "staging"
         self.datasets = self.root / "datasets"
@@ -120,8 +141,14 @@ class ParquetDatasetFiles(DatasetFiles):
     def path(self, dataset_id: str, version: int) -> str:  # noqa: D102
         return str(self.datasets / dataset_id / f"v{version}.parquet")
 
-    def ingest(self, dataset_id: str, version: int, schema: DatasetSchema,
-               chunks: Iterable[bytes], expected_sha256: str) -> IngestResult:  # noqa: D102
+    def ingest(  # noqa: D102
+        self,
+        dataset_id: str,
+        version: int,
+        schema: DatasetSchema,
+        chunks: Iterable[bytes],
+        expected_sha256: str,
+    ) -> IngestResult:
         staged = self.staging / f"{uuid.uuid4().hex}.arrows"
         digest = hashlib.sha256()
         size = 0
@@ -130,19 +157,20 @@ class ParquetDatasetFiles(DatasetFiles):
                 for chunk in chunks:
                     size += len(chunk)
                     if size > self.max_upload_bytes:
-                        raise ResourceLimitError(
-                            f"upload exceeds {self.max_upload_bytes} bytes")
+                        raise ResourceLimitError(f"upload exceeds {self.max_upload_bytes} bytes")
                     digest.update(chunk)
                     sink.write(chunk)
             if digest.hexdigest() != expected_sha256:
                 raise InvalidArgumentError(
-                    "upload corrupted or incomplete: SHA-256 of the received bytes does not match")
+                    "upload corrupted or incomplete: SHA-256 of the received bytes does not match"
+                )
             try:
                 with pa.memory_map(str(staged)) as source:
                     table = pa.ipc.open_stream(source).read_all()
             except (pa.ArrowInvalid, pa.ArrowTypeError, OSError):
                 raise InvalidArgumentError(
-                    "upload is not a valid Arrow IPC stream (use the partner SDK or CLI)") from None
+                    "upload is not a valid Arrow IPC stream (use the partner SDK or CLI)"
+                ) from None
             table = validate_table(table, schema, max_rows=self.max_rows)
             key = table.column(schema.key_column)
             counts = pc.value_counts(key).field("counts")
@@ -154,8 +182,10 @@ class ParquetDatasetFiles(DatasetFiles):
                 os.fsync(handle.fileno())
             os.replace(partial, target)  # atomic: readers see the whole file or none
             return IngestResult(
-                row_count=table.num_rows, distinct_keys=len(counts),
-                max_rows_per_key=int(pc.max(counts).as_py()), content_sha256=digest.hexdigest(),
+                row_count=table.num_rows,
+                distinct_keys=len(counts),
+                max_rows_per_key=int(pc.max(counts).as_py()),
+                content_sha256=digest.hexdigest(),
                 size_bytes=size,
             )
         finally:

@@ -69,8 +69,9 @@ def role_from_proto(value: int) -> Role:
 
 def principal_to_proto(p: Principal) -> admin_service_pb2.Principal:
     """Principal message."""
-    return admin_service_pb2.Principal(principal_id=p.principal_id, name=p.name,
-                                       role=ROLE_TO_PROTO[p.role])
+    return admin_service_pb2.Principal(
+        principal_id=p.principal_id, name=p.name, role=ROLE_TO_PROTO[p.role]
+    )
 
 
 def schema_from_proto(msg: common_pb2.DatasetSchema) -> DatasetSchema:
@@ -81,8 +82,11 @@ def schema_from_proto(msg: common_pb2.DatasetSchema) -> DatasetSchema:
     for col in msg.columns:
         which = col.WhichOneof("kind")
         if which == "numeric":
-            columns.append(NumericColumn(col.name, col.numeric.lower, col.numeric.upper,
-                                         col.numeric.resolution or 0.01))
+            columns.append(
+                NumericColumn(
+                    col.name, col.numeric.lower, col.numeric.upper, col.numeric.resolution or 0.01
+                )
+            )
         elif which == "categorical":
             columns.append(CategoricalColumn(col.name, tuple(col.categorical.categories)))
         else:
@@ -97,44 +101,65 @@ def schema_from_proto(msg: common_pb2.DatasetSchema) -> DatasetSchema:
 
 def schema_to_proto(schema: DatasetSchema) -> common_pb2.DatasetSchema:
     """Schema message."""
-    msg = common_pb2.DatasetSchema(key_column=schema.key_column,
-                                   key_kind=KIND_TO_PROTO[schema.key_kind])
+    msg = common_pb2.DatasetSchema(
+        key_column=schema.key_column, key_kind=KIND_TO_PROTO[schema.key_kind]
+    )
     for purpose, column in schema.consents:
         msg.consents.add(purpose=purpose, column=column)
     for col in schema.columns:
         if isinstance(col, NumericColumn):
-            msg.columns.add(name=col.name, numeric=common_pb2.NumericColumn(
-                lower=col.lower, upper=col.upper, resolution=col.resolution))
+            msg.columns.add(
+                name=col.name,
+                numeric=common_pb2.NumericColumn(
+                    lower=col.lower, upper=col.upper, resolution=col.resolution
+                ),
+            )
         else:
-            msg.columns.add(name=col.name, categorical=common_pb2.CategoricalColumn(
-                categories=list(col.categories)))
+            msg.columns.add(
+                name=col.name,
+                categorical=common_pb2.CategoricalColumn(categories=list(col.categories)),
+            )
     return msg
 
 
 def dataset_to_proto(d: Dataset) -> common_pb2.Dataset:
     """Dataset message."""
     return common_pb2.Dataset(
-        dataset_id=d.dataset_id, name=d.name, partner_id=d.partner_id,
-        schema=schema_to_proto(d.schema), row_count=d.row_count, distinct_keys=d.distinct_keys,
-        version=d.version, content_sha256=d.content_sha256, created_at=d.created_at,
+        dataset_id=d.dataset_id,
+        name=d.name,
+        partner_id=d.partner_id,
+        schema=schema_to_proto(d.schema),
+        row_count=d.row_count,
+        distinct_keys=d.distinct_keys,
+        version=d.version,
+        content_sha256=d.content_sha256,
+        created_at=d.created_at,
     )
 
 
 def budget_to_proto(b: BudgetState) -> common_pb2.Budget:
     """Budget message (exact decimal strings)."""
     return common_pb2.Budget(
-        agreement_id=b.agreement_id, total_epsilon=str(b.total), spent_epsilon=str(b.spent),
-        remaining_epsilon=str(b.remaining), release_count=b.release_count,
+        agreement_id=b.agreement_id,
+        total_epsilon=str(b.total),
+        spent_epsilon=str(b.spent),
+        remaining_epsilon=str(b.remaining),
+        release_count=b.release_count,
     )
 
 
 def agreement_to_proto(a: Agreement, budget: BudgetState) -> agreement_service_pb2.Agreement:
     """Agreement message with its current budget."""
     return agreement_service_pb2.Agreement(
-        agreement_id=a.agreement_id, name=a.name, purpose=a.purpose,
-        dataset_ids=list(a.dataset_ids), analyst_ids=list(a.analyst_ids),
-        total_epsilon=str(a.total_epsilon), max_rows_per_person=a.max_rows_per_person,
-        max_groups_per_person=a.max_groups_per_person, created_at=a.created_at,
+        agreement_id=a.agreement_id,
+        name=a.name,
+        purpose=a.purpose,
+        dataset_ids=list(a.dataset_ids),
+        analyst_ids=list(a.analyst_ids),
+        total_epsilon=str(a.total_epsilon),
+        max_rows_per_person=a.max_rows_per_person,
+        max_groups_per_person=a.max_groups_per_person,
+        created_at=a.created_at,
         budget=budget_to_proto(budget),
     )
 
@@ -153,7 +178,9 @@ def query_from_proto(msg: query_service_pb2.Query) -> QuerySpec:
     for a in msg.aggregates:
         if a.kind not in AGG_FROM_PROTO:
             raise InvalidArgumentError("aggregate kind must be count, count_rows, sum or mean")
-        share = epsilon_from_text(a.epsilon, f"epsilon of aggregate {a.name!r}") if a.epsilon else None
+        share = (
+            epsilon_from_text(a.epsilon, f"epsilon of aggregate {a.name!r}") if a.epsilon else None
+        )
         aggregates.append(AggregateSpec(a.name, AGG_FROM_PROTO[a.kind], a.column, share))  # type: ignore[index]
     filters = []
     for f in msg.filters:
@@ -175,9 +202,15 @@ def query_from_proto(msg: query_service_pb2.Query) -> QuerySpec:
 
 def _preview_to_proto(p: AggregatePreview) -> query_service_pb2.AggregatePlan:
     msg = query_service_pb2.AggregatePlan(
-        name=p.name, kind=AGG_TO_PROTO[p.kind], column=p.column, epsilon=str(p.epsilon),
-        mechanism=p.mechanism, noise_scale=p.noise_scale, sensitivity=p.sensitivity,
-        count_noise_scale=p.count_noise_scale, accuracy_note=p.accuracy_note,
+        name=p.name,
+        kind=AGG_TO_PROTO[p.kind],
+        column=p.column,
+        epsilon=str(p.epsilon),
+        mechanism=p.mechanism,
+        noise_scale=p.noise_scale,
+        sensitivity=p.sensitivity,
+        count_noise_scale=p.count_noise_scale,
+        accuracy_note=p.accuracy_note,
     )
     if p.ci95_halfwidth is not None:
         msg.ci95_halfwidth = p.ci95_halfwidth
@@ -188,12 +221,15 @@ def summary_to_proto(s: PlanSummary) -> query_service_pb2.QueryPlan:
     """Plan message: costs, scales, intervals and contribution bounds."""
     return query_service_pb2.QueryPlan(
         aggregates=[_preview_to_proto(p) for p in s.aggregates],
-        group_by=list(s.group_by), cell_count=s.cell_count,
+        group_by=list(s.group_by),
+        cell_count=s.cell_count,
         bounding=query_service_pb2.Bounding(
             max_rows_per_person=s.max_rows_per_person,
             max_groups_per_person=s.max_groups_per_person,
-            clamped_columns=list(s.clamped_columns)),
-        epsilon=str(s.epsilon), privacy_unit=s.privacy_unit,
+            clamped_columns=list(s.clamped_columns),
+        ),
+        epsilon=str(s.epsilon),
+        privacy_unit=s.privacy_unit,
         remaining_epsilon_before=str(s.remaining_before),
         remaining_epsilon_after=str(s.remaining_after),
     )
@@ -213,8 +249,12 @@ def _result_to_proto(r: AggregateResult) -> query_service_pb2.AggregateResult:
 def release_to_proto(r: Release) -> query_service_pb2.Release:
     """Release message with its plan and metadata."""
     return query_service_pb2.Release(
-        release_id=r.release_id, agreement_id=r.agreement_id, analyst_id=r.analyst_id,
-        plan=summary_to_proto(r.summary), results=[_result_to_proto(x) for x in r.results],
-        epsilon_spent=str(r.epsilon_spent), created_at=r.created_at,
+        release_id=r.release_id,
+        agreement_id=r.agreement_id,
+        analyst_id=r.analyst_id,
+        plan=summary_to_proto(r.summary),
+        results=[_result_to_proto(x) for x in r.results],
+        epsilon_spent=str(r.epsilon_spent),
+        created_at=r.created_at,
         data_versions=list(r.data_versions),
     )

@@ -25,8 +25,16 @@ def schema_to_dict(schema: DatasetSchema) -> dict[str, Any]:
     columns: list[dict[str, Any]] = []
     for col in schema.columns:
         if isinstance(col, NumericColumn):
-            columns.append({"name": col.name, "numeric": {
-                "lower": col.lower, "upper": col.upper, "resolution": col.resolution}})
+            columns.append(
+                {
+                    "name": col.name,
+                    "numeric": {
+                        "lower": col.lower,
+                        "upper": col.upper,
+                        "resolution": col.resolution,
+                    },
+                }
+            )
         else:
             columns.append({"name": col.name, "categorical": list(col.categories)})
     return {
@@ -43,8 +51,14 @@ def schema_from_dict(data: dict[str, Any]) -> DatasetSchema:
     for col in data["columns"]:
         if "numeric" in col:
             n = col["numeric"]
-            columns.append(NumericColumn(col["name"], float(n["lower"]), float(n["upper"]),
-                                         float(n.get("resolution", 0.01))))
+            columns.append(
+                NumericColumn(
+                    col["name"],
+                    float(n["lower"]),
+                    float(n["upper"]),
+                    float(n.get("resolution", 0.01)),
+                )
+            )
         else:
             columns.append(CategoricalColumn(col["name"], tuple(col["categorical"])))
     return DatasetSchema(
@@ -57,9 +71,15 @@ def schema_from_dict(data: dict[str, Any]) -> DatasetSchema:
 
 def _preview_to_dict(p: AggregatePreview) -> dict[str, Any]:
     return {
-        "name": p.name, "kind": p.kind.value, "column": p.column, "epsilon": str(p.epsilon),
-        "mechanism": p.mechanism, "noise_scale": p.noise_scale, "sensitivity": p.sensitivity,
-        "ci95_halfwidth": p.ci95_halfwidth, "count_noise_scale": p.count_noise_scale,
+        "name": p.name,
+        "kind": p.kind.value,
+        "column": p.column,
+        "epsilon": str(p.epsilon),
+        "mechanism": p.mechanism,
+        "noise_scale": p.noise_scale,
+        "sensitivity": p.sensitivity,
+        "ci95_halfwidth": p.ci95_halfwidth,
+        "count_noise_scale": p.count_noise_scale,
         "accuracy_note": p.accuracy_note,
     }
 
@@ -85,9 +105,16 @@ def summary_from_dict(d: dict[str, Any]) -> PlanSummary:
     return PlanSummary(
         aggregates=tuple(
             AggregatePreview(
-                a["name"], AggregateKind(a["kind"]), a["column"], Epsilon.parse(a["epsilon"]),
-                a["mechanism"], a["noise_scale"], a["sensitivity"], a["ci95_halfwidth"],
-                a["count_noise_scale"], a["accuracy_note"],
+                a["name"],
+                AggregateKind(a["kind"]),
+                a["column"],
+                Epsilon.parse(a["epsilon"]),
+                a["mechanism"],
+                a["noise_scale"],
+                a["sensitivity"],
+                a["ci95_halfwidth"],
+                a["count_noise_scale"],
+                a["accuracy_note"],
             )
             for a in d["aggregates"]
         ),
@@ -107,9 +134,13 @@ def results_to_list(results: tuple[AggregateResult, ...]) -> list[dict[str, Any]
     """Released values as plain data."""
     return [
         {
-            "name": r.name, "kind": r.kind.value, "column": r.column,
-            "cells": [{"group": list(c.group), "value": c.value, "ci95_halfwidth": c.ci95_halfwidth}
-                      for c in r.cells],
+            "name": r.name,
+            "kind": r.kind.value,
+            "column": r.column,
+            "cells": [
+                {"group": list(c.group), "value": c.value, "ci95_halfwidth": c.ci95_halfwidth}
+                for c in r.cells
+            ],
         }
         for r in results
     ]
@@ -119,8 +150,12 @@ def results_from_list(data: list[dict[str, Any]]) -> tuple[AggregateResult, ...]
     """Inverse of results_to_list."""
     return tuple(
         AggregateResult(
-            r["name"], AggregateKind(r["kind"]), r["column"],
-            tuple(CellResult(tuple(c["group"]), c["value"], c["ci95_halfwidth"]) for c in r["cells"]),
+            r["name"],
+            AggregateKind(r["kind"]),
+            r["column"],
+            tuple(
+                CellResult(tuple(c["group"]), c["value"], c["ci95_halfwidth"]) for c in r["cells"]
+            ),
         )
         for r in data
     )
@@ -128,4 +163,7 @@ def results_from_list(data: list[dict[str, Any]]) -> tuple[AggregateResult, ...]
 
 def release_payload(release: Release) -> dict[str, Any]:
     """The document stored for a release (summary + results)."""
-    return {"summary": summary_to_dict(release.summary), "results": results_to_list(release.results)}
+    return {
+        "summary": summary_to_dict(release.summary),
+        "results": results_to_list(release.results),
+    }

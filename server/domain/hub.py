@@ -1,4 +1,4 @@
-"""The hub's use cases. Transport-free: the gRPC servicers only translate to and from these calls."""
+"""The hub's use cases. Transport-free: gRPC servicers only translate to and from these."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from entremise.server.domain.models import (
     BudgetState,
     Dataset,
     DatasetSchema,
+    ExactAggregates,
     PlanSummary,
     Principal,
     QueryPlan,
@@ -77,7 +78,9 @@ class Hub:
     def authenticate(self, token: str | None) -> Principal:
         """The principal holding `token`; UNAUTHENTICATED otherwise."""
         if not token:
-            raise UnauthenticatedError("missing API token (metadata 'authorization: Bearer <token>')")
+            raise UnauthenticatedError(
+                "missing API token (metadata 'authorization: Bearer <token>')"
+            )
         principal = self.store.principal_by_token(hash_token(token))
         if principal is None:
             raise UnauthenticatedError("invalid API token")
@@ -105,8 +108,14 @@ class Hub:
 
     # -- datasets ---------------------------------------------------------------------------
 
-    def upload_dataset(self, caller: Principal, name: str, schema: DatasetSchema,
-                       content_sha256: str, chunks: Iterable[bytes]) -> Dataset:
+    def upload_dataset(
+        self,
+        caller: Principal,
+        name: str,
+        schema: DatasetSchema,
+        content_sha256: str,
+        chunks: Iterable[bytes],
+    ) -> Dataset:
         """Validate and store a partner's upload; visible only once fully checked and stored."""
         _require(caller, Role.PARTNER)
         check_name(name, "dataset name")
@@ -118,9 +127,15 @@ class Hub:
         version = previous.version + 1 if previous else 1
         stats = self.files.ingest(dataset_id, version, schema, chunks, content_sha256.lower())
         dataset = Dataset(
-            dataset_id=dataset_id, name=name, partner_id=caller.principal_id, schema=schema,
-            row_count=stats.row_count, distinct_keys=stats.distinct_keys, version=version,
-            content_sha256=stats.content_sha256, created_at=now(),
+            dataset_id=dataset_id,
+            name=name,
+            partner_id=caller.principal_id,
+            schema=schema,
+            row_count=stats.row_count,
+            distinct_keys=stats.distinct_keys,
+            version=version,
+            content_sha256=stats.content_sha256,
+            created_at=now(),
             max_rows_per_key=stats.max_rows_per_key,
         )
         try:
@@ -151,9 +166,18 @@ class Hub:
 
     # -- agreements -------------------------------------------------------------------------
 
-    def create_agreement(self, caller: Principal, *, name: str, purpose: str,
-                         dataset_ids: list[str], analyst_ids: list[str], total_epsilon: Epsilon,
-                         max_rows_per_person: int, max_groups_per_person: int) -> Agreement:
+    def create_agreement(
+        self,
+        caller: Principal,
+        *,
+        name: str,
+        purpose: str,
+        dataset_ids: list[str],
+        analyst_ids: list[str],
+        total_epsilon: Epsilon,
+        max_rows_per_person: int,
+        max_groups_per_person: int,
+    ) -> Agreement:
         """Admin-only for now: an agreement joining datasets whose consent covers `purpose`."""
         _require(caller, Role.ADMIN)
         if not name or len(name) > 200:
@@ -186,14 +210,23 @@ class Hub:
             if analyst is None or analyst.role is not Role.ANALYST:
                 raise InvalidArgumentError(f"{analyst_id!r} is not an analyst")
         agreement = Agreement(
-            agreement_id=new_id("ag"), name=name, purpose=purpose,
-            dataset_ids=tuple(dataset_ids), analyst_ids=tuple(dict.fromkeys(analyst_ids)),
-            total_epsilon=total_epsilon, max_rows_per_person=max_rows_per_person,
-            max_groups_per_person=max_groups_per_person, created_at=now(),
+            agreement_id=new_id("ag"),
+            name=name,
+            purpose=purpose,
+            dataset_ids=tuple(dataset_ids),
+            analyst_ids=tuple(dict.fromkeys(analyst_ids)),
+            total_epsilon=total_epsilon,
+            max_rows_per_person=max_rows_per_person,
+            max_groups_per_person=max_groups_per_person,
+            created_at=now(),
         )
         self.store.create_agreement(agreement)
-        log.info("agreement created id=%s purpose=%s epsilon=%s", agreement.agreement_id,
-                 purpose, total_epsilon)
+        log.info(
+            "agreement created id=%s purpose=%s epsilon=%s",
+            agreement.agreement_id,
+            purpose,
+            total_epsilon,
+        )
         return agreement
 
     def _visible(self, caller: Principal, agreement: Agreement) -> bool:
@@ -225,10 +258,10 @@ class Hub:
 
     # -- queries ----------------------------------------------------------------------------
 
-    def _plan(self, caller: Principal, spec: QuerySpec) -> tuple[QueryPlan, BudgetState]:
-        _require(caller, Role.ANALYST)
+    def plan(self, spec: QuerySpec) -> QueryPlan:
+        """Resolve a query against its agreement and current datasets (no authorisation)."""
         agreement = self.store.get_agreement(spec.agreement_id)
-        if agreement is None or caller.principal_id not in agreement.analyst_ids:
+        if agreement is None:
             raise NotFoundError(f"agreement {spec.agreement_id!r} not found")
         datasets = []
         for dataset_id in agreement.dataset_ids:
@@ -238,7 +271,14 @@ class Hub:
                     f"dataset {dataset_id!r} of this agreement was deleted by its partner"
                 )
             datasets.append(dataset)
-        plan = plan_query(spec, agreement, tuple(datasets))
+        return plan_query(spec, agreement, tuple(datasets))
+
+    def _plan(self, caller: Principal, spec: QuerySpec) -> tuple[QueryPlan, BudgetState]:
+        _require(caller, Role.ANALYST)
+        agreement = self.store.get_agreement(spec.agreement_id)
+        if agreement is None or caller.principal_id not in agreement.analyst_ids:
+            raise NotFoundError(f"agreement {spec.agreement_id!r} not found")
+        plan = self.plan(spec)
         budget = self.store.get_budget(agreement.agreement_id)
         assert budget is not None
         return plan, budget
@@ -258,27 +298,40 @@ class Hub:
         if plan.epsilon > budget.remaining:
             raise BudgetExhaustedError(requested=str(plan.epsilon), remaining=str(budget.remaining))
         summary = summarize(plan, budget.remaining)
-        paths = [self.files.path(d.dataset_id, d.version) for d in plan.datasets]
-        exact = self.engine.compute(plan, paths)
-        results = draw_release(plan, exact)
+        results = draw_release(plan, self.exact_aggregates(plan))
         release = Release(
-            release_id=new_id("rel"), agreement_id=plan.agreement.agreement_id,
-            analyst_id=caller.principal_id, summary=summary, results=results,
-            epsilon_spent=plan.epsilon, created_at=now(),
-            data_versions=tuple(plan.data_versions), query_fingerprint=query_fingerprint(spec),
+            release_id=new_id("rel"),
+            agreement_id=plan.agreement.agreement_id,
+            analyst_id=caller.principal_id,
+            summary=summary,
+            results=results,
+            epsilon_spent=plan.epsilon,
+            created_at=now(),
+            data_versions=tuple(plan.data_versions),
+            query_fingerprint=query_fingerprint(spec),
         )
         after = self.store.commit_release(release)  # atomic conditional debit + insert
         # The remaining budget seen before this transaction may be stale; state what it is now.
-        release = replace(release, summary=replace(
-            summary, remaining_before=after.remaining + plan.epsilon, remaining_after=after.remaining))
-        log.info("release committed id=%s agreement=%s epsilon=%s", release.release_id,
-                 release.agreement_id, release.epsilon_spent)
+        release = replace(
+            release,
+            summary=replace(
+                summary,
+                remaining_before=after.remaining + plan.epsilon,
+                remaining_after=after.remaining,
+            ),
+        )
+        log.info(
+            "release committed id=%s agreement=%s epsilon=%s",
+            release.release_id,
+            release.agreement_id,
+            release.epsilon_spent,
+        )
         return release, after
 
-    def exact_aggregates(self, plan: QueryPlan) -> object:
+    def exact_aggregates(self, plan: QueryPlan) -> ExactAggregates:
         """Pre-noise aggregates (for tests and benchmarks only; never exposed over the API)."""
-        return self.engine.compute(
-            plan, [self.files.path(d.dataset_id, d.version) for d in plan.datasets])
+        paths = [self.files.path(d.dataset_id, d.version) for d in plan.datasets]
+        return self.engine.compute(plan, paths)
 
     # -- compliance -------------------------------------------------------------------------
 

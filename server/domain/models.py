@@ -1,4 +1,4 @@
-"""Domain objects of the hub: principals, dataset schemas, datasets, agreements, queries, releases."""
+"""Domain objects: principals, dataset schemas, datasets, agreements, queries, releases."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class IdentifierKind(StrEnum):
 
 @dataclass(frozen=True)
 class NumericColumn:
-    """A numeric attribute: values are clamped to public [lower, upper] and counted in `resolution` units."""
+    """Numeric attribute: clamped to public [lower, upper], counted in `resolution` units."""
 
     name: str
     lower: float
@@ -91,7 +91,9 @@ class NumericColumn:
     @property
     def max_units(self) -> int:
         """Largest absolute value a clamped cell can take, in resolution units."""
-        return max(abs(round(self.lower / self.resolution)), abs(round(self.upper / self.resolution)))
+        return max(
+            abs(round(self.lower / self.resolution)), abs(round(self.upper / self.resolution))
+        )
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ Column = NumericColumn | CategoricalColumn
 
 @dataclass(frozen=True)
 class DatasetSchema:
-    """What a partner declares about an upload: join key, per-purpose consent, public attribute domains."""
+    """What a partner declares: join key, per-purpose consent, public attribute domains."""
 
     key_column: str
     key_kind: IdentifierKind

@@ -73,12 +73,15 @@ def _resolve(name: str, datasets: tuple[Dataset, ...]) -> ColumnRef:
     return matches[0]
 
 
-def _resolve_filter(spec_column: str, op: FilterOp, values: tuple[str, ...],
-                    datasets: tuple[Dataset, ...]) -> ResolvedFilter:
+def _resolve_filter(
+    spec_column: str, op: FilterOp, values: tuple[str, ...], datasets: tuple[Dataset, ...]
+) -> ResolvedFilter:
     ref = _resolve(spec_column, datasets)
     if op in (FilterOp.IN, FilterOp.NOT_IN):
         if not isinstance(ref.column, CategoricalColumn):
-            raise InvalidArgumentError(f"filter {op} needs a categorical column, {ref.qualified} is numeric")
+            raise InvalidArgumentError(
+                f"filter {op} needs a categorical column, {ref.qualified} is numeric"
+            )
         if not values:
             raise InvalidArgumentError(f"filter on {ref.qualified} needs at least one category")
         unknown = [v for v in values if v not in ref.column.categories]
@@ -88,19 +91,25 @@ def _resolve_filter(spec_column: str, op: FilterOp, values: tuple[str, ...],
             )
         return ResolvedFilter(ref, op, categories=tuple(dict.fromkeys(values)))
     if not isinstance(ref.column, NumericColumn):
-        raise InvalidArgumentError(f"filter {op} needs a numeric column, {ref.qualified} is categorical")
+        raise InvalidArgumentError(
+            f"filter {op} needs a numeric column, {ref.qualified} is categorical"
+        )
     if len(values) != 1:
         raise InvalidArgumentError(f"filter {op} on {ref.qualified} takes exactly one number")
     try:
         threshold = float(values[0])
     except ValueError:
-        raise InvalidArgumentError(f"filter {op} on {ref.qualified}: {values[0]!r} is not a number") from None
+        raise InvalidArgumentError(
+            f"filter {op} on {ref.qualified}: {values[0]!r} is not a number"
+        ) from None
     if not math.isfinite(threshold):
         raise InvalidArgumentError(f"filter {op} on {ref.qualified}: threshold must be finite")
     return ResolvedFilter(ref, op, threshold=threshold)
 
 
-def _group_keys(group_by: tuple[ColumnRef, ...], filters: tuple[ResolvedFilter, ...]) -> list[tuple[str, ...]]:
+def _group_keys(
+    group_by: tuple[ColumnRef, ...], filters: tuple[ResolvedFilter, ...]
+) -> list[tuple[str, ...]]:
     """Cartesian product of the public categories, narrowed by categorical filters."""
     domains: list[list[str]] = []
     for ref in group_by:
@@ -116,7 +125,9 @@ def _group_keys(group_by: tuple[ColumnRef, ...], filters: tuple[ResolvedFilter, 
         domains.append(allowed)
     count = math.prod(len(d) for d in domains)
     if count > MAX_CELLS:
-        raise InvalidArgumentError(f"group-by would release {count} cells; the limit is {MAX_CELLS}")
+        raise InvalidArgumentError(
+            f"group-by would release {count} cells; the limit is {MAX_CELLS}"
+        )
     return [tuple(k) for k in itertools.product(*domains)]
 
 
@@ -131,7 +142,8 @@ def _split_epsilon(spec: QuerySpec) -> list[Epsilon]:
     if not free:
         if total and total != fixed:
             raise InvalidArgumentError(
-                f"aggregate epsilons add up to {Epsilon(fixed)}, not the query epsilon {spec.epsilon}"
+                f"aggregate epsilons add up to {Epsilon(fixed)}, "
+                f"not the query epsilon {spec.epsilon}"
             )
         return [e for e in explicit if e is not None]
     if total <= fixed:
@@ -203,9 +215,17 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
     )
 
 
-def _plan_aggregate(agg: AggregateSpec, share: Epsilon, datasets: tuple[Dataset, ...],
-                    rows: int, groups: int, names: set[str]) -> AggregatePlan:
-    name = agg.name or (f"{agg.kind}_{agg.column}".replace(".", "_") if agg.column else str(agg.kind))
+def _plan_aggregate(
+    agg: AggregateSpec,
+    share: Epsilon,
+    datasets: tuple[Dataset, ...],
+    rows: int,
+    groups: int,
+    names: set[str],
+) -> AggregatePlan:
+    name = agg.name or (
+        f"{agg.kind}_{agg.column}".replace(".", "_") if agg.column else str(agg.kind)
+    )
     check_name(name, "aggregate name")
     if name in names:
         raise InvalidArgumentError(f"aggregate name {name!r} is used twice")
@@ -220,8 +240,9 @@ def _plan_aggregate(agg: AggregateSpec, share: Epsilon, datasets: tuple[Dataset,
         return AggregatePlan(spec, None, share, (Measurement(component, sensitivity, share),))
     ref = _resolve(agg.column, datasets)
     if not isinstance(ref.column, NumericColumn):
-        raise InvalidArgumentError(f"aggregate {name!r}: {agg.kind} needs a numeric column, "
-                                   f"{ref.qualified} is categorical")
+        raise InvalidArgumentError(
+            f"aggregate {name!r}: {agg.kind} needs a numeric column, {ref.qualified} is categorical"
+        )
     spec = AggregateSpec(name, agg.kind, ref.qualified, agg.epsilon)
     sum_sensitivity = max(1, rows * ref.column.max_units)
     if agg.kind is AggregateKind.SUM:
@@ -229,7 +250,12 @@ def _plan_aggregate(agg: AggregateSpec, share: Epsilon, datasets: tuple[Dataset,
     if share.micros < 2:
         raise InvalidArgumentError(f"aggregate {name!r}: epsilon too small to split for a mean")
     sum_share, count_share = share.split(2)
-    return AggregatePlan(spec, ref, share, (
-        Measurement("sum", sum_sensitivity, sum_share),
-        Measurement("value_rows", rows, count_share),
-    ))
+    return AggregatePlan(
+        spec,
+        ref,
+        share,
+        (
+            Measurement("sum", sum_sensitivity, sum_share),
+            Measurement("value_rows", rows, count_share),
+        ),
+    )

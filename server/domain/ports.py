@@ -1,4 +1,4 @@
-"""Interfaces the domain core needs from the outside world: metadata store, dataset files, engine."""
+"""Interfaces the domain core needs: metadata store, dataset files, aggregation engine."""
 
 from __future__ import annotations
 

@@ -41,7 +41,9 @@ def measurement_info(m: Measurement, alpha: float = ALPHA) -> MeasurementInfo:
 
 
 def _unit(agg: AggregatePlan) -> float:
-    return agg.ref.column.resolution if agg.ref and isinstance(agg.ref.column, NumericColumn) else 1.0
+    return (
+        agg.ref.column.resolution if agg.ref and isinstance(agg.ref.column, NumericColumn) else 1.0
+    )
 
 
 def preview_aggregate(agg: AggregatePlan) -> AggregatePreview:
@@ -57,14 +59,29 @@ def preview_aggregate(agg: AggregatePlan) -> AggregatePreview:
             "computed exactly after release"
         )
         return AggregatePreview(
-            agg.spec.name, agg.spec.kind, agg.spec.column, agg.epsilon,
-            f"{main.mechanism} (sum) / {count.mechanism} (rows)", main.scale_units * unit,
-            main.sensitivity * unit, None, count.scale_units, note,
+            agg.spec.name,
+            agg.spec.kind,
+            agg.spec.column,
+            agg.epsilon,
+            f"{main.mechanism} (sum) / {count.mechanism} (rows)",
+            main.scale_units * unit,
+            main.sensitivity * unit,
+            None,
+            count.scale_units,
+            note,
         )
     note = f"95% of releases fall within +/- {main.ci95_units * unit:.4g} of the bounded true value"
     return AggregatePreview(
-        agg.spec.name, agg.spec.kind, agg.spec.column, agg.epsilon, main.mechanism,
-        main.scale_units * unit, main.sensitivity * unit, main.ci95_units * unit, 0.0, note,
+        agg.spec.name,
+        agg.spec.kind,
+        agg.spec.column,
+        agg.epsilon,
+        main.mechanism,
+        main.scale_units * unit,
+        main.sensitivity * unit,
+        main.ci95_units * unit,
+        0.0,
+        note,
     )
 
 
@@ -94,8 +111,13 @@ def _exact_vector(exact: ExactAggregates, agg: AggregatePlan, component: str) ->
     return exact.sums[key] if component == "sum" else exact.value_rows[key]
 
 
-def _mean_cell(noisy_sum: int, noisy_rows: int, sum_m: IntegerLaplace, rows_m: IntegerLaplace,
-               column: NumericColumn) -> tuple[float | None, float | None]:
+def _mean_cell(
+    noisy_sum: int,
+    noisy_rows: int,
+    sum_m: IntegerLaplace,
+    rows_m: IntegerLaplace,
+    column: NumericColumn,
+) -> tuple[float | None, float | None]:
     """Post-process a noisy sum and row count into a mean with a conservative 95% interval.
 
     Each component's interval holds with probability 97.5%, so both hold with >= 95%

@@ -30,7 +30,8 @@ from entremise.server.domain.ports import Store
 metadata = sa.MetaData()
 
 principals = sa.Table(
-    "principals", metadata,
+    "principals",
+    metadata,
     sa.Column("principal_id", sa.String(40), primary_key=True),
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("role", sa.String(20), nullable=False),
@@ -38,9 +39,12 @@ principals = sa.Table(
 )
 
 datasets = sa.Table(
-    "datasets", metadata,
+    "datasets",
+    metadata,
     sa.Column("dataset_id", sa.String(40), primary_key=True),
-    sa.Column("partner_id", sa.String(40), sa.ForeignKey("principals.principal_id"), nullable=False),
+    sa.Column(
+        "partner_id", sa.String(40), sa.ForeignKey("principals.principal_id"), nullable=False
+    ),
     sa.Column("name", sa.String(63), nullable=False),
     sa.Column("schema_json", sa.Text, nullable=False),
     sa.Column("row_count", sa.BigInteger, nullable=False),
@@ -53,7 +57,8 @@ datasets = sa.Table(
 )
 
 agreements = sa.Table(
-    "agreements", metadata,
+    "agreements",
+    metadata,
     sa.Column("agreement_id", sa.String(40), primary_key=True),
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("purpose", sa.String(63), nullable=False),
@@ -70,11 +75,17 @@ agreements = sa.Table(
 )
 
 releases = sa.Table(
-    "releases", metadata,
+    "releases",
+    metadata,
     sa.Column("seq", sa.Integer, sa.Identity(), primary_key=True),
     sa.Column("release_id", sa.String(40), nullable=False, unique=True),
-    sa.Column("agreement_id", sa.String(40), sa.ForeignKey("agreements.agreement_id"),
-              nullable=False, index=True),
+    sa.Column(
+        "agreement_id",
+        sa.String(40),
+        sa.ForeignKey("agreements.agreement_id"),
+        nullable=False,
+        index=True,
+    ),
     sa.Column("analyst_id", sa.String(40), nullable=False),
     sa.Column("epsilon_micros", sa.BigInteger, nullable=False),
     sa.Column("created_at", sa.String(32), nullable=False),
@@ -112,27 +123,37 @@ def create_engine(url: str) -> Engine:
 
 def _agreement(row: Any) -> Agreement:
     return Agreement(
-        agreement_id=row.agreement_id, name=row.name, purpose=row.purpose,
+        agreement_id=row.agreement_id,
+        name=row.name,
+        purpose=row.purpose,
         dataset_ids=tuple(json.loads(row.dataset_ids_json)),
         analyst_ids=tuple(json.loads(row.analyst_ids_json)),
-        total_epsilon=Epsilon(row.total_micros), max_rows_per_person=row.max_rows_per_person,
-        max_groups_per_person=row.max_groups_per_person, created_at=row.created_at,
+        total_epsilon=Epsilon(row.total_micros),
+        max_rows_per_person=row.max_rows_per_person,
+        max_groups_per_person=row.max_groups_per_person,
+        created_at=row.created_at,
     )
 
 
 def _dataset(row: Any) -> Dataset:
     return Dataset(
-        dataset_id=row.dataset_id, name=row.name, partner_id=row.partner_id,
-        schema=schema_from_dict(json.loads(row.schema_json)), row_count=row.row_count,
-        distinct_keys=row.distinct_keys, version=row.version,
-        content_sha256=row.content_sha256, created_at=row.created_at,
+        dataset_id=row.dataset_id,
+        name=row.name,
+        partner_id=row.partner_id,
+        schema=schema_from_dict(json.loads(row.schema_json)),
+        row_count=row.row_count,
+        distinct_keys=row.distinct_keys,
+        version=row.version,
+        content_sha256=row.content_sha256,
+        created_at=row.created_at,
         max_rows_per_key=row.max_rows_per_key,
     )
 
 
 def _budget(row: Any) -> BudgetState:
-    return BudgetState(row.agreement_id, Epsilon(row.total_micros), Epsilon(row.spent_micros),
-                       row.release_count)
+    return BudgetState(
+        row.agreement_id, Epsilon(row.total_micros), Epsilon(row.spent_micros), row.release_count
+    )
 
 
 class SqlStore(Store):
@@ -150,20 +171,27 @@ class SqlStore(Store):
 
     def create_principal(self, principal: Principal, token_sha256: str) -> None:  # noqa: D102
         with self.writer.begin() as conn:
-            conn.execute(principals.insert().values(
-                principal_id=principal.principal_id, name=principal.name,
-                role=principal.role.value, token_sha256=token_sha256))
+            conn.execute(
+                principals.insert().values(
+                    principal_id=principal.principal_id,
+                    name=principal.name,
+                    role=principal.role.value,
+                    token_sha256=token_sha256,
+                )
+            )
 
     def principal_by_token(self, token_sha256: str) -> Principal | None:  # noqa: D102
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(principals).where(
-                principals.c.token_sha256 == token_sha256)).first()
+            row = conn.execute(
+                sa.select(principals).where(principals.c.token_sha256 == token_sha256)
+            ).first()
         return Principal(row.principal_id, row.name, Role(row.role)) if row else None
 
     def get_principal(self, principal_id: str) -> Principal | None:  # noqa: D102
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(principals).where(
-                principals.c.principal_id == principal_id)).first()
+            row = conn.execute(
+                sa.select(principals).where(principals.c.principal_id == principal_id)
+            ).first()
         return Principal(row.principal_id, row.name, Role(row.role)) if row else None
 
     def count_principals(self, role: Role | None = None) -> int:  # noqa: D102
@@ -175,11 +203,15 @@ class SqlStore(Store):
 
     def publish_dataset(self, dataset: Dataset) -> None:  # noqa: D102
         values = {
-            "partner_id": dataset.partner_id, "name": dataset.name,
+            "partner_id": dataset.partner_id,
+            "name": dataset.name,
             "schema_json": json.dumps(schema_to_dict(dataset.schema)),
-            "row_count": dataset.row_count, "distinct_keys": dataset.distinct_keys,
-            "version": dataset.version, "content_sha256": dataset.content_sha256,
-            "created_at": dataset.created_at, "max_rows_per_key": dataset.max_rows_per_key,
+            "row_count": dataset.row_count,
+            "distinct_keys": dataset.distinct_keys,
+            "version": dataset.version,
+            "content_sha256": dataset.content_sha256,
+            "created_at": dataset.created_at,
+            "max_rows_per_key": dataset.max_rows_per_key,
         }
         with self.writer.begin() as conn:
             if dataset.version == 1:
@@ -187,25 +219,36 @@ class SqlStore(Store):
                     conn.execute(datasets.insert().values(dataset_id=dataset.dataset_id, **values))
                 except sa.exc.IntegrityError:
                     raise AlreadyExistsError(
-                        f"dataset {dataset.name!r} was uploaded concurrently; retry") from None
+                        f"dataset {dataset.name!r} was uploaded concurrently; retry"
+                    ) from None
                 return
-            updated = conn.execute(datasets.update().where(
-                datasets.c.dataset_id == dataset.dataset_id,
-                datasets.c.version == dataset.version - 1).values(**values))
+            updated = conn.execute(
+                datasets.update()
+                .where(
+                    datasets.c.dataset_id == dataset.dataset_id,
+                    datasets.c.version == dataset.version - 1,
+                )
+                .values(**values)
+            )
             if updated.rowcount != 1:
                 raise AlreadyExistsError(
-                    f"dataset {dataset.name!r} changed during the upload; retry")
+                    f"dataset {dataset.name!r} changed during the upload; retry"
+                )
 
     def get_dataset(self, dataset_id: str) -> Dataset | None:  # noqa: D102
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(datasets).where(
-                datasets.c.dataset_id == dataset_id)).first()
+            row = conn.execute(
+                sa.select(datasets).where(datasets.c.dataset_id == dataset_id)
+            ).first()
         return _dataset(row) if row else None
 
     def find_dataset(self, partner_id: str, name: str) -> Dataset | None:  # noqa: D102
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(datasets).where(
-                datasets.c.partner_id == partner_id, datasets.c.name == name)).first()
+            row = conn.execute(
+                sa.select(datasets).where(
+                    datasets.c.partner_id == partner_id, datasets.c.name == name
+                )
+            ).first()
         return _dataset(row) if row else None
 
     def list_datasets(self, partner_id: str | None = None) -> list[Dataset]:  # noqa: D102
@@ -223,32 +266,41 @@ class SqlStore(Store):
 
     def create_agreement(self, agreement: Agreement) -> None:  # noqa: D102
         with self.writer.begin() as conn:
-            conn.execute(agreements.insert().values(
-                agreement_id=agreement.agreement_id, name=agreement.name,
-                purpose=agreement.purpose,
-                dataset_ids_json=json.dumps(list(agreement.dataset_ids)),
-                analyst_ids_json=json.dumps(list(agreement.analyst_ids)),
-                total_micros=agreement.total_epsilon.micros, spent_micros=0, release_count=0,
-                max_rows_per_person=agreement.max_rows_per_person,
-                max_groups_per_person=agreement.max_groups_per_person,
-                created_at=agreement.created_at))
+            conn.execute(
+                agreements.insert().values(
+                    agreement_id=agreement.agreement_id,
+                    name=agreement.name,
+                    purpose=agreement.purpose,
+                    dataset_ids_json=json.dumps(list(agreement.dataset_ids)),
+                    analyst_ids_json=json.dumps(list(agreement.analyst_ids)),
+                    total_micros=agreement.total_epsilon.micros,
+                    spent_micros=0,
+                    release_count=0,
+                    max_rows_per_person=agreement.max_rows_per_person,
+                    max_groups_per_person=agreement.max_groups_per_person,
+                    created_at=agreement.created_at,
+                )
+            )
 
     def get_agreement(self, agreement_id: str) -> Agreement | None:  # noqa: D102
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(agreements).where(
-                agreements.c.agreement_id == agreement_id)).first()
+            row = conn.execute(
+                sa.select(agreements).where(agreements.c.agreement_id == agreement_id)
+            ).first()
         return _agreement(row) if row else None
 
     def list_agreements(self) -> list[Agreement]:  # noqa: D102
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(agreements).order_by(
-                agreements.c.created_at, agreements.c.agreement_id))
+            rows = conn.execute(
+                sa.select(agreements).order_by(agreements.c.created_at, agreements.c.agreement_id)
+            )
             return [_agreement(r) for r in rows]
 
     def get_budget(self, agreement_id: str) -> BudgetState | None:  # noqa: D102
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(agreements).where(
-                agreements.c.agreement_id == agreement_id)).first()
+            row = conn.execute(
+                sa.select(agreements).where(agreements.c.agreement_id == agreement_id)
+            ).first()
         return _budget(row) if row else None
 
     def commit_release(self, release: Release) -> BudgetState:  # noqa: D102
@@ -258,26 +310,39 @@ class SqlStore(Store):
             # concurrent releases can never both pass it when only one fits.
             debited = conn.execute(
                 agreements.update()
-                .where(agreements.c.agreement_id == release.agreement_id,
-                       agreements.c.spent_micros + cost <= agreements.c.total_micros)
-                .values(spent_micros=agreements.c.spent_micros + cost,
-                        release_count=agreements.c.release_count + 1))
+                .where(
+                    agreements.c.agreement_id == release.agreement_id,
+                    agreements.c.spent_micros + cost <= agreements.c.total_micros,
+                )
+                .values(
+                    spent_micros=agreements.c.spent_micros + cost,
+                    release_count=agreements.c.release_count + 1,
+                )
+            )
             if debited.rowcount != 1:
-                row = conn.execute(sa.select(agreements).where(
-                    agreements.c.agreement_id == release.agreement_id)).first()
+                row = conn.execute(
+                    sa.select(agreements).where(agreements.c.agreement_id == release.agreement_id)
+                ).first()
                 if row is None:
                     raise NotFoundError(f"agreement {release.agreement_id!r} not found")
-                raise BudgetExhaustedError(requested=str(release.epsilon_spent),
-                                           remaining=str(_budget(row).remaining))
-            conn.execute(releases.insert().values(
-                release_id=release.release_id, agreement_id=release.agreement_id,
-                analyst_id=release.analyst_id, epsilon_micros=cost,
-                created_at=release.created_at,
-                data_versions_json=json.dumps(list(release.data_versions)),
-                query_fingerprint=release.query_fingerprint,
-                payload_json=json.dumps(release_payload(release))))
-            row = conn.execute(sa.select(agreements).where(
-                agreements.c.agreement_id == release.agreement_id)).one()
+                raise BudgetExhaustedError(
+                    requested=str(release.epsilon_spent), remaining=str(_budget(row).remaining)
+                )
+            conn.execute(
+                releases.insert().values(
+                    release_id=release.release_id,
+                    agreement_id=release.agreement_id,
+                    analyst_id=release.analyst_id,
+                    epsilon_micros=cost,
+                    created_at=release.created_at,
+                    data_versions_json=json.dumps(list(release.data_versions)),
+                    query_fingerprint=release.query_fingerprint,
+                    payload_json=json.dumps(release_payload(release)),
+                )
+            )
+            row = conn.execute(
+                sa.select(agreements).where(agreements.c.agreement_id == release.agreement_id)
+            ).one()
             return _budget(row)
 
     def list_releases(self, agreement_id: str | None = None) -> list[Release]:  # noqa: D102
@@ -288,11 +353,17 @@ class SqlStore(Store):
         with self.engine.connect() as conn:
             for row in conn.execute(query):
                 payload = json.loads(row.payload_json)
-                out.append(Release(
-                    release_id=row.release_id, agreement_id=row.agreement_id,
-                    analyst_id=row.analyst_id, summary=summary_from_dict(payload["summary"]),
-                    results=results_from_list(payload["results"]),
-                    epsilon_spent=Epsilon(row.epsilon_micros), created_at=row.created_at,
-                    data_versions=tuple(json.loads(row.data_versions_json)),
-                    query_fingerprint=row.query_fingerprint))
+                out.append(
+                    Release(
+                        release_id=row.release_id,
+                        agreement_id=row.agreement_id,
+                        analyst_id=row.analyst_id,
+                        summary=summary_from_dict(payload["summary"]),
+                        results=results_from_list(payload["results"]),
+                        epsilon_spent=Epsilon(row.epsilon_micros),
+                        created_at=row.created_at,
+                        data_versions=tuple(json.loads(row.data_versions_json)),
+                        query_fingerprint=row.query_fingerprint,
+                    )
+                )
         return out

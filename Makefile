@@ -1,0 +1,54 @@
+# Entremise — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
+
+.PHONY: help install protos check-protos demo test test-pg lint typecheck format clean
+
+help: ## Show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install Entremise with its dev tools
+
+protos: $(STAMP) ## Regenerate the committed protobuf/gRPC code from proto/
+	PYTHON=$(BIN)/python ./scripts/gen_protos.sh
+
+check-protos: $(STAMP) ## Fail if the committed generated code differs from the .proto files
+	$(BIN)/pytest -q tests/test_protos.py
+
+demo: $(STAMP) ## Run the whole job on SQLite: hub, two partner uploads over gRPC, DP queries, budget
+	$(BIN)/entremise demo
+
+test: $(STAMP) ## Run the test suite (SQLite; PostgreSQL too when reachable)
+	$(BIN)/pytest
+
+test-pg: $(STAMP) ## Run the suite and require PostgreSQL (PG_URL=...)
+	ENTREMISE_TEST_PG_URL=$(PG_URL) ENTREMISE_REQUIRE_PG=1 $(BIN)/pytest
+
+lint: $(STAMP) ## Ruff and strict mypy
+	$(BIN)/ruff check proto/entremise server partners privacy cli tests
+	$(MAKE) typecheck
+
+typecheck: $(STAMP) ## Strict mypy over the entremise package
+	@rm -rf .build/typecheck && mkdir -p .build/typecheck/entremise
+	@cp proto/entremise/__init__.py proto/entremise/py.typed .build/typecheck/entremise/
+	@for p in v1:proto/entremise/v1 server:server partners:partners privacy:privacy cli:cli; do \
+		ln -s "$$PWD/$${p#*:}" ".build/typecheck/entremise/$${p%%:*}"; done
+	cd .build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p entremise
+
+format: $(STAMP) ## Apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix proto/entremise server partners privacy cli tests
+
+clean: ## Remove the venv and caches
+	rm -rf $(VENV) .build .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,174 @@
+"""Shared fixtures: a real hub on port 0 over a real database (SQLite file, and PostgreSQL)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from entremise.partners import Client, new_key
+from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE, generate
+from entremise.server.app import HubConfig, RunningHub, build_server
+
+ADMIN_TOKEN = "ent_test_admin_token"
+DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def _pg_url() -> str | None:
+    """A reachable PostgreSQL URL, or None (a failure instead when ENTREMISE_REQUIRE_PG=1)."""
+    url = os.environ.get("ENTREMISE_TEST_PG_URL", DEFAULT_PG_URL)
+    try:
+        engine = sa.create_engine(url, connect_args={"connect_timeout": 3})
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        engine.dispose()
+        return url
+    except Exception as exc:
+        if os.environ.get("ENTREMISE_REQUIRE_PG") == "1":
+            raise RuntimeError(f"PostgreSQL required but unreachable at {url}: {exc}") from exc
+        return None
+
+
+PG_URL = _pg_url()
+
+
+@pytest.fixture
+def pg_schema_url() -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards."""
+    if PG_URL is None:
+        pytest.skip("PostgreSQL not reachable (set ENTREMISE_TEST_PG_URL)")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in PG_URL else "?"
+    yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test using this runs on a SQLite file and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'hub.db'}"
+    url: str = request.getfixturevalue("pg_schema_url")
+    return url
+
+
+@dataclass
+class Hub:
+    """A running hub and an admin client."""
+
+    running: RunningHub
+    target: str
+    data_dir: Path
+    admin: Client
+
+    def client(self, token: str) -> Client:
+        return Client.connect(self.target, token=token)
+
+    def principal(self, name: str, role: str) -> tuple[str, Client]:
+        principal, token = self.admin.create_principal(name, role)
+        return principal.principal_id, self.client(token)
+
+
+def start_hub(data_dir: Path, db_url: str) -> Hub:
+    running = build_server(HubConfig.for_dir(data_dir, db_url=db_url, admin_token=ADMIN_TOKEN))
+    running.server.start()
+    target = f"127.0.0.1:{running.port}"
+    return Hub(running, target, data_dir, Client.connect(target, token=ADMIN_TOKEN))
+
+
+@pytest.fixture
+def hub(tmp_path: Path, db_url: str) -> Iterator[Hub]:
+    """A hub on port 0 over the parametrised database, with its data under tmp_path."""
+    h = start_hub(tmp_path / "hub", db_url)
+    yield h
+    h.admin.close()
+    h.running.stop(grace=None)
+
+
+@pytest.fixture
+def sqlite_hub(tmp_path: Path) -> Iterator[Hub]:
+    """A hub on a SQLite file only (for tests whose subject is not the database)."""
+    h = start_hub(tmp_path / "hub", f"sqlite:///{tmp_path / 'hub.db'}")
+    yield h
+    h.admin.close()
+    h.running.stop(grace=None)
+
+
+@dataclass
+class Scenario:
+    """Two partners' uploads and an agreement with an analyst, over a running hub."""
+
+    hub: Hub
+    bank: pd.DataFrame
+    panel: pd.DataFrame
+    bank_id: str
+    panel_id: str
+    agreement_id: str
+    analyst: Client
+    bank_client: Client
+    panel_client: Client
+    officer: Client
+    key: bytes
+
+
+def build_scenario(
+    hub: Hub,
+    *,
+    total_epsilon: str = "5",
+    n_bank: int = 3000,
+    n_panel: int = 1500,
+    overlap: int = 900,
+    seed: int = 3,
+) -> Scenario:
+    data = generate(n_bank, n_panel, overlap, seed=seed)
+    key = new_key()
+    _, bank = hub.principal("bank", "partner")
+    _, panel = hub.principal("panel", "partner")
+    analyst_id, analyst = hub.principal("analyst", "analyst")
+    _, officer = hub.principal("officer", "compliance")
+    bank_up = bank.upload_dataset("bank", data.bank, BANK_SCHEMA, key=key)
+    panel_up = panel.upload_dataset("panel", data.panel, PANEL_SCHEMA, key=key)
+    agreement = hub.admin.create_agreement(
+        name="test",
+        purpose=PURPOSE,
+        dataset_ids=[bank_up.dataset.dataset_id, panel_up.dataset.dataset_id],
+        analyst_ids=[analyst_id],
+        total_epsilon=total_epsilon,
+        max_rows_per_person=12,
+    )
+    return Scenario(
+        hub,
+        data.bank,
+        data.panel,
+        bank_up.dataset.dataset_id,
+        panel_up.dataset.dataset_id,
+        agreement.agreement_id,
+        analyst,
+        bank,
+        panel,
+        officer,
+        key,
+    )
+
+
+@pytest.fixture
+def scenario(hub: Hub) -> Scenario:
+    """Bank + panel uploaded through gRPC and joined under one agreement (SQLite and PostgreSQL)."""
+    return build_scenario(hub)
+
+
+@pytest.fixture
+def sqlite_scenario(sqlite_hub: Hub) -> Scenario:
+    """The same scenario on SQLite only."""
+    return build_scenario(sqlite_hub)

@@ -1,0 +1,203 @@
+"""Consent filtering: non-consenting people never reach an aggregate (exact, pre-noise checks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from entremise.cli.demo import consented_join
+from entremise.partners import Categorical, Numeric, UploadSchema, new_key
+from entremise.privacy.budget import Epsilon
+from entremise.server.domain.models import (
+    AggregateKind,
+    AggregateSpec,
+    ExactAggregates,
+    FilterOp,
+    FilterSpec,
+    QuerySpec,
+)
+from tests.conftest import Hub, Scenario
+
+BANK = UploadSchema(
+    "email",
+    "email",
+    {"audience_insights": "c_ai", "marketing": "c_mk"},
+    {"segment": Categorical(("mass", "affluent"))},
+)
+PANEL = UploadSchema(
+    "mail",
+    "email",
+    {"audience_insights": "consent"},
+    {"category": Categorical(("food", "tech")), "amount": Numeric(0, 100, 0.01)},
+)
+
+
+def _exact(
+    hub: Hub,
+    agreement_id: str,
+    *aggs: AggregateSpec,
+    group_by: tuple[str, ...] = (),
+    filters: tuple[FilterSpec, ...] = (),
+    max_rows: int = 0,
+    max_groups: int = 0,
+) -> ExactAggregates:
+    spec = QuerySpec(
+        agreement_id,
+        aggs,
+        Epsilon.parse("1"),
+        group_by=group_by,
+        filters=filters,
+        max_rows_per_person=max_rows,
+        max_groups_per_person=max_groups,
+    )
+    domain_hub = hub.running.hub
+    return domain_hub.exact_aggregates(domain_hub.plan(spec))
+
+
+def _people(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}{i}@example.org" for i in range(n)]
+
+
+def test_only_people_consenting_in_every_dataset_are_counted(hub: Hub) -> None:
+    both = _people("both", 100)
+    bank_refused = _people("bankno", 20)
+    panel_refused = _people("panelno", 15)
+    mixed = _people("mixed", 10)  # panel consent on some of their rows only
+    other_purpose = _people("mkonly", 12)  # consented to marketing only, at the bank
+    bank_only, panel_only = _people("bankonly", 30), _people("panelonly", 25)
+
+    bank_people = both + bank_refused + panel_refused + mixed + other_purpose + bank_only
+    bank = pd.DataFrame(
+        {
+            "email": bank_people,
+            "c_ai": [p not in bank_refused and p not in other_purpose for p in bank_people],
+            "c_mk": [p in other_purpose or p in both for p in bank_people],
+            "segment": ["affluent" if i % 4 == 0 else "mass" for i in range(len(bank_people))],
+        }
+    )
+    rows = []
+    for p in both + bank_refused + other_purpose + panel_only:
+        rows += [(p.upper(), True, "food", 10.0), (f"  {p}", True, "tech", 30.0)]
+    for p in panel_refused:
+        rows += [(p, False, "food", 99.0), (p, False, "tech", 99.0)]
+    for p in mixed:
+        rows += [(p, True, "food", 20.0), (p, False, "tech", 99.0), (p, False, "food", 99.0)]
+    panel = pd.DataFrame(rows, columns=["mail", "consent", "category", "amount"])
+
+    key = new_key()
+    _, bank_client = hub.principal("bank", "partner")
+    _, panel_client = hub.principal("panel", "partner")
+    analyst_id, _ = hub.principal("analyst", "analyst")
+    b = bank_client.upload_dataset("bank", bank, BANK, key=key).dataset
+    p = panel_client.upload_dataset("panel", panel, PANEL, key=key).dataset
+    agreement = hub.admin.create_agreement(
+        name="consent",
+        purpose="audience_insights",
+        dataset_ids=[b.dataset_id, p.dataset_id],
+        analyst_ids=[analyst_id],
+        total_epsilon="1",
+        max_rows_per_person=10,
+    )
+
+    exact = _exact(
+        hub,
+        agreement.agreement_id,
+        AggregateSpec("n", AggregateKind.COUNT),
+        AggregateSpec("s", AggregateKind.SUM, "amount"),
+    )
+    assert exact.people == [100 + 10]
+    assert exact.rows == [100 * 2 + 10 * 1]
+    assert exact.sums["panel.amount"] == [100 * (1000 + 3000) + 10 * 2000]  # cents
+
+    by_category = _exact(
+        hub,
+        agreement.agreement_id,
+        AggregateSpec("n", AggregateKind.COUNT),
+        group_by=("panel.category",),
+        max_rows=10,
+        max_groups=2,
+    )
+    assert by_category.people == [110, 100]  # food, tech: the mixed people's tech rows lack consent
+
+    # A marketing agreement over the same files counts a different, exact population.
+    marketing_bank = bank_client.upload_dataset(
+        "bank2", bank.assign(c_ai=bank["c_mk"]), BANK, key=key
+    ).dataset
+    with pytest.raises(Exception, match="declares no consent for purpose 'marketing'"):
+        hub.admin.create_agreement(
+            name="mk",
+            purpose="marketing",
+            dataset_ids=[marketing_bank.dataset_id, p.dataset_id],
+            analyst_ids=[analyst_id],
+            total_epsilon="1",
+        )
+
+
+def test_exact_aggregates_match_the_partner_side_truth(sqlite_scenario: Scenario) -> None:
+    s = sqlite_scenario
+    truth = consented_join(s.bank, s.panel)
+    unfiltered = s.panel.assign(email=s.panel["email"].str.strip().str.lower()).merge(
+        s.bank.assign(email=s.bank["email"].str.strip().str.lower()), on="email"
+    )
+    assert unfiltered["email"].nunique() > truth["email"].nunique()  # consent does filter
+
+    # Without a people count, no group cap applies: k rows reach at most k cells anyway.
+    exact = _exact(
+        s.hub,
+        s.agreement_id,
+        AggregateSpec("m", AggregateKind.MEAN, "panel.amount"),
+        group_by=("bank.segment", "panel.category"),
+        max_rows=12,
+    )
+    plan = s.hub.running.hub.plan(
+        QuerySpec(
+            s.agreement_id,
+            (AggregateSpec("n", AggregateKind.COUNT),),
+            Epsilon.parse("1"),
+            group_by=("bank.segment", "panel.category"),
+        )
+    )
+    expected_people = truth.groupby(["segment", "category"])["email"].nunique()
+    expected_cents = (
+        (truth["amount"] * 100)
+        .round()
+        .astype(np.int64)
+        .groupby([truth["segment"], truth["category"]])
+        .sum()
+    )
+    expected_rows = truth.groupby(["segment", "category"]).size()
+    for i, key in enumerate(plan.group_keys):
+        assert exact.rows[i] == expected_rows.get(key, 0)
+        assert exact.value_rows["panel.amount"][i] == expected_rows.get(key, 0)
+        assert exact.sums["panel.amount"][i] == expected_cents.get(key, 0)
+    # With one group per person (the agreement default), each person counts in one cell only.
+    exact = _exact(
+        s.hub,
+        s.agreement_id,
+        AggregateSpec("n", AggregateKind.COUNT),
+        group_by=("bank.segment", "panel.category"),
+    )
+    assert sum(exact.people) == truth["email"].nunique()
+    assert all(exact.people[i] <= expected_people.get(k, 0) for i, k in enumerate(plan.group_keys))
+
+    affluent = _exact(
+        s.hub,
+        s.agreement_id,
+        AggregateSpec("n", AggregateKind.COUNT),
+        filters=(FilterSpec("bank.segment", FilterOp.IN, ("affluent",)),),
+    )
+    assert affluent.people == [truth.loc[truth["segment"] == "affluent", "email"].nunique()]
+
+
+def test_contributions_are_bounded_after_the_join(sqlite_scenario: Scenario) -> None:
+    s = sqlite_scenario
+    truth = consented_join(s.bank, s.panel)
+    per_person = truth.groupby("email").size()
+    assert per_person.max() > 3
+    exact = _exact(s.hub, s.agreement_id, AggregateSpec("r", AggregateKind.COUNT_ROWS), max_rows=3)
+    assert exact.rows == [int(per_person.clip(upper=3).sum())]
+    exact = _exact(
+        s.hub, s.agreement_id, AggregateSpec("n", AggregateKind.COUNT), group_by=("panel.category",)
+    )
+    assert sum(exact.people) == truth["email"].nunique()  # one category per person by default

@@ -1,0 +1,68 @@
+"""Partner-side normalisation and keyed pseudonyms."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import pytest
+
+from entremise.partners.pseudonymise import (
+    IdentifierError,
+    Pseudonymiser,
+    looks_like_raw_identifier,
+    normalise_email,
+    normalise_phone,
+)
+
+KEY = bytes(range(32))
+
+
+def test_pseudonym_is_hmac_sha256_of_the_normalised_identifier() -> None:
+    p = Pseudonymiser(KEY)
+    expected = hmac.new(KEY, b"camille.martin@example.org", hashlib.sha256).hexdigest()
+    assert p.pseudonym("camille.martin@example.org") == expected
+    long_key = b"k" * 100  # keys longer than a block are hashed first, as HMAC specifies
+    assert (
+        Pseudonymiser(long_key).pseudonym("x")
+        == hmac.new(long_key, b"x", hashlib.sha256).hexdigest()
+    )
+    assert Pseudonymiser(b"another key, 16+").pseudonym("x") != p.pseudonym("x")
+    with pytest.raises(ValueError):
+        Pseudonymiser(b"short")
+
+
+def test_formats_of_one_identifier_share_one_pseudonym() -> None:
+    p = Pseudonymiser(KEY)
+    emails = p.pseudonymise(
+        ["  Camille.Martin@Example.ORG ", "camille.martin@example.org"], "email"
+    )
+    assert emails[0] == emails[1]
+    phones = p.pseudonymise(
+        ["06 99 12 34 56", "+33 6 99 12 34 56", "+33699123456", "0699123456"], "phone"
+    )
+    assert len(set(phones)) == 1
+    assert normalise_phone("06 99 12 34 56") == "+33699123456"
+    assert normalise_phone("020 7946 0000", "GB") == "+442079460000"
+    assert normalise_email(" A@B.FR ") == "a@b.fr"
+
+
+def test_bad_identifiers_are_reported_by_row_never_by_value() -> None:
+    with pytest.raises(IdentifierError) as info:
+        Pseudonymiser(KEY).pseudonymise(
+            ["ok@example.org", "secret-not-an-email", "", None], "email"
+        )
+    message = str(info.value)
+    assert "3 email identifiers" in message and "rows 2, 3, 4" in message
+    assert "secret" not in message
+    with pytest.raises(IdentifierError):
+        Pseudonymiser(KEY).pseudonymise(["12"], "phone")
+
+
+def test_raw_identifier_detection() -> None:
+    assert looks_like_raw_identifier(["mass", "x y", "bob@example.com"]) == "email"
+    assert looks_like_raw_identifier(["06 12 34 56 78"]) == "phone"
+    assert looks_like_raw_identifier(["mass", "affluent", "private"]) is None
+    assert looks_like_raw_identifier(["120000.0", "8000"], numeric=True) is None
+    assert looks_like_raw_identifier(["+33612345678"], numeric=True) == "phone"
+    assert looks_like_raw_identifier(["0612345678"], numeric=True) == "phone"
