@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -62,6 +63,8 @@ def serve(
         Path | None, typer.Option(help="Write the bound port here once serving.")
     ] = None,
     log_file: Annotated[Path | None, typer.Option(help="Log here instead of stderr.")] = None,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON line with the bound address once serving.")] = False,
 ) -> None:
     """Run a hub (admin token: ENTREMISE_ADMIN_TOKEN, else generated in DATA_DIR/admin.token)."""
     from entremise.server.app import HubConfig
@@ -78,7 +81,7 @@ def serve(
             data_dir=data_dir,
             listen=listen,
         )
-        run_hub(config, port_file=port_file)
+        run_hub(config, port_file=port_file, announce_json=json_out)
 
 
 @app.command()
@@ -138,13 +141,49 @@ def whoami(
 @partner_app.command("keygen")
 def keygen(
     out: Annotated[Path, typer.Argument(help="File to write the hex key to (mode 0600).")],
+    json_out: JsonOption = False,
 ) -> None:
     """Create a matching key: share it with the agreement's other partners, never the hub."""
     with friendly_errors():
         if out.exists():
             fail(f"{out} exists; refusing to overwrite a key")
         save_key(new_key(), out)
-    console.print(f"key written to {out}")
+    if json_out:
+        print_json({"key_file": str(out)})
+    else:
+        console.print(f"key written to {out}")
+
+
+@partner_app.command("synth")
+def synth(
+    out: Annotated[Path, typer.Argument(help="Directory for the synthetic files and schemas.")],
+    size: Annotated[str, typer.Option(help="small or default.")] = "small",
+    json_out: JsonOption = False,
+) -> None:
+    """Write the demo's synthetic bank and panel files (raw identifiers!) with their schemas."""
+    from entremise.cli.demo import SIZES
+    from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, generate
+
+    with friendly_errors():
+        if size not in SIZES:
+            fail(f"size must be one of {sorted(SIZES)}")
+        out.mkdir(parents=True, exist_ok=True)
+        data = generate(*SIZES[size])
+        files = {
+            "bank": out / "bank_clients.csv",
+            "panel": out / "panel_purchases.csv",
+            "bank_schema": out / "bank.schema.json",
+            "panel_schema": out / "panel.schema.json",
+        }
+        data.bank.to_csv(files["bank"], index=False)
+        data.panel.to_csv(files["panel"], index=False)
+        files["bank_schema"].write_text(json.dumps(BANK_SCHEMA.to_dict(), indent=2) + "\n")
+        files["panel_schema"].write_text(json.dumps(PANEL_SCHEMA.to_dict(), indent=2) + "\n")
+    if json_out:
+        print_json({k: str(v) for k, v in files.items()})
+    else:
+        for path in files.values():
+            console.print(f"wrote {path}")
 
 
 @partner_app.command()

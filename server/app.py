@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -149,7 +150,12 @@ def build_server(config: HubConfig) -> RunningHub:
     return RunningHub(server, port, hub, store)
 
 
-def serve(config: HubConfig, *, port_file: Path | None = None) -> None:
+def _redacted(url: str) -> str:
+    """A database URL without its credentials, for logs."""
+    return url.rsplit("@", 1)[-1] if "@" in url else url
+
+
+def serve(config: HubConfig, *, port_file: Path | None = None, announce_json: bool = False) -> None:
     """Run a hub until SIGINT/SIGTERM."""
     running = build_server(config)
     running.server.start()
@@ -159,6 +165,9 @@ def serve(config: HubConfig, *, port_file: Path | None = None) -> None:
     )
     if port_file is not None:
         port_file.write_text(f"{running.port}\n")
+    if announce_json:
+        print(json.dumps({"listening": f"{host}:{running.port}", "db": _redacted(config.db_url)}),
+              flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -201,3 +201,29 @@ def test_contributions_are_bounded_after_the_join(sqlite_scenario: Scenario) -> 
         s.hub, s.agreement_id, AggregateSpec("n", AggregateKind.COUNT), group_by=("panel.category",)
     )
     assert sum(exact.people) == truth["email"].nunique()  # one category per person by default
+
+
+def test_three_datasets_join_on_people_consenting_in_all(sqlite_scenario: Scenario) -> None:
+    s = sqlite_scenario
+    truth = consented_join(s.bank, s.panel)
+    people = sorted(truth["email"].unique())
+    loyalty = pd.DataFrame({
+        "email": people[:400] + [f"stranger{i}@example.org" for i in range(50)],
+        "member": [i % 5 != 0 for i in range(450)],  # every fifth person refused
+        "tier": ["gold" if i % 2 else "silver" for i in range(450)],
+    })
+    schema = UploadSchema("email", "email", {"audience_insights": "member"},
+                          {"tier": Categorical(("silver", "gold"))})
+    _, retailer = s.hub.principal("retailer", "partner")
+    third = retailer.upload_dataset("loyalty", loyalty, schema, key=s.key).dataset
+    analyst_id, _ = s.hub.principal("analyst3", "analyst")
+    agreement = s.hub.admin.create_agreement(
+        name="three", purpose="audience_insights",
+        dataset_ids=[s.bank_id, s.panel_id, third.dataset_id], analyst_ids=[analyst_id],
+        total_epsilon="1", max_rows_per_person=12)
+    exact = _exact(s.hub, agreement.agreement_id, AggregateSpec("n", AggregateKind.COUNT),
+                   group_by=("loyalty.tier",))
+    members = loyalty[loyalty["member"]].iloc[:320]  # the 400 joined people minus refusals
+    expected = members[members["email"].isin(people)].groupby("tier")["email"].nunique()
+    assert exact.people == [int(expected["silver"]), int(expected["gold"])]
+    assert sum(exact.people) == 320
