@@ -49,6 +49,7 @@ typecheck: $(STAMP) ## Strict mypy over the entremise package
 
 format: $(STAMP) ## Apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix proto/entremise server partners privacy cli tests
+	$(BIN)/ruff format proto/entremise/__init__.py server partners privacy cli tests
 
 clean: ## Remove the venv and caches
 	rm -rf $(VENV) .build .mypy_cache .ruff_cache .pytest_cache

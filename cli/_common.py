@@ -12,6 +12,7 @@ import typer
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from rich.console import Console
+from rich.markup import escape
 
 from entremise.partners.client import Client, EntremiseRPCError
 from entremise.partners.prepare import PrepareError
@@ -56,7 +57,7 @@ def print_json(data: Any) -> None:
 
 def fail(message: str, code: int = 1) -> None:
     """Print one clear line on stderr and exit non-zero."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

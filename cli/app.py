@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from entremise.cli._common import (
@@ -28,7 +29,8 @@ from entremise.partners.pseudonymise import load_key, new_key, save_key
 from entremise.partners.schema import UploadSchema
 from entremise.v1 import query_service_pb2
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode="rich", help=__doc__)
+# No markup in help: option syntax such as KIND[:COLUMN][@EPSILON] must print as written.
+app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None, help=__doc__)
 admin_app = typer.Typer(no_args_is_help=True, help="Hub administration: principals and tokens.")
 partner_app = typer.Typer(no_args_is_help=True, help="Partners: keys and dataset uploads.")
 agreement_app = typer.Typer(
@@ -118,7 +120,7 @@ def create_principal(
     if json_out:
         print_json({"principal": to_dict(principal), "token": new_token})
         return
-    console.print(f"principal [bold]{principal.principal_id}[/] ({role}) created")
+    console.print(f"principal {principal.principal_id} ({escape(role)}) created", markup=False)
     console.print(f"token (shown once): {new_token}", highlight=False)
 
 
@@ -132,7 +134,7 @@ def whoami(
     if json_out:
         print_json(to_dict(principal))
     else:
-        console.print(f"{principal.principal_id} {principal.name}")
+        console.print(f"{principal.principal_id} {principal.name}", markup=False)
 
 
 # -- partners ----------------------------------------------------------------------------------
@@ -151,7 +153,7 @@ def keygen(
     if json_out:
         print_json({"key_file": str(out)})
     else:
-        console.print(f"key written to {out}")
+        console.print(f"key written to {out}", markup=False)
 
 
 @partner_app.command("synth")
@@ -183,7 +185,7 @@ def synth(
         print_json({k: str(v) for k, v in files.items()})
     else:
         for path in files.values():
-            console.print(f"wrote {path}")
+            console.print(f"wrote {path}", markup=False)
 
 
 @partner_app.command()
@@ -221,7 +223,7 @@ def upload(
         f"{ds.distinct_keys} distinct pseudonyms, {result.bytes_sent} bytes sent"
     )
     if result.dropped_columns:
-        console.print(f"not sent (undeclared): {', '.join(result.dropped_columns)}")
+        console.print(f"not sent (undeclared): {', '.join(result.dropped_columns)}", markup=False)
 
 
 @partner_app.command("list")
@@ -487,7 +489,7 @@ def run(
         for cell in result.cells:
             value = f"{cell.value:,.2f}" if cell.HasField("value") else "n/a"
             ci = f"{cell.ci95_halfwidth:,.2f}" if cell.HasField("ci95_halfwidth") else "n/a"
-            table.add_row(" / ".join(cell.group) or "(all)", value, ci)
+            table.add_row(escape(" / ".join(cell.group)) or "(all)", value, ci)
         console.print(table)
     console.print(
         f"release {release.release_id}: spent epsilon {release.epsilon_spent}, "

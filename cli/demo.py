@@ -24,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from entremise.partners.client import (
@@ -387,7 +388,7 @@ def run_demo(
                     "message": exc.message,
                 }
                 console.print(
-                    f"[bold]over-budget query refused[/]: {exc.status.name}: {exc.message}"
+                    f"[bold]over-budget query refused[/]: {exc.status.name}: {escape(exc.message)}"
                 )
         report.timings_s["queries"] = round(time.perf_counter() - t, 3)
 
