@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Annotated
 
+import pandas as pd
 import typer
 from rich.markup import escape
 from rich.table import Table
@@ -24,8 +25,20 @@ from entremise.cli._common import (
     print_json,
     to_dict,
 )
-from entremise.partners.client import aggregate, query, where_in, where_range
-from entremise.partners.pseudonymise import load_key, new_key, save_key
+from entremise.partners.client import (
+    EntremiseRPCError,
+    aggregate,
+    query,
+    where_in,
+    where_range,
+)
+from entremise.partners.keys import (
+    generate_private_key,
+    load_private_key,
+    public_bytes,
+    save_private_key,
+)
+from entremise.partners.prepare import read_table
 from entremise.partners.schema import UploadSchema
 from entremise.v1 import query_service_pb2
 
@@ -65,8 +78,10 @@ def serve(
         Path | None, typer.Option(help="Write the bound port here once serving.")
     ] = None,
     log_file: Annotated[Path | None, typer.Option(help="Log here instead of stderr.")] = None,
-    json_out: Annotated[bool, typer.Option(
-        "--json", help="Print one JSON line with the bound address once serving.")] = False,
+    json_out: Annotated[
+        bool,
+        typer.Option("--json", help="Print one JSON line with the bound address once serving."),
+    ] = False,
 ) -> None:
     """Run a hub (admin token: ENTREMISE_ADMIN_TOKEN, else generated in DATA_DIR/admin.token)."""
     from entremise.server.app import HubConfig
@@ -142,18 +157,38 @@ def whoami(
 
 @partner_app.command("keygen")
 def keygen(
-    out: Annotated[Path, typer.Argument(help="File to write the hex key to (mode 0600).")],
+    out: Annotated[Path, typer.Argument(help="File for the X25519 private key (PEM, mode 0600).")],
     json_out: JsonOption = False,
 ) -> None:
-    """Create a matching key: share it with the agreement's other partners, never the hub."""
+    """Create your X25519 key pair; only its public half ever leaves you (publish-key)."""
     with friendly_errors():
         if out.exists():
             fail(f"{out} exists; refusing to overwrite a key")
-        save_key(new_key(), out)
+        key = generate_private_key()
+        save_private_key(key, out)
     if json_out:
-        print_json({"key_file": str(out)})
+        print_json({"key_file": str(out), "public_key": public_bytes(key).hex()})
     else:
-        console.print(f"key written to {out}", markup=False)
+        console.print(f"private key written to {out}", markup=False)
+        console.print(f"public key: {public_bytes(key).hex()}", markup=False)
+
+
+@partner_app.command("publish-key")
+def publish_key(
+    key_file: Annotated[Path, typer.Option(help="Your X25519 private key (PEM).")],
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
+) -> None:
+    """Publish your public key through the hub (publishing a new one rotates it)."""
+    with friendly_errors():
+        key = load_private_key(key_file)
+    with connect(target, token) as client, friendly_errors():
+        record = client.publish_public_key(key)
+    if json_out:
+        print_json(to_dict(record))
+    else:
+        console.print(f"public key v{record.version} published for {record.principal_id}")
 
 
 @partner_app.command("synth")
@@ -191,22 +226,23 @@ def synth(
 @partner_app.command()
 def upload(
     file: Annotated[Path, typer.Argument(help="CSV or Parquet file with raw identifiers.")],
-    name: Annotated[str, typer.Option(help="Dataset name (lowercase, digits, _).")],
-    schema: Annotated[Path, typer.Option(help="JSON schema: key, consents, column domains.")],
-    key_file: Annotated[
-        Path, typer.Option(help="Matching key (hex) shared with the other partners.")
-    ],
+    agreement: Annotated[str, typer.Option(help="Agreement whose dataset slot this fills.")],
+    name: Annotated[str, typer.Option(help="Dataset name, as declared in the agreement.")],
+    schema: Annotated[Path, typer.Option(help="JSON schema: keys, consents, column domains.")],
+    key_file: Annotated[Path, typer.Option(help="Your X25519 private key (PEM).")],
     region: Annotated[str, typer.Option(help="Default country for national phone numbers.")] = "FR",
     target: TargetOption = DEFAULT_TARGET,
     token: TokenOption = "",
     json_out: JsonOption = False,
 ) -> None:
-    """Pseudonymise FILE locally (HMAC-SHA256) and stream it to the hub as Arrow chunks."""
+    """Pseudonymise FILE locally under the agreement's key and stream it as Arrow chunks."""
     with friendly_errors():
         upload_schema = UploadSchema.load(schema)
-        key = load_key(key_file)
+        key = load_private_key(key_file)
     with connect(target, token) as client, friendly_errors():
-        result = client.upload_dataset(name, file, upload_schema, key=key, default_region=region)
+        result = client.upload_dataset(
+            agreement, name, file, upload_schema, private_key=key, default_region=region
+        )
     ds = result.dataset
     if json_out:
         print_json(
@@ -219,11 +255,127 @@ def upload(
         )
         return
     console.print(
-        f"dataset [bold]{ds.dataset_id}[/] '{ds.name}' v{ds.version}: {ds.row_count} rows, "
-        f"{ds.distinct_keys} distinct pseudonyms, {result.bytes_sent} bytes sent"
+        f"dataset {ds.dataset_id} '{ds.name}' v{ds.version}: {ds.row_count} rows, "
+        f"{ds.distinct_keys} distinct pseudonyms, {result.bytes_sent} bytes sent",
+        markup=False,
     )
+    for dup in ds.duplicates:
+        if dup.duplicated_pseudonyms:
+            console.print(
+                f"duplicates in {dup.column}: {dup.duplicated_pseudonyms} pseudonyms on "
+                f"{dup.rows_involved} rows (max {dup.max_rows_per_pseudonym} per "
+                "pseudonym)",
+                markup=False,
+            )
     if result.dropped_columns:
         console.print(f"not sent (undeclared): {', '.join(result.dropped_columns)}", markup=False)
+
+
+def _identifiers(file: Path, column: str) -> list[str]:
+    """Identifiers in file order, blanks kept so that errors give the file's own row numbers."""
+    if file.suffix.lower() in (".csv", ".parquet", ".pq"):
+        frame = read_table(file)
+        if column not in frame.columns:
+            raise ValueError(f"{file}: no column {column!r} (it has {list(frame.columns)})")
+        return ["" if pd.isna(v) else str(v) for v in frame[column].tolist()]
+    return [line.strip() for line in file.read_text().splitlines()]
+
+
+def _consent_change(
+    action: str,
+    file: Path,
+    kind: str,
+    column: str,
+    key_file: Path,
+    agreement: list[str] | None,
+    region: str,
+    target: str,
+    token: str,
+    json_out: bool,
+) -> None:
+    with friendly_errors():
+        if kind not in ("email", "phone"):
+            fail("--kind must be email or phone")
+        identifiers = _identifiers(file, column or kind)
+        if not any(identifiers):
+            fail(f"{file} holds no identifier")
+        key = load_private_key(key_file)
+    results: list[dict[str, object]] = []
+    failures: list[str] = []
+    with connect(target, token) as client, friendly_errors():
+        agreements = agreement or [a.agreement_id for a in client.list_agreements()]
+        for agreement_id in agreements:
+            call = client.withdraw_consent if action == "withdraw" else client.erase_records
+            # Each agreement is applied on its own: one failing does not hide the others.
+            try:
+                response = call(
+                    agreement_id, identifiers, kind, private_key=key, default_region=region
+                )
+            except EntremiseRPCError as exc:
+                failures.append(f"{agreement_id}: {exc.status.name.lower()}: {exc.message}")
+                results.append({"agreement_id": agreement_id, "error": exc.message})
+                continue
+            results.append({"agreement_id": agreement_id, **to_dict(response)})
+    if json_out:
+        print_json(results)
+    else:
+        for r in results:
+            detail = ", ".join(f"{k} {v}" for k, v in r.items() if k != "agreement_id")
+            console.print(f"{action} in {r['agreement_id']}: {detail}", markup=False)
+    if failures:
+        fail(
+            f"{action} failed in {len(failures)} of {len(results)} agreement(s): "
+            + "; ".join(failures),
+            2,
+        )
+
+
+KindOpt = Annotated[str, typer.Option(help="Identifier kind: email or phone.")]
+ColumnOpt = Annotated[str, typer.Option(help="Column of a CSV/Parquet file (default: the kind).")]
+AgreementsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--agreement", help="Agreement id (repeat; default: every agreement you are part of)."
+    ),
+]
+KeyFileOpt = Annotated[Path, typer.Option(help="Your X25519 private key (PEM).")]
+IdsArg = Annotated[Path, typer.Argument(help="Identifiers: a text file (one per line) or CSV.")]
+
+
+@partner_app.command()
+def withdraw(
+    file: IdsArg,
+    key_file: KeyFileOpt,
+    kind: KindOpt = "email",
+    column: ColumnOpt = "",
+    agreement: AgreementsOpt = None,
+    region: Annotated[str, typer.Option()] = "FR",
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
+) -> None:
+    """Withdraw consent: these people are excluded from every later release, at once."""
+    _consent_change(
+        "withdraw", file, kind, column, key_file, agreement, region, target, token, json_out
+    )
+
+
+@partner_app.command()
+def erase(
+    file: IdsArg,
+    key_file: KeyFileOpt,
+    kind: KindOpt = "email",
+    column: ColumnOpt = "",
+    agreement: AgreementsOpt = None,
+    region: Annotated[str, typer.Option()] = "FR",
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
+) -> None:
+    """Erase these people's rows from your stored datasets (and withdraw them)."""
+    _consent_change(
+        "erase", file, kind, column, key_file, agreement, region, target, token, json_out
+    )
 
 
 @partner_app.command("list")
@@ -272,7 +424,9 @@ def delete(
 def create_agreement(
     name: Annotated[str, typer.Option(help="Human-readable name.")],
     purpose: Annotated[str, typer.Option(help="Purpose every joined record must consent to.")],
-    dataset: Annotated[list[str], typer.Option(help="Dataset id (repeat: at least two).")],
+    dataset: Annotated[
+        list[str], typer.Option(help="PARTNER_ID:DATASET_NAME slot (repeat: at least two).")
+    ],
     analyst: Annotated[list[str], typer.Option(help="Analyst principal id (repeat).")],
     epsilon: Annotated[str, typer.Option(help="Total privacy budget (pure DP epsilon).")],
     max_rows: Annotated[int, typer.Option(help="Default max joined rows per person.")] = 10,
@@ -283,10 +437,16 @@ def create_agreement(
 ) -> None:
     """Create an agreement (admin)."""
     with connect(target, token) as client, friendly_errors():
+        slots = []
+        for text in dataset:
+            partner_id, _, dataset_name = text.partition(":")
+            if not partner_id or not dataset_name:
+                fail(f"--dataset {text!r}: expected PARTNER_ID:DATASET_NAME")
+            slots.append((partner_id, dataset_name))
         agreement = client.create_agreement(
             name=name,
             purpose=purpose,
-            dataset_ids=dataset,
+            datasets=slots,
             analyst_ids=analyst,
             total_epsilon=epsilon,
             max_rows_per_person=max_rows,
@@ -314,9 +474,11 @@ def list_agreements(
     for a in agreements:
         table.add_row(
             a.agreement_id,
-            a.name,
-            a.purpose,
-            ", ".join(a.dataset_ids),
+            escape(a.name),
+            escape(a.purpose),
+            escape(
+                ", ".join(f"{d.name} ({d.dataset_id or 'awaiting upload'})" for d in a.datasets)
+            ),
             a.budget.total_epsilon,
             a.budget.spent_epsilon,
             a.budget.remaining_epsilon,

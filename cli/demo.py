@@ -34,7 +34,7 @@ from entremise.partners.client import (
     query,
     where_in,
 )
-from entremise.partners.pseudonymise import new_key, save_key
+from entremise.partners.keys import generate_private_key, load_private_key, save_private_key
 from entremise.partners.synthetic import (
     AMOUNT_UPPER,
     BANK_SCHEMA,
@@ -76,7 +76,9 @@ def consented_join(bank: pd.DataFrame, panel: pd.DataFrame) -> pd.DataFrame:
     b = bank.assign(email=bank["email"].str.strip().str.lower())
     p = panel.assign(email=panel["email"].str.strip().str.lower())
     b = b[b["consent_analytics"]][["email", "segment"]]
-    p = p[p["consent_analytics"]][["email", "week", "category", "amount"]]
+    until = pd.to_datetime(p["consent_until"].replace("", None), utc=True)
+    valid = until.isna() | (until > pd.Timestamp.now(tz="UTC"))  # expired consent is no consent
+    p = p[p["consent_analytics"] & valid][["email", "week", "category", "amount"]]
     joined = p.merge(b, on="email", how="inner")
     # The hub clamps to the public bounds and counts in cents: the truth of the bounded query.
     joined["amount"] = joined["amount"].clip(0.0, AMOUNT_UPPER).round(2)
@@ -264,46 +266,18 @@ def run_demo(
         console.rule("[bold]Entremise demo")
         console.print(f"hub on SQLite at {hub.target} (workdir {root})")
         with Client.connect(hub.target, token=admin_token) as admin:
-            _, bank_token = admin.create_principal("Banque Exemple", "partner")
-            _, panel_token = admin.create_principal("Panel Conso Exemple", "partner")
+            bank_p, bank_token = admin.create_principal("Banque Exemple", "partner")
+            panel_p, panel_token = admin.create_principal("Panel Conso Exemple", "partner")
             analyst_p, analyst_token = admin.create_principal("Analyst", "analyst")
             _, officer_token = admin.create_principal("Compliance officer", "compliance")
             console.print(
                 "registered partners [bold]bank[/] and [bold]panel[/], an analyst and "
                 "a compliance officer"
             )
-
-            t = time.perf_counter()
-            n_bank, n_panel, overlap = SIZES[size]
-            data = generate(n_bank, n_panel, overlap)
-            data.bank.to_csv(partner_dir / "bank_clients.csv", index=False)
-            data.panel.to_csv(partner_dir / "panel_purchases.csv", index=False)
-            key_path = partner_dir / "matching.key"
-            save_key(new_key(), key_path)
-            key = bytes.fromhex(key_path.read_text().strip())
-            report.timings_s["generate"] = round(time.perf_counter() - t, 3)
-
-            t = time.perf_counter()
-            with Client.connect(hub.target, token=bank_token) as bank:
-                bank_up = bank.upload_dataset(
-                    "bank", partner_dir / "bank_clients.csv", BANK_SCHEMA, key=key
-                )
-            with Client.connect(hub.target, token=panel_token) as panel:
-                panel_up = panel.upload_dataset(
-                    "panel", partner_dir / "panel_purchases.csv", PANEL_SCHEMA, key=key
-                )
-            report.timings_s["pseudonymise_and_upload"] = round(time.perf_counter() - t, 3)
-            for who, up in (("bank", bank_up), ("panel", panel_up)):
-                console.print(
-                    f"{who}: uploaded {up.dataset.row_count:,} rows "
-                    f"({up.dataset.distinct_keys:,} pseudonyms, {up.bytes_sent:,} bytes); "
-                    f"not sent: {', '.join(up.dropped_columns) or '-'}"
-                )
-
             agreement = admin.create_agreement(
                 name="Bank x panel audience insights",
                 purpose=PURPOSE,
-                dataset_ids=[bank_up.dataset.dataset_id, panel_up.dataset.dataset_id],
+                datasets=[(bank_p.principal_id, "bank"), (panel_p.principal_id, "panel")],
                 analyst_ids=[analyst_p.principal_id],
                 total_epsilon=TOTAL_EPSILON,
                 max_rows_per_person=MAX_ROWS_PER_PERSON,
@@ -313,6 +287,42 @@ def run_demo(
                 f"agreement {agreement.agreement_id}: purpose '{PURPOSE}', "
                 f"budget epsilon {TOTAL_EPSILON}, <= {MAX_ROWS_PER_PERSON} rows per person"
             )
+
+        t = time.perf_counter()
+        n_bank, n_panel, overlap = SIZES[size]
+        data = generate(n_bank, n_panel, overlap)
+        data.bank.to_csv(partner_dir / "bank_clients.csv", index=False)
+        data.panel.to_csv(partner_dir / "panel_purchases.csv", index=False)
+        report.timings_s["generate"] = round(time.perf_counter() - t, 3)
+
+        t = time.perf_counter()
+        partners = (
+            ("bank", bank_token, BANK_SCHEMA, partner_dir / "bank_clients.csv"),
+            ("panel", panel_token, PANEL_SCHEMA, partner_dir / "panel_purchases.csv"),
+        )
+        for who, token, _, _ in partners:
+            # Each partner's X25519 key pair stays partner-side; only the public half is sent.
+            # The matching key is then derived from both public keys, bound to the agreement.
+            key = generate_private_key()
+            save_private_key(key, partner_dir / f"{who}.key")
+            with Client.connect(hub.target, token=token) as partner:
+                partner.publish_public_key(key)
+        for who, token, schema, source in partners:
+            with Client.connect(hub.target, token=token) as partner:
+                up = partner.upload_dataset(
+                    agreement.agreement_id,
+                    who,
+                    source,
+                    schema,
+                    private_key=load_private_key(partner_dir / f"{who}.key"),
+                )
+            dups = sum(d.duplicated_pseudonyms for d in up.dataset.duplicates)
+            console.print(
+                f"{who}: uploaded {up.dataset.row_count:,} rows "
+                f"({up.dataset.distinct_keys:,} pseudonyms, {dups:,} on several rows, "
+                f"{up.bytes_sent:,} bytes); not sent: {', '.join(up.dropped_columns) or '-'}"
+            )
+        report.timings_s["pseudonymise_and_upload"] = round(time.perf_counter() - t, 3)
         joined = consented_join(data.bank, data.panel)
 
         t = time.perf_counter()

@@ -9,22 +9,32 @@ from entremise.partners.client import (
     where_in,
     where_range,
 )
-from entremise.partners.pseudonymise import Pseudonymiser, load_key, new_key, save_key
-from entremise.partners.schema import Categorical, Numeric, UploadSchema
+from entremise.partners.keys import (
+    MatchingKeyError,
+    generate_private_key,
+    load_private_key,
+    public_bytes,
+    save_private_key,
+)
+from entremise.partners.pseudonymise import Pseudonymiser
+from entremise.partners.schema import Categorical, Consent, Numeric, UploadSchema
 
 __all__ = [
     "Categorical",
     "Client",
+    "Consent",
     "EntremiseRPCError",
+    "MatchingKeyError",
     "Numeric",
     "Pseudonymiser",
     "UploadResult",
     "UploadSchema",
     "aggregate",
-    "load_key",
-    "new_key",
+    "generate_private_key",
+    "load_private_key",
+    "public_bytes",
     "query",
-    "save_key",
+    "save_private_key",
     "where_in",
     "where_range",
 ]

@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
 import pandas as pd
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from entremise.partners.prepare import build_upload_table, encode, read_table
+from entremise.partners.keys import (
+    MatchingKeyError,
+    Participant,
+    Wrapped,
+    derive_pair_key,
+    public_bytes,
+    unwrap,
+    wrap_for_all,
+)
+from entremise.partners.prepare import (
+    build_upload_table,
+    encode,
+    pseudonymise_identifiers,
+    read_table,
+)
 from entremise.partners.schema import UploadSchema
 from entremise.v1 import (
     admin_service_pb2,
@@ -59,6 +74,15 @@ def _call(fn: Callable[[], T]) -> T:
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = exc.details() if hasattr(exc, "details") else str(exc)
         raise EntremiseRPCError(code, details or code.name) from None
+
+
+@dataclass(frozen=True)
+class MatchingKey:
+    """An agreement's matching key (secret, partner-side) and its public fingerprint."""
+
+    agreement_id: str
+    fingerprint: str
+    key: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -193,22 +217,97 @@ class Client:
 
     # -- partners -----------------------------------------------------------------------------
 
+    def publish_public_key(self, private_key: X25519PrivateKey) -> partner_service_pb2.PublicKey:
+        """Publish the public half of the partner's key pair (again = rotation)."""
+        return self._unary(
+            self._partner.PublishPublicKey,
+            partner_service_pb2.PublishPublicKeyRequest(public_key=public_bytes(private_key)),
+        ).key
+
+    def key_material(self, agreement_id: str) -> partner_service_pb2.GetKeyMaterialResponse:
+        """Public keys, fingerprint and wrapped key (if any) of an agreement."""
+        return self._unary(
+            self._partner.GetKeyMaterial,
+            partner_service_pb2.GetKeyMaterialRequest(agreement_id=agreement_id),
+        )
+
+    def matching_key(self, agreement_id: str, private_key: X25519PrivateKey) -> MatchingKey:
+        """Derive the agreement's matching key locally; the hub only relays public material."""
+        me = self.whoami().principal_id
+        material = self.key_material(agreement_id)
+        participants = [
+            Participant(p.principal_id, bytes(p.public_key)) for p in material.participants
+        ]
+        fingerprint = material.key_fingerprint
+        mine = [p for p in participants if p.principal_id == me]
+        if not mine or mine[0].public_key != public_bytes(private_key):
+            raise MatchingKeyError(
+                "this private key is not the one you published: publish it (rotation) or use "
+                "the right key file"
+            )
+        if len(participants) <= 2:
+            key = derive_pair_key(private_key, me, participants, agreement_id, fingerprint)
+            return MatchingKey(agreement_id, fingerprint, key)
+        leader = next(p for p in participants if p.principal_id == material.leader_id)
+        if not material.HasField("wrapped_for_caller"):
+            if me != material.leader_id:
+                raise MatchingKeyError(
+                    f"waiting for the key leader {material.leader_id} to distribute this "
+                    "agreement's matching key (any upload by the leader does it)"
+                )
+            key, sealed = wrap_for_all(private_key, participants, agreement_id, fingerprint)
+            try:
+                self._unary(
+                    self._partner.PublishWrappedKeys,
+                    partner_service_pb2.PublishWrappedKeysRequest(
+                        agreement_id=agreement_id,
+                        key_fingerprint=fingerprint,
+                        keys=[
+                            partner_service_pb2.WrappedKey(
+                                recipient_id=w.recipient_id, nonce=w.nonce, ciphertext=w.ciphertext
+                            )
+                            for w in sealed
+                        ],
+                    ),
+                )
+                return MatchingKey(agreement_id, fingerprint, key)
+            except EntremiseRPCError as exc:
+                if exc.status is not grpc.StatusCode.ALREADY_EXISTS:
+                    raise
+                material = self.key_material(agreement_id)  # another leader process won the race
+        wrapped = material.wrapped_for_caller
+        key = unwrap(
+            private_key,
+            me,
+            leader.public_key,
+            Wrapped(wrapped.recipient_id, bytes(wrapped.nonce), bytes(wrapped.ciphertext)),
+            agreement_id,
+            fingerprint,
+        )
+        return MatchingKey(agreement_id, fingerprint, key)
+
     def upload_dataset(
         self,
+        agreement_id: str,
         name: str,
         source: Path | pd.DataFrame,
         schema: UploadSchema,
         *,
-        key: bytes,
+        private_key: X25519PrivateKey,
         default_region: str = "FR",
         chunk_bytes: int = 1024 * 1024,
     ) -> UploadResult:
-        """Pseudonymise `source` locally with `key`, then stream it as Arrow IPC chunks."""
+        """Pseudonymise `source` locally under the agreement's key, then stream Arrow chunks."""
         frame = read_table(source) if isinstance(source, Path) else source
-        table = build_upload_table(frame, schema, key, default_region=default_region)
+        matching = self.matching_key(agreement_id, private_key)
+        table = build_upload_table(frame, schema, matching.key, default_region=default_region)
         encoded = encode(table)
         header = partner_service_pb2.UploadHeader(
-            name=name, schema=schema.to_proto(), content_sha256=encoded.sha256
+            agreement_id=agreement_id,
+            name=name,
+            schema=schema.to_proto(),
+            key_fingerprint=matching.fingerprint,
+            content_sha256=encoded.sha256,
         )
 
         def requests() -> Iterator[partner_service_pb2.UploadDatasetRequest]:
@@ -239,6 +338,48 @@ class Client:
             partner_service_pb2.DeleteDatasetRequest(dataset_id=dataset_id),
         )
 
+    def withdraw_consent(
+        self,
+        agreement_id: str,
+        identifiers: list[str],
+        kind: str,
+        *,
+        private_key: X25519PrivateKey,
+        default_region: str = "FR",
+    ) -> partner_service_pb2.WithdrawConsentResponse:
+        """Withdraw these people (raw identifiers, pseudonymised here) from the agreement."""
+        matching = self.matching_key(agreement_id, private_key)
+        pseudonyms = pseudonymise_identifiers(
+            identifiers, kind, matching.key, default_region=default_region
+        )
+        return self._unary(
+            self._partner.WithdrawConsent,
+            partner_service_pb2.WithdrawConsentRequest(
+                agreement_id=agreement_id, pseudonyms=pseudonyms
+            ),
+        )
+
+    def erase_records(
+        self,
+        agreement_id: str,
+        identifiers: list[str],
+        kind: str,
+        *,
+        private_key: X25519PrivateKey,
+        default_region: str = "FR",
+    ) -> partner_service_pb2.EraseRecordsResponse:
+        """Erase these people's rows from your stored datasets of the agreement."""
+        matching = self.matching_key(agreement_id, private_key)
+        pseudonyms = pseudonymise_identifiers(
+            identifiers, kind, matching.key, default_region=default_region
+        )
+        return self._unary(
+            self._partner.EraseRecords,
+            partner_service_pb2.EraseRecordsRequest(
+                agreement_id=agreement_id, pseudonyms=pseudonyms
+            ),
+        )
+
     # -- agreements ---------------------------------------------------------------------------
 
     def create_agreement(
@@ -246,17 +387,17 @@ class Client:
         *,
         name: str,
         purpose: str,
-        dataset_ids: Sequence[str],
+        datasets: Sequence[tuple[str, str]],
         analyst_ids: Sequence[str],
         total_epsilon: str,
         max_rows_per_person: int = 0,
         max_groups_per_person: int = 0,
     ) -> agreement_service_pb2.Agreement:
-        """Admin: create an agreement with its total budget."""
+        """Admin: an agreement with (partner id, dataset name) slots and its total budget."""
         request = agreement_service_pb2.CreateAgreementRequest(
             name=name,
             purpose=purpose,
-            dataset_ids=list(dataset_ids),
+            datasets=[agreement_service_pb2.DatasetSlot(partner_id=p, name=n) for p, n in datasets],
             analyst_ids=list(analyst_ids),
             total_epsilon=total_epsilon,
             max_rows_per_person=max_rows_per_person,

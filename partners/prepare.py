@@ -65,10 +65,24 @@ def _numbers(series: pd.Series, column: str) -> pa.Array:
     return pa.array(values.astype("float64"), from_pandas=True)
 
 
+def _expiry(series: pd.Series, column: str) -> pa.Array:
+    text = series.astype("string").str.strip()
+    parsed = pd.to_datetime(
+        text.where(text != "", None), utc=True, errors="coerce", format="ISO8601"
+    )
+    bad = parsed.isna() & text.notna() & (text != "")
+    if bad.any():
+        raise PrepareError(
+            f"consent expiry column {column!r} has {int(bad.sum())} values that are not "
+            "ISO 8601 dates or timestamps"
+        )
+    return pa.array(parsed, pa.timestamp("us", tz="UTC"), from_pandas=True)
+
+
 def build_upload_table(
     frame: pd.DataFrame, schema: UploadSchema, key: bytes, *, default_region: str = "FR"
 ) -> pa.Table:
-    """Pseudonymise the key column and keep only declared, identifier-free columns."""
+    """Pseudonymise the key columns and keep only declared, identifier-free columns."""
     missing = [c for c in schema.sent_columns if c not in frame.columns]
     if missing:
         raise PrepareError(
@@ -76,22 +90,36 @@ def build_upload_table(
         )
     if frame.empty:
         raise PrepareError("the file has no data rows")
-    try:
-        pseudonyms = Pseudonymiser(key).pseudonymise(
-            frame[schema.key_column].tolist(), schema.key_kind, default_region=default_region
-        )
-    except IdentifierError as exc:
-        raise PrepareError(f"key column {schema.key_column!r}: {exc}") from None
-    arrays: dict[str, pa.Array] = {schema.key_column: pa.array(pseudonyms, pa.string())}
-    for column in schema.consents.values():
-        arrays[column] = _booleans(frame[column], column)
+    pseudonymiser = Pseudonymiser(key)
+    arrays: dict[str, pa.Array] = {}
+    several = len(schema.keys) > 1
+    for column, kind in schema.keys.items():
+        try:
+            pseudonyms = pseudonymiser.pseudonymise(
+                frame[column].tolist(), kind, default_region=default_region, allow_empty=several
+            )
+        except IdentifierError as exc:
+            raise PrepareError(f"key column {column!r}: {exc}") from None
+        arrays[column] = pa.array(pseudonyms, pa.string())
+    if several:
+        present = pd.concat(
+            [frame[c].astype("string").str.strip().fillna("") != "" for c in schema.keys], axis=1
+        ).any(axis=1)
+        if not present.all():
+            raise PrepareError(f"{int((~present).sum())} rows have no identifier in any key column")
+    for consent in schema.consents.values():
+        arrays[consent.column] = _booleans(frame[consent.column], consent.column)
+        if consent.expiry_column:
+            arrays[consent.expiry_column] = _expiry(
+                frame[consent.expiry_column], consent.expiry_column
+            )
     for name, spec in schema.columns.items():
         series = frame[name]
         raw = looks_like_raw_identifier(series.tolist(), numeric=not isinstance(spec, Categorical))
         if raw:
             raise PrepareError(
                 f"column {name!r} still looks like it holds raw identifiers ({raw}); "
-                "refusing to send it: drop it or make it the pseudonymised key"
+                "refusing to send it: drop it or declare it as a key column"
             )
         if isinstance(spec, Categorical):
             if series.isna().any():
@@ -102,6 +130,19 @@ def build_upload_table(
         else:
             arrays[name] = _numbers(series, name)
     return pa.table(arrays)
+
+
+def pseudonymise_identifiers(
+    identifiers: list[str], kind: str, key: bytes, *, default_region: str = "FR"
+) -> list[str]:
+    """Pseudonyms of raw identifiers, exactly as uploads derive them (blank entries skipped)."""
+    try:
+        out = Pseudonymiser(key).pseudonymise(
+            identifiers, kind, default_region=default_region, allow_empty=True
+        )
+    except IdentifierError as exc:
+        raise PrepareError(str(exc)) from None
+    return [p for p in out if p is not None]
 
 
 @dataclass(frozen=True)

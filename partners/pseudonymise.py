@@ -1,20 +1,18 @@
 """Partner-side identifier normalisation and keyed pseudonymisation (HMAC-SHA256).
 
-The key never leaves the partners: the hub receives only 64-hex pseudonyms. Partners of one
-agreement share the key out of band, so equal identifiers give equal pseudonyms.
+The matching key never leaves the partners (see `keys`): the hub receives only 64-hex
+pseudonyms. The identifier kind is hashed with the value ("email:..." vs "phone:..."), so an
+email and a phone number can never collide, and people can match on any of their identifiers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-import secrets
 from collections.abc import Iterable
-from pathlib import Path
 
 import phonenumbers
 
-KEY_BYTES = 32
 EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _EMAIL_SEARCH = re.compile(r"[^@\s]+@[^@\s]+\.[a-zA-Z]{2,}")
 _PHONE_SEARCH = re.compile(r"^\+?[\d\s().\-]{8,20}$")
@@ -24,28 +22,6 @@ _PHONE_IN_NUMBERS = re.compile(r"^\s*(\+|00|0[1-9])[\d\s().\-]{7,20}$")
 
 class IdentifierError(ValueError):
     """Identifiers that cannot be normalised (row numbers are reported, never values)."""
-
-
-def new_key() -> bytes:
-    """A fresh 256-bit matching key."""
-    return secrets.token_bytes(KEY_BYTES)
-
-
-def save_key(key: bytes, path: Path) -> None:
-    """Write a key as hex, readable by its owner only."""
-    path.touch(mode=0o600, exist_ok=True)
-    path.write_text(key.hex() + "\n")
-
-
-def load_key(path: Path) -> bytes:
-    """Read a hex key written by save_key."""
-    try:
-        key = bytes.fromhex(path.read_text().strip())
-    except ValueError:
-        raise IdentifierError(f"{path} does not hold a hex key") from None
-    if len(key) < 16:
-        raise IdentifierError(f"{path}: the key must be at least 16 bytes")
-    return key
 
 
 def normalise_email(value: str) -> str:
@@ -89,20 +65,32 @@ class Pseudonymiser:
         return outer.hexdigest()
 
     def pseudonymise(
-        self, values: Iterable[object], kind: str, *, default_region: str = "FR"
-    ) -> list[str]:
-        """Normalise then hash every identifier; report bad rows by number, never by value."""
-        out: list[str] = []
+        self,
+        values: Iterable[object],
+        kind: str,
+        *,
+        default_region: str = "FR",
+        allow_empty: bool = False,
+    ) -> list[str | None]:
+        """Normalise then hash every identifier; report bad rows by number, never by value.
+
+        With `allow_empty`, empty cells give None (the row is identified by another column).
+        """
+        out: list[str | None] = []
         bad: list[int] = []
+        prefix = f"{kind}:"
         normalise = (
             normalise_email if kind == "email" else (lambda v: normalise_phone(v, default_region))
         )
         for row, value in enumerate(values):
             if not isinstance(value, str) or not value.strip():
-                bad.append(row)
+                if allow_empty:
+                    out.append(None)
+                else:
+                    bad.append(row)
                 continue
             try:
-                out.append(self.pseudonym(normalise(value)))
+                out.append(self.pseudonym(prefix + normalise(value)))
             except IdentifierError:
                 bad.append(row)
         if bad:

@@ -3,8 +3,9 @@
 Example::
 
     {
-      "key": {"column": "email", "kind": "email"},
-      "consents": {"audience_insights": "consent_analytics"},
+      "keys": [{"column": "email", "kind": "email"}, {"column": "phone", "kind": "phone"}],
+      "consents": {"audience_insights": "consent_analytics",
+                   "marketing": {"column": "consent_marketing", "expiry": "marketing_until"}},
       "columns": {
         "segment": {"categories": ["mass", "affluent", "private"]},
         "investable_assets": {"lower": 0, "upper": 2000000, "resolution": 1}
@@ -43,19 +44,42 @@ class Categorical:
 
 
 @dataclass(frozen=True)
-class UploadSchema:
-    """Join key, per-purpose consent columns and attribute domains of one dataset."""
+class Consent:
+    """Consent column of one purpose, with an optional expiry (date/timestamp) column."""
 
-    key_column: str
-    key_kind: str  # "email" | "phone"
-    consents: dict[str, str]  # purpose -> boolean column
+    column: str
+    expiry_column: str = ""
+
+
+@dataclass(frozen=True)
+class UploadSchema:
+    """Identifier keys, per-purpose consent columns and attribute domains of one dataset."""
+
+    keys: dict[str, str]  # column -> "email" | "phone"
+    consents: dict[str, Consent]  # purpose -> consent column(s)
     columns: dict[str, Numeric | Categorical] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise SchemaError("declare at least one key column")
+        for column, kind in self.keys.items():
+            if kind not in ("email", "phone"):
+                raise SchemaError(f"key column {column!r}: kind must be 'email' or 'phone'")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UploadSchema:
-        """Parse the JSON form shown in the module docstring."""
+        """Parse the JSON form shown in the module docstring ("key" for a single key works too)."""
         try:
-            key = data["key"]
+            key_specs = data["keys"] if "keys" in data else [data["key"]]
+            keys = {str(k["column"]): str(k.get("kind", "email")) for k in key_specs}
+            consents: dict[str, Consent] = {}
+            for purpose, spec in data["consents"].items():
+                if isinstance(spec, dict):
+                    consents[str(purpose)] = Consent(
+                        str(spec["column"]), str(spec.get("expiry", ""))
+                    )
+                else:
+                    consents[str(purpose)] = Consent(str(spec))
             columns: dict[str, Numeric | Categorical] = {}
             for name, spec in data.get("columns", {}).items():
                 if "categories" in spec:
@@ -66,17 +90,9 @@ class UploadSchema:
                         float(spec["upper"]),
                         float(spec.get("resolution", 0.01)),
                     )
-            schema = cls(
-                str(key["column"]),
-                str(key.get("kind", "email")),
-                {str(p): str(c) for p, c in data["consents"].items()},
-                columns,
-            )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SchemaError(f"invalid schema: missing or malformed field {exc}") from None
-        if schema.key_kind not in ("email", "phone"):
-            raise SchemaError("key.kind must be 'email' or 'phone'")
-        return schema
+        return cls(keys, consents, columns)
 
     @classmethod
     def load(cls, path: Path) -> UploadSchema:
@@ -101,21 +117,31 @@ class UploadSchema:
                     "upper": spec.upper,
                     "resolution": spec.resolution,
                 }
+        consents: dict[str, Any] = {
+            purpose: (
+                {"column": c.column, "expiry": c.expiry_column} if c.expiry_column else c.column
+            )
+            for purpose, c in self.consents.items()
+        }
         return {
-            "key": {"column": self.key_column, "kind": self.key_kind},
-            "consents": dict(self.consents),
+            "keys": [{"column": c, "kind": k} for c, k in self.keys.items()],
+            "consents": consents,
             "columns": columns,
         }
 
     def to_proto(self) -> common_pb2.DatasetSchema:
         """The wire form."""
-        kind = {
+        kinds = {
             "email": common_pb2.IDENTIFIER_KIND_EMAIL,
             "phone": common_pb2.IDENTIFIER_KIND_PHONE,
-        }[self.key_kind]
-        msg = common_pb2.DatasetSchema(key_column=self.key_column, key_kind=kind)
-        for purpose, column in self.consents.items():
-            msg.consents.add(purpose=purpose, column=column)
+        }
+        msg = common_pb2.DatasetSchema()
+        for column, kind in self.keys.items():
+            msg.keys.add(column=column, kind=kinds[kind])
+        for purpose, consent in self.consents.items():
+            msg.consents.add(
+                purpose=purpose, column=consent.column, expiry_column=consent.expiry_column
+            )
         for name, spec in self.columns.items():
             if isinstance(spec, Categorical):
                 msg.columns.add(
@@ -132,6 +158,16 @@ class UploadSchema:
         return msg
 
     @property
+    def consent_columns(self) -> list[str]:
+        """Consent and expiry columns."""
+        out: list[str] = []
+        for consent in self.consents.values():
+            out.append(consent.column)
+            if consent.expiry_column:
+                out.append(consent.expiry_column)
+        return out
+
+    @property
     def sent_columns(self) -> list[str]:
-        """Columns that leave the partner (the key only as a pseudonym)."""
-        return [self.key_column, *self.consents.values(), *self.columns]
+        """Columns that leave the partner (identifiers only as pseudonyms)."""
+        return [*self.keys, *self.consent_columns, *self.columns]

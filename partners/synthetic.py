@@ -1,8 +1,9 @@
 """Synthetic demo data: a retail bank's clients and a consumer panel's weekly purchases.
 
 The two files overlap partially (the same people under differently formatted emails), some
-people refused consent, and the panel has several rows per person, so the demo exercises
-normalisation, consent filtering, the join and contribution bounding. Everything is fictitious.
+people refused consent or let it expire, the bank knows an email and a phone per client, and
+the panel has several rows per person, so the demo exercises normalisation, identity linking,
+consent filtering, the join and contribution bounding. Everything is fictitious.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from entremise.partners.schema import Categorical, Numeric, UploadSchema
+from entremise.partners.schema import Categorical, Consent, Numeric, UploadSchema
 
 PURPOSE = "audience_insights"
 SEGMENTS = ("mass", "affluent", "private")
@@ -23,9 +24,8 @@ ASSETS_UPPER = 2_000_000.0
 AMOUNT_UPPER = 300.0
 
 BANK_SCHEMA = UploadSchema(
-    key_column="email",
-    key_kind="email",
-    consents={PURPOSE: "consent_analytics", "marketing": "consent_marketing"},
+    keys={"email": "email", "phone": "phone"},
+    consents={PURPOSE: Consent("consent_analytics"), "marketing": Consent("consent_marketing")},
     columns={
         "segment": Categorical(SEGMENTS),
         "investable_assets": Numeric(0.0, ASSETS_UPPER, 1.0),
@@ -33,9 +33,8 @@ BANK_SCHEMA = UploadSchema(
 )
 
 PANEL_SCHEMA = UploadSchema(
-    key_column="email",
-    key_kind="email",
-    consents={PURPOSE: "consent_analytics"},
+    keys={"email": "email"},
+    consents={PURPOSE: Consent("consent_analytics", expiry_column="consent_until")},
     columns={
         "week": Categorical(tuple(f"w{w:02d}" for w in range(1, WEEKS + 1))),
         "category": Categorical(CATEGORIES),
@@ -142,6 +141,10 @@ def generate(
     spend_level = np.ones(n_bank + n_panel)
     spend_level[bank_ids] = np.array([1.0, 1.6, 2.2])[segment_index]
     consent = rng.random(len(panel_ids)) < 0.85
+    # Consent given until a date: 10% already expired (counts as no consent), 30% still valid.
+    horizon = rng.random(len(panel_ids))
+    until = np.where(horizon < 0.10, "2024-06-30", np.where(horizon < 0.40, "2099-12-31", ""))
+    until_by_person = dict(zip(panel_ids.tolist(), until.tolist(), strict=True))
     rows: list[tuple[int, str, str, float, bool]] = []
     category_mean = np.array([45.0, 30.0, 120.0, 60.0, 150.0, 40.0])
     for person, ok in zip(panel_ids.tolist(), consent.tolist(), strict=True):
@@ -171,6 +174,7 @@ def generate(
             "category": frame["category"],
             "amount": frame["amount"],
             "consent_analytics": frame["consent_analytics"],
+            "consent_until": frame["person"].map(until_by_person),
         }
     )
     return SyntheticData(bank=bank, panel=panel)

@@ -166,8 +166,10 @@ def serve(config: HubConfig, *, port_file: Path | None = None, announce_json: bo
     if port_file is not None:
         port_file.write_text(f"{running.port}\n")
     if announce_json:
-        print(json.dumps({"listening": f"{host}:{running.port}", "db": _redacted(config.db_url)}),
-              flush=True)
+        print(
+            json.dumps({"listening": f"{host}:{running.port}", "db": _redacted(config.db_url)}),
+            flush=True,
+        )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -1,26 +1,34 @@
 """Exact, contribution-bounded aggregates of the consented join, computed by DuckDB over Parquet.
 
-Pipeline (one SQL statement):
-1. each dataset keeps only rows whose consent column for the agreement's purpose is true;
-2. inner join on the pseudonym, then the analyst's filters;
-3. bound each person's contribution AFTER the join: at most `max_groups_per_person` group
+Pipeline:
+1. each dataset keeps only rows whose consent for the agreement's purpose is true and not
+   expired;
+2. people are identified: with one identifier per dataset the pseudonym is the person; with
+   several (e.g. email and phone), pseudonyms seen on one row are linked and each connected
+   component is one person ("match on any");
+3. people who withdrew consent (any of their pseudonyms) are removed from every dataset;
+4. inner join on the person, then the analyst's filters;
+5. bound each person's contribution AFTER the join: at most `max_groups_per_person` group
    cells, then at most `max_rows_per_person` rows. The choice is pseudo-random per person
-   (a hash of the pseudonym and the row), depends only on that person's own rows, and is
+   (a hash of the person and the row), depends only on that person's own rows, and is
    stable across runs, so it adds no sensitivity;
-4. clamp numeric values to their public bounds, in integer units of the declared resolution;
-5. aggregate per public group cell; cells with no row are reported as zero.
+6. clamp numeric values to their public bounds, in integer units of the declared resolution;
+7. aggregate per public group cell; cells with no row are reported as zero.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Collection
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 from entremise.server.domain.models import (
     ColumnRef,
+    Dataset,
     ExactAggregates,
     FilterOp,
     NumericColumn,
@@ -28,17 +36,89 @@ from entremise.server.domain.models import (
 )
 from entremise.server.domain.ports import AggregationEngine
 
+MAX_LINK_ITERATIONS = 64
+
 
 def _alias(ref: ColumnRef) -> str:
     return f"d{ref.dataset_index}_{ref.column.name}"
 
 
-def _literal_path(path: str) -> str:
-    return "'" + path.replace("'", "''") + "'"
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
-def build_sql(plan: QueryPlan, paths: list[str]) -> tuple[str, list[Any]]:
-    """SQL text and parameters computing the exact bounded aggregates of `plan`."""
+def _consent_filter(dataset: Dataset, purpose: str, now: str, prefix: str = "") -> str:
+    """Consent to `purpose` holds and has not expired at `now`."""
+    consent = dataset.schema.consent(purpose)
+    assert consent is not None
+    condition = f'{prefix}"{consent.column}"'
+    if consent.expiry_column:
+        expiry = f'{prefix}"{consent.expiry_column}"'
+        condition += f" AND ({expiry} IS NULL OR {expiry} > CAST({_literal(now)} AS TIMESTAMPTZ))"
+    return condition
+
+
+def linked(plan: QueryPlan) -> bool:
+    """Whether people must be linked across several identifier columns."""
+    return any(len(d.schema.keys) > 1 for d in plan.datasets)
+
+
+def link_people(
+    conn: duckdb.DuckDBPyConnection, plan: QueryPlan, paths: list[str], now: str
+) -> int:
+    """Create table `person(node, label)`: each pseudonym's connected component (min label).
+
+    Iterative min-label propagation over the graph whose edges join pseudonyms found on one
+    consented row; converges in (component diameter) rounds. Returns the rounds used.
+    """
+    pairs = []
+    for dataset, path in zip(plan.datasets, paths, strict=True):
+        keys = dataset.schema.key_columns
+        where = _consent_filter(dataset, plan.agreement.purpose, now)
+        for other in keys[1:]:
+            pairs.append(
+                f'SELECT "{keys[0]}" AS a, "{other}" AS b FROM read_parquet({_literal(path)}) '
+                f'WHERE {where} AND "{keys[0]}" IS NOT NULL AND "{other}" IS NOT NULL'
+            )
+        # Rows without the first identifier still link their other identifiers together.
+        for i, first in enumerate(keys[1:], start=1):
+            for other in keys[i + 1 :]:
+                pairs.append(
+                    f'SELECT "{first}" AS a, "{other}" AS b FROM read_parquet({_literal(path)}) '
+                    f'WHERE {where} AND "{first}" IS NOT NULL AND "{other}" IS NOT NULL'
+                )
+    if not pairs:
+        conn.execute("CREATE TEMP TABLE person (node VARCHAR, label VARCHAR)")
+        return 0
+    conn.execute(f"CREATE TEMP TABLE e1 AS {' UNION '.join(pairs)}")
+    conn.execute("CREATE TEMP TABLE edge AS SELECT a, b FROM e1 UNION SELECT b, a FROM e1")
+    conn.execute(
+        "CREATE TEMP TABLE person AS SELECT a AS node, least(a, min(b)) AS label "
+        "FROM edge GROUP BY a"
+    )
+    for rounds in range(1, MAX_LINK_ITERATIONS + 1):
+        conn.execute(
+            "CREATE TEMP TABLE nxt AS SELECT p.node, least(p.label, min(q.label)) AS label "
+            "FROM person p JOIN edge e ON e.a = p.node JOIN person q ON q.node = e.b "
+            "GROUP BY p.node, p.label"
+        )
+        changed = conn.execute(
+            "SELECT count(*) FROM nxt JOIN person USING (node) WHERE nxt.label < person.label"
+        ).fetchone()
+        conn.execute("DROP TABLE person")
+        conn.execute("ALTER TABLE nxt RENAME TO person")
+        if changed is None or changed[0] == 0:
+            return rounds
+    raise RuntimeError("identity linking did not converge")  # pragma: no cover
+
+
+def build_sql(
+    plan: QueryPlan, paths: list[str], *, now: str, person_table: bool
+) -> tuple[str, list[Any]]:
+    """SQL text and parameters computing the exact bounded aggregates of `plan`.
+
+    Expects a table `withdrawn(pseudonym)` and, when `person_table`, `person(node, label)`.
+    """
     params: list[Any] = []
     purpose = plan.agreement.purpose
     needed: dict[int, set[str]] = {i: set() for i in range(len(plan.datasets))}
@@ -51,19 +131,34 @@ def build_sql(plan: QueryPlan, paths: list[str]) -> tuple[str, list[Any]]:
         needed[ref.dataset_index].add(ref.column.name)
 
     ctes = []
-    for i, (dataset, path) in enumerate(zip(plan.datasets, paths, strict=True)):
-        consent = dataset.schema.consent_column(purpose)
-        assert consent is not None
-        cols = ", ".join(f'"{c}" AS d{i}_{c}' for c in sorted(needed[i]))
-        select = f'"{dataset.schema.key_column}" AS pid' + (f", {cols}" if cols else "")
+    if person_table:
         ctes.append(
-            f'd{i} AS (SELECT {select} FROM read_parquet({_literal_path(path)}) WHERE "{consent}")'
+            "gone AS (SELECT DISTINCT coalesce(p.label, w.pseudonym) AS pid "
+            "FROM withdrawn w LEFT JOIN person p ON p.node = w.pseudonym)"
+        )
+    else:
+        ctes.append("gone AS (SELECT DISTINCT pseudonym AS pid FROM withdrawn)")
+    for i, (dataset, path) in enumerate(zip(plan.datasets, paths, strict=True)):
+        keys = dataset.schema.key_columns
+        cols = "".join(f', t."{c}" AS d{i}_{c}' for c in sorted(needed[i]))
+        joins = ""
+        if person_table:
+            parts = []
+            for n, key in enumerate(keys):
+                joins += f' LEFT JOIN person l{n} ON l{n}.node = t."{key}"'
+                parts += [f"l{n}.label", f't."{key}"']
+            pid = f"coalesce({', '.join(parts)})"
+        else:
+            pid = f't."{keys[0]}"'
+        ctes.append(
+            f"d{i} AS (SELECT {pid} AS pid{cols} FROM read_parquet({_literal(path)}) t{joins} "
+            f"WHERE {_consent_filter(dataset, purpose, now, 't.')})"
         )
     join = "d0" + "".join(f" JOIN d{i} USING (pid)" for i in range(1, len(plan.datasets)))
     aliases = [f"d{i}_{c}" for i in sorted(needed) for c in sorted(needed[i])]
     columns = ", ".join(["pid", *aliases])
 
-    where = []
+    where = ["pid NOT IN (SELECT pid FROM gone)"]
     for f in plan.filters:
         alias = _alias(f.ref)
         if f.op in (FilterOp.IN, FilterOp.NOT_IN):
@@ -73,11 +168,7 @@ def build_sql(plan: QueryPlan, paths: list[str]) -> tuple[str, list[Any]]:
         else:
             where.append(f"{alias} {'>=' if f.op is FilterOp.GE else '<='} ?")
             params.append(f.threshold)
-    ctes.append(
-        f"j AS (SELECT {columns} FROM {join}"
-        + (f" WHERE {' AND '.join(where)}" if where else "")
-        + ")"
-    )
+    ctes.append(f"j AS (SELECT {columns} FROM {join} WHERE {' AND '.join(where)})")
 
     groups = [_alias(r) for r in plan.group_by]
     source = "j"
@@ -132,28 +223,37 @@ class DuckDBEngine(AggregationEngine):
         self.threads = threads or max(1, os.cpu_count() or 1)
         self.memory_limit = memory_limit
 
-    def compute(self, plan: QueryPlan, paths: list[str]) -> ExactAggregates:  # noqa: D102
-        sql, params = build_sql(plan, paths)
+    def compute(  # noqa: D102
+        self, plan: QueryPlan, paths: list[str], withdrawn: Collection[str], now: str
+    ) -> ExactAggregates:
         config: dict[str, Any] = {"threads": self.threads}
         if self.memory_limit:
             config["memory_limit"] = self.memory_limit
         with duckdb.connect(config=config) as conn:
+            gone = pa.table({"pseudonym": pa.array(sorted(withdrawn), pa.string())})
+            conn.register("withdrawn", gone)
+            person_table = linked(plan)
+            if person_table:
+                link_people(conn, plan, paths, now)
+            sql, params = build_sql(plan, paths, now=now, person_table=person_table)
             rows = conn.execute(sql, params).fetchall()
-        n_groups = len(plan.group_by)
-        index = {key: i for i, key in enumerate(plan.group_keys)}
-        size = len(plan.group_keys)
-        people, n_rows = [0] * size, [0] * size
-        numeric = [a.ref for a in plan.aggregates if a.ref is not None]
-        names = list(dict.fromkeys(r.qualified for r in numeric))
-        sums = {n: [0] * size for n in names}
-        value_rows = {n: [0] * size for n in names}
-        for row in rows:
-            key = tuple(str(v) for v in row[:n_groups])
-            cell = index.get(key)
-            if cell is None:  # excluded by a NOT IN / IN filter on another column: not a public key
-                continue
-            people[cell], n_rows[cell] = int(row[n_groups]), int(row[n_groups + 1])
-            for j, name in enumerate(names):
-                sums[name][cell] = int(row[n_groups + 2 + 2 * j])
-                value_rows[name][cell] = int(row[n_groups + 3 + 2 * j])
-        return ExactAggregates(people=people, rows=n_rows, sums=sums, value_rows=value_rows)
+        return _collect(plan, rows)
+
+
+def _collect(plan: QueryPlan, rows: list[tuple[Any, ...]]) -> ExactAggregates:
+    n_groups = len(plan.group_by)
+    index = {key: i for i, key in enumerate(plan.group_keys)}
+    size = len(plan.group_keys)
+    people, n_rows = [0] * size, [0] * size
+    names = list(dict.fromkeys(a.ref.qualified for a in plan.aggregates if a.ref is not None))
+    sums = {n: [0] * size for n in names}
+    value_rows = {n: [0] * size for n in names}
+    for row in rows:
+        cell = index.get(tuple(str(v) for v in row[:n_groups]))
+        if cell is None:  # excluded by a filter on another column: not a public key
+            continue
+        people[cell], n_rows[cell] = int(row[n_groups]), int(row[n_groups + 1])
+        for j, name in enumerate(names):
+            sums[name][cell] = int(row[n_groups + 2 + 2 * j])
+            value_rows[name][cell] = int(row[n_groups + 3 + 2 * j])
+    return ExactAggregates(people=people, rows=n_rows, sums=sums, value_rows=value_rows)

@@ -14,7 +14,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from entremise.server.domain.errors import InvalidArgumentError, ResourceLimitError
-from entremise.server.domain.models import CategoricalColumn, DatasetSchema, NumericColumn
+from entremise.server.domain.models import (
+    CategoricalColumn,
+    DatasetSchema,
+    DuplicateReport,
+    NumericColumn,
+)
 from entremise.server.domain.ports import DatasetFiles, IngestResult
 
 PSEUDONYM_REGEX = r"^[0-9a-f]{64}$"
@@ -53,36 +58,54 @@ def validate_table(table: pa.Table, schema: DatasetSchema, *, max_rows: int) -> 
         raise ResourceLimitError(f"the upload has {table.num_rows} rows; the limit is {max_rows}")
 
     out: dict[str, pa.ChunkedArray] = {}
-    key = _plain(table.column(schema.key_column))
-    if not _is_string(key.type):
-        raise InvalidArgumentError(
-            f"key column {schema.key_column!r} must hold pseudonyms (strings)"
-        )
-    if key.null_count:
-        raise InvalidArgumentError(
-            f"key column {schema.key_column!r} has {key.null_count} empty values"
-        )
-    bad = len(key) - pc.sum(pc.match_substring_regex(key, PSEUDONYM_REGEX)).as_py()
-    if bad:
-        raw = pc.sum(pc.match_substring(key, "@")).as_py() or 0
-        hint = f"; {raw} contain '@' (raw emails?)" if raw else ""
-        raise InvalidArgumentError(
-            f"key column {schema.key_column!r}: {bad} values are not pseudonyms "
-            f"(64 lowercase hex chars of HMAC-SHA256){hint}; pseudonymise before upload"
-        )
-    out[schema.key_column] = key.cast(pa.string())
+    present_any = None
+    for key_spec in schema.keys:
+        name = key_spec.column
+        key = _plain(table.column(name))
+        if not _is_string(key.type):
+            raise InvalidArgumentError(f"key column {name!r} must hold pseudonyms (strings)")
+        valid = pc.match_substring_regex(key, PSEUDONYM_REGEX)
+        bad = (len(key) - key.null_count) - (pc.sum(valid).as_py() or 0)
+        if bad:
+            raw = pc.sum(pc.match_substring(key, "@")).as_py() or 0
+            phone_like = pc.sum(pc.match_substring_regex(key, r"^\+?[0-9 ().-]{6,}$")).as_py() or 0
+            hint = f"; {raw} contain '@' (raw emails?)" if raw else ""
+            hint += f"; {phone_like} look like phone numbers" if phone_like else ""
+            raise InvalidArgumentError(
+                f"key column {name!r}: {bad} values are not pseudonyms "
+                f"(64 lowercase hex chars of HMAC-SHA256){hint}; pseudonymise before upload"
+            )
+        present = pc.is_valid(key)
+        present_any = present if present_any is None else pc.or_(present_any, present)
+        out[name] = key.cast(pa.string())
+    assert present_any is not None
+    keyless = len(table) - (pc.sum(present_any).as_py() or 0)
+    if keyless:
+        raise InvalidArgumentError(f"{keyless} rows have no identifier in any key column")
 
-    for _purpose, column in schema.consents:
-        values = _plain(table.column(column))
+    for consent in schema.consents:
+        values = _plain(table.column(consent.column))
         if not pa.types.is_boolean(values.type):
             raise InvalidArgumentError(
-                f"consent column {column!r} must be boolean, got {values.type}"
+                f"consent column {consent.column!r} must be boolean, got {values.type}"
             )
         if values.null_count:
             raise InvalidArgumentError(
-                f"consent column {column!r} has {values.null_count} empty values"
+                f"consent column {consent.column!r} has {values.null_count} empty values"
             )
-        out[column] = values
+        out[consent.column] = values
+        if consent.expiry_column:
+            expiry = _plain(table.column(consent.expiry_column))
+            if pa.types.is_date(expiry.type):
+                expiry = expiry.cast(pa.timestamp("s")).cast(pa.timestamp("us", tz="UTC"))
+            elif pa.types.is_timestamp(expiry.type):
+                expiry = expiry.cast(pa.timestamp("us", tz=expiry.type.tz or "UTC"))
+            else:
+                raise InvalidArgumentError(
+                    f"consent expiry column {consent.expiry_column!r} must be a date or "
+                    f"timestamp, got {expiry.type}"
+                )
+            out[consent.expiry_column] = expiry
 
     for col in schema.columns:
         values = _plain(table.column(col.name))
@@ -116,6 +139,45 @@ def validate_table(table: pa.Table, schema: DatasetSchema, *, max_rows: int) -> 
             values = values.cast(pa.string())
         out[col.name] = values
     return pa.table(out)
+
+
+def _stats(table: pa.Table, schema: DatasetSchema, sha256: str, size: int) -> IngestResult:
+    """Row and pseudonym counts, and the duplicate-key report of each key column."""
+    duplicates: list[DuplicateReport] = []
+    distinct: set[str] = set()
+    max_rows = 0
+    for key in schema.key_columns:
+        column = table.column(key).drop_null()
+        counts = pc.value_counts(column)
+        if len(counts) == 0:
+            continue
+        values, n = counts.field("values"), counts.field("counts")
+        repeated = pc.greater(n, 1)
+        duplicates.append(
+            DuplicateReport(
+                column=key,
+                duplicated_pseudonyms=int(pc.sum(repeated).as_py() or 0),
+                rows_involved=int(pc.sum(pc.filter(n, repeated)).as_py() or 0),
+                max_rows_per_pseudonym=int(pc.max(n).as_py()),
+            )
+        )
+        max_rows = max(max_rows, int(pc.max(n).as_py()))
+        if len(schema.keys) > 1:
+            distinct.update(values.to_pylist())
+    distinct_keys = (
+        len(distinct)
+        if len(schema.keys) > 1
+        else (len(pc.unique(table.column(schema.key_columns[0]).drop_null())))
+    )
+    return IngestResult(
+        row_count=table.num_rows,
+        distinct_keys=distinct_keys,
+        # With several identifiers per row, a person's rows are only known after linking.
+        max_rows_per_key=max_rows if len(schema.keys) == 1 else 0,
+        content_sha256=sha256,
+        size_bytes=size,
+        duplicates=tuple(duplicates),
+    )
 
 
 class ParquetDatasetFiles(DatasetFiles):
@@ -172,8 +234,6 @@ class ParquetDatasetFiles(DatasetFiles):
                     "upload is not a valid Arrow IPC stream (use the partner SDK or CLI)"
                 ) from None
             table = validate_table(table, schema, max_rows=self.max_rows)
-            key = table.column(schema.key_column)
-            counts = pc.value_counts(key).field("counts")
             target = Path(self.path(dataset_id, version))
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_suffix(".partial")
@@ -181,15 +241,48 @@ class ParquetDatasetFiles(DatasetFiles):
             with open(partial, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(partial, target)  # atomic: readers see the whole file or none
-            return IngestResult(
-                row_count=table.num_rows,
-                distinct_keys=len(counts),
-                max_rows_per_key=int(pc.max(counts).as_py()),
-                content_sha256=digest.hexdigest(),
-                size_bytes=size,
-            )
+            return _stats(table, schema, digest.hexdigest(), size)
         finally:
             staged.unlink(missing_ok=True)
+
+    def present(  # noqa: D102
+        self, dataset_id: str, version: int, schema: DatasetSchema, pseudonyms: set[str]
+    ) -> set[str]:
+        table = pq.read_table(self.path(dataset_id, version), columns=schema.key_columns)
+        wanted = pa.array(sorted(pseudonyms), pa.string())
+        found: set[str] = set()
+        for key in schema.key_columns:
+            column = table.column(key)
+            hits = pc.filter(column, pc.fill_null(pc.is_in(column, value_set=wanted), False))
+            found.update(hits.to_pylist())
+        return found
+
+    def erase(  # noqa: D102
+        self,
+        dataset_id: str,
+        version: int,
+        new_version: int,
+        schema: DatasetSchema,
+        pseudonyms: set[str],
+    ) -> IngestResult | None:
+        table = pq.read_table(self.path(dataset_id, version))
+        wanted = pa.array(sorted(pseudonyms), pa.string())
+        hit = None
+        for key in schema.key_columns:
+            match = pc.fill_null(pc.is_in(table.column(key), value_set=wanted), False)
+            hit = match if hit is None else pc.or_(hit, match)
+        assert hit is not None
+        if not pc.any(hit).as_py():
+            return None
+        kept = table.filter(pc.invert(hit))
+        target = Path(self.path(dataset_id, new_version))
+        partial = target.with_suffix(".partial")
+        pq.write_table(kept, partial, compression="zstd", row_group_size=1_000_000)
+        with open(partial, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, target)
+        digest = hashlib.sha256(target.read_bytes()).hexdigest()
+        return _stats(kept, schema, digest, target.stat().st_size)
 
     def delete(self, dataset_id: str, version: int | None = None) -> None:  # noqa: D102
         if version is None:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from entremise.partners import Client, new_key
+from entremise.partners import Client, generate_private_key
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE, generate
 from entremise.server.app import HubConfig, RunningHub, build_server
 
@@ -107,7 +108,7 @@ def sqlite_hub(tmp_path: Path) -> Iterator[Hub]:
 
 @dataclass
 class Scenario:
-    """Two partners' uploads and an agreement with an analyst, over a running hub."""
+    """Two partners' uploads into one agreement with an analyst, over a running hub."""
 
     hub: Hub
     bank: pd.DataFrame
@@ -119,7 +120,18 @@ class Scenario:
     bank_client: Client
     panel_client: Client
     officer: Client
-    key: bytes
+    bank_key: X25519PrivateKey
+    panel_key: X25519PrivateKey
+    bank_partner_id: str
+    panel_partner_id: str
+
+
+def partner_with_key(hub: Hub, name: str) -> tuple[str, Client, X25519PrivateKey]:
+    """A partner principal that has published a fresh X25519 public key."""
+    partner_id, client = hub.principal(name, "partner")
+    key = generate_private_key()
+    client.publish_public_key(key)
+    return partner_id, client, key
 
 
 def build_scenario(
@@ -132,20 +144,23 @@ def build_scenario(
     seed: int = 3,
 ) -> Scenario:
     data = generate(n_bank, n_panel, overlap, seed=seed)
-    key = new_key()
-    _, bank = hub.principal("bank", "partner")
-    _, panel = hub.principal("panel", "partner")
+    bank_pid, bank, bank_key = partner_with_key(hub, "bank")
+    panel_pid, panel, panel_key = partner_with_key(hub, "panel")
     analyst_id, analyst = hub.principal("analyst", "analyst")
     _, officer = hub.principal("officer", "compliance")
-    bank_up = bank.upload_dataset("bank", data.bank, BANK_SCHEMA, key=key)
-    panel_up = panel.upload_dataset("panel", data.panel, PANEL_SCHEMA, key=key)
     agreement = hub.admin.create_agreement(
         name="test",
         purpose=PURPOSE,
-        dataset_ids=[bank_up.dataset.dataset_id, panel_up.dataset.dataset_id],
+        datasets=[(bank_pid, "bank"), (panel_pid, "panel")],
         analyst_ids=[analyst_id],
         total_epsilon=total_epsilon,
         max_rows_per_person=12,
+    )
+    bank_up = bank.upload_dataset(
+        agreement.agreement_id, "bank", data.bank, BANK_SCHEMA, private_key=bank_key
+    )
+    panel_up = panel.upload_dataset(
+        agreement.agreement_id, "panel", data.panel, PANEL_SCHEMA, private_key=panel_key
     )
     return Scenario(
         hub,
@@ -158,7 +173,10 @@ def build_scenario(
         bank,
         panel,
         officer,
-        key,
+        bank_key,
+        panel_key,
+        bank_pid,
+        panel_pid,
     )
 
 

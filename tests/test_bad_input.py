@@ -4,30 +4,39 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pyarrow as pa
 import pytest
 
-from entremise.partners import EntremiseRPCError, aggregate, query
+from entremise.partners import EntremiseRPCError, aggregate, generate_private_key, query
 from entremise.partners.prepare import PrepareError, encode, read_table
-from entremise.partners.schema import Categorical, Numeric, UploadSchema
+from entremise.partners.schema import Categorical, Consent, Numeric, UploadSchema
 from entremise.partners.synthetic import BANK_SCHEMA
 from entremise.v1 import partner_service_pb2, partner_service_pb2_grpc
 from tests.conftest import Scenario
 
 TINY_SCHEMA = UploadSchema(
-    "email",
-    "email",
-    {"audience_insights": "ok"},
+    {"email": "email"},
+    {"audience_insights": Consent("ok")},
     {"segment": Categorical(("a", "b")), "x": Numeric(0, 10, 1)},
 )
 
 
+@dataclass
+class Hostile:
+    """A partner of its own agreement (slot "t") that talks to the RPC without the SDK."""
+
+    scenario: Scenario
+    token: str
+    agreement_id: str
+    fingerprint: str
+
+
 def _raw_upload(
-    target: str,
-    token: str,
+    h: Hostile,
     name: str,
     schema: UploadSchema,
     payload: bytes,
@@ -37,8 +46,10 @@ def _raw_upload(
 ) -> None:
     """Send bytes straight to the RPC, bypassing the SDK's local checks (a hostile client)."""
     header = partner_service_pb2.UploadHeader(
+        agreement_id=h.agreement_id,
         name=name,
         schema=schema.to_proto(),
+        key_fingerprint=h.fingerprint,
         content_sha256=sha256 if sha256 is not None else hashlib.sha256(payload).hexdigest(),
     )
 
@@ -48,9 +59,11 @@ def _raw_upload(
         for start in range(0, len(payload), 65536):
             yield partner_service_pb2.UploadDatasetRequest(chunk=payload[start : start + 65536])
 
-    with grpc.insecure_channel(target) as channel:
+    with grpc.insecure_channel(h.scenario.hub.target) as channel:
         stub = partner_service_pb2_grpc.PartnerServiceStub(channel)
-        stub.UploadDataset(requests(), metadata=(("authorization", f"Bearer {token}"),), timeout=30)
+        stub.UploadDataset(
+            requests(), metadata=(("authorization", f"Bearer {h.token}"),), timeout=30
+        )
 
 
 def _expect(status: grpc.StatusCode, fn: object, *args: object, **kwargs: object) -> str:
@@ -69,9 +82,21 @@ def _table(emails: list[str]) -> pa.Table:
 
 
 @pytest.fixture
-def partner(sqlite_scenario: Scenario) -> tuple[Scenario, str]:
-    _, token = sqlite_scenario.hub.admin.create_principal("hostile partner", "partner")
-    return sqlite_scenario, token
+def partner(sqlite_scenario: Scenario) -> Hostile:
+    s = sqlite_scenario
+    principal, token = s.hub.admin.create_principal("hostile partner", "partner")
+    client = s.hub.client(token)
+    client.publish_public_key(generate_private_key())
+    analyst_id = s.analyst.whoami().principal_id
+    agreement = s.hub.admin.create_agreement(
+        name="hostile",
+        purpose="audience_insights",
+        datasets=[(principal.principal_id, "t"), (s.bank_partner_id, "bank")],
+        analyst_ids=[analyst_id],
+        total_epsilon="1",
+    )
+    fingerprint = client.key_material(agreement.agreement_id).key_fingerprint
+    return Hostile(s, token, agreement.agreement_id, fingerprint)
 
 
 def _nothing_lost(s: Scenario) -> None:
@@ -86,14 +111,14 @@ def _nothing_lost(s: Scenario) -> None:
 def test_raw_email_in_key_column_is_rejected_naming_the_column(
     partner: tuple[Scenario, str],
 ) -> None:
-    s, token = partner
+    h = partner
+    s = h.scenario
     emails = [f"canary{i}@example.org" for i in range(50)]
     details = _expect(
         grpc.StatusCode.INVALID_ARGUMENT,
         _raw_upload,
-        s.hub.target,
-        token,
-        "leak",
+        h,
+        "t",
         TINY_SCHEMA,
         encode(_table(emails)).payload,
     )
@@ -104,9 +129,8 @@ def test_raw_email_in_key_column_is_rejected_naming_the_column(
     _expect(
         grpc.StatusCode.INVALID_ARGUMENT,
         _raw_upload,
-        s.hub.target,
-        token,
-        "leak",
+        h,
+        "t",
         TINY_SCHEMA,
         encode(_table(short)).payload,
     )
@@ -114,14 +138,14 @@ def test_raw_email_in_key_column_is_rejected_naming_the_column(
 
 
 def test_hub_rejects_undeclared_and_missing_columns(partner: tuple[Scenario, str]) -> None:
-    s, token = partner
+    h = partner
+    s = h.scenario
     good = "a" * 64
     extra = _table([good]).append_column("phone", pa.array(["+33699000000"]))
     details = _expect(
         grpc.StatusCode.INVALID_ARGUMENT,
         _raw_upload,
-        s.hub.target,
-        token,
+        h,
         "t",
         TINY_SCHEMA,
         encode(extra).payload,
@@ -131,8 +155,7 @@ def test_hub_rejects_undeclared_and_missing_columns(partner: tuple[Scenario, str
     details = _expect(
         grpc.StatusCode.INVALID_ARGUMENT,
         _raw_upload,
-        s.hub.target,
-        token,
+        h,
         "t",
         TINY_SCHEMA,
         encode(missing).payload,
@@ -142,14 +165,14 @@ def test_hub_rejects_undeclared_and_missing_columns(partner: tuple[Scenario, str
 
 
 def test_hub_rejects_values_outside_declared_domains(partner: tuple[Scenario, str]) -> None:
-    s, token = partner
+    h = partner
+    s = h.scenario
     good = "b" * 64
     wrong_category = pa.table({"email": [good], "ok": [True], "segment": ["zzz"], "x": [1.0]})
     details = _expect(
         grpc.StatusCode.INVALID_ARGUMENT,
         _raw_upload,
-        s.hub.target,
-        token,
+        h,
         "t",
         TINY_SCHEMA,
         encode(wrong_category).payload,
@@ -166,8 +189,7 @@ def test_hub_rejects_values_outside_declared_domains(partner: tuple[Scenario, st
     details = _expect(
         grpc.StatusCode.INVALID_ARGUMENT,
         _raw_upload,
-        s.hub.target,
-        token,
+        h,
         "t",
         TINY_SCHEMA,
         encode(nan).payload,
@@ -177,24 +199,21 @@ def test_hub_rejects_values_outside_declared_domains(partner: tuple[Scenario, st
     details = _expect(
         grpc.StatusCode.INVALID_ARGUMENT,
         _raw_upload,
-        s.hub.target,
-        token,
+        h,
         "t",
         TINY_SCHEMA,
         encode(text_consent).payload,
     )
     assert "consent column 'ok' must be boolean" in details
     reversed_bounds = UploadSchema(
-        "email",
-        "email",
-        {"audience_insights": "ok"},
+        {"email": "email"},
+        {"audience_insights": Consent("ok")},
         {"segment": Categorical(("a", "b")), "x": Numeric(10, 0, 1)},
     )
     details = _expect(
         grpc.StatusCode.INVALID_ARGUMENT,
         _raw_upload,
-        s.hub.target,
-        token,
+        h,
         "t",
         reversed_bounds,
         encode(_table([good])).payload,
@@ -204,13 +223,13 @@ def test_hub_rejects_values_outside_declared_domains(partner: tuple[Scenario, st
 
 
 def test_hub_rejects_corrupt_streams(partner: tuple[Scenario, str]) -> None:
-    s, token = partner
+    h = partner
+    s = h.scenario
     payload = encode(_table(["c" * 64])).payload
     details = _expect(
         grpc.StatusCode.INVALID_ARGUMENT,
         _raw_upload,
-        s.hub.target,
-        token,
+        h,
         "t",
         TINY_SCHEMA,
         payload,
@@ -220,8 +239,7 @@ def test_hub_rejects_corrupt_streams(partner: tuple[Scenario, str]) -> None:
     details = _expect(
         grpc.StatusCode.INVALID_ARGUMENT,
         _raw_upload,
-        s.hub.target,
-        token,
+        h,
         "t",
         TINY_SCHEMA,
         b"PAR1 definitely not arrow",
@@ -230,8 +248,7 @@ def test_hub_rejects_corrupt_streams(partner: tuple[Scenario, str]) -> None:
     _expect(
         grpc.StatusCode.INVALID_ARGUMENT,
         _raw_upload,
-        s.hub.target,
-        token,
+        h,
         "t",
         TINY_SCHEMA,
         payload[: len(payload) // 2],
@@ -239,8 +256,7 @@ def test_hub_rejects_corrupt_streams(partner: tuple[Scenario, str]) -> None:
     details = _expect(
         grpc.StatusCode.INVALID_ARGUMENT,
         _raw_upload,
-        s.hub.target,
-        token,
+        h,
         "t",
         TINY_SCHEMA,
         payload,
@@ -250,8 +266,7 @@ def test_hub_rejects_corrupt_streams(partner: tuple[Scenario, str]) -> None:
     _expect(
         grpc.StatusCode.INVALID_ARGUMENT,
         _raw_upload,
-        s.hub.target,
-        token,
+        h,
         "Bad Name!",
         TINY_SCHEMA,
         payload,
@@ -266,7 +281,9 @@ def test_sdk_refuses_malformed_files_and_raw_identifiers(
     garbage = tmp_path / "garbage.csv"
     garbage.write_bytes(b'email,segment\n"unterminated,\xff\xfe\x00')
     with pytest.raises(PrepareError, match=r"garbage\.csv: cannot read as csv"):
-        s.bank_client.upload_dataset("bank", garbage, BANK_SCHEMA, key=s.key)
+        s.bank_client.upload_dataset(
+            s.agreement_id, "bank", garbage, BANK_SCHEMA, private_key=s.bank_key
+        )
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"PAR1 truncated")
     with pytest.raises(PrepareError, match=r"broken\.parquet: cannot read as parquet"):
@@ -275,28 +292,37 @@ def test_sdk_refuses_malformed_files_and_raw_identifiers(
         read_table(tmp_path / "clients.xlsx")
     with pytest.raises(PrepareError, match="unknown column"):
         s.bank_client.upload_dataset(
-            "bank", s.bank.drop(columns=["segment"]), BANK_SCHEMA, key=s.key
+            s.agreement_id,
+            "bank",
+            s.bank.drop(columns=["segment"]),
+            BANK_SCHEMA,
+            private_key=s.bank_key,
         )
     leaky = s.bank.assign(segment=s.bank["email"])  # a raw email smuggled into an attribute
     leaky_schema = UploadSchema(
-        "email",
-        "email",
+        BANK_SCHEMA.keys,
         BANK_SCHEMA.consents,
         {"segment": Categorical(tuple(leaky["segment"][:5]))},
     )
     with pytest.raises(
         PrepareError, match=r"column 'segment' still looks like .*raw identifiers \(email\)"
     ):
-        s.bank_client.upload_dataset("bank", leaky, leaky_schema, key=s.key)
+        s.bank_client.upload_dataset(
+            s.agreement_id, "bank", leaky, leaky_schema, private_key=s.bank_key
+        )
     phones = s.bank.assign(investable_assets=s.bank["phone"].str.replace(" ", ""))
     with pytest.raises(PrepareError, match=r"raw identifiers \(phone\)"):
-        s.bank_client.upload_dataset("bank", phones, BANK_SCHEMA, key=s.key)
+        s.bank_client.upload_dataset(
+            s.agreement_id, "bank", phones, BANK_SCHEMA, private_key=s.bank_key
+        )
     no_email = s.bank.copy()
     no_email.loc[[3, 7], "email"] = "not-an-email"
     with pytest.raises(
         PrepareError, match=r"2 email identifiers are empty or malformed \(data rows 4, 8\)"
     ):
-        s.bank_client.upload_dataset("bank", no_email, BANK_SCHEMA, key=s.key)
+        s.bank_client.upload_dataset(
+            s.agreement_id, "bank", no_email, BANK_SCHEMA, private_key=s.bank_key
+        )
     _nothing_lost(s)
 
 
@@ -311,7 +337,7 @@ def test_bad_epsilon_is_invalid_argument(sqlite_scenario: Scenario, epsilon: str
         s.hub.admin.create_agreement(
             name="n",
             purpose="audience_insights",
-            dataset_ids=[s.bank_id, s.panel_id],
+            datasets=[(s.bank_partner_id, "bank"), (s.panel_partner_id, "panel")],
             analyst_ids=[],
             total_epsilon=epsilon,
         )

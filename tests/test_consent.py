@@ -7,7 +7,15 @@ import pandas as pd
 import pytest
 
 from entremise.cli.demo import consented_join
-from entremise.partners import Categorical, Numeric, UploadSchema, new_key
+from entremise.partners import (
+    Categorical,
+    Consent,
+    EntremiseRPCError,
+    MatchingKeyError,
+    Numeric,
+    UploadSchema,
+)
+from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA
 from entremise.privacy.budget import Epsilon
 from entremise.server.domain.models import (
     AggregateKind,
@@ -17,18 +25,16 @@ from entremise.server.domain.models import (
     FilterSpec,
     QuerySpec,
 )
-from tests.conftest import Hub, Scenario
+from tests.conftest import Hub, Scenario, partner_with_key
 
 BANK = UploadSchema(
-    "email",
-    "email",
-    {"audience_insights": "c_ai", "marketing": "c_mk"},
+    {"email": "email"},
+    {"audience_insights": Consent("c_ai"), "marketing": Consent("c_mk")},
     {"segment": Categorical(("mass", "affluent"))},
 )
 PANEL = UploadSchema(
-    "mail",
-    "email",
-    {"audience_insights": "consent"},
+    {"mail": "email"},
+    {"audience_insights": Consent("consent")},
     {"category": Categorical(("food", "tech")), "amount": Numeric(0, 100, 0.01)},
 )
 
@@ -85,19 +91,20 @@ def test_only_people_consenting_in_every_dataset_are_counted(hub: Hub) -> None:
         rows += [(p, True, "food", 20.0), (p, False, "tech", 99.0), (p, False, "food", 99.0)]
     panel = pd.DataFrame(rows, columns=["mail", "consent", "category", "amount"])
 
-    key = new_key()
-    _, bank_client = hub.principal("bank", "partner")
-    _, panel_client = hub.principal("panel", "partner")
+    bank_id, bank_client, bank_key = partner_with_key(hub, "bank")
+    panel_id, panel_client, panel_key = partner_with_key(hub, "panel")
     analyst_id, _ = hub.principal("analyst", "analyst")
-    b = bank_client.upload_dataset("bank", bank, BANK, key=key).dataset
-    p = panel_client.upload_dataset("panel", panel, PANEL, key=key).dataset
     agreement = hub.admin.create_agreement(
         name="consent",
         purpose="audience_insights",
-        dataset_ids=[b.dataset_id, p.dataset_id],
+        datasets=[(bank_id, "bank"), (panel_id, "panel")],
         analyst_ids=[analyst_id],
         total_epsilon="1",
         max_rows_per_person=10,
+    )
+    bank_client.upload_dataset(agreement.agreement_id, "bank", bank, BANK, private_key=bank_key)
+    panel_client.upload_dataset(
+        agreement.agreement_id, "panel", panel, PANEL, private_key=panel_key
     )
 
     exact = _exact(
@@ -120,17 +127,17 @@ def test_only_people_consenting_in_every_dataset_are_counted(hub: Hub) -> None:
     )
     assert by_category.people == [110, 100]  # food, tech: the mixed people's tech rows lack consent
 
-    # A marketing agreement over the same files counts a different, exact population.
-    marketing_bank = bank_client.upload_dataset(
-        "bank2", bank.assign(c_ai=bank["c_mk"]), BANK, key=key
-    ).dataset
-    with pytest.raises(Exception, match="declares no consent for purpose 'marketing'"):
-        hub.admin.create_agreement(
-            name="mk",
-            purpose="marketing",
-            dataset_ids=[marketing_bank.dataset_id, p.dataset_id],
-            analyst_ids=[analyst_id],
-            total_epsilon="1",
+    # A dataset without consent for an agreement's purpose cannot enter it.
+    marketing = hub.admin.create_agreement(
+        name="mk",
+        purpose="marketing",
+        datasets=[(bank_id, "bank"), (panel_id, "panel")],
+        analyst_ids=[analyst_id],
+        total_epsilon="1",
+    )
+    with pytest.raises(EntremiseRPCError, match="no consent column for purpose 'marketing'"):
+        panel_client.upload_dataset(
+            marketing.agreement_id, "panel", panel, PANEL, private_key=panel_key
         )
 
 
@@ -204,25 +211,54 @@ def test_contributions_are_bounded_after_the_join(sqlite_scenario: Scenario) -> 
 
 
 def test_three_datasets_join_on_people_consenting_in_all(sqlite_scenario: Scenario) -> None:
+    """Three partners: the key leader wraps the matching key for the others (hub-blind)."""
     s = sqlite_scenario
     truth = consented_join(s.bank, s.panel)
     people = sorted(truth["email"].unique())
-    loyalty = pd.DataFrame({
-        "email": people[:400] + [f"stranger{i}@example.org" for i in range(50)],
-        "member": [i % 5 != 0 for i in range(450)],  # every fifth person refused
-        "tier": ["gold" if i % 2 else "silver" for i in range(450)],
-    })
-    schema = UploadSchema("email", "email", {"audience_insights": "member"},
-                          {"tier": Categorical(("silver", "gold"))})
-    _, retailer = s.hub.principal("retailer", "partner")
-    third = retailer.upload_dataset("loyalty", loyalty, schema, key=s.key).dataset
+    loyalty = pd.DataFrame(
+        {
+            "email": people[:400] + [f"stranger{i}@example.org" for i in range(50)],
+            "member": [i % 5 != 0 for i in range(450)],  # every fifth person refused
+            "tier": ["gold" if i % 2 else "silver" for i in range(450)],
+        }
+    )
+    schema = UploadSchema(
+        {"email": "email"},
+        {"audience_insights": Consent("member")},
+        {"tier": Categorical(("silver", "gold"))},
+    )
+    retailer_id, retailer, retailer_key = partner_with_key(s.hub, "retailer")
     analyst_id, _ = s.hub.principal("analyst3", "analyst")
     agreement = s.hub.admin.create_agreement(
-        name="three", purpose="audience_insights",
-        dataset_ids=[s.bank_id, s.panel_id, third.dataset_id], analyst_ids=[analyst_id],
-        total_epsilon="1", max_rows_per_person=12)
-    exact = _exact(s.hub, agreement.agreement_id, AggregateSpec("n", AggregateKind.COUNT),
-                   group_by=("loyalty.tier",))
+        name="three",
+        purpose="audience_insights",
+        datasets=[
+            (s.bank_partner_id, "bank"),
+            (s.panel_partner_id, "panel"),
+            (retailer_id, "loyalty"),
+        ],
+        analyst_ids=[analyst_id],
+        total_epsilon="1",
+        max_rows_per_person=12,
+    )
+    uploads = [
+        (s.bank_client, s.bank_key, "bank", s.bank, BANK_SCHEMA),
+        (s.panel_client, s.panel_key, "panel", s.panel, PANEL_SCHEMA),
+        (retailer, retailer_key, "loyalty", loyalty, schema),
+    ]
+    leader = min(uploads, key=lambda u: u[0].whoami().principal_id)
+    others = [u for u in uploads if u is not leader]
+    with pytest.raises(MatchingKeyError, match="waiting for the key leader"):
+        client, key, name, frame, sch = others[0]
+        client.upload_dataset(agreement.agreement_id, name, frame, sch, private_key=key)
+    for client, key, name, frame, sch in [leader, *others]:
+        client.upload_dataset(agreement.agreement_id, name, frame, sch, private_key=key)
+    exact = _exact(
+        s.hub,
+        agreement.agreement_id,
+        AggregateSpec("n", AggregateKind.COUNT),
+        group_by=("loyalty.tier",),
+    )
     members = loyalty[loyalty["member"]].iloc[:320]  # the 400 joined people minus refusals
     expected = members[members["email"].isin(people)].groupby("tier")["email"].nunique()
     assert exact.people == [int(expected["silver"]), int(expected["gold"])]

@@ -81,7 +81,13 @@ def test_ledger_sum_equals_spent_and_carries_metadata(scenario: Scenario) -> Non
 
 def test_roles_are_enforced(scenario: Scenario) -> None:
     with pytest.raises(EntremiseRPCError) as no_right:
-        scenario.analyst.upload_dataset("x", scenario.bank.head(5), BANK_SCHEMA, key=scenario.key)
+        scenario.analyst.upload_dataset(
+            scenario.agreement_id,
+            "bank",
+            scenario.bank.head(5),
+            BANK_SCHEMA,
+            private_key=scenario.bank_key,
+        )
     assert no_right.value.status is grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(EntremiseRPCError) as partner_budget:
         scenario.bank_client.budgets()
@@ -102,7 +108,9 @@ def test_roles_are_enforced(scenario: Scenario) -> None:
 
 
 def test_reupload_makes_a_new_version_and_delete_blocks_queries(scenario: Scenario) -> None:
-    up = scenario.bank_client.upload_dataset("bank", scenario.bank, BANK_SCHEMA, key=scenario.key)
+    up = scenario.bank_client.upload_dataset(
+        scenario.agreement_id, "bank", scenario.bank, BANK_SCHEMA, private_key=scenario.bank_key
+    )
     assert (up.dataset.dataset_id, up.dataset.version) == (scenario.bank_id, 2)
     release = scenario.analyst.run(query(scenario.agreement_id, "0.1", [aggregate("count")]))
     assert list(release.release.data_versions) == [2, 1]

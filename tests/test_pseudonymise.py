@@ -66,3 +66,12 @@ def test_raw_identifier_detection() -> None:
     assert looks_like_raw_identifier(["120000.0", "8000"], numeric=True) is None
     assert looks_like_raw_identifier(["+33612345678"], numeric=True) == "phone"
     assert looks_like_raw_identifier(["0612345678"], numeric=True) == "phone"
+
+
+def test_identifier_kinds_are_domain_separated() -> None:
+    p = Pseudonymiser(KEY)
+    [email] = p.pseudonymise(["A@B.fr"], "email")
+    assert email == hmac.new(KEY, b"email:a@b.fr", hashlib.sha256).hexdigest()
+    [phone] = p.pseudonymise(["0699123456"], "phone")
+    assert phone == hmac.new(KEY, b"phone:+33699123456", hashlib.sha256).hexdigest()
+    assert p.pseudonymise(["", "a@b.fr"], "email", allow_empty=True)[0] is None

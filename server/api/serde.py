@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from entremise.privacy.budget import Epsilon
 from entremise.server.domain.errors import InvalidArgumentError
 from entremise.server.domain.models import (
@@ -13,22 +15,28 @@ from entremise.server.domain.models import (
     BudgetState,
     CategoricalColumn,
     Column,
+    ConsentSpec,
     Dataset,
     DatasetSchema,
+    DatasetSlot,
     FilterOp,
     FilterSpec,
     IdentifierKind,
+    KeyColumn,
     NumericColumn,
     PlanSummary,
     Principal,
+    PublicKeyRecord,
     QuerySpec,
     Release,
     Role,
+    WrappedKey,
 )
 from entremise.v1 import (
     admin_service_pb2,
     agreement_service_pb2,
     common_pb2,
+    partner_service_pb2,
     query_service_pb2,
 )
 
@@ -76,8 +84,11 @@ def principal_to_proto(p: Principal) -> admin_service_pb2.Principal:
 
 def schema_from_proto(msg: common_pb2.DatasetSchema) -> DatasetSchema:
     """Domain schema from its message (validated later by the domain)."""
-    if msg.key_kind not in KIND_FROM_PROTO:
-        raise InvalidArgumentError("key_kind must be email or phone")
+    keys = []
+    for key in msg.keys:
+        if key.kind not in KIND_FROM_PROTO:
+            raise InvalidArgumentError(f"key column {key.column!r}: kind must be email or phone")
+        keys.append(KeyColumn(key.column, KIND_FROM_PROTO[key.kind]))  # type: ignore[index]
     columns: list[Column] = []
     for col in msg.columns:
         which = col.WhichOneof("kind")
@@ -92,20 +103,21 @@ def schema_from_proto(msg: common_pb2.DatasetSchema) -> DatasetSchema:
         else:
             raise InvalidArgumentError(f"column {col.name!r} must be numeric or categorical")
     return DatasetSchema(
-        key_column=msg.key_column,
-        key_kind=KIND_FROM_PROTO[msg.key_kind],  # type: ignore[index]
-        consents=tuple((c.purpose, c.column) for c in msg.consents),
+        keys=tuple(keys),
+        consents=tuple(ConsentSpec(c.purpose, c.column, c.expiry_column) for c in msg.consents),
         columns=tuple(columns),
     )
 
 
 def schema_to_proto(schema: DatasetSchema) -> common_pb2.DatasetSchema:
     """Schema message."""
-    msg = common_pb2.DatasetSchema(
-        key_column=schema.key_column, key_kind=KIND_TO_PROTO[schema.key_kind]
-    )
-    for purpose, column in schema.consents:
-        msg.consents.add(purpose=purpose, column=column)
+    msg = common_pb2.DatasetSchema()
+    for key in schema.keys:
+        msg.keys.add(column=key.column, kind=KIND_TO_PROTO[key.kind])
+    for consent in schema.consents:
+        msg.consents.add(
+            purpose=consent.purpose, column=consent.column, expiry_column=consent.expiry_column
+        )
     for col in schema.columns:
         if isinstance(col, NumericColumn):
             msg.columns.add(
@@ -123,18 +135,56 @@ def schema_to_proto(schema: DatasetSchema) -> common_pb2.DatasetSchema:
 
 
 def dataset_to_proto(d: Dataset) -> common_pb2.Dataset:
-    """Dataset message."""
+    """Dataset message, with its duplicate-key report."""
     return common_pb2.Dataset(
         dataset_id=d.dataset_id,
         name=d.name,
         partner_id=d.partner_id,
+        agreement_id=d.agreement_id,
         schema=schema_to_proto(d.schema),
         row_count=d.row_count,
         distinct_keys=d.distinct_keys,
         version=d.version,
         content_sha256=d.content_sha256,
         created_at=d.created_at,
+        key_fingerprint=d.key_fingerprint,
+        duplicates=[
+            common_pb2.DuplicateKeyReport(
+                column=r.column,
+                duplicated_pseudonyms=r.duplicated_pseudonyms,
+                rows_involved=r.rows_involved,
+                max_rows_per_pseudonym=r.max_rows_per_pseudonym,
+            )
+            for r in d.duplicates
+        ],
     )
+
+
+def public_key_to_proto(k: PublicKeyRecord) -> partner_service_pb2.PublicKey:
+    """Public key message."""
+    return partner_service_pb2.PublicKey(
+        principal_id=k.principal_id,
+        version=k.version,
+        public_key=k.public_key,
+        created_at=k.created_at,
+    )
+
+
+def wrapped_key_to_proto(k: WrappedKey) -> partner_service_pb2.WrappedKey:
+    """Wrapped key message."""
+    return partner_service_pb2.WrappedKey(
+        recipient_id=k.recipient_id, nonce=k.nonce, ciphertext=k.ciphertext
+    )
+
+
+def wrapped_key_from_proto(k: partner_service_pb2.WrappedKey) -> WrappedKey:
+    """Domain wrapped key."""
+    return WrappedKey(k.recipient_id, bytes(k.nonce), bytes(k.ciphertext))
+
+
+def slots_from_proto(slots: Iterable[agreement_service_pb2.DatasetSlot]) -> list[DatasetSlot]:
+    """Domain dataset slots."""
+    return [DatasetSlot(s.partner_id, s.name) for s in slots]
 
 
 def budget_to_proto(b: BudgetState) -> common_pb2.Budget:
@@ -148,13 +198,20 @@ def budget_to_proto(b: BudgetState) -> common_pb2.Budget:
     )
 
 
-def agreement_to_proto(a: Agreement, budget: BudgetState) -> agreement_service_pb2.Agreement:
-    """Agreement message with its current budget."""
+def agreement_to_proto(
+    a: Agreement, budget: BudgetState, uploaded: dict[DatasetSlot, str]
+) -> agreement_service_pb2.Agreement:
+    """Agreement message with its current budget and uploaded slots."""
     return agreement_service_pb2.Agreement(
         agreement_id=a.agreement_id,
         name=a.name,
         purpose=a.purpose,
-        dataset_ids=list(a.dataset_ids),
+        datasets=[
+            agreement_service_pb2.DatasetSlot(
+                partner_id=slot.partner_id, name=slot.name, dataset_id=uploaded.get(slot, "")
+            )
+            for slot in a.slots
+        ],
         analyst_ids=list(a.analyst_ids),
         total_epsilon=str(a.total_epsilon),
         max_rows_per_person=a.max_rows_per_person,

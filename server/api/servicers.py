@@ -13,11 +13,15 @@ from entremise.server.api.serde import (
     dataset_to_proto,
     epsilon_from_text,
     principal_to_proto,
+    public_key_to_proto,
     query_from_proto,
     release_to_proto,
     role_from_proto,
     schema_from_proto,
+    slots_from_proto,
     summary_to_proto,
+    wrapped_key_from_proto,
+    wrapped_key_to_proto,
 )
 from entremise.server.domain.errors import InvalidArgumentError
 from entremise.server.domain.hub import Hub
@@ -82,7 +86,46 @@ class AdminServicer(_Base, admin_service_pb2_grpc.AdminServiceServicer):
 
 
 class PartnerServicer(_Base, partner_service_pb2_grpc.PartnerServiceServicer):
-    """Dataset uploads."""
+    """Keys, dataset uploads and the consent lifecycle."""
+
+    def PublishPublicKey(
+        self, request: partner_service_pb2.PublishPublicKeyRequest, context: grpc.ServicerContext
+    ) -> partner_service_pb2.PublishPublicKeyResponse:
+        with rpc_errors(context, "PublishPublicKey"):
+            record = self.hub.publish_public_key(self.caller(context), bytes(request.public_key))
+            return partner_service_pb2.PublishPublicKeyResponse(key=public_key_to_proto(record))
+        raise AssertionError  # pragma: no cover
+
+    def GetKeyMaterial(
+        self, request: partner_service_pb2.GetKeyMaterialRequest, context: grpc.ServicerContext
+    ) -> partner_service_pb2.GetKeyMaterialResponse:
+        with rpc_errors(context, "GetKeyMaterial"):
+            material = self.hub.key_material(self.caller(context), request.agreement_id)
+            response = partner_service_pb2.GetKeyMaterialResponse(
+                agreement_id=material.agreement_id,
+                participants=[public_key_to_proto(k) for k in material.participants],
+                key_fingerprint=material.fingerprint,
+                leader_id=material.leader_id,
+            )
+            if material.wrapped_for_caller is not None:
+                response.wrapped_for_caller.CopyFrom(
+                    wrapped_key_to_proto(material.wrapped_for_caller)
+                )
+            return response
+        raise AssertionError  # pragma: no cover
+
+    def PublishWrappedKeys(
+        self, request: partner_service_pb2.PublishWrappedKeysRequest, context: grpc.ServicerContext
+    ) -> partner_service_pb2.PublishWrappedKeysResponse:
+        with rpc_errors(context, "PublishWrappedKeys"):
+            stored = self.hub.publish_wrapped_keys(
+                self.caller(context),
+                request.agreement_id,
+                request.key_fingerprint,
+                [wrapped_key_from_proto(k) for k in request.keys],
+            )
+            return partner_service_pb2.PublishWrappedKeysResponse(stored=stored)
+        raise AssertionError  # pragma: no cover
 
     def UploadDataset(
         self,
@@ -104,8 +147,10 @@ class PartnerServicer(_Base, partner_service_pb2_grpc.PartnerServiceServicer):
 
             dataset = self.hub.upload_dataset(
                 caller,
+                header.agreement_id,
                 header.name,
                 schema_from_proto(header.schema),
+                header.key_fingerprint,
                 header.content_sha256,
                 chunks(),
             )
@@ -130,6 +175,30 @@ class PartnerServicer(_Base, partner_service_pb2_grpc.PartnerServiceServicer):
             return partner_service_pb2.DeleteDatasetResponse(dataset_id=request.dataset_id)
         raise AssertionError  # pragma: no cover
 
+    def WithdrawConsent(
+        self, request: partner_service_pb2.WithdrawConsentRequest, context: grpc.ServicerContext
+    ) -> partner_service_pb2.WithdrawConsentResponse:
+        with rpc_errors(context, "WithdrawConsent"):
+            received, matched, recorded = self.hub.withdraw_consent(
+                self.caller(context), request.agreement_id, list(request.pseudonyms)
+            )
+            return partner_service_pb2.WithdrawConsentResponse(
+                received=received, matched=matched, recorded=recorded
+            )
+        raise AssertionError  # pragma: no cover
+
+    def EraseRecords(
+        self, request: partner_service_pb2.EraseRecordsRequest, context: grpc.ServicerContext
+    ) -> partner_service_pb2.EraseRecordsResponse:
+        with rpc_errors(context, "EraseRecords"):
+            received, rows, rewritten = self.hub.erase_records(
+                self.caller(context), request.agreement_id, list(request.pseudonyms)
+            )
+            return partner_service_pb2.EraseRecordsResponse(
+                received=received, rows_erased=rows, datasets_rewritten=rewritten
+            )
+        raise AssertionError  # pragma: no cover
+
 
 class AgreementServicer(_Base, agreement_service_pb2_grpc.AgreementServiceServicer):
     """Agreements."""
@@ -143,7 +212,7 @@ class AgreementServicer(_Base, agreement_service_pb2_grpc.AgreementServiceServic
                 caller,
                 name=request.name,
                 purpose=request.purpose,
-                dataset_ids=list(request.dataset_ids),
+                slots=slots_from_proto(request.datasets),
                 analyst_ids=list(request.analyst_ids),
                 total_epsilon=epsilon_from_text(request.total_epsilon, "total epsilon"),
                 max_rows_per_person=request.max_rows_per_person or DEFAULT_MAX_ROWS_PER_PERSON,
@@ -152,7 +221,7 @@ class AgreementServicer(_Base, agreement_service_pb2_grpc.AgreementServiceServic
             )
             _, budget = self.hub.get_agreement(caller, agreement.agreement_id)
             return agreement_service_pb2.CreateAgreementResponse(
-                agreement=agreement_to_proto(agreement, budget)
+                agreement=agreement_to_proto(agreement, budget, self.hub.slot_datasets(agreement))
             )
         raise AssertionError  # pragma: no cover
 
@@ -162,7 +231,7 @@ class AgreementServicer(_Base, agreement_service_pb2_grpc.AgreementServiceServic
         with rpc_errors(context, "GetAgreement"):
             agreement, budget = self.hub.get_agreement(self.caller(context), request.agreement_id)
             return agreement_service_pb2.GetAgreementResponse(
-                agreement=agreement_to_proto(agreement, budget)
+                agreement=agreement_to_proto(agreement, budget, self.hub.slot_datasets(agreement))
             )
         raise AssertionError  # pragma: no cover
 
@@ -172,7 +241,7 @@ class AgreementServicer(_Base, agreement_service_pb2_grpc.AgreementServiceServic
         with rpc_errors(context, "ListAgreements"):
             pairs = self.hub.list_agreements(self.caller(context))
             return agreement_service_pb2.ListAgreementsResponse(
-                agreements=[agreement_to_proto(a, b) for a, b in pairs]
+                agreements=[agreement_to_proto(a, b, self.hub.slot_datasets(a)) for a, b in pairs]
             )
         raise AssertionError  # pragma: no cover
 

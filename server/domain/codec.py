@@ -12,8 +12,10 @@ from entremise.server.domain.models import (
     CategoricalColumn,
     CellResult,
     Column,
+    ConsentSpec,
     DatasetSchema,
     IdentifierKind,
+    KeyColumn,
     NumericColumn,
     PlanSummary,
     Release,
@@ -38,9 +40,11 @@ def schema_to_dict(schema: DatasetSchema) -> dict[str, Any]:
         else:
             columns.append({"name": col.name, "categorical": list(col.categories)})
     return {
-        "key_column": schema.key_column,
-        "key_kind": schema.key_kind.value,
-        "consents": [{"purpose": p, "column": c} for p, c in schema.consents],
+        "keys": [{"column": k.column, "kind": k.kind.value} for k in schema.keys],
+        "consents": [
+            {"purpose": c.purpose, "column": c.column, "expiry_column": c.expiry_column}
+            for c in schema.consents
+        ],
         "columns": columns,
     }
 
@@ -62,9 +66,11 @@ def schema_from_dict(data: dict[str, Any]) -> DatasetSchema:
         else:
             columns.append(CategoricalColumn(col["name"], tuple(col["categorical"])))
     return DatasetSchema(
-        key_column=data["key_column"],
-        key_kind=IdentifierKind(data["key_kind"]),
-        consents=tuple((c["purpose"], c["column"]) for c in data["consents"]),
+        keys=tuple(KeyColumn(k["column"], IdentifierKind(k["kind"])) for k in data["keys"]),
+        consents=tuple(
+            ConsentSpec(c["purpose"], c["column"], c.get("expiry_column", ""))
+            for c in data["consents"]
+        ),
         columns=tuple(columns),
     )
 

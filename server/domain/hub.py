@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import secrets
 import uuid
 from collections.abc import Iterable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 
 from entremise.privacy.budget import Epsilon
@@ -20,18 +21,23 @@ from entremise.server.domain.errors import (
     PermissionDeniedError,
     UnauthenticatedError,
 )
+from entremise.server.domain.keys import check_public_key, key_fingerprint
 from entremise.server.domain.models import (
     Agreement,
+    AuditEvent,
     BudgetState,
     Dataset,
     DatasetSchema,
+    DatasetSlot,
     ExactAggregates,
     PlanSummary,
     Principal,
+    PublicKeyRecord,
     QueryPlan,
     QuerySpec,
     Release,
     Role,
+    WrappedKey,
     check_name,
 )
 from entremise.server.domain.planner import MAX_ROWS_PER_PERSON, plan_query
@@ -106,23 +112,112 @@ class Hub:
         log.info("principal created id=%s role=%s", principal.principal_id, role)
         return principal, token
 
+    # -- keys -------------------------------------------------------------------------------
+
+    def publish_public_key(self, caller: Principal, public_key: bytes) -> PublicKeyRecord:
+        """A partner publishes its X25519 public key; a new one rotates it (re-upload after)."""
+        _require(caller, Role.PARTNER)
+        current = self.store.current_public_key(caller.principal_id)
+        if current is not None and current.public_key == check_public_key(public_key):
+            return current  # publishing the same key again is a no-op, not a rotation
+        record = self.store.publish_public_key(
+            caller.principal_id, check_public_key(public_key), now()
+        )
+        self._audit(
+            "public_key_published", caller, caller.principal_id, {"version": record.version}
+        )
+        return record
+
+    def _key_context(self, agreement: Agreement) -> tuple[list[PublicKeyRecord], str]:
+        keys = []
+        for partner_id in agreement.partner_ids:
+            key = self.store.current_public_key(partner_id)
+            if key is None:
+                raise FailedPreconditionError(
+                    f"partner {partner_id!r} has not published a public key yet"
+                )
+            keys.append(key)
+        fingerprint = key_fingerprint(
+            agreement.agreement_id, [(k.principal_id, k.version, k.public_key) for k in keys]
+        )
+        return keys, fingerprint
+
+    def _participant(self, caller: Principal, agreement_id: str) -> Agreement:
+        _require(caller, Role.PARTNER)
+        agreement = self.store.get_agreement(agreement_id)
+        if agreement is None or caller.principal_id not in agreement.partner_ids:
+            raise NotFoundError(f"agreement {agreement_id!r} not found")
+        return agreement
+
+    def key_material(self, caller: Principal, agreement_id: str) -> KeyMaterial:
+        """Public keys of the agreement's partners, fingerprint, the caller's wrapped key."""
+        agreement = self._participant(caller, agreement_id)
+        keys, fingerprint = self._key_context(agreement)
+        wrapped = self.store.wrapped_key(agreement_id, fingerprint, caller.principal_id)
+        return KeyMaterial(
+            agreement_id, tuple(keys), fingerprint, wrapped, agreement.partner_ids[0]
+        )
+
+    def publish_wrapped_keys(
+        self, caller: Principal, agreement_id: str, fingerprint: str, keys: list[WrappedKey]
+    ) -> int:
+        """The key leader (first partner id) distributes the matching key, once per context."""
+        agreement = self._participant(caller, agreement_id)
+        if caller.principal_id != agreement.partner_ids[0]:
+            raise PermissionDeniedError("only the agreement's key leader distributes its key")
+        _, current = self._key_context(agreement)
+        if fingerprint != current:
+            raise FailedPreconditionError("key fingerprint is not the agreement's current one")
+        recipients = sorted(k.recipient_id for k in keys)
+        if recipients != agreement.partner_ids:
+            raise InvalidArgumentError("wrap the matching key once for every partner")
+        for key in keys:
+            if len(key.nonce) != 12 or len(key.ciphertext) != 48:
+                raise InvalidArgumentError(
+                    "a wrapped key is a 12-byte nonce and 48-byte AES-GCM box"
+                )
+        stored = self.store.store_wrapped_keys(agreement_id, fingerprint, keys)
+        self._audit("matching_key_distributed", caller, agreement_id, {"recipients": stored})
+        return stored
+
     # -- datasets ---------------------------------------------------------------------------
 
     def upload_dataset(
         self,
         caller: Principal,
+        agreement_id: str,
         name: str,
         schema: DatasetSchema,
+        key_fingerprint_: str,
         content_sha256: str,
         chunks: Iterable[bytes],
     ) -> Dataset:
-        """Validate and store a partner's upload; visible only once fully checked and stored."""
-        _require(caller, Role.PARTNER)
+        """Validate and store an upload into one of the agreement's slots.
+
+        The data becomes visible only once fully received, checked and stored; pseudonyms must
+        come from the agreement's current key context.
+        """
+        agreement = self._participant(caller, agreement_id)
         check_name(name, "dataset name")
+        if DatasetSlot(caller.principal_id, name) not in agreement.slots:
+            raise InvalidArgumentError(
+                f"agreement {agreement_id!r} expects no dataset {name!r} from you; expected "
+                f"{[s.name for s in agreement.slots if s.partner_id == caller.principal_id]}"
+            )
         schema.validate()
+        if schema.consent(agreement.purpose) is None:
+            raise InvalidArgumentError(
+                f"the schema declares no consent column for purpose {agreement.purpose!r}"
+            )
         if len(content_sha256) != 64:
             raise InvalidArgumentError("content_sha256 must be the 64-hex SHA-256 of the stream")
-        previous = self.store.find_dataset(caller.principal_id, name)
+        _, current = self._key_context(agreement)
+        if key_fingerprint_ != current:
+            raise FailedPreconditionError(
+                "pseudonyms were derived under an outdated or unknown key context "
+                "(a partner rotated its key?): fetch the key material again and re-pseudonymise"
+            )
+        previous = self.store.find_dataset(agreement_id, caller.principal_id, name)
         dataset_id = previous.dataset_id if previous else new_id("ds")
         version = previous.version + 1 if previous else 1
         stats = self.files.ingest(dataset_id, version, schema, chunks, content_sha256.lower())
@@ -130,23 +225,45 @@ class Hub:
             dataset_id=dataset_id,
             name=name,
             partner_id=caller.principal_id,
+            agreement_id=agreement_id,
             schema=schema,
             row_count=stats.row_count,
             distinct_keys=stats.distinct_keys,
             version=version,
             content_sha256=stats.content_sha256,
             created_at=now(),
+            key_fingerprint=current,
             max_rows_per_key=stats.max_rows_per_key,
+            duplicates=stats.duplicates,
         )
+        self._publish(dataset, previous)
+        self._audit(
+            "dataset_published",
+            caller,
+            dataset_id,
+            {
+                "agreement_id": agreement_id,
+                "version": version,
+                "rows": stats.row_count,
+                "duplicated_pseudonyms": sum(d.duplicated_pseudonyms for d in stats.duplicates),
+            },
+        )
+        return dataset
+
+    def _publish(self, dataset: Dataset, previous: Dataset | None) -> None:
         try:
             self.store.publish_dataset(dataset)
         except Exception:
-            self.files.delete(dataset_id, version)
+            self.files.delete(dataset.dataset_id, dataset.version)
             raise
         if previous:
-            self.files.delete(dataset_id, previous.version)
-        log.info("dataset published id=%s version=%d rows=%d", dataset_id, version, stats.row_count)
-        return dataset
+            self.files.delete(previous.dataset_id, previous.version)
+        log.info(
+            "dataset published id=%s version=%d rows=%d",
+            dataset.dataset_id,
+            dataset.version,
+            dataset.row_count,
+        )
 
     def list_datasets(self, caller: Principal) -> list[Dataset]:
         """Partners see their own datasets; admins and compliance officers see all."""
@@ -162,7 +279,87 @@ class Hub:
             raise NotFoundError(f"dataset {dataset_id!r} not found")
         self.store.delete_dataset(dataset_id)
         self.files.delete(dataset_id)
+        self._audit("dataset_deleted", caller, dataset_id, {"rows": dataset.row_count})
         log.info("dataset deleted id=%s", dataset_id)
+
+    # -- consent lifecycle ------------------------------------------------------------------
+
+    def withdraw_consent(
+        self, caller: Principal, agreement_id: str, pseudonyms: list[str]
+    ) -> tuple[int, int, int]:
+        """Exclude these people from every later release of the agreement, at once.
+
+        Returns (received, matched in the caller's datasets, newly recorded). The audit log
+        gets the counts only.
+        """
+        self._participant(caller, agreement_id)
+        checked = _pseudonyms(pseudonyms)
+        matched = self._matched(caller, agreement_id, checked)
+        recorded = self.store.record_withdrawals(
+            agreement_id, caller.principal_id, sorted(checked), now()
+        )
+        self._audit(
+            "consent_withdrawn",
+            caller,
+            agreement_id,
+            {"received": len(pseudonyms), "matched": matched, "recorded": recorded},
+        )
+        return len(pseudonyms), matched, recorded
+
+    def erase_records(
+        self, caller: Principal, agreement_id: str, pseudonyms: list[str]
+    ) -> tuple[int, int, int]:
+        """Remove these people's rows from the caller's stored datasets (new versions on disk).
+
+        The people are also withdrawn, so they stay out of releases even if a later upload
+        brings them back by mistake. Returns (received, rows erased, datasets rewritten).
+        """
+        self._participant(caller, agreement_id)
+        checked = _pseudonyms(pseudonyms)
+        rows = rewritten = 0
+        for dataset in self.store.list_datasets(caller.principal_id, agreement_id):
+            stats = self.files.erase(
+                dataset.dataset_id, dataset.version, dataset.version + 1, dataset.schema, checked
+            )
+            if stats is None:
+                continue
+            erased = replace(
+                dataset,
+                version=dataset.version + 1,
+                row_count=stats.row_count,
+                distinct_keys=stats.distinct_keys,
+                content_sha256=stats.content_sha256,
+                created_at=now(),
+                max_rows_per_key=stats.max_rows_per_key,
+                duplicates=stats.duplicates,
+            )
+            self._publish(erased, dataset)
+            rows += dataset.row_count - stats.row_count
+            rewritten += 1
+        self.store.record_withdrawals(agreement_id, caller.principal_id, sorted(checked), now())
+        self._audit(
+            "records_erased",
+            caller,
+            agreement_id,
+            {"received": len(pseudonyms), "rows_erased": rows, "datasets_rewritten": rewritten},
+        )
+        return len(pseudonyms), rows, rewritten
+
+    def _matched(self, caller: Principal, agreement_id: str, pseudonyms: set[str]) -> int:
+        found: set[str] = set()
+        for dataset in self.store.list_datasets(caller.principal_id, agreement_id):
+            found |= self.files.present(
+                dataset.dataset_id, dataset.version, dataset.schema, pseudonyms
+            )
+        return len(found)
+
+    def audit_log(self, caller: Principal) -> list[AuditEvent]:
+        """The audit log (compliance officers and admins)."""
+        _require(caller, Role.COMPLIANCE, Role.ADMIN)
+        return self.store.list_audit()
+
+    def _audit(self, kind: str, caller: Principal, subject: str, detail: dict[str, object]) -> None:
+        self.store.append_audit(AuditEvent(kind, caller.principal_id, subject, detail, now()))
 
     # -- agreements -------------------------------------------------------------------------
 
@@ -172,37 +369,32 @@ class Hub:
         *,
         name: str,
         purpose: str,
-        dataset_ids: list[str],
+        slots: list[DatasetSlot],
         analyst_ids: list[str],
         total_epsilon: Epsilon,
         max_rows_per_person: int,
         max_groups_per_person: int,
     ) -> Agreement:
-        """Admin-only for now: an agreement joining datasets whose consent covers `purpose`."""
+        """Admin-only for now: an agreement whose partners then upload into its dataset slots."""
         _require(caller, Role.ADMIN)
         if not name or len(name) > 200:
             raise InvalidArgumentError("agreement name must be 1-200 characters")
         check_name(purpose, "purpose")
-        if len(dataset_ids) < 2 or len(set(dataset_ids)) != len(dataset_ids):
-            raise InvalidArgumentError("an agreement joins at least two distinct datasets")
+        if len(slots) < 2:
+            raise InvalidArgumentError("an agreement joins at least two datasets")
+        if len(set(s.name for s in slots)) != len(slots):
+            raise InvalidArgumentError("dataset names within an agreement must be distinct")
         if total_epsilon.micros <= 0:
             raise InvalidArgumentError("total epsilon must be positive")
         if not 1 <= max_rows_per_person <= MAX_ROWS_PER_PERSON:
             raise InvalidArgumentError(f"max_rows_per_person must be in [1, {MAX_ROWS_PER_PERSON}]")
         if max_groups_per_person < 1:
             raise InvalidArgumentError("max_groups_per_person must be positive")
-        names: set[str] = set()
-        for dataset_id in dataset_ids:
-            dataset = self.store.get_dataset(dataset_id)
-            if dataset is None:
-                raise NotFoundError(f"dataset {dataset_id!r} not found")
-            if dataset.schema.consent_column(purpose) is None:
-                raise InvalidArgumentError(
-                    f"dataset {dataset.name!r} declares no consent for purpose {purpose!r}"
-                )
-            if dataset.name in names:
-                raise InvalidArgumentError(f"two datasets are named {dataset.name!r}; rename one")
-            names.add(dataset.name)
+        for slot in slots:
+            check_name(slot.name, "dataset name")
+            partner = self.store.get_principal(slot.partner_id)
+            if partner is None or partner.role is not Role.PARTNER:
+                raise InvalidArgumentError(f"{slot.partner_id!r} is not a partner")
         if not analyst_ids:
             raise InvalidArgumentError("name at least one analyst")
         for analyst_id in analyst_ids:
@@ -213,7 +405,7 @@ class Hub:
             agreement_id=new_id("ag"),
             name=name,
             purpose=purpose,
-            dataset_ids=tuple(dataset_ids),
+            slots=tuple(slots),
             analyst_ids=tuple(dict.fromkeys(analyst_ids)),
             total_epsilon=total_epsilon,
             max_rows_per_person=max_rows_per_person,
@@ -221,6 +413,12 @@ class Hub:
             created_at=now(),
         )
         self.store.create_agreement(agreement)
+        self._audit(
+            "agreement_created",
+            caller,
+            agreement.agreement_id,
+            {"purpose": purpose, "total_epsilon": str(total_epsilon), "datasets": len(slots)},
+        )
         log.info(
             "agreement created id=%s purpose=%s epsilon=%s",
             agreement.agreement_id,
@@ -234,8 +432,7 @@ class Hub:
             return True
         if caller.role is Role.ANALYST:
             return caller.principal_id in agreement.analyst_ids
-        owned = {d.dataset_id for d in self.store.list_datasets(caller.principal_id)}
-        return bool(owned & set(agreement.dataset_ids))
+        return caller.principal_id in agreement.partner_ids
 
     def get_agreement(self, caller: Principal, agreement_id: str) -> tuple[Agreement, BudgetState]:
         """An agreement and its budget, if the caller is party to it."""
@@ -245,6 +442,13 @@ class Hub:
         budget = self.store.get_budget(agreement_id)
         assert budget is not None
         return agreement, budget
+
+    def slot_datasets(self, agreement: Agreement) -> dict[DatasetSlot, str]:
+        """Dataset ids uploaded into the agreement's slots so far."""
+        return {
+            DatasetSlot(d.partner_id, d.name): d.dataset_id
+            for d in self.store.list_datasets(agreement_id=agreement.agreement_id)
+        }
 
     def list_agreements(self, caller: Principal) -> list[tuple[Agreement, BudgetState]]:
         """Agreements the caller is party to."""
@@ -263,12 +467,19 @@ class Hub:
         agreement = self.store.get_agreement(spec.agreement_id)
         if agreement is None:
             raise NotFoundError(f"agreement {spec.agreement_id!r} not found")
+        _, fingerprint = self._key_context(agreement)
         datasets = []
-        for dataset_id in agreement.dataset_ids:
-            dataset = self.store.get_dataset(dataset_id)
+        for slot in agreement.slots:
+            dataset = self.store.find_dataset(agreement.agreement_id, slot.partner_id, slot.name)
             if dataset is None:
                 raise FailedPreconditionError(
-                    f"dataset {dataset_id!r} of this agreement was deleted by its partner"
+                    f"dataset {slot.name!r} of partner {slot.partner_id!r} is not uploaded "
+                    "(or was deleted)"
+                )
+            if dataset.key_fingerprint != fingerprint:
+                raise FailedPreconditionError(
+                    f"dataset {slot.name!r} was pseudonymised under a previous key context "
+                    "(a partner rotated its key): it must be uploaded again"
                 )
             datasets.append(dataset)
         return plan_query(spec, agreement, tuple(datasets))
@@ -320,6 +531,12 @@ class Hub:
                 remaining_after=after.remaining,
             ),
         )
+        self._audit(
+            "release",
+            caller,
+            release.agreement_id,
+            {"release_id": release.release_id, "epsilon": str(release.epsilon_spent)},
+        )
         log.info(
             "release committed id=%s agreement=%s epsilon=%s",
             release.release_id,
@@ -331,7 +548,9 @@ class Hub:
     def exact_aggregates(self, plan: QueryPlan) -> ExactAggregates:
         """Pre-noise aggregates (for tests and benchmarks only; never exposed over the API)."""
         paths = [self.files.path(d.dataset_id, d.version) for d in plan.datasets]
-        return self.engine.compute(plan, paths)
+        withdrawn = self.store.withdrawn(plan.agreement.agreement_id)
+        gone = {p for pseudonyms in withdrawn.values() for p in pseudonyms}
+        return self.engine.compute(plan, paths, gone, now())
 
     # -- compliance -------------------------------------------------------------------------
 
@@ -356,6 +575,37 @@ class Hub:
         if agreement_id and self.store.get_agreement(agreement_id) is None:
             raise NotFoundError(f"agreement {agreement_id!r} not found")
         return self.store.list_releases(agreement_id or None)
+
+
+@dataclass(frozen=True)
+class KeyMaterial:
+    """What a partner needs to derive an agreement's matching key (all public or wrapped)."""
+
+    agreement_id: str
+    participants: tuple[PublicKeyRecord, ...]
+    fingerprint: str
+    wrapped_for_caller: WrappedKey | None
+    leader_id: str
+
+
+MAX_PSEUDONYMS_PER_REQUEST = 1_000_000
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _pseudonyms(values: list[str]) -> set[str]:
+    if not values:
+        raise InvalidArgumentError("give at least one pseudonym")
+    if len(values) > MAX_PSEUDONYMS_PER_REQUEST:
+        raise InvalidArgumentError(
+            f"at most {MAX_PSEUDONYMS_PER_REQUEST} pseudonyms per request; split the list"
+        )
+    bad = sum(1 for v in values if not _HEX64.match(v))
+    if bad:
+        raise InvalidArgumentError(
+            f"{bad} values are not pseudonyms (64 lowercase hex chars); pseudonymise them "
+            "exactly as for uploads"
+        )
+    return set(values)
 
 
 def _require(caller: Principal, *roles: Role) -> None:

@@ -13,7 +13,11 @@ from entremise.server.domain.errors import InvalidArgumentError
 #: Names of datasets, columns and purposes: short, ASCII, SQL-safe identifiers.
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 MAX_CATEGORIES = 10_000
+#: Values shaped like raw identifiers are refused outside key columns.
+EMAIL_SHAPE = re.compile(r"[^@\s]+@[^@\s]+\.[A-Za-z]{2,}")
+PHONE_SHAPE = re.compile(r"^\s*\+?[\d\s().\-]{8,20}\s*$")
 MAX_COLUMNS = 256
+MAX_KEY_COLUMNS = 8
 
 
 def check_name(value: str, what: str) -> str:
@@ -114,41 +118,72 @@ class CategoricalColumn:
             )
         if len(set(self.categories)) != len(self.categories):
             raise InvalidArgumentError(f"column {self.name!r}: categories must be distinct")
+        shaped = 0
         for category in self.categories:
             if not category or len(category) > 200:
                 raise InvalidArgumentError(
                     f"column {self.name!r}: categories must be 1-200 characters"
                 )
+            phone = PHONE_SHAPE.match(category) and sum(c.isdigit() for c in category) >= 9
+            if EMAIL_SHAPE.search(category) or phone:
+                shaped += 1
+        if shaped:
+            raise InvalidArgumentError(
+                f"column {self.name!r}: {shaped} categories look like emails or phone numbers; "
+                "identifiers may only travel as pseudonymised key columns"
+            )
 
 
 Column = NumericColumn | CategoricalColumn
 
 
 @dataclass(frozen=True)
-class DatasetSchema:
-    """What a partner declares: join key, per-purpose consent, public attribute domains."""
+class KeyColumn:
+    """One pseudonymised identifier column and how it was normalised."""
 
-    key_column: str
-    key_kind: IdentifierKind
-    consents: tuple[tuple[str, str], ...]  # (purpose, boolean column)
+    column: str
+    kind: IdentifierKind
+
+
+@dataclass(frozen=True)
+class ConsentSpec:
+    """Consent for `purpose` lives in a boolean column, optionally until an expiry timestamp."""
+
+    purpose: str
+    column: str
+    expiry_column: str = ""
+
+
+@dataclass(frozen=True)
+class DatasetSchema:
+    """What a partner declares: identifier keys, per-purpose consent, public attribute domains."""
+
+    keys: tuple[KeyColumn, ...]
+    consents: tuple[ConsentSpec, ...]
     columns: tuple[Column, ...]
 
     def validate(self) -> None:
         """Check names, uniqueness and domains; raise a clear error on the first problem."""
-        check_name(self.key_column, "key column")
+        if not self.keys:
+            raise InvalidArgumentError("declare at least one identifier (key) column")
+        if len(self.keys) > MAX_KEY_COLUMNS:
+            raise InvalidArgumentError(f"at most {MAX_KEY_COLUMNS} key columns may be declared")
         if not self.consents:
             raise InvalidArgumentError("declare at least one consent column (purpose -> column)")
         if len(self.columns) > MAX_COLUMNS:
             raise InvalidArgumentError(f"at most {MAX_COLUMNS} attribute columns may be declared")
-        names = [self.key_column]
+        names: list[str] = []
+        for key in self.keys:
+            names.append(check_name(key.column, "key column"))
         purposes: set[str] = set()
-        for purpose, column in self.consents:
-            check_name(purpose, "purpose")
-            check_name(column, "consent column")
-            if purpose in purposes:
-                raise InvalidArgumentError(f"purpose {purpose!r} is declared twice")
-            purposes.add(purpose)
-            names.append(column)
+        for consent in self.consents:
+            check_name(consent.purpose, "purpose")
+            names.append(check_name(consent.column, "consent column"))
+            if consent.expiry_column:
+                names.append(check_name(consent.expiry_column, "consent expiry column"))
+            if consent.purpose in purposes:
+                raise InvalidArgumentError(f"purpose {consent.purpose!r} is declared twice")
+            purposes.add(consent.purpose)
         for col in self.columns:
             col.validate()
             names.append(col.name)
@@ -156,11 +191,11 @@ class DatasetSchema:
         if duplicates:
             raise InvalidArgumentError(f"column names declared more than once: {duplicates}")
 
-    def consent_column(self, purpose: str) -> str | None:
-        """The boolean column that holds consent for `purpose`, if declared."""
-        for declared, column in self.consents:
-            if declared == purpose:
-                return column
+    def consent(self, purpose: str) -> ConsentSpec | None:
+        """The consent declaration for `purpose`, if any."""
+        for declared in self.consents:
+            if declared.purpose == purpose:
+                return declared
         return None
 
     def column(self, name: str) -> Column | None:
@@ -171,40 +206,106 @@ class DatasetSchema:
         return None
 
     @property
+    def key_columns(self) -> list[str]:
+        """Names of the identifier columns."""
+        return [k.column for k in self.keys]
+
+    @property
     def uploaded_columns(self) -> list[str]:
         """Every column the upload must contain, in declaration order."""
-        return [self.key_column, *(c for _, c in self.consents), *(c.name for c in self.columns)]
+        consent_columns: list[str] = []
+        for c in self.consents:
+            consent_columns.append(c.column)
+            if c.expiry_column:
+                consent_columns.append(c.expiry_column)
+        return [*self.key_columns, *consent_columns, *(c.name for c in self.columns)]
+
+
+@dataclass(frozen=True)
+class DuplicateReport:
+    """Pseudonyms of one key column found on several rows of an upload."""
+
+    column: str
+    duplicated_pseudonyms: int
+    rows_involved: int
+    max_rows_per_pseudonym: int
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """A published, immutable version of a partner's pseudonymised dataset."""
+    """A published, immutable version of a partner's pseudonymised dataset for one agreement."""
 
     dataset_id: str
     name: str
     partner_id: str
+    agreement_id: str
     schema: DatasetSchema
     row_count: int
     distinct_keys: int
     version: int
     content_sha256: str
     created_at: str
+    key_fingerprint: str
     max_rows_per_key: int = 0  # most rows any one pseudonym has in this dataset (0 = unknown)
+    duplicates: tuple[DuplicateReport, ...] = ()
+
+
+@dataclass(frozen=True)
+class DatasetSlot:
+    """A dataset an agreement expects from one partner."""
+
+    partner_id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class PublicKeyRecord:
+    """A partner's published X25519 public key (versions increase on rotation)."""
+
+    principal_id: str
+    version: int
+    public_key: bytes
+    created_at: str
+
+
+@dataclass(frozen=True)
+class WrappedKey:
+    """An agreement matching key encrypted by the key leader for one partner."""
+
+    recipient_id: str
+    nonce: bytes
+    ciphertext: bytes
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """A state change, recorded with counts and ids, never with identifiers or values."""
+
+    kind: str
+    actor_id: str
+    subject_id: str
+    detail: dict[str, object]
+    created_at: str
 
 
 @dataclass(frozen=True)
 class Agreement:
-    """Who may join which datasets, for which purpose, within which total epsilon."""
+    """Which partners' datasets may be joined, for which purpose, by whom, within which epsilon."""
 
     agreement_id: str
     name: str
     purpose: str
-    dataset_ids: tuple[str, ...]
+    slots: tuple[DatasetSlot, ...]
     analyst_ids: tuple[str, ...]
     total_epsilon: Epsilon
     max_rows_per_person: int
     max_groups_per_person: int
     created_at: str
+
+    @property
+    def partner_ids(self) -> list[str]:
+        """Participating partners, sorted (the first is the key leader)."""
+        return sorted({slot.partner_id for slot in self.slots})
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,7 @@ def _split_epsilon(spec: QuerySpec) -> list[Epsilon]:
 
 def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, ...]) -> QueryPlan:
     """Validate a query against its agreement and the datasets' public schemas."""
-    if len(datasets) != len(agreement.dataset_ids) or len(datasets) < 1:
+    if len(datasets) != len(agreement.slots) or len(datasets) < 1:
         raise FailedPreconditionError("a dataset of this agreement is no longer available")
     if not spec.aggregates:
         raise InvalidArgumentError("a query needs at least one aggregate")

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from entremise.privacy.budget import Epsilon
 from entremise.server.domain.models import (
     Agreement,
+    AuditEvent,
     BudgetState,
     Dataset,
     DatasetSchema,
+    DuplicateReport,
     ExactAggregates,
     Principal,
+    PublicKeyRecord,
     QueryPlan,
     Release,
     Role,
+    WrappedKey,
 )
 
 
@@ -48,12 +52,14 @@ class Store(ABC):
         """The current version of a dataset."""
 
     @abstractmethod
-    def find_dataset(self, partner_id: str, name: str) -> Dataset | None:
-        """A partner's dataset by name."""
+    def find_dataset(self, agreement_id: str, partner_id: str, name: str) -> Dataset | None:
+        """A partner's dataset of one agreement, by name."""
 
     @abstractmethod
-    def list_datasets(self, partner_id: str | None = None) -> list[Dataset]:
-        """Datasets, optionally of one partner."""
+    def list_datasets(
+        self, partner_id: str | None = None, agreement_id: str | None = None
+    ) -> list[Dataset]:
+        """Datasets, optionally of one partner and/or one agreement."""
 
     @abstractmethod
     def delete_dataset(self, dataset_id: str) -> None:
@@ -86,6 +92,46 @@ class Store(ABC):
     def list_releases(self, agreement_id: str | None = None) -> list[Release]:
         """Releases in commit order."""
 
+    @abstractmethod
+    def publish_public_key(
+        self, principal_id: str, public_key: bytes, created_at: str
+    ) -> PublicKeyRecord:
+        """Store a partner's new public key as its next version."""
+
+    @abstractmethod
+    def current_public_key(self, principal_id: str) -> PublicKeyRecord | None:
+        """A partner's latest public key."""
+
+    @abstractmethod
+    def store_wrapped_keys(
+        self, agreement_id: str, fingerprint: str, keys: list[WrappedKey]
+    ) -> int:
+        """Store the leader's wrapped matching keys once per key context (else AlreadyExists)."""
+
+    @abstractmethod
+    def wrapped_key(
+        self, agreement_id: str, fingerprint: str, recipient_id: str
+    ) -> WrappedKey | None:
+        """The wrapped matching key addressed to one partner, if distributed."""
+
+    @abstractmethod
+    def record_withdrawals(
+        self, agreement_id: str, partner_id: str, pseudonyms: list[str], created_at: str
+    ) -> int:
+        """Record consent withdrawals (idempotent); returns how many were new."""
+
+    @abstractmethod
+    def withdrawn(self, agreement_id: str) -> dict[str, list[str]]:
+        """Withdrawn pseudonyms of an agreement, per partner."""
+
+    @abstractmethod
+    def append_audit(self, event: AuditEvent) -> None:
+        """Append one event to the audit log."""
+
+    @abstractmethod
+    def list_audit(self) -> list[AuditEvent]:
+        """The audit log, oldest first."""
+
 
 @dataclass(frozen=True)
 class IngestResult:
@@ -96,6 +142,7 @@ class IngestResult:
     max_rows_per_key: int
     content_sha256: str
     size_bytes: int
+    duplicates: tuple[DuplicateReport, ...] = ()
 
 
 class DatasetFiles(ABC):
@@ -113,6 +160,23 @@ class DatasetFiles(ABC):
         """Stage, verify and validate an upload, then write it durably (not yet published)."""
 
     @abstractmethod
+    def erase(
+        self,
+        dataset_id: str,
+        version: int,
+        new_version: int,
+        schema: DatasetSchema,
+        pseudonyms: set[str],
+    ) -> IngestResult | None:
+        """Write `new_version` without the rows of these pseudonyms; None if none matched."""
+
+    @abstractmethod
+    def present(
+        self, dataset_id: str, version: int, schema: DatasetSchema, pseudonyms: set[str]
+    ) -> set[str]:
+        """Which of these pseudonyms occur in any key column of the stored version."""
+
+    @abstractmethod
     def path(self, dataset_id: str, version: int) -> str:
         """Location of a stored dataset version."""
 
@@ -125,8 +189,14 @@ class AggregationEngine(ABC):
     """Computes exact, contribution-bounded aggregates of a consented join (pre-noise)."""
 
     @abstractmethod
-    def compute(self, plan: QueryPlan, paths: list[str]) -> ExactAggregates:
-        """Exact aggregates per group cell, in `plan.group_keys` order."""
+    def compute(
+        self, plan: QueryPlan, paths: list[str], withdrawn: Collection[str], now: str
+    ) -> ExactAggregates:
+        """Exact aggregates per group cell, in `plan.group_keys` order.
+
+        People with any pseudonym in `withdrawn` are left out entirely; consent whose expiry
+        is before `now` (ISO 8601) counts as no consent.
+        """
 
 
 __all__ = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,11 +20,16 @@ from entremise.server.domain.codec import (
 from entremise.server.domain.errors import AlreadyExistsError, BudgetExhaustedError, NotFoundError
 from entremise.server.domain.models import (
     Agreement,
+    AuditEvent,
     BudgetState,
     Dataset,
+    DatasetSlot,
+    DuplicateReport,
     Principal,
+    PublicKeyRecord,
     Release,
     Role,
+    WrappedKey,
 )
 from entremise.server.domain.ports import Store
 
@@ -38,31 +44,13 @@ principals = sa.Table(
     sa.Column("token_sha256", sa.String(64), nullable=False, unique=True),
 )
 
-datasets = sa.Table(
-    "datasets",
-    metadata,
-    sa.Column("dataset_id", sa.String(40), primary_key=True),
-    sa.Column(
-        "partner_id", sa.String(40), sa.ForeignKey("principals.principal_id"), nullable=False
-    ),
-    sa.Column("name", sa.String(63), nullable=False),
-    sa.Column("schema_json", sa.Text, nullable=False),
-    sa.Column("row_count", sa.BigInteger, nullable=False),
-    sa.Column("distinct_keys", sa.BigInteger, nullable=False),
-    sa.Column("version", sa.Integer, nullable=False),
-    sa.Column("content_sha256", sa.String(64), nullable=False),
-    sa.Column("created_at", sa.String(32), nullable=False),
-    sa.Column("max_rows_per_key", sa.BigInteger, nullable=False, server_default="0"),
-    sa.UniqueConstraint("partner_id", "name", name="uq_datasets_partner_name"),
-)
-
 agreements = sa.Table(
     "agreements",
     metadata,
     sa.Column("agreement_id", sa.String(40), primary_key=True),
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("purpose", sa.String(63), nullable=False),
-    sa.Column("dataset_ids_json", sa.Text, nullable=False),
+    sa.Column("slots_json", sa.Text, nullable=False),
     sa.Column("analyst_ids_json", sa.Text, nullable=False),
     # Epsilon in integer micro-units: exact comparisons in the conditional debit.
     sa.Column("total_micros", sa.BigInteger, nullable=False),
@@ -72,6 +60,74 @@ agreements = sa.Table(
     sa.Column("max_groups_per_person", sa.Integer, nullable=False),
     sa.Column("created_at", sa.String(32), nullable=False),
     sa.CheckConstraint("spent_micros >= 0 AND spent_micros <= total_micros", name="ck_budget"),
+)
+
+datasets = sa.Table(
+    "datasets",
+    metadata,
+    sa.Column("dataset_id", sa.String(40), primary_key=True),
+    sa.Column(
+        "partner_id", sa.String(40), sa.ForeignKey("principals.principal_id"), nullable=False
+    ),
+    sa.Column(
+        "agreement_id", sa.String(40), sa.ForeignKey("agreements.agreement_id"), nullable=False
+    ),
+    sa.Column("name", sa.String(63), nullable=False),
+    sa.Column("schema_json", sa.Text, nullable=False),
+    sa.Column("row_count", sa.BigInteger, nullable=False),
+    sa.Column("distinct_keys", sa.BigInteger, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("content_sha256", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("key_fingerprint", sa.String(64), nullable=False),
+    sa.Column("max_rows_per_key", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("duplicates_json", sa.Text, nullable=False, server_default="[]"),
+    sa.UniqueConstraint("agreement_id", "partner_id", "name", name="uq_datasets_slot"),
+)
+
+public_keys = sa.Table(
+    "public_keys",
+    metadata,
+    sa.Column(
+        "principal_id", sa.String(40), sa.ForeignKey("principals.principal_id"), primary_key=True
+    ),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("public_key", sa.LargeBinary(32), nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+)
+
+wrapped_keys = sa.Table(
+    "wrapped_keys",
+    metadata,
+    sa.Column(
+        "agreement_id", sa.String(40), sa.ForeignKey("agreements.agreement_id"), primary_key=True
+    ),
+    sa.Column("key_fingerprint", sa.String(64), primary_key=True),
+    sa.Column("recipient_id", sa.String(40), primary_key=True),
+    sa.Column("nonce", sa.LargeBinary(12), nullable=False),
+    sa.Column("ciphertext", sa.LargeBinary(64), nullable=False),
+)
+
+withdrawals = sa.Table(
+    "withdrawals",
+    metadata,
+    sa.Column(
+        "agreement_id", sa.String(40), sa.ForeignKey("agreements.agreement_id"), primary_key=True
+    ),
+    sa.Column("partner_id", sa.String(40), primary_key=True),
+    sa.Column("pseudonym", sa.String(64), primary_key=True),
+    sa.Column("created_at", sa.String(32), nullable=False),
+)
+
+audit_events = sa.Table(
+    "audit_events",
+    metadata,
+    sa.Column("seq", sa.Integer, sa.Identity(), primary_key=True),
+    sa.Column("kind", sa.String(40), nullable=False),
+    sa.Column("actor_id", sa.String(40), nullable=False),
+    sa.Column("subject_id", sa.String(40), nullable=False),
+    sa.Column("detail_json", sa.Text, nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
 )
 
 releases = sa.Table(
@@ -126,7 +182,7 @@ def _agreement(row: Any) -> Agreement:
         agreement_id=row.agreement_id,
         name=row.name,
         purpose=row.purpose,
-        dataset_ids=tuple(json.loads(row.dataset_ids_json)),
+        slots=tuple(DatasetSlot(s["partner_id"], s["name"]) for s in json.loads(row.slots_json)),
         analyst_ids=tuple(json.loads(row.analyst_ids_json)),
         total_epsilon=Epsilon(row.total_micros),
         max_rows_per_person=row.max_rows_per_person,
@@ -140,13 +196,16 @@ def _dataset(row: Any) -> Dataset:
         dataset_id=row.dataset_id,
         name=row.name,
         partner_id=row.partner_id,
+        agreement_id=row.agreement_id,
         schema=schema_from_dict(json.loads(row.schema_json)),
         row_count=row.row_count,
         distinct_keys=row.distinct_keys,
         version=row.version,
         content_sha256=row.content_sha256,
         created_at=row.created_at,
+        key_fingerprint=row.key_fingerprint,
         max_rows_per_key=row.max_rows_per_key,
+        duplicates=tuple(DuplicateReport(**d) for d in json.loads(row.duplicates_json)),
     )
 
 
@@ -204,6 +263,7 @@ class SqlStore(Store):
     def publish_dataset(self, dataset: Dataset) -> None:  # noqa: D102
         values = {
             "partner_id": dataset.partner_id,
+            "agreement_id": dataset.agreement_id,
             "name": dataset.name,
             "schema_json": json.dumps(schema_to_dict(dataset.schema)),
             "row_count": dataset.row_count,
@@ -211,7 +271,9 @@ class SqlStore(Store):
             "version": dataset.version,
             "content_sha256": dataset.content_sha256,
             "created_at": dataset.created_at,
+            "key_fingerprint": dataset.key_fingerprint,
             "max_rows_per_key": dataset.max_rows_per_key,
+            "duplicates_json": json.dumps([asdict(d) for d in dataset.duplicates]),
         }
         with self.writer.begin() as conn:
             if dataset.version == 1:
@@ -231,9 +293,7 @@ class SqlStore(Store):
                 .values(**values)
             )
             if updated.rowcount != 1:
-                raise AlreadyExistsError(
-                    f"dataset {dataset.name!r} changed during the upload; retry"
-                )
+                raise AlreadyExistsError(f"dataset {dataset.name!r} changed meanwhile; retry")
 
     def get_dataset(self, dataset_id: str) -> Dataset | None:  # noqa: D102
         with self.engine.connect() as conn:
@@ -242,19 +302,27 @@ class SqlStore(Store):
             ).first()
         return _dataset(row) if row else None
 
-    def find_dataset(self, partner_id: str, name: str) -> Dataset | None:  # noqa: D102
+    def find_dataset(  # noqa: D102
+        self, agreement_id: str, partner_id: str, name: str
+    ) -> Dataset | None:
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(datasets).where(
-                    datasets.c.partner_id == partner_id, datasets.c.name == name
+                    datasets.c.agreement_id == agreement_id,
+                    datasets.c.partner_id == partner_id,
+                    datasets.c.name == name,
                 )
             ).first()
         return _dataset(row) if row else None
 
-    def list_datasets(self, partner_id: str | None = None) -> list[Dataset]:  # noqa: D102
+    def list_datasets(  # noqa: D102
+        self, partner_id: str | None = None, agreement_id: str | None = None
+    ) -> list[Dataset]:
         query = sa.select(datasets).order_by(datasets.c.created_at, datasets.c.dataset_id)
         if partner_id is not None:
             query = query.where(datasets.c.partner_id == partner_id)
+        if agreement_id is not None:
+            query = query.where(datasets.c.agreement_id == agreement_id)
         with self.engine.connect() as conn:
             return [_dataset(r) for r in conn.execute(query)]
 
@@ -271,7 +339,7 @@ class SqlStore(Store):
                     agreement_id=agreement.agreement_id,
                     name=agreement.name,
                     purpose=agreement.purpose,
-                    dataset_ids_json=json.dumps(list(agreement.dataset_ids)),
+                    slots_json=json.dumps([asdict(slot) for slot in agreement.slots]),
                     analyst_ids_json=json.dumps(list(agreement.analyst_ids)),
                     total_micros=agreement.total_epsilon.micros,
                     spent_micros=0,
@@ -367,3 +435,147 @@ class SqlStore(Store):
                     )
                 )
         return out
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    def publish_public_key(  # noqa: D102
+        self, principal_id: str, public_key: bytes, created_at: str
+    ) -> PublicKeyRecord:
+        with self.writer.begin() as conn:
+            latest = conn.execute(
+                sa.select(sa.func.max(public_keys.c.version)).where(
+                    public_keys.c.principal_id == principal_id
+                )
+            ).scalar_one()
+            version = (latest or 0) + 1
+            conn.execute(
+                public_keys.insert().values(
+                    principal_id=principal_id,
+                    version=version,
+                    public_key=public_key,
+                    created_at=created_at,
+                )
+            )
+        return PublicKeyRecord(principal_id, version, public_key, created_at)
+
+    def current_public_key(self, principal_id: str) -> PublicKeyRecord | None:  # noqa: D102
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(public_keys)
+                .where(public_keys.c.principal_id == principal_id)
+                .order_by(public_keys.c.version.desc())
+                .limit(1)
+            ).first()
+        if row is None:
+            return None
+        return PublicKeyRecord(row.principal_id, row.version, bytes(row.public_key), row.created_at)
+
+    def store_wrapped_keys(  # noqa: D102
+        self, agreement_id: str, fingerprint: str, keys: list[WrappedKey]
+    ) -> int:
+        with self.writer.begin() as conn:
+            existing = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(wrapped_keys)
+                .where(
+                    wrapped_keys.c.agreement_id == agreement_id,
+                    wrapped_keys.c.key_fingerprint == fingerprint,
+                )
+            ).scalar_one()
+            if existing:
+                raise AlreadyExistsError(
+                    "the matching key of this key context was already distributed"
+                )
+            for key in keys:
+                conn.execute(
+                    wrapped_keys.insert().values(
+                        agreement_id=agreement_id,
+                        key_fingerprint=fingerprint,
+                        recipient_id=key.recipient_id,
+                        nonce=key.nonce,
+                        ciphertext=key.ciphertext,
+                    )
+                )
+        return len(keys)
+
+    def wrapped_key(  # noqa: D102
+        self, agreement_id: str, fingerprint: str, recipient_id: str
+    ) -> WrappedKey | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(wrapped_keys).where(
+                    wrapped_keys.c.agreement_id == agreement_id,
+                    wrapped_keys.c.key_fingerprint == fingerprint,
+                    wrapped_keys.c.recipient_id == recipient_id,
+                )
+            ).first()
+        return (
+            WrappedKey(row.recipient_id, bytes(row.nonce), bytes(row.ciphertext)) if row else None
+        )
+
+    # -- consent ------------------------------------------------------------------------------
+
+    def record_withdrawals(  # noqa: D102
+        self, agreement_id: str, partner_id: str, pseudonyms: list[str], created_at: str
+    ) -> int:
+        unique = sorted(set(pseudonyms))
+        with self.writer.begin() as conn:
+            known = {
+                r.pseudonym
+                for r in conn.execute(
+                    sa.select(withdrawals.c.pseudonym).where(
+                        withdrawals.c.agreement_id == agreement_id,
+                        withdrawals.c.partner_id == partner_id,
+                        withdrawals.c.pseudonym.in_(unique),
+                    )
+                )
+            }
+            new = [p for p in unique if p not in known]
+            if new:
+                conn.execute(
+                    withdrawals.insert(),
+                    [
+                        {
+                            "agreement_id": agreement_id,
+                            "partner_id": partner_id,
+                            "pseudonym": p,
+                            "created_at": created_at,
+                        }
+                        for p in new
+                    ],
+                )
+        return len(new)
+
+    def withdrawn(self, agreement_id: str) -> dict[str, list[str]]:  # noqa: D102
+        out: dict[str, list[str]] = {}
+        with self.engine.connect() as conn:
+            for row in conn.execute(
+                sa.select(withdrawals.c.partner_id, withdrawals.c.pseudonym).where(
+                    withdrawals.c.agreement_id == agreement_id
+                )
+            ):
+                out.setdefault(row.partner_id, []).append(row.pseudonym)
+        return out
+
+    # -- audit --------------------------------------------------------------------------------
+
+    def append_audit(self, event: AuditEvent) -> None:  # noqa: D102
+        with self.writer.begin() as conn:
+            conn.execute(
+                audit_events.insert().values(
+                    kind=event.kind,
+                    actor_id=event.actor_id,
+                    subject_id=event.subject_id,
+                    detail_json=json.dumps(event.detail, sort_keys=True),
+                    created_at=event.created_at,
+                )
+            )
+
+    def list_audit(self) -> list[AuditEvent]:  # noqa: D102
+        with self.engine.connect() as conn:
+            return [
+                AuditEvent(
+                    r.kind, r.actor_id, r.subject_id, json.loads(r.detail_json), r.created_at
+                )
+                for r in conn.execute(sa.select(audit_events).order_by(audit_events.c.seq))
+            ]

@@ -20,13 +20,41 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class DatasetSlot(_message.Message):
+    """A dataset an agreement expects: which partner uploads it, under which name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    partner_id: _builtins.str
+    name: _builtins.str
+    dataset_id: _builtins.str
+    """Filled once uploaded."""
+    def __init__(
+        self,
+        *,
+        partner_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        dataset_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "name", b"name", "partner_id", b"partner_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatasetSlot: _TypeAlias = DatasetSlot  # noqa: Y015
+
+@_typing.final
 class Agreement(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     AGREEMENT_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     PURPOSE_FIELD_NUMBER: _builtins.int
-    DATASET_IDS_FIELD_NUMBER: _builtins.int
+    DATASETS_FIELD_NUMBER: _builtins.int
     ANALYST_IDS_FIELD_NUMBER: _builtins.int
     TOTAL_EPSILON_FIELD_NUMBER: _builtins.int
     MAX_ROWS_PER_PERSON_FIELD_NUMBER: _builtins.int
@@ -42,7 +70,7 @@ class Agreement(_message.Message):
     max_groups_per_person: _builtins.int
     created_at: _builtins.str
     @_builtins.property
-    def dataset_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetSlot]: ...
     @_builtins.property
     def analyst_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -53,7 +81,7 @@ class Agreement(_message.Message):
         agreement_id: _builtins.str = ...,
         name: _builtins.str = ...,
         purpose: _builtins.str = ...,
-        dataset_ids: _abc.Iterable[_builtins.str] | None = ...,
+        datasets: _abc.Iterable[Global___DatasetSlot] | None = ...,
         analyst_ids: _abc.Iterable[_builtins.str] | None = ...,
         total_epsilon: _builtins.str = ...,
         max_rows_per_person: _builtins.int = ...,
@@ -63,7 +91,7 @@ class Agreement(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "analyst_ids", b"analyst_ids", "budget", b"budget", "created_at", b"created_at", "dataset_ids", b"dataset_ids", "max_groups_per_person", b"max_groups_per_person", "max_rows_per_person", b"max_rows_per_person", "name", b"name", "purpose", b"purpose", "total_epsilon", b"total_epsilon"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "analyst_ids", b"analyst_ids", "budget", b"budget", "created_at", b"created_at", "datasets", b"datasets", "max_groups_per_person", b"max_groups_per_person", "max_rows_per_person", b"max_rows_per_person", "name", b"name", "purpose", b"purpose", "total_epsilon", b"total_epsilon"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -75,7 +103,7 @@ class CreateAgreementRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     PURPOSE_FIELD_NUMBER: _builtins.int
-    DATASET_IDS_FIELD_NUMBER: _builtins.int
+    DATASETS_FIELD_NUMBER: _builtins.int
     ANALYST_IDS_FIELD_NUMBER: _builtins.int
     TOTAL_EPSILON_FIELD_NUMBER: _builtins.int
     MAX_ROWS_PER_PERSON_FIELD_NUMBER: _builtins.int
@@ -86,7 +114,9 @@ class CreateAgreementRequest(_message.Message):
     max_rows_per_person: _builtins.int
     max_groups_per_person: _builtins.int
     @_builtins.property
-    def dataset_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetSlot]:
+        """At least two slots; partners upload into them after deriving the agreement's key."""
+
     @_builtins.property
     def analyst_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -94,7 +124,7 @@ class CreateAgreementRequest(_message.Message):
         *,
         name: _builtins.str = ...,
         purpose: _builtins.str = ...,
-        dataset_ids: _abc.Iterable[_builtins.str] | None = ...,
+        datasets: _abc.Iterable[Global___DatasetSlot] | None = ...,
         analyst_ids: _abc.Iterable[_builtins.str] | None = ...,
         total_epsilon: _builtins.str = ...,
         max_rows_per_person: _builtins.int = ...,
@@ -102,7 +132,7 @@ class CreateAgreementRequest(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["analyst_ids", b"analyst_ids", "dataset_ids", b"dataset_ids", "max_groups_per_person", b"max_groups_per_person", "max_rows_per_person", b"max_rows_per_person", "name", b"name", "purpose", b"purpose", "total_epsilon", b"total_epsilon"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analyst_ids", b"analyst_ids", "datasets", b"datasets", "max_groups_per_person", b"max_groups_per_person", "max_rows_per_person", b"max_rows_per_person", "name", b"name", "purpose", b"purpose", "total_epsilon", b"total_epsilon"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

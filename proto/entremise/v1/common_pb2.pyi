@@ -141,38 +141,68 @@ Global___ColumnSchema: _TypeAlias = ColumnSchema  # noqa: Y015
 
 @_typing.final
 class ConsentColumn(_message.Message):
-    """Per-purpose consent: rows whose `column` is true consent to `purpose`."""
+    """Per-purpose consent: rows whose `column` is true consent to `purpose`, until the optional
+    `expiry_column` (a timestamp or date; empty = no expiry). Expired consent counts as none.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     PURPOSE_FIELD_NUMBER: _builtins.int
     COLUMN_FIELD_NUMBER: _builtins.int
+    EXPIRY_COLUMN_FIELD_NUMBER: _builtins.int
     purpose: _builtins.str
     column: _builtins.str
+    expiry_column: _builtins.str
     def __init__(
         self,
         *,
         purpose: _builtins.str = ...,
         column: _builtins.str = ...,
+        expiry_column: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["column", b"column", "purpose", b"purpose"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["column", b"column", "expiry_column", b"expiry_column", "purpose", b"purpose"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConsentColumn: _TypeAlias = ConsentColumn  # noqa: Y015
 
 @_typing.final
+class KeyColumn(_message.Message):
+    """One identifier column, pseudonymised by the partner (HMAC-SHA256 under the agreement's
+    matching key, domain-separated by kind). A row may carry several; people match on any.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLUMN_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    column: _builtins.str
+    kind: Global___IdentifierKind.ValueType
+    def __init__(
+        self,
+        *,
+        column: _builtins.str = ...,
+        kind: Global___IdentifierKind.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["column", b"column", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyColumn: _TypeAlias = KeyColumn  # noqa: Y015
+
+@_typing.final
 class DatasetSchema(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    KEY_COLUMN_FIELD_NUMBER: _builtins.int
-    KEY_KIND_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
     CONSENTS_FIELD_NUMBER: _builtins.int
     COLUMNS_FIELD_NUMBER: _builtins.int
-    key_column: _builtins.str
-    key_kind: Global___IdentifierKind.ValueType
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyColumn]: ...
     @_builtins.property
     def consents(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsentColumn]: ...
     @_builtins.property
@@ -180,18 +210,47 @@ class DatasetSchema(_message.Message):
     def __init__(
         self,
         *,
-        key_column: _builtins.str = ...,
-        key_kind: Global___IdentifierKind.ValueType = ...,
+        keys: _abc.Iterable[Global___KeyColumn] | None = ...,
         consents: _abc.Iterable[Global___ConsentColumn] | None = ...,
         columns: _abc.Iterable[Global___ColumnSchema] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "consents", b"consents", "key_column", b"key_column", "key_kind", b"key_kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "consents", b"consents", "keys", b"keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DatasetSchema: _TypeAlias = DatasetSchema  # noqa: Y015
+
+@_typing.final
+class DuplicateKeyReport(_message.Message):
+    """Pseudonyms that occur on more than one row of one key column (reported at upload)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLUMN_FIELD_NUMBER: _builtins.int
+    DUPLICATED_PSEUDONYMS_FIELD_NUMBER: _builtins.int
+    ROWS_INVOLVED_FIELD_NUMBER: _builtins.int
+    MAX_ROWS_PER_PSEUDONYM_FIELD_NUMBER: _builtins.int
+    column: _builtins.str
+    duplicated_pseudonyms: _builtins.int
+    rows_involved: _builtins.int
+    max_rows_per_pseudonym: _builtins.int
+    def __init__(
+        self,
+        *,
+        column: _builtins.str = ...,
+        duplicated_pseudonyms: _builtins.int = ...,
+        rows_involved: _builtins.int = ...,
+        max_rows_per_pseudonym: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["column", b"column", "duplicated_pseudonyms", b"duplicated_pseudonyms", "max_rows_per_pseudonym", b"max_rows_per_pseudonym", "rows_involved", b"rows_involved"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DuplicateKeyReport: _TypeAlias = DuplicateKeyReport  # noqa: Y015
 
 @_typing.final
 class Dataset(_message.Message):
@@ -206,6 +265,9 @@ class Dataset(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     CONTENT_SHA256_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    AGREEMENT_ID_FIELD_NUMBER: _builtins.int
+    KEY_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
     dataset_id: _builtins.str
     name: _builtins.str
     partner_id: _builtins.str
@@ -214,8 +276,13 @@ class Dataset(_message.Message):
     version: _builtins.int
     content_sha256: _builtins.str
     created_at: _builtins.str
+    agreement_id: _builtins.str
+    key_fingerprint: _builtins.str
+    """Fingerprint of the participants' public keys the pseudonyms were derived under."""
     @_builtins.property
     def schema(self) -> Global___DatasetSchema: ...
+    @_builtins.property
+    def duplicates(self) -> _containers.RepeatedCompositeFieldContainer[Global___DuplicateKeyReport]: ...
     def __init__(
         self,
         *,
@@ -228,10 +295,13 @@ class Dataset(_message.Message):
         version: _builtins.int = ...,
         content_sha256: _builtins.str = ...,
         created_at: _builtins.str = ...,
+        agreement_id: _builtins.str = ...,
+        key_fingerprint: _builtins.str = ...,
+        duplicates: _abc.Iterable[Global___DuplicateKeyReport] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["schema", b"schema"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_sha256", b"content_sha256", "created_at", b"created_at", "dataset_id", b"dataset_id", "distinct_keys", b"distinct_keys", "name", b"name", "partner_id", b"partner_id", "row_count", b"row_count", "schema", b"schema", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "content_sha256", b"content_sha256", "created_at", b"created_at", "dataset_id", b"dataset_id", "distinct_keys", b"distinct_keys", "duplicates", b"duplicates", "key_fingerprint", b"key_fingerprint", "name", b"name", "partner_id", b"partner_id", "row_count", b"row_count", "schema", b"schema", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -34,6 +34,21 @@ class PartnerServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.PublishPublicKey = channel.unary_unary(
+                '/entremise.v1.PartnerService/PublishPublicKey',
+                request_serializer=entremise_dot_v1_dot_partner__service__pb2.PublishPublicKeyRequest.SerializeToString,
+                response_deserializer=entremise_dot_v1_dot_partner__service__pb2.PublishPublicKeyResponse.FromString,
+                _registered_method=True)
+        self.GetKeyMaterial = channel.unary_unary(
+                '/entremise.v1.PartnerService/GetKeyMaterial',
+                request_serializer=entremise_dot_v1_dot_partner__service__pb2.GetKeyMaterialRequest.SerializeToString,
+                response_deserializer=entremise_dot_v1_dot_partner__service__pb2.GetKeyMaterialResponse.FromString,
+                _registered_method=True)
+        self.PublishWrappedKeys = channel.unary_unary(
+                '/entremise.v1.PartnerService/PublishWrappedKeys',
+                request_serializer=entremise_dot_v1_dot_partner__service__pb2.PublishWrappedKeysRequest.SerializeToString,
+                response_deserializer=entremise_dot_v1_dot_partner__service__pb2.PublishWrappedKeysResponse.FromString,
+                _registered_method=True)
         self.UploadDataset = channel.stream_unary(
                 '/entremise.v1.PartnerService/UploadDataset',
                 request_serializer=entremise_dot_v1_dot_partner__service__pb2.UploadDatasetRequest.SerializeToString,
@@ -49,10 +64,42 @@ class PartnerServiceStub:
                 request_serializer=entremise_dot_v1_dot_partner__service__pb2.DeleteDatasetRequest.SerializeToString,
                 response_deserializer=entremise_dot_v1_dot_partner__service__pb2.DeleteDatasetResponse.FromString,
                 _registered_method=True)
+        self.WithdrawConsent = channel.unary_unary(
+                '/entremise.v1.PartnerService/WithdrawConsent',
+                request_serializer=entremise_dot_v1_dot_partner__service__pb2.WithdrawConsentRequest.SerializeToString,
+                response_deserializer=entremise_dot_v1_dot_partner__service__pb2.WithdrawConsentResponse.FromString,
+                _registered_method=True)
+        self.EraseRecords = channel.unary_unary(
+                '/entremise.v1.PartnerService/EraseRecords',
+                request_serializer=entremise_dot_v1_dot_partner__service__pb2.EraseRecordsRequest.SerializeToString,
+                response_deserializer=entremise_dot_v1_dot_partner__service__pb2.EraseRecordsResponse.FromString,
+                _registered_method=True)
 
 
 class PartnerServiceServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def PublishPublicKey(self, request, context):
+        """Publishes the caller's X25519 public key (a new key = rotation: re-upload afterwards).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKeyMaterial(self, request, context):
+        """Public keys of an agreement's partners, its key fingerprint, and any wrapped matching key
+        addressed to the caller. The hub relays keys; it cannot derive the matching key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishWrappedKeys(self, request, context):
+        """For agreements with more than two partners: the key leader's wrapped matching keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def UploadDataset(self, request_iterator, context):
         """Client-streamed upload: one header, then Arrow IPC stream bytes in chunks.
@@ -73,9 +120,38 @@ class PartnerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WithdrawConsent(self, request, context):
+        """Excludes these people (pseudonyms under the agreement's key) from every later release.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseRecords(self, request, context):
+        """Removes these people's rows from the caller's stored datasets of the agreement.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PartnerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'PublishPublicKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishPublicKey,
+                    request_deserializer=entremise_dot_v1_dot_partner__service__pb2.PublishPublicKeyRequest.FromString,
+                    response_serializer=entremise_dot_v1_dot_partner__service__pb2.PublishPublicKeyResponse.SerializeToString,
+            ),
+            'GetKeyMaterial': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKeyMaterial,
+                    request_deserializer=entremise_dot_v1_dot_partner__service__pb2.GetKeyMaterialRequest.FromString,
+                    response_serializer=entremise_dot_v1_dot_partner__service__pb2.GetKeyMaterialResponse.SerializeToString,
+            ),
+            'PublishWrappedKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishWrappedKeys,
+                    request_deserializer=entremise_dot_v1_dot_partner__service__pb2.PublishWrappedKeysRequest.FromString,
+                    response_serializer=entremise_dot_v1_dot_partner__service__pb2.PublishWrappedKeysResponse.SerializeToString,
+            ),
             'UploadDataset': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadDataset,
                     request_deserializer=entremise_dot_v1_dot_partner__service__pb2.UploadDatasetRequest.FromString,
@@ -91,6 +167,16 @@ def add_PartnerServiceServicer_to_server(servicer, server):
                     request_deserializer=entremise_dot_v1_dot_partner__service__pb2.DeleteDatasetRequest.FromString,
                     response_serializer=entremise_dot_v1_dot_partner__service__pb2.DeleteDatasetResponse.SerializeToString,
             ),
+            'WithdrawConsent': grpc.unary_unary_rpc_method_handler(
+                    servicer.WithdrawConsent,
+                    request_deserializer=entremise_dot_v1_dot_partner__service__pb2.WithdrawConsentRequest.FromString,
+                    response_serializer=entremise_dot_v1_dot_partner__service__pb2.WithdrawConsentResponse.SerializeToString,
+            ),
+            'EraseRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseRecords,
+                    request_deserializer=entremise_dot_v1_dot_partner__service__pb2.EraseRecordsRequest.FromString,
+                    response_serializer=entremise_dot_v1_dot_partner__service__pb2.EraseRecordsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'entremise.v1.PartnerService', rpc_method_handlers)
@@ -101,6 +187,87 @@ def add_PartnerServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class PartnerService:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def PublishPublicKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entremise.v1.PartnerService/PublishPublicKey',
+            entremise_dot_v1_dot_partner__service__pb2.PublishPublicKeyRequest.SerializeToString,
+            entremise_dot_v1_dot_partner__service__pb2.PublishPublicKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKeyMaterial(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entremise.v1.PartnerService/GetKeyMaterial',
+            entremise_dot_v1_dot_partner__service__pb2.GetKeyMaterialRequest.SerializeToString,
+            entremise_dot_v1_dot_partner__service__pb2.GetKeyMaterialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishWrappedKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entremise.v1.PartnerService/PublishWrappedKeys',
+            entremise_dot_v1_dot_partner__service__pb2.PublishWrappedKeysRequest.SerializeToString,
+            entremise_dot_v1_dot_partner__service__pb2.PublishWrappedKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def UploadDataset(request_iterator,
@@ -173,6 +340,60 @@ class PartnerService:
             '/entremise.v1.PartnerService/DeleteDataset',
             entremise_dot_v1_dot_partner__service__pb2.DeleteDatasetRequest.SerializeToString,
             entremise_dot_v1_dot_partner__service__pb2.DeleteDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WithdrawConsent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entremise.v1.PartnerService/WithdrawConsent',
+            entremise_dot_v1_dot_partner__service__pb2.WithdrawConsentRequest.SerializeToString,
+            entremise_dot_v1_dot_partner__service__pb2.WithdrawConsentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entremise.v1.PartnerService/EraseRecords',
+            entremise_dot_v1_dot_partner__service__pb2.EraseRecordsRequest.SerializeToString,
+            entremise_dot_v1_dot_partner__service__pb2.EraseRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,
