@@ -27,6 +27,8 @@ import duckdb
 import pyarrow as pa
 
 from entremise.server.domain.models import (
+    QUANTILE_CANDIDATES,
+    AggregateKind,
     ColumnRef,
     Dataset,
     ExactAggregates,
@@ -34,6 +36,7 @@ from entremise.server.domain.models import (
     NumericColumn,
     QueryPlan,
 )
+from entremise.server.domain.planner import quantile_step, square_divisor
 from entremise.server.domain.ports import AggregationEngine
 
 MAX_LINK_ITERATIONS = 64
@@ -172,7 +175,8 @@ def build_sql(
 
     groups = [_alias(r) for r in plan.group_by]
     source = "j"
-    if groups and plan.max_groups_per_person < len(plan.group_keys):
+    if groups and (plan.discovery is not None
+                   or plan.max_groups_per_person < len(plan.group_keys)):
         key = ", ".join(groups)
         ctes.append(
             "jg AS (SELECT * FROM (SELECT *, dense_rank() OVER (PARTITION BY pid ORDER BY "
@@ -194,20 +198,23 @@ def build_sql(
         ctes.append(f"b AS (SELECT * FROM {source})")
 
     aggregates = ["count(DISTINCT pid) AS people", "count(*) AS n_rows"]
-    seen: set[str] = set()
-    for agg in plan.aggregates:
-        if agg.ref is None or agg.ref.qualified in seen:
-            continue
-        seen.add(agg.ref.qualified)
-        column = agg.ref.column
-        assert isinstance(column, NumericColumn)
-        alias = _alias(agg.ref)
+    for column, alias, kinds in numeric_columns(plan).values():
         units = (
             f"least(greatest(CAST(round({alias} / {column.resolution!r}) AS BIGINT), "
             f"{column.lower_units}), {column.upper_units})"
         )
         aggregates.append(f"CAST(coalesce(sum({units}), 0) AS HUGEINT) AS sum_{alias}")
         aggregates.append(f"count({alias}) AS rows_{alias}")
+        if AggregateKind.VARIANCE in kinds:
+            q = square_divisor(column)
+            aggregates.append(
+                f"CAST(coalesce(sum((CAST({units} AS HUGEINT) * {units} + {q // 2}) // {q}), 0) "
+                f"AS HUGEINT) AS sq_{alias}")
+        if AggregateKind.QUANTILE in kinds:
+            step = quantile_step(column)
+            bucket = (f"least(greatest(({units} - {column.lower_units}) // {step}, 0), "
+                      f"{QUANTILE_CANDIDATES - 1})")
+            aggregates.append(f"histogram({bucket}) AS hist_{alias}")
     group_clause = f" GROUP BY {', '.join(groups)}" if groups else ""
     select_groups = f"{', '.join(groups)}, " if groups else ""
     sql = (
@@ -240,20 +247,51 @@ class DuckDBEngine(AggregationEngine):
         return _collect(plan, rows)
 
 
+def numeric_columns(plan: QueryPlan) -> dict[str, tuple[NumericColumn, str, set[AggregateKind]]]:
+    """Numeric columns the plan aggregates, with their SQL alias and the kinds asked of them."""
+    out: dict[str, tuple[NumericColumn, str, set[AggregateKind]]] = {}
+    for agg in plan.aggregates:
+        if agg.ref is None:
+            continue
+        column = agg.ref.column
+        assert isinstance(column, NumericColumn)
+        entry = out.setdefault(agg.ref.qualified, (column, _alias(agg.ref), set()))
+        entry[2].add(agg.spec.kind)
+    return out
+
+
 def _collect(plan: QueryPlan, rows: list[tuple[Any, ...]]) -> ExactAggregates:
     n_groups = len(plan.group_by)
-    index = {key: i for i, key in enumerate(plan.group_keys)}
-    size = len(plan.group_keys)
+    columns = numeric_columns(plan)
+    if plan.discovery is not None:
+        keys = sorted(tuple(str(v) for v in row[:n_groups]) for row in rows)
+    else:
+        keys = list(plan.group_keys)
+    index = {key: i for i, key in enumerate(keys)}
+    size = len(keys)
     people, n_rows = [0] * size, [0] * size
-    names = list(dict.fromkeys(a.ref.qualified for a in plan.aggregates if a.ref is not None))
-    sums = {n: [0] * size for n in names}
-    value_rows = {n: [0] * size for n in names}
+    sums = {n: [0] * size for n in columns}
+    value_rows = {n: [0] * size for n in columns}
+    sq_sums = {n: [0] * size for n, c in columns.items() if AggregateKind.VARIANCE in c[2]}
+    buckets = {n: [[0] * QUANTILE_CANDIDATES for _ in range(size)]
+               for n, c in columns.items() if AggregateKind.QUANTILE in c[2]}
     for row in rows:
         cell = index.get(tuple(str(v) for v in row[:n_groups]))
         if cell is None:  # excluded by a filter on another column: not a public key
             continue
         people[cell], n_rows[cell] = int(row[n_groups]), int(row[n_groups + 1])
-        for j, name in enumerate(names):
-            sums[name][cell] = int(row[n_groups + 2 + 2 * j])
-            value_rows[name][cell] = int(row[n_groups + 3 + 2 * j])
-    return ExactAggregates(people=people, rows=n_rows, sums=sums, value_rows=value_rows)
+        position = n_groups + 2
+        for name, (_, _, kinds) in columns.items():
+            sums[name][cell] = int(row[position])
+            value_rows[name][cell] = int(row[position + 1])
+            position += 2
+            if AggregateKind.VARIANCE in kinds:
+                sq_sums[name][cell] = int(row[position])
+                position += 1
+            if AggregateKind.QUANTILE in kinds:
+                for bucket, count in (row[position] or {}).items():
+                    buckets[name][cell][int(bucket)] = int(count)
+                position += 1
+    return ExactAggregates(people=people, rows=n_rows, sums=sums, value_rows=value_rows,
+                           sq_sums=sq_sums, buckets=buckets,
+                           keys=keys if plan.discovery is not None else None)

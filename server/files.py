@@ -19,6 +19,7 @@ from entremise.server.domain.models import (
     DatasetSchema,
     DuplicateReport,
     NumericColumn,
+    TextColumn,
 )
 from entremise.server.domain.ports import DatasetFiles, IngestResult
 
@@ -36,6 +37,25 @@ def _plain(column: pa.ChunkedArray) -> pa.ChunkedArray:
     if pa.types.is_dictionary(column.type):
         return column.cast(column.type.value_type)
     return column
+
+
+def _text_column(col: TextColumn, values: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Private categories: strings, bounded length, never shaped like an identifier."""
+    if not _is_string(values.type):
+        raise InvalidArgumentError(f"text column {col.name!r} must hold strings")
+    if values.null_count:
+        raise InvalidArgumentError(f"text column {col.name!r} has {values.null_count} empty values")
+    too_long = pc.sum(pc.greater(pc.utf8_length(values), col.max_length)).as_py() or 0
+    if too_long:
+        raise InvalidArgumentError(
+            f"text column {col.name!r}: {too_long} values are longer than {col.max_length}")
+    emails = pc.sum(pc.match_substring_regex(values, r"[^@\s]+@[^@\s]+\.[A-Za-z]{2,}")).as_py()
+    phones = pc.sum(pc.match_substring_regex(values, r"^\s*\+?[0-9 ().-]{9,20}\s*$")).as_py()
+    if emails or phones:
+        raise InvalidArgumentError(
+            f"text column {col.name!r}: {(emails or 0) + (phones or 0)} values look like emails "
+            "or phone numbers; identifiers may only travel as pseudonymised key columns")
+    return values.cast(pa.string())
 
 
 def validate_table(table: pa.Table, schema: DatasetSchema, *, max_rows: int) -> pa.Table:
@@ -122,6 +142,8 @@ def validate_table(table: pa.Table, schema: DatasetSchema, *, max_rows: int) -> 
                 raise InvalidArgumentError(
                     f"numeric column {col.name!r} has {non_finite} NaN/infinite values"
                 )
+        elif isinstance(col, TextColumn):
+            values = _text_column(col, values)
         else:
             assert isinstance(col, CategoricalColumn)
             if not _is_string(values.type):

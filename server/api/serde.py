@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
 
 from entremise.privacy.budget import Epsilon
 from entremise.server.domain.errors import InvalidArgumentError
 from entremise.server.domain.models import (
+    DELTA_UNITS,
     AggregateKind,
     AggregatePreview,
     AggregateResult,
     AggregateSpec,
     Agreement,
+    BudgetKind,
     BudgetState,
     CategoricalColumn,
     Column,
@@ -30,6 +34,7 @@ from entremise.server.domain.models import (
     QuerySpec,
     Release,
     Role,
+    TextColumn,
     WrappedKey,
 )
 from entremise.v1 import (
@@ -57,6 +62,8 @@ AGG_TO_PROTO = {
     AggregateKind.COUNT_ROWS: query_service_pb2.AGGREGATE_KIND_COUNT_ROWS,
     AggregateKind.SUM: query_service_pb2.AGGREGATE_KIND_SUM,
     AggregateKind.MEAN: query_service_pb2.AGGREGATE_KIND_MEAN,
+    AggregateKind.VARIANCE: query_service_pb2.AGGREGATE_KIND_VARIANCE,
+    AggregateKind.QUANTILE: query_service_pb2.AGGREGATE_KIND_QUANTILE,
 }
 AGG_FROM_PROTO = {v: k for k, v in AGG_TO_PROTO.items()}
 OP_TO_PROTO = {
@@ -100,6 +107,8 @@ def schema_from_proto(msg: common_pb2.DatasetSchema) -> DatasetSchema:
             )
         elif which == "categorical":
             columns.append(CategoricalColumn(col.name, tuple(col.categorical.categories)))
+        elif which == "text":
+            columns.append(TextColumn(col.name, col.text.max_length or 200))
         else:
             raise InvalidArgumentError(f"column {col.name!r} must be numeric or categorical")
     return DatasetSchema(
@@ -119,7 +128,9 @@ def schema_to_proto(schema: DatasetSchema) -> common_pb2.DatasetSchema:
             purpose=consent.purpose, column=consent.column, expiry_column=consent.expiry_column
         )
     for col in schema.columns:
-        if isinstance(col, NumericColumn):
+        if isinstance(col, TextColumn):
+            msg.columns.add(name=col.name, text=common_pb2.TextColumn(max_length=col.max_length))
+        elif isinstance(col, NumericColumn):
             msg.columns.add(
                 name=col.name,
                 numeric=common_pb2.NumericColumn(
@@ -187,14 +198,51 @@ def slots_from_proto(slots: Iterable[agreement_service_pb2.DatasetSlot]) -> list
     return [DatasetSlot(s.partner_id, s.name) for s in slots]
 
 
+BUDGET_KIND_TO_PROTO = {
+    BudgetKind.PURE: common_pb2.BUDGET_KIND_PURE,
+    BudgetKind.ZCDP: common_pb2.BUDGET_KIND_ZCDP,
+}
+
+
+def budget_kind_from_proto(value: int) -> BudgetKind:
+    """PURE unless ZCDP is asked for."""
+    return BudgetKind.ZCDP if value == common_pb2.BUDGET_KIND_ZCDP else BudgetKind.PURE
+
+
+def delta_text(units: int) -> str:
+    """An exact delta (units of 1e-15) as a decimal string."""
+    return format(Decimal(units) / DELTA_UNITS, "f").rstrip("0").rstrip(".") or "0"
+
+
+def delta_units(text: str, what: str = "delta") -> int:
+    """Parse a delta in [0, 1) into exact units of 1e-15 (rounded up)."""
+    if not text:
+        return 0
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise InvalidArgumentError(f"{what} must be a decimal number, got {text!r}") from None
+    if not value.is_finite() or not 0 <= value < 1:
+        raise InvalidArgumentError(f"{what} must be in [0, 1), got {text!r}")
+    return int((value * DELTA_UNITS).to_integral_value(rounding=ROUND_CEILING))
+
+
 def budget_to_proto(b: BudgetState) -> common_pb2.Budget:
-    """Budget message (exact decimal strings)."""
+    """Budget message (exact decimal strings; rho for zCDP agreements)."""
     return common_pb2.Budget(
         agreement_id=b.agreement_id,
         total_epsilon=str(b.total),
         spent_epsilon=str(b.spent),
         remaining_epsilon=str(b.remaining),
         release_count=b.release_count,
+        kind=BUDGET_KIND_TO_PROTO[b.kind],
+        total_delta=delta_text(b.total_delta_units),
+        spent_delta=delta_text(b.spent_delta_units),
+        analysts=[
+            common_pb2.AnalystBudget(analyst_id=a.analyst_id, spent=str(a.spent), cap=str(a.cap),
+                                     remaining=str(a.cap - a.spent))
+            for a in b.analysts
+        ],
     )
 
 
@@ -218,6 +266,9 @@ def agreement_to_proto(
         max_groups_per_person=a.max_groups_per_person,
         created_at=a.created_at,
         budget=budget_to_proto(budget),
+        budget_kind=BUDGET_KIND_TO_PROTO[a.budget_kind],
+        total_delta=delta_text(a.total_delta_units),
+        analyst_budget=str(a.analyst_budget) if a.analyst_budget is not None else "",
     )
 
 
@@ -229,16 +280,34 @@ def epsilon_from_text(text: str, what: str) -> Epsilon:
         raise InvalidArgumentError(str(exc)) from None
 
 
+def _quantile(text: str, name: str) -> float | None:
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidArgumentError(f"aggregate {name!r}: quantile must be a number") from None
+    if not 0 < value < 1:
+        raise InvalidArgumentError(f"aggregate {name!r}: quantile must be in (0, 1)")
+    return value
+
+
 def query_from_proto(msg: query_service_pb2.Query) -> QuerySpec:
-    """Domain query from its message; epsilons parsed exactly."""
+    """Domain query from its message; budget amounts parsed exactly."""
     aggregates = []
     for a in msg.aggregates:
         if a.kind not in AGG_FROM_PROTO:
-            raise InvalidArgumentError("aggregate kind must be count, count_rows, sum or mean")
+            raise InvalidArgumentError(
+                "aggregate kind must be count, count_rows, sum, mean, variance or quantile")
         share = (
             epsilon_from_text(a.epsilon, f"epsilon of aggregate {a.name!r}") if a.epsilon else None
         )
-        aggregates.append(AggregateSpec(a.name, AGG_FROM_PROTO[a.kind], a.column, share))  # type: ignore[index]
+        target = a.target_ci95 if a.HasField("target_ci95") else None
+        if target is not None and not (target > 0 and math.isfinite(target)):
+            raise InvalidArgumentError(f"aggregate {a.name!r}: target_ci95 must be positive")
+        aggregates.append(AggregateSpec(
+            a.name, AGG_FROM_PROTO[a.kind], a.column, share,  # type: ignore[index]
+            quantile=_quantile(a.quantile, a.name), target_ci95=target))
     filters = []
     for f in msg.filters:
         if f.op not in OP_FROM_PROTO:
@@ -254,6 +323,8 @@ def query_from_proto(msg: query_service_pb2.Query) -> QuerySpec:
         filters=tuple(filters),
         max_rows_per_person=msg.max_rows_per_person,
         max_groups_per_person=msg.max_groups_per_person,
+        rho=epsilon_from_text(msg.rho, "query rho") if msg.rho else None,
+        delta=delta_units(msg.delta, "query delta") / DELTA_UNITS,
     )
 
 
@@ -289,7 +360,21 @@ def summary_to_proto(s: PlanSummary) -> query_service_pb2.QueryPlan:
         privacy_unit=s.privacy_unit,
         remaining_epsilon_before=str(s.remaining_before),
         remaining_epsilon_after=str(s.remaining_after),
+        measure=s.measure.value,
+        delta=delta_text(s.delta_units),
+        discovery=_discovery_to_proto(s.discovery),
     )
+
+
+def _discovery_to_proto(d: dict[str, object] | None) -> query_service_pb2.KeyDiscovery | None:
+    if d is None:
+        return None
+    msg = query_service_pb2.KeyDiscovery(
+        column=str(d["column"]), epsilon=str(d["epsilon"]), delta=f"{float(str(d['delta'])):g}",
+        threshold=int(str(d["threshold"])), released_keys=int(str(d.get("released_keys", 0))))
+    if "suppressed_keys_noisy" in d:
+        msg.suppressed_keys_noisy = float(str(d["suppressed_keys_noisy"]))
+    return msg
 
 
 def _result_to_proto(r: AggregateResult) -> query_service_pb2.AggregateResult:
@@ -312,6 +397,7 @@ def release_to_proto(r: Release) -> query_service_pb2.Release:
         plan=summary_to_proto(r.summary),
         results=[_result_to_proto(x) for x in r.results],
         epsilon_spent=str(r.epsilon_spent),
+        delta_spent=delta_text(r.delta_units),
         created_at=r.created_at,
         data_versions=list(r.data_versions),
     )

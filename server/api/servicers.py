@@ -9,8 +9,10 @@ import grpc
 from entremise.server.api.errors import rpc_errors
 from entremise.server.api.serde import (
     agreement_to_proto,
+    budget_kind_from_proto,
     budget_to_proto,
     dataset_to_proto,
+    delta_units,
     epsilon_from_text,
     principal_to_proto,
     public_key_to_proto,
@@ -218,6 +220,10 @@ class AgreementServicer(_Base, agreement_service_pb2_grpc.AgreementServiceServic
                 max_rows_per_person=request.max_rows_per_person or DEFAULT_MAX_ROWS_PER_PERSON,
                 max_groups_per_person=request.max_groups_per_person
                 or DEFAULT_MAX_GROUPS_PER_PERSON,
+                budget_kind=budget_kind_from_proto(request.budget_kind),
+                total_delta_units=delta_units(request.total_delta, "total delta"),
+                analyst_budget=epsilon_from_text(request.analyst_budget, "analyst budget")
+                if request.analyst_budget else None,
             )
             _, budget = self.hub.get_agreement(caller, agreement.agreement_id)
             return agreement_service_pb2.CreateAgreementResponse(
@@ -261,9 +267,11 @@ class QueryServicer(_Base, query_service_pb2_grpc.QueryServiceServicer):
         self, request: query_service_pb2.RunQueryRequest, context: grpc.ServicerContext
     ) -> query_service_pb2.RunQueryResponse:
         with rpc_errors(context, "RunQuery"):
-            release, budget = self.hub.run(self.caller(context), query_from_proto(request.query))
+            release, budget, replayed = self.hub.run(
+                self.caller(context), query_from_proto(request.query))
             return query_service_pb2.RunQueryResponse(
-                release=release_to_proto(release), remaining_epsilon=str(budget.remaining)
+                release=release_to_proto(release), remaining_epsilon=str(budget.remaining),
+                replayed=replayed,
             )
         raise AssertionError  # pragma: no cover
 

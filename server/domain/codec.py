@@ -9,6 +9,7 @@ from entremise.server.domain.models import (
     AggregateKind,
     AggregatePreview,
     AggregateResult,
+    BudgetKind,
     CategoricalColumn,
     CellResult,
     Column,
@@ -19,6 +20,7 @@ from entremise.server.domain.models import (
     NumericColumn,
     PlanSummary,
     Release,
+    TextColumn,
 )
 
 
@@ -26,7 +28,9 @@ def schema_to_dict(schema: DatasetSchema) -> dict[str, Any]:
     """Schema as a plain dictionary."""
     columns: list[dict[str, Any]] = []
     for col in schema.columns:
-        if isinstance(col, NumericColumn):
+        if isinstance(col, TextColumn):
+            columns.append({"name": col.name, "text": {"max_length": col.max_length}})
+        elif isinstance(col, NumericColumn):
             columns.append(
                 {
                     "name": col.name,
@@ -53,7 +57,9 @@ def schema_from_dict(data: dict[str, Any]) -> DatasetSchema:
     """Inverse of schema_to_dict."""
     columns: list[Column] = []
     for col in data["columns"]:
-        if "numeric" in col:
+        if "text" in col:
+            columns.append(TextColumn(col["name"], int(col["text"].get("max_length", 200))))
+        elif "numeric" in col:
             n = col["numeric"]
             columns.append(
                 NumericColumn(
@@ -103,6 +109,9 @@ def summary_to_dict(s: PlanSummary) -> dict[str, Any]:
         "privacy_unit": s.privacy_unit,
         "remaining_before": str(s.remaining_before),
         "remaining_after": str(s.remaining_after),
+        "measure": s.measure.value,
+        "delta_units": s.delta_units,
+        "discovery": s.discovery,
     }
 
 
@@ -133,6 +142,9 @@ def summary_from_dict(d: dict[str, Any]) -> PlanSummary:
         privacy_unit=d["privacy_unit"],
         remaining_before=Epsilon.parse(d["remaining_before"]),
         remaining_after=Epsilon.parse(d["remaining_after"]),
+        measure=BudgetKind(d.get("measure", "pure")),
+        delta_units=int(d.get("delta_units", 0)),
+        discovery=d.get("discovery"),
     )
 
 

@@ -23,8 +23,10 @@ from entremise.server.domain.errors import (
 )
 from entremise.server.domain.keys import check_public_key, key_fingerprint
 from entremise.server.domain.models import (
+    DELTA_UNITS,
     Agreement,
     AuditEvent,
+    BudgetKind,
     BudgetState,
     Dataset,
     DatasetSchema,
@@ -42,8 +44,8 @@ from entremise.server.domain.models import (
 )
 from entremise.server.domain.planner import MAX_ROWS_PER_PERSON, plan_query
 from entremise.server.domain.ports import AggregationEngine, DatasetFiles, Store
+from entremise.server.domain.releasing import discover_keys, summarize
 from entremise.server.domain.releasing import release as draw_release
-from entremise.server.domain.releasing import summarize
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,38 @@ def now() -> str:
 def new_id(prefix: str) -> str:
     """Short random identifiers, typed by their prefix (ds_, ag_, rel_, pr_)."""
     return f"{prefix}_{uuid.uuid4().hex[:16]}"
+
+
+def replay_key(spec: QuerySpec, plan: QueryPlan, withdrawals: int, day: str) -> str:
+    """Canonical query + data state: dataset versions and key context, withdrawals, UTC day.
+
+    Consent expiry is date-granular here: a replay is only served within the same UTC day.
+    """
+    state = {
+        "query": query_fingerprint(spec),
+        "datasets": [(d.dataset_id, d.version, d.key_fingerprint) for d in plan.datasets],
+        "withdrawals": withdrawals,
+        "day": day,
+    }
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
+def restrict(exact: ExactAggregates, keys: list[tuple[str, ...]]) -> ExactAggregates:
+    """The cells of `keys` only (after key discovery), in that order."""
+    index = {k: i for i, k in enumerate(exact.keys or [])}
+    rows = [index[k] for k in keys]
+
+    def pick(values: list[int]) -> list[int]:
+        return [values[i] for i in rows]
+
+    return ExactAggregates(
+        people=pick(exact.people), rows=pick(exact.rows),
+        sums={n: pick(v) for n, v in exact.sums.items()},
+        value_rows={n: pick(v) for n, v in exact.value_rows.items()},
+        sq_sums={n: pick(v) for n, v in exact.sq_sums.items()},
+        buckets={n: [v[i] for i in rows] for n, v in exact.buckets.items()},
+        keys=keys,
+    )
 
 
 def query_fingerprint(spec: QuerySpec) -> str:
@@ -374,6 +408,9 @@ class Hub:
         total_epsilon: Epsilon,
         max_rows_per_person: int,
         max_groups_per_person: int,
+        budget_kind: BudgetKind = BudgetKind.PURE,
+        total_delta_units: int = 0,
+        analyst_budget: Epsilon | None = None,
     ) -> Agreement:
         """Admin-only for now: an agreement whose partners then upload into its dataset slots."""
         _require(caller, Role.ADMIN)
@@ -386,6 +423,11 @@ class Hub:
             raise InvalidArgumentError("dataset names within an agreement must be distinct")
         if total_epsilon.micros <= 0:
             raise InvalidArgumentError("total epsilon must be positive")
+        if not 0 <= total_delta_units < DELTA_UNITS:
+            raise InvalidArgumentError("total delta must be in [0, 1)")
+        if analyst_budget is not None and not 0 < analyst_budget.micros <= total_epsilon.micros:
+            raise InvalidArgumentError(
+                "the per-analyst budget must be positive and within the total")
         if not 1 <= max_rows_per_person <= MAX_ROWS_PER_PERSON:
             raise InvalidArgumentError(f"max_rows_per_person must be in [1, {MAX_ROWS_PER_PERSON}]")
         if max_groups_per_person < 1:
@@ -411,6 +453,9 @@ class Hub:
             max_rows_per_person=max_rows_per_person,
             max_groups_per_person=max_groups_per_person,
             created_at=now(),
+            budget_kind=budget_kind,
+            total_delta_units=total_delta_units,
+            analyst_budget=analyst_budget,
         )
         self.store.create_agreement(agreement)
         self._audit(
@@ -499,17 +544,35 @@ class Hub:
         plan, budget = self._plan(caller, spec)
         return summarize(plan, budget.remaining)
 
-    def run(self, caller: Principal, spec: QuerySpec) -> tuple[Release, BudgetState]:
-        """Compute, perturb, and commit the release together with its budget debit.
+    def run(self, caller: Principal, spec: QuerySpec) -> tuple[Release, BudgetState, bool]:
+        """Compute, perturb, and commit the release together with its budget debits.
 
-        The answer is returned only after the transaction that debits the budget and stores the
-        release has committed; if the debit is refused nothing is stored and nothing leaves.
+        The answer is returned only after the transaction that debits the agreement and the
+        analyst and stores the release has committed; if a debit is refused nothing is stored
+        and nothing leaves. An identical query on the same data state is answered from the
+        ledger at no cost (the third value says so): re-publishing a released value is
+        post-processing, which costs no privacy.
         """
         plan, budget = self._plan(caller, spec)
+        withdrawn = self._withdrawn(plan)
+        key = replay_key(spec, plan, len(withdrawn), now()[:10])
+        previous = self.store.find_replay(plan.agreement.agreement_id, key)
+        if previous is not None:
+            self._audit("release_replayed", caller, plan.agreement.agreement_id,
+                        {"release_id": previous.release_id})
+            return previous, budget, True
         if plan.epsilon > budget.remaining:
             raise BudgetExhaustedError(requested=str(plan.epsilon), remaining=str(budget.remaining))
         summary = summarize(plan, budget.remaining)
-        results = draw_release(plan, self.exact_aggregates(plan))
+        exact = self.exact_aggregates(plan, withdrawn)
+        if plan.discovery is not None:
+            people = {k[0]: n for k, n in zip(exact.keys or [], exact.people, strict=True)}
+            keys, suppressed = discover_keys(plan, people)
+            exact = restrict(exact, [(k,) for k in keys])
+            summary = replace(summary, discovery={
+                **(summary.discovery or {}), "released_keys": len(keys),
+                "suppressed_keys_noisy": suppressed})
+        results = draw_release(plan, exact)
         release = Release(
             release_id=new_id("rel"),
             agreement_id=plan.agreement.agreement_id,
@@ -520,8 +583,10 @@ class Hub:
             created_at=now(),
             data_versions=tuple(plan.data_versions),
             query_fingerprint=query_fingerprint(spec),
+            replay_key=key,
+            delta_units=plan.delta_units,
         )
-        after = self.store.commit_release(release)  # atomic conditional debit + insert
+        after = self.store.commit_release(release)  # atomic conditional debits + insert
         # The remaining budget seen before this transaction may be stale; state what it is now.
         release = replace(
             release,
@@ -531,25 +596,22 @@ class Hub:
                 remaining_after=after.remaining,
             ),
         )
-        self._audit(
-            "release",
-            caller,
-            release.agreement_id,
-            {"release_id": release.release_id, "epsilon": str(release.epsilon_spent)},
-        )
-        log.info(
-            "release committed id=%s agreement=%s epsilon=%s",
-            release.release_id,
-            release.agreement_id,
-            release.epsilon_spent,
-        )
-        return release, after
+        self._audit("release", caller, release.agreement_id,
+                    {"release_id": release.release_id, "epsilon": str(release.epsilon_spent),
+                     "measure": plan.measure.value, "delta_units": plan.delta_units})
+        log.info("release committed id=%s agreement=%s %s=%s", release.release_id,
+                 release.agreement_id, plan.measure.value, release.epsilon_spent)
+        return release, after, False
 
-    def exact_aggregates(self, plan: QueryPlan) -> ExactAggregates:
+    def _withdrawn(self, plan: QueryPlan) -> set[str]:
+        withdrawn = self.store.withdrawn(plan.agreement.agreement_id)
+        return {p for pseudonyms in withdrawn.values() for p in pseudonyms}
+
+    def exact_aggregates(self, plan: QueryPlan, withdrawn: set[str] | None = None
+                         ) -> ExactAggregates:
         """Pre-noise aggregates (for tests and benchmarks only; never exposed over the API)."""
         paths = [self.files.path(d.dataset_id, d.version) for d in plan.datasets]
-        withdrawn = self.store.withdrawn(plan.agreement.agreement_id)
-        gone = {p for pseudonyms in withdrawn.values() for p in pseudonyms}
+        gone = self._withdrawn(plan) if withdrawn is None else withdrawn
         return self.engine.compute(plan, paths, gone, now())
 
     # -- compliance -------------------------------------------------------------------------

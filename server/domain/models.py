@@ -134,7 +134,21 @@ class CategoricalColumn:
             )
 
 
-Column = NumericColumn | CategoricalColumn
+@dataclass(frozen=True)
+class TextColumn:
+    """A categorical attribute whose categories are private: keys are found by DP thresholding."""
+
+    name: str
+    max_length: int = 200
+
+    def validate(self) -> None:
+        """Names and length only: the values themselves are checked at upload."""
+        check_name(self.name, "column")
+        if not 1 <= self.max_length <= 1000:
+            raise InvalidArgumentError(f"column {self.name!r}: max_length must be in [1, 1000]")
+
+
+Column = NumericColumn | CategoricalColumn | TextColumn
 
 
 @dataclass(frozen=True)
@@ -288,9 +302,20 @@ class AuditEvent:
     created_at: str
 
 
+class BudgetKind(StrEnum):
+    """The privacy measure budgets are counted in."""
+
+    PURE = "pure"  # epsilon, discrete Laplace
+    ZCDP = "zcdp"  # rho, discrete Gaussian
+
+
+#: Delta amounts are stored exactly in units of 1e-15.
+DELTA_UNITS = 10**15
+
+
 @dataclass(frozen=True)
 class Agreement:
-    """Which partners' datasets may be joined, for which purpose, by whom, within which epsilon."""
+    """Which partners' datasets may be joined, for which purpose, by whom, within which budget."""
 
     agreement_id: str
     name: str
@@ -301,6 +326,14 @@ class Agreement:
     max_rows_per_person: int
     max_groups_per_person: int
     created_at: str
+    budget_kind: BudgetKind = BudgetKind.PURE
+    total_delta_units: int = 0
+    analyst_budget: Epsilon | None = None  # None = each analyst may spend the whole total
+
+    @property
+    def analyst_cap(self) -> Epsilon:
+        """What one analyst may spend in total."""
+        return self.analyst_budget if self.analyst_budget is not None else self.total_epsilon
 
     @property
     def partner_ids(self) -> list[str]:
@@ -309,13 +342,26 @@ class Agreement:
 
 
 @dataclass(frozen=True)
+class AnalystSpend:
+    """What one analyst has spent of an agreement."""
+
+    analyst_id: str
+    spent: Epsilon
+    cap: Epsilon
+
+
+@dataclass(frozen=True)
 class BudgetState:
-    """An agreement's budget at one instant."""
+    """An agreement's budget at one instant (amounts are rho for zCDP agreements)."""
 
     agreement_id: str
     total: Epsilon
     spent: Epsilon
     release_count: int
+    kind: BudgetKind = BudgetKind.PURE
+    total_delta_units: int = 0
+    spent_delta_units: int = 0
+    analysts: tuple[AnalystSpend, ...] = ()
 
     @property
     def remaining(self) -> Epsilon:
@@ -330,6 +376,8 @@ class AggregateKind(StrEnum):
     COUNT_ROWS = "count_rows"
     SUM = "sum"
     MEAN = "mean"
+    VARIANCE = "variance"
+    QUANTILE = "quantile"
 
 
 class FilterOp(StrEnum):
@@ -349,6 +397,8 @@ class AggregateSpec:
     kind: AggregateKind
     column: str = ""
     epsilon: Epsilon | None = None
+    quantile: float | None = None
+    target_ci95: float | None = None
 
 
 @dataclass(frozen=True)
@@ -371,6 +421,8 @@ class QuerySpec:
     filters: tuple[FilterSpec, ...] = ()
     max_rows_per_person: int = 0
     max_groups_per_person: int = 0
+    rho: Epsilon | None = None
+    delta: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -401,9 +453,10 @@ class ResolvedFilter:
 class Measurement:
     """One noisy vector: which exact vector it perturbs, its L1 sensitivity and epsilon share."""
 
-    component: str  # "count", "count_rows", "sum"
-    sensitivity: int
-    epsilon: Epsilon
+    component: str  # "count", "count_rows", "sum", "sum_sq", "value_rows", "quantile"
+    sensitivity: int  # L1 (L-infinity for "quantile")
+    epsilon: Epsilon  # the share, in the agreement's measure (epsilon or rho)
+    l2: float = 0.0  # L2 sensitivity, for the Gaussian mechanism
 
 
 @dataclass(frozen=True)
@@ -414,6 +467,25 @@ class AggregatePlan:
     ref: ColumnRef | None
     epsilon: Epsilon
     measurements: tuple[Measurement, ...]
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """DP key discovery on one text column: thresholded people counts per observed key."""
+
+    ref: ColumnRef
+    epsilon: Epsilon  # share of the query budget spent on finding the keys
+    delta_units: int
+    max_keys_per_person: int
+
+    @property
+    def delta(self) -> float:
+        """Delta as a float, for calibration."""
+        return self.delta_units / DELTA_UNITS
+
+
+#: Candidate values scanned by quantiles (evenly spaced over the public bounds).
+QUANTILE_CANDIDATES = 257
 
 
 @dataclass(frozen=True)
@@ -429,6 +501,13 @@ class QueryPlan:
     max_rows_per_person: int
     max_groups_per_person: int
     epsilon: Epsilon
+    measure: BudgetKind = BudgetKind.PURE
+    discovery: Discovery | None = None
+
+    @property
+    def delta_units(self) -> int:
+        """Delta spent by key discovery, in exact units."""
+        return self.discovery.delta_units if self.discovery else 0
 
     @property
     def clamped_columns(self) -> list[str]:
@@ -452,6 +531,11 @@ class ExactAggregates:
     rows: list[int]
     sums: dict[str, list[int]] = field(default_factory=dict)  # column ref -> per cell
     value_rows: dict[str, list[int]] = field(default_factory=dict)  # non-null rows per column
+    sq_sums: dict[str, list[int]] = field(default_factory=dict)  # sums of squared units / q
+    # Per cell, per quantile bucket: rows whose value falls in that bucket.
+    buckets: dict[str, list[list[int]]] = field(default_factory=dict)
+    # Observed keys when they are discovered (None: the plan's public keys).
+    keys: list[tuple[str, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -515,6 +599,9 @@ class PlanSummary:
     privacy_unit: str
     remaining_before: Epsilon
     remaining_after: Epsilon
+    measure: BudgetKind = BudgetKind.PURE
+    delta_units: int = 0
+    discovery: dict[str, object] | None = None
 
 
 @dataclass(frozen=True)
@@ -530,3 +617,5 @@ class Release:
     created_at: str
     data_versions: tuple[int, ...]
     query_fingerprint: str
+    replay_key: str = ""
+    delta_units: int = 0

@@ -9,23 +9,31 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass, replace
+from fractions import Fraction
 
 from entremise.privacy.budget import Epsilon
+from entremise.privacy.mechanisms import MechanismError, share_for_accuracy
 from entremise.server.domain.errors import FailedPreconditionError, InvalidArgumentError
 from entremise.server.domain.models import (
+    DELTA_UNITS,
+    QUANTILE_CANDIDATES,
     AggregateKind,
     AggregatePlan,
     AggregateSpec,
     Agreement,
+    BudgetKind,
     CategoricalColumn,
     ColumnRef,
     Dataset,
+    Discovery,
     FilterOp,
     Measurement,
     NumericColumn,
     QueryPlan,
     QuerySpec,
     ResolvedFilter,
+    TextColumn,
     check_name,
 )
 
@@ -77,6 +85,10 @@ def _resolve_filter(
     spec_column: str, op: FilterOp, values: tuple[str, ...], datasets: tuple[Dataset, ...]
 ) -> ResolvedFilter:
     ref = _resolve(spec_column, datasets)
+    if op in (FilterOp.IN, FilterOp.NOT_IN) and isinstance(ref.column, TextColumn):
+        if not values:
+            raise InvalidArgumentError(f"filter on {ref.qualified} needs at least one value")
+        return ResolvedFilter(ref, op, categories=tuple(dict.fromkeys(values)))
     if op in (FilterOp.IN, FilterOp.NOT_IN):
         if not isinstance(ref.column, CategoricalColumn):
             raise InvalidArgumentError(
@@ -131,32 +143,45 @@ def _group_keys(
     return [tuple(k) for k in itertools.product(*domains)]
 
 
-def _split_epsilon(spec: QuerySpec) -> list[Epsilon]:
-    """Explicit shares stay as given; the rest of the query's epsilon is split evenly."""
-    explicit = [a.epsilon for a in spec.aggregates]
-    fixed = sum((e.micros for e in explicit if e is not None), 0)
-    free = [i for i, e in enumerate(explicit) if e is None]
-    if any(e is not None and e.micros == 0 for e in explicit):
-        raise InvalidArgumentError("an aggregate's epsilon share must be positive")
-    total = spec.epsilon.micros
+def _split(total: Epsilon, fixed: list[Epsilon | None], measure: str) -> list[Epsilon]:
+    """Fixed shares stay as given; the rest of the query's budget is split evenly."""
+    used = sum((e.micros for e in fixed if e is not None), 0)
+    free = [i for i, e in enumerate(fixed) if e is None]
+    if any(e is not None and e.micros == 0 for e in fixed):
+        raise InvalidArgumentError(f"an aggregate's {measure} share must be positive")
     if not free:
-        if total and total != fixed:
+        if total.micros and total.micros != used:
             raise InvalidArgumentError(
-                f"aggregate epsilons add up to {Epsilon(fixed)}, "
-                f"not the query epsilon {spec.epsilon}"
+                f"aggregate {measure}s add up to {Epsilon(used)}, not the query {measure} {total}"
             )
-        return [e for e in explicit if e is not None]
-    if total <= fixed:
+        return [e for e in fixed if e is not None]
+    if total.micros <= used:
         raise InvalidArgumentError(
-            f"query epsilon {spec.epsilon} leaves nothing for aggregates without an explicit share"
+            f"query {measure} {total} leaves nothing for aggregates without an explicit share"
         )
-    shares = Epsilon(total - fixed).split(len(free))
+    shares = Epsilon(total.micros - used).split(len(free))
     if any(s.micros == 0 for s in shares):
-        raise InvalidArgumentError("query epsilon is too small to split over its aggregates")
-    out: list[Epsilon] = []
-    for e in explicit:
-        out.append(e if e is not None else shares.pop(0))
-    return out
+        raise InvalidArgumentError(f"query {measure} is too small to split over its aggregates")
+    return [e if e is not None else shares.pop(0) for e in fixed]
+
+
+def _query_budget(spec: QuerySpec, agreement: Agreement) -> tuple[Epsilon, str]:
+    if agreement.budget_kind is BudgetKind.ZCDP:
+        if spec.epsilon.micros:
+            raise InvalidArgumentError("this agreement counts zCDP rho: give rho, not epsilon")
+        return spec.rho or Epsilon.zero(), "rho"
+    if spec.rho is not None and spec.rho.micros:
+        raise InvalidArgumentError("this agreement counts pure epsilon: give epsilon, not rho")
+    return spec.epsilon, "epsilon"
+
+
+@dataclass(frozen=True)
+class _Draft:
+    """An aggregate's resolved column and per-unit-budget sensitivities, before the split."""
+
+    spec: AggregateSpec
+    ref: ColumnRef | None
+    components: tuple[tuple[str, int, float], ...]  # (component, L1 or Linf, L2)
 
 
 def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, ...]) -> QueryPlan:
@@ -167,21 +192,29 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
         raise InvalidArgumentError("a query needs at least one aggregate")
     if len(spec.aggregates) > MAX_AGGREGATES:
         raise InvalidArgumentError(f"a query may hold at most {MAX_AGGREGATES} aggregates")
-    if spec.epsilon.micros == 0 and all(a.epsilon is None for a in spec.aggregates):
-        raise InvalidArgumentError("query epsilon must be positive")
     if len(spec.group_by) > MAX_GROUP_COLUMNS:
         raise InvalidArgumentError(f"group by at most {MAX_GROUP_COLUMNS} columns")
+    total, measure_name = _query_budget(spec, agreement)
+    if total.micros == 0 and any(
+        a.epsilon is None and a.target_ci95 is None for a in spec.aggregates
+    ):
+        raise InvalidArgumentError(f"query {measure_name} must be positive")
 
     filters = tuple(_resolve_filter(f.column, f.op, f.values, datasets) for f in spec.filters)
     group_by: list[ColumnRef] = []
     for name in spec.group_by:
         ref = _resolve(name, datasets)
-        if not isinstance(ref.column, CategoricalColumn):
+        if isinstance(ref.column, NumericColumn):
             raise InvalidArgumentError(f"cannot group by numeric column {ref.qualified}")
         if ref in group_by:
             raise InvalidArgumentError(f"column {ref.qualified} appears twice in group_by")
         group_by.append(ref)
-    keys = _group_keys(tuple(group_by), filters)
+    private = [r for r in group_by if isinstance(r.column, TextColumn)]
+    if private and len(group_by) > 1:
+        raise InvalidArgumentError(
+            f"{private[0].qualified} has private categories: group by it alone (keys are "
+            "discovered with DP thresholding)")
+    keys = [] if private else _group_keys(tuple(group_by), filters)
 
     rows = spec.max_rows_per_person or agreement.max_rows_per_person
     if not 1 <= rows <= MAX_ROWS_PER_PERSON:
@@ -189,19 +222,56 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
     groups = spec.max_groups_per_person or agreement.max_groups_per_person
     if groups < 1:
         raise InvalidArgumentError("max_groups_per_person must be positive")
-    if not any(a.kind is AggregateKind.COUNT for a in spec.aggregates):
+    needs_group_cap = private or any(
+        a.kind in (AggregateKind.COUNT, AggregateKind.QUANTILE) for a in spec.aggregates)
+    if not needs_group_cap:
         # Row counts and sums are bounded by the rows cap alone (L1 <= k x max|value|), so no
         # extra group cap is needed: k rows reach at most k cells.
         groups = len(keys)
-    groups = min(groups, rows, len(keys))  # one group per row at most; never more than exist
+    groups = min(groups, rows, len(keys)) if keys else min(groups, rows)
 
-    shares = _split_epsilon(spec)
     names: set[str] = set()
-    plans: list[AggregatePlan] = []
-    for agg, share in zip(spec.aggregates, shares, strict=True):
-        plans.append(_plan_aggregate(agg, share, datasets, rows, groups, names))
+    drafts = [_draft(a, datasets, rows, groups, names) for a in spec.aggregates]
+    measure = agreement.budget_kind.value
+    fixed: list[Epsilon | None] = []
+    for d in drafts:
+        if d.spec.target_ci95 is not None:
+            if d.spec.epsilon is not None:
+                raise InvalidArgumentError(
+                    f"aggregate {d.spec.name!r}: give a {measure_name} share or a target, not both")
+            if d.spec.kind not in (AggregateKind.COUNT, AggregateKind.COUNT_ROWS,
+                                   AggregateKind.SUM):
+                raise InvalidArgumentError(
+                    f"aggregate {d.spec.name!r}: a target accuracy applies to count, "
+                    "count_rows and sum (other intervals depend on the data)")
+            _, l1, l2 = d.components[0]
+            unit = d.ref.column.resolution if d.ref and isinstance(d.ref.column, NumericColumn) \
+                else 1.0
+            try:
+                fixed.append(share_for_accuracy(measure, l1, l2, d.spec.target_ci95 / unit))
+            except MechanismError as exc:
+                raise InvalidArgumentError(f"aggregate {d.spec.name!r}: {exc}") from None
+        else:
+            fixed.append(d.spec.epsilon)
 
-    total = Epsilon(sum(p.epsilon.micros for p in plans))
+    discovery_share: Epsilon | None = None
+    if private:
+        if spec.delta <= 0 or spec.delta >= 1:
+            raise InvalidArgumentError(
+                f"grouping by {private[0].qualified} discovers its keys with DP thresholding: "
+                "give a delta in (0, 1), e.g. 1e-9")
+        if agreement.total_delta_units == 0:
+            raise InvalidArgumentError("this agreement has no delta budget for key discovery")
+        fixed.append(None)  # the keys take an even share of the rest
+    shares = _split(total, fixed, measure_name)
+    if private:
+        discovery_share = shares.pop()
+    plans = [_finish(d, share) for d, share in zip(drafts, shares, strict=True)]
+    discovery = None
+    if private and discovery_share is not None:
+        delta_units = math.ceil(spec.delta * DELTA_UNITS)
+        discovery = Discovery(private[0], discovery_share, delta_units, groups)
+    spent = sum(p.epsilon.micros for p in plans) + (discovery.epsilon.micros if discovery else 0)
     return QueryPlan(
         agreement=agreement,
         datasets=datasets,
@@ -211,18 +281,14 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
         aggregates=tuple(plans),
         max_rows_per_person=rows,
         max_groups_per_person=groups,
-        epsilon=total,
+        epsilon=Epsilon(spent),
+        measure=agreement.budget_kind,
+        discovery=discovery,
     )
 
 
-def _plan_aggregate(
-    agg: AggregateSpec,
-    share: Epsilon,
-    datasets: tuple[Dataset, ...],
-    rows: int,
-    groups: int,
-    names: set[str],
-) -> AggregatePlan:
+def _draft(agg: AggregateSpec, datasets: tuple[Dataset, ...], rows: int, groups: int,
+           names: set[str]) -> _Draft:
     name = agg.name or (
         f"{agg.kind}_{agg.column}".replace(".", "_") if agg.column else str(agg.kind)
     )
@@ -233,29 +299,67 @@ def _plan_aggregate(
     if agg.kind in (AggregateKind.COUNT, AggregateKind.COUNT_ROWS):
         if agg.column:
             raise InvalidArgumentError(f"aggregate {name!r}: {agg.kind} takes no column")
-        # A person adds 1 to each of at most `groups` cells (people), or k rows in total (rows).
-        sensitivity = groups if agg.kind is AggregateKind.COUNT else rows
-        component = str(agg.kind)
-        spec = AggregateSpec(name, agg.kind, "", agg.epsilon)
-        return AggregatePlan(spec, None, share, (Measurement(component, sensitivity, share),))
+        spec = replace(agg, name=name, column="")
+        if agg.kind is AggregateKind.COUNT:
+            # A person adds 1 to each of at most `groups` cells.
+            return _Draft(spec, None, (("count", groups, math.sqrt(groups)),))
+        return _Draft(spec, None, (("count_rows", rows, float(rows)),))
     ref = _resolve(agg.column, datasets)
     if not isinstance(ref.column, NumericColumn):
         raise InvalidArgumentError(
             f"aggregate {name!r}: {agg.kind} needs a numeric column, {ref.qualified} is categorical"
         )
-    spec = AggregateSpec(name, agg.kind, ref.qualified, agg.epsilon)
-    sum_sensitivity = max(1, rows * ref.column.max_units)
+    spec = replace(agg, name=name, column=ref.qualified)
+    column = ref.column
+    total = max(1, rows * column.max_units)
     if agg.kind is AggregateKind.SUM:
-        return AggregatePlan(spec, ref, share, (Measurement("sum", sum_sensitivity, share),))
-    if share.micros < 2:
-        raise InvalidArgumentError(f"aggregate {name!r}: epsilon too small to split for a mean")
-    sum_share, count_share = share.split(2)
-    return AggregatePlan(
-        spec,
-        ref,
-        share,
-        (
-            Measurement("sum", sum_sensitivity, sum_share),
-            Measurement("value_rows", rows, count_share),
-        ),
+        return _Draft(spec, ref, (("sum", total, float(total)),))
+    if agg.kind is AggregateKind.MEAN:
+        return _Draft(spec, ref, (("sum", total, float(total)), ("value_rows", rows, float(rows))))
+    if agg.kind is AggregateKind.VARIANCE:
+        squares = max(1, rows * square_units_max(column))
+        return _Draft(spec, ref, (("sum", total, float(total)), ("sum_sq", squares, float(squares)),
+                                  ("value_rows", rows, float(rows))))
+    quantile = agg.quantile if agg.quantile is not None else 0.5
+    if not 0 < quantile < 1:
+        raise InvalidArgumentError(f"aggregate {name!r}: quantile must be in (0, 1)")
+    num, den = quantile_fraction(quantile)
+    # Score = |den x (#rows below candidate) - num x #rows|: one row moves it by at most
+    # max(num, den - num); one person's k rows by k times that.
+    score_sensitivity = rows * max(num, den - num)
+    spec = replace(spec, quantile=quantile)
+    return _Draft(spec, ref, (("quantile", score_sensitivity, float(score_sensitivity)),))
+
+
+def _finish(draft: _Draft, share: Epsilon) -> AggregatePlan:
+    parts = len(draft.components)
+    if share.micros < parts:
+        raise InvalidArgumentError(f"aggregate {draft.spec.name!r}: share too small to split")
+    split = share.split(parts)
+    measurements = tuple(
+        Measurement(component, l1, piece, l2)
+        for (component, l1, l2), piece in zip(draft.components, split, strict=True)
     )
+    return AggregatePlan(draft.spec, draft.ref, share, measurements)
+
+
+def quantile_fraction(quantile: float) -> tuple[int, int]:
+    """The quantile as an exact fraction num/den (den <= 10,000)."""
+    fraction = Fraction(quantile).limit_denominator(10_000)
+    return fraction.numerator, fraction.denominator
+
+
+def square_units_max(column: NumericColumn) -> int:
+    """Largest squared value, in units of `square_divisor` (kept below 2^31 per row)."""
+    return math.ceil(column.max_units**2 / square_divisor(column))
+
+
+def square_divisor(column: NumericColumn) -> int:
+    """Squares are counted in units of (resolution^2 x divisor) so 64-bit sums cannot overflow."""
+    return max(1, math.ceil(column.max_units**2 / 2**31))
+
+
+def quantile_step(column: NumericColumn) -> int:
+    """Spacing of quantile candidates, in resolution units."""
+    span = column.upper_units - column.lower_units
+    return max(1, math.ceil(span / (QUANTILE_CANDIDATES - 1)))

@@ -83,14 +83,18 @@ class Store(ABC):
 
     @abstractmethod
     def commit_release(self, release: Release) -> BudgetState:
-        """Atomically debit `release.epsilon_spent` and store the release.
+        """Atomically debit the agreement and the analyst, and store the release.
 
-        Raises BudgetExhaustedError (and stores nothing) if the debit would overspend.
+        Raises BudgetExhaustedError (and stores nothing) if either debit would overspend.
         """
 
     @abstractmethod
     def list_releases(self, agreement_id: str | None = None) -> list[Release]:
         """Releases in commit order."""
+
+    @abstractmethod
+    def find_replay(self, agreement_id: str, replay_key: str) -> Release | None:
+        """An earlier release of the same canonical query on the same data state."""
 
     @abstractmethod
     def publish_public_key(

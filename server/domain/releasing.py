@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from entremise.privacy.budget import Epsilon
-from entremise.privacy.mechanisms import IntegerLaplace
+from entremise.privacy.mechanisms import (
+    KeyThreshold,
+    NoiseMechanism,
+    NoisyArgMin,
+    mechanism_for,
+)
 from entremise.server.domain.models import (
+    QUANTILE_CANDIDATES,
     AggregateKind,
     AggregatePlan,
     AggregatePreview,
@@ -17,19 +23,30 @@ from entremise.server.domain.models import (
     PlanSummary,
     QueryPlan,
 )
-from entremise.server.domain.planner import PRIVACY_UNIT
+from entremise.server.domain.planner import (
+    PRIVACY_UNIT,
+    quantile_fraction,
+    quantile_step,
+    square_divisor,
+)
 
 ALPHA = 0.05
 
 
-def mechanism(m: Measurement) -> IntegerLaplace:
-    """The OpenDP-backed mechanism for one measurement."""
-    return IntegerLaplace(sensitivity=m.sensitivity, epsilon=m.epsilon)
+def mechanism(m: Measurement, measure: str) -> NoiseMechanism:
+    """The OpenDP-backed noise for one measurement (not for quantiles)."""
+    return mechanism_for(measure, m.sensitivity, m.l2, m.epsilon)
 
 
-def measurement_info(m: Measurement, alpha: float = ALPHA) -> MeasurementInfo:
+def quantile_mechanism(m: Measurement, measure: str, cells_per_person: int) -> NoisyArgMin:
+    """Report-noisy-min per cell; a person reaches at most `cells_per_person` cells."""
+    per_cell = Epsilon(max(1, m.epsilon.micros // max(1, cells_per_person)))
+    return NoisyArgMin(m.sensitivity, per_cell, measure)
+
+
+def measurement_info(m: Measurement, measure: str, alpha: float = ALPHA) -> MeasurementInfo:
     """Scale and interval of one measurement, in integer units."""
-    mech = mechanism(m)
+    mech = mechanism(m, measure)
     return MeasurementInfo(
         component=m.component,
         mechanism=mech.name,
@@ -42,53 +59,61 @@ def measurement_info(m: Measurement, alpha: float = ALPHA) -> MeasurementInfo:
 
 def _unit(agg: AggregatePlan) -> float:
     return (
-        agg.ref.column.resolution if agg.ref and isinstance(agg.ref.column, NumericColumn) else 1.0
+        agg.ref.column.resolution
+        if agg.ref and isinstance(agg.ref.column, NumericColumn)
+        else 1.0
     )
 
 
-def preview_aggregate(agg: AggregatePlan) -> AggregatePreview:
-    """Accuracy of one aggregate before spending (data-independent except for MEAN)."""
-    infos = [measurement_info(m) for m in agg.measurements]
+def preview_aggregate(agg: AggregatePlan, plan: QueryPlan) -> AggregatePreview:
+    """Accuracy of one aggregate before spending (data-independent except for ratios)."""
+    measure = plan.measure.value
     unit = _unit(agg)
+    if agg.spec.kind is AggregateKind.QUANTILE:
+        m = agg.measurements[0]
+        mech = quantile_mechanism(m, measure, plan.max_groups_per_person)
+        mech.privacy_loss()
+        return AggregatePreview(
+            agg.spec.name, agg.spec.kind, agg.spec.column, agg.epsilon, "report_noisy_min",
+            mech.scale, float(m.sensitivity), None, 0.0,
+            f"q={agg.spec.quantile}: picks one of {QUANTILE_CANDIDATES} public candidate values "
+            "by report-noisy-min on rank error; no data-independent interval",
+        )
+    infos = [measurement_info(m, measure) for m in agg.measurements]
     main = infos[0]
-    if agg.spec.kind is AggregateKind.MEAN:
-        count = infos[1]
+    if agg.spec.kind in (AggregateKind.MEAN, AggregateKind.VARIANCE):
+        count = infos[-1]
         note = (
-            f"mean = noisy sum / noisy row count; 95% half-width is about "
-            f"({main.ci95_units * unit:.4g} + |mean| x {count.ci95_units:.4g}) / rows, "
-            "computed exactly after release"
+            f"{agg.spec.kind} = post-processing of noisy sums over a noisy row count; the 95% "
+            f"interval is computed after release (sum +/- {main.ci95_units * unit:.4g}, "
+            f"rows +/- {count.ci95_units:.4g})"
         )
         return AggregatePreview(
-            agg.spec.name,
-            agg.spec.kind,
-            agg.spec.column,
-            agg.epsilon,
-            f"{main.mechanism} (sum) / {count.mechanism} (rows)",
-            main.scale_units * unit,
-            main.sensitivity * unit,
-            None,
-            count.scale_units,
-            note,
+            agg.spec.name, agg.spec.kind, agg.spec.column, agg.epsilon,
+            f"{main.mechanism} on {', '.join(i.component for i in infos)}",
+            main.scale_units * unit, main.sensitivity * unit, None, count.scale_units, note,
         )
     note = f"95% of releases fall within +/- {main.ci95_units * unit:.4g} of the bounded true value"
     return AggregatePreview(
-        agg.spec.name,
-        agg.spec.kind,
-        agg.spec.column,
-        agg.epsilon,
-        main.mechanism,
-        main.scale_units * unit,
-        main.sensitivity * unit,
-        main.ci95_units * unit,
-        0.0,
-        note,
+        agg.spec.name, agg.spec.kind, agg.spec.column, agg.epsilon, main.mechanism,
+        main.scale_units * unit, main.sensitivity * unit, main.ci95_units * unit, 0.0, note,
     )
+
+
+def discovery_info(plan: QueryPlan) -> dict[str, object] | None:
+    """Key discovery parameters (the threshold is data-independent)."""
+    d = plan.discovery
+    if d is None:
+        return None
+    threshold = KeyThreshold(d.max_keys_per_person, d.epsilon, d.delta, plan.measure.value)
+    return {"column": d.ref.qualified, "epsilon": str(d.epsilon), "delta": d.delta,
+            "threshold": threshold.threshold}
 
 
 def summarize(plan: QueryPlan, remaining: Epsilon) -> PlanSummary:
     """What the analyst sees before spending, and what is stored with the release."""
     return PlanSummary(
-        aggregates=tuple(preview_aggregate(a) for a in plan.aggregates),
+        aggregates=tuple(preview_aggregate(a, plan) for a in plan.aggregates),
         group_by=tuple(r.qualified for r in plan.group_by),
         cell_count=len(plan.group_keys),
         max_rows_per_person=plan.max_rows_per_person,
@@ -98,6 +123,9 @@ def summarize(plan: QueryPlan, remaining: Epsilon) -> PlanSummary:
         privacy_unit=PRIVACY_UNIT,
         remaining_before=remaining,
         remaining_after=remaining - plan.epsilon if remaining >= plan.epsilon else Epsilon.zero(),
+        measure=plan.measure,
+        delta_units=plan.delta_units,
+        discovery=discovery_info(plan),
     )
 
 
@@ -108,16 +136,20 @@ def _exact_vector(exact: ExactAggregates, agg: AggregatePlan, component: str) ->
         return exact.rows
     assert agg.ref is not None
     key = agg.ref.qualified
-    return exact.sums[key] if component == "sum" else exact.value_rows[key]
+    return {"sum": exact.sums, "sum_sq": exact.sq_sums, "value_rows": exact.value_rows}[
+        component][key]
 
 
-def _mean_cell(
-    noisy_sum: int,
-    noisy_rows: int,
-    sum_m: IntegerLaplace,
-    rows_m: IntegerLaplace,
-    column: NumericColumn,
-) -> tuple[float | None, float | None]:
+def _ratio_box(num: float, den: float, a_num: float, a_den: float) -> tuple[float, float] | None:
+    """Range of num'/den' over the box |num'-num| <= a_num, |den'-den| <= a_den (den' >= 1)."""
+    if den - a_den < 1:
+        return None
+    corners = [(num + dn) / (den + dd) for dn in (-a_num, a_num) for dd in (-a_den, a_den)]
+    return min(corners), max(corners)
+
+
+def _mean_cell(noisy_sum: int, noisy_rows: int, sum_m: NoiseMechanism, rows_m: NoiseMechanism,
+               column: NumericColumn) -> tuple[float | None, float | None]:
     """Post-process a noisy sum and row count into a mean with a conservative 95% interval.
 
     Each component's interval holds with probability 97.5%, so both hold with >= 95%
@@ -128,40 +160,107 @@ def _mean_cell(
         return None, None
     res = column.resolution
     mean = min(max(noisy_sum * res / noisy_rows, column.lower), column.upper)
-    a_sum = sum_m.ci_halfwidth(ALPHA / 2)
-    a_rows = rows_m.ci_halfwidth(ALPHA / 2)
-    if noisy_rows - a_rows < 1:
-        low, high = column.lower, column.upper
-    else:
-        corners = [
-            (noisy_sum + ds) * res / (noisy_rows + dr)
-            for ds in (-a_sum, a_sum)
-            for dr in (-a_rows, a_rows)
-        ]
-        low, high = max(min(corners), column.lower), min(max(corners), column.upper)
+    box = _ratio_box(noisy_sum * res, noisy_rows, sum_m.ci_halfwidth(ALPHA / 2) * res,
+                     rows_m.ci_halfwidth(ALPHA / 2))
+    low, high = box if box else (column.lower, column.upper)
+    low, high = max(low, column.lower), min(high, column.upper)
     return mean, max(mean - low, high - mean, 0.0)
+
+
+def _variance_cell(noisy: tuple[int, int, int], mechs: list[NoiseMechanism],
+                   column: NumericColumn) -> tuple[float | None, float | None]:
+    """Variance = E[x^2] - E[x]^2 from three noisy totals; interval by a 3-way union bound."""
+    s, sq, n = noisy
+    if n < 2:
+        return None, None
+    res = column.resolution
+    q = square_divisor(column)
+    span = (column.upper - column.lower) ** 2 / 4  # largest possible variance on the bounds
+    variance = min(max(sq * q * res * res / n - (s * res / n) ** 2, 0.0), span)
+    a = [m.ci_halfwidth(ALPHA / 3) for m in mechs]
+    squares = _ratio_box(sq * q * res * res, n, a[1] * q * res * res, a[2])
+    means = _ratio_box(s * res, n, a[0] * res, a[2])
+    if squares is None or means is None:
+        return variance, span
+    mean_sq_high = max(means[0] ** 2, means[1] ** 2)
+    mean_sq_low = 0.0 if means[0] <= 0 <= means[1] else min(means[0] ** 2, means[1] ** 2)
+    low = max(squares[0] - mean_sq_high, 0.0)
+    high = min(squares[1] - mean_sq_low, span)
+    return variance, max(variance - low, high - variance, 0.0)
+
+
+def _quantile_cells(agg: AggregatePlan, exact: ExactAggregates, plan: QueryPlan,
+                    keys: list[tuple[str, ...]]) -> list[CellResult]:
+    assert agg.ref is not None and isinstance(agg.ref.column, NumericColumn)
+    column = agg.ref.column
+    mech = quantile_mechanism(agg.measurements[0], plan.measure.value, plan.max_groups_per_person)
+    num, den = quantile_fraction(agg.spec.quantile or 0.5)
+    step = quantile_step(column)
+    cells = []
+    for i, key in enumerate(keys):
+        counts = exact.buckets[agg.ref.qualified][i]
+        n = sum(counts)
+        below, scores = 0, []
+        for j in range(QUANTILE_CANDIDATES):
+            scores.append(abs(den * below - num * n))
+            below += counts[j] if j < len(counts) else 0
+        choice = mech.release(scores)
+        units = min(column.lower_units + choice * step, column.upper_units)
+        cells.append(CellResult(key, units * column.resolution, None))
+    return cells
 
 
 def release(plan: QueryPlan, exact: ExactAggregates) -> tuple[AggregateResult, ...]:
     """Draw the noise (OpenDP) and post-process every aggregate of the plan."""
+    keys = exact.keys if exact.keys is not None else list(plan.group_keys)
+    measure = plan.measure.value
     results: list[AggregateResult] = []
     for agg in plan.aggregates:
-        mechs = [mechanism(m) for m in agg.measurements]
+        if agg.spec.kind is AggregateKind.QUANTILE:
+            cells = _quantile_cells(agg, exact, plan, keys)
+            results.append(AggregateResult(agg.spec.name, agg.spec.kind, agg.spec.column,
+                                           tuple(cells)))
+            continue
+        mechs = [mechanism(m, measure) for m in agg.measurements]
         noisy = [
             mech.release(_exact_vector(exact, agg, m.component))
             for mech, m in zip(mechs, agg.measurements, strict=True)
         ]
         unit = _unit(agg)
-        cells: list[CellResult] = []
-        for i, key in enumerate(plan.group_keys):
+        out: list[CellResult] = []
+        for i, key in enumerate(keys):
+            value: float | None
+            ci: float | None
             if agg.spec.kind is AggregateKind.MEAN:
                 assert agg.ref is not None and isinstance(agg.ref.column, NumericColumn)
-                value, ci = _mean_cell(noisy[0][i], noisy[1][i], mechs[0], mechs[1], agg.ref.column)
+                value, ci = _mean_cell(noisy[0][i], noisy[1][i], mechs[0], mechs[1],
+                                       agg.ref.column)
+            elif agg.spec.kind is AggregateKind.VARIANCE:
+                assert agg.ref is not None and isinstance(agg.ref.column, NumericColumn)
+                value, ci = _variance_cell((noisy[0][i], noisy[1][i], noisy[2][i]), mechs,
+                                           agg.ref.column)
             elif agg.spec.kind is AggregateKind.SUM:
                 value, ci = noisy[0][i] * unit, mechs[0].ci_halfwidth(ALPHA) * unit
             else:
                 # Counts are never negative: clamping at 0 is post-processing and only helps.
                 value, ci = float(max(noisy[0][i], 0)), mechs[0].ci_halfwidth(ALPHA)
-            cells.append(CellResult(key, value, ci))
-        results.append(AggregateResult(agg.spec.name, agg.spec.kind, agg.spec.column, tuple(cells)))
+            out.append(CellResult(key, value, ci))
+        results.append(AggregateResult(agg.spec.name, agg.spec.kind, agg.spec.column, tuple(out)))
     return tuple(results)
+
+
+def discover_keys(plan: QueryPlan, people_per_key: dict[str, int]) -> tuple[list[str], float]:
+    """Keys whose noisy people count clears the threshold, and a noisy count of the others.
+
+    The suppressed count is released with a tenth of the discovery share (each person changes
+    the number of observed keys by at most `max_keys_per_person`).
+    """
+    d = plan.discovery
+    assert d is not None
+    measure = plan.measure.value
+    tenth = Epsilon(max(1, d.epsilon.micros // 10))
+    rest = Epsilon(d.epsilon.micros - tenth.micros)
+    released = KeyThreshold(d.max_keys_per_person, rest, d.delta, measure).release(people_per_key)
+    counter = mechanism_for(measure, d.max_keys_per_person, float(d.max_keys_per_person), tenth)
+    suppressed = counter.release([len(people_per_key) - len(released)])[0]
+    return sorted(released), float(max(suppressed, 0))

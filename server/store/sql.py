@@ -19,8 +19,11 @@ from entremise.server.domain.codec import (
 )
 from entremise.server.domain.errors import AlreadyExistsError, BudgetExhaustedError, NotFoundError
 from entremise.server.domain.models import (
+    DELTA_UNITS,
     Agreement,
+    AnalystSpend,
     AuditEvent,
+    BudgetKind,
     BudgetState,
     Dataset,
     DatasetSlot,
@@ -59,7 +62,22 @@ agreements = sa.Table(
     sa.Column("max_rows_per_person", sa.Integer, nullable=False),
     sa.Column("max_groups_per_person", sa.Integer, nullable=False),
     sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("budget_kind", sa.String(8), nullable=False, server_default="pure"),
+    # Delta (key discovery) in exact units of 1e-15.
+    sa.Column("total_delta_units", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("spent_delta_units", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("analyst_cap_micros", sa.BigInteger, nullable=True),
     sa.CheckConstraint("spent_micros >= 0 AND spent_micros <= total_micros", name="ck_budget"),
+    sa.CheckConstraint("spent_delta_units <= total_delta_units", name="ck_delta"),
+)
+
+analyst_spend = sa.Table(
+    "analyst_spend",
+    metadata,
+    sa.Column("agreement_id", sa.String(40), sa.ForeignKey("agreements.agreement_id"),
+              primary_key=True),
+    sa.Column("analyst_id", sa.String(40), primary_key=True),
+    sa.Column("spent_micros", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 datasets = sa.Table(
@@ -148,6 +166,8 @@ releases = sa.Table(
     sa.Column("data_versions_json", sa.Text, nullable=False),
     sa.Column("query_fingerprint", sa.String(64), nullable=False),
     sa.Column("payload_json", sa.Text, nullable=False),
+    sa.Column("replay_key", sa.String(64), nullable=False, server_default="", index=True),
+    sa.Column("delta_units", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 
@@ -188,6 +208,10 @@ def _agreement(row: Any) -> Agreement:
         max_rows_per_person=row.max_rows_per_person,
         max_groups_per_person=row.max_groups_per_person,
         created_at=row.created_at,
+        budget_kind=BudgetKind(row.budget_kind),
+        total_delta_units=row.total_delta_units,
+        analyst_budget=Epsilon(row.analyst_cap_micros) if row.analyst_cap_micros is not None
+        else None,
     )
 
 
@@ -209,9 +233,27 @@ def _dataset(row: Any) -> Dataset:
     )
 
 
-def _budget(row: Any) -> BudgetState:
+def _release(row: Any) -> Release:
+    payload = json.loads(row.payload_json)
+    return Release(
+        release_id=row.release_id,
+        agreement_id=row.agreement_id,
+        analyst_id=row.analyst_id,
+        summary=summary_from_dict(payload["summary"]),
+        results=results_from_list(payload["results"]),
+        epsilon_spent=Epsilon(row.epsilon_micros),
+        created_at=row.created_at,
+        data_versions=tuple(json.loads(row.data_versions_json)),
+        query_fingerprint=row.query_fingerprint,
+        replay_key=row.replay_key,
+        delta_units=row.delta_units,
+    )
+
+
+def _budget(row: Any, analysts: tuple[AnalystSpend, ...] = ()) -> BudgetState:
     return BudgetState(
-        row.agreement_id, Epsilon(row.total_micros), Epsilon(row.spent_micros), row.release_count
+        row.agreement_id, Epsilon(row.total_micros), Epsilon(row.spent_micros), row.release_count,
+        BudgetKind(row.budget_kind), row.total_delta_units, row.spent_delta_units, analysts,
     )
 
 
@@ -366,35 +408,97 @@ class SqlStore(Store):
 
     def get_budget(self, agreement_id: str) -> BudgetState | None:  # noqa: D102
         with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(agreements).where(agreements.c.agreement_id == agreement_id)
-            ).first()
-        return _budget(row) if row else None
+            return self._budget_in(conn, agreement_id)
+
+    def _budget_in(self, conn: Connection, agreement_id: str) -> BudgetState | None:
+        row = conn.execute(
+            sa.select(agreements).where(agreements.c.agreement_id == agreement_id)
+        ).first()
+        if row is None:
+            return None
+        cap = Epsilon(row.analyst_cap_micros if row.analyst_cap_micros is not None
+                      else row.total_micros)
+        spends = tuple(
+            AnalystSpend(r.analyst_id, Epsilon(r.spent_micros), cap)
+            for r in conn.execute(
+                sa.select(analyst_spend)
+                .where(analyst_spend.c.agreement_id == agreement_id)
+                .order_by(analyst_spend.c.analyst_id)
+            )
+        )
+        return _budget(row, spends)
 
     def commit_release(self, release: Release) -> BudgetState:  # noqa: D102
         cost = release.epsilon_spent.micros
+        delta = release.delta_units
         with self.writer.begin() as conn:
-            # Conditional debit: the WHERE clause is re-checked under the row lock, so two
-            # concurrent releases can never both pass it when only one fits.
+            # Conditional debits: each WHERE clause is re-checked under the row lock, so two
+            # concurrent releases can never both pass when only one fits. The agreement and the
+            # analyst are debited in this one transaction, with the release row itself.
             debited = conn.execute(
                 agreements.update()
                 .where(
                     agreements.c.agreement_id == release.agreement_id,
                     agreements.c.spent_micros + cost <= agreements.c.total_micros,
+                    agreements.c.spent_delta_units + delta <= agreements.c.total_delta_units,
                 )
                 .values(
                     spent_micros=agreements.c.spent_micros + cost,
+                    spent_delta_units=agreements.c.spent_delta_units + delta,
                     release_count=agreements.c.release_count + 1,
                 )
             )
             if debited.rowcount != 1:
-                row = conn.execute(
-                    sa.select(agreements).where(agreements.c.agreement_id == release.agreement_id)
-                ).first()
-                if row is None:
+                state = self._budget_in(conn, release.agreement_id)
+                if state is None:
                     raise NotFoundError(f"agreement {release.agreement_id!r} not found")
+                if state.spent_delta_units + delta > state.total_delta_units:
+                    left = state.total_delta_units - state.spent_delta_units
+                    raise BudgetExhaustedError(
+                        requested=f"delta {delta / DELTA_UNITS:g}",
+                        remaining=f"delta {left / DELTA_UNITS:g}",
+                    )
                 raise BudgetExhaustedError(
-                    requested=str(release.epsilon_spent), remaining=str(_budget(row).remaining)
+                    requested=str(release.epsilon_spent), remaining=str(state.remaining)
+                )
+            row = conn.execute(
+                sa.select(agreements).where(agreements.c.agreement_id == release.agreement_id)
+            ).one()
+            cap = row.analyst_cap_micros if row.analyst_cap_micros is not None else row.total_micros
+            exists = conn.execute(
+                sa.select(analyst_spend.c.spent_micros).where(
+                    analyst_spend.c.agreement_id == release.agreement_id,
+                    analyst_spend.c.analyst_id == release.analyst_id,
+                )
+            ).first()
+            if exists is None:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(analyst_spend.insert().values(
+                            agreement_id=release.agreement_id, analyst_id=release.analyst_id,
+                            spent_micros=0))
+                except sa.exc.IntegrityError:
+                    pass  # a concurrent release of the same analyst created it first
+            analyst_debit = conn.execute(
+                analyst_spend.update()
+                .where(
+                    analyst_spend.c.agreement_id == release.agreement_id,
+                    analyst_spend.c.analyst_id == release.analyst_id,
+                    analyst_spend.c.spent_micros + cost <= cap,
+                )
+                .values(spent_micros=analyst_spend.c.spent_micros + cost)
+            )
+            if analyst_debit.rowcount != 1:
+                spent = conn.execute(
+                    sa.select(analyst_spend.c.spent_micros).where(
+                        analyst_spend.c.agreement_id == release.agreement_id,
+                        analyst_spend.c.analyst_id == release.analyst_id,
+                    )
+                ).scalar_one()
+                # Raising rolls the whole transaction back: the agreement debit too.
+                raise BudgetExhaustedError(
+                    requested=str(release.epsilon_spent),
+                    remaining=f"{Epsilon(cap - spent)} for this analyst",
                 )
             conn.execute(
                 releases.insert().values(
@@ -406,35 +510,31 @@ class SqlStore(Store):
                     data_versions_json=json.dumps(list(release.data_versions)),
                     query_fingerprint=release.query_fingerprint,
                     payload_json=json.dumps(release_payload(release)),
+                    replay_key=release.replay_key,
+                    delta_units=delta,
                 )
             )
+            state = self._budget_in(conn, release.agreement_id)
+            assert state is not None
+            return state
+
+    def find_replay(self, agreement_id: str, replay_key: str) -> Release | None:  # noqa: D102
+        with self.engine.connect() as conn:
             row = conn.execute(
-                sa.select(agreements).where(agreements.c.agreement_id == release.agreement_id)
-            ).one()
-            return _budget(row)
+                sa.select(releases)
+                .where(releases.c.agreement_id == agreement_id,
+                       releases.c.replay_key == replay_key)
+                .order_by(releases.c.seq)
+                .limit(1)
+            ).first()
+        return _release(row) if row else None
 
     def list_releases(self, agreement_id: str | None = None) -> list[Release]:  # noqa: D102
         query = sa.select(releases).order_by(releases.c.seq)
         if agreement_id is not None:
             query = query.where(releases.c.agreement_id == agreement_id)
-        out = []
         with self.engine.connect() as conn:
-            for row in conn.execute(query):
-                payload = json.loads(row.payload_json)
-                out.append(
-                    Release(
-                        release_id=row.release_id,
-                        agreement_id=row.agreement_id,
-                        analyst_id=row.analyst_id,
-                        summary=summary_from_dict(payload["summary"]),
-                        results=results_from_list(payload["results"]),
-                        epsilon_spent=Epsilon(row.epsilon_micros),
-                        created_at=row.created_at,
-                        data_versions=tuple(json.loads(row.data_versions_json)),
-                        query_fingerprint=row.query_fingerprint,
-                    )
-                )
-        return out
+            return [_release(row) for row in conn.execute(query)]
 
     # -- keys ---------------------------------------------------------------------------------
 

@@ -61,6 +61,9 @@ class Agreement(_message.Message):
     MAX_GROUPS_PER_PERSON_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     BUDGET_FIELD_NUMBER: _builtins.int
+    BUDGET_KIND_FIELD_NUMBER: _builtins.int
+    TOTAL_DELTA_FIELD_NUMBER: _builtins.int
+    ANALYST_BUDGET_FIELD_NUMBER: _builtins.int
     agreement_id: _builtins.str
     name: _builtins.str
     purpose: _builtins.str
@@ -69,6 +72,10 @@ class Agreement(_message.Message):
     """Default contribution bounds applied after the join (per person)."""
     max_groups_per_person: _builtins.int
     created_at: _builtins.str
+    budget_kind: _common_pb2.BudgetKind.ValueType
+    total_delta: _builtins.str
+    analyst_budget: _builtins.str
+    """Cap per analyst, in the agreement's measure ("" = the total)."""
     @_builtins.property
     def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetSlot]: ...
     @_builtins.property
@@ -88,10 +95,13 @@ class Agreement(_message.Message):
         max_groups_per_person: _builtins.int = ...,
         created_at: _builtins.str = ...,
         budget: _common_pb2.Budget | None = ...,
+        budget_kind: _common_pb2.BudgetKind.ValueType = ...,
+        total_delta: _builtins.str = ...,
+        analyst_budget: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "analyst_ids", b"analyst_ids", "budget", b"budget", "created_at", b"created_at", "datasets", b"datasets", "max_groups_per_person", b"max_groups_per_person", "max_rows_per_person", b"max_rows_per_person", "name", b"name", "purpose", b"purpose", "total_epsilon", b"total_epsilon"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "analyst_budget", b"analyst_budget", "analyst_ids", b"analyst_ids", "budget", b"budget", "budget_kind", b"budget_kind", "created_at", b"created_at", "datasets", b"datasets", "max_groups_per_person", b"max_groups_per_person", "max_rows_per_person", b"max_rows_per_person", "name", b"name", "purpose", b"purpose", "total_delta", b"total_delta", "total_epsilon", b"total_epsilon"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -108,11 +118,18 @@ class CreateAgreementRequest(_message.Message):
     TOTAL_EPSILON_FIELD_NUMBER: _builtins.int
     MAX_ROWS_PER_PERSON_FIELD_NUMBER: _builtins.int
     MAX_GROUPS_PER_PERSON_FIELD_NUMBER: _builtins.int
+    BUDGET_KIND_FIELD_NUMBER: _builtins.int
+    TOTAL_DELTA_FIELD_NUMBER: _builtins.int
+    ANALYST_BUDGET_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     purpose: _builtins.str
     total_epsilon: _builtins.str
     max_rows_per_person: _builtins.int
     max_groups_per_person: _builtins.int
+    budget_kind: _common_pb2.BudgetKind.ValueType
+    """PURE (default) or ZCDP; total_epsilon then holds epsilon or rho."""
+    total_delta: _builtins.str
+    analyst_budget: _builtins.str
     @_builtins.property
     def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetSlot]:
         """At least two slots; partners upload into them after deriving the agreement's key."""
@@ -129,10 +146,13 @@ class CreateAgreementRequest(_message.Message):
         total_epsilon: _builtins.str = ...,
         max_rows_per_person: _builtins.int = ...,
         max_groups_per_person: _builtins.int = ...,
+        budget_kind: _common_pb2.BudgetKind.ValueType = ...,
+        total_delta: _builtins.str = ...,
+        analyst_budget: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["analyst_ids", b"analyst_ids", "datasets", b"datasets", "max_groups_per_person", b"max_groups_per_person", "max_rows_per_person", b"max_rows_per_person", "name", b"name", "purpose", b"purpose", "total_epsilon", b"total_epsilon"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analyst_budget", b"analyst_budget", "analyst_ids", b"analyst_ids", "budget_kind", b"budget_kind", "datasets", b"datasets", "max_groups_per_person", b"max_groups_per_person", "max_rows_per_person", b"max_rows_per_person", "name", b"name", "purpose", b"purpose", "total_delta", b"total_delta", "total_epsilon", b"total_epsilon"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -59,6 +59,28 @@ IDENTIFIER_KIND_EMAIL: IdentifierKind.ValueType  # 1
 IDENTIFIER_KIND_PHONE: IdentifierKind.ValueType  # 2
 Global___IdentifierKind: _TypeAlias = IdentifierKind  # noqa: Y015
 
+class _BudgetKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BudgetKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BudgetKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BUDGET_KIND_UNSPECIFIED: _BudgetKind.ValueType  # 0
+    BUDGET_KIND_PURE: _BudgetKind.ValueType  # 1
+    """Pure epsilon-DP, sequential composition (discrete Laplace noise)."""
+    BUDGET_KIND_ZCDP: _BudgetKind.ValueType  # 2
+    """Zero-concentrated DP: amounts are rho (discrete Gaussian noise)."""
+
+class BudgetKind(_BudgetKind, metaclass=_BudgetKindEnumTypeWrapper):
+    """Which privacy measure an agreement's budget is counted in."""
+
+BUDGET_KIND_UNSPECIFIED: BudgetKind.ValueType  # 0
+BUDGET_KIND_PURE: BudgetKind.ValueType  # 1
+"""Pure epsilon-DP, sequential composition (discrete Laplace noise)."""
+BUDGET_KIND_ZCDP: BudgetKind.ValueType  # 2
+"""Zero-concentrated DP: amounts are rho (discrete Gaussian noise)."""
+Global___BudgetKind: _TypeAlias = BudgetKind  # noqa: Y015
+
 @_typing.final
 class NumericColumn(_message.Message):
     """A numeric attribute with public bounds; values are clamped into [lower, upper]
@@ -111,29 +133,56 @@ class CategoricalColumn(_message.Message):
 Global___CategoricalColumn: _TypeAlias = CategoricalColumn  # noqa: Y015
 
 @_typing.final
+class TextColumn(_message.Message):
+    """A categorical attribute whose categories are NOT public: group keys are discovered with
+    DP thresholding (needs a delta budget) and a key held by few people is never released.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_LENGTH_FIELD_NUMBER: _builtins.int
+    max_length: _builtins.int
+    def __init__(
+        self,
+        *,
+        max_length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_length", b"max_length"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TextColumn: _TypeAlias = TextColumn  # noqa: Y015
+
+@_typing.final
 class ColumnSchema(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     NUMERIC_FIELD_NUMBER: _builtins.int
     CATEGORICAL_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     @_builtins.property
     def numeric(self) -> Global___NumericColumn: ...
     @_builtins.property
     def categorical(self) -> Global___CategoricalColumn: ...
+    @_builtins.property
+    def text(self) -> Global___TextColumn: ...
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         numeric: Global___NumericColumn | None = ...,
         categorical: Global___CategoricalColumn | None = ...,
+        text: Global___TextColumn | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["categorical", b"categorical", "kind", b"kind", "numeric", b"numeric"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["categorical", b"categorical", "kind", b"kind", "numeric", b"numeric", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["categorical", b"categorical", "kind", b"kind", "name", b"name", "numeric", b"numeric"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["categorical", b"categorical", "kind", b"kind", "name", b"name", "numeric", b"numeric", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["numeric", "categorical"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["numeric", "categorical", "text"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -308,8 +357,38 @@ class Dataset(_message.Message):
 Global___Dataset: _TypeAlias = Dataset  # noqa: Y015
 
 @_typing.final
+class AnalystBudget(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANALYST_ID_FIELD_NUMBER: _builtins.int
+    SPENT_FIELD_NUMBER: _builtins.int
+    CAP_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    analyst_id: _builtins.str
+    spent: _builtins.str
+    cap: _builtins.str
+    remaining: _builtins.str
+    def __init__(
+        self,
+        *,
+        analyst_id: _builtins.str = ...,
+        spent: _builtins.str = ...,
+        cap: _builtins.str = ...,
+        remaining: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analyst_id", b"analyst_id", "cap", b"cap", "remaining", b"remaining", "spent", b"spent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnalystBudget: _TypeAlias = AnalystBudget  # noqa: Y015
+
+@_typing.final
 class Budget(_message.Message):
-    """Epsilon amounts travel as decimal strings so that no float drift reaches the ledger."""
+    """Budget amounts travel as decimal strings so that no float drift reaches the ledger. For a
+    zCDP agreement the *_epsilon fields hold rho.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -318,11 +397,21 @@ class Budget(_message.Message):
     SPENT_EPSILON_FIELD_NUMBER: _builtins.int
     REMAINING_EPSILON_FIELD_NUMBER: _builtins.int
     RELEASE_COUNT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    TOTAL_DELTA_FIELD_NUMBER: _builtins.int
+    SPENT_DELTA_FIELD_NUMBER: _builtins.int
+    ANALYSTS_FIELD_NUMBER: _builtins.int
     agreement_id: _builtins.str
     total_epsilon: _builtins.str
     spent_epsilon: _builtins.str
     remaining_epsilon: _builtins.str
     release_count: _builtins.int
+    kind: Global___BudgetKind.ValueType
+    total_delta: _builtins.str
+    """Delta budget for key discovery (decimal string; "0" = none)."""
+    spent_delta: _builtins.str
+    @_builtins.property
+    def analysts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AnalystBudget]: ...
     def __init__(
         self,
         *,
@@ -331,10 +420,14 @@ class Budget(_message.Message):
         spent_epsilon: _builtins.str = ...,
         remaining_epsilon: _builtins.str = ...,
         release_count: _builtins.int = ...,
+        kind: Global___BudgetKind.ValueType = ...,
+        total_delta: _builtins.str = ...,
+        spent_delta: _builtins.str = ...,
+        analysts: _abc.Iterable[Global___AnalystBudget] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "release_count", b"release_count", "remaining_epsilon", b"remaining_epsilon", "spent_epsilon", b"spent_epsilon", "total_epsilon", b"total_epsilon"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "analysts", b"analysts", "kind", b"kind", "release_count", b"release_count", "remaining_epsilon", b"remaining_epsilon", "spent_delta", b"spent_delta", "spent_epsilon", b"spent_epsilon", "total_delta", b"total_delta", "total_epsilon", b"total_epsilon"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

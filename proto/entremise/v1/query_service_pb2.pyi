@@ -32,6 +32,9 @@ class _AggregateKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Aggrega
     """Number of joined rows, after contribution bounding."""
     AGGREGATE_KIND_SUM: _AggregateKind.ValueType  # 3
     AGGREGATE_KIND_MEAN: _AggregateKind.ValueType  # 4
+    AGGREGATE_KIND_VARIANCE: _AggregateKind.ValueType  # 5
+    AGGREGATE_KIND_QUANTILE: _AggregateKind.ValueType  # 6
+    """A quantile (median = 0.5) chosen by report-noisy-min over public candidate values."""
 
 class AggregateKind(_AggregateKind, metaclass=_AggregateKindEnumTypeWrapper): ...
 
@@ -42,6 +45,9 @@ AGGREGATE_KIND_COUNT_ROWS: AggregateKind.ValueType  # 2
 """Number of joined rows, after contribution bounding."""
 AGGREGATE_KIND_SUM: AggregateKind.ValueType  # 3
 AGGREGATE_KIND_MEAN: AggregateKind.ValueType  # 4
+AGGREGATE_KIND_VARIANCE: AggregateKind.ValueType  # 5
+AGGREGATE_KIND_QUANTILE: AggregateKind.ValueType  # 6
+"""A quantile (median = 0.5) chosen by report-noisy-min over public candidate values."""
 Global___AggregateKind: _TypeAlias = AggregateKind  # noqa: Y015
 
 class _FilterOp:
@@ -73,12 +79,18 @@ class Aggregate(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     COLUMN_FIELD_NUMBER: _builtins.int
     EPSILON_FIELD_NUMBER: _builtins.int
+    QUANTILE_FIELD_NUMBER: _builtins.int
+    TARGET_CI95_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: Global___AggregateKind.ValueType
     column: _builtins.str
     """Column as "dataset.column" or a bare name when unambiguous; empty for counts."""
     epsilon: _builtins.str
-    """Optional explicit share of the query's epsilon (decimal string)."""
+    """Optional explicit share of the query's budget (decimal string; epsilon or rho)."""
+    quantile: _builtins.str
+    """For QUANTILE: the quantile in (0, 1), as a decimal string."""
+    target_ci95: _builtins.float
+    """Instead of a share: the 95% half-width wanted; the plan states what it costs."""
     def __init__(
         self,
         *,
@@ -86,12 +98,16 @@ class Aggregate(_message.Message):
         kind: Global___AggregateKind.ValueType = ...,
         column: _builtins.str = ...,
         epsilon: _builtins.str = ...,
+        quantile: _builtins.str = ...,
+        target_ci95: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_target_ci95", b"_target_ci95", "target_ci95", b"target_ci95"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["column", b"column", "epsilon", b"epsilon", "kind", b"kind", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_target_ci95", b"_target_ci95", "column", b"column", "epsilon", b"epsilon", "kind", b"kind", "name", b"name", "quantile", b"quantile", "target_ci95", b"target_ci95"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__target_ci95: _TypeAlias = _typing.Literal["target_ci95"]  # noqa: Y015
+    _WhichOneofArgType__target_ci95: _TypeAlias = _typing.Literal["_target_ci95", b"_target_ci95"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__target_ci95) -> _WhichOneofReturnType__target_ci95 | None: ...
 
 Global___Aggregate: _TypeAlias = Aggregate  # noqa: Y015
 
@@ -134,6 +150,8 @@ class Query(_message.Message):
     EPSILON_FIELD_NUMBER: _builtins.int
     MAX_ROWS_PER_PERSON_FIELD_NUMBER: _builtins.int
     MAX_GROUPS_PER_PERSON_FIELD_NUMBER: _builtins.int
+    RHO_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
     agreement_id: _builtins.str
     epsilon: _builtins.str
     """Total epsilon for the query (decimal string); split evenly over aggregates
@@ -142,6 +160,10 @@ class Query(_message.Message):
     max_rows_per_person: _builtins.int
     """0 = the agreement's default."""
     max_groups_per_person: _builtins.int
+    rho: _builtins.str
+    """For zCDP agreements: the query's rho (instead of epsilon)."""
+    delta: _builtins.str
+    """Delta for discovering group keys of a text column (decimal string)."""
     @_builtins.property
     def aggregates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Aggregate]: ...
     @_builtins.property
@@ -158,10 +180,12 @@ class Query(_message.Message):
         epsilon: _builtins.str = ...,
         max_rows_per_person: _builtins.int = ...,
         max_groups_per_person: _builtins.int = ...,
+        rho: _builtins.str = ...,
+        delta: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregates", b"aggregates", "agreement_id", b"agreement_id", "epsilon", b"epsilon", "filters", b"filters", "group_by", b"group_by", "max_groups_per_person", b"max_groups_per_person", "max_rows_per_person", b"max_rows_per_person"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregates", b"aggregates", "agreement_id", b"agreement_id", "delta", b"delta", "epsilon", b"epsilon", "filters", b"filters", "group_by", b"group_by", "max_groups_per_person", b"max_groups_per_person", "max_rows_per_person", b"max_rows_per_person", "rho", b"rho"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -218,6 +242,45 @@ class AggregatePlan(_message.Message):
 Global___AggregatePlan: _TypeAlias = AggregatePlan  # noqa: Y015
 
 @_typing.final
+class KeyDiscovery(_message.Message):
+    """How group keys are chosen: declared public categories, or discovered by DP thresholding."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLUMN_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    RELEASED_KEYS_FIELD_NUMBER: _builtins.int
+    SUPPRESSED_KEYS_NOISY_FIELD_NUMBER: _builtins.int
+    column: _builtins.str
+    epsilon: _builtins.str
+    delta: _builtins.str
+    threshold: _builtins.int
+    released_keys: _builtins.int
+    """Filled after release: keys released, and a noisy count of suppressed keys."""
+    suppressed_keys_noisy: _builtins.float
+    def __init__(
+        self,
+        *,
+        column: _builtins.str = ...,
+        epsilon: _builtins.str = ...,
+        delta: _builtins.str = ...,
+        threshold: _builtins.int = ...,
+        released_keys: _builtins.int = ...,
+        suppressed_keys_noisy: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_suppressed_keys_noisy", b"_suppressed_keys_noisy", "suppressed_keys_noisy", b"suppressed_keys_noisy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_suppressed_keys_noisy", b"_suppressed_keys_noisy", "column", b"column", "delta", b"delta", "epsilon", b"epsilon", "released_keys", b"released_keys", "suppressed_keys_noisy", b"suppressed_keys_noisy", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__suppressed_keys_noisy: _TypeAlias = _typing.Literal["suppressed_keys_noisy"]  # noqa: Y015
+    _WhichOneofArgType__suppressed_keys_noisy: _TypeAlias = _typing.Literal["_suppressed_keys_noisy", b"_suppressed_keys_noisy"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__suppressed_keys_noisy) -> _WhichOneofReturnType__suppressed_keys_noisy | None: ...
+
+Global___KeyDiscovery: _TypeAlias = KeyDiscovery  # noqa: Y015
+
+@_typing.final
 class Bounding(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -255,17 +318,24 @@ class QueryPlan(_message.Message):
     PRIVACY_UNIT_FIELD_NUMBER: _builtins.int
     REMAINING_EPSILON_BEFORE_FIELD_NUMBER: _builtins.int
     REMAINING_EPSILON_AFTER_FIELD_NUMBER: _builtins.int
+    MEASURE_FIELD_NUMBER: _builtins.int
+    DISCOVERY_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
     cell_count: _builtins.int
     epsilon: _builtins.str
     privacy_unit: _builtins.str
     remaining_epsilon_before: _builtins.str
     remaining_epsilon_after: _builtins.str
+    measure: _builtins.str
+    delta: _builtins.str
     @_builtins.property
     def aggregates(self) -> _containers.RepeatedCompositeFieldContainer[Global___AggregatePlan]: ...
     @_builtins.property
     def group_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def bounding(self) -> Global___Bounding: ...
+    @_builtins.property
+    def discovery(self) -> Global___KeyDiscovery: ...
     def __init__(
         self,
         *,
@@ -277,10 +347,13 @@ class QueryPlan(_message.Message):
         privacy_unit: _builtins.str = ...,
         remaining_epsilon_before: _builtins.str = ...,
         remaining_epsilon_after: _builtins.str = ...,
+        measure: _builtins.str = ...,
+        discovery: Global___KeyDiscovery | None = ...,
+        delta: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bounding", b"bounding"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bounding", b"bounding", "discovery", b"discovery"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregates", b"aggregates", "bounding", b"bounding", "cell_count", b"cell_count", "epsilon", b"epsilon", "group_by", b"group_by", "privacy_unit", b"privacy_unit", "remaining_epsilon_after", b"remaining_epsilon_after", "remaining_epsilon_before", b"remaining_epsilon_before"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregates", b"aggregates", "bounding", b"bounding", "cell_count", b"cell_count", "delta", b"delta", "discovery", b"discovery", "epsilon", b"epsilon", "group_by", b"group_by", "measure", b"measure", "privacy_unit", b"privacy_unit", "remaining_epsilon_after", b"remaining_epsilon_after", "remaining_epsilon_before", b"remaining_epsilon_before"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -421,11 +494,13 @@ class Release(_message.Message):
     EPSILON_SPENT_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     DATA_VERSIONS_FIELD_NUMBER: _builtins.int
+    DELTA_SPENT_FIELD_NUMBER: _builtins.int
     release_id: _builtins.str
     agreement_id: _builtins.str
     analyst_id: _builtins.str
     epsilon_spent: _builtins.str
     created_at: _builtins.str
+    delta_spent: _builtins.str
     @_builtins.property
     def plan(self) -> Global___QueryPlan: ...
     @_builtins.property
@@ -443,10 +518,11 @@ class Release(_message.Message):
         epsilon_spent: _builtins.str = ...,
         created_at: _builtins.str = ...,
         data_versions: _abc.Iterable[_builtins.int] | None = ...,
+        delta_spent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "analyst_id", b"analyst_id", "created_at", b"created_at", "data_versions", b"data_versions", "epsilon_spent", b"epsilon_spent", "plan", b"plan", "release_id", b"release_id", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "analyst_id", b"analyst_id", "created_at", b"created_at", "data_versions", b"data_versions", "delta_spent", b"delta_spent", "epsilon_spent", b"epsilon_spent", "plan", b"plan", "release_id", b"release_id", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -458,7 +534,12 @@ class RunQueryResponse(_message.Message):
 
     RELEASE_FIELD_NUMBER: _builtins.int
     REMAINING_EPSILON_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
     remaining_epsilon: _builtins.str
+    replayed: _builtins.bool
+    """True when an identical query on the same data state was answered before: the stored
+    answer is returned again (post-processing) and nothing is spent.
+    """
     @_builtins.property
     def release(self) -> Global___Release: ...
     def __init__(
@@ -466,10 +547,11 @@ class RunQueryResponse(_message.Message):
         *,
         release: Global___Release | None = ...,
         remaining_epsilon: _builtins.str = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["release", b"release"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["release", b"release", "remaining_epsilon", b"remaining_epsilon"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["release", b"release", "remaining_epsilon", b"remaining_epsilon", "replayed", b"replayed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
