@@ -428,9 +428,14 @@ def create_agreement(
         list[str], typer.Option(help="PARTNER_ID:DATASET_NAME slot (repeat: at least two).")
     ],
     analyst: Annotated[list[str], typer.Option(help="Analyst principal id (repeat).")],
-    epsilon: Annotated[str, typer.Option(help="Total privacy budget (pure DP epsilon).")],
+    epsilon: Annotated[
+        str, typer.Option(help="Total budget: epsilon, or rho with --measure zcdp.")
+    ],
     max_rows: Annotated[int, typer.Option(help="Default max joined rows per person.")] = 10,
     max_groups: Annotated[int, typer.Option(help="Default max group cells per person.")] = 1,
+    measure: Annotated[str, typer.Option(help="pure (epsilon) or zcdp (rho).")] = "pure",
+    delta: Annotated[str, typer.Option(help="Delta budget for key discovery.")] = "",
+    analyst_budget: Annotated[str, typer.Option(help="Cap per analyst (default: total).")] = "",
     target: TargetOption = DEFAULT_TARGET,
     token: TokenOption = "",
     json_out: JsonOption = False,
@@ -451,6 +456,9 @@ def create_agreement(
             total_epsilon=epsilon,
             max_rows_per_person=max_rows,
             max_groups_per_person=max_groups,
+            budget_kind=measure,
+            total_delta=delta,
+            analyst_budget=analyst_budget,
         )
     if json_out:
         print_json(to_dict(agreement))
@@ -504,7 +512,10 @@ def show_agreement(
 
 # -- queries -----------------------------------------------------------------------------------
 
-_AGG = re.compile(r"^(?P<kind>[a-z_]+)(?::(?P<column>[a-z0-9_.]+))?(?:@(?P<eps>[^@]+))?$")
+_AGG = re.compile(
+    r"^(?P<kind>[a-z_]+)(?::(?P<column>[a-z0-9_.]+))?"
+    r"(?:@(?P<eps>[^@~]+)|~(?P<target>[0-9.eE+-]+))?$"
+)
 _WHERE = re.compile(r"^(?P<column>[a-z0-9_.]+)\s*(?P<op>!=|>=|<=|=)\s*(?P<value>.+)$")
 
 
@@ -516,15 +527,28 @@ def _build_query(
     where: list[str],
     max_rows: int,
     max_groups: int,
+    rho: str = "",
+    delta: str = "",
+    quantile: float = 0.5,
 ) -> query_service_pb2.Query:
     aggregates = []
     for text in aggs:
         m = _AGG.match(text.strip())
         if not m:
             raise ValueError(
-                f"--agg {text!r}: expected KIND[:COLUMN][@EPSILON], e.g. mean:panel.amount"
+                f"--agg {text!r}: expected KIND[:COLUMN][@EPSILON|~TARGET], e.g. mean:panel.amount"
             )
-        aggregates.append(aggregate(m["kind"], m["column"] or "", epsilon=m["eps"] or ""))
+        target_ci95 = float(m["target"]) if m["target"] else None
+        q = quantile if m["kind"] == "quantile" else None
+        aggregates.append(
+            aggregate(
+                m["kind"],
+                m["column"] or "",
+                epsilon=m["eps"] or "",
+                quantile=q,
+                target_ci95=target_ci95,
+            )
+        )
     filters = []
     for text in where:
         m = _WHERE.match(text.strip())
@@ -551,16 +575,22 @@ def _build_query(
         filters=filters,
         max_rows_per_person=max_rows,
         max_groups_per_person=max_groups,
+        rho=rho,
+        delta=delta,
     )
 
 
 AgreementArg = Annotated[str, typer.Option("--agreement", help="Agreement id.")]
 EpsilonOpt = Annotated[str, typer.Option(help="Total epsilon of the query, split over aggregates.")]
+RhoOpt = Annotated[str, typer.Option(help="Total rho of the query (zCDP agreements).")]
+DeltaOpt = Annotated[str, typer.Option(help="Delta for discovering keys of a text column.")]
+QuantileOpt = Annotated[float, typer.Option(help="Quantile for quantile aggregates.")]
 AggOpt = Annotated[
     list[str],
     typer.Option(
         "--agg",
-        help="KIND[:COLUMN][@EPSILON]; KIND is count (people), count_rows, sum or mean. Repeat.",
+        help="KIND[:COLUMN][@EPSILON|~TARGET]; KIND is count (people), count_rows, sum, mean, "
+        "variance, quantile or median; ~TARGET asks for a 95% half-width. Repeat.",
     ),
 ]
 GroupOpt = Annotated[
@@ -600,6 +630,9 @@ def preview(
     agreement: AgreementArg,
     agg: AggOpt,
     epsilon: EpsilonOpt = "",
+    rho: RhoOpt = "",
+    delta: DeltaOpt = "",
+    quantile: QuantileOpt = 0.5,
     group_by: GroupOpt = None,
     where: WhereOpt = None,
     max_rows: MaxRowsOpt = 0,
@@ -610,7 +643,18 @@ def preview(
 ) -> None:
     """Show cost, noise scale and 95% interval of a query without spending anything."""
     with friendly_errors():
-        q = _build_query(agreement, epsilon, agg, group_by or [], where or [], max_rows, max_groups)
+        q = _build_query(
+            agreement,
+            epsilon,
+            agg,
+            group_by or [],
+            where or [],
+            max_rows,
+            max_groups,
+            rho,
+            delta,
+            quantile,
+        )
     with connect(target, token) as client, friendly_errors():
         plan = client.preview(q)
     if json_out:
@@ -629,6 +673,9 @@ def run(
     agreement: AgreementArg,
     agg: AggOpt,
     epsilon: EpsilonOpt = "",
+    rho: RhoOpt = "",
+    delta: DeltaOpt = "",
+    quantile: QuantileOpt = 0.5,
     group_by: GroupOpt = None,
     where: WhereOpt = None,
     max_rows: MaxRowsOpt = 0,
@@ -639,7 +686,18 @@ def run(
 ) -> None:
     """Spend budget and release the differentially private answer."""
     with friendly_errors():
-        q = _build_query(agreement, epsilon, agg, group_by or [], where or [], max_rows, max_groups)
+        q = _build_query(
+            agreement,
+            epsilon,
+            agg,
+            group_by or [],
+            where or [],
+            max_rows,
+            max_groups,
+            rho,
+            delta,
+            quantile,
+        )
     with connect(target, token) as client, friendly_errors():
         response = client.run(q)
     if json_out:
@@ -653,9 +711,15 @@ def run(
             ci = f"{cell.ci95_halfwidth:,.2f}" if cell.HasField("ci95_halfwidth") else "n/a"
             table.add_row(escape(" / ".join(cell.group)) or "(all)", value, ci)
         console.print(table)
+    if response.replayed:
+        console.print(
+            f"replayed release {release.release_id} (same query, same data): "
+            f"nothing spent, remaining {response.remaining_epsilon}"
+        )
+        return
     console.print(
-        f"release {release.release_id}: spent epsilon {release.epsilon_spent}, "
-        f"remaining {response.remaining_epsilon}"
+        f"release {release.release_id}: spent {release.plan.measure or 'epsilon'} "
+        f"{release.epsilon_spent}, remaining {response.remaining_epsilon}"
     )
 
 

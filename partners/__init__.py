@@ -17,7 +17,7 @@ from entremise.partners.keys import (
     save_private_key,
 )
 from entremise.partners.pseudonymise import Pseudonymiser
-from entremise.partners.schema import Categorical, Consent, Numeric, UploadSchema
+from entremise.partners.schema import Categorical, Consent, Numeric, Text, UploadSchema
 
 __all__ = [
     "Categorical",
@@ -27,6 +27,7 @@ __all__ = [
     "MatchingKeyError",
     "Numeric",
     "Pseudonymiser",
+    "Text",
     "UploadResult",
     "UploadSchema",
     "aggregate",

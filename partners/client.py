@@ -55,7 +55,10 @@ AGGREGATES = {
     "count_rows": query_service_pb2.AGGREGATE_KIND_COUNT_ROWS,
     "sum": query_service_pb2.AGGREGATE_KIND_SUM,
     "mean": query_service_pb2.AGGREGATE_KIND_MEAN,
+    "variance": query_service_pb2.AGGREGATE_KIND_VARIANCE,
+    "quantile": query_service_pb2.AGGREGATE_KIND_QUANTILE,
 }
+BUDGET_KINDS = {"pure": common_pb2.BUDGET_KIND_PURE, "zcdp": common_pb2.BUDGET_KIND_ZCDP}
 
 
 class EntremiseRPCError(Exception):
@@ -96,14 +99,31 @@ class UploadResult:
 
 
 def aggregate(
-    kind: str, column: str = "", *, name: str = "", epsilon: str = ""
+    kind: str,
+    column: str = "",
+    *,
+    name: str = "",
+    epsilon: str = "",
+    quantile: float | None = None,
+    target_ci95: float | None = None,
 ) -> query_service_pb2.Aggregate:
-    """Build one aggregate: ``aggregate("mean", "panel.amount")``."""
+    """Build one aggregate.
+
+    ``aggregate("mean", "panel.amount")``; ``aggregate("quantile", "panel.amount",
+    quantile=0.9)``; ``aggregate("count", target_ci95=10)`` lets the hub compute the share
+    whose 95% half-width is 10.
+    """
+    if kind == "median":
+        kind, quantile = "quantile", 0.5
     if kind not in AGGREGATES:
         raise ValueError(f"aggregate kind must be one of {sorted(AGGREGATES)}, got {kind!r}")
-    return query_service_pb2.Aggregate(
-        name=name, kind=AGGREGATES[kind], column=column, epsilon=epsilon
+    msg = query_service_pb2.Aggregate(
+        name=name, kind=AGGREGATES[kind], column=column, epsilon=epsilon,
+        quantile="" if quantile is None else repr(float(quantile)),
     )
+    if target_ci95 is not None:
+        msg.target_ci95 = float(target_ci95)
+    return msg
 
 
 def where_in(column: str, *categories: str) -> query_service_pb2.Filter:
@@ -128,11 +148,15 @@ def query(
     filters: Sequence[query_service_pb2.Filter] = (),
     max_rows_per_person: int = 0,
     max_groups_per_person: int = 0,
+    rho: str = "",
+    delta: str = "",
 ) -> query_service_pb2.Query:
-    """Build a query message."""
+    """Build a query message (give `rho` instead of `epsilon` on zCDP agreements)."""
     return query_service_pb2.Query(
         agreement_id=agreement_id,
         epsilon=epsilon,
+        rho=rho,
+        delta=delta,
         aggregates=list(aggregates),
         group_by=list(group_by),
         filters=list(filters),
@@ -392,8 +416,17 @@ class Client:
         total_epsilon: str,
         max_rows_per_person: int = 0,
         max_groups_per_person: int = 0,
+        budget_kind: str = "pure",
+        total_delta: str = "",
+        analyst_budget: str = "",
     ) -> agreement_service_pb2.Agreement:
-        """Admin: an agreement with (partner id, dataset name) slots and its total budget."""
+        """Admin: an agreement with (partner id, dataset name) slots and its total budget.
+
+        `budget_kind` is "pure" (epsilon) or "zcdp" (then `total_epsilon` holds rho);
+        `total_delta` funds key discovery; `analyst_budget` caps each analyst's spending.
+        """
+        if budget_kind not in BUDGET_KINDS:
+            raise ValueError(f"budget_kind must be one of {sorted(BUDGET_KINDS)}")
         request = agreement_service_pb2.CreateAgreementRequest(
             name=name,
             purpose=purpose,
@@ -402,6 +435,9 @@ class Client:
             total_epsilon=total_epsilon,
             max_rows_per_person=max_rows_per_person,
             max_groups_per_person=max_groups_per_person,
+            budget_kind=BUDGET_KINDS[budget_kind],
+            total_delta=total_delta,
+            analyst_budget=analyst_budget,
         )
         return self._unary(self._agreements.CreateAgreement, request).agreement
 

@@ -16,7 +16,7 @@ from entremise.partners.pseudonymise import (
     Pseudonymiser,
     looks_like_raw_identifier,
 )
-from entremise.partners.schema import Categorical, UploadSchema
+from entremise.partners.schema import Categorical, Numeric, Text, UploadSchema
 
 CHUNK_BYTES = 1024 * 1024
 _TRUE = {"true", "1", "yes", "y", "t"}
@@ -115,13 +115,14 @@ def build_upload_table(
             )
     for name, spec in schema.columns.items():
         series = frame[name]
-        raw = looks_like_raw_identifier(series.tolist(), numeric=not isinstance(spec, Categorical))
+        raw = looks_like_raw_identifier(
+            series.tolist(), numeric=isinstance(spec, Numeric))
         if raw:
             raise PrepareError(
                 f"column {name!r} still looks like it holds raw identifiers ({raw}); "
                 "refusing to send it: drop it or declare it as a key column"
             )
-        if isinstance(spec, Categorical):
+        if isinstance(spec, Categorical | Text):
             if series.isna().any():
                 raise PrepareError(
                     f"categorical column {name!r} has {int(series.isna().sum())} empty values"

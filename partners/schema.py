@@ -44,6 +44,13 @@ class Categorical:
 
 
 @dataclass(frozen=True)
+class Text:
+    """A categorical column whose categories are private (keys found by DP thresholding)."""
+
+    max_length: int = 200
+
+
+@dataclass(frozen=True)
 class Consent:
     """Consent column of one purpose, with an optional expiry (date/timestamp) column."""
 
@@ -57,7 +64,7 @@ class UploadSchema:
 
     keys: dict[str, str]  # column -> "email" | "phone"
     consents: dict[str, Consent]  # purpose -> consent column(s)
-    columns: dict[str, Numeric | Categorical] = field(default_factory=dict)
+    columns: dict[str, Numeric | Categorical | Text] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.keys:
@@ -80,9 +87,11 @@ class UploadSchema:
                     )
                 else:
                     consents[str(purpose)] = Consent(str(spec))
-            columns: dict[str, Numeric | Categorical] = {}
+            columns: dict[str, Numeric | Categorical | Text] = {}
             for name, spec in data.get("columns", {}).items():
-                if "categories" in spec:
+                if spec.get("kind") == "text":
+                    columns[name] = Text(int(spec.get("max_length", 200)))
+                elif "categories" in spec:
                     columns[name] = Categorical(tuple(str(c) for c in spec["categories"]))
                 else:
                     columns[name] = Numeric(
@@ -109,7 +118,9 @@ class UploadSchema:
         """The JSON form."""
         columns: dict[str, Any] = {}
         for name, spec in self.columns.items():
-            if isinstance(spec, Categorical):
+            if isinstance(spec, Text):
+                columns[name] = {"kind": "text", "max_length": spec.max_length}
+            elif isinstance(spec, Categorical):
                 columns[name] = {"categories": list(spec.categories)}
             else:
                 columns[name] = {
@@ -143,7 +154,9 @@ class UploadSchema:
                 purpose=purpose, column=consent.column, expiry_column=consent.expiry_column
             )
         for name, spec in self.columns.items():
-            if isinstance(spec, Categorical):
+            if isinstance(spec, Text):
+                msg.columns.add(name=name, text=common_pb2.TextColumn(max_length=spec.max_length))
+            elif isinstance(spec, Categorical):
                 msg.columns.add(
                     name=name,
                     categorical=common_pb2.CategoricalColumn(categories=list(spec.categories)),

@@ -324,7 +324,7 @@ def query_from_proto(msg: query_service_pb2.Query) -> QuerySpec:
         max_rows_per_person=msg.max_rows_per_person,
         max_groups_per_person=msg.max_groups_per_person,
         rho=epsilon_from_text(msg.rho, "query rho") if msg.rho else None,
-        delta=delta_units(msg.delta, "query delta") / DELTA_UNITS,
+        delta_units=delta_units(msg.delta, "query delta"),
     )
 
 

@@ -422,7 +422,7 @@ class QuerySpec:
     max_rows_per_person: int = 0
     max_groups_per_person: int = 0
     rho: Epsilon | None = None
-    delta: float = 0.0
+    delta_units: int = 0  # delta for key discovery, exact units of 1e-15
 
 
 @dataclass(frozen=True)

@@ -256,7 +256,7 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
 
     discovery_share: Epsilon | None = None
     if private:
-        if spec.delta <= 0 or spec.delta >= 1:
+        if not 0 < spec.delta_units < DELTA_UNITS:
             raise InvalidArgumentError(
                 f"grouping by {private[0].qualified} discovers its keys with DP thresholding: "
                 "give a delta in (0, 1), e.g. 1e-9")
@@ -269,8 +269,7 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
     plans = [_finish(d, share) for d, share in zip(drafts, shares, strict=True)]
     discovery = None
     if private and discovery_share is not None:
-        delta_units = math.ceil(spec.delta * DELTA_UNITS)
-        discovery = Discovery(private[0], discovery_share, delta_units, groups)
+        discovery = Discovery(private[0], discovery_share, spec.delta_units, groups)
     spent = sum(p.epsilon.micros for p in plans) + (discovery.epsilon.micros if discovery else 0)
     return QueryPlan(
         agreement=agreement,

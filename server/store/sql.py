@@ -389,6 +389,12 @@ class SqlStore(Store):
                     max_rows_per_person=agreement.max_rows_per_person,
                     max_groups_per_person=agreement.max_groups_per_person,
                     created_at=agreement.created_at,
+                    budget_kind=agreement.budget_kind.value,
+                    total_delta_units=agreement.total_delta_units,
+                    spent_delta_units=0,
+                    analyst_cap_micros=agreement.analyst_budget.micros
+                    if agreement.analyst_budget is not None
+                    else None,
                 )
             )
 
