@@ -58,6 +58,8 @@ app.add_typer(agreement_app, name="agreement")
 app.add_typer(query_app, name="query")
 app.add_typer(budget_app, name="budget")
 app.add_typer(ledger_app, name="ledger")
+audit_app = typer.Typer(no_args_is_help=True, help="Compliance: the tamper-evident audit log.")
+app.add_typer(audit_app, name="audit")
 
 
 # -- hub ---------------------------------------------------------------------------------------
@@ -779,6 +781,61 @@ def ledger_list(
             r.release_id, r.agreement_id, r.analyst_id, r.epsilon_spent, aggs, bounds, r.created_at
         )
     console.print(table)
+
+
+@audit_app.command("list")
+def audit_list(
+    target: TargetOption = DEFAULT_TARGET, token: TokenOption = "", json_out: JsonOption = False
+) -> None:
+    """Audit events (state changes and releases, with counts only)."""
+    with connect(target, token) as client, friendly_errors():
+        events = client.audit_events()
+    if json_out:
+        print_json([to_dict(e) for e in events])
+        return
+    table = Table("seq", "at", "event", "actor", "subject", "detail", title="audit log")
+    for e in events:
+        table.add_row(
+            str(e.seq), e.created_at, e.kind, e.actor_id, e.subject_id, escape(e.detail_json)
+        )
+    console.print(table)
+
+
+@audit_app.command("verify")
+def audit_verify(
+    data_dir: Annotated[Path, typer.Option(help="The hub's data dir (public key, head file).")],
+    db: Annotated[str, typer.Option(help="SQLAlchemy URL (default: SQLite in the data dir).")] = "",
+    json_out: JsonOption = False,
+) -> None:
+    """Recompute the audit chain offline; report the first tampered entry (exit 1 if any)."""
+    from entremise.server.app import AUDIT_HEAD_FILE, AUDIT_KEY_FILE
+    from entremise.server.domain.audit import Head, load_public_key, verify_chain
+    from entremise.server.store.sql import SqlStore
+
+    with friendly_errors():
+        public = data_dir / AUDIT_KEY_FILE.replace(".key", ".pub")
+        if not public.exists():
+            fail(f"{public}: no audit public key (is {data_dir} a hub data dir?)")
+        store = SqlStore(db or f"sqlite:///{(data_dir / 'entremise.db').resolve()}", create=False)
+        try:
+            result = verify_chain(
+                store.list_audit(), load_public_key(public), Head.load(data_dir / AUDIT_HEAD_FILE)
+            )
+        finally:
+            store.close()
+    if json_out:
+        print_json(
+            {
+                "ok": result.ok,
+                "checked": result.checked,
+                "first_bad_seq": result.first_bad_seq,
+                "reason": result.reason,
+            }
+        )
+    elif result.ok:
+        console.print(f"audit log intact: {result.checked} entries verified")
+    if not result.ok:
+        fail(f"audit log tampered at entry {result.first_bad_seq}: {result.reason}")
 
 
 def main() -> None:

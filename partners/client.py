@@ -118,7 +118,10 @@ def aggregate(
     if kind not in AGGREGATES:
         raise ValueError(f"aggregate kind must be one of {sorted(AGGREGATES)}, got {kind!r}")
     msg = query_service_pb2.Aggregate(
-        name=name, kind=AGGREGATES[kind], column=column, epsilon=epsilon,
+        name=name,
+        kind=AGGREGATES[kind],
+        column=column,
+        epsilon=epsilon,
         quantile="" if quantile is None else repr(float(quantile)),
     )
     if target_ci95 is not None:
@@ -490,4 +493,12 @@ class Client:
                 self._compliance.ListLedger,
                 compliance_service_pb2.ListLedgerRequest(agreement_id=agreement_id),
             ).releases
+        )
+
+    def audit_events(self) -> list[compliance_service_pb2.AuditEvent]:
+        """The audit log, oldest first (compliance officers and admins)."""
+        return list(
+            self._unary(
+                self._compliance.ListAuditEvents, compliance_service_pb2.ListAuditEventsRequest()
+            ).events
         )

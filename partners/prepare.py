@@ -115,8 +115,7 @@ def build_upload_table(
             )
     for name, spec in schema.columns.items():
         series = frame[name]
-        raw = looks_like_raw_identifier(
-            series.tolist(), numeric=isinstance(spec, Numeric))
+        raw = looks_like_raw_identifier(series.tolist(), numeric=isinstance(spec, Numeric))
         if raw:
             raise PrepareError(
                 f"column {name!r} still looks like it holds raw identifiers ({raw}); "

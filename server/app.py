@@ -23,6 +23,7 @@ from entremise.server.api.servicers import (
     PartnerServicer,
     QueryServicer,
 )
+from entremise.server.domain.audit import AuditSigner
 from entremise.server.domain.hub import Hub
 from entremise.server.engine import DuckDBEngine
 from entremise.server.files import ParquetDatasetFiles
@@ -43,6 +44,8 @@ from entremise.v1 import (
 log = logging.getLogger(__name__)
 
 ADMIN_TOKEN_ENV = "ENTREMISE_ADMIN_TOKEN"
+AUDIT_KEY_FILE = "audit_signing.key"  # its public half: audit_signing.pub
+AUDIT_HEAD_FILE = "audit.head"
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 SERVICE_NAMES = [
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
@@ -116,7 +119,14 @@ def build_server(config: HubConfig) -> RunningHub:
     """Create the hub and bind its gRPC server (port 0 picks a free port); not yet started."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = SqlStore(config.db_url)
-    hub = Hub(store, ParquetDatasetFiles(config.data_dir / "data"), DuckDBEngine())
+    signer = AuditSigner.load_or_create(config.data_dir / AUDIT_KEY_FILE)
+    hub = Hub(
+        store,
+        ParquetDatasetFiles(config.data_dir / "data"),
+        DuckDBEngine(),
+        signer=signer,
+        head_path=config.data_dir / AUDIT_HEAD_FILE,
+    )
     hub.bootstrap_admin(resolve_admin_token(config))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),

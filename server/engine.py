@@ -175,8 +175,7 @@ def build_sql(
 
     groups = [_alias(r) for r in plan.group_by]
     source = "j"
-    if groups and (plan.discovery is not None
-                   or plan.max_groups_per_person < len(plan.group_keys)):
+    if groups and (plan.discovery is not None or plan.max_groups_per_person < len(plan.group_keys)):
         key = ", ".join(groups)
         ctes.append(
             "jg AS (SELECT * FROM (SELECT *, dense_rank() OVER (PARTITION BY pid ORDER BY "
@@ -209,11 +208,14 @@ def build_sql(
             q = square_divisor(column)
             aggregates.append(
                 f"CAST(coalesce(sum((CAST({units} AS HUGEINT) * {units} + {q // 2}) // {q}), 0) "
-                f"AS HUGEINT) AS sq_{alias}")
+                f"AS HUGEINT) AS sq_{alias}"
+            )
         if AggregateKind.QUANTILE in kinds:
             step = quantile_step(column)
-            bucket = (f"least(greatest(({units} - {column.lower_units}) // {step}, 0), "
-                      f"{QUANTILE_CANDIDATES - 1})")
+            bucket = (
+                f"least(greatest(({units} - {column.lower_units}) // {step}, 0), "
+                f"{QUANTILE_CANDIDATES - 1})"
+            )
             aggregates.append(f"histogram({bucket}) AS hist_{alias}")
     group_clause = f" GROUP BY {', '.join(groups)}" if groups else ""
     select_groups = f"{', '.join(groups)}, " if groups else ""
@@ -273,8 +275,11 @@ def _collect(plan: QueryPlan, rows: list[tuple[Any, ...]]) -> ExactAggregates:
     sums = {n: [0] * size for n in columns}
     value_rows = {n: [0] * size for n in columns}
     sq_sums = {n: [0] * size for n, c in columns.items() if AggregateKind.VARIANCE in c[2]}
-    buckets = {n: [[0] * QUANTILE_CANDIDATES for _ in range(size)]
-               for n, c in columns.items() if AggregateKind.QUANTILE in c[2]}
+    buckets = {
+        n: [[0] * QUANTILE_CANDIDATES for _ in range(size)]
+        for n, c in columns.items()
+        if AggregateKind.QUANTILE in c[2]
+    }
     for row in rows:
         cell = index.get(tuple(str(v) for v in row[:n_groups]))
         if cell is None:  # excluded by a filter on another column: not a public key
@@ -292,6 +297,12 @@ def _collect(plan: QueryPlan, rows: list[tuple[Any, ...]]) -> ExactAggregates:
                 for bucket, count in (row[position] or {}).items():
                     buckets[name][cell][int(bucket)] = int(count)
                 position += 1
-    return ExactAggregates(people=people, rows=n_rows, sums=sums, value_rows=value_rows,
-                           sq_sums=sq_sums, buckets=buckets,
-                           keys=keys if plan.discovery is not None else None)
+    return ExactAggregates(
+        people=people,
+        rows=n_rows,
+        sums=sums,
+        value_rows=value_rows,
+        sq_sums=sq_sums,
+        buckets=buckets,
+        keys=keys if plan.discovery is not None else None,
+    )

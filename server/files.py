@@ -48,13 +48,15 @@ def _text_column(col: TextColumn, values: pa.ChunkedArray) -> pa.ChunkedArray:
     too_long = pc.sum(pc.greater(pc.utf8_length(values), col.max_length)).as_py() or 0
     if too_long:
         raise InvalidArgumentError(
-            f"text column {col.name!r}: {too_long} values are longer than {col.max_length}")
+            f"text column {col.name!r}: {too_long} values are longer than {col.max_length}"
+        )
     emails = pc.sum(pc.match_substring_regex(values, r"[^@\s]+@[^@\s]+\.[A-Za-z]{2,}")).as_py()
     phones = pc.sum(pc.match_substring_regex(values, r"^\s*\+?[0-9 ().-]{9,20}\s*$")).as_py()
     if emails or phones:
         raise InvalidArgumentError(
             f"text column {col.name!r}: {(emails or 0) + (phones or 0)} values look like emails "
-            "or phone numbers; identifiers may only travel as pseudonymised key columns")
+            "or phone numbers; identifiers may only travel as pseudonymised key columns"
+        )
     return values.cast(pa.string())
 
 

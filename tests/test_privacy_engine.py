@@ -226,7 +226,7 @@ def test_discovered_keys_never_include_a_single_persons_key(sqlite_hub: Hub) -> 
     agreement_id, analyst, _ = _text_agreement(sqlite_hub)
     q = query(
         agreement_id,
-        "1",
+        "9",
         [aggregate("count", name="people"), aggregate("mean", "shop.spent", name="avg")],
         group_by=["shop.brand"],
         delta="1e-9",
@@ -241,7 +241,8 @@ def test_discovered_keys_never_include_a_single_persons_key(sqlite_hub: Hub) -> 
     assert keys == ["alpha", "beta", "delta", "gamma", "omega"]
     assert release.plan.discovery.released_keys == 5
     assert release.delta_spent == "0.000000001"
-    assert 100 < release.plan.discovery.suppressed_keys_noisy < 200  # 150 suppressed, noisy
+    # 150 keys suppressed; their count gets a tenth of the 3-epsilon discovery share: scale 3.3.
+    assert 100 < release.plan.discovery.suppressed_keys_noisy < 200
     # Many more draws of the thresholding mechanism alone, on the exact counts the engine saw.
     domain_hub = sqlite_hub.running.hub
     spec = QuerySpec(

@@ -239,8 +239,12 @@ def budget_to_proto(b: BudgetState) -> common_pb2.Budget:
         total_delta=delta_text(b.total_delta_units),
         spent_delta=delta_text(b.spent_delta_units),
         analysts=[
-            common_pb2.AnalystBudget(analyst_id=a.analyst_id, spent=str(a.spent), cap=str(a.cap),
-                                     remaining=str(a.cap - a.spent))
+            common_pb2.AnalystBudget(
+                analyst_id=a.analyst_id,
+                spent=str(a.spent),
+                cap=str(a.cap),
+                remaining=str(a.cap - a.spent),
+            )
             for a in b.analysts
         ],
     )
@@ -298,16 +302,24 @@ def query_from_proto(msg: query_service_pb2.Query) -> QuerySpec:
     for a in msg.aggregates:
         if a.kind not in AGG_FROM_PROTO:
             raise InvalidArgumentError(
-                "aggregate kind must be count, count_rows, sum, mean, variance or quantile")
+                "aggregate kind must be count, count_rows, sum, mean, variance or quantile"
+            )
         share = (
             epsilon_from_text(a.epsilon, f"epsilon of aggregate {a.name!r}") if a.epsilon else None
         )
         target = a.target_ci95 if a.HasField("target_ci95") else None
         if target is not None and not (target > 0 and math.isfinite(target)):
             raise InvalidArgumentError(f"aggregate {a.name!r}: target_ci95 must be positive")
-        aggregates.append(AggregateSpec(
-            a.name, AGG_FROM_PROTO[a.kind], a.column, share,  # type: ignore[index]
-            quantile=_quantile(a.quantile, a.name), target_ci95=target))
+        aggregates.append(
+            AggregateSpec(
+                a.name,
+                AGG_FROM_PROTO[a.kind],
+                a.column,
+                share,  # type: ignore[index]
+                quantile=_quantile(a.quantile, a.name),
+                target_ci95=target,
+            )
+        )
     filters = []
     for f in msg.filters:
         if f.op not in OP_FROM_PROTO:
@@ -370,8 +382,12 @@ def _discovery_to_proto(d: dict[str, object] | None) -> query_service_pb2.KeyDis
     if d is None:
         return None
     msg = query_service_pb2.KeyDiscovery(
-        column=str(d["column"]), epsilon=str(d["epsilon"]), delta=f"{float(str(d['delta'])):g}",
-        threshold=int(str(d["threshold"])), released_keys=int(str(d.get("released_keys", 0))))
+        column=str(d["column"]),
+        epsilon=str(d["epsilon"]),
+        delta=f"{float(str(d['delta'])):g}",
+        threshold=int(str(d["threshold"])),
+        released_keys=int(str(d.get("released_keys", 0))),
+    )
     if "suppressed_keys_noisy" in d:
         msg.suppressed_keys_noisy = float(str(d["suppressed_keys_noisy"]))
     return msg

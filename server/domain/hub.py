@@ -7,12 +7,15 @@ import json
 import logging
 import re
 import secrets
+import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 from entremise.privacy.budget import Epsilon
+from entremise.server.domain.audit import AuditSigner, ChainedEntry, Head, entry_hash
 from entremise.server.domain.errors import (
     BudgetExhaustedError,
     FailedPreconditionError,
@@ -90,7 +93,8 @@ def restrict(exact: ExactAggregates, keys: list[tuple[str, ...]]) -> ExactAggreg
         return [values[i] for i in rows]
 
     return ExactAggregates(
-        people=pick(exact.people), rows=pick(exact.rows),
+        people=pick(exact.people),
+        rows=pick(exact.rows),
         sums={n: pick(v) for n, v in exact.sums.items()},
         value_rows={n: pick(v) for n, v in exact.value_rows.items()},
         sq_sums={n: pick(v) for n, v in exact.sq_sums.items()},
@@ -108,10 +112,21 @@ def query_fingerprint(spec: QuerySpec) -> str:
 class Hub:
     """Use cases of the clearinghouse, each with its authorisation rule."""
 
-    def __init__(self, store: Store, files: DatasetFiles, engine: AggregationEngine) -> None:
+    def __init__(
+        self,
+        store: Store,
+        files: DatasetFiles,
+        engine: AggregationEngine,
+        *,
+        signer: AuditSigner,
+        head_path: Path | None = None,
+    ) -> None:
         self.store = store
         self.files = files
         self.engine = engine
+        self.signer = signer
+        self.head_path = head_path
+        self._head_lock = threading.Lock()
 
     # -- principals -------------------------------------------------------------------------
 
@@ -143,6 +158,7 @@ class Hub:
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         principal = Principal(new_id("pr"), name, role)
         self.store.create_principal(principal, hash_token(token))
+        self._audit("principal_created", caller, principal.principal_id, {"role": role.value})
         log.info("principal created id=%s role=%s", principal.principal_id, role)
         return principal, token
 
@@ -387,13 +403,32 @@ class Hub:
             )
         return len(found)
 
-    def audit_log(self, caller: Principal) -> list[AuditEvent]:
+    def audit_log(self, caller: Principal) -> list[ChainedEntry]:
         """The audit log (compliance officers and admins)."""
         _require(caller, Role.COMPLIANCE, Role.ADMIN)
         return self.store.list_audit()
 
     def _audit(self, kind: str, caller: Principal, subject: str, detail: dict[str, object]) -> None:
-        self.store.append_audit(AuditEvent(kind, caller.principal_id, subject, detail, now()))
+        event = AuditEvent(kind, caller.principal_id, subject, detail, now())
+
+        def seal(seq: int, prev_hash: str) -> tuple[str, str]:
+            digest = entry_hash(
+                seq,
+                prev_hash,
+                event.kind,
+                event.actor_id,
+                event.subject_id,
+                event.detail,
+                event.created_at,
+            )
+            return digest, self.signer.sign(digest)
+
+        entry = self.store.append_audit(event, seal)
+        if self.head_path is not None:
+            with self._head_lock:
+                current = Head.load(self.head_path)
+                if current is None or current.seq < entry.seq:
+                    Head(entry.seq, entry.hash, entry.signature).save(self.head_path)
 
     # -- agreements -------------------------------------------------------------------------
 
@@ -427,7 +462,8 @@ class Hub:
             raise InvalidArgumentError("total delta must be in [0, 1)")
         if analyst_budget is not None and not 0 < analyst_budget.micros <= total_epsilon.micros:
             raise InvalidArgumentError(
-                "the per-analyst budget must be positive and within the total")
+                "the per-analyst budget must be positive and within the total"
+            )
         if not 1 <= max_rows_per_person <= MAX_ROWS_PER_PERSON:
             raise InvalidArgumentError(f"max_rows_per_person must be in [1, {MAX_ROWS_PER_PERSON}]")
         if max_groups_per_person < 1:
@@ -558,8 +594,12 @@ class Hub:
         key = replay_key(spec, plan, len(withdrawn), now()[:10])
         previous = self.store.find_replay(plan.agreement.agreement_id, key)
         if previous is not None:
-            self._audit("release_replayed", caller, plan.agreement.agreement_id,
-                        {"release_id": previous.release_id})
+            self._audit(
+                "release_replayed",
+                caller,
+                plan.agreement.agreement_id,
+                {"release_id": previous.release_id},
+            )
             return previous, budget, True
         if plan.epsilon > budget.remaining:
             raise BudgetExhaustedError(requested=str(plan.epsilon), remaining=str(budget.remaining))
@@ -569,9 +609,14 @@ class Hub:
             people = {k[0]: n for k, n in zip(exact.keys or [], exact.people, strict=True)}
             keys, suppressed = discover_keys(plan, people)
             exact = restrict(exact, [(k,) for k in keys])
-            summary = replace(summary, discovery={
-                **(summary.discovery or {}), "released_keys": len(keys),
-                "suppressed_keys_noisy": suppressed})
+            summary = replace(
+                summary,
+                discovery={
+                    **(summary.discovery or {}),
+                    "released_keys": len(keys),
+                    "suppressed_keys_noisy": suppressed,
+                },
+            )
         results = draw_release(plan, exact)
         release = Release(
             release_id=new_id("rel"),
@@ -596,19 +641,33 @@ class Hub:
                 remaining_after=after.remaining,
             ),
         )
-        self._audit("release", caller, release.agreement_id,
-                    {"release_id": release.release_id, "epsilon": str(release.epsilon_spent),
-                     "measure": plan.measure.value, "delta_units": plan.delta_units})
-        log.info("release committed id=%s agreement=%s %s=%s", release.release_id,
-                 release.agreement_id, plan.measure.value, release.epsilon_spent)
+        self._audit(
+            "release",
+            caller,
+            release.agreement_id,
+            {
+                "release_id": release.release_id,
+                "epsilon": str(release.epsilon_spent),
+                "measure": plan.measure.value,
+                "delta_units": plan.delta_units,
+            },
+        )
+        log.info(
+            "release committed id=%s agreement=%s %s=%s",
+            release.release_id,
+            release.agreement_id,
+            plan.measure.value,
+            release.epsilon_spent,
+        )
         return release, after, False
 
     def _withdrawn(self, plan: QueryPlan) -> set[str]:
         withdrawn = self.store.withdrawn(plan.agreement.agreement_id)
         return {p for pseudonyms in withdrawn.values() for p in pseudonyms}
 
-    def exact_aggregates(self, plan: QueryPlan, withdrawn: set[str] | None = None
-                         ) -> ExactAggregates:
+    def exact_aggregates(
+        self, plan: QueryPlan, withdrawn: set[str] | None = None
+    ) -> ExactAggregates:
         """Pre-noise aggregates (for tests and benchmarks only; never exposed over the API)."""
         paths = [self.files.path(d.dataset_id, d.version) for d in plan.datasets]
         gone = self._withdrawn(plan) if withdrawn is None else withdrawn

@@ -213,7 +213,8 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
     if private and len(group_by) > 1:
         raise InvalidArgumentError(
             f"{private[0].qualified} has private categories: group by it alone (keys are "
-            "discovered with DP thresholding)")
+            "discovered with DP thresholding)"
+        )
     keys = [] if private else _group_keys(tuple(group_by), filters)
 
     rows = spec.max_rows_per_person or agreement.max_rows_per_person
@@ -223,7 +224,8 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
     if groups < 1:
         raise InvalidArgumentError("max_groups_per_person must be positive")
     needs_group_cap = private or any(
-        a.kind in (AggregateKind.COUNT, AggregateKind.QUANTILE) for a in spec.aggregates)
+        a.kind in (AggregateKind.COUNT, AggregateKind.QUANTILE) for a in spec.aggregates
+    )
     if not needs_group_cap:
         # Row counts and sums are bounded by the rows cap alone (L1 <= k x max|value|), so no
         # extra group cap is needed: k rows reach at most k cells.
@@ -238,15 +240,23 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
         if d.spec.target_ci95 is not None:
             if d.spec.epsilon is not None:
                 raise InvalidArgumentError(
-                    f"aggregate {d.spec.name!r}: give a {measure_name} share or a target, not both")
-            if d.spec.kind not in (AggregateKind.COUNT, AggregateKind.COUNT_ROWS,
-                                   AggregateKind.SUM):
+                    f"aggregate {d.spec.name!r}: give a {measure_name} share or a target, not both"
+                )
+            if d.spec.kind not in (
+                AggregateKind.COUNT,
+                AggregateKind.COUNT_ROWS,
+                AggregateKind.SUM,
+            ):
                 raise InvalidArgumentError(
                     f"aggregate {d.spec.name!r}: a target accuracy applies to count, "
-                    "count_rows and sum (other intervals depend on the data)")
+                    "count_rows and sum (other intervals depend on the data)"
+                )
             _, l1, l2 = d.components[0]
-            unit = d.ref.column.resolution if d.ref and isinstance(d.ref.column, NumericColumn) \
+            unit = (
+                d.ref.column.resolution
+                if d.ref and isinstance(d.ref.column, NumericColumn)
                 else 1.0
+            )
             try:
                 fixed.append(share_for_accuracy(measure, l1, l2, d.spec.target_ci95 / unit))
             except MechanismError as exc:
@@ -259,7 +269,8 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
         if not 0 < spec.delta_units < DELTA_UNITS:
             raise InvalidArgumentError(
                 f"grouping by {private[0].qualified} discovers its keys with DP thresholding: "
-                "give a delta in (0, 1), e.g. 1e-9")
+                "give a delta in (0, 1), e.g. 1e-9"
+            )
         if agreement.total_delta_units == 0:
             raise InvalidArgumentError("this agreement has no delta budget for key discovery")
         fixed.append(None)  # the keys take an even share of the rest
@@ -286,8 +297,9 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
     )
 
 
-def _draft(agg: AggregateSpec, datasets: tuple[Dataset, ...], rows: int, groups: int,
-           names: set[str]) -> _Draft:
+def _draft(
+    agg: AggregateSpec, datasets: tuple[Dataset, ...], rows: int, groups: int, names: set[str]
+) -> _Draft:
     name = agg.name or (
         f"{agg.kind}_{agg.column}".replace(".", "_") if agg.column else str(agg.kind)
     )
@@ -317,8 +329,15 @@ def _draft(agg: AggregateSpec, datasets: tuple[Dataset, ...], rows: int, groups:
         return _Draft(spec, ref, (("sum", total, float(total)), ("value_rows", rows, float(rows))))
     if agg.kind is AggregateKind.VARIANCE:
         squares = max(1, rows * square_units_max(column))
-        return _Draft(spec, ref, (("sum", total, float(total)), ("sum_sq", squares, float(squares)),
-                                  ("value_rows", rows, float(rows))))
+        return _Draft(
+            spec,
+            ref,
+            (
+                ("sum", total, float(total)),
+                ("sum_sq", squares, float(squares)),
+                ("value_rows", rows, float(rows)),
+            ),
+        )
     quantile = agg.quantile if agg.quantile is not None else 0.5
     if not 0 < quantile < 1:
         raise InvalidArgumentError(f"aggregate {name!r}: quantile must be in (0, 1)")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from entremise.privacy.budget import Epsilon
+from entremise.server.domain.audit import ChainedEntry
 from entremise.server.domain.models import (
     Agreement,
     AuditEvent,
@@ -129,11 +130,13 @@ class Store(ABC):
         """Withdrawn pseudonyms of an agreement, per partner."""
 
     @abstractmethod
-    def append_audit(self, event: AuditEvent) -> None:
-        """Append one event to the audit log."""
+    def append_audit(
+        self, event: AuditEvent, seal: Callable[[int, str], tuple[str, str]]
+    ) -> ChainedEntry:
+        """Append one event at the chain's head; `seal(seq, prev_hash)` gives (hash, signature)."""
 
     @abstractmethod
-    def list_audit(self) -> list[AuditEvent]:
+    def list_audit(self) -> list[ChainedEntry]:
         """The audit log, oldest first."""
 
 

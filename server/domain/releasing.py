@@ -59,9 +59,7 @@ def measurement_info(m: Measurement, measure: str, alpha: float = ALPHA) -> Meas
 
 def _unit(agg: AggregatePlan) -> float:
     return (
-        agg.ref.column.resolution
-        if agg.ref and isinstance(agg.ref.column, NumericColumn)
-        else 1.0
+        agg.ref.column.resolution if agg.ref and isinstance(agg.ref.column, NumericColumn) else 1.0
     )
 
 
@@ -74,8 +72,15 @@ def preview_aggregate(agg: AggregatePlan, plan: QueryPlan) -> AggregatePreview:
         mech = quantile_mechanism(m, measure, plan.max_groups_per_person)
         mech.privacy_loss()
         return AggregatePreview(
-            agg.spec.name, agg.spec.kind, agg.spec.column, agg.epsilon, "report_noisy_min",
-            mech.scale, float(m.sensitivity), None, 0.0,
+            agg.spec.name,
+            agg.spec.kind,
+            agg.spec.column,
+            agg.epsilon,
+            "report_noisy_min",
+            mech.scale,
+            float(m.sensitivity),
+            None,
+            0.0,
             f"q={agg.spec.quantile}: picks one of {QUANTILE_CANDIDATES} public candidate values "
             "by report-noisy-min on rank error; no data-independent interval",
         )
@@ -89,14 +94,29 @@ def preview_aggregate(agg: AggregatePlan, plan: QueryPlan) -> AggregatePreview:
             f"rows +/- {count.ci95_units:.4g})"
         )
         return AggregatePreview(
-            agg.spec.name, agg.spec.kind, agg.spec.column, agg.epsilon,
+            agg.spec.name,
+            agg.spec.kind,
+            agg.spec.column,
+            agg.epsilon,
             f"{main.mechanism} on {', '.join(i.component for i in infos)}",
-            main.scale_units * unit, main.sensitivity * unit, None, count.scale_units, note,
+            main.scale_units * unit,
+            main.sensitivity * unit,
+            None,
+            count.scale_units,
+            note,
         )
     note = f"95% of releases fall within +/- {main.ci95_units * unit:.4g} of the bounded true value"
     return AggregatePreview(
-        agg.spec.name, agg.spec.kind, agg.spec.column, agg.epsilon, main.mechanism,
-        main.scale_units * unit, main.sensitivity * unit, main.ci95_units * unit, 0.0, note,
+        agg.spec.name,
+        agg.spec.kind,
+        agg.spec.column,
+        agg.epsilon,
+        main.mechanism,
+        main.scale_units * unit,
+        main.sensitivity * unit,
+        main.ci95_units * unit,
+        0.0,
+        note,
     )
 
 
@@ -106,8 +126,12 @@ def discovery_info(plan: QueryPlan) -> dict[str, object] | None:
     if d is None:
         return None
     threshold = KeyThreshold(d.max_keys_per_person, d.epsilon, d.delta, plan.measure.value)
-    return {"column": d.ref.qualified, "epsilon": str(d.epsilon), "delta": d.delta,
-            "threshold": threshold.threshold}
+    return {
+        "column": d.ref.qualified,
+        "epsilon": str(d.epsilon),
+        "delta": d.delta,
+        "threshold": threshold.threshold,
+    }
 
 
 def summarize(plan: QueryPlan, remaining: Epsilon) -> PlanSummary:
@@ -136,8 +160,9 @@ def _exact_vector(exact: ExactAggregates, agg: AggregatePlan, component: str) ->
         return exact.rows
     assert agg.ref is not None
     key = agg.ref.qualified
-    return {"sum": exact.sums, "sum_sq": exact.sq_sums, "value_rows": exact.value_rows}[
-        component][key]
+    return {"sum": exact.sums, "sum_sq": exact.sq_sums, "value_rows": exact.value_rows}[component][
+        key
+    ]
 
 
 def _ratio_box(num: float, den: float, a_num: float, a_den: float) -> tuple[float, float] | None:
@@ -148,8 +173,13 @@ def _ratio_box(num: float, den: float, a_num: float, a_den: float) -> tuple[floa
     return min(corners), max(corners)
 
 
-def _mean_cell(noisy_sum: int, noisy_rows: int, sum_m: NoiseMechanism, rows_m: NoiseMechanism,
-               column: NumericColumn) -> tuple[float | None, float | None]:
+def _mean_cell(
+    noisy_sum: int,
+    noisy_rows: int,
+    sum_m: NoiseMechanism,
+    rows_m: NoiseMechanism,
+    column: NumericColumn,
+) -> tuple[float | None, float | None]:
     """Post-process a noisy sum and row count into a mean with a conservative 95% interval.
 
     Each component's interval holds with probability 97.5%, so both hold with >= 95%
@@ -160,15 +190,20 @@ def _mean_cell(noisy_sum: int, noisy_rows: int, sum_m: NoiseMechanism, rows_m: N
         return None, None
     res = column.resolution
     mean = min(max(noisy_sum * res / noisy_rows, column.lower), column.upper)
-    box = _ratio_box(noisy_sum * res, noisy_rows, sum_m.ci_halfwidth(ALPHA / 2) * res,
-                     rows_m.ci_halfwidth(ALPHA / 2))
+    box = _ratio_box(
+        noisy_sum * res,
+        noisy_rows,
+        sum_m.ci_halfwidth(ALPHA / 2) * res,
+        rows_m.ci_halfwidth(ALPHA / 2),
+    )
     low, high = box if box else (column.lower, column.upper)
     low, high = max(low, column.lower), min(high, column.upper)
     return mean, max(mean - low, high - mean, 0.0)
 
 
-def _variance_cell(noisy: tuple[int, int, int], mechs: list[NoiseMechanism],
-                   column: NumericColumn) -> tuple[float | None, float | None]:
+def _variance_cell(
+    noisy: tuple[int, int, int], mechs: list[NoiseMechanism], column: NumericColumn
+) -> tuple[float | None, float | None]:
     """Variance = E[x^2] - E[x]^2 from three noisy totals; interval by a 3-way union bound."""
     s, sq, n = noisy
     if n < 2:
@@ -189,8 +224,9 @@ def _variance_cell(noisy: tuple[int, int, int], mechs: list[NoiseMechanism],
     return variance, max(variance - low, high - variance, 0.0)
 
 
-def _quantile_cells(agg: AggregatePlan, exact: ExactAggregates, plan: QueryPlan,
-                    keys: list[tuple[str, ...]]) -> list[CellResult]:
+def _quantile_cells(
+    agg: AggregatePlan, exact: ExactAggregates, plan: QueryPlan, keys: list[tuple[str, ...]]
+) -> list[CellResult]:
     assert agg.ref is not None and isinstance(agg.ref.column, NumericColumn)
     column = agg.ref.column
     mech = quantile_mechanism(agg.measurements[0], plan.measure.value, plan.max_groups_per_person)
@@ -218,8 +254,9 @@ def release(plan: QueryPlan, exact: ExactAggregates) -> tuple[AggregateResult, .
     for agg in plan.aggregates:
         if agg.spec.kind is AggregateKind.QUANTILE:
             cells = _quantile_cells(agg, exact, plan, keys)
-            results.append(AggregateResult(agg.spec.name, agg.spec.kind, agg.spec.column,
-                                           tuple(cells)))
+            results.append(
+                AggregateResult(agg.spec.name, agg.spec.kind, agg.spec.column, tuple(cells))
+            )
             continue
         mechs = [mechanism(m, measure) for m in agg.measurements]
         noisy = [
@@ -233,12 +270,12 @@ def release(plan: QueryPlan, exact: ExactAggregates) -> tuple[AggregateResult, .
             ci: float | None
             if agg.spec.kind is AggregateKind.MEAN:
                 assert agg.ref is not None and isinstance(agg.ref.column, NumericColumn)
-                value, ci = _mean_cell(noisy[0][i], noisy[1][i], mechs[0], mechs[1],
-                                       agg.ref.column)
+                value, ci = _mean_cell(noisy[0][i], noisy[1][i], mechs[0], mechs[1], agg.ref.column)
             elif agg.spec.kind is AggregateKind.VARIANCE:
                 assert agg.ref is not None and isinstance(agg.ref.column, NumericColumn)
-                value, ci = _variance_cell((noisy[0][i], noisy[1][i], noisy[2][i]), mechs,
-                                           agg.ref.column)
+                value, ci = _variance_cell(
+                    (noisy[0][i], noisy[1][i], noisy[2][i]), mechs, agg.ref.column
+                )
             elif agg.spec.kind is AggregateKind.SUM:
                 value, ci = noisy[0][i] * unit, mechs[0].ci_halfwidth(ALPHA) * unit
             else:

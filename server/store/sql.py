@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -10,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from entremise.privacy.budget import Epsilon
+from entremise.server.domain.audit import GENESIS, ChainedEntry
 from entremise.server.domain.codec import (
     release_payload,
     results_from_list,
@@ -74,8 +76,9 @@ agreements = sa.Table(
 analyst_spend = sa.Table(
     "analyst_spend",
     metadata,
-    sa.Column("agreement_id", sa.String(40), sa.ForeignKey("agreements.agreement_id"),
-              primary_key=True),
+    sa.Column(
+        "agreement_id", sa.String(40), sa.ForeignKey("agreements.agreement_id"), primary_key=True
+    ),
     sa.Column("analyst_id", sa.String(40), primary_key=True),
     sa.Column("spent_micros", sa.BigInteger, nullable=False, server_default="0"),
 )
@@ -140,12 +143,15 @@ withdrawals = sa.Table(
 audit_events = sa.Table(
     "audit_events",
     metadata,
-    sa.Column("seq", sa.Integer, sa.Identity(), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("kind", sa.String(40), nullable=False),
     sa.Column("actor_id", sa.String(40), nullable=False),
     sa.Column("subject_id", sa.String(40), nullable=False),
     sa.Column("detail_json", sa.Text, nullable=False),
     sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Column("signature", sa.String(128), nullable=False),
 )
 
 releases = sa.Table(
@@ -168,6 +174,16 @@ releases = sa.Table(
     sa.Column("payload_json", sa.Text, nullable=False),
     sa.Column("replay_key", sa.String(64), nullable=False, server_default="", index=True),
     sa.Column("delta_units", sa.BigInteger, nullable=False, server_default="0"),
+)
+
+
+# One row: the chain's head. Updating it conditionally serialises appends on every database.
+audit_head = sa.Table(
+    "audit_head",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
 )
 
 
@@ -210,7 +226,8 @@ def _agreement(row: Any) -> Agreement:
         created_at=row.created_at,
         budget_kind=BudgetKind(row.budget_kind),
         total_delta_units=row.total_delta_units,
-        analyst_budget=Epsilon(row.analyst_cap_micros) if row.analyst_cap_micros is not None
+        analyst_budget=Epsilon(row.analyst_cap_micros)
+        if row.analyst_cap_micros is not None
         else None,
     )
 
@@ -252,19 +269,26 @@ def _release(row: Any) -> Release:
 
 def _budget(row: Any, analysts: tuple[AnalystSpend, ...] = ()) -> BudgetState:
     return BudgetState(
-        row.agreement_id, Epsilon(row.total_micros), Epsilon(row.spent_micros), row.release_count,
-        BudgetKind(row.budget_kind), row.total_delta_units, row.spent_delta_units, analysts,
+        row.agreement_id,
+        Epsilon(row.total_micros),
+        Epsilon(row.spent_micros),
+        row.release_count,
+        BudgetKind(row.budget_kind),
+        row.total_delta_units,
+        row.spent_delta_units,
+        analysts,
     )
 
 
 class SqlStore(Store):
     """Store on any SQLAlchemy URL: ``sqlite:///hub.db`` or ``postgresql+psycopg://...``."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, create: bool = True) -> None:
         self.url = url
         self.engine = create_engine(url)
         self.writer = self.engine.execution_options(immediate=True)
-        metadata.create_all(self.writer)
+        if create:
+            metadata.create_all(self.writer)
 
     def close(self) -> None:
         """Release pooled connections."""
@@ -422,8 +446,9 @@ class SqlStore(Store):
         ).first()
         if row is None:
             return None
-        cap = Epsilon(row.analyst_cap_micros if row.analyst_cap_micros is not None
-                      else row.total_micros)
+        cap = Epsilon(
+            row.analyst_cap_micros if row.analyst_cap_micros is not None else row.total_micros
+        )
         spends = tuple(
             AnalystSpend(r.analyst_id, Epsilon(r.spent_micros), cap)
             for r in conn.execute(
@@ -480,9 +505,13 @@ class SqlStore(Store):
             if exists is None:
                 try:
                     with conn.begin_nested():
-                        conn.execute(analyst_spend.insert().values(
-                            agreement_id=release.agreement_id, analyst_id=release.analyst_id,
-                            spent_micros=0))
+                        conn.execute(
+                            analyst_spend.insert().values(
+                                agreement_id=release.agreement_id,
+                                analyst_id=release.analyst_id,
+                                spent_micros=0,
+                            )
+                        )
                 except sa.exc.IntegrityError:
                     pass  # a concurrent release of the same analyst created it first
             analyst_debit = conn.execute(
@@ -528,8 +557,7 @@ class SqlStore(Store):
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(releases)
-                .where(releases.c.agreement_id == agreement_id,
-                       releases.c.replay_key == replay_key)
+                .where(releases.c.agreement_id == agreement_id, releases.c.replay_key == replay_key)
                 .order_by(releases.c.seq)
                 .limit(1)
             ).first()
@@ -665,23 +693,67 @@ class SqlStore(Store):
 
     # -- audit --------------------------------------------------------------------------------
 
-    def append_audit(self, event: AuditEvent) -> None:  # noqa: D102
-        with self.writer.begin() as conn:
-            conn.execute(
-                audit_events.insert().values(
-                    kind=event.kind,
-                    actor_id=event.actor_id,
-                    subject_id=event.subject_id,
-                    detail_json=json.dumps(event.detail, sort_keys=True),
-                    created_at=event.created_at,
+    def append_audit(  # noqa: D102
+        self, event: AuditEvent, seal: Callable[[int, str], tuple[str, str]]
+    ) -> ChainedEntry:
+        for _ in range(50):
+            with self.writer.begin() as conn:
+                head = conn.execute(sa.select(audit_head).where(audit_head.c.id == 1)).first()
+                if head is None:
+                    try:
+                        with conn.begin_nested():
+                            conn.execute(audit_head.insert().values(id=1, seq=0, hash=GENESIS))
+                    except sa.exc.IntegrityError:
+                        pass
+                    continue
+                seq, prev = head.seq + 1, head.hash
+                digest, signature = seal(seq, prev)
+                moved = conn.execute(
+                    audit_head.update()
+                    .where(audit_head.c.id == 1, audit_head.c.seq == head.seq)
+                    .values(seq=seq, hash=digest)
                 )
-            )
+                if moved.rowcount != 1:
+                    continue  # another append won; retry on the new head
+                conn.execute(
+                    audit_events.insert().values(
+                        seq=seq,
+                        kind=event.kind,
+                        actor_id=event.actor_id,
+                        subject_id=event.subject_id,
+                        detail_json=json.dumps(event.detail, sort_keys=True),
+                        created_at=event.created_at,
+                        prev_hash=prev,
+                        hash=digest,
+                        signature=signature,
+                    )
+                )
+                return ChainedEntry(
+                    seq,
+                    event.kind,
+                    event.actor_id,
+                    event.subject_id,
+                    event.detail,
+                    event.created_at,
+                    prev,
+                    digest,
+                    signature,
+                )
+        raise RuntimeError("could not append to the audit log under contention")
 
-    def list_audit(self) -> list[AuditEvent]:  # noqa: D102
+    def list_audit(self) -> list[ChainedEntry]:  # noqa: D102
         with self.engine.connect() as conn:
             return [
-                AuditEvent(
-                    r.kind, r.actor_id, r.subject_id, json.loads(r.detail_json), r.created_at
+                ChainedEntry(
+                    r.seq,
+                    r.kind,
+                    r.actor_id,
+                    r.subject_id,
+                    json.loads(r.detail_json),
+                    r.created_at,
+                    r.prev_hash,
+                    r.hash,
+                    r.signature,
                 )
                 for r in conn.execute(sa.select(audit_events).order_by(audit_events.c.seq))
             ]

@@ -44,6 +44,11 @@ class ComplianceServiceStub:
                 request_serializer=entremise_dot_v1_dot_compliance__service__pb2.ListLedgerRequest.SerializeToString,
                 response_deserializer=entremise_dot_v1_dot_compliance__service__pb2.ListLedgerResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/entremise.v1.ComplianceService/ListAuditEvents',
+                request_serializer=entremise_dot_v1_dot_compliance__service__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=entremise_dot_v1_dot_compliance__service__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class ComplianceServiceServicer:
@@ -61,6 +66,13 @@ class ComplianceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEvents(self, request, context):
+        """The hash-chained, signed audit log (state changes and releases, counts only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ComplianceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +85,11 @@ def add_ComplianceServiceServicer_to_server(servicer, server):
                     servicer.ListLedger,
                     request_deserializer=entremise_dot_v1_dot_compliance__service__pb2.ListLedgerRequest.FromString,
                     response_serializer=entremise_dot_v1_dot_compliance__service__pb2.ListLedgerResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=entremise_dot_v1_dot_compliance__service__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=entremise_dot_v1_dot_compliance__service__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +146,33 @@ class ComplianceService:
             '/entremise.v1.ComplianceService/ListLedger',
             entremise_dot_v1_dot_compliance__service__pb2.ListLedgerRequest.SerializeToString,
             entremise_dot_v1_dot_compliance__service__pb2.ListLedgerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entremise.v1.ComplianceService/ListAuditEvents',
+            entremise_dot_v1_dot_compliance__service__pb2.ListAuditEventsRequest.SerializeToString,
+            entremise_dot_v1_dot_compliance__service__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,12 +33,16 @@ class ComplianceServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ComplianceServiceAsyncStub: ...
     GetBudget: _grpc.UnaryUnaryMultiCallable[_compliance_service_pb2.GetBudgetRequest, _compliance_service_pb2.GetBudgetResponse]
     ListLedger: _grpc.UnaryUnaryMultiCallable[_compliance_service_pb2.ListLedgerRequest, _compliance_service_pb2.ListLedgerResponse]
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_compliance_service_pb2.ListAuditEventsRequest, _compliance_service_pb2.ListAuditEventsResponse]
+    """The hash-chained, signed audit log (state changes and releases, counts only)."""
 
 @_typing.type_check_only
 class ComplianceServiceAsyncStub(ComplianceServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetBudget: _aio.UnaryUnaryMultiCallable[_compliance_service_pb2.GetBudgetRequest, _compliance_service_pb2.GetBudgetResponse]  # type: ignore[assignment]
     ListLedger: _aio.UnaryUnaryMultiCallable[_compliance_service_pb2.ListLedgerRequest, _compliance_service_pb2.ListLedgerResponse]  # type: ignore[assignment]
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_compliance_service_pb2.ListAuditEventsRequest, _compliance_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """The hash-chained, signed audit log (state changes and releases, counts only)."""
 
 class ComplianceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -54,5 +58,13 @@ class ComplianceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _compliance_service_pb2.ListLedgerRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_compliance_service_pb2.ListLedgerResponse, _abc.Awaitable[_compliance_service_pb2.ListLedgerResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _compliance_service_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_compliance_service_pb2.ListAuditEventsResponse, _abc.Awaitable[_compliance_service_pb2.ListAuditEventsResponse]]:
+        """The hash-chained, signed audit log (state changes and releases, counts only)."""
 
 def add_ComplianceServiceServicer_to_server(servicer: ComplianceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
