@@ -141,6 +141,27 @@ def create_principal(
     console.print(f"token (shown once): {new_token}", highlight=False)
 
 
+@admin_app.command("rotate-master-key")
+def rotate_master_key(
+    data_dir: Annotated[Path, typer.Option(help="The hub's data dir (stop the hub first).")],
+    json_out: JsonOption = False,
+) -> None:
+    """Re-wrap every dataset key under a new master key and retire the old one."""
+    from entremise.server.app import MASTER_KEYS
+    from entremise.server.crypto import DatasetCipher, Keyring
+
+    with friendly_errors():
+        keyring_path = data_dir / MASTER_KEYS
+        if not keyring_path.exists():
+            fail(f"{keyring_path}: no master keyring (is {data_dir} a hub data dir?)")
+        cipher = DatasetCipher(Keyring.load(keyring_path), data_dir / "keys")
+        count = cipher.rotate_master()
+    if json_out:
+        print_json({"rewrapped_keys": count, "master_key": cipher.keyring.current})
+    else:
+        console.print(f"{count} dataset keys re-wrapped under master key {cipher.keyring.current}")
+
+
 @admin_app.command()
 def whoami(
     target: TargetOption = DEFAULT_TARGET, token: TokenOption = "", json_out: JsonOption = False

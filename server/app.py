@@ -23,6 +23,7 @@ from entremise.server.api.servicers import (
     PartnerServicer,
     QueryServicer,
 )
+from entremise.server.crypto import DatasetCipher, Keyring
 from entremise.server.domain.audit import AuditSigner
 from entremise.server.domain.hub import Hub
 from entremise.server.engine import DuckDBEngine
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 ADMIN_TOKEN_ENV = "ENTREMISE_ADMIN_TOKEN"
 AUDIT_KEY_FILE = "audit_signing.key"  # its public half: audit_signing.pub
 AUDIT_HEAD_FILE = "audit.head"
+MASTER_KEYS = "master.keys"  # production: --master-key-file elsewhere, or ENTREMISE_MASTER_KEY
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 SERVICE_NAMES = [
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
@@ -66,6 +68,7 @@ class HubConfig:
     admin_token: str | None = None
     workers: int = 8
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    master_key_file: Path | None = None
 
     @classmethod
     def for_dir(
@@ -120,9 +123,11 @@ def build_server(config: HubConfig) -> RunningHub:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = SqlStore(config.db_url)
     signer = AuditSigner.load_or_create(config.data_dir / AUDIT_KEY_FILE)
+    keyring = Keyring.load(config.master_key_file or config.data_dir / MASTER_KEYS)
+    cipher = DatasetCipher(keyring, config.data_dir / "keys")
     hub = Hub(
         store,
-        ParquetDatasetFiles(config.data_dir / "data"),
+        ParquetDatasetFiles(cipher, config.data_dir / "data"),
         DuckDBEngine(),
         signer=signer,
         head_path=config.data_dir / AUDIT_HEAD_FILE,

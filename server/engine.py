@@ -67,7 +67,7 @@ def linked(plan: QueryPlan) -> bool:
 
 
 def link_people(
-    conn: duckdb.DuckDBPyConnection, plan: QueryPlan, paths: list[str], now: str
+    conn: duckdb.DuckDBPyConnection, plan: QueryPlan, sources: list[str], now: str
 ) -> int:
     """Create table `person(node, label)`: each pseudonym's connected component (min label).
 
@@ -75,19 +75,19 @@ def link_people(
     consented row; converges in (component diameter) rounds. Returns the rounds used.
     """
     pairs = []
-    for dataset, path in zip(plan.datasets, paths, strict=True):
+    for dataset, source in zip(plan.datasets, sources, strict=True):
         keys = dataset.schema.key_columns
         where = _consent_filter(dataset, plan.agreement.purpose, now)
         for other in keys[1:]:
             pairs.append(
-                f'SELECT "{keys[0]}" AS a, "{other}" AS b FROM read_parquet({_literal(path)}) '
+                f'SELECT "{keys[0]}" AS a, "{other}" AS b FROM {source} '
                 f'WHERE {where} AND "{keys[0]}" IS NOT NULL AND "{other}" IS NOT NULL'
             )
         # Rows without the first identifier still link their other identifiers together.
         for i, first in enumerate(keys[1:], start=1):
             for other in keys[i + 1 :]:
                 pairs.append(
-                    f'SELECT "{first}" AS a, "{other}" AS b FROM read_parquet({_literal(path)}) '
+                    f'SELECT "{first}" AS a, "{other}" AS b FROM {source} '
                     f'WHERE {where} AND "{first}" IS NOT NULL AND "{other}" IS NOT NULL'
                 )
     if not pairs:
@@ -116,7 +116,7 @@ def link_people(
 
 
 def build_sql(
-    plan: QueryPlan, paths: list[str], *, now: str, person_table: bool
+    plan: QueryPlan, sources: list[str], *, now: str, person_table: bool
 ) -> tuple[str, list[Any]]:
     """SQL text and parameters computing the exact bounded aggregates of `plan`.
 
@@ -141,7 +141,7 @@ def build_sql(
         )
     else:
         ctes.append("gone AS (SELECT DISTINCT pseudonym AS pid FROM withdrawn)")
-    for i, (dataset, path) in enumerate(zip(plan.datasets, paths, strict=True)):
+    for i, (dataset, source) in enumerate(zip(plan.datasets, sources, strict=True)):
         keys = dataset.schema.key_columns
         cols = "".join(f', t."{c}" AS d{i}_{c}' for c in sorted(needed[i]))
         joins = ""
@@ -154,7 +154,7 @@ def build_sql(
         else:
             pid = f't."{keys[0]}"'
         ctes.append(
-            f"d{i} AS (SELECT {pid} AS pid{cols} FROM read_parquet({_literal(path)}) t{joins} "
+            f"d{i} AS (SELECT {pid} AS pid{cols} FROM {source} t{joins} "
             f"WHERE {_consent_filter(dataset, purpose, now, 't.')})"
         )
     join = "d0" + "".join(f" JOIN d{i} USING (pid)" for i in range(1, len(plan.datasets)))
@@ -233,7 +233,7 @@ class DuckDBEngine(AggregationEngine):
         self.memory_limit = memory_limit
 
     def compute(  # noqa: D102
-        self, plan: QueryPlan, paths: list[str], withdrawn: Collection[str], now: str
+        self, plan: QueryPlan, tables: list[Any], withdrawn: Collection[str], now: str
     ) -> ExactAggregates:
         config: dict[str, Any] = {"threads": self.threads}
         if self.memory_limit:
@@ -241,10 +241,14 @@ class DuckDBEngine(AggregationEngine):
         with duckdb.connect(config=config) as conn:
             gone = pa.table({"pseudonym": pa.array(sorted(withdrawn), pa.string())})
             conn.register("withdrawn", gone)
+            sources = []
+            for i, table in enumerate(tables):
+                conn.register(f"src{i}", table)  # decrypted Arrow tables, zero-copy
+                sources.append(f"src{i}")
             person_table = linked(plan)
             if person_table:
-                link_people(conn, plan, paths, now)
-            sql, params = build_sql(plan, paths, now=now, person_table=person_table)
+                link_people(conn, plan, sources, now)
+            sql, params = build_sql(plan, sources, now=now, person_table=person_table)
             rows = conn.execute(sql, params).fetchall()
         return _collect(plan, rows)
 

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from entremise.server.crypto import DatasetCipher
 from entremise.server.domain.errors import InvalidArgumentError, ResourceLimitError
 from entremise.server.domain.models import (
     CategoricalColumn,
@@ -205,10 +206,11 @@ def _stats(table: pa.Table, schema: DatasetSchema, sha256: str, size: int) -> In
 
 
 class ParquetDatasetFiles(DatasetFiles):
-    """Datasets as Parquet files under ``<data_dir>/datasets/<id>/v<version>.parquet``."""
+    """Datasets as sealed Parquet: ``<data_dir>/datasets/<id>/v<version>.parquet.enc``."""
 
     def __init__(
         self,
+        cipher: DatasetCipher,
         data_dir: str | Path,
         *,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
@@ -219,13 +221,36 @@ class ParquetDatasetFiles(DatasetFiles):
         self.datasets = self.root / "datasets"
         self.staging.mkdir(parents=True, exist_ok=True)
         self.datasets.mkdir(parents=True, exist_ok=True)
+        self.cipher = cipher
         self.max_upload_bytes = max_upload_bytes
         self.max_rows = max_rows
         for leftover in self.staging.iterdir():  # uploads interrupted by a crash
             leftover.unlink(missing_ok=True)
 
     def path(self, dataset_id: str, version: int) -> str:  # noqa: D102
-        return str(self.datasets / dataset_id / f"v{version}.parquet")
+        return str(self.datasets / dataset_id / f"v{version}.parquet.enc")
+
+    def read(  # noqa: D102
+        self, dataset_id: str, version: int, columns: list[str] | None = None
+    ) -> pa.Table:
+        blob = Path(self.path(dataset_id, version)).read_bytes()
+        plaintext = self.cipher.open(dataset_id, version, blob)
+        return pq.read_table(pa.BufferReader(plaintext), columns=columns)
+
+    def _write(self, dataset_id: str, version: int, table: pa.Table) -> int:
+        """Seal a table under a fresh data key; durable and atomic (whole file or none)."""
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd", row_group_size=1_000_000)
+        sealed = self.cipher.seal(dataset_id, version, sink.getvalue().to_pybytes())
+        target = Path(self.path(dataset_id, version))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        with open(partial, "wb") as handle:
+            handle.write(sealed)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, target)
+        return len(sealed)
 
     def ingest(  # noqa: D102
         self,
@@ -258,13 +283,7 @@ class ParquetDatasetFiles(DatasetFiles):
                     "upload is not a valid Arrow IPC stream (use the partner SDK or CLI)"
                 ) from None
             table = validate_table(table, schema, max_rows=self.max_rows)
-            target = Path(self.path(dataset_id, version))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_suffix(".partial")
-            pq.write_table(table, partial, compression="zstd", row_group_size=1_000_000)
-            with open(partial, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(partial, target)  # atomic: readers see the whole file or none
+            self._write(dataset_id, version, table)
             return _stats(table, schema, digest.hexdigest(), size)
         finally:
             staged.unlink(missing_ok=True)
@@ -272,7 +291,7 @@ class ParquetDatasetFiles(DatasetFiles):
     def present(  # noqa: D102
         self, dataset_id: str, version: int, schema: DatasetSchema, pseudonyms: set[str]
     ) -> set[str]:
-        table = pq.read_table(self.path(dataset_id, version), columns=schema.key_columns)
+        table = self.read(dataset_id, version, columns=schema.key_columns)
         wanted = pa.array(sorted(pseudonyms), pa.string())
         found: set[str] = set()
         for key in schema.key_columns:
@@ -289,7 +308,7 @@ class ParquetDatasetFiles(DatasetFiles):
         schema: DatasetSchema,
         pseudonyms: set[str],
     ) -> IngestResult | None:
-        table = pq.read_table(self.path(dataset_id, version))
+        table = self.read(dataset_id, version)
         wanted = pa.array(sorted(pseudonyms), pa.string())
         hit = None
         for key in schema.key_columns:
@@ -299,16 +318,13 @@ class ParquetDatasetFiles(DatasetFiles):
         if not pc.any(hit).as_py():
             return None
         kept = table.filter(pc.invert(hit))
-        target = Path(self.path(dataset_id, new_version))
-        partial = target.with_suffix(".partial")
-        pq.write_table(kept, partial, compression="zstd", row_group_size=1_000_000)
-        with open(partial, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(partial, target)
-        digest = hashlib.sha256(target.read_bytes()).hexdigest()
-        return _stats(kept, schema, digest, target.stat().st_size)
+        size = self._write(dataset_id, new_version, kept)
+        digest = hashlib.sha256(Path(self.path(dataset_id, new_version)).read_bytes()).hexdigest()
+        return _stats(kept, schema, digest, size)
 
     def delete(self, dataset_id: str, version: int | None = None) -> None:  # noqa: D102
+        # Destroy the data key first: from then on no copy of the bytes can be read.
+        self.cipher.shred(dataset_id, version)
         if version is None:
             shutil.rmtree(self.datasets / dataset_id, ignore_errors=True)
         else:

@@ -10,24 +10,31 @@ import sys
 from decimal import Decimal
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from entremise.cli.demo import SIZES
 from entremise.partners.synthetic import generate
+from entremise.server.crypto import DatasetCipher, Keyring
 
 EMAIL_SHAPE = re.compile(rb"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 PHONE_SHAPE = re.compile(rb"(\+336\d{8}|0[67](?:[ .]?\d\d){4})")
 
 
 def _readable_texts(workdir: Path) -> list[tuple[str, bytes]]:
-    """Every byte the hub left, with compressed formats opened (Parquet) and SQLite dumped."""
+    """Every byte the hub left: raw, decrypted and decoded (with the hub's own keys), dumped."""
     out: list[tuple[str, bytes]] = []
+    hub_dir = workdir / "hub"
+    cipher = DatasetCipher(Keyring.load(hub_dir / "master.keys"), hub_dir / "keys")
     for path in sorted(p for p in workdir.rglob("*") if p.is_file()):
         raw = path.read_bytes()
         out.append((str(path), raw))
-        if raw[:4] == b"PAR1":
-            table = pq.read_table(path)
+        assert raw[:4] != b"PAR1", f"{path} is readable Parquet without the key"
+        if path.name.endswith(".parquet.enc"):
+            version = int(path.name.split(".")[0][1:])
+            plain = cipher.open(path.parent.name, version, raw)
+            table = pq.read_table(pa.BufferReader(plain))
             out.append((f"{path} (decoded)", json.dumps(table.to_pylist(), default=str).encode()))
         if raw[:16] == b"SQLite format 3\x00":
             with sqlite3.connect(path) as conn:
@@ -84,7 +91,7 @@ def test_demo_json_report_and_no_raw_identifier_in_workdir(tmp_path: Path) -> No
     lowered = {e.lower() for e in emails}
     phones = set(data.bank["phone"])
     texts = _readable_texts(workdir)
-    assert any("v1.parquet (decoded)" in name for name, _ in texts)
+    assert any("v1.parquet.enc (decoded)" in name for name, _ in texts)
     assert any("(dump)" in name for name, _ in texts)
     for name, blob in texts:
         for match in EMAIL_SHAPE.findall(blob):

@@ -329,7 +329,9 @@ class Hub:
             raise NotFoundError(f"dataset {dataset_id!r} not found")
         self.store.delete_dataset(dataset_id)
         self.files.delete(dataset_id)
-        self._audit("dataset_deleted", caller, dataset_id, {"rows": dataset.row_count})
+        self._audit("dataset_deleted", caller, dataset_id,
+                    {"rows": dataset.row_count, "version": dataset.version,
+                     "crypto_shredded": True})
         log.info("dataset deleted id=%s", dataset_id)
 
     # -- consent lifecycle ------------------------------------------------------------------
@@ -669,9 +671,9 @@ class Hub:
         self, plan: QueryPlan, withdrawn: set[str] | None = None
     ) -> ExactAggregates:
         """Pre-noise aggregates (for tests and benchmarks only; never exposed over the API)."""
-        paths = [self.files.path(d.dataset_id, d.version) for d in plan.datasets]
+        tables = [self.files.read(d.dataset_id, d.version) for d in plan.datasets]
         gone = self._withdrawn(plan) if withdrawn is None else withdrawn
-        return self.engine.compute(plan, paths, gone, now())
+        return self.engine.compute(plan, tables, gone, now())
 
     # -- compliance -------------------------------------------------------------------------
 

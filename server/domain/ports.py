@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from entremise.privacy.budget import Epsilon
 from entremise.server.domain.audit import ChainedEntry
@@ -185,7 +186,11 @@ class DatasetFiles(ABC):
 
     @abstractmethod
     def path(self, dataset_id: str, version: int) -> str:
-        """Location of a stored dataset version."""
+        """Location of a stored dataset version (encrypted bytes)."""
+
+    @abstractmethod
+    def read(self, dataset_id: str, version: int, columns: list[str] | None = None) -> Any:
+        """The decrypted table of a stored version (a pyarrow Table)."""
 
     @abstractmethod
     def delete(self, dataset_id: str, version: int | None = None) -> None:
@@ -197,7 +202,7 @@ class AggregationEngine(ABC):
 
     @abstractmethod
     def compute(
-        self, plan: QueryPlan, paths: list[str], withdrawn: Collection[str], now: str
+        self, plan: QueryPlan, tables: list[Any], withdrawn: Collection[str], now: str
     ) -> ExactAggregates:
         """Exact aggregates per group cell, in `plan.group_keys` order.
 

@@ -1,0 +1,159 @@
+"""Encryption at rest: one AES-256-GCM data key per dataset version, wrapped by a master key.
+
+* A dataset file is ``MAGIC | nonce | AES-GCM(data key, Parquet bytes, aad)``, where the
+  associated data binds the dataset id and version, so files cannot be swapped.
+* The data key is stored apart from the data, wrapped (AES-GCM) by the current master key, in
+  ``keys/<dataset>/v<version>.key``. Deleting that file destroys the data (crypto-shredding):
+  restored data bytes stay unreadable.
+* Master keys live in a keyring (a 0600 JSON file, or one key from ENTREMISE_MASTER_KEY);
+  rotation adds a new master key, re-wraps every data key under it and retires the old one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+MAGIC = b"ENTREMISE-AESGCM-1\n"
+MASTER_KEY_ENV = "ENTREMISE_MASTER_KEY"
+KEY_BYTES = 32
+NONCE_BYTES = 12
+
+
+class DecryptionError(RuntimeError):
+    """Ciphertext that does not open: wrong key, wrong dataset, tampered, or shredded."""
+
+
+def _aad(dataset_id: str, version: int) -> bytes:
+    return f"entremise/v1/dataset|{dataset_id}|{version}".encode()
+
+
+@dataclass
+class Keyring:
+    """Master keys by id; new data keys are wrapped under `current`."""
+
+    keys: dict[str, bytes]
+    current: str
+    path: Path | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> Keyring:
+        """ENTREMISE_MASTER_KEY (64 hex chars) if set, else the keyring file (created if absent)."""
+        env = os.environ.get(MASTER_KEY_ENV)
+        if env:
+            key = bytes.fromhex(env.strip())
+            if len(key) != KEY_BYTES:
+                raise ValueError(f"{MASTER_KEY_ENV} must be {KEY_BYTES} bytes of hex")
+            return cls({"env": key}, "env")
+        if path.exists():
+            data = json.loads(path.read_text())
+            return cls({k: bytes.fromhex(v) for k, v in data["keys"].items()}, data["current"],
+                       path)
+        ring = cls({"mk1": secrets.token_bytes(KEY_BYTES)}, "mk1", path)
+        ring.save()
+        return ring
+
+    def save(self) -> None:
+        """Write the keyring file (mode 0600, atomic replace)."""
+        if self.path is None:
+            return
+        partial = self.path.with_suffix(".partial")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"current": self.current,
+                       "keys": {k: v.hex() for k, v in self.keys.items()}}, handle)
+        os.replace(partial, self.path)
+
+
+class DatasetCipher:
+    """Seals and opens dataset files; keeps wrapped data keys under ``key_dir``."""
+
+    def __init__(self, keyring: Keyring, key_dir: Path) -> None:
+        self.keyring = keyring
+        self.key_dir = key_dir
+        key_dir.mkdir(parents=True, exist_ok=True)
+
+    def _key_path(self, dataset_id: str, version: int) -> Path:
+        return self.key_dir / dataset_id / f"v{version}.key"
+
+    def _wrap(self, data_key: bytes, dataset_id: str, version: int) -> None:
+        master_id = self.keyring.current
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        aad = _aad(dataset_id, version) + f"|{master_id}".encode()
+        wrapped = AESGCM(self.keyring.keys[master_id]).encrypt(nonce, data_key, aad)
+        path = self._key_path(dataset_id, version)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps({"master": master_id, "nonce": nonce.hex(),
+                                       "wrapped": wrapped.hex()}))
+        os.replace(partial, path)
+
+    def _unwrap(self, dataset_id: str, version: int) -> bytes:
+        path = self._key_path(dataset_id, version)
+        if not path.exists():
+            raise DecryptionError(
+                f"dataset {dataset_id!r} v{version}: its data key is gone (crypto-shredded)")
+        data = json.loads(path.read_text())
+        master = self.keyring.keys.get(data["master"])
+        if master is None:
+            raise DecryptionError(f"dataset {dataset_id!r}: master key {data['master']!r} retired")
+        aad = _aad(dataset_id, version) + f"|{data['master']}".encode()
+        try:
+            return AESGCM(master).decrypt(bytes.fromhex(data["nonce"]),
+                                          bytes.fromhex(data["wrapped"]), aad)
+        except InvalidTag:
+            raise DecryptionError(f"dataset {dataset_id!r}: the data key does not open") from None
+
+    def seal(self, dataset_id: str, version: int, plaintext: bytes) -> bytes:
+        """A fresh data key for this version; returns the file content to store."""
+        data_key = AESGCM.generate_key(bit_length=256)
+        self._wrap(data_key, dataset_id, version)
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        return MAGIC + nonce + AESGCM(data_key).encrypt(nonce, plaintext,
+                                                         _aad(dataset_id, version))
+
+    def open(self, dataset_id: str, version: int, blob: bytes) -> bytes:
+        """The plaintext of a sealed file (DecryptionError if anything does not match)."""
+        if not blob.startswith(MAGIC):
+            raise DecryptionError(f"dataset {dataset_id!r} v{version}: not an encrypted file")
+        body = blob[len(MAGIC):]
+        data_key = self._unwrap(dataset_id, version)
+        try:
+            return AESGCM(data_key).decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:],
+                                            _aad(dataset_id, version))
+        except InvalidTag:
+            raise DecryptionError(
+                f"dataset {dataset_id!r} v{version}: ciphertext does not match its key "
+                "(tampered or swapped)") from None
+
+    def shred(self, dataset_id: str, version: int | None = None) -> None:
+        """Destroy data keys: the data becomes unreadable wherever its bytes survive."""
+        if version is None:
+            shutil.rmtree(self.key_dir / dataset_id, ignore_errors=True)
+        else:
+            self._key_path(dataset_id, version).unlink(missing_ok=True)
+
+    def rotate_master(self) -> int:
+        """Add a master key, re-wrap every data key under it, retire the others."""
+        if self.keyring.path is None:
+            raise ValueError(f"the master key comes from {MASTER_KEY_ENV}: rotate it there")
+        new_id = f"mk-{secrets.token_hex(4)}"
+        # Save the new key before using it, so that a crash midway loses nothing.
+        self.keyring.keys[new_id] = secrets.token_bytes(KEY_BYTES)
+        self.keyring.current = new_id
+        self.keyring.save()
+        count = 0
+        for path in sorted(self.key_dir.glob("*/v*.key")):
+            dataset_id, version = path.parent.name, int(path.stem[1:])
+            self._wrap(self._unwrap(dataset_id, version), dataset_id, version)
+            count += 1
+        self.keyring.keys = {new_id: self.keyring.keys[new_id]}
+        self.keyring.save()
+        return count
