@@ -40,7 +40,7 @@ from entremise.partners.keys import (
 )
 from entremise.partners.prepare import read_table
 from entremise.partners.schema import UploadSchema
-from entremise.v1 import query_service_pb2
+from entremise.v1 import agreement_service_pb2, query_service_pb2
 
 # No markup in help: option syntax such as KIND[:COLUMN][@EPSILON] must print as written.
 app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None, help=__doc__)
@@ -459,11 +459,19 @@ def create_agreement(
     measure: Annotated[str, typer.Option(help="pure (epsilon) or zcdp (rho).")] = "pure",
     delta: Annotated[str, typer.Option(help="Delta budget for key discovery.")] = "",
     analyst_budget: Annotated[str, typer.Option(help="Cap per analyst (default: total).")] = "",
+    expires_at: Annotated[str, typer.Option(help="ISO 8601 expiry (default: none).")] = "",
+    allow_column: Annotated[
+        list[str] | None, typer.Option(help="dataset.column analysts may use (repeat).")
+    ] = None,
+    allow_aggregation: Annotated[
+        list[str] | None, typer.Option(help="Aggregation kind allowed (repeat).")
+    ] = None,
+    min_group_size: Annotated[int, typer.Option(help="Suppress smaller noisy groups.")] = 0,
     target: TargetOption = DEFAULT_TARGET,
     token: TokenOption = "",
     json_out: JsonOption = False,
 ) -> None:
-    """Create an agreement (admin)."""
+    """Propose an agreement (admin, or a partner in it); active once every partner approved."""
     with connect(target, token) as client, friendly_errors():
         slots = []
         for text in dataset:
@@ -482,6 +490,10 @@ def create_agreement(
             budget_kind=measure,
             total_delta=delta,
             analyst_budget=analyst_budget,
+            expires_at=expires_at,
+            allowed_columns=allow_column or [],
+            allowed_aggregations=allow_aggregation or [],
+            min_group_size=min_group_size,
         )
     if json_out:
         print_json(to_dict(agreement))
@@ -489,6 +501,56 @@ def create_agreement(
         console.print(
             f"agreement [bold]{agreement.agreement_id}[/] created, budget epsilon {epsilon}"
         )
+
+
+def _lifecycle(action: str, agreement_id: str, target: str, token: str, json_out: bool) -> None:
+    with connect(target, token) as client, friendly_errors():
+        call = {
+            "approve": client.approve_agreement,
+            "suspend": client.suspend_agreement,
+            "revoke": client.revoke_agreement,
+        }[action]
+        agreement = call(agreement_id)
+    if json_out:
+        print_json(to_dict(agreement))
+    else:
+        status = agreement_service_pb2.AgreementStatus.Name(agreement.status)
+        console.print(
+            f"agreement {agreement.agreement_id}: {status.split('_')[-1].lower()}", markup=False
+        )
+
+
+@agreement_app.command("approve")
+def approve_agreement(
+    agreement_id: str,
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
+) -> None:
+    """Approve an agreement as one of its partners (uploading into it also approves)."""
+    _lifecycle("approve", agreement_id, target, token, json_out)
+
+
+@agreement_app.command("suspend")
+def suspend_agreement(
+    agreement_id: str,
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
+) -> None:
+    """Suspend an agreement (every partner must approve again to resume it)."""
+    _lifecycle("suspend", agreement_id, target, token, json_out)
+
+
+@agreement_app.command("revoke")
+def revoke_agreement(
+    agreement_id: str,
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
+) -> None:
+    """Revoke an agreement for good."""
+    _lifecycle("revoke", agreement_id, target, token, json_out)
 
 
 @agreement_app.command("list")

@@ -422,8 +422,12 @@ class Client:
         budget_kind: str = "pure",
         total_delta: str = "",
         analyst_budget: str = "",
+        expires_at: str = "",
+        allowed_columns: Sequence[str] = (),
+        allowed_aggregations: Sequence[str] = (),
+        min_group_size: int = 0,
     ) -> agreement_service_pb2.Agreement:
-        """Admin: an agreement with (partner id, dataset name) slots and its total budget.
+        """Propose an agreement with (partner id, dataset name) slots and its total budget.
 
         `budget_kind` is "pure" (epsilon) or "zcdp" (then `total_epsilon` holds rho);
         `total_delta` funds key discovery; `analyst_budget` caps each analyst's spending.
@@ -441,8 +445,37 @@ class Client:
             budget_kind=BUDGET_KINDS[budget_kind],
             total_delta=total_delta,
             analyst_budget=analyst_budget,
+            expires_at=expires_at,
+            allowed_columns=list(allowed_columns),
+            allowed_aggregations=list(allowed_aggregations),
+            min_group_size=min_group_size,
         )
         return self._unary(self._agreements.CreateAgreement, request).agreement
+
+    def approve_agreement(self, agreement_id: str) -> agreement_service_pb2.Agreement:
+        """Partner: approve (the agreement turns active once every partner has)."""
+        return self._unary(
+            self._agreements.ApproveAgreement,
+            agreement_service_pb2.ApproveAgreementRequest(agreement_id=agreement_id),
+        ).agreement
+
+    def suspend_agreement(
+        self, agreement_id: str, reason: str = ""
+    ) -> agreement_service_pb2.Agreement:
+        """Partner: pause the agreement (every partner must approve again)."""
+        return self._unary(
+            self._agreements.SuspendAgreement,
+            agreement_service_pb2.SuspendAgreementRequest(agreement_id=agreement_id, reason=reason),
+        ).agreement
+
+    def revoke_agreement(
+        self, agreement_id: str, reason: str = ""
+    ) -> agreement_service_pb2.Agreement:
+        """Partner: end the agreement for good."""
+        return self._unary(
+            self._agreements.RevokeAgreement,
+            agreement_service_pb2.RevokeAgreementRequest(agreement_id=agreement_id, reason=reason),
+        ).agreement
 
     def get_agreement(self, agreement_id: str) -> agreement_service_pb2.Agreement:
         """One agreement with its budget."""

@@ -54,8 +54,9 @@ class Keyring:
             return cls({"env": key}, "env")
         if path.exists():
             data = json.loads(path.read_text())
-            return cls({k: bytes.fromhex(v) for k, v in data["keys"].items()}, data["current"],
-                       path)
+            return cls(
+                {k: bytes.fromhex(v) for k, v in data["keys"].items()}, data["current"], path
+            )
         ring = cls({"mk1": secrets.token_bytes(KEY_BYTES)}, "mk1", path)
         ring.save()
         return ring
@@ -67,8 +68,10 @@ class Keyring:
         partial = self.path.with_suffix(".partial")
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
-            json.dump({"current": self.current,
-                       "keys": {k: v.hex() for k, v in self.keys.items()}}, handle)
+            json.dump(
+                {"current": self.current, "keys": {k: v.hex() for k, v in self.keys.items()}},
+                handle,
+            )
         os.replace(partial, self.path)
 
 
@@ -91,23 +94,26 @@ class DatasetCipher:
         path = self._key_path(dataset_id, version)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps({"master": master_id, "nonce": nonce.hex(),
-                                       "wrapped": wrapped.hex()}))
+        partial.write_text(
+            json.dumps({"master": master_id, "nonce": nonce.hex(), "wrapped": wrapped.hex()})
+        )
         os.replace(partial, path)
 
     def _unwrap(self, dataset_id: str, version: int) -> bytes:
         path = self._key_path(dataset_id, version)
         if not path.exists():
             raise DecryptionError(
-                f"dataset {dataset_id!r} v{version}: its data key is gone (crypto-shredded)")
+                f"dataset {dataset_id!r} v{version}: its data key is gone (crypto-shredded)"
+            )
         data = json.loads(path.read_text())
         master = self.keyring.keys.get(data["master"])
         if master is None:
             raise DecryptionError(f"dataset {dataset_id!r}: master key {data['master']!r} retired")
         aad = _aad(dataset_id, version) + f"|{data['master']}".encode()
         try:
-            return AESGCM(master).decrypt(bytes.fromhex(data["nonce"]),
-                                          bytes.fromhex(data["wrapped"]), aad)
+            return AESGCM(master).decrypt(
+                bytes.fromhex(data["nonce"]), bytes.fromhex(data["wrapped"]), aad
+            )
         except InvalidTag:
             raise DecryptionError(f"dataset {dataset_id!r}: the data key does not open") from None
 
@@ -116,22 +122,23 @@ class DatasetCipher:
         data_key = AESGCM.generate_key(bit_length=256)
         self._wrap(data_key, dataset_id, version)
         nonce = secrets.token_bytes(NONCE_BYTES)
-        return MAGIC + nonce + AESGCM(data_key).encrypt(nonce, plaintext,
-                                                         _aad(dataset_id, version))
+        return MAGIC + nonce + AESGCM(data_key).encrypt(nonce, plaintext, _aad(dataset_id, version))
 
     def open(self, dataset_id: str, version: int, blob: bytes) -> bytes:
         """The plaintext of a sealed file (DecryptionError if anything does not match)."""
         if not blob.startswith(MAGIC):
             raise DecryptionError(f"dataset {dataset_id!r} v{version}: not an encrypted file")
-        body = blob[len(MAGIC):]
+        body = blob[len(MAGIC) :]
         data_key = self._unwrap(dataset_id, version)
         try:
-            return AESGCM(data_key).decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:],
-                                            _aad(dataset_id, version))
+            return AESGCM(data_key).decrypt(
+                body[:NONCE_BYTES], body[NONCE_BYTES:], _aad(dataset_id, version)
+            )
         except InvalidTag:
             raise DecryptionError(
                 f"dataset {dataset_id!r} v{version}: ciphertext does not match its key "
-                "(tampered or swapped)") from None
+                "(tampered or swapped)"
+            ) from None
 
     def shred(self, dataset_id: str, version: int | None = None) -> None:
         """Destroy data keys: the data becomes unreadable wherever its bytes survive."""

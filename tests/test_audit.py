@@ -42,10 +42,10 @@ def logged(hub: Hub) -> Scenario:
 def test_an_untouched_log_verifies_and_records_counts_only(logged: Scenario) -> None:
     result = _verify(logged.hub)
     kinds = [e.kind for e in logged.officer.audit_events()]
-    assert result.ok and result.checked == len(kinds) == 11
+    assert result.ok and result.checked == len(kinds) == 13  # incl. 2 approvals by upload
     assert kinds[:2] == ["principal_created", "public_key_published"]  # the bank, then its key
     assert kinds.count("principal_created") == 4
-    assert {"public_key_published", "agreement_created", "dataset_published", "release"} <= set(
+    assert {"public_key_published", "agreement_created", "agreement_approved", "release"} <= set(
         kinds
     )
     for event in logged.officer.audit_events():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 
 from entremise.privacy.budget import Epsilon
@@ -15,6 +16,7 @@ from entremise.server.domain.models import (
     AggregateResult,
     AggregateSpec,
     Agreement,
+    AgreementStatus,
     BudgetKind,
     BudgetState,
     CategoricalColumn,
@@ -198,6 +200,20 @@ def slots_from_proto(slots: Iterable[agreement_service_pb2.DatasetSlot]) -> list
     return [DatasetSlot(s.partner_id, s.name) for s in slots]
 
 
+STATUS_TO_PROTO = {
+    AgreementStatus.PROPOSED: agreement_service_pb2.AGREEMENT_STATUS_PROPOSED,
+    AgreementStatus.ACTIVE: agreement_service_pb2.AGREEMENT_STATUS_ACTIVE,
+    AgreementStatus.SUSPENDED: agreement_service_pb2.AGREEMENT_STATUS_SUSPENDED,
+    AgreementStatus.REVOKED: agreement_service_pb2.AGREEMENT_STATUS_REVOKED,
+    AgreementStatus.EXPIRED: agreement_service_pb2.AGREEMENT_STATUS_EXPIRED,
+}
+
+
+def now_iso() -> str:
+    """UTC now, as agreements store their expiry."""
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
 BUDGET_KIND_TO_PROTO = {
     BudgetKind.PURE: common_pb2.BUDGET_KIND_PURE,
     BudgetKind.ZCDP: common_pb2.BUDGET_KIND_ZCDP,
@@ -273,6 +289,13 @@ def agreement_to_proto(
         budget_kind=BUDGET_KIND_TO_PROTO[a.budget_kind],
         total_delta=delta_text(a.total_delta_units),
         analyst_budget=str(a.analyst_budget) if a.analyst_budget is not None else "",
+        status=STATUS_TO_PROTO[a.status_at(now_iso())],
+        approved_by=list(a.approved_by),
+        proposer_id=a.proposer_id,
+        expires_at=a.expires_at,
+        allowed_columns=list(a.allowed_columns),
+        allowed_aggregations=list(a.allowed_aggregations),
+        min_group_size=a.min_group_size,
     )
 
 

@@ -28,7 +28,7 @@ from entremise.server.api.serde import (
 )
 from entremise.server.domain.errors import InvalidArgumentError
 from entremise.server.domain.hub import Hub
-from entremise.server.domain.models import Principal
+from entremise.server.domain.models import Agreement, Principal
 from entremise.server.domain.planner import (
     DEFAULT_MAX_GROUPS_PER_PERSON,
     DEFAULT_MAX_ROWS_PER_PERSON,
@@ -226,12 +226,51 @@ class AgreementServicer(_Base, agreement_service_pb2_grpc.AgreementServiceServic
                 analyst_budget=epsilon_from_text(request.analyst_budget, "analyst budget")
                 if request.analyst_budget
                 else None,
+                expires_at=request.expires_at,
+                allowed_columns=tuple(request.allowed_columns),
+                allowed_aggregations=tuple(request.allowed_aggregations),
+                min_group_size=request.min_group_size,
             )
             _, budget = self.hub.get_agreement(caller, agreement.agreement_id)
             return agreement_service_pb2.CreateAgreementResponse(
                 agreement=agreement_to_proto(agreement, budget, self.hub.slot_datasets(agreement))
             )
         raise AssertionError  # pragma: no cover
+
+    def ApproveAgreement(
+        self, request: agreement_service_pb2.ApproveAgreementRequest, context: grpc.ServicerContext
+    ) -> agreement_service_pb2.ApproveAgreementResponse:
+        with rpc_errors(context, "ApproveAgreement"):
+            agreement = self.hub.approve_agreement(self.caller(context), request.agreement_id)
+            return agreement_service_pb2.ApproveAgreementResponse(
+                agreement=self._agreement_proto(agreement)
+            )
+        raise AssertionError  # pragma: no cover
+
+    def SuspendAgreement(
+        self, request: agreement_service_pb2.SuspendAgreementRequest, context: grpc.ServicerContext
+    ) -> agreement_service_pb2.SuspendAgreementResponse:
+        with rpc_errors(context, "SuspendAgreement"):
+            agreement = self.hub.suspend_agreement(self.caller(context), request.agreement_id)
+            return agreement_service_pb2.SuspendAgreementResponse(
+                agreement=self._agreement_proto(agreement)
+            )
+        raise AssertionError  # pragma: no cover
+
+    def RevokeAgreement(
+        self, request: agreement_service_pb2.RevokeAgreementRequest, context: grpc.ServicerContext
+    ) -> agreement_service_pb2.RevokeAgreementResponse:
+        with rpc_errors(context, "RevokeAgreement"):
+            agreement = self.hub.revoke_agreement(self.caller(context), request.agreement_id)
+            return agreement_service_pb2.RevokeAgreementResponse(
+                agreement=self._agreement_proto(agreement)
+            )
+        raise AssertionError  # pragma: no cover
+
+    def _agreement_proto(self, agreement: Agreement) -> agreement_service_pb2.Agreement:
+        budget = self.hub.store.get_budget(agreement.agreement_id)
+        assert budget is not None
+        return agreement_to_proto(agreement, budget, self.hub.slot_datasets(agreement))
 
     def GetAgreement(
         self, request: agreement_service_pb2.GetAgreementRequest, context: grpc.ServicerContext

@@ -27,7 +27,10 @@ from entremise.server.domain.errors import (
 from entremise.server.domain.keys import check_public_key, key_fingerprint
 from entremise.server.domain.models import (
     DELTA_UNITS,
+    AggregateKind,
+    AggregateResult,
     Agreement,
+    AgreementStatus,
     AuditEvent,
     BudgetKind,
     BudgetState,
@@ -100,6 +103,30 @@ def restrict(exact: ExactAggregates, keys: list[tuple[str, ...]]) -> ExactAggreg
         sq_sums={n: pick(v) for n, v in exact.sq_sums.items()},
         buckets={n: [v[i] for i in rows] for n, v in exact.buckets.items()},
         keys=keys,
+    )
+
+
+def suppress_small_groups(
+    plan: QueryPlan, results: tuple[AggregateResult, ...]
+) -> tuple[AggregateResult, ...]:
+    """Blank every cell whose noisy people count is under the agreement's minimum group size.
+
+    Post-processing of released noisy counts: it costs no privacy and never looks at the data.
+    """
+    minimum = plan.agreement.min_group_size
+    if not minimum or not plan.group_by:
+        return results
+    counts = next(r for r in results if r.kind is AggregateKind.COUNT)
+    small = {c.group for c in counts.cells if c.value is None or c.value < minimum}
+    return tuple(
+        replace(
+            r,
+            cells=tuple(
+                replace(c, value=None, ci95_halfwidth=None) if c.group in small else c
+                for c in r.cells
+            ),
+        )
+        for r in results
     )
 
 
@@ -248,6 +275,9 @@ class Hub:
         come from the agreement's current key context.
         """
         agreement = self._participant(caller, agreement_id)
+        status = agreement.status_at(now())
+        if status in (AgreementStatus.REVOKED, AgreementStatus.EXPIRED):
+            raise FailedPreconditionError(f"agreement {agreement_id!r} is {status.value}")
         check_name(name, "dataset name")
         if DatasetSlot(caller.principal_id, name) not in agreement.slots:
             raise InvalidArgumentError(
@@ -287,6 +317,8 @@ class Hub:
             duplicates=stats.duplicates,
         )
         self._publish(dataset, previous)
+        if caller.principal_id not in agreement.approved_by:
+            self.approve_agreement(caller, agreement_id, via="upload")
         self._audit(
             "dataset_published",
             caller,
@@ -329,9 +361,12 @@ class Hub:
             raise NotFoundError(f"dataset {dataset_id!r} not found")
         self.store.delete_dataset(dataset_id)
         self.files.delete(dataset_id)
-        self._audit("dataset_deleted", caller, dataset_id,
-                    {"rows": dataset.row_count, "version": dataset.version,
-                     "crypto_shredded": True})
+        self._audit(
+            "dataset_deleted",
+            caller,
+            dataset_id,
+            {"rows": dataset.row_count, "version": dataset.version, "crypto_shredded": True},
+        )
         log.info("dataset deleted id=%s", dataset_id)
 
     # -- consent lifecycle ------------------------------------------------------------------
@@ -448,9 +483,29 @@ class Hub:
         budget_kind: BudgetKind = BudgetKind.PURE,
         total_delta_units: int = 0,
         analyst_budget: Epsilon | None = None,
+        expires_at: str = "",
+        allowed_columns: tuple[str, ...] = (),
+        allowed_aggregations: tuple[str, ...] = (),
+        min_group_size: int = 0,
     ) -> Agreement:
-        """Admin-only for now: an agreement whose partners then upload into its dataset slots."""
-        _require(caller, Role.ADMIN)
+        """Propose an agreement (admin, or a partner named in its slots).
+
+        It is active once every partner has approved it; a proposing partner approves it.
+        """
+        _require(caller, Role.ADMIN, Role.PARTNER)
+        if caller.role is Role.PARTNER and caller.principal_id not in {s.partner_id for s in slots}:
+            raise PermissionDeniedError("a partner may only propose agreements it is part of")
+        if expires_at:
+            try:
+                when = datetime.fromisoformat(expires_at)
+            except ValueError:
+                raise InvalidArgumentError("expires_at must be an ISO 8601 timestamp") from None
+            expires_at = when.astimezone(UTC).replace(microsecond=0).isoformat()
+        if min_group_size < 0:
+            raise InvalidArgumentError("min_group_size must not be negative")
+        unknown = set(allowed_aggregations) - {k.value for k in AggregateKind}
+        if unknown:
+            raise InvalidArgumentError(f"unknown aggregations {sorted(unknown)}")
         if not name or len(name) > 200:
             raise InvalidArgumentError("agreement name must be 1-200 characters")
         check_name(purpose, "purpose")
@@ -494,6 +549,13 @@ class Hub:
             budget_kind=budget_kind,
             total_delta_units=total_delta_units,
             analyst_budget=analyst_budget,
+            status=AgreementStatus.PROPOSED,
+            approved_by=(caller.principal_id,) if caller.role is Role.PARTNER else (),
+            proposer_id=caller.principal_id,
+            expires_at=expires_at,
+            allowed_columns=tuple(allowed_columns),
+            allowed_aggregations=tuple(allowed_aggregations),
+            min_group_size=min_group_size,
         )
         self.store.create_agreement(agreement)
         self._audit(
@@ -509,6 +571,53 @@ class Hub:
             total_epsilon,
         )
         return agreement
+
+    def approve_agreement(
+        self, caller: Principal, agreement_id: str, *, via: str = "explicit"
+    ) -> Agreement:
+        """A partner approves; when every partner has, a proposed or suspended one turns active."""
+        for _ in range(5):
+            agreement = self._participant(caller, agreement_id)
+            status = agreement.status_at(now())
+            if status in (AgreementStatus.REVOKED, AgreementStatus.EXPIRED):
+                raise FailedPreconditionError(f"agreement {agreement_id!r} is {status.value}")
+            approved = tuple(sorted({*agreement.approved_by, caller.principal_id}))
+            if (
+                approved == tuple(sorted(agreement.approved_by))
+                and status is AgreementStatus.ACTIVE
+            ):
+                return agreement
+            done = set(approved) >= set(agreement.partner_ids)
+            target = AgreementStatus.ACTIVE if done else agreement.status
+            if self.store.update_agreement_state(agreement_id, agreement.status, target, approved):
+                if caller.principal_id not in agreement.approved_by:
+                    self._audit(
+                        "agreement_approved", caller, agreement_id, {"via": via, "active": done}
+                    )
+                updated = self.store.get_agreement(agreement_id)
+                assert updated is not None
+                return updated
+        raise FailedPreconditionError("the agreement changed concurrently; retry")
+
+    def suspend_agreement(self, caller: Principal, agreement_id: str) -> Agreement:
+        """Any partner pauses an agreement; every partner must approve again to resume it."""
+        return self._move(caller, agreement_id, AgreementStatus.SUSPENDED)
+
+    def revoke_agreement(self, caller: Principal, agreement_id: str) -> Agreement:
+        """Any partner ends an agreement for good: no query runs on it any more."""
+        return self._move(caller, agreement_id, AgreementStatus.REVOKED)
+
+    def _move(self, caller: Principal, agreement_id: str, target: AgreementStatus) -> Agreement:
+        agreement = self._participant(caller, agreement_id)
+        status = agreement.status_at(now())
+        if status in (AgreementStatus.REVOKED, AgreementStatus.EXPIRED):
+            raise FailedPreconditionError(f"agreement {agreement_id!r} is {status.value}")
+        if not self.store.update_agreement_state(agreement_id, agreement.status, target, ()):
+            raise FailedPreconditionError("the agreement changed concurrently; retry")
+        self._audit(f"agreement_{target.value}", caller, agreement_id, {"from": status.value})
+        updated = self.store.get_agreement(agreement_id)
+        assert updated is not None
+        return updated
 
     def _visible(self, caller: Principal, agreement: Agreement) -> bool:
         if caller.role in (Role.ADMIN, Role.COMPLIANCE):
@@ -550,6 +659,15 @@ class Hub:
         agreement = self.store.get_agreement(spec.agreement_id)
         if agreement is None:
             raise NotFoundError(f"agreement {spec.agreement_id!r} not found")
+        status = agreement.status_at(now())
+        if status is not AgreementStatus.ACTIVE:
+            waiting = sorted(set(agreement.partner_ids) - set(agreement.approved_by))
+            hint = (
+                f" (awaiting approval by {waiting})" if status is AgreementStatus.PROPOSED else ""
+            )
+            raise FailedPreconditionError(
+                f"agreement {agreement.agreement_id!r} is {status.value}{hint}"
+            )
         _, fingerprint = self._key_context(agreement)
         datasets = []
         for slot in agreement.slots:
@@ -619,7 +737,7 @@ class Hub:
                     "suppressed_keys_noisy": suppressed,
                 },
             )
-        results = draw_release(plan, exact)
+        results = suppress_small_groups(plan, draw_release(plan, exact))
         release = Release(
             release_id=new_id("rel"),
             agreement_id=plan.agreement.agreement_id,

@@ -309,6 +309,16 @@ class BudgetKind(StrEnum):
     ZCDP = "zcdp"  # rho, discrete Gaussian
 
 
+class AgreementStatus(StrEnum):
+    """Lifecycle of an agreement (joint-controller style)."""
+
+    PROPOSED = "proposed"
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+
+
 #: Delta amounts are stored exactly in units of 1e-15.
 DELTA_UNITS = 10**15
 
@@ -329,6 +339,24 @@ class Agreement:
     budget_kind: BudgetKind = BudgetKind.PURE
     total_delta_units: int = 0
     analyst_budget: Epsilon | None = None  # None = each analyst may spend the whole total
+    status: AgreementStatus = AgreementStatus.PROPOSED
+    approved_by: tuple[str, ...] = ()
+    proposer_id: str = ""
+    expires_at: str = ""
+    allowed_columns: tuple[str, ...] = ()
+    allowed_aggregations: tuple[str, ...] = ()
+    min_group_size: int = 0
+
+    def status_at(self, when: str) -> AgreementStatus:
+        """The status, with expiry applied (ISO 8601 strings compare in time order)."""
+        if (
+            self.expires_at
+            and when >= self.expires_at
+            and self.status
+            in (AgreementStatus.PROPOSED, AgreementStatus.ACTIVE, AgreementStatus.SUSPENDED)
+        ):
+            return AgreementStatus.EXPIRED
+        return self.status
 
     @property
     def analyst_cap(self) -> Epsilon:

@@ -14,7 +14,11 @@ from fractions import Fraction
 
 from entremise.privacy.budget import Epsilon
 from entremise.privacy.mechanisms import MechanismError, share_for_accuracy
-from entremise.server.domain.errors import FailedPreconditionError, InvalidArgumentError
+from entremise.server.domain.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+)
 from entremise.server.domain.models import (
     DELTA_UNITS,
     QUANTILE_CANDIDATES,
@@ -234,6 +238,7 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
 
     names: set[str] = set()
     drafts = [_draft(a, datasets, rows, groups, names) for a in spec.aggregates]
+    _check_scope(agreement, drafts, group_by, filters)
     measure = agreement.budget_kind.value
     fixed: list[Epsilon | None] = []
     for d in drafts:
@@ -295,6 +300,40 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
         measure=agreement.budget_kind,
         discovery=discovery,
     )
+
+
+def _check_scope(
+    agreement: Agreement,
+    drafts: list[_Draft],
+    group_by: list[ColumnRef],
+    filters: tuple[ResolvedFilter, ...],
+) -> None:
+    """Columns and aggregations outside the agreement are refused; small groups need a count."""
+    if agreement.allowed_aggregations:
+        for d in drafts:
+            if d.spec.kind.value not in agreement.allowed_aggregations:
+                raise PermissionDeniedError(
+                    f"aggregation {d.spec.kind.value!r} is outside this agreement (allowed: "
+                    f"{list(agreement.allowed_aggregations)})"
+                )
+    if agreement.allowed_columns:
+        used = (
+            {r.qualified for r in group_by}
+            | {f.ref.qualified for f in filters}
+            | {d.ref.qualified for d in drafts if d.ref is not None}
+        )
+        outside = sorted(used - set(agreement.allowed_columns))
+        if outside:
+            raise PermissionDeniedError(f"columns {outside} are outside this agreement")
+    if (
+        agreement.min_group_size
+        and group_by
+        and not any(d.spec.kind is AggregateKind.COUNT for d in drafts)
+    ):
+        raise InvalidArgumentError(
+            f"this agreement suppresses groups under {agreement.min_group_size} people: "
+            "grouped queries must include a people count"
+        )
 
 
 def _draft(

@@ -11,6 +11,7 @@ from entremise.privacy.budget import Epsilon
 from entremise.server.domain.audit import ChainedEntry
 from entremise.server.domain.models import (
     Agreement,
+    AgreementStatus,
     AuditEvent,
     BudgetState,
     Dataset,
@@ -70,6 +71,16 @@ class Store(ABC):
     @abstractmethod
     def create_agreement(self, agreement: Agreement) -> None:
         """Insert an agreement and its budget (nothing spent)."""
+
+    @abstractmethod
+    def update_agreement_state(
+        self,
+        agreement_id: str,
+        expected: AgreementStatus,
+        status: AgreementStatus,
+        approved_by: tuple[str, ...],
+    ) -> bool:
+        """Move an agreement from `expected` to `status` (False if it was not in `expected`)."""
 
     @abstractmethod
     def get_agreement(self, agreement_id: str) -> Agreement | None:

@@ -23,6 +23,7 @@ from entremise.server.domain.errors import AlreadyExistsError, BudgetExhaustedEr
 from entremise.server.domain.models import (
     DELTA_UNITS,
     Agreement,
+    AgreementStatus,
     AnalystSpend,
     AuditEvent,
     BudgetKind,
@@ -69,6 +70,11 @@ agreements = sa.Table(
     sa.Column("total_delta_units", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("spent_delta_units", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("analyst_cap_micros", sa.BigInteger, nullable=True),
+    sa.Column("status", sa.String(12), nullable=False, server_default="proposed"),
+    sa.Column("approved_by_json", sa.Text, nullable=False, server_default="[]"),
+    sa.Column("proposer_id", sa.String(40), nullable=False, server_default=""),
+    sa.Column("expires_at", sa.String(32), nullable=False, server_default=""),
+    sa.Column("scope_json", sa.Text, nullable=False, server_default="{}"),
     sa.CheckConstraint("spent_micros >= 0 AND spent_micros <= total_micros", name="ck_budget"),
     sa.CheckConstraint("spent_delta_units <= total_delta_units", name="ck_delta"),
 )
@@ -229,6 +235,13 @@ def _agreement(row: Any) -> Agreement:
         analyst_budget=Epsilon(row.analyst_cap_micros)
         if row.analyst_cap_micros is not None
         else None,
+        status=AgreementStatus(row.status),
+        approved_by=tuple(json.loads(row.approved_by_json)),
+        proposer_id=row.proposer_id,
+        expires_at=row.expires_at,
+        allowed_columns=tuple(json.loads(row.scope_json).get("columns", [])),
+        allowed_aggregations=tuple(json.loads(row.scope_json).get("aggregations", [])),
+        min_group_size=int(json.loads(row.scope_json).get("min_group_size", 0)),
     )
 
 
@@ -419,8 +432,36 @@ class SqlStore(Store):
                     analyst_cap_micros=agreement.analyst_budget.micros
                     if agreement.analyst_budget is not None
                     else None,
+                    status=agreement.status.value,
+                    approved_by_json=json.dumps(list(agreement.approved_by)),
+                    proposer_id=agreement.proposer_id,
+                    expires_at=agreement.expires_at,
+                    scope_json=json.dumps(
+                        {
+                            "columns": list(agreement.allowed_columns),
+                            "aggregations": list(agreement.allowed_aggregations),
+                            "min_group_size": agreement.min_group_size,
+                        }
+                    ),
                 )
             )
+
+    def update_agreement_state(  # noqa: D102
+        self,
+        agreement_id: str,
+        expected: AgreementStatus,
+        status: AgreementStatus,
+        approved_by: tuple[str, ...],
+    ) -> bool:
+        with self.writer.begin() as conn:
+            updated = conn.execute(
+                agreements.update()
+                .where(
+                    agreements.c.agreement_id == agreement_id, agreements.c.status == expected.value
+                )
+                .values(status=status.value, approved_by_json=json.dumps(list(approved_by)))
+            )
+        return updated.rowcount == 1
 
     def get_agreement(self, agreement_id: str) -> Agreement | None:  # noqa: D102
         with self.engine.connect() as conn:

@@ -8,6 +8,7 @@ from entremise.v1 import common_pb2 as _common_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +19,29 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _AgreementStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AgreementStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgreementStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AGREEMENT_STATUS_UNSPECIFIED: _AgreementStatus.ValueType  # 0
+    AGREEMENT_STATUS_PROPOSED: _AgreementStatus.ValueType  # 1
+    AGREEMENT_STATUS_ACTIVE: _AgreementStatus.ValueType  # 2
+    AGREEMENT_STATUS_SUSPENDED: _AgreementStatus.ValueType  # 3
+    AGREEMENT_STATUS_REVOKED: _AgreementStatus.ValueType  # 4
+    AGREEMENT_STATUS_EXPIRED: _AgreementStatus.ValueType  # 5
+
+class AgreementStatus(_AgreementStatus, metaclass=_AgreementStatusEnumTypeWrapper): ...
+
+AGREEMENT_STATUS_UNSPECIFIED: AgreementStatus.ValueType  # 0
+AGREEMENT_STATUS_PROPOSED: AgreementStatus.ValueType  # 1
+AGREEMENT_STATUS_ACTIVE: AgreementStatus.ValueType  # 2
+AGREEMENT_STATUS_SUSPENDED: AgreementStatus.ValueType  # 3
+AGREEMENT_STATUS_REVOKED: AgreementStatus.ValueType  # 4
+AGREEMENT_STATUS_EXPIRED: AgreementStatus.ValueType  # 5
+Global___AgreementStatus: _TypeAlias = AgreementStatus  # noqa: Y015
 
 @_typing.final
 class DatasetSlot(_message.Message):
@@ -64,6 +88,13 @@ class Agreement(_message.Message):
     BUDGET_KIND_FIELD_NUMBER: _builtins.int
     TOTAL_DELTA_FIELD_NUMBER: _builtins.int
     ANALYST_BUDGET_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    APPROVED_BY_FIELD_NUMBER: _builtins.int
+    PROPOSER_ID_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    ALLOWED_COLUMNS_FIELD_NUMBER: _builtins.int
+    ALLOWED_AGGREGATIONS_FIELD_NUMBER: _builtins.int
+    MIN_GROUP_SIZE_FIELD_NUMBER: _builtins.int
     agreement_id: _builtins.str
     name: _builtins.str
     purpose: _builtins.str
@@ -76,12 +107,28 @@ class Agreement(_message.Message):
     total_delta: _builtins.str
     analyst_budget: _builtins.str
     """Cap per analyst, in the agreement's measure ("" = the total)."""
+    status: Global___AgreementStatus.ValueType
+    proposer_id: _builtins.str
+    expires_at: _builtins.str
+    """ISO 8601; empty = no expiry. Queries after it are refused."""
+    min_group_size: _builtins.int
+    """Released group cells whose noisy people count is below this are suppressed (0 = none)."""
     @_builtins.property
     def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetSlot]: ...
     @_builtins.property
     def analyst_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def budget(self) -> _common_pb2.Budget: ...
+    @_builtins.property
+    def approved_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def allowed_columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"dataset.column" names analysts may use; empty = all declared columns."""
+
+    @_builtins.property
+    def allowed_aggregations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Aggregate kinds allowed (count, count_rows, sum, mean, variance, quantile); empty = all."""
+
     def __init__(
         self,
         *,
@@ -98,14 +145,144 @@ class Agreement(_message.Message):
         budget_kind: _common_pb2.BudgetKind.ValueType = ...,
         total_delta: _builtins.str = ...,
         analyst_budget: _builtins.str = ...,
+        status: Global___AgreementStatus.ValueType = ...,
+        approved_by: _abc.Iterable[_builtins.str] | None = ...,
+        proposer_id: _builtins.str = ...,
+        expires_at: _builtins.str = ...,
+        allowed_columns: _abc.Iterable[_builtins.str] | None = ...,
+        allowed_aggregations: _abc.Iterable[_builtins.str] | None = ...,
+        min_group_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "analyst_budget", b"analyst_budget", "analyst_ids", b"analyst_ids", "budget", b"budget", "budget_kind", b"budget_kind", "created_at", b"created_at", "datasets", b"datasets", "max_groups_per_person", b"max_groups_per_person", "max_rows_per_person", b"max_rows_per_person", "name", b"name", "purpose", b"purpose", "total_delta", b"total_delta", "total_epsilon", b"total_epsilon"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "allowed_aggregations", b"allowed_aggregations", "allowed_columns", b"allowed_columns", "analyst_budget", b"analyst_budget", "analyst_ids", b"analyst_ids", "approved_by", b"approved_by", "budget", b"budget", "budget_kind", b"budget_kind", "created_at", b"created_at", "datasets", b"datasets", "expires_at", b"expires_at", "max_groups_per_person", b"max_groups_per_person", "max_rows_per_person", b"max_rows_per_person", "min_group_size", b"min_group_size", "name", b"name", "proposer_id", b"proposer_id", "purpose", b"purpose", "status", b"status", "total_delta", b"total_delta", "total_epsilon", b"total_epsilon"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Agreement: _TypeAlias = Agreement  # noqa: Y015
+
+@_typing.final
+class ApproveAgreementRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGREEMENT_ID_FIELD_NUMBER: _builtins.int
+    agreement_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        agreement_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveAgreementRequest: _TypeAlias = ApproveAgreementRequest  # noqa: Y015
+
+@_typing.final
+class ApproveAgreementResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGREEMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agreement(self) -> Global___Agreement: ...
+    def __init__(
+        self,
+        *,
+        agreement: Global___Agreement | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveAgreementResponse: _TypeAlias = ApproveAgreementResponse  # noqa: Y015
+
+@_typing.final
+class SuspendAgreementRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGREEMENT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    agreement_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        agreement_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SuspendAgreementRequest: _TypeAlias = SuspendAgreementRequest  # noqa: Y015
+
+@_typing.final
+class SuspendAgreementResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGREEMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agreement(self) -> Global___Agreement: ...
+    def __init__(
+        self,
+        *,
+        agreement: Global___Agreement | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SuspendAgreementResponse: _TypeAlias = SuspendAgreementResponse  # noqa: Y015
+
+@_typing.final
+class RevokeAgreementRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGREEMENT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    agreement_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        agreement_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeAgreementRequest: _TypeAlias = RevokeAgreementRequest  # noqa: Y015
+
+@_typing.final
+class RevokeAgreementResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGREEMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agreement(self) -> Global___Agreement: ...
+    def __init__(
+        self,
+        *,
+        agreement: Global___Agreement | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeAgreementResponse: _TypeAlias = RevokeAgreementResponse  # noqa: Y015
 
 @_typing.final
 class CreateAgreementRequest(_message.Message):
@@ -121,6 +298,10 @@ class CreateAgreementRequest(_message.Message):
     BUDGET_KIND_FIELD_NUMBER: _builtins.int
     TOTAL_DELTA_FIELD_NUMBER: _builtins.int
     ANALYST_BUDGET_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    ALLOWED_COLUMNS_FIELD_NUMBER: _builtins.int
+    ALLOWED_AGGREGATIONS_FIELD_NUMBER: _builtins.int
+    MIN_GROUP_SIZE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     purpose: _builtins.str
     total_epsilon: _builtins.str
@@ -130,12 +311,18 @@ class CreateAgreementRequest(_message.Message):
     """PURE (default) or ZCDP; total_epsilon then holds epsilon or rho."""
     total_delta: _builtins.str
     analyst_budget: _builtins.str
+    expires_at: _builtins.str
+    min_group_size: _builtins.int
     @_builtins.property
     def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetSlot]:
         """At least two slots; partners upload into them after deriving the agreement's key."""
 
     @_builtins.property
     def analyst_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def allowed_columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def allowed_aggregations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -149,10 +336,14 @@ class CreateAgreementRequest(_message.Message):
         budget_kind: _common_pb2.BudgetKind.ValueType = ...,
         total_delta: _builtins.str = ...,
         analyst_budget: _builtins.str = ...,
+        expires_at: _builtins.str = ...,
+        allowed_columns: _abc.Iterable[_builtins.str] | None = ...,
+        allowed_aggregations: _abc.Iterable[_builtins.str] | None = ...,
+        min_group_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["analyst_budget", b"analyst_budget", "analyst_ids", b"analyst_ids", "budget_kind", b"budget_kind", "datasets", b"datasets", "max_groups_per_person", b"max_groups_per_person", "max_rows_per_person", b"max_rows_per_person", "name", b"name", "purpose", b"purpose", "total_delta", b"total_delta", "total_epsilon", b"total_epsilon"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_aggregations", b"allowed_aggregations", "allowed_columns", b"allowed_columns", "analyst_budget", b"analyst_budget", "analyst_ids", b"analyst_ids", "budget_kind", b"budget_kind", "datasets", b"datasets", "expires_at", b"expires_at", "max_groups_per_person", b"max_groups_per_person", "max_rows_per_person", b"max_rows_per_person", "min_group_size", b"min_group_size", "name", b"name", "purpose", b"purpose", "total_delta", b"total_delta", "total_epsilon", b"total_epsilon"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -39,6 +39,21 @@ class AgreementServiceStub:
                 request_serializer=entremise_dot_v1_dot_agreement__service__pb2.CreateAgreementRequest.SerializeToString,
                 response_deserializer=entremise_dot_v1_dot_agreement__service__pb2.CreateAgreementResponse.FromString,
                 _registered_method=True)
+        self.ApproveAgreement = channel.unary_unary(
+                '/entremise.v1.AgreementService/ApproveAgreement',
+                request_serializer=entremise_dot_v1_dot_agreement__service__pb2.ApproveAgreementRequest.SerializeToString,
+                response_deserializer=entremise_dot_v1_dot_agreement__service__pb2.ApproveAgreementResponse.FromString,
+                _registered_method=True)
+        self.SuspendAgreement = channel.unary_unary(
+                '/entremise.v1.AgreementService/SuspendAgreement',
+                request_serializer=entremise_dot_v1_dot_agreement__service__pb2.SuspendAgreementRequest.SerializeToString,
+                response_deserializer=entremise_dot_v1_dot_agreement__service__pb2.SuspendAgreementResponse.FromString,
+                _registered_method=True)
+        self.RevokeAgreement = channel.unary_unary(
+                '/entremise.v1.AgreementService/RevokeAgreement',
+                request_serializer=entremise_dot_v1_dot_agreement__service__pb2.RevokeAgreementRequest.SerializeToString,
+                response_deserializer=entremise_dot_v1_dot_agreement__service__pb2.RevokeAgreementResponse.FromString,
+                _registered_method=True)
         self.GetAgreement = channel.unary_unary(
                 '/entremise.v1.AgreementService/GetAgreement',
                 request_serializer=entremise_dot_v1_dot_agreement__service__pb2.GetAgreementRequest.SerializeToString,
@@ -55,6 +70,27 @@ class AgreementServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def CreateAgreement(self, request, context):
+        """Proposes an agreement (an admin, or a partner named in its dataset slots). It becomes
+        ACTIVE once every partner has approved it (explicitly, or by uploading into it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveAgreement(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SuspendAgreement(self, request, context):
+        """Any partner may suspend (approvals reset) or revoke (final) an agreement.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeAgreement(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -79,6 +115,21 @@ def add_AgreementServiceServicer_to_server(servicer, server):
                     servicer.CreateAgreement,
                     request_deserializer=entremise_dot_v1_dot_agreement__service__pb2.CreateAgreementRequest.FromString,
                     response_serializer=entremise_dot_v1_dot_agreement__service__pb2.CreateAgreementResponse.SerializeToString,
+            ),
+            'ApproveAgreement': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveAgreement,
+                    request_deserializer=entremise_dot_v1_dot_agreement__service__pb2.ApproveAgreementRequest.FromString,
+                    response_serializer=entremise_dot_v1_dot_agreement__service__pb2.ApproveAgreementResponse.SerializeToString,
+            ),
+            'SuspendAgreement': grpc.unary_unary_rpc_method_handler(
+                    servicer.SuspendAgreement,
+                    request_deserializer=entremise_dot_v1_dot_agreement__service__pb2.SuspendAgreementRequest.FromString,
+                    response_serializer=entremise_dot_v1_dot_agreement__service__pb2.SuspendAgreementResponse.SerializeToString,
+            ),
+            'RevokeAgreement': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeAgreement,
+                    request_deserializer=entremise_dot_v1_dot_agreement__service__pb2.RevokeAgreementRequest.FromString,
+                    response_serializer=entremise_dot_v1_dot_agreement__service__pb2.RevokeAgreementResponse.SerializeToString,
             ),
             'GetAgreement': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAgreement,
@@ -118,6 +169,87 @@ class AgreementService:
             '/entremise.v1.AgreementService/CreateAgreement',
             entremise_dot_v1_dot_agreement__service__pb2.CreateAgreementRequest.SerializeToString,
             entremise_dot_v1_dot_agreement__service__pb2.CreateAgreementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveAgreement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entremise.v1.AgreementService/ApproveAgreement',
+            entremise_dot_v1_dot_agreement__service__pb2.ApproveAgreementRequest.SerializeToString,
+            entremise_dot_v1_dot_agreement__service__pb2.ApproveAgreementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SuspendAgreement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entremise.v1.AgreementService/SuspendAgreement',
+            entremise_dot_v1_dot_agreement__service__pb2.SuspendAgreementRequest.SerializeToString,
+            entremise_dot_v1_dot_agreement__service__pb2.SuspendAgreementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeAgreement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entremise.v1.AgreementService/RevokeAgreement',
+            entremise_dot_v1_dot_agreement__service__pb2.RevokeAgreementRequest.SerializeToString,
+            entremise_dot_v1_dot_agreement__service__pb2.RevokeAgreementResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -32,6 +32,13 @@ class AgreementServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AgreementServiceAsyncStub: ...
     CreateAgreement: _grpc.UnaryUnaryMultiCallable[_agreement_service_pb2.CreateAgreementRequest, _agreement_service_pb2.CreateAgreementResponse]
+    """Proposes an agreement (an admin, or a partner named in its dataset slots). It becomes
+    ACTIVE once every partner has approved it (explicitly, or by uploading into it).
+    """
+    ApproveAgreement: _grpc.UnaryUnaryMultiCallable[_agreement_service_pb2.ApproveAgreementRequest, _agreement_service_pb2.ApproveAgreementResponse]
+    SuspendAgreement: _grpc.UnaryUnaryMultiCallable[_agreement_service_pb2.SuspendAgreementRequest, _agreement_service_pb2.SuspendAgreementResponse]
+    """Any partner may suspend (approvals reset) or revoke (final) an agreement."""
+    RevokeAgreement: _grpc.UnaryUnaryMultiCallable[_agreement_service_pb2.RevokeAgreementRequest, _agreement_service_pb2.RevokeAgreementResponse]
     GetAgreement: _grpc.UnaryUnaryMultiCallable[_agreement_service_pb2.GetAgreementRequest, _agreement_service_pb2.GetAgreementResponse]
     ListAgreements: _grpc.UnaryUnaryMultiCallable[_agreement_service_pb2.ListAgreementsRequest, _agreement_service_pb2.ListAgreementsResponse]
 
@@ -39,6 +46,13 @@ class AgreementServiceStub:
 class AgreementServiceAsyncStub(AgreementServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateAgreement: _aio.UnaryUnaryMultiCallable[_agreement_service_pb2.CreateAgreementRequest, _agreement_service_pb2.CreateAgreementResponse]  # type: ignore[assignment]
+    """Proposes an agreement (an admin, or a partner named in its dataset slots). It becomes
+    ACTIVE once every partner has approved it (explicitly, or by uploading into it).
+    """
+    ApproveAgreement: _aio.UnaryUnaryMultiCallable[_agreement_service_pb2.ApproveAgreementRequest, _agreement_service_pb2.ApproveAgreementResponse]  # type: ignore[assignment]
+    SuspendAgreement: _aio.UnaryUnaryMultiCallable[_agreement_service_pb2.SuspendAgreementRequest, _agreement_service_pb2.SuspendAgreementResponse]  # type: ignore[assignment]
+    """Any partner may suspend (approvals reset) or revoke (final) an agreement."""
+    RevokeAgreement: _aio.UnaryUnaryMultiCallable[_agreement_service_pb2.RevokeAgreementRequest, _agreement_service_pb2.RevokeAgreementResponse]  # type: ignore[assignment]
     GetAgreement: _aio.UnaryUnaryMultiCallable[_agreement_service_pb2.GetAgreementRequest, _agreement_service_pb2.GetAgreementResponse]  # type: ignore[assignment]
     ListAgreements: _aio.UnaryUnaryMultiCallable[_agreement_service_pb2.ListAgreementsRequest, _agreement_service_pb2.ListAgreementsResponse]  # type: ignore[assignment]
 
@@ -48,7 +62,32 @@ class AgreementServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _agreement_service_pb2.CreateAgreementRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_agreement_service_pb2.CreateAgreementResponse, _abc.Awaitable[_agreement_service_pb2.CreateAgreementResponse]]: ...
+    ) -> _typing.Union[_agreement_service_pb2.CreateAgreementResponse, _abc.Awaitable[_agreement_service_pb2.CreateAgreementResponse]]:
+        """Proposes an agreement (an admin, or a partner named in its dataset slots). It becomes
+        ACTIVE once every partner has approved it (explicitly, or by uploading into it).
+        """
+
+    @_abc_1.abstractmethod
+    def ApproveAgreement(
+        self,
+        request: _agreement_service_pb2.ApproveAgreementRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agreement_service_pb2.ApproveAgreementResponse, _abc.Awaitable[_agreement_service_pb2.ApproveAgreementResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SuspendAgreement(
+        self,
+        request: _agreement_service_pb2.SuspendAgreementRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agreement_service_pb2.SuspendAgreementResponse, _abc.Awaitable[_agreement_service_pb2.SuspendAgreementResponse]]:
+        """Any partner may suspend (approvals reset) or revoke (final) an agreement."""
+
+    @_abc_1.abstractmethod
+    def RevokeAgreement(
+        self,
+        request: _agreement_service_pb2.RevokeAgreementRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agreement_service_pb2.RevokeAgreementResponse, _abc.Awaitable[_agreement_service_pb2.RevokeAgreementResponse]]: ...
 
     @_abc_1.abstractmethod
     def GetAgreement(

@@ -1,0 +1,180 @@
+"""Agreements as joint-controller arrangements: proposal, approvals, suspension, revocation,
+expiry, and a scope (columns, aggregations, minimum group size) enforced on every query."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from entremise.partners import EntremiseRPCError, aggregate, query
+from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE
+from entremise.v1 import agreement_service_pb2 as pb
+from tests.conftest import Scenario
+
+
+def _propose(s: Scenario, **kwargs: object) -> pb.Agreement:
+    """The bank proposes an agreement with the panel (the bank's proposal is its approval)."""
+    analyst_id = s.analyst.whoami().principal_id
+    return s.bank_client.create_agreement(  # type: ignore[arg-type]
+        name="proposal",
+        purpose=PURPOSE,
+        datasets=[(s.bank_partner_id, "bank"), (s.panel_partner_id, "panel")],
+        analyst_ids=[analyst_id],
+        total_epsilon="2",
+        max_rows_per_person=12,
+        **kwargs,
+    )
+
+
+def _upload(s: Scenario, agreement_id: str) -> None:
+    s.bank_client.upload_dataset(agreement_id, "bank", s.bank, BANK_SCHEMA, private_key=s.bank_key)
+    s.panel_client.upload_dataset(
+        agreement_id, "panel", s.panel, PANEL_SCHEMA, private_key=s.panel_key
+    )
+
+
+def _refused(call: object, status: grpc.StatusCode, match: str = "") -> str:
+    with pytest.raises(EntremiseRPCError) as info:
+        call()  # type: ignore[operator]
+    assert info.value.status is status, info.value.message
+    assert match in info.value.message
+    return info.value.message
+
+
+def test_a_proposal_is_active_only_once_every_partner_approved(sqlite_scenario: Scenario) -> None:
+    s = sqlite_scenario
+    proposal = _propose(s)
+    assert proposal.status == pb.AGREEMENT_STATUS_PROPOSED
+    assert list(proposal.approved_by) == [s.bank_partner_id]
+    s.bank_client.upload_dataset(
+        proposal.agreement_id, "bank", s.bank, BANK_SCHEMA, private_key=s.bank_key
+    )
+    q = query(proposal.agreement_id, "0.1", [aggregate("count")])
+    message = _refused(lambda: s.analyst.run(q), grpc.StatusCode.FAILED_PRECONDITION, "is proposed")
+    assert s.panel_partner_id in message  # who we are waiting for
+    approved = s.panel_client.approve_agreement(proposal.agreement_id)
+    assert approved.status == pb.AGREEMENT_STATUS_ACTIVE
+    s.panel_client.upload_dataset(
+        proposal.agreement_id, "panel", s.panel, PANEL_SCHEMA, private_key=s.panel_key
+    )
+    assert s.analyst.run(q).release.epsilon_spent == "0.1"
+    assert s.officer.budgets(proposal.agreement_id)[0].spent_epsilon == "0.1"
+
+
+def test_suspend_then_reapprove_and_revoke(sqlite_scenario: Scenario) -> None:
+    s = sqlite_scenario
+    agreement = _propose(s)
+    _upload(s, agreement.agreement_id)  # uploading approves
+    q = query(agreement.agreement_id, "0.1", [aggregate("count")])
+    s.analyst.run(q)
+    suspended = s.panel_client.suspend_agreement(agreement.agreement_id)
+    assert (suspended.status, list(suspended.approved_by)) == (pb.AGREEMENT_STATUS_SUSPENDED, [])
+    q2 = query(agreement.agreement_id, "0.2", [aggregate("count")])
+    _refused(lambda: s.analyst.run(q2), grpc.StatusCode.FAILED_PRECONDITION, "is suspended")
+    assert s.bank_client.approve_agreement(agreement.agreement_id).status == (
+        pb.AGREEMENT_STATUS_SUSPENDED
+    )
+    assert s.panel_client.approve_agreement(agreement.agreement_id).status == (
+        pb.AGREEMENT_STATUS_ACTIVE
+    )
+    s.analyst.run(q2)
+    assert s.bank_client.revoke_agreement(agreement.agreement_id).status == (
+        pb.AGREEMENT_STATUS_REVOKED
+    )
+    for call in (
+        lambda: s.analyst.run(query(agreement.agreement_id, "0.3", [aggregate("count")])),
+        lambda: s.panel_client.approve_agreement(agreement.agreement_id),
+        lambda: s.bank_client.suspend_agreement(agreement.agreement_id),
+        lambda: _upload(s, agreement.agreement_id),
+    ):
+        _refused(call, grpc.StatusCode.FAILED_PRECONDITION, "revoked")
+    kinds = [e.kind for e in s.officer.audit_events() if e.subject_id == agreement.agreement_id]
+    assert kinds.count("agreement_suspended") == 1 and kinds.count("agreement_revoked") == 1
+    assert s.officer.budgets(agreement.agreement_id)[0].spent_epsilon == "0.3"
+
+
+def test_an_expired_agreement_answers_nothing(sqlite_scenario: Scenario) -> None:
+    s = sqlite_scenario
+    agreement = _propose(s, expires_at="2020-01-01T00:00:00+00:00")
+    assert agreement.status == pb.AGREEMENT_STATUS_EXPIRED
+    _refused(
+        lambda: _upload(s, agreement.agreement_id), grpc.StatusCode.FAILED_PRECONDITION, "expired"
+    )
+    _refused(
+        lambda: s.bank_client.create_agreement(
+            name="x",
+            purpose=PURPOSE,
+            datasets=[(s.bank_partner_id, "a"), (s.panel_partner_id, "b")],
+            analyst_ids=[s.analyst.whoami().principal_id],
+            total_epsilon="1",
+            expires_at="soon",
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ISO 8601",
+    )
+
+
+def test_queries_outside_the_scope_are_refused(sqlite_scenario: Scenario) -> None:
+    s = sqlite_scenario
+    agreement = _propose(
+        s,
+        allowed_columns=["bank.segment", "panel.amount"],
+        allowed_aggregations=["count", "sum"],
+        min_group_size=150,
+    )
+    _upload(s, agreement.agreement_id)
+    ag = agreement.agreement_id
+    _refused(
+        lambda: s.analyst.preview(query(ag, "0.1", [aggregate("mean", "panel.amount")])),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "aggregation 'mean' is outside",
+    )
+    _refused(
+        lambda: s.analyst.preview(
+            query(ag, "0.1", [aggregate("count")], group_by=["panel.category"])
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "['panel.category'] are outside",
+    )
+    _refused(
+        lambda: s.analyst.preview(
+            query(ag, "0.1", [aggregate("sum", "panel.amount")], group_by=["bank.segment"])
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "must include a people count",
+    )
+    release = s.analyst.run(
+        query(
+            ag,
+            "2",
+            [aggregate("count", name="people"), aggregate("sum", "panel.amount", name="spend")],
+            group_by=["bank.segment"],
+        )
+    ).release
+    people = {c.group[0]: c for c in release.results[0].cells}
+    spend = {c.group[0]: c for c in release.results[1].cells}
+    # ~9% of ~900 joined people are 'private': a noisy count under 150 blanks the whole cell.
+    assert not people["private"].HasField("value") and not spend["private"].HasField("value")
+    assert people["mass"].value > 150 and spend["mass"].HasField("value")
+    assert s.officer.budgets(ag)[0].spent_epsilon == "2"
+
+
+def test_who_may_propose(sqlite_scenario: Scenario) -> None:
+    s = sqlite_scenario
+    _, outsider = s.hub.principal("outsider", "partner")
+    slots = [(s.bank_partner_id, "bank"), (s.panel_partner_id, "panel")]
+    analyst_id = s.analyst.whoami().principal_id
+    _refused(
+        lambda: outsider.create_agreement(
+            name="x", purpose=PURPOSE, datasets=slots, analyst_ids=[analyst_id], total_epsilon="1"
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "only propose agreements it is part of",
+    )
+    _refused(
+        lambda: s.analyst.create_agreement(
+            name="x", purpose=PURPOSE, datasets=slots, analyst_ids=[analyst_id], total_epsilon="1"
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+    _refused(lambda: outsider.approve_agreement(s.agreement_id), grpc.StatusCode.NOT_FOUND)
