@@ -735,7 +735,7 @@ def test_bad_uploads_fail_cleanly_and_publish_nothing(sqlite_hub: Hub, tmp_path:
     assert "not the one you published" in not_mine
     assert "'phone'" in leak and "raw identifiers" in leak
     # The hub refuses a slot the agreement does not declare for this partner, or no agreement.
-    assert wrong_slot.startswith("error: invalid_argument: ")
+    assert wrong_slot.startswith("error: permission_denied: ")
     assert "expects no dataset 'loans' from you" in wrong_slot and "['bank']" in wrong_slot
     assert unknown.startswith("error: not_found: ") and "'ag_nope'" in unknown
 

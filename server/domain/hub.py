@@ -280,7 +280,7 @@ class Hub:
             raise FailedPreconditionError(f"agreement {agreement_id!r} is {status.value}")
         check_name(name, "dataset name")
         if DatasetSlot(caller.principal_id, name) not in agreement.slots:
-            raise InvalidArgumentError(
+            raise PermissionDeniedError(
                 f"agreement {agreement_id!r} expects no dataset {name!r} from you; expected "
                 f"{[s.name for s in agreement.slots if s.partner_id == caller.principal_id]}"
             )
