@@ -803,7 +803,8 @@ def run(
         )
         return
     console.print(
-        f"release {release.release_id}: spent {release.plan.measure or 'epsilon'} "
+        f"release {release.release_id}: spent "
+        f"{'rho' if release.plan.measure == 'zcdp' else 'epsilon'} "
         f"{release.epsilon_spent}, remaining {response.remaining_epsilon}"
     )
 

@@ -78,8 +78,8 @@ class IntegerLaplace:
         return self.epsilon
 
     def ci_halfwidth(self, alpha: float = 0.05) -> float:
-        """Half-width `a` such that P(|noise| > a) <= alpha (data-independent)."""
-        return float(dp.discrete_laplacian_scale_to_accuracy(self.scale, alpha))
+        """Smallest integer `a` with P(|noise| > a) <= alpha (data-independent)."""
+        return integer_halfwidth(float(dp.discrete_laplacian_scale_to_accuracy(self.scale, alpha)))
 
     def release(self, exact: Sequence[int]) -> list[int]:
         """Sample the noisy vector. This is the only randomness in a release."""
@@ -92,9 +92,17 @@ class IntegerLaplace:
         return [int(v) for v in noisy]
 
 
+def integer_halfwidth(accuracy: float) -> float:
+    """The tightest integer half-width for OpenDP's discrete accuracy `a`.
+
+    OpenDP's `a` means P(|X| >= a) <= alpha, so integer noise stays within ceil(a) - 1.
+    """
+    return float(math.ceil(accuracy) - 1)
+
+
 def accuracy_to_scale(halfwidth: float, alpha: float = 0.05) -> float:
-    """Noise scale whose (1 - alpha) interval has the given half-width."""
-    return float(dp.accuracy_to_discrete_laplacian_scale(float(halfwidth), alpha))
+    """Noise scale whose integer (1 - alpha) interval is at most the given half-width."""
+    return float(dp.accuracy_to_discrete_laplacian_scale(float(math.floor(halfwidth) + 1), alpha))
 
 
 @lru_cache(maxsize=256)
@@ -143,8 +151,8 @@ class IntegerGaussian:
         return self.rho
 
     def ci_halfwidth(self, alpha: float = 0.05) -> float:
-        """Half-width `a` such that P(|noise| > a) <= alpha."""
-        return float(dp.discrete_gaussian_scale_to_accuracy(self.scale, alpha))
+        """Smallest integer `a` with P(|noise| > a) <= alpha."""
+        return integer_halfwidth(float(dp.discrete_gaussian_scale_to_accuracy(self.scale, alpha)))
 
     def release(self, exact: Sequence[int]) -> list[int]:
         """Sample the noisy vector inside OpenDP."""
@@ -167,13 +175,16 @@ def mechanism_for(measure: str, l1: int, l2: float, share: Epsilon) -> NoiseMech
     return IntegerLaplace(l1, share)
 
 
-def share_for_accuracy(measure: str, l1: int, l2: float, halfwidth: float,
-                       alpha: float = 0.05) -> Epsilon:
+def share_for_accuracy(
+    measure: str, l1: int, l2: float, halfwidth: float, alpha: float = 0.05
+) -> Epsilon:
     """Smallest budget share whose (1 - alpha) interval is at most `halfwidth` wide."""
     if halfwidth <= 0 or not math.isfinite(halfwidth):
         raise MechanismError("the target accuracy must be a positive number")
     if measure == "zcdp":
-        sigma = float(dp.accuracy_to_discrete_gaussian_scale(float(halfwidth), alpha))
+        # P(|X| > h) <= alpha  <=>  P(|X| >= floor(h) + 1) <= alpha, OpenDP's convention.
+        accuracy = float(math.floor(halfwidth) + 1)
+        sigma = float(dp.accuracy_to_discrete_gaussian_scale(accuracy, alpha))
         return Epsilon.ceil_from_float(l2**2 / (2 * sigma**2))
     return Epsilon.ceil_from_float(l1 / accuracy_to_scale(halfwidth, alpha))
 
@@ -202,8 +213,12 @@ class NoisyArgMin:
         zcdp = self.measure == "zcdp"
         measure = dp.zero_concentrated_divergence() if zcdp else dp.max_divergence()
         return dp.m.make_noisy_max(
-            dp.vector_domain(dp.atom_domain(T="i64")), dp.linf_distance(T="i64", monotonic=False),
-            measure, scale=self.scale, negate=True)
+            dp.vector_domain(dp.atom_domain(T="i64")),
+            dp.linf_distance(T="i64", monotonic=False),
+            measure,
+            scale=self.scale,
+            negate=True,
+        )
 
     def privacy_loss(self) -> Epsilon:
         """The share, checked against OpenDP's privacy map."""
@@ -240,12 +255,16 @@ class KeyThreshold:
         if self.measure == "zcdp":
             sigma = math.sqrt(self.max_keys) / math.sqrt(2 * self.share.as_float())
             metric = dp.l02inf_distance(dp.absolute_distance(T="i64"))
-            return dp.m.make_gaussian_threshold(domain, metric, scale=sigma * _CALIBRATION_MARGIN,
-                                                threshold=threshold)
+            return dp.m.make_gaussian_threshold(
+                domain, metric, scale=sigma * _CALIBRATION_MARGIN, threshold=threshold
+            )
         metric = dp.l01inf_distance(dp.absolute_distance(T="i64"))
         return dp.m.make_laplace_threshold(
-            domain, metric, scale=self.max_keys / self.share.as_float() * _CALIBRATION_MARGIN,
-            threshold=threshold)
+            domain,
+            metric,
+            scale=self.max_keys / self.share.as_float() * _CALIBRATION_MARGIN,
+            threshold=threshold,
+        )
 
     def _loss(self, threshold: int) -> tuple[float, float]:
         eps, delta = self._build(threshold).map((self.max_keys, self.max_keys, 1))

@@ -26,6 +26,7 @@ from entremise.server.api.servicers import (
 from entremise.server.crypto import DatasetCipher, Keyring
 from entremise.server.domain.audit import AuditSigner
 from entremise.server.domain.hub import Hub
+from entremise.server.domain.limits import RateLimiter
 from entremise.server.engine import DuckDBEngine
 from entremise.server.files import ParquetDatasetFiles
 from entremise.server.store.sql import SqlStore
@@ -69,6 +70,9 @@ class HubConfig:
     workers: int = 8
     max_message_bytes: int = MAX_MESSAGE_BYTES
     master_key_file: Path | None = None
+    rate_per_second: float = 200.0
+    rate_burst: float = 400.0
+    max_upload_rows: int = 100_000_000
 
     @classmethod
     def for_dir(
@@ -127,12 +131,13 @@ def build_server(config: HubConfig) -> RunningHub:
     cipher = DatasetCipher(keyring, config.data_dir / "keys")
     hub = Hub(
         store,
-        ParquetDatasetFiles(cipher, config.data_dir / "data"),
+        ParquetDatasetFiles(cipher, config.data_dir / "data", max_rows=config.max_upload_rows),
         DuckDBEngine(),
         signer=signer,
         head_path=config.data_dir / AUDIT_HEAD_FILE,
     )
     hub.bootstrap_admin(resolve_admin_token(config))
+    limiter = RateLimiter(config.rate_per_second, config.rate_burst)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
         options=[
@@ -141,14 +146,16 @@ def build_server(config: HubConfig) -> RunningHub:
         ],
         maximum_concurrent_rpcs=config.workers * 8,
     )
-    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(hub), server)
-    partner_service_pb2_grpc.add_PartnerServiceServicer_to_server(PartnerServicer(hub), server)
-    agreement_service_pb2_grpc.add_AgreementServiceServicer_to_server(
-        AgreementServicer(hub), server
+    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(hub, limiter), server)
+    partner_service_pb2_grpc.add_PartnerServiceServicer_to_server(
+        PartnerServicer(hub, limiter), server
     )
-    query_service_pb2_grpc.add_QueryServiceServicer_to_server(QueryServicer(hub), server)
+    agreement_service_pb2_grpc.add_AgreementServiceServicer_to_server(
+        AgreementServicer(hub, limiter), server
+    )
+    query_service_pb2_grpc.add_QueryServiceServicer_to_server(QueryServicer(hub, limiter), server)
     compliance_service_pb2_grpc.add_ComplianceServiceServicer_to_server(
-        ComplianceServicer(hub), server
+        ComplianceServicer(hub, limiter), server
     )
 
     health_servicer = health.HealthServicer()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -81,8 +82,9 @@ class Hub:
         return principal.principal_id, self.client(token)
 
 
-def start_hub(data_dir: Path, db_url: str) -> Hub:
-    running = build_server(HubConfig.for_dir(data_dir, db_url=db_url, admin_token=ADMIN_TOKEN))
+def start_hub(data_dir: Path, db_url: str, **overrides: Any) -> Hub:
+    config = HubConfig.for_dir(data_dir, db_url=db_url, admin_token=ADMIN_TOKEN)
+    running = build_server(replace(config, **overrides))
     running.server.start()
     target = f"127.0.0.1:{running.port}"
     return Hub(running, target, data_dir, Client.connect(target, token=ADMIN_TOKEN))

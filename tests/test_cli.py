@@ -591,7 +591,7 @@ def test_refused_queries_fail_cleanly_and_spend_nothing(world: World) -> None:
         lambda: run_query("--agg", "count", "--epsilon", "abc"),
         lambda: run_query("--agg", "mean:panel.nope", "--epsilon", "0.1"),
         lambda: run_query("--agg", "mean:Panel.Amount!", "--epsilon", "0.1"),
-        lambda: run_query("--agg", "median:panel.amount", "--epsilon", "0.1"),
+        lambda: run_query("--agg", "mode:panel.amount", "--epsilon", "0.1"),
         lambda: run_query("--agg", "count", "--where", "panel.amount>=lots", "--epsilon", "0.1"),
         lambda: run_query("--agg", "count", "--epsilon", "0.1", token="ent_wrong"),
         lambda: world.as_(
@@ -629,7 +629,7 @@ def test_refused_queries_fail_cleanly_and_spend_nothing(world: World) -> None:
     bad_agg = one_line_error(bad_agg_proc, EXIT_LOCAL)
     assert "--agg 'mean:Panel.Amount!'" in bad_agg and "expected KIND[:COLUMN]" in bad_agg
     bad_kind = one_line_error(bad_kind_proc, EXIT_LOCAL)
-    assert "aggregate kind must be one of" in bad_kind and "'median'" in bad_kind
+    assert "aggregate kind must be one of" in bad_kind and "'mode'" in bad_kind
     bad_where = one_line_error(bad_where_proc, EXIT_LOCAL)
     assert "--where 'panel.amount>=lots'" in bad_where and "not a number" in bad_where
 
@@ -1043,7 +1043,7 @@ def test_help_exits_zero(tmp_path: Path) -> None:
 
 def test_bad_agg_error_shows_the_whole_syntax(tmp_path: Path) -> None:
     proc = run_cli("query", "run", "--agreement", "ag_x", "--agg", "mean:x!", cwd=tmp_path)
-    assert "KIND[:COLUMN][@EPSILON]" in one_line_error(proc, EXIT_LOCAL)
+    assert "KIND[:COLUMN][@EPSILON|~TARGET]" in one_line_error(proc, EXIT_LOCAL)
 
 
 def test_error_about_a_path_with_brackets_has_no_traceback(tmp_path: Path) -> None:

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from entremise.privacy.budget import Epsilon, InvalidEpsilonError
-from entremise.privacy.mechanisms import IntegerLaplace, MechanismError, accuracy_to_scale
+from entremise.privacy.mechanisms import (
+    IntegerLaplace,
+    MechanismError,
+    accuracy_to_scale,
+    share_for_accuracy,
+)
 
 
 def test_epsilon_is_exact_decimal_arithmetic() -> None:
@@ -38,7 +43,11 @@ def test_privacy_map_from_opendp_matches_the_share() -> None:
     assert mech.privacy_loss() == Epsilon.parse("0.3")
     with pytest.raises(MechanismError):
         IntegerLaplace(sensitivity=0, epsilon=Epsilon.parse("1"))
-    assert accuracy_to_scale(mech.ci_halfwidth()) == pytest.approx(mech.scale, rel=1e-3)
+    # The round trip: asking for this half-width costs at most this share and delivers it.
+    share = share_for_accuracy("pure", 12, 12.0, mech.ci_halfwidth())
+    assert share <= Epsilon.parse("0.3")
+    assert IntegerLaplace(12, share).ci_halfwidth() <= mech.ci_halfwidth()
+    assert accuracy_to_scale(mech.ci_halfwidth()) >= mech.scale * 0.999
 
 
 @pytest.mark.parametrize(("sensitivity", "epsilon"), [(1, "0.5"), (12, "0.3"), (3600, "1")])

@@ -28,6 +28,7 @@ from entremise.server.api.serde import (
 )
 from entremise.server.domain.errors import InvalidArgumentError
 from entremise.server.domain.hub import Hub
+from entremise.server.domain.limits import RateLimiter
 from entremise.server.domain.models import Agreement, Principal
 from entremise.server.domain.planner import (
     DEFAULT_MAX_GROUPS_PER_PERSON,
@@ -56,11 +57,15 @@ def bearer_token(context: grpc.ServicerContext) -> str | None:
 
 
 class _Base:
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, limiter: RateLimiter | None = None) -> None:
         self.hub = hub
+        self.limiter = limiter
 
     def caller(self, context: grpc.ServicerContext) -> Principal:
-        return self.hub.authenticate(bearer_token(context))
+        principal = self.hub.authenticate(bearer_token(context))
+        if self.limiter is not None:
+            self.limiter.check(principal.principal_id)
+        return principal
 
 
 class AdminServicer(_Base, admin_service_pb2_grpc.AdminServiceServicer):
