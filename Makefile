@@ -27,8 +27,9 @@ protos: $(STAMP) ## Regenerate the committed protobuf/gRPC code from proto/
 check-protos: $(STAMP) ## Fail if the committed generated code differs from the .proto files
 	$(BIN)/pytest -q tests/test_protos.py
 
-demo: $(STAMP) ## Run the whole job on SQLite: hub, two partner uploads over gRPC, DP queries, budget
-	$(BIN)/entremise demo
+demo: $(STAMP) ## Run the whole job on SQLite; leaves demo-workdir/report/report.html to open
+	rm -rf demo-workdir
+	$(BIN)/entremise demo --workdir demo-workdir
 
 test: $(STAMP) ## Run the test suite (SQLite; PostgreSQL too when reachable)
 	$(BIN)/pytest

@@ -867,6 +867,36 @@ def ledger_list(
     console.print(table)
 
 
+@app.command()
+def report(
+    out: Annotated[Path, typer.Option(help="Directory for report.md/.html and budget plots.")],
+    agreement: Annotated[str, typer.Option(help="One agreement (default: all).")] = "",
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
+) -> None:
+    """Compliance report: budget over time, releases, consent coverage, Art. 30 record."""
+    from entremise.cli.report import build_report
+
+    with connect(target, token) as client, friendly_errors():
+        files = build_report(client, out, agreement)
+    if json_out:
+        print_json(
+            {
+                "markdown": str(files.markdown),
+                "html": str(files.html),
+                "plot_png": str(files.plot_png),
+                "plot_svg": str(files.plot_svg),
+            }
+        )
+    else:
+        console.print(
+            f"report written: {files.html} (and {files.markdown.name}, "
+            f"{files.plot_png.name}, {files.plot_svg.name})",
+            markup=False,
+        )
+
+
 @audit_app.command("list")
 def audit_list(
     target: TargetOption = DEFAULT_TARGET, token: TokenOption = "", json_out: JsonOption = False

@@ -69,6 +69,7 @@ class DemoReport:
     refused: dict[str, Any] = field(default_factory=dict)
     budget: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
+    report: str | None = None
 
 
 def consented_join(bank: pd.DataFrame, panel: pd.DataFrame) -> pd.DataFrame:
@@ -424,6 +425,13 @@ def run_demo(
             str(budget.release_count),
         )
         console.print(table)
+        if keep:
+            from entremise.cli.report import build_report
+
+            with Client.connect(hub.target, token=officer_token) as officer:
+                files = build_report(officer, root / "report")
+            report.report = str(files.html)
+            console.print(f"compliance report: {files.html}", markup=False)
         covered = sum(v["within_ci95"] for v in report.values)
         console.print(
             f"{covered}/{len(report.values)} released values lie within their stated "
@@ -445,6 +453,7 @@ def run_demo(
             "released_values": len(report.values),
         },
         "timings_s": report.timings_s,
+        "report": report.report,
     }
 
 

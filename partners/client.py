@@ -535,3 +535,14 @@ class Client:
                 self._compliance.ListAuditEvents, compliance_service_pb2.ListAuditEventsRequest()
             ).events
         )
+
+    def consent_coverage(
+        self, agreement_id: str = ""
+    ) -> list[compliance_service_pb2.ConsentCoverage]:
+        """Consent coverage per dataset and purpose (compliance officers and admins)."""
+        return list(
+            self._unary(
+                self._compliance.GetConsentCoverage,
+                compliance_service_pb2.GetConsentCoverageRequest(agreement_id=agreement_id),
+            ).coverage
+        )

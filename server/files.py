@@ -7,6 +7,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,6 +18,7 @@ from entremise.server.crypto import DatasetCipher
 from entremise.server.domain.errors import InvalidArgumentError, ResourceLimitError
 from entremise.server.domain.models import (
     CategoricalColumn,
+    ConsentCount,
     DatasetSchema,
     DuplicateReport,
     NumericColumn,
@@ -287,6 +289,24 @@ class ParquetDatasetFiles(DatasetFiles):
             return _stats(table, schema, digest.hexdigest(), size)
         finally:
             staged.unlink(missing_ok=True)
+
+    def consent_counts(  # noqa: D102
+        self, dataset_id: str, version: int, schema: DatasetSchema, now: str
+    ) -> list[ConsentCount]:
+        table = self.read(dataset_id, version)
+        cutoff = pa.scalar(datetime.fromisoformat(now), pa.timestamp("us", tz="UTC"))
+        out = []
+        for consent in schema.consents:
+            flag = table.column(consent.column)
+            given = int(pc.sum(flag).as_py() or 0)
+            expired = 0
+            if consent.expiry_column:
+                past = pc.fill_null(
+                    pc.less_equal(table.column(consent.expiry_column), cutoff), False
+                )
+                expired = int(pc.sum(pc.and_(flag, past)).as_py() or 0)
+            out.append(ConsentCount(consent.purpose, table.num_rows, given - expired, expired))
+        return out
 
     def present(  # noqa: D102
         self, dataset_id: str, version: int, schema: DatasetSchema, pseudonyms: set[str]

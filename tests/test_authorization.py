@@ -246,6 +246,12 @@ def test_authorization_matrix(sqlite_scenario: Scenario) -> None:
             compliance_pb.ListAuditEventsRequest,
             {"admin", "compliance"},
         ),
+        "GetConsentCoverage": (
+            ComplianceServiceStub,
+            "GetConsentCoverage",
+            compliance_pb.GetConsentCoverageRequest,
+            {"admin", "compliance"},
+        ),
         # Any partner may publish (rotate) its own key; late, since it changes the key context.
         "PublishPublicKey": (
             PartnerServiceStub,

@@ -360,6 +360,31 @@ class ComplianceServicer(_Base, compliance_service_pb2_grpc.ComplianceServiceSer
             )
         raise AssertionError  # pragma: no cover
 
+    def GetConsentCoverage(
+        self,
+        request: compliance_service_pb2.GetConsentCoverageRequest,
+        context: grpc.ServicerContext,
+    ) -> compliance_service_pb2.GetConsentCoverageResponse:
+        with rpc_errors(context, "GetConsentCoverage"):
+            rows = self.hub.consent_coverage(self.caller(context), request.agreement_id)
+            return compliance_service_pb2.GetConsentCoverageResponse(
+                coverage=[
+                    compliance_service_pb2.ConsentCoverage(
+                        agreement_id=d.agreement_id,
+                        dataset_id=d.dataset_id,
+                        dataset_name=d.name,
+                        partner_id=d.partner_id,
+                        purpose=c.purpose,
+                        rows=c.rows,
+                        consenting_rows=c.consenting_rows,
+                        expired_rows=c.expired_rows,
+                        withdrawn_people=gone,
+                    )
+                    for d, c, gone in rows
+                ]
+            )
+        raise AssertionError  # pragma: no cover
+
     def ListLedger(
         self, request: compliance_service_pb2.ListLedgerRequest, context: grpc.ServicerContext
     ) -> compliance_service_pb2.ListLedgerResponse:

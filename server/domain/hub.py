@@ -34,6 +34,7 @@ from entremise.server.domain.models import (
     AuditEvent,
     BudgetKind,
     BudgetState,
+    ConsentCount,
     Dataset,
     DatasetSchema,
     DatasetSlot,
@@ -808,6 +809,25 @@ class Hub:
             budget = self.store.get_budget(agreement.agreement_id)
             assert budget is not None
             out.append(budget)
+        return out
+
+    def consent_coverage(
+        self, caller: Principal, agreement_id: str = ""
+    ) -> list[tuple[Dataset, ConsentCount, int]]:
+        """Per dataset and purpose: consent counts, and people withdrawn by its partner."""
+        _require(caller, Role.COMPLIANCE, Role.ADMIN)
+        if agreement_id and self.store.get_agreement(agreement_id) is None:
+            raise NotFoundError(f"agreement {agreement_id!r} not found")
+        out = []
+        withdrawn: dict[str, dict[str, list[str]]] = {}
+        for dataset in self.store.list_datasets(agreement_id=agreement_id or None):
+            if dataset.agreement_id not in withdrawn:
+                withdrawn[dataset.agreement_id] = self.store.withdrawn(dataset.agreement_id)
+            gone = len(withdrawn[dataset.agreement_id].get(dataset.partner_id, []))
+            for count in self.files.consent_counts(
+                dataset.dataset_id, dataset.version, dataset.schema, now()
+            ):
+                out.append((dataset, count, gone))
         return out
 
     def ledger(self, caller: Principal, agreement_id: str = "") -> list[Release]:

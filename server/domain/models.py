@@ -647,3 +647,13 @@ class Release:
     query_fingerprint: str
     replay_key: str = ""
     delta_units: int = 0
+
+
+@dataclass(frozen=True)
+class ConsentCount:
+    """Consent coverage of one dataset version for one purpose (counts only)."""
+
+    purpose: str
+    rows: int
+    consenting_rows: int
+    expired_rows: int

@@ -14,6 +14,7 @@ from entremise.server.domain.models import (
     AgreementStatus,
     AuditEvent,
     BudgetState,
+    ConsentCount,
     Dataset,
     DatasetSchema,
     DuplicateReport,
@@ -194,6 +195,12 @@ class DatasetFiles(ABC):
         self, dataset_id: str, version: int, schema: DatasetSchema, pseudonyms: set[str]
     ) -> set[str]:
         """Which of these pseudonyms occur in any key column of the stored version."""
+
+    @abstractmethod
+    def consent_counts(
+        self, dataset_id: str, version: int, schema: DatasetSchema, now: str
+    ) -> list[ConsentCount]:
+        """Rows, consenting rows and expired consents per declared purpose."""
 
     @abstractmethod
     def path(self, dataset_id: str, version: int) -> str:

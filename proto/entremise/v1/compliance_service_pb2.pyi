@@ -177,3 +177,85 @@ class ListAuditEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015
+
+@_typing.final
+class ConsentCoverage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGREEMENT_ID_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    DATASET_NAME_FIELD_NUMBER: _builtins.int
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    CONSENTING_ROWS_FIELD_NUMBER: _builtins.int
+    EXPIRED_ROWS_FIELD_NUMBER: _builtins.int
+    WITHDRAWN_PEOPLE_FIELD_NUMBER: _builtins.int
+    agreement_id: _builtins.str
+    dataset_id: _builtins.str
+    dataset_name: _builtins.str
+    partner_id: _builtins.str
+    purpose: _builtins.str
+    rows: _builtins.int
+    consenting_rows: _builtins.int
+    expired_rows: _builtins.int
+    withdrawn_people: _builtins.int
+    def __init__(
+        self,
+        *,
+        agreement_id: _builtins.str = ...,
+        dataset_id: _builtins.str = ...,
+        dataset_name: _builtins.str = ...,
+        partner_id: _builtins.str = ...,
+        purpose: _builtins.str = ...,
+        rows: _builtins.int = ...,
+        consenting_rows: _builtins.int = ...,
+        expired_rows: _builtins.int = ...,
+        withdrawn_people: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "consenting_rows", b"consenting_rows", "dataset_id", b"dataset_id", "dataset_name", b"dataset_name", "expired_rows", b"expired_rows", "partner_id", b"partner_id", "purpose", b"purpose", "rows", b"rows", "withdrawn_people", b"withdrawn_people"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsentCoverage: _TypeAlias = ConsentCoverage  # noqa: Y015
+
+@_typing.final
+class GetConsentCoverageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGREEMENT_ID_FIELD_NUMBER: _builtins.int
+    agreement_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        agreement_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetConsentCoverageRequest: _TypeAlias = GetConsentCoverageRequest  # noqa: Y015
+
+@_typing.final
+class GetConsentCoverageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COVERAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def coverage(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsentCoverage]: ...
+    def __init__(
+        self,
+        *,
+        coverage: _abc.Iterable[Global___ConsentCoverage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coverage", b"coverage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetConsentCoverageResponse: _TypeAlias = GetConsentCoverageResponse  # noqa: Y015

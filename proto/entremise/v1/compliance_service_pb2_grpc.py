@@ -49,6 +49,11 @@ class ComplianceServiceStub:
                 request_serializer=entremise_dot_v1_dot_compliance__service__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=entremise_dot_v1_dot_compliance__service__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.GetConsentCoverage = channel.unary_unary(
+                '/entremise.v1.ComplianceService/GetConsentCoverage',
+                request_serializer=entremise_dot_v1_dot_compliance__service__pb2.GetConsentCoverageRequest.SerializeToString,
+                response_deserializer=entremise_dot_v1_dot_compliance__service__pb2.GetConsentCoverageResponse.FromString,
+                _registered_method=True)
 
 
 class ComplianceServiceServicer:
@@ -73,6 +78,13 @@ class ComplianceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetConsentCoverage(self, request, context):
+        """Per dataset and purpose: rows, consenting rows, expired consents, withdrawals.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ComplianceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +102,11 @@ def add_ComplianceServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=entremise_dot_v1_dot_compliance__service__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=entremise_dot_v1_dot_compliance__service__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'GetConsentCoverage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConsentCoverage,
+                    request_deserializer=entremise_dot_v1_dot_compliance__service__pb2.GetConsentCoverageRequest.FromString,
+                    response_serializer=entremise_dot_v1_dot_compliance__service__pb2.GetConsentCoverageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -173,6 +190,33 @@ class ComplianceService:
             '/entremise.v1.ComplianceService/ListAuditEvents',
             entremise_dot_v1_dot_compliance__service__pb2.ListAuditEventsRequest.SerializeToString,
             entremise_dot_v1_dot_compliance__service__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConsentCoverage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entremise.v1.ComplianceService/GetConsentCoverage',
+            entremise_dot_v1_dot_compliance__service__pb2.GetConsentCoverageRequest.SerializeToString,
+            entremise_dot_v1_dot_compliance__service__pb2.GetConsentCoverageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,8 @@ class ComplianceServiceStub:
     ListLedger: _grpc.UnaryUnaryMultiCallable[_compliance_service_pb2.ListLedgerRequest, _compliance_service_pb2.ListLedgerResponse]
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_compliance_service_pb2.ListAuditEventsRequest, _compliance_service_pb2.ListAuditEventsResponse]
     """The hash-chained, signed audit log (state changes and releases, counts only)."""
+    GetConsentCoverage: _grpc.UnaryUnaryMultiCallable[_compliance_service_pb2.GetConsentCoverageRequest, _compliance_service_pb2.GetConsentCoverageResponse]
+    """Per dataset and purpose: rows, consenting rows, expired consents, withdrawals."""
 
 @_typing.type_check_only
 class ComplianceServiceAsyncStub(ComplianceServiceStub):
@@ -43,6 +45,8 @@ class ComplianceServiceAsyncStub(ComplianceServiceStub):
     ListLedger: _aio.UnaryUnaryMultiCallable[_compliance_service_pb2.ListLedgerRequest, _compliance_service_pb2.ListLedgerResponse]  # type: ignore[assignment]
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_compliance_service_pb2.ListAuditEventsRequest, _compliance_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """The hash-chained, signed audit log (state changes and releases, counts only)."""
+    GetConsentCoverage: _aio.UnaryUnaryMultiCallable[_compliance_service_pb2.GetConsentCoverageRequest, _compliance_service_pb2.GetConsentCoverageResponse]  # type: ignore[assignment]
+    """Per dataset and purpose: rows, consenting rows, expired consents, withdrawals."""
 
 class ComplianceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -66,5 +70,13 @@ class ComplianceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_compliance_service_pb2.ListAuditEventsResponse, _abc.Awaitable[_compliance_service_pb2.ListAuditEventsResponse]]:
         """The hash-chained, signed audit log (state changes and releases, counts only)."""
+
+    @_abc_1.abstractmethod
+    def GetConsentCoverage(
+        self,
+        request: _compliance_service_pb2.GetConsentCoverageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_compliance_service_pb2.GetConsentCoverageResponse, _abc.Awaitable[_compliance_service_pb2.GetConsentCoverageResponse]]:
+        """Per dataset and purpose: rows, consenting rows, expired consents, withdrawals."""
 
 def add_ComplianceServiceServicer_to_server(servicer: ComplianceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
