@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -14,7 +16,7 @@ from google.protobuf.message import Message
 from rich.console import Console
 from rich.markup import escape
 
-from entremise.partners.client import Client, EntremiseRPCError
+from entremise.partners.client import Client, EntremiseRPCError, TLSConfig
 from entremise.partners.prepare import PrepareError
 from entremise.partners.pseudonymise import IdentifierError
 from entremise.partners.schema import SchemaError
@@ -75,11 +77,25 @@ def friendly_errors() -> Iterator[None]:
         fail(str(exc))
 
 
+def tls_from_environment() -> TLSConfig | None:
+    """TLS settings from ENTREMISE_TLS_CA (+ _CERT and _KEY for mutual TLS, _SERVER_NAME)."""
+    ca = os.environ.get("ENTREMISE_TLS_CA")
+    if not ca:
+        return None
+    cert, key = os.environ.get("ENTREMISE_TLS_CERT"), os.environ.get("ENTREMISE_TLS_KEY")
+    return TLSConfig.from_files(
+        Path(ca),
+        Path(cert) if cert else None,
+        Path(key) if key else None,
+        os.environ.get("ENTREMISE_TLS_SERVER_NAME") or None,
+    )
+
+
 @contextmanager
 def connect(target: str, token: str) -> Iterator[Client]:
-    """A client for one command, with friendly errors."""
+    """A client for one command (TLS from the environment), with friendly errors."""
     with friendly_errors():
-        client = Client.connect(target, token=token or None)
+        client = Client.connect(target, token=token or None, tls=tls_from_environment())
         try:
             yield client
         finally:

@@ -80,6 +80,14 @@ def serve(
         Path | None, typer.Option(help="Write the bound port here once serving.")
     ] = None,
     log_file: Annotated[Path | None, typer.Option(help="Log here instead of stderr.")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="Server certificate (PEM): TLS.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Server private key (PEM).")] = None,
+    tls_client_ca: Annotated[
+        Path | None, typer.Option(help="CA of client certificates: mutual TLS (CN = principal).")
+    ] = None,
+    master_key_file: Annotated[
+        Path | None, typer.Option(help="Master keyring (default: DATA_DIR/master.keys).")
+    ] = None,
     json_out: Annotated[
         bool,
         typer.Option("--json", help="Print one JSON line with the bound address once serving."),
@@ -99,7 +107,15 @@ def serve(
             db_url=db or f"sqlite:///{(data_dir / 'entremise.db').resolve()}",
             data_dir=data_dir,
             listen=listen,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            master_key_file=master_key_file,
         )
+        if (tls_cert is None) != (tls_key is None):
+            fail("--tls-cert and --tls-key go together")
+        if tls_client_ca is not None and tls_cert is None:
+            fail("--tls-client-ca needs --tls-cert and --tls-key")
         run_hub(config, port_file=port_file, announce_json=json_out)
 
 

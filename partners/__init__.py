@@ -3,6 +3,7 @@
 from entremise.partners.client import (
     Client,
     EntremiseRPCError,
+    TLSConfig,
     UploadResult,
     aggregate,
     query,
@@ -27,6 +28,7 @@ __all__ = [
     "MatchingKeyError",
     "Numeric",
     "Pseudonymiser",
+    "TLSConfig",
     "Text",
     "UploadResult",
     "UploadSchema",

@@ -80,6 +80,32 @@ def _call(fn: Callable[[], T]) -> T:
 
 
 @dataclass(frozen=True)
+class TLSConfig:
+    """TLS to the hub: its CA, and for mutual TLS this client's certificate and key (PEM)."""
+
+    root_ca: bytes
+    cert_chain: bytes | None = None
+    private_key: bytes | None = field(default=None, repr=False)
+    server_name: str | None = None
+
+    @classmethod
+    def from_files(
+        cls,
+        ca: Path,
+        cert: Path | None = None,
+        key: Path | None = None,
+        server_name: str | None = None,
+    ) -> TLSConfig:
+        """Read the PEM files."""
+        return cls(
+            ca.read_bytes(),
+            cert.read_bytes() if cert else None,
+            key.read_bytes() if key else None,
+            server_name,
+        )
+
+
+@dataclass(frozen=True)
 class MatchingKey:
     """An agreement's matching key (secret, partner-side) and its public fingerprint."""
 
@@ -189,15 +215,20 @@ class Client:
         token: str | None = None,
         timeout: float = 300.0,
         wait_ready: float | None = 10.0,
+        tls: TLSConfig | None = None,
     ) -> Client:
         """Open a channel to `target` (host:port) and wait until it is ready."""
-        channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if tls is None:
+            channel = grpc.insecure_channel(target, options=options)
+        else:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            credentials = grpc.ssl_channel_credentials(tls.root_ca, tls.private_key, tls.cert_chain)
+            channel = grpc.secure_channel(target, credentials, options=options)
         if wait_ready:
             try:
                 grpc.channel_ready_future(channel).result(timeout=wait_ready)

@@ -70,6 +70,11 @@ class HubConfig:
     workers: int = 8
     max_message_bytes: int = MAX_MESSAGE_BYTES
     master_key_file: Path | None = None
+    # TLS: server certificate and key (PEM); with a client CA, clients must present a
+    # certificate signed by it, whose common name is their principal id (mutual TLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
     rate_per_second: float = 200.0
     rate_burst: float = 400.0
     max_upload_rows: int = 100_000_000
@@ -165,7 +170,15 @@ def build_server(config: HubConfig) -> RunningHub:
     reflection.enable_server_reflection(
         [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(config.listen)
+    if config.tls_cert and config.tls_key:
+        credentials = grpc.ssl_server_credentials(
+            [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+            root_certificates=config.tls_client_ca.read_bytes() if config.tls_client_ca else None,
+            require_client_auth=config.tls_client_ca is not None,
+        )
+        port = server.add_secure_port(config.listen, credentials)
+    else:
+        port = server.add_insecure_port(config.listen)
     if port == 0:
         store.close()
         raise OSError(f"cannot listen on {config.listen}")

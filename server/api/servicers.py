@@ -56,13 +56,22 @@ def bearer_token(context: grpc.ServicerContext) -> str | None:
     return None
 
 
+def certificate_principal(context: grpc.ServicerContext) -> str | None:
+    """The common name of the client certificate verified by TLS, if the call came with one."""
+    names = context.auth_context().get("x509_common_name")
+    if not names:
+        return None
+    name = names[0]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
 class _Base:
     def __init__(self, hub: Hub, limiter: RateLimiter | None = None) -> None:
         self.hub = hub
         self.limiter = limiter
 
     def caller(self, context: grpc.ServicerContext) -> Principal:
-        principal = self.hub.authenticate(bearer_token(context))
+        principal = self.hub.authenticate(bearer_token(context), certificate_principal(context))
         if self.limiter is not None:
             self.limiter.check(principal.principal_id)
         return principal

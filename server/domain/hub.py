@@ -158,8 +158,20 @@ class Hub:
 
     # -- principals -------------------------------------------------------------------------
 
-    def authenticate(self, token: str | None) -> Principal:
-        """The principal holding `token`; UNAUTHENTICATED otherwise."""
+    def authenticate(self, token: str | None, certificate_id: str | None = None) -> Principal:
+        """The principal named by a verified client certificate, or holding `token`.
+
+        With mutual TLS the identity comes from the peer certificate the TLS layer verified
+        (its common name is a principal id), never from a header the caller chooses; a token
+        sent alongside must belong to the same principal.
+        """
+        if certificate_id is not None:
+            principal = self.store.get_principal(certificate_id)
+            if principal is None:
+                raise UnauthenticatedError("the client certificate names no known principal")
+            if token and self.store.principal_by_token(hash_token(token)) != principal:
+                raise UnauthenticatedError("the API token and the client certificate disagree")
+            return principal
         if not token:
             raise UnauthenticatedError(
                 "missing API token (metadata 'authorization: Bearer <token>')"
