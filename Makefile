@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: help install protos check-protos demo test test-pg lint typecheck format clean
+.PHONY: help install protos check-protos demo test test-pg race lint typecheck format clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -37,8 +37,11 @@ test: $(STAMP) ## Run the test suite (SQLite; PostgreSQL too when reachable)
 test-pg: $(STAMP) ## Run the suite and require PostgreSQL (PG_URL=...)
 	ENTREMISE_TEST_PG_URL=$(PG_URL) ENTREMISE_REQUIRE_PG=1 $(BIN)/pytest
 
+race: $(STAMP) ## Budget race: 64 concurrent releases, budget for 10, on SQLite and PostgreSQL (JSON)
+	$(BIN)/python -m bench.race
+
 lint: $(STAMP) ## Ruff and strict mypy
-	$(BIN)/ruff check proto/entremise server partners privacy cli tests
+	$(BIN)/ruff check proto/entremise server partners privacy cli tests bench
 	$(MAKE) typecheck
 
 typecheck: $(STAMP) ## Strict mypy over the entremise package

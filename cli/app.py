@@ -60,6 +60,28 @@ app.add_typer(budget_app, name="budget")
 app.add_typer(ledger_app, name="ledger")
 audit_app = typer.Typer(no_args_is_help=True, help="Compliance: the tamper-evident audit log.")
 app.add_typer(audit_app, name="audit")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    db: Annotated[str, typer.Option(help="SQLAlchemy URL, e.g. postgresql+psycopg://...")],
+    json_out: JsonOption = False,
+) -> None:
+    """Apply every pending migration (the hub also does this when it starts)."""
+    from entremise.server.store.sql import SqlStore
+
+    with friendly_errors():
+        store = SqlStore(db, create=False)
+        try:
+            revision = store.upgrade()
+        finally:
+            store.close()
+    if json_out:
+        print_json({"revision": revision})
+    else:
+        console.print(f"database at revision {revision}", markup=False)
 
 
 # -- hub ---------------------------------------------------------------------------------------

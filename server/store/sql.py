@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from alembic import command as alembic_command
+from alembic.config import Config as AlembicConfig
 from sqlalchemy.engine import Connection, Engine
 
 from entremise.privacy.budget import Epsilon
@@ -40,6 +43,7 @@ from entremise.server.domain.models import (
 from entremise.server.domain.ports import Store
 
 metadata = sa.MetaData()
+MIGRATIONS = Path(__file__).parent / "migrations"
 
 principals = sa.Table(
     "principals",
@@ -301,7 +305,17 @@ class SqlStore(Store):
         self.engine = create_engine(url)
         self.writer = self.engine.execution_options(immediate=True)
         if create:
-            metadata.create_all(self.writer)
+            self.upgrade()
+
+    def upgrade(self) -> str:
+        """Apply Alembic migrations up to head (idempotent); returns the revision."""
+        config = AlembicConfig()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        with self.writer.begin() as conn:
+            config.attributes["connection"] = conn
+            alembic_command.upgrade(config, "head")
+            revision = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+        return str(revision)
 
     def close(self) -> None:
         """Release pooled connections."""

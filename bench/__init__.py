@@ -1,0 +1,1 @@
+"""Benchmarks and stress runs that print JSON (see the Makefile)."""
