@@ -1,1 +1,1 @@
-"""Alembic migrations of the hub's metadata schema (applied at start and by `entremise db upgrade`)."""
+"""Alembic migrations of the metadata schema (run at start and by `entremise db upgrade`)."""
