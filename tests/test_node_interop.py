@@ -30,7 +30,7 @@ def node_client() -> Path:
         pytest.skip("node/npm not installed")
     if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").exists():
         subprocess.run(
-            [npm, "install", "--no-audit", "--no-fund", "--loglevel=error"],
+            [npm, "install", "--no-audit", "--no-fund", "--no-package-lock", "--loglevel=error"],
             cwd=NODE_DIR,
             check=True,
             capture_output=True,
