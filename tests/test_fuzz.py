@@ -1,0 +1,31 @@
+"""Hostile input: every RPC of a real hub and the partner-side readers never crash or leak."""
+
+from __future__ import annotations
+
+from bench.fuzz import fuzz_hub, fuzz_readers
+from tests.conftest import Scenario
+
+
+def _token(client: object) -> str:
+    return dict(client._metadata)["authorization"].removeprefix("Bearer ")  # type: ignore[attr-defined]
+
+
+def test_every_rpc_survives_hostile_input(sqlite_scenario: Scenario) -> None:
+    s = sqlite_scenario
+    tokens = [
+        _token(c) for c in (s.hub.admin, s.bank_client, s.panel_client, s.analyst, s.officer)
+    ] + ["", "ent_forged"]
+    result = fuzz_hub(s.hub.target, tokens, [s.agreement_id], [s.bank_id, s.panel_id], examples=40)
+    assert result["rpcs"] == 22
+    assert result["inputs"] >= 22 * 40
+    assert result["crashes"] == 0, result["crash_samples"]
+    assert result["statuses"].get("INVALID_ARGUMENT", 0) > 0  # the inputs do reach validation
+    # The scenario's data and budget came through unharmed.
+    assert {d.name for d in s.hub.admin.list_datasets()} >= {"bank", "panel"}
+    assert s.officer.budgets(s.agreement_id)[0].total_epsilon == "5"
+
+
+def test_file_readers_only_refuse_cleanly() -> None:
+    result = fuzz_readers(examples=60)
+    assert result["inputs"] == 180
+    assert result["crashes"] == 0, result["crash_samples"]
