@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: help install protos check-protos demo test test-pg race fuzz lint typecheck format clean
+.PHONY: help install protos check-protos demo test test-pg race kill fuzz lint typecheck format clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ test-pg: $(STAMP) ## Run the suite and require PostgreSQL (PG_URL=...)
 
 race: $(STAMP) ## Budget race: 64 concurrent releases, budget for 10, on SQLite and PostgreSQL (JSON)
 	$(BIN)/python -m bench.race
+
+kill: $(STAMP) ## Crash test: SIGKILL the hub mid-upload/mid-release 8 times, check invariants (JSON)
+	$(BIN)/python -m bench.kill --rounds 8
 
 fuzz: $(STAMP) ## Hostile input against every RPC of a real hub and the file readers (JSON)
 	$(BIN)/python -m bench.fuzz --examples 300

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -354,6 +355,7 @@ class Client:
         private_key: X25519PrivateKey,
         default_region: str = "FR",
         chunk_bytes: int = 1024 * 1024,
+        request_id: str = "",
     ) -> UploadResult:
         """Pseudonymise `source` locally under the agreement's key, then stream Arrow chunks."""
         frame = read_table(source) if isinstance(source, Path) else source
@@ -366,6 +368,7 @@ class Client:
             schema=schema.to_proto(),
             key_fingerprint=matching.fingerprint,
             content_sha256=encoded.sha256,
+            request_id=request_id or uuid.uuid4().hex,
         )
 
         def requests() -> Iterator[partner_service_pb2.UploadDatasetRequest]:

@@ -142,6 +142,9 @@ def build_server(config: HubConfig) -> RunningHub:
         head_path=config.data_dir / AUDIT_HEAD_FILE,
     )
     hub.bootstrap_admin(resolve_admin_token(config))
+    swept = hub.recover()
+    if swept:
+        log.warning("removed %d dataset files left by an interrupted upload", swept)
     limiter = RateLimiter(config.rate_per_second, config.rate_burst)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),

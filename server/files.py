@@ -308,6 +308,19 @@ class ParquetDatasetFiles(DatasetFiles):
             out.append(ConsentCount(consent.purpose, table.num_rows, given - expired, expired))
         return out
 
+    def sweep(self, keep: set[tuple[str, int]]) -> int:  # noqa: D102
+        removed = 0
+        for path in self.datasets.glob("*/v*.parquet.enc"):
+            dataset_id, version = path.parent.name, int(path.name.split(".")[0][1:])
+            if (dataset_id, version) not in keep:
+                self.cipher.shred(dataset_id, version)
+                path.unlink(missing_ok=True)
+                removed += 1
+        for path in self.datasets.glob("*/*.partial"):
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
     def present(  # noqa: D102
         self, dataset_id: str, version: int, schema: DatasetSchema, pseudonyms: set[str]
     ) -> set[str]:

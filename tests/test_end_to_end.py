@@ -142,3 +142,26 @@ def test_health_and_reflection_are_served(sqlite_hub: Hub) -> None:
         "entremise.v1.ComplianceService",
         "grpc.health.v1.Health",
     } <= names
+
+
+def test_an_upload_retried_with_its_request_id_is_published_once(scenario: Scenario) -> None:
+    first = scenario.bank_client.upload_dataset(
+        scenario.agreement_id,
+        "bank",
+        scenario.bank,
+        BANK_SCHEMA,
+        private_key=scenario.bank_key,
+        request_id="retry-1",
+    )
+    again = scenario.bank_client.upload_dataset(
+        scenario.agreement_id,
+        "bank",
+        scenario.bank,
+        BANK_SCHEMA,
+        private_key=scenario.bank_key,
+        request_id="retry-1",
+    )
+    assert first.dataset.version == again.dataset.version == 2
+    assert scenario.bank_client.list_datasets()[0].version == 2
+    published = [e for e in scenario.officer.audit_events() if e.kind == "dataset_published"]
+    assert len(published) == 3  # bank v1, panel v1, bank v2 once

@@ -170,6 +170,7 @@ class PartnerServicer(_Base, partner_service_pb2_grpc.PartnerServiceServicer):
                 header.key_fingerprint,
                 header.content_sha256,
                 chunks(),
+                header.request_id,
             )
             return partner_service_pb2.UploadDatasetResponse(dataset=dataset_to_proto(dataset))
         raise AssertionError  # pragma: no cover

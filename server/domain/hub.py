@@ -181,6 +181,10 @@ class Hub:
             raise UnauthenticatedError("invalid API token")
         return principal
 
+    def recover(self) -> int:
+        """After a crash: drop files that no committed metadata refers to (half-done uploads)."""
+        return self.files.sweep(self.store.stored_versions())
+
     def bootstrap_admin(self, token: str, name: str = "admin") -> Principal:
         """Register the configured admin token once (idempotent across restarts)."""
         existing = self.store.principal_by_token(hash_token(token))
@@ -281,6 +285,7 @@ class Hub:
         key_fingerprint_: str,
         content_sha256: str,
         chunks: Iterable[bytes],
+        request_id: str = "",
     ) -> Dataset:
         """Validate and store an upload into one of the agreement's slots.
 
@@ -310,6 +315,16 @@ class Hub:
                 "pseudonyms were derived under an outdated or unknown key context "
                 "(a partner rotated its key?): fetch the key material again and re-pseudonymise"
             )
+        if len(request_id) > 64:
+            raise InvalidArgumentError("request_id must be at most 64 characters")
+        if request_id:
+            done = self.store.find_upload(caller.principal_id, request_id)
+            if done is not None:  # a retry of an upload that was published: answer it again
+                published = self.store.get_dataset(done[0])
+                if published is not None:
+                    for _ in chunks:  # drain the stream; nothing is stored twice
+                        pass
+                    return published
         previous = self.store.find_dataset(agreement_id, caller.principal_id, name)
         dataset_id = previous.dataset_id if previous else new_id("ds")
         version = previous.version + 1 if previous else 1
@@ -329,7 +344,7 @@ class Hub:
             max_rows_per_key=stats.max_rows_per_key,
             duplicates=stats.duplicates,
         )
-        self._publish(dataset, previous)
+        self._publish(dataset, previous, request_id)
         if caller.principal_id not in agreement.approved_by:
             self.approve_agreement(caller, agreement_id, via="upload")
         self._audit(
@@ -345,9 +360,9 @@ class Hub:
         )
         return dataset
 
-    def _publish(self, dataset: Dataset, previous: Dataset | None) -> None:
+    def _publish(self, dataset: Dataset, previous: Dataset | None, request_id: str = "") -> None:
         try:
-            self.store.publish_dataset(dataset)
+            self.store.publish_dataset(dataset, request_id)
         except Exception:
             self.files.delete(dataset.dataset_id, dataset.version)
             raise

@@ -48,8 +48,16 @@ class Store(ABC):
         """How many principals exist (optionally of one role)."""
 
     @abstractmethod
-    def publish_dataset(self, dataset: Dataset) -> None:
-        """Make a dataset version visible (insert or replace the partner's dataset of that name)."""
+    def publish_dataset(self, dataset: Dataset, request_id: str = "") -> None:
+        """Make a dataset version visible, recording the client's request id, in one transaction."""
+
+    @abstractmethod
+    def find_upload(self, partner_id: str, request_id: str) -> tuple[str, int] | None:
+        """The (dataset id, version) an earlier upload with this request id published."""
+
+    @abstractmethod
+    def stored_versions(self) -> set[tuple[str, int]]:
+        """Every (dataset id, version) the metadata refers to."""
 
     @abstractmethod
     def get_dataset(self, dataset_id: str) -> Dataset | None:
@@ -189,6 +197,10 @@ class DatasetFiles(ABC):
         pseudonyms: set[str],
     ) -> IngestResult | None:
         """Write `new_version` without the rows of these pseudonyms; None if none matched."""
+
+    @abstractmethod
+    def sweep(self, keep: set[tuple[str, int]]) -> int:
+        """Delete stored versions (and their keys) the metadata does not refer to."""
 
     @abstractmethod
     def present(

@@ -116,6 +116,15 @@ datasets = sa.Table(
     sa.UniqueConstraint("agreement_id", "partner_id", "name", name="uq_datasets_slot"),
 )
 
+upload_requests = sa.Table(
+    "upload_requests",
+    metadata,
+    sa.Column("partner_id", sa.String(40), primary_key=True),
+    sa.Column("request_id", sa.String(64), primary_key=True),
+    sa.Column("dataset_id", sa.String(40), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
 public_keys = sa.Table(
     "public_keys",
     metadata,
@@ -353,7 +362,24 @@ class SqlStore(Store):
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
 
-    def publish_dataset(self, dataset: Dataset) -> None:  # noqa: D102
+    def find_upload(self, partner_id: str, request_id: str) -> tuple[str, int] | None:  # noqa: D102
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(upload_requests).where(
+                    upload_requests.c.partner_id == partner_id,
+                    upload_requests.c.request_id == request_id,
+                )
+            ).first()
+        return (row.dataset_id, row.version) if row else None
+
+    def stored_versions(self) -> set[tuple[str, int]]:  # noqa: D102
+        with self.engine.connect() as conn:
+            return {
+                (r.dataset_id, r.version)
+                for r in conn.execute(sa.select(datasets.c.dataset_id, datasets.c.version))
+            }
+
+    def publish_dataset(self, dataset: Dataset, request_id: str = "") -> None:  # noqa: D102
         values = {
             "partner_id": dataset.partner_id,
             "agreement_id": dataset.agreement_id,
@@ -369,9 +395,27 @@ class SqlStore(Store):
             "duplicates_json": json.dumps([asdict(d) for d in dataset.duplicates]),
         }
         with self.writer.begin() as conn:
+            if request_id:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(
+                            upload_requests.insert().values(
+                                partner_id=dataset.partner_id,
+                                request_id=request_id,
+                                dataset_id=dataset.dataset_id,
+                                version=dataset.version,
+                            )
+                        )
+                except sa.exc.IntegrityError:
+                    raise AlreadyExistsError(
+                        f"upload request {request_id!r} was already published"
+                    ) from None
             if dataset.version == 1:
                 try:
-                    conn.execute(datasets.insert().values(dataset_id=dataset.dataset_id, **values))
+                    with conn.begin_nested():
+                        conn.execute(
+                            datasets.insert().values(dataset_id=dataset.dataset_id, **values)
+                        )
                 except sa.exc.IntegrityError:
                     raise AlreadyExistsError(
                         f"dataset {dataset.name!r} was uploaded concurrently; retry"

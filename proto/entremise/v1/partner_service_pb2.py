@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from entremise.v1 import common_pb2 as entremise_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"entremise/v1/partner_service.proto\x12\x0c\x65ntremise.v1\x1a\x19\x65ntremise/v1/common.proto\"Z\n\tPublicKey\x12\x14\n\x0cprincipal_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x12\n\ncreated_at\x18\x04 \x01(\t\"-\n\x17PublishPublicKeyRequest\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\"@\n\x18PublishPublicKeyResponse\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.entremise.v1.PublicKey\"E\n\nWrappedKey\x12\x14\n\x0crecipient_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"-\n\x15GetKeyMaterialRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\"\xbf\x01\n\x16GetKeyMaterialResponse\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\x12-\n\x0cparticipants\x18\x02 \x03(\x0b\x32\x17.entremise.v1.PublicKey\x12\x17\n\x0fkey_fingerprint\x18\x03 \x01(\t\x12\x34\n\x12wrapped_for_caller\x18\x04 \x01(\x0b\x32\x18.entremise.v1.WrappedKey\x12\x11\n\tleader_id\x18\x05 \x01(\t\"r\n\x19PublishWrappedKeysRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\x02 \x01(\t\x12&\n\x04keys\x18\x03 \x03(\x0b\x32\x18.entremise.v1.WrappedKey\",\n\x1aPublishWrappedKeysResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x05\"\x90\x01\n\x0cUploadHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x06schema\x18\x02 \x01(\x0b\x32\x1b.entremise.v1.DatasetSchema\x12\x16\n\x0e\x63ontent_sha256\x18\x03 \x01(\t\x12\x14\n\x0c\x61greement_id\x18\x04 \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\x05 \x01(\t\"]\n\x14UploadDatasetRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.entremise.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"?\n\x15UploadDatasetResponse\x12&\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x15.entremise.v1.Dataset\"\x15\n\x13ListDatasetsRequest\"?\n\x14ListDatasetsResponse\x12\'\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x15.entremise.v1.Dataset\"*\n\x14\x44\x65leteDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"+\n\x15\x44\x65leteDatasetResponse\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"B\n\x16WithdrawConsentRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\x12\x12\n\npseudonyms\x18\x02 \x03(\t\"N\n\x17WithdrawConsentResponse\x12\x10\n\x08received\x18\x01 \x01(\x03\x12\x0f\n\x07matched\x18\x02 \x01(\x03\x12\x10\n\x08recorded\x18\x03 \x01(\x03\"?\n\x13\x45raseRecordsRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\x12\x12\n\npseudonyms\x18\x02 \x03(\t\"Y\n\x14\x45raseRecordsResponse\x12\x10\n\x08received\x18\x01 \x01(\x03\x12\x13\n\x0brows_erased\x18\x02 \x01(\x03\x12\x1a\n\x12\x64\x61tasets_rewritten\x18\x03 \x01(\x03\x32\xfd\x05\n\x0ePartnerService\x12\x61\n\x10PublishPublicKey\x12%.entremise.v1.PublishPublicKeyRequest\x1a&.entremise.v1.PublishPublicKeyResponse\x12[\n\x0eGetKeyMaterial\x12#.entremise.v1.GetKeyMaterialRequest\x1a$.entremise.v1.GetKeyMaterialResponse\x12g\n\x12PublishWrappedKeys\x12\'.entremise.v1.PublishWrappedKeysRequest\x1a(.entremise.v1.PublishWrappedKeysResponse\x12Z\n\rUploadDataset\x12\".entremise.v1.UploadDatasetRequest\x1a#.entremise.v1.UploadDatasetResponse(\x01\x12U\n\x0cListDatasets\x12!.entremise.v1.ListDatasetsRequest\x1a\".entremise.v1.ListDatasetsResponse\x12X\n\rDeleteDataset\x12\".entremise.v1.DeleteDatasetRequest\x1a#.entremise.v1.DeleteDatasetResponse\x12^\n\x0fWithdrawConsent\x12$.entremise.v1.WithdrawConsentRequest\x1a%.entremise.v1.WithdrawConsentResponse\x12U\n\x0c\x45raseRecords\x12!.entremise.v1.EraseRecordsRequest\x1a\".entremise.v1.EraseRecordsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"entremise/v1/partner_service.proto\x12\x0c\x65ntremise.v1\x1a\x19\x65ntremise/v1/common.proto\"Z\n\tPublicKey\x12\x14\n\x0cprincipal_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x12\n\ncreated_at\x18\x04 \x01(\t\"-\n\x17PublishPublicKeyRequest\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\"@\n\x18PublishPublicKeyResponse\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.entremise.v1.PublicKey\"E\n\nWrappedKey\x12\x14\n\x0crecipient_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"-\n\x15GetKeyMaterialRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\"\xbf\x01\n\x16GetKeyMaterialResponse\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\x12-\n\x0cparticipants\x18\x02 \x03(\x0b\x32\x17.entremise.v1.PublicKey\x12\x17\n\x0fkey_fingerprint\x18\x03 \x01(\t\x12\x34\n\x12wrapped_for_caller\x18\x04 \x01(\x0b\x32\x18.entremise.v1.WrappedKey\x12\x11\n\tleader_id\x18\x05 \x01(\t\"r\n\x19PublishWrappedKeysRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\x02 \x01(\t\x12&\n\x04keys\x18\x03 \x03(\x0b\x32\x18.entremise.v1.WrappedKey\",\n\x1aPublishWrappedKeysResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x05\"\xa4\x01\n\x0cUploadHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x06schema\x18\x02 \x01(\x0b\x32\x1b.entremise.v1.DatasetSchema\x12\x16\n\x0e\x63ontent_sha256\x18\x03 \x01(\t\x12\x14\n\x0c\x61greement_id\x18\x04 \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"]\n\x14UploadDatasetRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.entremise.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"?\n\x15UploadDatasetResponse\x12&\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x15.entremise.v1.Dataset\"\x15\n\x13ListDatasetsRequest\"?\n\x14ListDatasetsResponse\x12\'\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x15.entremise.v1.Dataset\"*\n\x14\x44\x65leteDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"+\n\x15\x44\x65leteDatasetResponse\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"B\n\x16WithdrawConsentRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\x12\x12\n\npseudonyms\x18\x02 \x03(\t\"N\n\x17WithdrawConsentResponse\x12\x10\n\x08received\x18\x01 \x01(\x03\x12\x0f\n\x07matched\x18\x02 \x01(\x03\x12\x10\n\x08recorded\x18\x03 \x01(\x03\"?\n\x13\x45raseRecordsRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\x12\x12\n\npseudonyms\x18\x02 \x03(\t\"Y\n\x14\x45raseRecordsResponse\x12\x10\n\x08received\x18\x01 \x01(\x03\x12\x13\n\x0brows_erased\x18\x02 \x01(\x03\x12\x1a\n\x12\x64\x61tasets_rewritten\x18\x03 \x01(\x03\x32\xfd\x05\n\x0ePartnerService\x12\x61\n\x10PublishPublicKey\x12%.entremise.v1.PublishPublicKeyRequest\x1a&.entremise.v1.PublishPublicKeyResponse\x12[\n\x0eGetKeyMaterial\x12#.entremise.v1.GetKeyMaterialRequest\x1a$.entremise.v1.GetKeyMaterialResponse\x12g\n\x12PublishWrappedKeys\x12\'.entremise.v1.PublishWrappedKeysRequest\x1a(.entremise.v1.PublishWrappedKeysResponse\x12Z\n\rUploadDataset\x12\".entremise.v1.UploadDatasetRequest\x1a#.entremise.v1.UploadDatasetResponse(\x01\x12U\n\x0cListDatasets\x12!.entremise.v1.ListDatasetsRequest\x1a\".entremise.v1.ListDatasetsResponse\x12X\n\rDeleteDataset\x12\".entremise.v1.DeleteDatasetRequest\x1a#.entremise.v1.DeleteDatasetResponse\x12^\n\x0fWithdrawConsent\x12$.entremise.v1.WithdrawConsentRequest\x1a%.entremise.v1.WithdrawConsentResponse\x12U\n\x0c\x45raseRecords\x12!.entremise.v1.EraseRecordsRequest\x1a\".entremise.v1.EraseRecordsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,27 +49,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUBLISHWRAPPEDKEYSRESPONSE']._serialized_start=712
   _globals['_PUBLISHWRAPPEDKEYSRESPONSE']._serialized_end=756
   _globals['_UPLOADHEADER']._serialized_start=759
-  _globals['_UPLOADHEADER']._serialized_end=903
-  _globals['_UPLOADDATASETREQUEST']._serialized_start=905
-  _globals['_UPLOADDATASETREQUEST']._serialized_end=998
-  _globals['_UPLOADDATASETRESPONSE']._serialized_start=1000
-  _globals['_UPLOADDATASETRESPONSE']._serialized_end=1063
-  _globals['_LISTDATASETSREQUEST']._serialized_start=1065
-  _globals['_LISTDATASETSREQUEST']._serialized_end=1086
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=1088
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=1151
-  _globals['_DELETEDATASETREQUEST']._serialized_start=1153
-  _globals['_DELETEDATASETREQUEST']._serialized_end=1195
-  _globals['_DELETEDATASETRESPONSE']._serialized_start=1197
-  _globals['_DELETEDATASETRESPONSE']._serialized_end=1240
-  _globals['_WITHDRAWCONSENTREQUEST']._serialized_start=1242
-  _globals['_WITHDRAWCONSENTREQUEST']._serialized_end=1308
-  _globals['_WITHDRAWCONSENTRESPONSE']._serialized_start=1310
-  _globals['_WITHDRAWCONSENTRESPONSE']._serialized_end=1388
-  _globals['_ERASERECORDSREQUEST']._serialized_start=1390
-  _globals['_ERASERECORDSREQUEST']._serialized_end=1453
-  _globals['_ERASERECORDSRESPONSE']._serialized_start=1455
-  _globals['_ERASERECORDSRESPONSE']._serialized_end=1544
-  _globals['_PARTNERSERVICE']._serialized_start=1547
-  _globals['_PARTNERSERVICE']._serialized_end=2312
+  _globals['_UPLOADHEADER']._serialized_end=923
+  _globals['_UPLOADDATASETREQUEST']._serialized_start=925
+  _globals['_UPLOADDATASETREQUEST']._serialized_end=1018
+  _globals['_UPLOADDATASETRESPONSE']._serialized_start=1020
+  _globals['_UPLOADDATASETRESPONSE']._serialized_end=1083
+  _globals['_LISTDATASETSREQUEST']._serialized_start=1085
+  _globals['_LISTDATASETSREQUEST']._serialized_end=1106
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=1108
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=1171
+  _globals['_DELETEDATASETREQUEST']._serialized_start=1173
+  _globals['_DELETEDATASETREQUEST']._serialized_end=1215
+  _globals['_DELETEDATASETRESPONSE']._serialized_start=1217
+  _globals['_DELETEDATASETRESPONSE']._serialized_end=1260
+  _globals['_WITHDRAWCONSENTREQUEST']._serialized_start=1262
+  _globals['_WITHDRAWCONSENTREQUEST']._serialized_end=1328
+  _globals['_WITHDRAWCONSENTRESPONSE']._serialized_start=1330
+  _globals['_WITHDRAWCONSENTRESPONSE']._serialized_end=1408
+  _globals['_ERASERECORDSREQUEST']._serialized_start=1410
+  _globals['_ERASERECORDSREQUEST']._serialized_end=1473
+  _globals['_ERASERECORDSRESPONSE']._serialized_start=1475
+  _globals['_ERASERECORDSRESPONSE']._serialized_end=1564
+  _globals['_PARTNERSERVICE']._serialized_start=1567
+  _globals['_PARTNERSERVICE']._serialized_end=2332
 # @@protoc_insertion_point(module_scope)

@@ -219,12 +219,17 @@ class UploadHeader(_message.Message):
     CONTENT_SHA256_FIELD_NUMBER: _builtins.int
     AGREEMENT_ID_FIELD_NUMBER: _builtins.int
     KEY_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     content_sha256: _builtins.str
     """SHA-256 (hex) of the concatenated chunk bytes, checked before publishing."""
     agreement_id: _builtins.str
     key_fingerprint: _builtins.str
     """The key fingerprint the pseudonyms were derived under (must be the agreement's current one)."""
+    request_id: _builtins.str
+    """Client-chosen id: retrying an upload with the same id after a failure or a crash
+    publishes it at most once.
+    """
     @_builtins.property
     def schema(self) -> _common_pb2.DatasetSchema: ...
     def __init__(
@@ -235,10 +240,11 @@ class UploadHeader(_message.Message):
         content_sha256: _builtins.str = ...,
         agreement_id: _builtins.str = ...,
         key_fingerprint: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["schema", b"schema"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "content_sha256", b"content_sha256", "key_fingerprint", b"key_fingerprint", "name", b"name", "schema", b"schema"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "content_sha256", b"content_sha256", "key_fingerprint", b"key_fingerprint", "name", b"name", "request_id", b"request_id", "schema", b"schema"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
