@@ -186,9 +186,3 @@ def build_scenario(
 def scenario(hub: Hub) -> Scenario:
     """Bank + panel uploaded through gRPC and joined under one agreement (SQLite and PostgreSQL)."""
     return build_scenario(hub)
-
-
-@pytest.fixture
-def sqlite_scenario(sqlite_hub: Hub) -> Scenario:
-    """The same scenario on SQLite only."""
-    return build_scenario(sqlite_hub)

@@ -41,8 +41,8 @@ def _refused(call: object, status: grpc.StatusCode, match: str = "") -> str:
     return info.value.message
 
 
-def test_a_proposal_is_active_only_once_every_partner_approved(sqlite_scenario: Scenario) -> None:
-    s = sqlite_scenario
+def test_a_proposal_is_active_only_once_every_partner_approved(scenario: Scenario) -> None:
+    s = scenario
     proposal = _propose(s)
     assert proposal.status == pb.AGREEMENT_STATUS_PROPOSED
     assert list(proposal.approved_by) == [s.bank_partner_id]
@@ -61,8 +61,8 @@ def test_a_proposal_is_active_only_once_every_partner_approved(sqlite_scenario: 
     assert s.officer.budgets(proposal.agreement_id)[0].spent_epsilon == "0.1"
 
 
-def test_suspend_then_reapprove_and_revoke(sqlite_scenario: Scenario) -> None:
-    s = sqlite_scenario
+def test_suspend_then_reapprove_and_revoke(scenario: Scenario) -> None:
+    s = scenario
     agreement = _propose(s)
     _upload(s, agreement.agreement_id)  # uploading approves
     q = query(agreement.agreement_id, "0.1", [aggregate("count")])
@@ -93,8 +93,8 @@ def test_suspend_then_reapprove_and_revoke(sqlite_scenario: Scenario) -> None:
     assert s.officer.budgets(agreement.agreement_id)[0].spent_epsilon == "0.3"
 
 
-def test_an_expired_agreement_answers_nothing(sqlite_scenario: Scenario) -> None:
-    s = sqlite_scenario
+def test_an_expired_agreement_answers_nothing(scenario: Scenario) -> None:
+    s = scenario
     agreement = _propose(s, expires_at="2020-01-01T00:00:00+00:00")
     assert agreement.status == pb.AGREEMENT_STATUS_EXPIRED
     _refused(
@@ -114,8 +114,8 @@ def test_an_expired_agreement_answers_nothing(sqlite_scenario: Scenario) -> None
     )
 
 
-def test_queries_outside_the_scope_are_refused(sqlite_scenario: Scenario) -> None:
-    s = sqlite_scenario
+def test_queries_outside_the_scope_are_refused(scenario: Scenario) -> None:
+    s = scenario
     agreement = _propose(
         s,
         allowed_columns=["bank.segment", "panel.amount"],
@@ -159,8 +159,8 @@ def test_queries_outside_the_scope_are_refused(sqlite_scenario: Scenario) -> Non
     assert s.officer.budgets(ag)[0].spent_epsilon == "2"
 
 
-def test_who_may_propose(sqlite_scenario: Scenario) -> None:
-    s = sqlite_scenario
+def test_who_may_propose(scenario: Scenario) -> None:
+    s = scenario
     _, outsider = s.hub.principal("outsider", "partner")
     slots = [(s.bank_partner_id, "bank"), (s.panel_partner_id, "panel")]
     analyst_id = s.analyst.whoami().principal_id

@@ -138,8 +138,8 @@ def test_a_rebuilt_chain_without_the_key_is_caught(logged: Scenario) -> None:
     assert "signature" in result.reason
 
 
-def test_cli_verify_reports_the_first_tampered_entry(sqlite_scenario: Scenario) -> None:
-    hub = sqlite_scenario.hub
+def test_cli_verify_reports_the_first_tampered_entry(scenario: Scenario) -> None:
+    hub = scenario.hub
     url = hub.running.store.url
     args = [
         sys.executable,

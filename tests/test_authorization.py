@@ -79,8 +79,8 @@ def _tokens(s: Scenario) -> dict[str, str]:
     return out
 
 
-def test_authorization_matrix(sqlite_scenario: Scenario) -> None:
-    s = sqlite_scenario
+def test_authorization_matrix(scenario: Scenario) -> None:
+    s = scenario
     tokens = _tokens(s)
     ag = s.agreement_id
     analyst_id = s.analyst.whoami().principal_id
@@ -337,9 +337,9 @@ def test_authorization_matrix(sqlite_scenario: Scenario) -> None:
     ],
 )
 def test_identity_never_comes_from_a_chosen_header(
-    sqlite_scenario: Scenario, header: tuple[str, str]
+    scenario: Scenario, header: tuple[str, str]
 ) -> None:
-    with grpc.insecure_channel(sqlite_scenario.hub.target) as channel:
+    with grpc.insecure_channel(scenario.hub.target) as channel:
         with pytest.raises(grpc.RpcError) as err:
             ComplianceServiceStub(channel).GetBudget(
                 compliance_pb.GetBudgetRequest(), metadata=(header,), timeout=10

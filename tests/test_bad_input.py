@@ -82,8 +82,8 @@ def _table(emails: list[str]) -> pa.Table:
 
 
 @pytest.fixture
-def partner(sqlite_scenario: Scenario) -> Hostile:
-    s = sqlite_scenario
+def partner(scenario: Scenario) -> Hostile:
+    s = scenario
     principal, token = s.hub.admin.create_principal("hostile partner", "partner")
     client = s.hub.client(token)
     client.publish_public_key(generate_private_key())
@@ -275,9 +275,9 @@ def test_hub_rejects_corrupt_streams(partner: tuple[Scenario, str]) -> None:
 
 
 def test_sdk_refuses_malformed_files_and_raw_identifiers(
-    tmp_path: Path, sqlite_scenario: Scenario
+    tmp_path: Path, scenario: Scenario
 ) -> None:
-    s = sqlite_scenario
+    s = scenario
     garbage = tmp_path / "garbage.csv"
     garbage.write_bytes(b'email,segment\n"unterminated,\xff\xfe\x00')
     with pytest.raises(PrepareError, match=r"garbage\.csv: cannot read as csv"):
@@ -327,8 +327,8 @@ def test_sdk_refuses_malformed_files_and_raw_identifiers(
 
 
 @pytest.mark.parametrize("epsilon", ["-1", "-0.000001", "nan", "inf", "abc", "0.0000001", "1e9"])
-def test_bad_epsilon_is_invalid_argument(sqlite_scenario: Scenario, epsilon: str) -> None:
-    s = sqlite_scenario
+def test_bad_epsilon_is_invalid_argument(scenario: Scenario, epsilon: str) -> None:
+    s = scenario
     with pytest.raises(EntremiseRPCError) as info:
         s.analyst.run(query(s.agreement_id, epsilon, [aggregate("count")]))
     assert info.value.status is grpc.StatusCode.INVALID_ARGUMENT
@@ -364,9 +364,9 @@ def test_bad_epsilon_is_invalid_argument(sqlite_scenario: Scenario, epsilon: str
     ],
 )
 def test_bad_queries_are_invalid_and_spend_nothing(
-    sqlite_scenario: Scenario, kwargs: dict[str, object], message: str
+    scenario: Scenario, kwargs: dict[str, object], message: str
 ) -> None:
-    s = sqlite_scenario
+    s = scenario
     q = query(s.agreement_id, "1", **kwargs)  # type: ignore[arg-type]
     for call in (s.analyst.preview, s.analyst.run):
         with pytest.raises(EntremiseRPCError) as info:

@@ -141,8 +141,8 @@ def test_only_people_consenting_in_every_dataset_are_counted(hub: Hub) -> None:
         )
 
 
-def test_exact_aggregates_match_the_partner_side_truth(sqlite_scenario: Scenario) -> None:
-    s = sqlite_scenario
+def test_exact_aggregates_match_the_partner_side_truth(scenario: Scenario) -> None:
+    s = scenario
     truth = consented_join(s.bank, s.panel)
     unfiltered = s.panel.assign(email=s.panel["email"].str.strip().str.lower()).merge(
         s.bank.assign(email=s.bank["email"].str.strip().str.lower()), on="email"
@@ -197,8 +197,8 @@ def test_exact_aggregates_match_the_partner_side_truth(sqlite_scenario: Scenario
     assert affluent.people == [truth.loc[truth["segment"] == "affluent", "email"].nunique()]
 
 
-def test_contributions_are_bounded_after_the_join(sqlite_scenario: Scenario) -> None:
-    s = sqlite_scenario
+def test_contributions_are_bounded_after_the_join(scenario: Scenario) -> None:
+    s = scenario
     truth = consented_join(s.bank, s.panel)
     per_person = truth.groupby("email").size()
     assert per_person.max() > 3
@@ -210,9 +210,9 @@ def test_contributions_are_bounded_after_the_join(sqlite_scenario: Scenario) -> 
     assert sum(exact.people) == truth["email"].nunique()  # one category per person by default
 
 
-def test_three_datasets_join_on_people_consenting_in_all(sqlite_scenario: Scenario) -> None:
+def test_three_datasets_join_on_people_consenting_in_all(scenario: Scenario) -> None:
     """Three partners: the key leader wraps the matching key for the others (hub-blind)."""
-    s = sqlite_scenario
+    s = scenario
     truth = consented_join(s.bank, s.panel)
     people = sorted(truth["email"].unique())
     loyalty = pd.DataFrame(

@@ -23,8 +23,8 @@ def _file(s: Scenario, dataset_id: str) -> Path:
     return Path(s.hub.running.hub.files.path(dataset.dataset_id, dataset.version))
 
 
-def test_stored_files_are_not_readable_without_the_key(sqlite_scenario: Scenario) -> None:
-    s = sqlite_scenario
+def test_stored_files_are_not_readable_without_the_key(scenario: Scenario) -> None:
+    s = scenario
     for dataset_id in (s.bank_id, s.panel_id):
         raw = _file(s, dataset_id).read_bytes()
         assert raw.startswith(MAGIC) and b"PAR1" not in raw[:64]
@@ -39,9 +39,9 @@ def test_stored_files_are_not_readable_without_the_key(sqlite_scenario: Scenario
 
 
 def test_deleted_dataset_stays_unreadable_even_if_its_bytes_come_back(
-    sqlite_scenario: Scenario, tmp_path: Path
+    scenario: Scenario, tmp_path: Path
 ) -> None:
-    s = sqlite_scenario
+    s = scenario
     path = _file(s, s.panel_id)
     backup = tmp_path / "backup.enc"
     shutil.copy(path, backup)
@@ -56,8 +56,8 @@ def test_deleted_dataset_stays_unreadable_even_if_its_bytes_come_back(
     assert deleted[-1].detail["crypto_shredded"] is True
 
 
-def test_ciphertexts_are_bound_to_their_dataset_and_untampered(sqlite_scenario: Scenario) -> None:
-    s = sqlite_scenario
+def test_ciphertexts_are_bound_to_their_dataset_and_untampered(scenario: Scenario) -> None:
+    s = scenario
     files = s.hub.running.hub.files
     bank, panel = _file(s, s.bank_id), _file(s, s.panel_id)
     bank_bytes, panel_bytes = bank.read_bytes(), panel.read_bytes()
@@ -74,9 +74,9 @@ def test_ciphertexts_are_bound_to_their_dataset_and_untampered(sqlite_scenario: 
 
 
 def test_master_key_rotation_keeps_data_readable_and_retires_the_old_key(
-    sqlite_scenario: Scenario,
+    scenario: Scenario,
 ) -> None:
-    s = sqlite_scenario
+    s = scenario
     data_dir = s.hub.data_dir
     old_ring = json.loads((data_dir / "master.keys").read_text())
     done = subprocess.run(

@@ -10,8 +10,8 @@ def _token(client: object) -> str:
     return dict(client._metadata)["authorization"].removeprefix("Bearer ")  # type: ignore[attr-defined]
 
 
-def test_every_rpc_survives_hostile_input(sqlite_scenario: Scenario) -> None:
-    s = sqlite_scenario
+def test_every_rpc_survives_hostile_input(scenario: Scenario) -> None:
+    s = scenario
     tokens = [
         _token(c) for c in (s.hub.admin, s.bank_client, s.panel_client, s.analyst, s.officer)
     ] + ["", "ent_forged"]

@@ -123,9 +123,9 @@ def test_canaries_and_their_plain_hashes_never_reach_the_hub(hub: Hub) -> None:
 
 
 def test_two_agreements_over_the_same_people_have_disjoint_pseudonyms(
-    sqlite_scenario: Scenario,
+    scenario: Scenario,
 ) -> None:
-    s = sqlite_scenario
+    s = scenario
     analyst_id = s.analyst.whoami().principal_id
     second = s.hub.admin.create_agreement(
         name="again",
@@ -150,9 +150,9 @@ def test_two_agreements_over_the_same_people_have_disjoint_pseudonyms(
 
 
 def test_both_partners_derive_the_same_key_and_the_hub_holds_only_public_keys(
-    sqlite_scenario: Scenario,
+    scenario: Scenario,
 ) -> None:
-    s = sqlite_scenario
+    s = scenario
     bank_key = s.bank_client.matching_key(s.agreement_id, s.bank_key)
     panel_key = s.panel_client.matching_key(s.agreement_id, s.panel_key)
     assert bank_key.key == panel_key.key and len(bank_key.key) == 32
@@ -176,9 +176,9 @@ def test_both_partners_derive_the_same_key_and_the_hub_holds_only_public_keys(
 
 
 def test_key_rotation_requires_a_reupload_and_changes_every_pseudonym(
-    sqlite_scenario: Scenario,
+    scenario: Scenario,
 ) -> None:
-    s = sqlite_scenario
+    s = scenario
     before = _stored_pseudonyms(s.hub, s.agreement_id)
     people = _people(s.hub, s.agreement_id)
     # Publishing the same key again (a retry) is not a rotation.
@@ -238,8 +238,8 @@ def test_withdrawal_drops_the_exact_count_at_once_and_is_idempotent(hub: Hub) ->
     assert all(len(json.dumps(e.detail)) < 200 for e in events)  # counts, never pseudonyms
 
 
-def test_erasure_removes_the_rows_from_disk(sqlite_scenario: Scenario) -> None:
-    s = sqlite_scenario
+def test_erasure_removes_the_rows_from_disk(scenario: Scenario) -> None:
+    s = scenario
     truth = consented_join(s.bank, s.panel)
     erase = sorted(truth["email"].unique())[:6]
     panel_rows = int(s.panel["email"].str.strip().str.lower().isin(erase).sum())
@@ -309,8 +309,8 @@ def test_people_match_on_any_identifier(hub: Hub) -> None:
     assert _people(hub, agreement.agreement_id) == 3
 
 
-def test_duplicate_key_report_at_upload(sqlite_scenario: Scenario) -> None:
-    s = sqlite_scenario
+def test_duplicate_key_report_at_upload(scenario: Scenario) -> None:
+    s = scenario
     datasets = {d.name: d for d in s.panel_client.list_datasets()}
     report = {d.column: d for d in datasets["panel"].duplicates}["email"]
     counts = s.panel["email"].str.strip().str.lower().value_counts()
@@ -322,8 +322,8 @@ def test_duplicate_key_report_at_upload(sqlite_scenario: Scenario) -> None:
     assert bank_report["email"].duplicated_pseudonyms == 0
 
 
-def test_hub_refuses_identifier_shaped_categories(sqlite_scenario: Scenario) -> None:
-    s = sqlite_scenario
+def test_hub_refuses_identifier_shaped_categories(scenario: Scenario) -> None:
+    s = scenario
     for bad in (("a@b.fr", "x"), ("+33 6 12 34 56 78", "x")):
         schema = UploadSchema(
             BANK_SCHEMA.keys,
@@ -342,8 +342,8 @@ def test_hub_refuses_identifier_shaped_categories(sqlite_scenario: Scenario) -> 
     assert {d.name: d.version for d in s.bank_client.list_datasets()} == {"bank": 1}
 
 
-def test_consent_calls_need_a_participant_and_real_pseudonyms(sqlite_scenario: Scenario) -> None:
-    s = sqlite_scenario
+def test_consent_calls_need_a_participant_and_real_pseudonyms(scenario: Scenario) -> None:
+    s = scenario
     _, outsider, outsider_key = partner_with_key(s.hub, "outsider")
     with pytest.raises(EntremiseRPCError) as hidden:
         outsider.withdraw_consent(s.agreement_id, ["a@b.fr"], "email", private_key=outsider_key)

@@ -40,9 +40,9 @@ def node_client() -> Path:
 
 
 def test_a_node_client_uploads_and_reads_the_budget(
-    node_client: Path, sqlite_scenario: Scenario, tmp_path: Path
+    node_client: Path, scenario: Scenario, tmp_path: Path
 ) -> None:
-    s = sqlite_scenario
+    s = scenario
     matching = s.panel_client.matching_key(s.agreement_id, s.panel_key)
     payload = encode(build_upload_table(s.panel.head(300), PANEL_SCHEMA, matching.key))
     (tmp_path / "payload.arrows").write_bytes(payload.payload)

@@ -49,8 +49,8 @@ def _agreement(s: Scenario, **kwargs: object) -> str:
     return agreement.agreement_id
 
 
-def test_zcdp_agreement_uses_discrete_gaussian_and_counts_rho(sqlite_scenario: Scenario) -> None:
-    s = sqlite_scenario
+def test_zcdp_agreement_uses_discrete_gaussian_and_counts_rho(scenario: Scenario) -> None:
+    s = scenario
     agreement_id = _agreement(s, total_epsilon="0.5", budget_kind="zcdp")
     with pytest.raises(EntremiseRPCError, match="give rho, not epsilon"):
         s.analyst.preview(query(agreement_id, "0.1", [aggregate("count")]))
@@ -69,8 +69,8 @@ def test_zcdp_agreement_uses_discrete_gaussian_and_counts_rho(sqlite_scenario: S
     assert (budget.kind, budget.spent_epsilon, budget.remaining_epsilon) == (2, "0.02", "0.48")
 
 
-def test_per_analyst_budgets_and_the_total_are_both_enforced(sqlite_scenario: Scenario) -> None:
-    s = sqlite_scenario
+def test_per_analyst_budgets_and_the_total_are_both_enforced(scenario: Scenario) -> None:
+    s = scenario
     second_id, second = s.hub.principal("second analyst", "analyst")
     analyst_id = s.analyst.whoami().principal_id
     agreement = s.hub.admin.create_agreement(
@@ -105,9 +105,9 @@ def test_per_analyst_budgets_and_the_total_are_both_enforced(sqlite_scenario: Sc
 
 
 def test_identical_query_is_replayed_for_free_until_the_data_changes(
-    sqlite_scenario: Scenario,
+    scenario: Scenario,
 ) -> None:
-    s = sqlite_scenario
+    s = scenario
     q = query(s.agreement_id, "0.5", [aggregate("sum", "panel.amount")], group_by=["bank.segment"])
     first = s.analyst.run(q)
     again = s.analyst.run(q)
@@ -131,8 +131,8 @@ def test_identical_query_is_replayed_for_free_until_the_data_changes(
     assert kinds.count("release_replayed") == 1
 
 
-def test_variance_and_quantiles_are_close_with_a_large_budget(sqlite_scenario: Scenario) -> None:
-    s = sqlite_scenario
+def test_variance_and_quantiles_are_close_with_a_large_budget(scenario: Scenario) -> None:
+    s = scenario
     agreement_id = _agreement(s, total_epsilon="100")
     truth = consented_join(s.bank, s.panel)
     amounts = truth["amount"]
@@ -159,8 +159,8 @@ def test_variance_and_quantiles_are_close_with_a_large_budget(sqlite_scenario: S
         assert abs(rank - q_level) < 0.02 or abs(released - amounts.quantile(q_level)) <= 2 * step
 
 
-def test_target_accuracy_sets_the_share(sqlite_scenario: Scenario) -> None:
-    s = sqlite_scenario
+def test_target_accuracy_sets_the_share(scenario: Scenario) -> None:
+    s = scenario
     plan = s.analyst.preview(
         query(
             s.agreement_id,

@@ -12,9 +12,9 @@ from tests.conftest import Scenario
 
 
 def test_report_has_budget_plot_releases_coverage_and_record(
-    sqlite_scenario: Scenario, tmp_path: Path
+    scenario: Scenario, tmp_path: Path
 ) -> None:
-    s = sqlite_scenario
+    s = scenario
     s.analyst.run(query(s.agreement_id, "0.5", [aggregate("count")], group_by=["bank.segment"]))
     s.analyst.run(query(s.agreement_id, "0.25", [aggregate("mean", "panel.amount")]))
     files = build_report(s.officer, tmp_path / "report")

@@ -197,8 +197,7 @@ class Hub:
     def create_principal(self, caller: Principal, name: str, role: Role) -> tuple[Principal, str]:
         """Admin-only: a new principal and its token (returned once, stored hashed)."""
         _require(caller, Role.ADMIN)
-        if not name or len(name) > 200:
-            raise InvalidArgumentError("principal name must be 1-200 characters")
+        check_text(name, "principal name")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         principal = Principal(new_id("pr"), name, role)
         self.store.create_principal(principal, hash_token(token))
@@ -315,8 +314,8 @@ class Hub:
                 "pseudonyms were derived under an outdated or unknown key context "
                 "(a partner rotated its key?): fetch the key material again and re-pseudonymise"
             )
-        if len(request_id) > 64:
-            raise InvalidArgumentError("request_id must be at most 64 characters")
+        if request_id and not _REQUEST_ID.match(request_id):
+            raise InvalidArgumentError("request_id must be 1-64 of letters, digits and . _ : -")
         if request_id:
             done = self.store.find_upload(caller.principal_id, request_id)
             if done is not None:  # a retry of an upload that was published: answer it again
@@ -534,8 +533,7 @@ class Hub:
         unknown = set(allowed_aggregations) - {k.value for k in AggregateKind}
         if unknown:
             raise InvalidArgumentError(f"unknown aggregations {sorted(unknown)}")
-        if not name or len(name) > 200:
-            raise InvalidArgumentError("agreement name must be 1-200 characters")
+        check_text(name, "agreement name")
         check_name(purpose, "purpose")
         if len(slots) < 2:
             raise InvalidArgumentError("an agreement joins at least two datasets")
@@ -878,6 +876,14 @@ class KeyMaterial:
 
 MAX_PSEUDONYMS_PER_REQUEST = 1_000_000
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def check_text(value: str, what: str, limit: int = 200) -> str:
+    """Free text (names): 1-`limit` characters, no control characters."""
+    if not value or len(value) > limit or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise InvalidArgumentError(f"{what} must be 1-{limit} printable characters")
+    return value
 
 
 def _pseudonyms(values: list[str]) -> set[str]:

@@ -276,6 +276,11 @@ def _dataset(row: Any) -> Dataset:
     )
 
 
+def _storable(*values: str | None) -> bool:
+    """Whether lookup keys can exist here at all (PostgreSQL text cannot hold NUL)."""
+    return all(v is None or "\x00" not in v for v in values)
+
+
 def _release(row: Any) -> Release:
     payload = json.loads(row.payload_json)
     return Release(
@@ -349,6 +354,8 @@ class SqlStore(Store):
         return Principal(row.principal_id, row.name, Role(row.role)) if row else None
 
     def get_principal(self, principal_id: str) -> Principal | None:  # noqa: D102
+        if not _storable(principal_id):
+            return None
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(principals).where(principals.c.principal_id == principal_id)
@@ -363,6 +370,8 @@ class SqlStore(Store):
             return int(conn.execute(query).scalar_one())
 
     def find_upload(self, partner_id: str, request_id: str) -> tuple[str, int] | None:  # noqa: D102
+        if not _storable(partner_id, request_id):
+            return None
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(upload_requests).where(
@@ -433,6 +442,8 @@ class SqlStore(Store):
                 raise AlreadyExistsError(f"dataset {dataset.name!r} changed meanwhile; retry")
 
     def get_dataset(self, dataset_id: str) -> Dataset | None:  # noqa: D102
+        if not _storable(dataset_id):
+            return None
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(datasets).where(datasets.c.dataset_id == dataset_id)
@@ -442,6 +453,8 @@ class SqlStore(Store):
     def find_dataset(  # noqa: D102
         self, agreement_id: str, partner_id: str, name: str
     ) -> Dataset | None:
+        if not _storable(agreement_id, partner_id, name):
+            return None
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(datasets).where(
@@ -455,6 +468,8 @@ class SqlStore(Store):
     def list_datasets(  # noqa: D102
         self, partner_id: str | None = None, agreement_id: str | None = None
     ) -> list[Dataset]:
+        if not _storable(partner_id, agreement_id):
+            return []
         query = sa.select(datasets).order_by(datasets.c.created_at, datasets.c.dataset_id)
         if partner_id is not None:
             query = query.where(datasets.c.partner_id == partner_id)
@@ -522,6 +537,8 @@ class SqlStore(Store):
         return updated.rowcount == 1
 
     def get_agreement(self, agreement_id: str) -> Agreement | None:  # noqa: D102
+        if not _storable(agreement_id):
+            return None
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(agreements).where(agreements.c.agreement_id == agreement_id)
@@ -540,6 +557,8 @@ class SqlStore(Store):
             return self._budget_in(conn, agreement_id)
 
     def _budget_in(self, conn: Connection, agreement_id: str) -> BudgetState | None:
+        if not _storable(agreement_id):
+            return None
         row = conn.execute(
             sa.select(agreements).where(agreements.c.agreement_id == agreement_id)
         ).first()
@@ -653,6 +672,8 @@ class SqlStore(Store):
             return state
 
     def find_replay(self, agreement_id: str, replay_key: str) -> Release | None:  # noqa: D102
+        if not _storable(agreement_id, replay_key):
+            return None
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(releases)
@@ -663,6 +684,8 @@ class SqlStore(Store):
         return _release(row) if row else None
 
     def list_releases(self, agreement_id: str | None = None) -> list[Release]:  # noqa: D102
+        if not _storable(agreement_id):
+            return []
         query = sa.select(releases).order_by(releases.c.seq)
         if agreement_id is not None:
             query = query.where(releases.c.agreement_id == agreement_id)
@@ -692,6 +715,8 @@ class SqlStore(Store):
         return PublicKeyRecord(principal_id, version, public_key, created_at)
 
     def current_public_key(self, principal_id: str) -> PublicKeyRecord | None:  # noqa: D102
+        if not _storable(principal_id):
+            return None
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(public_keys)
@@ -734,6 +759,8 @@ class SqlStore(Store):
     def wrapped_key(  # noqa: D102
         self, agreement_id: str, fingerprint: str, recipient_id: str
     ) -> WrappedKey | None:
+        if not _storable(agreement_id, fingerprint, recipient_id):
+            return None
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(wrapped_keys).where(
@@ -780,6 +807,8 @@ class SqlStore(Store):
         return len(new)
 
     def withdrawn(self, agreement_id: str) -> dict[str, list[str]]:  # noqa: D102
+        if not _storable(agreement_id):
+            return {}
         out: dict[str, list[str]] = {}
         with self.engine.connect() as conn:
             for row in conn.execute(
