@@ -399,6 +399,20 @@ class Client:
             partner_service_pb2.DeleteDatasetRequest(dataset_id=dataset_id),
         )
 
+    def _pseudonyms(
+        self,
+        agreement_id: str,
+        identifiers: list[str],
+        kind: str,
+        private_key: X25519PrivateKey,
+        default_region: str,
+    ) -> list[str]:
+        """Identifiers pseudonymised exactly as this partner's uploads to the agreement are."""
+        matching = self.matching_key(agreement_id, private_key)
+        return pseudonymise_identifiers(
+            identifiers, kind, matching.key, default_region=default_region
+        )
+
     def withdraw_consent(
         self,
         agreement_id: str,
@@ -409,10 +423,7 @@ class Client:
         default_region: str = "FR",
     ) -> partner_service_pb2.WithdrawConsentResponse:
         """Withdraw these people (raw identifiers, pseudonymised here) from the agreement."""
-        matching = self.matching_key(agreement_id, private_key)
-        pseudonyms = pseudonymise_identifiers(
-            identifiers, kind, matching.key, default_region=default_region
-        )
+        pseudonyms = self._pseudonyms(agreement_id, identifiers, kind, private_key, default_region)
         return self._unary(
             self._partner.WithdrawConsent,
             partner_service_pb2.WithdrawConsentRequest(
@@ -430,10 +441,7 @@ class Client:
         default_region: str = "FR",
     ) -> partner_service_pb2.EraseRecordsResponse:
         """Erase these people's rows from your stored datasets of the agreement."""
-        matching = self.matching_key(agreement_id, private_key)
-        pseudonyms = pseudonymise_identifiers(
-            identifiers, kind, matching.key, default_region=default_region
-        )
+        pseudonyms = self._pseudonyms(agreement_id, identifiers, kind, private_key, default_region)
         return self._unary(
             self._partner.EraseRecords,
             partner_service_pb2.EraseRecordsRequest(
