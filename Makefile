@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: help install protos check-protos demo test test-pg race kill fuzz lint typecheck format clean
+.PHONY: help install protos check-protos demo test test-pg race kill fuzz bench-small bench lint typecheck format clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -42,6 +42,13 @@ race: $(STAMP) ## Budget race: 64 concurrent releases, budget for 10, on SQLite 
 
 kill: $(STAMP) ## Crash test: SIGKILL the hub mid-upload/mid-release 8 times, check invariants (JSON)
 	$(BIN)/python -m bench.kill --rounds 8
+
+bench-small: $(STAMP) ## Stage benchmarks vs in-process baselines at size S (JSON, then a table)
+	$(BIN)/python -m bench.pipeline --size S --runs 5
+
+bench: $(STAMP) ## Stage benchmarks at sizes M and L (slow)
+	$(BIN)/python -m bench.pipeline --size M --runs 5
+	$(BIN)/python -m bench.pipeline --size L --runs 5
 
 fuzz: $(STAMP) ## Hostile input against every RPC of a real hub and the file readers (JSON)
 	$(BIN)/python -m bench.fuzz --examples 300
