@@ -472,7 +472,7 @@ def main() -> None:
         try:
             s = build_scenario(hub)
             tokens = [
-                dict(c._metadata)["authorization"].removeprefix("Bearer ")
+                c.token or ""
                 for c in (hub.admin, s.bank_client, s.panel_client, s.analyst, s.officer)
             ]
             tokens += ["", "ent_forged"]

@@ -200,6 +200,7 @@ class Client:
 
     def __init__(self, channel: grpc.Channel, *, token: str | None, timeout: float) -> None:
         self._channel = channel
+        self.token = token  # the caller's own credential, kept to hand to other tools
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
         self._admin = admin_service_pb2_grpc.AdminServiceStub(channel)

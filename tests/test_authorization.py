@@ -72,7 +72,7 @@ def _tokens(s: Scenario) -> dict[str, str]:
         ("panel", s.panel_client),
         ("analyst", s.analyst),
     ):
-        out[name] = dict(client._metadata)["authorization"].removeprefix("Bearer ")
+        out[name] = client.token or ""
     leader = min(("bank", s.bank_partner_id), ("panel", s.panel_partner_id), key=lambda x: x[1])
     follower = "panel" if leader[0] == "bank" else "bank"
     out["leader"], out["partner"] = out.pop(leader[0]), out.pop(follower)

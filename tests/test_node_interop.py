@@ -56,8 +56,8 @@ def test_a_node_client_uploads_and_reads_the_budget(
     job = {
         "payload_file": str(tmp_path / "payload.arrows"),
         "header": MessageToDict(header, preserving_proto_field_name=True),
-        "partner_token": dict(s.panel_client._metadata)["authorization"].removeprefix("Bearer "),
-        "officer_token": dict(s.officer._metadata)["authorization"].removeprefix("Bearer "),
+        "partner_token": s.panel_client.token,
+        "officer_token": s.officer.token,
         "agreement_id": s.agreement_id,
     }
     (tmp_path / "job.json").write_text(json.dumps(job))

@@ -685,6 +685,9 @@ class Hub:
         agreement = self.store.get_agreement(spec.agreement_id)
         if agreement is None:
             raise NotFoundError(f"agreement {spec.agreement_id!r} not found")
+        return self._plan_for(agreement, spec)
+
+    def _plan_for(self, agreement: Agreement, spec: QuerySpec) -> QueryPlan:
         status = agreement.status_at(now())
         if status is not AgreementStatus.ACTIVE:
             waiting = sorted(set(agreement.partner_ids) - set(agreement.approved_by))
@@ -716,7 +719,7 @@ class Hub:
         agreement = self.store.get_agreement(spec.agreement_id)
         if agreement is None or caller.principal_id not in agreement.analyst_ids:
             raise NotFoundError(f"agreement {spec.agreement_id!r} not found")
-        plan = self.plan(spec)
+        plan = self._plan_for(agreement, spec)  # the agreement just read, not read again
         budget = self.store.get_budget(agreement.agreement_id)
         assert budget is not None
         return plan, budget
