@@ -30,7 +30,6 @@ from typing import Any
 
 import duckdb
 import grpc
-import numpy as np
 import opendp.prelude as dp
 import pandas as pd
 
@@ -43,55 +42,23 @@ from entremise.server.app import HubConfig, build_server
 from entremise.server.domain.models import AggregateKind, AggregateSpec, QuerySpec
 from entremise.v1 import partner_service_pb2
 
-SIZES = {
-    "S": (100_000, 5_000, 100_000),
-    "M": (1_000_000, 50_000, 5_000_000),
-    "L": (10_000_000, 50_000, 10_000_000),
-}
+from .data import AMOUNT_BOUNDS, CATEGORIES, SEGMENTS, SHOPS, SIZES, generate
+
 ADMIN = "ent_bench_admin"
-CATEGORIES = tuple(f"c{i:02d}" for i in range(20))
 BANK = UploadSchema(
     {"email": "email"},
     {"bench": Consent("ok")},
-    {"segment": Categorical(("mass", "affluent", "private"))},
+    {"segment": Categorical(SEGMENTS)},
 )
 PANEL = UploadSchema(
     {"email": "email"},
     {"bench": Consent("ok")},
-    {"category": Categorical(CATEGORIES), "amount": Numeric(0, 500, 0.01)},
+    {
+        "category": Categorical(CATEGORIES),
+        "shop": Categorical(SHOPS),
+        "amount": Numeric(*AMOUNT_BOUNDS, 0.01),
+    },
 )
-
-
-def generate(size: str, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Vectorised synthetic data: bank clients, and purchases by panelists (half are clients)."""
-    n_bank, n_panel, n_rows = SIZES[size]
-    rng = np.random.default_rng(seed)
-    bank_ids = np.arange(n_bank)
-    bank = pd.DataFrame(
-        {
-            "email": np.char.add(np.char.add("c", bank_ids.astype(str)), "@bank.example"),
-            "ok": rng.random(n_bank) < 0.9,
-            "segment": np.array(["mass", "affluent", "private"])[
-                rng.choice(3, n_bank, p=[0.7, 0.22, 0.08])
-            ],
-        }
-    )
-    panelists = np.concatenate(
-        [
-            rng.choice(bank_ids, n_panel // 2, replace=False),
-            np.arange(n_bank, n_bank + n_panel - n_panel // 2),
-        ]
-    )
-    who = panelists[rng.integers(0, n_panel, n_rows)]
-    panel = pd.DataFrame(
-        {
-            "email": np.char.add(np.char.add("c", who.astype(str)), "@bank.example"),
-            "ok": rng.random(n_rows) < 0.85,
-            "category": np.array(CATEGORIES)[rng.integers(0, 20, n_rows)],
-            "amount": np.round(rng.lognormal(3.5, 0.8, n_rows), 2),
-        }
-    )
-    return bank, panel
 
 
 def measure(fn: Callable[[], Any], runs: int) -> dict[str, float]:

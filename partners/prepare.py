@@ -95,12 +95,11 @@ def build_upload_table(
     several = len(schema.keys) > 1
     for column, kind in schema.keys.items():
         try:
-            pseudonyms = pseudonymiser.pseudonymise(
+            arrays[column] = pseudonymiser.pseudonymise_array(
                 frame[column].tolist(), kind, default_region=default_region, allow_empty=several
             )
         except IdentifierError as exc:
             raise PrepareError(f"key column {column!r}: {exc}") from None
-        arrays[column] = pa.array(pseudonyms, pa.string())
     if several:
         present = pd.concat(
             [frame[c].astype("string").str.strip().fillna("") != "" for c in schema.keys], axis=1
