@@ -22,8 +22,10 @@ MAX_ROWS_PER_PERSON = 50
 
 
 def generate(size: str, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Bank clients (email, consent, segment) and panel purchases (email, consent, category,
-    shop, amount); half the panelists are bank clients."""
+    """Bank clients and panel purchases; half the panelists are bank clients.
+
+    bank: email, ok (consent), segment. panel: email, ok, category, shop, amount.
+    """
     n_bank, n_panel, n_rows = SIZES[size]
     rng = np.random.default_rng(seed)
     bank_ids = np.arange(n_bank)

@@ -79,7 +79,6 @@ def test_identifier_kinds_are_domain_separated() -> None:
     assert p.pseudonymise(["", "a@b.fr"], "email", allow_empty=True)[0] is None
 
 
-
 _PLAIN = st.sampled_from(list("aZ9._+-"))
 _ODD = st.sampled_from(list("@ÉéİıßK\u212a \t\n\x0b\x1c\u00a0\u2003\U0001f600"))
 _PART = st.text(alphabet=st.one_of(_PLAIN, _PLAIN, _ODD), max_size=6)
@@ -97,7 +96,8 @@ def test_bulk_email_path_equals_the_per_value_definition(values: list[str]) -> N
     expected: list[str | None] = []
     for value in values:
         try:
-            expected.append(p.pseudonym("email:" + normalise_email(value)) if value.strip() else None)
+            pseudonym = p.pseudonym("email:" + normalise_email(value)) if value.strip() else None
+            expected.append(pseudonym)
             accepted.append(value)
         except IdentifierError:
             with pytest.raises(IdentifierError):
