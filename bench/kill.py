@@ -37,7 +37,7 @@ from entremise.partners import (
 )
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE, generate
 from entremise.server.crypto import DatasetCipher, DecryptionError, Keyring
-from entremise.server.files import ParquetDatasetFiles
+from entremise.server.files import SealedDatasetFiles
 from entremise.server.store.sql import SqlStore
 
 ADMIN = "ent_kill_admin"
@@ -77,7 +77,7 @@ def _start(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
 def _check(data_dir: Path, confirmed: set[str]) -> dict[str, int]:
     """Invariants read straight from the database and the files, with the hub dead."""
     store = SqlStore(f"sqlite:///{data_dir / 'entremise.db'}", create=False)
-    files = ParquetDatasetFiles(
+    files = SealedDatasetFiles(
         DatasetCipher(Keyring.load(data_dir / "master.keys"), data_dir / "keys"), data_dir / "data"
     )
     partial = 0

@@ -19,6 +19,8 @@ from entremise.partners.pseudonymise import (
 from entremise.partners.schema import Categorical, Numeric, Text, UploadSchema
 
 CHUNK_BYTES = 1024 * 1024
+# Rows of each column inspected for identifier-shaped values (the check samples, not scans).
+RAW_IDENTIFIER_SAMPLE = 10_000
 _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f"}
 
@@ -96,7 +98,7 @@ def build_upload_table(
     for column, kind in schema.keys.items():
         try:
             arrays[column] = pseudonymiser.pseudonymise_array(
-                frame[column].tolist(), kind, default_region=default_region, allow_empty=several
+                frame[column], kind, default_region=default_region, allow_empty=several
             )
         except IdentifierError as exc:
             raise PrepareError(f"key column {column!r}: {exc}") from None
@@ -114,7 +116,9 @@ def build_upload_table(
             )
     for name, spec in schema.columns.items():
         series = frame[name]
-        raw = looks_like_raw_identifier(series.tolist(), numeric=isinstance(spec, Numeric))
+        raw = looks_like_raw_identifier(
+            series.head(RAW_IDENTIFIER_SAMPLE).tolist(), numeric=isinstance(spec, Numeric)
+        )
         if raw:
             raise PrepareError(
                 f"column {name!r} still looks like it holds raw identifiers ({raw}); "
@@ -125,7 +129,7 @@ def build_upload_table(
                 raise PrepareError(
                     f"categorical column {name!r} has {int(series.isna().sum())} empty values"
                 )
-            arrays[name] = pa.array(series.astype(str).tolist(), pa.string())
+            arrays[name] = pa.array(series.astype(str), pa.string())
         else:
             arrays[name] = _numbers(series, name)
     return pa.table(arrays)

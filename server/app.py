@@ -28,7 +28,7 @@ from entremise.server.domain.audit import AuditSigner
 from entremise.server.domain.hub import Hub
 from entremise.server.domain.limits import RateLimiter
 from entremise.server.engine import DuckDBEngine
-from entremise.server.files import ParquetDatasetFiles
+from entremise.server.files import SealedDatasetFiles
 from entremise.server.store.sql import SqlStore
 from entremise.v1 import (
     admin_service_pb2,
@@ -136,7 +136,7 @@ def build_server(config: HubConfig) -> RunningHub:
     cipher = DatasetCipher(keyring, config.data_dir / "keys")
     hub = Hub(
         store,
-        ParquetDatasetFiles(cipher, config.data_dir / "data", max_rows=config.max_upload_rows),
+        SealedDatasetFiles(cipher, config.data_dir / "data", max_rows=config.max_upload_rows),
         DuckDBEngine(),
         signer=signer,
         head_path=config.data_dir / AUDIT_HEAD_FILE,

@@ -25,6 +25,9 @@ MAGIC = b"ENTREMISE-AESGCM-1\n"
 MASTER_KEY_ENV = "ENTREMISE_MASTER_KEY"
 KEY_BYTES = 32
 NONCE_BYTES = 12
+TAG_BYTES = 16
+# What can be sealed without a copy: bytes, or a view of a memory-mapped staged upload.
+Plaintext = bytes | bytearray | memoryview
 
 
 class DecryptionError(RuntimeError):
@@ -117,12 +120,21 @@ class DatasetCipher:
         except InvalidTag:
             raise DecryptionError(f"dataset {dataset_id!r}: the data key does not open") from None
 
-    def seal(self, dataset_id: str, version: int, plaintext: bytes) -> bytes:
-        """A fresh data key for this version; returns the file content to store."""
+    def seal(self, dataset_id: str, version: int, plaintext: Plaintext) -> bytearray:
+        """A fresh data key for this version; returns the file content to store.
+
+        Encrypts into one preallocated buffer: no copy of a (possibly GB-sized) ciphertext.
+        """
         data_key = AESGCM.generate_key(bit_length=256)
         self._wrap(data_key, dataset_id, version)
         nonce = secrets.token_bytes(NONCE_BYTES)
-        return MAGIC + nonce + AESGCM(data_key).encrypt(nonce, plaintext, _aad(dataset_id, version))
+        header = len(MAGIC) + NONCE_BYTES
+        sealed = bytearray(header + len(plaintext) + TAG_BYTES)
+        sealed[:header] = MAGIC + nonce
+        AESGCM(data_key).encrypt_into(
+            nonce, plaintext, _aad(dataset_id, version), memoryview(sealed)[header:]
+        )
+        return sealed
 
     def open(self, dataset_id: str, version: int, blob: bytes) -> bytes:
         """The plaintext of a sealed file (DecryptionError if anything does not match)."""

@@ -11,7 +11,6 @@ from decimal import Decimal
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from entremise.cli.demo import SIZES
@@ -31,10 +30,10 @@ def _readable_texts(workdir: Path) -> list[tuple[str, bytes]]:
         raw = path.read_bytes()
         out.append((str(path), raw))
         assert raw[:4] != b"PAR1", f"{path} is readable Parquet without the key"
-        if path.name.endswith(".parquet.enc"):
+        if path.name.endswith(".arrow.enc"):
             version = int(path.name.split(".")[0][1:])
             plain = cipher.open(path.parent.name, version, raw)
-            table = pq.read_table(pa.BufferReader(plain))
+            table = pa.ipc.open_stream(plain).read_all()
             out.append((f"{path} (decoded)", json.dumps(table.to_pylist(), default=str).encode()))
         if raw[:16] == b"SQLite format 3\x00":
             with sqlite3.connect(path) as conn:
@@ -91,7 +90,7 @@ def test_demo_json_report_and_no_raw_identifier_in_workdir(tmp_path: Path) -> No
     lowered = {e.lower() for e in emails}
     phones = set(data.bank["phone"])
     texts = _readable_texts(workdir)
-    assert any("v1.parquet.enc (decoded)" in name for name, _ in texts)
+    assert any("v1.arrow.enc (decoded)" in name for name, _ in texts)
     assert any("(dump)" in name for name, _ in texts)
     for name, blob in texts:
         for match in EMAIL_SHAPE.findall(blob):

@@ -38,6 +38,22 @@ def test_stored_files_are_not_readable_without_the_key(scenario: Scenario) -> No
     assert table.num_rows == len(s.bank)
 
 
+def test_datasets_sealed_as_parquet_by_earlier_versions_stay_readable(scenario: Scenario) -> None:
+    s = scenario
+    files = s.hub.running.hub.files
+    current = _file(s, s.bank_id)
+    assert current.name == "v1.arrow.enc"
+    table = files.read(s.bank_id, 1)
+    legacy = current.with_name("v1.parquet.enc")
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    legacy.write_bytes(files.cipher.seal(s.bank_id, 1, sink.getvalue().to_pybytes()))
+    current.unlink()
+    assert _file(s, s.bank_id) == legacy
+    assert files.read(s.bank_id, 1).equals(table)
+    assert files.read(s.bank_id, 1, columns=["segment"]).column(0).equals(table.column("segment"))
+
+
 def test_deleted_dataset_stays_unreadable_even_if_its_bytes_come_back(
     scenario: Scenario, tmp_path: Path
 ) -> None:
@@ -102,7 +118,7 @@ def test_master_key_rotation_keeps_data_readable_and_retires_the_old_key(
     # The running hub re-reads nothing: a restarted hub (new keyring) reads the data...
     fresh = DatasetCipher(Keyring.load(data_dir / "master.keys"), data_dir / "keys")
     plain = fresh.open(s.bank_id, 1, _file(s, s.bank_id).read_bytes())
-    assert pq.read_table(pa.BufferReader(plain)).num_rows == len(s.bank)
+    assert pa.ipc.open_stream(plain).read_all().num_rows == len(s.bank)
     # ...and the retired master key opens none of the re-wrapped data keys.
     retired = Keyring(
         {k: bytes.fromhex(v) for k, v in old_ring["keys"].items()}, old_ring["current"]
