@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: help install protos check-protos demo test test-pg race kill fuzz bench-small bench lint typecheck format clean
+.PHONY: help install protos check-protos demo test test-pg race kill fuzz bench-small bench bench-tumult lint typecheck format clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -44,11 +44,25 @@ kill: $(STAMP) ## Crash test: SIGKILL the hub mid-upload/mid-release 8 times, ch
 	$(BIN)/python -m bench.kill --rounds 8
 
 bench-small: $(STAMP) ## Stage benchmarks vs in-process baselines at size S (JSON, then a table)
-	$(BIN)/python -m bench.pipeline --size S --runs 5
+	$(BIN)/python -m bench.pipeline --size S --runs 5 --end-to-end
 
-bench: $(STAMP) ## Stage benchmarks at sizes M and L (slow)
-	$(BIN)/python -m bench.pipeline --size M --runs 5
-	$(BIN)/python -m bench.pipeline --size L --runs 5
+bench: $(STAMP) ## Stages 1-5 at M and L, stage 6 (Tumult) at M; writes bench/RESULTS.md (~40 min)
+	$(BIN)/python -m bench.pipeline --size M --runs 5 --out bench/results/M.json
+	$(BIN)/python -m bench.pipeline --size L --runs 5 --end-to-end --out bench/results/L.json
+	$(MAKE) bench-tumult
+	$(BIN)/python -m bench.report
+
+TUMULT_VENV := .venv-tumult
+TUMULT_STAMP := $(TUMULT_VENV)/.installed
+
+$(TUMULT_STAMP): bench/requirements-tumult.txt
+	test -x $(TUMULT_VENV)/bin/python || $(PYTHON) -m venv $(TUMULT_VENV)
+	$(TUMULT_VENV)/bin/pip install --quiet --upgrade pip
+	$(TUMULT_VENV)/bin/pip install --quiet -r bench/requirements-tumult.txt
+	@touch $(TUMULT_STAMP)
+
+bench-tumult: $(TUMULT_STAMP) ## Stage 6: the same DP queries in Tumult Analytics on Spark, size M (own venv)
+	$(TUMULT_VENV)/bin/python -m bench.tumult --size M --runs 5 --out bench/results/tumult-M.json
 
 fuzz: $(STAMP) ## Hostile input against every RPC of a real hub and the file readers (JSON)
 	$(BIN)/python -m bench.fuzz --examples 300

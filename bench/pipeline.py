@@ -33,8 +33,16 @@ import grpc
 import opendp.prelude as dp
 import pandas as pd
 
-from entremise.partners import Categorical, Client, Consent, Numeric, UploadSchema
-from entremise.partners.prepare import build_upload_table, encode
+from entremise.partners import (
+    Categorical,
+    Client,
+    Consent,
+    Numeric,
+    UploadSchema,
+    aggregate,
+    generate_private_key,
+    query,
+)
 from entremise.partners.pseudonymise import Pseudonymiser
 from entremise.privacy.budget import Epsilon
 from entremise.privacy.mechanisms import IntegerLaplace
@@ -42,7 +50,15 @@ from entremise.server.app import HubConfig, build_server
 from entremise.server.domain.models import AggregateKind, AggregateSpec, QuerySpec
 from entremise.v1 import partner_service_pb2
 
-from .data import AMOUNT_BOUNDS, CATEGORIES, SEGMENTS, SHOPS, SIZES, generate
+from .data import (
+    AMOUNT_BOUNDS,
+    CATEGORIES,
+    MAX_ROWS_PER_PERSON,
+    SEGMENTS,
+    SHOPS,
+    SIZES,
+    generate,
+)
 
 ADMIN = "ent_bench_admin"
 BANK = UploadSchema(
@@ -58,6 +74,47 @@ PANEL = UploadSchema(
         "shop": Categorical(SHOPS),
         "amount": Numeric(*AMOUNT_BOUNDS, 0.01),
     },
+)
+
+
+# The ten DP queries of stages 4-6 (the same ones run through OpenDP's Context and Tumult):
+# name -> (aggregate kind, column, group-by columns), and the same aggregate as plain SQL over
+# the consented join `j` (the non-private baseline).
+QUERIES: dict[str, tuple[str, str, tuple[str, ...], str]] = {
+    "people": ("count", "", (), "SELECT count(DISTINCT email) FROM j"),
+    "rows": ("count_rows", "", (), "SELECT count(*) FROM j"),
+    "sum_amount": ("sum", "panel.amount", (), "SELECT sum(amount) FROM j"),
+    "mean_amount": ("mean", "panel.amount", (), "SELECT avg(amount) FROM j"),
+    "hist_category": (
+        "count_rows",
+        "",
+        ("panel.category",),
+        "SELECT category, count(*) FROM j GROUP BY ALL",
+    ),
+    "hist_shop": ("count_rows", "", ("panel.shop",), "SELECT shop, count(*) FROM j GROUP BY ALL"),
+    "sum_by_category": (
+        "sum",
+        "panel.amount",
+        ("panel.category",),
+        "SELECT category, sum(amount) FROM j GROUP BY ALL",
+    ),
+    "median_amount": ("median", "panel.amount", (), "SELECT median(amount) FROM j"),
+    "rows_by_segment": (
+        "count_rows",
+        "",
+        ("bank.segment",),
+        "SELECT segment, count(*) FROM j GROUP BY ALL",
+    ),
+    "rows_by_segment_category": (
+        "count_rows",
+        "",
+        ("bank.segment", "panel.category"),
+        "SELECT segment, category, count(*) FROM j GROUP BY ALL",
+    ),
+}
+CONSENTED_JOIN = (
+    "CREATE TEMP VIEW j AS SELECT b.email, b.segment, p.category, p.shop, p.amount "
+    "FROM b JOIN p USING (email) WHERE b.ok AND p.ok"
 )
 
 
@@ -236,8 +293,8 @@ def stage_join(running: Any, agreement_id: str, runs: int) -> dict[str, Any]:
     return compare("3 consented join + bounding + group-by", ours, baseline, runs, rows, "rows")
 
 
-def stage_release(runs: int) -> list[dict[str, Any]]:
-    """Stage 4: our noise vs OpenDP's `make_laplace` called directly on the same vector."""
+def stage_noise(runs: int) -> list[dict[str, Any]]:
+    """Stage 4a: our noise vs OpenDP's `make_laplace` called directly on the same vector."""
     mech = IntegerLaplace(12, Epsilon.parse("0.5"))
     direct = dp.m.make_laplace(
         dp.vector_domain(dp.atom_domain(T="i64")), dp.l1_distance(T="i64"), scale=mech.scale
@@ -246,7 +303,7 @@ def stage_release(runs: int) -> list[dict[str, Any]]:
     def pair(cells: int) -> dict[str, Any]:
         exact = list(range(cells))
         return compare(
-            f"4 DP noise on {cells} cell(s)",
+            f"4a DP noise alone on {cells} cell(s)",
             lambda: mech.release(exact),
             lambda: direct(exact),
             runs,
@@ -257,7 +314,176 @@ def stage_release(runs: int) -> list[dict[str, Any]]:
     return [pair(cells) for cells in (1, 20, 10_000)]
 
 
-def run(size: str, runs: int) -> dict[str, Any]:
+def measure_interleaved(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, Any]:
+    """Warm each up, then call them in turn `runs` times (A/B/C, A/B/C, ...)."""
+    walls: dict[str, list[float]] = {name: [] for name in fns}
+    cpus: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(runs):
+        for name, fn in fns.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            walls[name].append(time.perf_counter() - w0)
+            cpus[name].append(time.process_time() - c0)
+    return {
+        name: {
+            "median_s": statistics.median(walls[name]),
+            "min_s": min(walls[name]),
+            "max_s": max(walls[name]),
+            "cpu_median_s": statistics.median(cpus[name]),
+        }
+        for name in fns
+    }
+
+
+class Bench:
+    """A hub in a temporary directory with two partners, one analyst and one agreement."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.running = build_server(HubConfig.for_dir(tmp, admin_token=ADMIN))
+        self.running.server.start()
+        self.target = f"127.0.0.1:{self.running.port}"
+        admin = Client.connect(self.target, token=ADMIN, timeout=3600)
+        self.partners: dict[str, tuple[Client, Any, str]] = {}
+        ids = {}
+        for who in ("bank", "panel"):
+            principal, token = admin.create_principal(who, "partner")
+            client = Client.connect(self.target, token=token, timeout=3600)
+            key = generate_private_key()
+            client.publish_public_key(key)
+            self.partners[who] = (client, key, token)
+            ids[who] = principal.principal_id
+        analyst, analyst_token = admin.create_principal("analyst", "analyst")
+        self.analyst = Client.connect(self.target, token=analyst_token, timeout=3600)
+        self.agreement_id = admin.create_agreement(
+            name="bench",
+            purpose="bench",
+            datasets=[(ids["bank"], "bank"), (ids["panel"], "panel")],
+            analyst_ids=[analyst.principal_id],
+            total_epsilon="1000",
+        ).agreement_id
+        self._releases = 0
+
+    def release(self, name: str) -> Any:
+        """One DP release through gRPC.
+
+        Each asks a distinct epsilon (1 + n micro-units), so no release is a free replay.
+        """
+        kind, column, group_by, _ = QUERIES[name]
+        self._releases += 1
+        return self.analyst.run(
+            query(
+                self.agreement_id,
+                f"{1 + self._releases / 1e6:.6f}",
+                [aggregate(kind, column)],
+                group_by=group_by,
+                max_rows_per_person=MAX_ROWS_PER_PERSON,
+                max_groups_per_person=MAX_ROWS_PER_PERSON,
+            )
+        )
+
+    def close(self) -> None:  # noqa: D102
+        self.analyst.close()
+        for client, _, _ in self.partners.values():
+            client.close()
+        self.running.stop(grace=None)
+
+
+def stage_releases(
+    bench: Bench, bank: pd.DataFrame, panel: pd.DataFrame, runs: int, tmp: Path
+) -> list[dict[str, Any]]:
+    """Stage 4: each DP release vs the non-private aggregate and vs OpenDP's Context.
+
+    Ours goes through gRPC: plan, read, join, bound, aggregate, noise, debit, audit. The
+    non-private baseline reads the same stored data and runs the consented join and the plain
+    aggregate in DuckDB. OpenDP's Polars Context gets the pre-joined data as a Parquet scan.
+    """
+    from .opendp_context import context_queries, joined_frame
+
+    hub = bench.running.hub
+    plan = hub.plan(
+        QuerySpec(
+            bench.agreement_id, (AggregateSpec("n", AggregateKind.COUNT),), Epsilon.parse("1")
+        )
+    )
+    bank_ds, panel_ds = (d for d in plan.datasets)
+
+    def non_private(sql: str) -> Callable[[], Any]:
+        def run_sql() -> Any:
+            with duckdb.connect() as conn:
+                conn.register("b", hub.files.read(bank_ds.dataset_id, bank_ds.version))
+                conn.register("p", hub.files.read(panel_ds.dataset_id, panel_ds.version))
+                conn.execute(CONSENTED_JOIN)
+                return conn.execute(sql).fetchall()
+
+        return run_sql
+
+    context = context_queries(joined_frame(bank, panel, tmp), keys_dir=tmp)
+    results = []
+    for name, (_, _, _, sql) in QUERIES.items():
+        timed = measure_interleaved(
+            {
+                "ours": lambda name=name: bench.release(name),  # type: ignore[misc]
+                "non_private": non_private(sql),
+                "opendp_context": context[name],
+            },
+            runs,
+        )
+        results.append(
+            {
+                "stage": f"4 DP release: {name}",
+                "ours": timed["ours"],
+                "baseline": timed["non_private"],
+                "opendp_context": timed["opendp_context"],
+                "ratio_ours_over_baseline": timed["ours"]["median_s"]
+                / timed["non_private"]["median_s"],
+                "ratio_ours_over_opendp_context": timed["ours"]["median_s"]
+                / timed["opendp_context"]["median_s"],
+            }
+        )
+    return results
+
+
+def stage_end_to_end(bank: pd.DataFrame, panel: pd.DataFrame, runs: int) -> dict[str, Any]:
+    """Stage 5: a fresh hub, both partners prepare and upload, then the ten DP queries."""
+    splits: dict[str, list[float]] = {}
+
+    def once() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            bench = Bench(Path(tmp))
+            try:
+                for who, frame, schema in (("bank", bank, BANK), ("panel", panel, PANEL)):
+                    client, key, _ = bench.partners[who]
+                    w0 = time.perf_counter()
+                    prepared = client.prepare_upload(
+                        bench.agreement_id, frame, schema, private_key=key
+                    )
+                    w1 = time.perf_counter()
+                    client.send_upload(prepared, who)
+                    w2 = time.perf_counter()
+                    splits.setdefault(f"{who}: prepare (normalise, HMAC, encode)", []).append(
+                        w1 - w0
+                    )
+                    splits.setdefault(f"{who}: upload (gRPC, validate, seal)", []).append(w2 - w1)
+                w0 = time.perf_counter()
+                for name in QUERIES:
+                    bench.release(name)
+                splits.setdefault("10 DP releases", []).append(time.perf_counter() - w0)
+            finally:
+                bench.close()
+
+    total = measure(once, runs)
+    once_count = runs + 1
+    return {
+        "stage": "5 end to end (2 uploads + 10 DP releases)",
+        "ours": total,
+        "split_median_s": {k: statistics.median(v[1:] or v) for k, v in splits.items()},
+        "runs_with_warmup": once_count,
+    }
+
+
+def run(size: str, runs: int, *, end_to_end: bool) -> dict[str, Any]:
     """All stages at one size."""
     bank, panel = generate(size)
     results: dict[str, Any] = {
@@ -265,54 +491,54 @@ def run(size: str, runs: int) -> dict[str, Any]:
         "rows": {"bank": len(bank), "panel": len(panel)},
         "runs": runs,
         "cpus": os.cpu_count(),
+        "versions": {
+            "python": sys.version.split()[0],
+            "duckdb": duckdb.__version__,
+            "opendp": dp.__version__,
+            "grpcio": grpc.__version__,
+        },
         "stages": [],
     }
-    results["stages"].append(stage_pseudonymise(bank, runs))
-    with tempfile.TemporaryDirectory() as tmp:
-        running = build_server(HubConfig.for_dir(Path(tmp), admin_token=ADMIN))
-        running.server.start()
-        target = f"127.0.0.1:{running.port}"
-        try:
-            admin = Client.connect(target, token=ADMIN)
-            parties = {}
-            for who in ("bank", "panel"):
-                principal, token = admin.create_principal(who, "partner")
-                client = Client.connect(target, token=token)
-                from entremise.partners import generate_private_key
+    rss: dict[str, float] = {}
 
-                key = generate_private_key()
-                client.publish_public_key(key)
-                parties[who] = (principal.principal_id, client, key, token)
-            analyst, _ = admin.create_principal("analyst", "analyst")
-            agreement = admin.create_agreement(
-                name="bench",
-                purpose="bench",
-                datasets=[(parties["bank"][0], "bank"), (parties["panel"][0], "panel")],
-                analyst_ids=[analyst.principal_id],
-                total_epsilon="100",
+    def mark(stage: str) -> None:
+        rss[stage] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    results["stages"].append(stage_pseudonymise(bank, runs))
+    mark("1 pseudonymise")
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = Bench(Path(tmp) / "hub")
+        try:
+            bank_client, bank_key, _ = bench.partners["bank"]
+            bank_client.upload_dataset(bench.agreement_id, "bank", bank, BANK, private_key=bank_key)
+            panel_client, panel_key, panel_token = bench.partners["panel"]
+            prepared = panel_client.prepare_upload(
+                bench.agreement_id, panel, PANEL, private_key=panel_key
             )
-            _, bank_client, bank_key, _ = parties["bank"]
-            bank_client.upload_dataset(
-                agreement.agreement_id, "bank", bank, BANK, private_key=bank_key
-            )
-            _, panel_client, panel_key, panel_token = parties["panel"]
-            matching = panel_client.matching_key(agreement.agreement_id, panel_key)
-            encoded = encode(build_upload_table(panel, PANEL, matching.key))
             results["stages"].append(
                 stage_upload(
-                    target,
+                    bench.target,
                     panel_token,
-                    agreement.agreement_id,
-                    matching.fingerprint,
-                    encoded.payload,
-                    encoded.sha256,
+                    bench.agreement_id,
+                    prepared.key_fingerprint,
+                    prepared.encoded.payload,
+                    prepared.encoded.sha256,
                     runs,
                 )
             )
-            results["stages"].append(stage_join(running, agreement.agreement_id, runs))
+            del prepared
+            mark("2 upload")
+            results["stages"].append(stage_join(bench.running, bench.agreement_id, runs))
+            mark("3 join")
+            results["stages"].extend(stage_releases(bench, bank, panel, runs, Path(tmp)))
+            mark("4 releases")
         finally:
-            running.stop(grace=None)
-    results["stages"].extend(stage_release(runs))
+            bench.close()
+    results["stages"].extend(stage_noise(runs))
+    if end_to_end:
+        results["stages"].append(stage_end_to_end(bank, panel, runs))
+        mark("5 end to end")
+    results["peak_rss_mb_after_stage"] = rss
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return results
 
@@ -322,13 +548,20 @@ def table(results: dict[str, Any]) -> str:
     lines = [
         f"size {results['size']} {results['rows']}, {results['runs']} runs, "
         f"peak RSS {results['peak_rss_mb']:.0f} MB",
-        f"{'stage':48} {'ours s':>9} {'base s':>9} {'ratio':>7}",
+        f"{'stage':48} {'ours s':>9} {'base s':>9} {'ratio':>7} {'Context s':>10} {'ratio':>7}",
     ]
     for s in results["stages"]:
-        lines.append(
-            f"{s['stage']:48} {s['ours']['median_s']:9.4f} "
-            f"{s['baseline']['median_s']:9.4f} {s['ratio_ours_over_baseline']:7.2f}"
-        )
+        line = f"{s['stage']:48} {s['ours']['median_s']:9.4f} "
+        if "baseline" in s:
+            line += f"{s['baseline']['median_s']:9.4f} {s['ratio_ours_over_baseline']:7.2f}"
+        if "opendp_context" in s:
+            line += (
+                f" {s['opendp_context']['median_s']:10.4f} "
+                f"{s['ratio_ours_over_opendp_context']:7.2f}"
+            )
+        lines.append(line)
+        for part, seconds in s.get("split_median_s", {}).items():
+            lines.append(f"    {part:44} {seconds:9.4f}")
     return "\n".join(lines)
 
 
@@ -337,9 +570,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="S")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--end-to-end", action="store_true", help="also run stage 5 (fresh hub, full path)"
+    )
+    parser.add_argument("--out", type=Path, help="also write the JSON to this file")
     args = parser.parse_args()
-    results = run(args.size, args.runs)
-    print(json.dumps(results, indent=2))
+    results = run(args.size, args.runs, end_to_end=args.end_to_end)
+    document = json.dumps(results, indent=2)
+    print(document)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(document + "\n")
     print(table(results), file=sys.stderr)
 
 

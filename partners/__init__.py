@@ -3,6 +3,7 @@
 from entremise.partners.client import (
     Client,
     EntremiseRPCError,
+    PreparedUpload,
     TLSConfig,
     UploadResult,
     aggregate,
@@ -27,6 +28,7 @@ __all__ = [
     "EntremiseRPCError",
     "MatchingKeyError",
     "Numeric",
+    "PreparedUpload",
     "Pseudonymiser",
     "TLSConfig",
     "Text",

@@ -23,6 +23,7 @@ from entremise.partners.keys import (
     wrap_for_all,
 )
 from entremise.partners.prepare import (
+    EncodedUpload,
     build_upload_table,
     encode,
     pseudonymise_identifiers,
@@ -113,6 +114,17 @@ class MatchingKey:
     agreement_id: str
     fingerprint: str
     key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class PreparedUpload:
+    """A pseudonymised, encoded dataset ready to send (nothing identifying is left in it)."""
+
+    agreement_id: str
+    schema: UploadSchema
+    encoded: EncodedUpload
+    key_fingerprint: str
+    dropped_columns: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -359,15 +371,42 @@ class Client:
         request_id: str = "",
     ) -> UploadResult:
         """Pseudonymise `source` locally under the agreement's key, then stream Arrow chunks."""
+        prepared = self.prepare_upload(
+            agreement_id, source, schema, private_key=private_key, default_region=default_region
+        )
+        return self.send_upload(prepared, name, chunk_bytes=chunk_bytes, request_id=request_id)
+
+    def prepare_upload(
+        self,
+        agreement_id: str,
+        source: Path | pd.DataFrame,
+        schema: UploadSchema,
+        *,
+        private_key: X25519PrivateKey,
+        default_region: str = "FR",
+    ) -> PreparedUpload:
+        """The partner-side half of an upload: normalise, pseudonymise and encode locally."""
         frame = read_table(source) if isinstance(source, Path) else source
         matching = self.matching_key(agreement_id, private_key)
         table = build_upload_table(frame, schema, matching.key, default_region=default_region)
-        encoded = encode(table)
+        dropped = tuple(c for c in frame.columns if c not in schema.sent_columns)
+        return PreparedUpload(agreement_id, schema, encode(table), matching.fingerprint, dropped)
+
+    def send_upload(
+        self,
+        prepared: PreparedUpload,
+        name: str,
+        *,
+        chunk_bytes: int = 1024 * 1024,
+        request_id: str = "",
+    ) -> UploadResult:
+        """Stream a prepared upload to the hub in columnar chunks."""
+        encoded = prepared.encoded
         header = partner_service_pb2.UploadHeader(
-            agreement_id=agreement_id,
+            agreement_id=prepared.agreement_id,
             name=name,
-            schema=schema.to_proto(),
-            key_fingerprint=matching.fingerprint,
+            schema=prepared.schema.to_proto(),
+            key_fingerprint=prepared.key_fingerprint,
             content_sha256=encoded.sha256,
             request_id=request_id or uuid.uuid4().hex,
         )
@@ -382,8 +421,9 @@ class Client:
                 requests(), metadata=self._metadata, timeout=self.timeout
             )
         )
-        dropped = tuple(c for c in frame.columns if c not in schema.sent_columns)
-        return UploadResult(response.dataset, encoded.rows, len(encoded.payload), dropped)
+        return UploadResult(
+            response.dataset, encoded.rows, len(encoded.payload), prepared.dropped_columns
+        )
 
     def list_datasets(self) -> list[common_pb2.Dataset]:
         """Datasets visible to the caller."""
