@@ -88,7 +88,7 @@ def _verdicts(large: dict[str, Any]) -> list[str]:
     out.append(
         f"- 2 upload: {upload['ours_MB_per_s']:.0f} MB/s vs raw stream "
         f"{upload['baseline_MB_per_s']:.0f} MB/s ({100 / ratio:.0f}% of raw); target ≥ 50%: "
-        f"{'met' if ratio <= TARGETS['upload_ratio'] else 'not met'}."
+        f"{'met' if ratio <= TARGETS['upload_ratio'] else 'not met'}." + _floor(upload)
     )
     join = next(s for k, s in by_stage.items() if k.startswith("3 "))
     ratio = join["ratio_ours_over_baseline"]
@@ -117,6 +117,20 @@ def _verdicts(large: dict[str, Any]) -> list[str]:
             f"{'met' if total <= TARGETS['end_to_end_s'] else 'not met'}."
         )
     return out
+
+
+def _floor(upload: dict[str, Any]) -> str:
+    floor = upload.get("floor")
+    if not floor:
+        return ""
+    raw = upload["baseline"]["median_s"]
+    return (
+        f" Floor of any hub that hashes, encrypts and durably writes the bytes: SHA-256 "
+        f"{floor['sha256_s']:.2f} s + AES-GCM {floor['aes_gcm_s']:.2f} s + write and fsync "
+        f"{floor['write_fsync_s']:.2f} s = {floor['total_s']:.2f} s, alone "
+        f"{floor['total_s'] / raw:.1f}x the raw stream ({raw:.2f} s); "
+        f"ours is {upload['ours']['median_s']:.2f} s."
+    )
 
 
 def _tumult(medium: dict[str, Any] | None, tumult: dict[str, Any] | None) -> list[str]:
