@@ -110,6 +110,14 @@ def serve(
     master_key_file: Annotated[
         Path | None, typer.Option(help="Master keyring (default: DATA_DIR/master.keys).")
     ] = None,
+    table_cache_mb: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Keep up to this many MB of decrypted datasets in memory between queries "
+            "(0: decrypt for every query, nothing decrypted outlives a query).",
+        ),
+    ] = 4096,
     json_out: Annotated[
         bool,
         typer.Option("--json", help="Print one JSON line with the bound address once serving."),
@@ -133,6 +141,7 @@ def serve(
             tls_key=tls_key,
             tls_client_ca=tls_client_ca,
             master_key_file=master_key_file,
+            table_cache_bytes=table_cache_mb * 1024**2,
         )
         if (tls_cert is None) != (tls_key is None):
             fail("--tls-cert and --tls-key go together")

@@ -28,7 +28,7 @@ from entremise.server.domain.audit import AuditSigner
 from entremise.server.domain.hub import Hub
 from entremise.server.domain.limits import RateLimiter
 from entremise.server.engine import DuckDBEngine
-from entremise.server.files import SealedDatasetFiles
+from entremise.server.files import DEFAULT_CACHE_BYTES, SealedDatasetFiles
 from entremise.server.store.sql import SqlStore
 from entremise.v1 import (
     admin_service_pb2,
@@ -78,6 +78,8 @@ class HubConfig:
     rate_per_second: float = 200.0
     rate_burst: float = 400.0
     max_upload_rows: int = 100_000_000
+    # Decrypted datasets kept in memory between queries (0: none outlives a query).
+    table_cache_bytes: int = DEFAULT_CACHE_BYTES
 
     @classmethod
     def for_dir(
@@ -136,7 +138,12 @@ def build_server(config: HubConfig) -> RunningHub:
     cipher = DatasetCipher(keyring, config.data_dir / "keys")
     hub = Hub(
         store,
-        SealedDatasetFiles(cipher, config.data_dir / "data", max_rows=config.max_upload_rows),
+        SealedDatasetFiles(
+            cipher,
+            config.data_dir / "data",
+            max_rows=config.max_upload_rows,
+            cache_bytes=config.table_cache_bytes,
+        ),
         DuckDBEngine(),
         signer=signer,
         head_path=config.data_dir / AUDIT_HEAD_FILE,

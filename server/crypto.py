@@ -136,16 +136,22 @@ class DatasetCipher:
         )
         return sealed
 
-    def open(self, dataset_id: str, version: int, blob: bytes) -> bytes:
-        """The plaintext of a sealed file (DecryptionError if anything does not match)."""
-        if not blob.startswith(MAGIC):
+    def open(self, dataset_id: str, version: int, blob: Plaintext) -> bytearray:
+        """The plaintext of a sealed file (DecryptionError if anything does not match).
+
+        Decrypts from a view into one preallocated buffer: no copy of the ciphertext.
+        """
+        view = memoryview(blob)
+        header = len(MAGIC) + NONCE_BYTES
+        if len(view) < header + TAG_BYTES or bytes(view[: len(MAGIC)]) != MAGIC:
             raise DecryptionError(f"dataset {dataset_id!r} v{version}: not an encrypted file")
-        body = blob[len(MAGIC) :]
         data_key = self._unwrap(dataset_id, version)
+        plaintext = bytearray(len(view) - header - TAG_BYTES)
         try:
-            return AESGCM(data_key).decrypt(
-                body[:NONCE_BYTES], body[NONCE_BYTES:], _aad(dataset_id, version)
+            AESGCM(data_key).decrypt_into(
+                view[len(MAGIC) : header], view[header:], _aad(dataset_id, version), plaintext
             )
+            return plaintext
         except InvalidTag:
             raise DecryptionError(
                 f"dataset {dataset_id!r} v{version}: ciphertext does not match its key "

@@ -14,6 +14,7 @@ import pytest
 
 from entremise.partners import aggregate, query
 from entremise.server.crypto import MAGIC, DatasetCipher, DecryptionError, Keyring
+from entremise.server.files import TableCache
 from tests.conftest import Scenario
 
 
@@ -49,6 +50,7 @@ def test_datasets_sealed_as_parquet_by_earlier_versions_stay_readable(scenario: 
     pq.write_table(table, sink)
     legacy.write_bytes(files.cipher.seal(s.bank_id, 1, sink.getvalue().to_pybytes()))
     current.unlink()
+    files.cache.drop(s.bank_id)  # read from disk, not from the decrypted-table cache
     assert _file(s, s.bank_id) == legacy
     assert files.read(s.bank_id, 1).equals(table)
     assert files.read(s.bank_id, 1, columns=["segment"]).column(0).equals(table.column("segment"))
@@ -59,6 +61,7 @@ def test_deleted_dataset_stays_unreadable_even_if_its_bytes_come_back(
 ) -> None:
     s = scenario
     path = _file(s, s.panel_id)
+    s.hub.running.hub.files.read(s.panel_id, 1)  # now in the decrypted-table cache too
     backup = tmp_path / "backup.enc"
     shutil.copy(path, backup)
     s.panel_client.delete_dataset(s.panel_id)
@@ -77,6 +80,7 @@ def test_ciphertexts_are_bound_to_their_dataset_and_untampered(scenario: Scenari
     files = s.hub.running.hub.files
     bank, panel = _file(s, s.bank_id), _file(s, s.panel_id)
     bank_bytes, panel_bytes = bank.read_bytes(), panel.read_bytes()
+    files.cache.drop(s.bank_id)
     bank.write_bytes(panel_bytes)  # swap
     with pytest.raises(DecryptionError, match="does not match its key"):
         files.read(s.bank_id, 1)
@@ -130,3 +134,35 @@ def test_master_key_rotation_keeps_data_readable_and_retires_the_old_key(
     # Queries keep working once the hub uses the rotated keyring.
     s.hub.running.hub.files.cipher.keyring = Keyring.load(data_dir / "master.keys")
     assert s.analyst.run(query(s.agreement_id, "0.1", [aggregate("count")])).release.release_id
+
+
+def test_table_cache_keeps_recent_tables_within_its_byte_budget() -> None:
+    table = pa.table({"x": pa.array(range(1000), pa.int64())})  # 8,000 bytes
+    cache = TableCache(max_bytes=2 * table.nbytes)
+    cache.put("a", 1, table)
+    cache.put("b", 1, table)
+    assert cache.get("a", 1) is table  # "a" is now the most recent
+    cache.put("c", 1, table)
+    assert cache.get("b", 1) is None and cache.get("a", 1) is table
+    assert cache.size_bytes == 2 * table.nbytes
+    cache.drop("a")
+    assert cache.get("a", 1) is None and cache.size_bytes == table.nbytes
+    TableCache(max_bytes=0).put("a", 1, table)  # disabled: nothing kept, nothing raised
+    too_small = TableCache(max_bytes=table.nbytes - 1)
+    too_small.put("a", 1, table)
+    assert too_small.get("a", 1) is None and too_small.size_bytes == 0
+
+
+def test_a_hub_without_table_cache_decrypts_for_every_query(tmp_path: Path, db_url: str) -> None:
+    from tests.conftest import build_scenario, start_hub
+
+    hub = start_hub(tmp_path / "hub", db_url, table_cache_bytes=0)
+    try:
+        s = build_scenario(hub)
+        run = s.analyst.run(
+            query(s.agreement_id, "0.5", [aggregate("count")], max_rows_per_person=5)
+        )
+        assert run.release.results[0].cells[0].value > 0
+        assert hub.running.hub.files.cache.size_bytes == 0
+    finally:
+        hub.running.stop(grace=None)
