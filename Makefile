@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: help install protos check-protos demo test test-pg race kill fuzz bench-small bench bench-tumult lint typecheck format clean
+.PHONY: help install protos check-protos demo test test-pg race kill fuzz bench-small bench bench-tumult bench-profile lint typecheck format clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -60,6 +60,12 @@ $(TUMULT_STAMP): bench/requirements-tumult.txt
 	$(TUMULT_VENV)/bin/pip install --quiet --upgrade pip
 	$(TUMULT_VENV)/bin/pip install --quiet -r bench/requirements-tumult.txt
 	@touch $(TUMULT_STAMP)
+
+bench-profile: $(STAMP) ## py-spy profile (all threads) of the end-to-end run at M: bench/results/profile-M.txt
+	@mkdir -p .build
+	$(BIN)/py-spy record --rate 50 --format raw --output .build/profile-M.raw -- \
+		$(BIN)/python -m bench.pipeline --size M --runs 1 --end-to-end-only
+	$(BIN)/python -m bench.profile .build/profile-M.raw > bench/results/profile-M.txt
 
 # Tumult takes 40-80 s per query at M: a warm-up and 2 timed runs of each of the ten queries
 # already take ~30 minutes, and its ratio to ours is far beyond the run-to-run spread.

@@ -601,8 +601,16 @@ def main() -> None:
     parser.add_argument(
         "--end-to-end", action="store_true", help="also run stage 5 (fresh hub, full path)"
     )
+    parser.add_argument(
+        "--end-to-end-only", action="store_true", help="run only stage 5 (e.g. under a profiler)"
+    )
     parser.add_argument("--out", type=Path, help="also write the JSON to this file")
     args = parser.parse_args()
+    if args.end_to_end_only:
+        bank, panel = generate(args.size)
+        stage = stage_end_to_end(bank, panel, args.runs)
+        print(json.dumps(stage, indent=2))
+        return
     results = run(args.size, args.runs, end_to_end=args.end_to_end)
     document = json.dumps(results, indent=2)
     print(document)
