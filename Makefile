@@ -67,9 +67,9 @@ bench-profile: $(STAMP) ## py-spy profile (all threads) of the end-to-end run at
 		$(BIN)/python -m bench.pipeline --size M --runs 1 --end-to-end-only
 	$(BIN)/python -m bench.profile .build/profile-M.raw > bench/results/profile-M.txt
 
-# Tumult takes 40-80 s per query at M: a warm-up and 2 timed runs of each of the ten queries
-# already take ~30 minutes, and its ratio to ours is far beyond the run-to-run spread.
-TUMULT_RUNS ?= 2
+# Tumult takes 40-80 s per query at M: a warm-up and one timed run of each of the ten queries
+# already take ~15 minutes, and its ratio to ours is far beyond the run-to-run spread.
+TUMULT_RUNS ?= 1
 
 bench-tumult: $(TUMULT_STAMP) ## Stage 6: the same DP queries in Tumult Analytics on Spark, size M (own venv)
 	$(TUMULT_VENV)/bin/python -m bench.tumult --size M --runs $(TUMULT_RUNS) --out bench/results/tumult-M.json
