@@ -177,11 +177,13 @@ def _tumult(medium: dict[str, Any] | None, tumult: dict[str, Any] | None) -> lis
 
 def _tumult_setup(tumult: dict[str, Any]) -> str:
     parts = []
-    for key in ("spark_startup_s", "session_build_s", "versions", "spark_conf", "budget"):
+    for key in ("spark_startup_s", "load_to_spark_s", "session_build", "runs", "versions"):
         if key in tumult:
             value = tumult[key]
             if isinstance(value, dict) and "median_s" in value:
-                value = f"{value['median_s']:.2f} s"
+                value = f"{value['median_s']:.3f} s"
+            elif isinstance(value, float):
+                value = f"{value:.1f} s"
             parts.append(f"{key}: {value}")
     return "Setup (not in the per-query times): " + "; ".join(str(p) for p in parts) + "."
 
