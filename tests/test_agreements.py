@@ -3,13 +3,15 @@ expiry, and a scope (columns, aggregations, minimum group size) enforced on ever
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
 
-from entremise.partners import EntremiseRPCError, aggregate, query
+from entremise.partners import Client, EntremiseRPCError, aggregate, query
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE
 from entremise.v1 import agreement_service_pb2 as pb
-from tests.conftest import Scenario
+from tests.conftest import Hub, Scenario
 
 
 def _propose(s: Scenario, **kwargs: object) -> pb.Agreement:
@@ -178,3 +180,42 @@ def test_who_may_propose(scenario: Scenario) -> None:
         grpc.StatusCode.PERMISSION_DENIED,
     )
     _refused(lambda: outsider.approve_agreement(s.agreement_id), grpc.StatusCode.NOT_FOUND)
+
+
+def test_partners_approving_at_once_never_lose_an_approval(hub: Hub) -> None:
+    """Approvals are a compare-and-set on status and approvals: none overwrites another."""
+    partners = [hub.principal(f"p{i}", "partner") for i in range(3)]
+    analyst_id, _ = hub.principal("a", "analyst")
+    for round_ in range(8):
+        agreement = hub.admin.create_agreement(
+            name=f"race{round_}",
+            purpose=PURPOSE,
+            datasets=[(pid_, f"d{i}") for i, (pid_, _) in enumerate(partners)],
+            analyst_ids=[analyst_id],
+            total_epsilon="1",
+        )
+        barrier = threading.Barrier(len(partners))
+
+        def approve(
+            client: Client,
+            agreement_id: str = agreement.agreement_id,
+            barrier: threading.Barrier = barrier,
+        ) -> None:
+            barrier.wait()
+            for _ in range(5):  # "changed concurrently; retry" is an allowed answer
+                try:
+                    client.approve_agreement(agreement_id)
+                    return
+                except EntremiseRPCError as exc:
+                    assert exc.status is grpc.StatusCode.FAILED_PRECONDITION, exc
+
+        threads = [threading.Thread(target=approve, args=(c,)) for _, c in partners]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        [state] = [
+            a for a in hub.admin.list_agreements() if a.agreement_id == agreement.agreement_id
+        ]
+        assert sorted(state.approved_by) == sorted(pid_ for pid_, _ in partners)
+        assert state.status == pb.AGREEMENT_STATUS_ACTIVE

@@ -615,7 +615,13 @@ class Hub:
                 return agreement
             done = set(approved) >= set(agreement.partner_ids)
             target = AgreementStatus.ACTIVE if done else agreement.status
-            if self.store.update_agreement_state(agreement_id, agreement.status, target, approved):
+            if self.store.update_agreement_state(
+                agreement_id,
+                agreement.status,
+                target,
+                approved,
+                expected_approved_by=agreement.approved_by,
+            ):
                 if caller.principal_id not in agreement.approved_by:
                     self._audit(
                         "agreement_approved", caller, agreement_id, {"via": via, "active": done}
@@ -638,7 +644,9 @@ class Hub:
         status = agreement.status_at(now())
         if status in (AgreementStatus.REVOKED, AgreementStatus.EXPIRED):
             raise FailedPreconditionError(f"agreement {agreement_id!r} is {status.value}")
-        if not self.store.update_agreement_state(agreement_id, agreement.status, target, ()):
+        if not self.store.update_agreement_state(
+            agreement_id, agreement.status, target, (), expected_approved_by=agreement.approved_by
+        ):
             raise FailedPreconditionError("the agreement changed concurrently; retry")
         self._audit(f"agreement_{target.value}", caller, agreement_id, {"from": status.value})
         updated = self.store.get_agreement(agreement_id)

@@ -88,8 +88,14 @@ class Store(ABC):
         expected: AgreementStatus,
         status: AgreementStatus,
         approved_by: tuple[str, ...],
+        *,
+        expected_approved_by: tuple[str, ...],
     ) -> bool:
-        """Move an agreement from `expected` to `status` (False if it was not in `expected`)."""
+        """Move an agreement from `expected` to `status` and set its approvals.
+
+        Compare-and-set on both the status and the approvals read: False if either changed
+        meanwhile (two partners approving at once must not overwrite each other's approval).
+        """
 
     @abstractmethod
     def get_agreement(self, agreement_id: str) -> Agreement | None:

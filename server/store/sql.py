@@ -525,12 +525,16 @@ class SqlStore(Store):
         expected: AgreementStatus,
         status: AgreementStatus,
         approved_by: tuple[str, ...],
+        *,
+        expected_approved_by: tuple[str, ...],
     ) -> bool:
         with self.writer.begin() as conn:
             updated = conn.execute(
                 agreements.update()
                 .where(
-                    agreements.c.agreement_id == agreement_id, agreements.c.status == expected.value
+                    agreements.c.agreement_id == agreement_id,
+                    agreements.c.status == expected.value,
+                    agreements.c.approved_by_json == json.dumps(list(expected_approved_by)),
                 )
                 .values(status=status.value, approved_by_json=json.dumps(list(approved_by)))
             )
