@@ -66,11 +66,7 @@ class Pseudonymiser:
 
     def pseudonym(self, normalised: str) -> str:
         """HMAC-SHA256(key, normalised identifier) as 64 lowercase hex characters."""
-        inner = self._inner.copy()
-        inner.update(normalised.encode())
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.hexdigest()
+        return self._hex_digests([normalised.encode()])[0]
 
     def pseudonymise(
         self,
@@ -104,47 +100,35 @@ class Pseudonymiser:
         if messages is not None and messages.null_count == 0:
             return self._hash_all(messages.to_pylist())
         listed = values.tolist() if isinstance(values, pd.Series) else values
-        pending = messages.to_pylist() if messages is not None else [None] * len(listed)
-        out: list[str | None] = []
-        append = out.append
+        resolved = messages.to_pylist() if messages is not None else [None] * len(listed)
         bad: list[int] = []
         prefix = f"{kind}:"
         normalise = (
             normalise_email if kind == "email" else (lambda v: normalise_phone(v, default_region))
         )
-        inner_copy, outer_copy = self._inner.copy, self._outer.copy
-        for row, message in enumerate(pending):
-            if message is None:  # not a plain email: the per-value path decides
-                value = listed[row]
-                if not isinstance(value, str) or not value.strip():
-                    if not allow_empty:
-                        bad.append(row)
-                    append(None)
-                    continue
-                try:
-                    message = (prefix + normalise(value)).encode()
-                except IdentifierError:
+        for row, message in enumerate(resolved):
+            if message is not None:
+                continue
+            value = listed[row]  # not a plain email: the per-value path decides
+            if not isinstance(value, str) or not value.strip():
+                if not allow_empty:
                     bad.append(row)
-                    append(None)
-                    continue
-            inner = inner_copy()
-            inner.update(message)
-            outer = outer_copy()
-            outer.update(inner.digest())
-            append(outer.hexdigest())
+                continue
+            try:
+                resolved[row] = (prefix + normalise(value)).encode()
+            except IdentifierError:
+                bad.append(row)
         if bad:
             shown = ", ".join(str(r + 1) for r in bad[:5])
             raise IdentifierError(
                 f"{len(bad)} {kind} identifiers are empty or malformed (data rows {shown}"
                 f"{', ...' if len(bad) > 5 else ''})"
             )
-        return pa.array(out, pa.string())
+        digests = iter(self._hex_digests([m for m in resolved if m is not None]))
+        return pa.array([None if m is None else next(digests) for m in resolved], pa.string())
 
-    def _hash_all(self, messages: list[bytes]) -> pa.StringArray:
-        """Every value a plain email: a loop without branches, one buffer for the column.
-
-        Joining the hex digests avoids building the Arrow column from millions of str objects.
-        """
+    def _hex_digests(self, messages: list[bytes]) -> list[str]:
+        """HMAC-SHA256 of each message from the precomputed key pads: the one hashing loop."""
         out: list[str] = []
         append = out.append
         inner_copy, outer_copy = self._inner.copy, self._outer.copy
@@ -154,6 +138,14 @@ class Pseudonymiser:
             outer = outer_copy()
             outer.update(inner.digest())
             append(outer.hexdigest())
+        return out
+
+    def _hash_all(self, messages: list[bytes]) -> pa.StringArray:
+        """Every value a plain email: one buffer for the column.
+
+        Joining the hex digests avoids building the Arrow column from millions of str objects.
+        """
+        out = self._hex_digests(messages)
         if 64 * len(out) >= 2**31:  # beyond 32-bit offsets: let Arrow chunk it
             return pa.array(out, pa.string())
         offsets = np.arange(0, 64 * (len(out) + 1), 64, dtype=np.int32)

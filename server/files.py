@@ -35,7 +35,6 @@ from entremise.server.domain.models import (
 )
 from entremise.server.domain.ports import DatasetFiles, IngestResult
 
-PSEUDONYM_REGEX = r"^[0-9a-f]{64}$"
 PSEUDONYM_LENGTH = 64
 _PARQUET_MAGIC = b"PAR1"
 DEFAULT_MAX_UPLOAD_BYTES = 4 * 1024**3
