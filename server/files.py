@@ -14,7 +14,7 @@ import shutil
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -53,12 +53,11 @@ def _plain(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return column
 
 
-def _invalid_pseudonyms(key: pa.ChunkedArray) -> int:
-    """How many non-null values are not 64 lowercase hex characters.
+def _pseudonym_chars(key: pa.ChunkedArray) -> Iterator[tuple[int, np.ndarray]]:
+    """Per chunk: how many non-null values are not 64 characters long, and those that are.
 
-    Checked on the raw bytes with numpy: the regex kernel took ~1.6 s per 5M keys, this ~0.1 s.
+    The latter as one row of 64 bytes per value, a view of the Arrow buffer when possible.
     """
-    bad = 0
     if not pa.types.is_large_string(key.type):
         key = key.cast(pa.string())
     width = np.int64 if pa.types.is_large_string(key.type) else np.int32
@@ -71,10 +70,9 @@ def _invalid_pseudonyms(key: pa.ChunkedArray) -> int:
         lengths = np.diff(offsets)
         valid = ~np.asarray(chunk.is_null())
         wrong_length = valid & (lengths != PSEUDONYM_LENGTH)
-        if wrong_length.any():
-            bad += int(wrong_length.sum())
-            valid &= ~wrong_length
+        valid &= ~wrong_length
         if not valid.any():
+            yield int(wrong_length.sum()), np.empty((0, PSEUDONYM_LENGTH), np.uint8)
             continue
         data = np.frombuffer(chunk.buffers()[2], np.uint8)
         if valid.all() and offsets[-1] - offsets[0] == PSEUDONYM_LENGTH * len(chunk):
@@ -82,10 +80,67 @@ def _invalid_pseudonyms(key: pa.ChunkedArray) -> int:
         else:
             starts = offsets[:-1][valid]
             chars = data[starts[:, None] + np.arange(PSEUDONYM_LENGTH)]
+        yield int(wrong_length.sum()), chars
+
+
+def _invalid_pseudonyms(key: pa.ChunkedArray) -> int:
+    """How many non-null values are not 64 lowercase hex characters.
+
+    Checked on the raw bytes with numpy: the regex kernel took ~1.6 s per 5M keys, this ~0.1 s.
+    """
+    bad = 0
+    for wrong_length, chars in _pseudonym_chars(key):
         # uint8 wrap-around: c - 48 < 10 is 0-9, c - 97 < 6 is a-f.
         hex_chars = ((chars - 48) < 10) | ((chars - 97) < 6)
-        bad += int((~hex_chars.all(axis=1)).sum())
+        bad += wrong_length + int((~hex_chars.all(axis=1)).sum())
     return bad
+
+
+_NIBBLE = np.zeros(256, np.uint8)
+_NIBBLE[ord("0") : ord("9") + 1] = np.arange(10)
+_NIBBLE[ord("a") : ord("f") + 1] = np.arange(10, 16)
+_SAMPLE_ROWS = 65_536
+
+
+def _exact_counts(chars: np.ndarray) -> np.ndarray:
+    """Rows per distinct pseudonym, comparing all 64 characters (a hash table in Arrow)."""
+    fixed = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(PSEUDONYM_LENGTH), len(chars), [None, pa.py_buffer(np.ascontiguousarray(chars))]
+    )
+    counts: np.ndarray = pc.value_counts(fixed).field("counts").to_numpy()
+    return counts
+
+
+def _key_multiplicities(chars: np.ndarray) -> np.ndarray:
+    """Rows per distinct pseudonym of validated keys, in no particular order.
+
+    A hash table over 10M distinct 64-character keys (a bank: one row per client) took 6.7 s.
+    Pseudonyms are uniformly random hex, so sorting their first 64 bits (~1.1 s) already
+    separates nearly all of them; only rows whose prefix repeats are compared in full, so the
+    result stays exact even for keys crafted to share a prefix. Keys that repeat (a panel: many
+    rows per person) go straight to the hash table, which is fast when it is small (10M rows of
+    50k keys: 0.4 s).
+    """
+    if len(chars) == 0:
+        return np.zeros(0, np.int64)
+    sample = chars[:_SAMPLE_ROWS]
+    if len(_exact_counts(sample)) < 0.9 * len(sample):
+        return _exact_counts(chars)
+    nibbles = _NIBBLE[chars[:, :16]]
+    prefix = np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2]).view(">u8")
+    prefix = prefix.ravel().astype(np.uint64)
+    ordered = np.sort(prefix)
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    lengths = np.diff(np.append(starts, len(ordered)))
+    singles = np.ones(int((lengths == 1).sum()), np.int64)
+    shared = ordered[starts[lengths > 1]]
+    if len(shared) == 0:
+        return singles
+    at = np.minimum(np.searchsorted(shared, prefix), len(shared) - 1)
+    candidates = shared[at] == prefix
+    if candidates.sum() > len(chars) // 2:  # the sample misled us: mostly repeated after all
+        return _exact_counts(chars)
+    return np.concatenate((singles, _exact_counts(chars[candidates])))
 
 
 def _text_column(col: TextColumn, values: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -216,31 +271,29 @@ def validate_table(table: pa.Table, schema: DatasetSchema, *, max_rows: int) -> 
 def _stats(table: pa.Table, schema: DatasetSchema, sha256: str, size: int) -> IngestResult:
     """Row and pseudonym counts, and the duplicate-key report of each key column."""
     duplicates: list[DuplicateReport] = []
-    distinct: set[str] = set()
+    every_key: list[np.ndarray] = []
     distinct_keys = 0
     max_rows = 0
     for key in schema.key_columns:
-        column = table.column(key).drop_null()
-        counts = pc.value_counts(column)
-        if len(counts) == 0:
+        chars = [c for _, c in _pseudonym_chars(table.column(key)) if len(c)]
+        if not chars:
             continue
-        values, n = counts.field("values"), counts.field("counts")
-        repeated = pc.greater(n, 1)
+        every_key.extend(chars)
+        counts = _key_multiplicities(np.concatenate(chars) if len(chars) > 1 else chars[0])
+        repeated = counts[counts > 1]
         duplicates.append(
             DuplicateReport(
                 column=key,
-                duplicated_pseudonyms=int(pc.sum(repeated).as_py() or 0),
-                rows_involved=int(pc.sum(pc.filter(n, repeated)).as_py() or 0),
-                max_rows_per_pseudonym=int(pc.max(n).as_py()),
+                duplicated_pseudonyms=len(repeated),
+                rows_involved=int(repeated.sum()),
+                max_rows_per_pseudonym=int(counts.max()),
             )
         )
-        max_rows = max(max_rows, int(pc.max(n).as_py()))
-        if len(schema.keys) > 1:
-            distinct.update(values.to_pylist())
-        else:
-            distinct_keys = len(counts)
-    if len(schema.keys) > 1:
-        distinct_keys = len(distinct)
+        max_rows = max(max_rows, int(counts.max()))
+        distinct_keys = len(counts)
+    if len(schema.keys) > 1 and every_key:
+        # The same pseudonym may appear under several identifiers; count it once.
+        distinct_keys = len(_key_multiplicities(np.concatenate(every_key)))
     return IngestResult(
         row_count=table.num_rows,
         distinct_keys=distinct_keys,
