@@ -118,6 +118,14 @@ def serve(
             "(0: decrypt for every query, nothing decrypted outlives a query).",
         ),
     ] = 4096,
+    upload_memory_mb: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Receive uploads up to this many MB in memory; larger ones are staged on disk "
+            "(0: stage every upload).",
+        ),
+    ] = 1024,
     json_out: Annotated[
         bool,
         typer.Option("--json", help="Print one JSON line with the bound address once serving."),
@@ -142,6 +150,7 @@ def serve(
             tls_client_ca=tls_client_ca,
             master_key_file=master_key_file,
             table_cache_bytes=table_cache_mb * 1024**2,
+            memory_upload_bytes=upload_memory_mb * 1024**2,
         )
         if (tls_cert is None) != (tls_key is None):
             fail("--tls-cert and --tls-key go together")

@@ -28,7 +28,11 @@ from entremise.server.domain.audit import AuditSigner
 from entremise.server.domain.hub import Hub
 from entremise.server.domain.limits import RateLimiter
 from entremise.server.engine import DuckDBEngine
-from entremise.server.files import DEFAULT_CACHE_BYTES, SealedDatasetFiles
+from entremise.server.files import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_MEMORY_UPLOAD_BYTES,
+    SealedDatasetFiles,
+)
 from entremise.server.store.sql import SqlStore
 from entremise.v1 import (
     admin_service_pb2,
@@ -80,6 +84,8 @@ class HubConfig:
     max_upload_rows: int = 100_000_000
     # Decrypted datasets kept in memory between queries (0: none outlives a query).
     table_cache_bytes: int = DEFAULT_CACHE_BYTES
+    # Uploads up to this size are received in memory; larger ones are staged on disk.
+    memory_upload_bytes: int = DEFAULT_MEMORY_UPLOAD_BYTES
 
     @classmethod
     def for_dir(
@@ -143,6 +149,7 @@ def build_server(config: HubConfig) -> RunningHub:
             config.data_dir / "data",
             max_rows=config.max_upload_rows,
             cache_bytes=config.table_cache_bytes,
+            memory_upload_bytes=config.memory_upload_bytes,
         ),
         DuckDBEngine(),
         signer=signer,

@@ -16,7 +16,7 @@ from entremise.partners.prepare import PrepareError, encode, read_table
 from entremise.partners.schema import Categorical, Consent, Numeric, UploadSchema
 from entremise.partners.synthetic import BANK_SCHEMA
 from entremise.v1 import partner_service_pb2, partner_service_pb2_grpc
-from tests.conftest import Scenario
+from tests.conftest import Hub, Scenario, start_hub
 
 TINY_SCHEMA = UploadSchema(
     {"email": "email"},
@@ -79,6 +79,15 @@ def _expect(status: grpc.StatusCode, fn: object, *args: object, **kwargs: object
 def _table(emails: list[str]) -> pa.Table:
     n = len(emails)
     return pa.table({"email": emails, "ok": [True] * n, "segment": ["a"] * n, "x": [1.0] * n})
+
+
+@pytest.fixture
+def hub(tmp_path: Path, db_url: str) -> Iterator[Hub]:
+    """A hub staging every upload on disk (not in memory), so tests see the staging emptied."""
+    h = start_hub(tmp_path / "hub", db_url, memory_upload_bytes=0)
+    yield h
+    h.admin.close()
+    h.running.stop(grace=None)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -14,7 +15,9 @@ import pytest
 
 from entremise.partners import aggregate, query
 from entremise.server.crypto import MAGIC, DatasetCipher, DecryptionError, Keyring
-from entremise.server.files import TableCache
+from entremise.server.domain.errors import InvalidArgumentError
+from entremise.server.domain.models import ConsentSpec, DatasetSchema, IdentifierKind, KeyColumn
+from entremise.server.files import SealedDatasetFiles, TableCache
 from tests.conftest import Scenario
 
 
@@ -166,3 +169,37 @@ def test_a_hub_without_table_cache_decrypts_for_every_query(tmp_path: Path, db_u
         assert hub.running.hub.files.cache.size_bytes == 0
     finally:
         hub.running.stop(grace=None)
+
+
+@pytest.mark.parametrize("memory_upload_bytes", [0, 100_000, 1 << 30])
+def test_uploads_received_in_memory_or_staged_on_disk_read_back_the_same(
+    tmp_path: Path, memory_upload_bytes: int
+) -> None:
+    keys = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(20_000)]
+    table = pa.table({"k": keys, "ok": [i % 3 > 0 for i in range(len(keys))]})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=5_000)
+    payload = sink.getvalue().to_pybytes()
+    assert 100_000 < len(payload) < 1 << 30  # 100 KB spills part-way through the stream
+    schema = DatasetSchema((KeyColumn("k", IdentifierKind.EMAIL),), (ConsentSpec("p", "ok"),), ())
+    files = SealedDatasetFiles(
+        DatasetCipher(Keyring.load(tmp_path / "ring"), tmp_path / "keys"),
+        tmp_path / "data",
+        memory_upload_bytes=memory_upload_bytes,
+    )
+    chunks = [payload[i : i + 65_536] for i in range(0, len(payload), 65_536)]
+    result = files.ingest("d", 1, schema, chunks, hashlib.sha256(payload).hexdigest())
+    assert (result.row_count, result.distinct_keys, result.size_bytes) == (
+        20_000,
+        20_000,
+        len(payload),
+    )
+    assert files.read("d", 1).equals(table)
+    assert list((tmp_path / "data" / "staging").iterdir()) == []
+    # A truncated stream is refused on either path, and nothing is stored or left staged.
+    with pytest.raises(InvalidArgumentError, match="not a valid Arrow IPC stream"):
+        broken = payload[: len(payload) // 2 + 7]  # cut inside a record batch
+        files.ingest("d", 2, schema, [broken], hashlib.sha256(broken).hexdigest())
+    assert not Path(files.path("d", 2)).exists()
+    assert list((tmp_path / "data" / "staging").iterdir()) == []
