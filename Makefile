@@ -63,7 +63,7 @@ $(TUMULT_STAMP): bench/requirements-tumult.txt
 
 bench-profile: $(STAMP) ## py-spy profile (all threads) of the end-to-end run at M: bench/results/profile-M.txt
 	@mkdir -p .build
-	$(BIN)/py-spy record --rate 50 --format raw --output .build/profile-M.raw -- \
+	$(BIN)/py-spy record --subprocesses --rate 50 --format raw --output .build/profile-M.raw -- \
 		$(BIN)/python -m bench.pipeline --size M --runs 1 --end-to-end-only
 	$(BIN)/python -m bench.profile .build/profile-M.raw > bench/results/profile-M.txt
 
