@@ -477,12 +477,20 @@ def stage_releases(
     return results
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory since exec (VmHWM; getrusage counts fork time)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _partner_worker(size: str, who: str, jobs: Any, done: Any) -> None:
     """One partner in its own process, as on its own machine: prepare, then upload, per job."""
     bank, panel = generate(size)  # the same rows as the parent's (fixed seed)
     frame, schema = (bank, BANK) if who == "bank" else (panel, PANEL)
     del bank, panel
-    done.put(("ready", 0.0, 0.0))
+    done.put(("ready", 0.0, 0.0, 0.0))
     while (job := jobs.get()) is not None:
         target, token, agreement_id, key_bytes = job
         client = Client.connect(target, token=token, timeout=3600)
@@ -492,9 +500,9 @@ def _partner_worker(size: str, who: str, jobs: Any, done: Any) -> None:
             prepared = client.prepare_upload(agreement_id, frame, schema, private_key=key)
             w1 = time.perf_counter()
             client.send_upload(prepared, who)
-            done.put(("ok", w1 - w0, time.perf_counter() - w1))
+            done.put(("ok", w1 - w0, time.perf_counter() - w1, _peak_rss_mb()))
         except Exception as exc:  # report it to the parent instead of leaving it waiting
-            done.put((f"{type(exc).__name__}: {exc}", 0.0, 0.0))
+            done.put((f"{type(exc).__name__}: {exc}", 0.0, 0.0, 0.0))
         finally:
             client.close()
 
@@ -517,6 +525,7 @@ def stage_end_to_end(size: str, runs: int) -> dict[str, Any]:
         if (status := done.get(timeout=3600)[0]) != "ready":
             raise RuntimeError(status)
     splits: dict[str, list[float]] = {}
+    partner_peak_mb: dict[str, float] = {}
 
     def once() -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -527,7 +536,7 @@ def stage_end_to_end(size: str, runs: int) -> dict[str, Any]:
                     _, key, token = bench.partners[who]
                     jobs.put((bench.target, token, bench.agreement_id, key.private_bytes_raw()))
                 for who, (_, _, done) in workers.items():
-                    status, prepare_s, upload_s = done.get(timeout=3600)
+                    status, prepare_s, upload_s, partner_peak_mb[who] = done.get(timeout=3600)
                     if status != "ok":
                         raise RuntimeError(f"{who}: {status}")
                     splits.setdefault(f"{who}: prepare (normalise, HMAC, encode)", []).append(
@@ -555,8 +564,7 @@ def stage_end_to_end(size: str, runs: int) -> dict[str, Any]:
         "ours": total,
         "split_median_s": {k: statistics.median(v[1:] or v) for k, v in splits.items()},
         "runs_with_warmup": runs + 1,
-        "partner_processes_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        / 1024,
+        "partner_peak_rss_mb": partner_peak_mb,
     }
 
 
