@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from bench.fuzz import fuzz_hub, fuzz_readers
+from bench.fuzz import Fuzzer, fuzz_hub, fuzz_readers
+from entremise.v1 import agreement_service_pb2
 from tests.conftest import Scenario
 
 
@@ -25,3 +26,11 @@ def test_file_readers_only_refuse_cleanly() -> None:
     result = fuzz_readers(examples=60)
     assert result["inputs"] == 180
     assert result["crashes"] == 0, result["crash_samples"]
+
+
+def test_a_refusal_quoting_the_input_is_not_a_leak(scenario: Scenario) -> None:
+    """CI once drew the agreement id "duckdb": NOT_FOUND quoting it is not an engine leak."""
+    fuzzer = Fuzzer(scenario.hub.target, [scenario.bank_client.token or ""])
+    request = agreement_service_pb2.SuspendAgreementRequest(agreement_id="duckdb", reason="x")
+    fuzzer.unary("/entremise.v1.AgreementService/SuspendAgreement", request, 0)
+    assert fuzzer.codes == {"NOT_FOUND": 1} and fuzzer.crashes == []
