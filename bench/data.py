@@ -31,7 +31,7 @@ def generate(size: str, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     bank_ids = np.arange(n_bank)
     bank = pd.DataFrame(
         {
-            "email": np.char.add(np.char.add("c", bank_ids.astype(str)), "@bank.example"),
+            "email": np.char.add(np.char.add("c", bank_ids.astype(str)), "@bank.example.com"),
             "ok": rng.random(n_bank) < 0.9,
             "segment": np.array(SEGMENTS)[rng.choice(3, n_bank, p=[0.7, 0.22, 0.08])],
         }
@@ -45,7 +45,7 @@ def generate(size: str, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     who = panelists[rng.integers(0, n_panel, n_rows)]
     panel = pd.DataFrame(
         {
-            "email": np.char.add(np.char.add("c", who.astype(str)), "@bank.example"),
+            "email": np.char.add(np.char.add("c", who.astype(str)), "@bank.example.com"),
             "ok": rng.random(n_rows) < 0.85,
             "category": np.array(CATEGORIES)[rng.integers(0, len(CATEGORIES), n_rows)],
             "shop": np.array(SHOPS)[rng.integers(0, len(SHOPS), n_rows)],

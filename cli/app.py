@@ -40,7 +40,7 @@ from entremise.partners.keys import (
 )
 from entremise.partners.prepare import read_table
 from entremise.partners.schema import UploadSchema
-from entremise.v1 import agreement_service_pb2, query_service_pb2
+from entremise.v1 import agreement_service_pb2, common_pb2, query_service_pb2
 
 # No markup in help: option syntax such as KIND[:COLUMN][@EPSILON] must print as written.
 app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None, help=__doc__)
@@ -330,6 +330,11 @@ def upload(
                 "rows_sent": result.rows_sent,
                 "bytes_sent": result.bytes_sent,
                 "dropped_columns": list(result.dropped_columns),
+                "placeholders": [
+                    {"column": p.column, "reason": p.reason, "count": p.count}
+                    for p in result.placeholders
+                ],
+                "rows_dropped": result.rows_dropped,
             }
         )
         return
@@ -346,6 +351,23 @@ def upload(
                 "pseudonym)",
                 markup=False,
             )
+        if dup.shared_pseudonyms:
+            console.print(
+                f"shared identifiers in {dup.column}: {dup.shared_pseudonyms} pseudonyms appear "
+                "with several different identifiers of another column (up to "
+                f"{dup.max_other_identifiers}): they link those records into one person",
+                markup=False,
+            )
+    for placeholder in result.placeholders:
+        console.print(
+            f"{placeholder.column}: {placeholder.count} placeholder values ({placeholder.reason}) "
+            "not used as identifiers",
+            markup=False,
+        )
+    if result.rows_dropped:
+        console.print(
+            f"{result.rows_dropped} rows had no other identifier and were not sent", markup=False
+        )
     if result.dropped_columns:
         console.print(f"not sent (undeclared): {', '.join(result.dropped_columns)}", markup=False)
 
@@ -523,6 +545,13 @@ def create_agreement(
         list[str] | None, typer.Option(help="Aggregation kind allowed (repeat).")
     ] = None,
     min_group_size: Annotated[int, typer.Option(help="Suppress smaller noisy groups.")] = 0,
+    shared_identifiers: Annotated[
+        int,
+        typer.Option(
+            help="DP holds for every person up to this many of whose identifiers other people's "
+            "records also carry (a shared phone, a placeholder); noise grows with it."
+        ),
+    ] = 1,
     target: TargetOption = DEFAULT_TARGET,
     token: TokenOption = "",
     json_out: JsonOption = False,
@@ -550,12 +579,15 @@ def create_agreement(
             allowed_columns=allow_column or [],
             allowed_aggregations=allow_aggregation or [],
             min_group_size=min_group_size,
+            max_shared_identifiers=shared_identifiers,
         )
     if json_out:
         print_json(to_dict(agreement))
     else:
         console.print(
-            f"agreement [bold]{agreement.agreement_id}[/] created, budget epsilon {epsilon}"
+            f"agreement [bold]{agreement.agreement_id}[/] created, budget epsilon {epsilon}; "
+            f"protects each person sharing up to {agreement.max_shared_identifiers} "
+            "identifier(s) with others"
         )
 
 
@@ -877,20 +909,36 @@ def budget_show(
     token: TokenOption = "",
     json_out: JsonOption = False,
 ) -> None:
-    """Total, spent and remaining epsilon per agreement."""
+    """Total, spent and remaining budget per agreement, and the (epsilon, delta) spent implies.
+
+    zCDP budgets count rho; what was spent is also stated as one (epsilon, delta)-DP guarantee
+    (OpenDP's conversion at the hub's conversion delta, plus any key-discovery delta).
+    """
     with connect(target, token) as client, friendly_errors():
         budgets = client.budgets(agreement)
     if json_out:
         print_json([to_dict(b) for b in budgets])
         return
-    table = Table("agreement", "total", "spent", "remaining", "releases", title="privacy budgets")
+    table = Table(
+        "agreement",
+        "measure",
+        "total",
+        "spent",
+        "remaining",
+        "releases",
+        "spent as (epsilon, delta)",
+        title="privacy budgets",
+    )
     for b in budgets:
+        zcdp = b.kind == common_pb2.BUDGET_KIND_ZCDP
         table.add_row(
             b.agreement_id,
+            "rho (zCDP)" if zcdp else "epsilon",
             b.total_epsilon,
             b.spent_epsilon,
             b.remaining_epsilon,
             str(b.release_count),
+            f"({b.implied_epsilon}, {b.implied_delta})",
         )
     console.print(table)
 
@@ -911,14 +959,32 @@ def ledger_list(
         print_json([to_dict(r) for r in releases])
         return
     table = Table(
-        "release", "agreement", "analyst", "epsilon", "aggregates", "bounds", "at", title="ledger"
+        "release",
+        "agreement",
+        "analyst",
+        "epsilon",
+        "status",
+        "aggregates",
+        "bounds",
+        "at",
+        title="ledger",
     )
     for r in releases:
         aggs = ", ".join(f"{a.name}({a.epsilon})" for a in r.plan.aggregates)
         bounding = r.plan.bounding
-        bounds = f"{bounding.max_rows_per_person} rows/{bounding.max_groups_per_person} groups"
+        bounds = (
+            f"{bounding.max_rows_per_person} rows/{bounding.max_groups_per_person} groups, "
+            f"{bounding.shared_identifiers} shared id"
+        )
         table.add_row(
-            r.release_id, r.agreement_id, r.analyst_id, r.epsilon_spent, aggs, bounds, r.created_at
+            r.release_id,
+            r.agreement_id,
+            r.analyst_id,
+            r.epsilon_spent,
+            r.status or "released",  # failed and running releases keep their cost
+            aggs,
+            bounds,
+            r.created_at,
         )
     console.print(table)
 

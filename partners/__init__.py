@@ -18,6 +18,7 @@ from entremise.partners.keys import (
     public_bytes,
     save_private_key,
 )
+from entremise.partners.prepare import PlaceholderReport
 from entremise.partners.pseudonymise import Pseudonymiser
 from entremise.partners.schema import Categorical, Consent, Numeric, Text, UploadSchema
 
@@ -28,6 +29,7 @@ __all__ = [
     "EntremiseRPCError",
     "MatchingKeyError",
     "Numeric",
+    "PlaceholderReport",
     "PreparedUpload",
     "Pseudonymiser",
     "TLSConfig",

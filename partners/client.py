@@ -24,8 +24,9 @@ from entremise.partners.keys import (
 )
 from entremise.partners.prepare import (
     EncodedUpload,
-    build_upload_table,
+    PlaceholderReport,
     encode,
+    prepare_table,
     pseudonymise_identifiers,
     read_table,
 )
@@ -125,6 +126,8 @@ class PreparedUpload:
     encoded: EncodedUpload
     key_fingerprint: str
     dropped_columns: tuple[str, ...]
+    placeholders: tuple[PlaceholderReport, ...] = ()
+    rows_dropped: int = 0
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,8 @@ class UploadResult:
     rows_sent: int
     bytes_sent: int
     dropped_columns: tuple[str, ...]
+    placeholders: tuple[PlaceholderReport, ...] = ()
+    rows_dropped: int = 0
 
 
 def aggregate(
@@ -388,9 +393,17 @@ class Client:
         """The partner-side half of an upload: normalise, pseudonymise and encode locally."""
         frame = read_table(source) if isinstance(source, Path) else source
         matching = self.matching_key(agreement_id, private_key)
-        table = build_upload_table(frame, schema, matching.key, default_region=default_region)
+        prepared = prepare_table(frame, schema, matching.key, default_region=default_region)
         dropped = tuple(c for c in frame.columns if c not in schema.sent_columns)
-        return PreparedUpload(agreement_id, schema, encode(table), matching.fingerprint, dropped)
+        return PreparedUpload(
+            agreement_id,
+            schema,
+            encode(prepared.table),
+            matching.fingerprint,
+            dropped,
+            prepared.placeholders,
+            prepared.rows_dropped,
+        )
 
     def send_upload(
         self,
@@ -422,7 +435,12 @@ class Client:
             )
         )
         return UploadResult(
-            response.dataset, encoded.rows, len(encoded.payload), prepared.dropped_columns
+            response.dataset,
+            encoded.rows,
+            len(encoded.payload),
+            prepared.dropped_columns,
+            prepared.placeholders,
+            prepared.rows_dropped,
         )
 
     def list_datasets(self) -> list[common_pb2.Dataset]:
@@ -509,11 +527,14 @@ class Client:
         allowed_columns: Sequence[str] = (),
         allowed_aggregations: Sequence[str] = (),
         min_group_size: int = 0,
+        max_shared_identifiers: int = 0,
     ) -> agreement_service_pb2.Agreement:
         """Propose an agreement with (partner id, dataset name) slots and its total budget.
 
         `budget_kind` is "pure" (epsilon) or "zcdp" (then `total_epsilon` holds rho);
         `total_delta` funds key discovery; `analyst_budget` caps each analyst's spending.
+        `max_shared_identifiers` states the neighbouring relation: DP holds for every person up
+        to that many of whose identifiers other people's records also carry (0 = default 1).
         """
         if budget_kind not in BUDGET_KINDS:
             raise ValueError(f"budget_kind must be one of {sorted(BUDGET_KINDS)}")
@@ -532,6 +553,7 @@ class Client:
             allowed_columns=list(allowed_columns),
             allowed_aggregations=list(allowed_aggregations),
             min_group_size=min_group_size,
+            max_shared_identifiers=max_shared_identifiers,
         )
         return self._unary(self._agreements.CreateAgreement, request).agreement
 

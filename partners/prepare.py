@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from entremise.partners.pseudonymise import (
     IdentifierError,
@@ -27,6 +30,31 @@ _FALSE = {"false", "0", "no", "n", "f"}
 
 class PrepareError(ValueError):
     """The input file cannot be turned into a safe upload; the message says why."""
+
+
+@dataclass(frozen=True)
+class PlaceholderReport:
+    """Placeholder values of one key column left out of identity linking, for one reason.
+
+    Counts only: the values are never kept, and the rows stay (unless no identifier is left).
+    """
+
+    column: str
+    reason: str
+    count: int
+
+
+@dataclass(frozen=True)
+class PreparedTable:
+    """The table that may leave the partner, and what was held back so it could not link people.
+
+    `rows_dropped` counts rows whose every identifier was a placeholder: nothing could say whose
+    they are, so they are not sent.
+    """
+
+    table: pa.Table
+    placeholders: tuple[PlaceholderReport, ...]
+    rows_dropped: int
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -84,7 +112,19 @@ def _expiry(series: pd.Series, column: str) -> pa.Array:
 def build_upload_table(
     frame: pd.DataFrame, schema: UploadSchema, key: bytes, *, default_region: str = "FR"
 ) -> pa.Table:
-    """Pseudonymise the key columns and keep only declared, identifier-free columns."""
+    """The table of `prepare_table` alone, for callers that need no report (benchmarks)."""
+    return prepare_table(frame, schema, key, default_region=default_region).table
+
+
+def prepare_table(
+    frame: pd.DataFrame, schema: UploadSchema, key: bytes, *, default_region: str = "FR"
+) -> PreparedTable:
+    """Pseudonymise the key columns and keep only declared, identifier-free columns.
+
+    Placeholder identifiers (`placeholder_reason`) become missing instead of a pseudonym that
+    would merge everyone who has them into one person at the hub; a row with no identifier left
+    is dropped.
+    """
     missing = [c for c in schema.sent_columns if c not in frame.columns]
     if missing:
         raise PrepareError(
@@ -94,14 +134,18 @@ def build_upload_table(
         raise PrepareError("the file has no data rows")
     pseudonymiser = Pseudonymiser(key)
     arrays: dict[str, pa.Array] = {}
+    reports: list[PlaceholderReport] = []
     several = len(schema.keys) > 1
     for column, kind in schema.keys.items():
         try:
-            arrays[column] = pseudonymiser.pseudonymise_array(
+            screened = pseudonymiser.pseudonymise_screened(
                 frame[column], kind, default_region=default_region, allow_empty=several
             )
         except IdentifierError as exc:
             raise PrepareError(f"key column {column!r}: {exc}") from None
+        arrays[column] = screened.pseudonyms
+        counts = Counter(screened.placeholders.values())
+        reports += [PlaceholderReport(column, reason, n) for reason, n in counts.items()]
     if several:
         present = pd.concat(
             [frame[c].astype("string").str.strip().fillna("") != "" for c in schema.keys], axis=1
@@ -132,7 +176,18 @@ def build_upload_table(
             arrays[name] = pa.array(series.astype(str), pa.string())
         else:
             arrays[name] = _numbers(series, name)
-    return pa.table(arrays)
+    table = pa.table(arrays)
+    identified = np.zeros(table.num_rows, dtype=bool)
+    for column in schema.keys:
+        identified |= pc.is_valid(arrays[column]).to_numpy(zero_copy_only=False)
+    dropped = int((~identified).sum())
+    reports.sort(key=lambda r: (r.column, r.reason))
+    if dropped == table.num_rows:
+        found = "; ".join(f"{r.column}: {r.count} {r.reason}" for r in reports)
+        raise PrepareError(f"no row has an identifier left, all are placeholders ({found})")
+    if dropped:
+        table = table.filter(pa.array(identified))
+    return PreparedTable(table, tuple(reports), dropped)
 
 
 def pseudonymise_identifiers(

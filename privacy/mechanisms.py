@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import opendp.prelude as dp
 
 from entremise.privacy.budget import Epsilon
@@ -24,12 +25,29 @@ from entremise.privacy.budget import Epsilon
 dp.enable_features("contrib")
 
 #: Safety factor so that the privacy map of the calibrated mechanism never exceeds the budget
-#: share because of float rounding in ``sensitivity / epsilon``.
-_CALIBRATION_MARGIN = 1.0 + 1e-9
+#: share because of float rounding in ``sensitivity / epsilon`` (a few ulps, ~1e-16 each). It is
+#: small enough that the map, rounded up to the micro-unit, is exactly the share for every
+#: share up to the 1000 maximum: what is charged is what OpenDP's map returns.
+_CALIBRATION_MARGIN = 1.0 + 1e-12
 
 
 class MechanismError(RuntimeError):
     """OpenDP refused to build or run a mechanism with the requested parameters."""
+
+
+#: OpenDP's integer mechanisms take 64-bit integers; exact values beyond are saturated first.
+I64_MAX = 2**63 - 1
+
+
+def saturate(values: Sequence[int]) -> list[int]:
+    """Clamp exact integers into the 64-bit range OpenDP accepts.
+
+    Clamping is 1-Lipschitz, so a saturated vector moves no more than the exact one: the
+    sensitivity still holds, and a huge exact value can never make a release fail (an error
+    that happened only on some data would reveal it without noise or charge). OpenDP itself
+    saturates when the noise pushes a value past the range.
+    """
+    return [min(max(int(v), -I64_MAX), I64_MAX) for v in values]
 
 
 @lru_cache(maxsize=256)
@@ -75,7 +93,7 @@ class IntegerLaplace:
         charged = Epsilon.ceil_from_float(loss)
         if charged > self.epsilon:
             raise MechanismError("calibrated mechanism would exceed its epsilon share")
-        return self.epsilon
+        return charged
 
     def ci_halfwidth(self, alpha: float = 0.05) -> float:
         """Smallest integer `a` with P(|noise| > a) <= alpha (data-independent)."""
@@ -86,7 +104,7 @@ class IntegerLaplace:
         if not exact:
             return []
         try:
-            noisy = _vector_laplace(self.scale)([int(v) for v in exact])
+            noisy = _vector_laplace(self.scale)(saturate(exact))
         except dp.OpenDPException as exc:
             raise MechanismError(f"OpenDP release failed: {exc.variant}") from exc
         return [int(v) for v in noisy]
@@ -98,9 +116,36 @@ def _laplace_halfwidth(scale: float, alpha: float) -> float:
     return integer_halfwidth(float(dp.discrete_laplacian_scale_to_accuracy(scale, alpha)))
 
 
+#: OpenDP's discrete Gaussian accuracy functions sum the pmf: their cost grows with the scale
+#: (0.5 s at 1e6, minutes at 1e9, which a variance over wide bounds reaches). Beyond this
+#: scale a rigorous tail bound is used instead (`_gaussian_tail_bound`).
+GAUSSIAN_OPENDP_SCALE_LIMIT = 1e4
+
+
 @lru_cache(maxsize=1024)
 def _gaussian_halfwidth(scale: float, alpha: float) -> float:
-    return integer_halfwidth(float(dp.discrete_gaussian_scale_to_accuracy(scale, alpha)))
+    if scale <= GAUSSIAN_OPENDP_SCALE_LIMIT:
+        return integer_halfwidth(float(dp.discrete_gaussian_scale_to_accuracy(scale, alpha)))
+    low, high = 1, math.ceil(40 * scale) + 2  # smallest integer a with P(|X| >= a) <= alpha
+    while low < high:
+        mid = (low + high) // 2
+        if _gaussian_tail_bound(scale, mid) <= alpha:
+            high = mid
+        else:
+            low = mid + 1
+    return float(high - 1)
+
+
+def _gaussian_tail_bound(sigma: float, a: int) -> float:
+    """An upper bound on P(|X| >= a), a >= 1, for the discrete Gaussian of scale sigma.
+
+    The normaliser sum_z exp(-z^2 / 2 sigma^2) is sigma sqrt(2 pi) times a Jacobi theta value
+    >= 1, and for a decreasing f, sum_{z >= a} f(z) <= f(a) + integral_a^inf f. Hence
+    P(X >= a) <= exp(-a^2 / 2 sigma^2) / (sigma sqrt(2 pi)) + Q(a / sigma); doubled by symmetry.
+    Beyond 1e4 the first term is below 4e-5 of alpha's scale: the bound is tight.
+    """
+    head = math.exp(-(a * a) / (2 * sigma * sigma)) / (sigma * math.sqrt(2 * math.pi))
+    return 2 * (head + 0.5 * math.erfc(a / (sigma * math.sqrt(2))))
 
 
 def integer_halfwidth(accuracy: float) -> float:
@@ -118,9 +163,19 @@ def accuracy_to_scale(halfwidth: float, alpha: float = 0.05) -> float:
 
 @lru_cache(maxsize=256)
 def _vector_gaussian(scale: float) -> Any:
+    # An f64 L2 metric on i64 data: OpenDP's map then takes the exact (often irrational) L2
+    # sensitivity, e.g. sqrt(2), instead of its ceiling.
     return dp.m.make_gaussian(
-        dp.vector_domain(dp.atom_domain(T="i64")), dp.l2_distance(T="i64"), scale=scale
+        dp.vector_domain(dp.atom_domain(T="i64")), dp.l2_distance(T="f64"), scale=scale
     )
+
+
+def gaussian_rho(scale: float, l2: float) -> float:
+    """Rho of the discrete Gaussian of this scale at this L2 sensitivity, per OpenDP's map."""
+    try:
+        return float(_vector_gaussian(scale).map(float(l2)))
+    except dp.OpenDPException as exc:
+        raise MechanismError(f"OpenDP privacy map failed: {exc.variant}") from exc
 
 
 @dataclass(frozen=True)
@@ -151,15 +206,11 @@ class IntegerGaussian:
         return "discrete_gaussian"
 
     def privacy_loss(self) -> Epsilon:
-        """Rho according to OpenDP's privacy map (rounded up to a micro-unit)."""
-        try:
-            loss = float(_vector_gaussian(self.scale).map(math.ceil(self.sensitivity)))
-        except dp.OpenDPException as exc:
-            raise MechanismError(f"OpenDP privacy map failed: {exc.variant}") from exc
-        exact = self.sensitivity**2 / (2 * self.scale**2)
-        if Epsilon.ceil_from_float(min(loss, exact)) > self.rho:
+        """Rho according to OpenDP's privacy map, rounded up to a micro-unit: the charge."""
+        charged = Epsilon.ceil_from_float(gaussian_rho(self.scale, self.sensitivity))
+        if charged > self.rho:
             raise MechanismError("calibrated mechanism would exceed its rho share")
-        return self.rho
+        return charged
 
     def ci_halfwidth(self, alpha: float = 0.05) -> float:
         """Smallest integer `a` with P(|noise| > a) <= alpha."""
@@ -170,7 +221,7 @@ class IntegerGaussian:
         if not exact:
             return []
         try:
-            noisy = _vector_gaussian(self.scale)([int(v) for v in exact])
+            noisy = _vector_gaussian(self.scale)(saturate(exact))
         except dp.OpenDPException as exc:
             raise MechanismError(f"OpenDP release failed: {exc.variant}") from exc
         return [int(v) for v in noisy]
@@ -195,9 +246,37 @@ def share_for_accuracy(
     if measure == "zcdp":
         # P(|X| > h) <= alpha  <=>  P(|X| >= floor(h) + 1) <= alpha, OpenDP's convention.
         accuracy = float(math.floor(halfwidth) + 1)
-        sigma = float(dp.accuracy_to_discrete_gaussian_scale(accuracy, alpha))
+        if accuracy <= 2 * GAUSSIAN_OPENDP_SCALE_LIMIT:
+            sigma = float(dp.accuracy_to_discrete_gaussian_scale(accuracy, alpha))
+        else:  # the largest sigma whose bound keeps P(|X| >= accuracy) within alpha
+            sigma = _largest_gaussian_scale(int(accuracy), alpha)
         return Epsilon.ceil_from_float(l2**2 / (2 * sigma**2))
     return Epsilon.ceil_from_float(l1 / accuracy_to_scale(halfwidth, alpha))
+
+
+def _largest_gaussian_scale(accuracy: int, alpha: float) -> float:
+    """Largest sigma (to 1e-12 relative) with `_gaussian_tail_bound(sigma, accuracy) <= alpha`."""
+    low, high = accuracy / 100.0, float(accuracy)
+    for _ in range(80):
+        mid = (low + high) / 2
+        if _gaussian_tail_bound(mid, accuracy) <= alpha:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+@lru_cache(maxsize=256)
+def _noisy_min(scale: float, zcdp: bool) -> Any:
+    """Report-noisy-min over a vector of integer scores (cached: one per scale)."""
+    measure = dp.zero_concentrated_divergence() if zcdp else dp.max_divergence()
+    return dp.m.make_noisy_max(
+        dp.vector_domain(dp.atom_domain(T="i64")),
+        dp.linf_distance(T="i64", monotonic=False),
+        measure,
+        scale=scale,
+        negate=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -221,91 +300,237 @@ class NoisyArgMin:
         return 2 * self.sensitivity / self.share.as_float() * _CALIBRATION_MARGIN
 
     def _measurement(self) -> Any:
-        zcdp = self.measure == "zcdp"
-        measure = dp.zero_concentrated_divergence() if zcdp else dp.max_divergence()
-        return dp.m.make_noisy_max(
-            dp.vector_domain(dp.atom_domain(T="i64")),
-            dp.linf_distance(T="i64", monotonic=False),
-            measure,
-            scale=self.scale,
-            negate=True,
-        )
+        return _noisy_min(self.scale, self.measure == "zcdp")
 
     def privacy_loss(self) -> Epsilon:
-        """The share, checked against OpenDP's privacy map."""
-        loss = float(self._measurement().map(self.sensitivity))
-        if Epsilon.ceil_from_float(loss) > self.share:
+        """OpenDP's privacy map at the total sensitivity, rounded up: the charge."""
+        try:
+            loss = float(self._measurement().map(self.sensitivity))
+        except dp.OpenDPException as exc:
+            raise MechanismError(f"OpenDP privacy map failed: {exc.variant}") from exc
+        charged = Epsilon.ceil_from_float(loss)
+        if charged > self.share:
             raise MechanismError("calibrated noisy-min would exceed its budget share")
-        return self.share
+        return charged
 
     def release(self, scores: Sequence[int]) -> int:
         """Index of the (noisily) smallest score."""
         try:
-            return int(self._measurement()([int(s) for s in scores]))
+            return int(self._measurement()(saturate(scores)))
         except dp.OpenDPException as exc:
             raise MechanismError(f"OpenDP release failed: {exc.variant}") from exc
 
 
-@dataclass(frozen=True)
-class KeyThreshold:
-    """Release only group keys whose noisy people count clears a threshold (approximate DP).
+def laplace_tail(scale: float, k: int) -> float:
+    """P(Z >= k) for OpenDP's discrete Laplace of this scale (P(z) ~ exp(-|z| / scale))."""
+    alpha = math.exp(-1.0 / scale)
+    if k >= 1:
+        return alpha**k / (1 + alpha)
+    return 1.0 - alpha ** (1 - k) / (1 + alpha)
 
-    OpenDP's `make_laplace_threshold` (pure measure) or `make_gaussian_threshold` (zCDP) on a
-    map key -> people count. A person changes at most `max_keys` counts, each by at most 1.
-    The threshold is the smallest one whose delta is within `delta`, so a key held by a single
-    person is released with probability at most delta.
+
+def gaussian_tail(sigma: float, k: int) -> float:
+    """P(Z >= k) for the discrete Gaussian of this scale (P(z) ~ exp(-z^2 / (2 sigma^2)))."""
+    low, upper_tails = _gaussian_upper_tails(sigma)
+    index = k - low
+    if index <= 0:
+        return 1.0
+    return float(upper_tails[index]) if index < len(upper_tails) else 0.0
+
+
+@lru_cache(maxsize=64)
+def _gaussian_upper_tails(sigma: float) -> tuple[int, np.ndarray]:
+    """P(Z >= low + i) for every i, summed over every integer within 14 sigma + 2 of 0.
+
+    The mass left out is below exp(-98) ~ 3e-43, far under any delta a budget can hold.
+    """
+    reach = math.ceil(14 * sigma) + 2
+    z = np.arange(-reach, reach + 1, dtype=np.float64)
+    weights = np.exp(-(z * z) / (2 * sigma * sigma))
+    tails = np.cumsum(weights[::-1])[::-1] / weights.sum()
+    return -reach, tails
+
+
+@dataclass(frozen=True)
+class KeyDiscovery:
+    """Group keys whose noisy people count clears a threshold, and how many were withheld.
+
+    OpenDP's `make_laplace_threshold` (pure) or `make_gaussian_threshold` (zCDP). One person
+    changes the people counts of at most `l0` keys, by at most `l1` in all and `linf` on any
+    one key (see the domain's neighbouring relation: a person adds one unit of
+    at most `keys_per_unit` keys and may absorb `shared_identifiers` others). A key present
+    in one neighbour only is held by at most `linf` units there, so it is released with
+    probability at most P(Z >= threshold - linf). OpenDP 0.16's map leaves out the mass at
+    exactly that point (opendp/opendp#2922): the threshold here is the smallest one for which
+    both OpenDP's delta and the exact discrete tail are within `delta`.
+
+    Nine tenths of the share go to the thresholded counts, one tenth to the withheld count;
+    the threshold shown in a plan is the one this object applies.
     """
 
-    max_keys: int
+    keys_per_unit: int
+    shared_identifiers: int
     share: Epsilon
     delta: float
-    measure: str
+    measure: str  # "pure" or "zcdp"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.delta < 1:
+            raise MechanismError("key discovery needs 0 < delta < 1")
+        if self.share.micros < 2:
+            raise MechanismError("key discovery needs a positive epsilon share")
+
+    @property
+    def count_share(self) -> Epsilon:
+        """The tenth spent on the noisy number of withheld keys."""
+        return Epsilon(max(1, self.share.micros // 10))
+
+    @property
+    def threshold_share(self) -> Epsilon:
+        """The rest, spent on the thresholded people counts."""
+        return self.share - self.count_share
+
+    @property
+    def l0(self) -> int:
+        """Keys whose people count one person can change."""
+        return (self.shared_identifiers + 1) * self.keys_per_unit
+
+    @property
+    def linf(self) -> int:
+        """Most one person can change a single key's people count."""
+        return max(1, self.shared_identifiers)
+
+    @property
+    def l2(self) -> float:
+        """L2 change of the people-count map: one unit's keys up, up to S units' keys down."""
+        return math.sqrt(self.keys_per_unit * (1 + self.shared_identifiers**2))
+
+    @property
+    def threshold_scale(self) -> float:
+        """Noise scale of the thresholded counts (Laplace b, or Gaussian sigma)."""
+        share = self.threshold_share.as_float()
+        if self.measure == "zcdp":
+            return self.l2 / math.sqrt(2 * share) * _CALIBRATION_MARGIN
+        return self.l0 / share * _CALIBRATION_MARGIN  # l1 = l0: each key moves by >= 1
 
     def _build(self, threshold: int) -> Any:
         domain = dp.map_domain(dp.atom_domain(T=str), dp.atom_domain(T="i64"))
         if self.measure == "zcdp":
-            sigma = math.sqrt(self.max_keys) / math.sqrt(2 * self.share.as_float())
-            metric = dp.l02inf_distance(dp.absolute_distance(T="i64"))
+            metric = dp.l02inf_distance(dp.absolute_distance(T="f64"))
             return dp.m.make_gaussian_threshold(
-                domain, metric, scale=sigma * _CALIBRATION_MARGIN, threshold=threshold
+                domain, metric, scale=self.threshold_scale, threshold=threshold
             )
         metric = dp.l01inf_distance(dp.absolute_distance(T="i64"))
         return dp.m.make_laplace_threshold(
-            domain,
-            metric,
-            scale=self.max_keys / self.share.as_float() * _CALIBRATION_MARGIN,
-            threshold=threshold,
+            domain, metric, scale=self.threshold_scale, threshold=threshold
         )
 
-    def _loss(self, threshold: int) -> tuple[float, float]:
-        eps, delta = self._build(threshold).map((self.max_keys, self.max_keys, 1))
-        return float(eps), float(delta)
+    def _opendp_loss(self, threshold: int) -> tuple[float, float]:
+        if self.measure == "zcdp":
+            d_in: tuple[int, float, float] | tuple[int, int, int] = (
+                self.l0,
+                self.l2,
+                float(self.linf),
+            )
+        else:
+            d_in = (self.l0, self.l0, self.linf)
+        try:
+            loss, delta = self._build(threshold).map(d_in)
+        except dp.OpenDPException as exc:
+            raise MechanismError(f"OpenDP privacy map failed: {exc.variant}") from exc
+        return float(loss), float(delta)
+
+    def exact_delta(self, threshold: int) -> float:
+        """Largest probability of releasing a key that only one neighbour holds.
+
+        A key held only by the person's unit (count 1; at most `keys_per_unit` of them), or
+        only by the units the person absorbs (count <= S; at most S x `keys_per_unit`).
+        """
+        tail = gaussian_tail if self.measure == "zcdp" else laplace_tail
+        scale, per_unit, shared = self.threshold_scale, self.keys_per_unit, self.shared_identifiers
+        appearing = per_unit * tail(scale, threshold - 1)
+        vanishing = shared * per_unit * tail(scale, threshold - shared)
+        return max(appearing, vanishing)
+
+    def _meets(self, threshold: int) -> bool:
+        return (
+            self.exact_delta(threshold) <= self.delta
+            and self._opendp_loss(threshold)[1] <= self.delta
+        )
 
     @property
     def threshold(self) -> int:
         """Smallest integer threshold meeting the delta target (doubling, then bisection)."""
-        if not 0 < self.delta < 1:
-            raise MechanismError("key discovery needs 0 < delta < 1")
-        high = 2
-        while self._loss(high)[1] > self.delta:
-            high *= 2
-            if high > 2**40:
-                raise MechanismError("no threshold meets this delta")
-        low = 1
-        while low < high:
-            mid = (low + high) // 2
-            if self._loss(mid)[1] <= self.delta:
-                high = mid
-            else:
-                low = mid + 1
-        return high
+        return _smallest_threshold(self)
+
+    def privacy_loss(self) -> Epsilon:
+        """Epsilon (or rho) of both parts per OpenDP's maps, rounded up: the charge."""
+        loss, delta = self._opendp_loss(self.threshold)
+        if delta > self.delta or self.exact_delta(self.threshold) > self.delta:
+            raise MechanismError("the threshold does not meet its delta")  # pragma: no cover
+        counted = self.counter().privacy_loss()
+        charged = Epsilon.ceil_from_float(loss) + counted
+        if charged > self.share:
+            raise MechanismError("calibrated key discovery would exceed its budget share")
+        return charged
+
+    def counter(self) -> NoiseMechanism:
+        """Noise on the number of keys observed.
+
+        One person adds at most `keys_per_unit` keys and makes at most S x that many vanish.
+        """
+        sensitivity = max(1, self.shared_identifiers) * self.keys_per_unit
+        return mechanism_for(self.measure, sensitivity, float(sensitivity), self.count_share)
 
     def release(self, counts: dict[str, int]) -> dict[str, int]:
         """Keys that survive, with their noisy counts."""
         if not counts:
             return {}
+        exact = dict(zip(counts, saturate(list(counts.values())), strict=True))
         try:
-            out = self._build(self.threshold)({k: int(v) for k, v in counts.items()})
+            out = self._build(self.threshold)(exact)
         except dp.OpenDPException as exc:
             raise MechanismError(f"OpenDP release failed: {exc.variant}") from exc
         return {str(k): int(v) for k, v in out.items()}
+
+    def withheld(self, observed: int, released: int) -> float:
+        """Noisy number of observed keys that were not released (post-processing)."""
+        noisy = self.counter().release([observed])[0]
+        return float(max(noisy - released, 0))
+
+
+@lru_cache(maxsize=256)
+def _smallest_threshold(discovery: KeyDiscovery) -> int:
+    high = 2
+    while not discovery._meets(high):
+        high *= 2
+        if high > 2**40:
+            raise MechanismError("no threshold meets this delta")
+    low = 1
+    while low < high:
+        mid = (low + high) // 2
+        if discovery._meets(mid):
+            high = mid
+        else:
+            low = mid + 1
+    return high
+
+
+#: The delta at which a zCDP budget is also stated as (epsilon, delta)-DP.
+CONVERSION_DELTA = 1e-6
+
+
+def zcdp_to_approx_dp(rho: float, delta: float = CONVERSION_DELTA) -> float:
+    """The epsilon at `delta` that rho-zCDP implies, per OpenDP's conversion (0 for rho 0).
+
+    OpenDP's `make_zCDP_to_approxDP` uses the tight conversion of Canonne, Kamath and Steinke
+    (2020); it is applied here to a Gaussian mechanism calibrated to exactly rho.
+    """
+    if rho <= 0:
+        return 0.0
+    sigma = 1.0 / math.sqrt(2 * rho)  # at L2 sensitivity 1, exactly rho
+    try:
+        converted: Any = dp.c.make_zCDP_to_approxDP(_vector_gaussian(sigma))
+        return float(converted.map(1.0).epsilon(delta))
+    except dp.OpenDPException as exc:
+        raise MechanismError(f"OpenDP conversion failed: {exc.variant}") from exc

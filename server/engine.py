@@ -4,15 +4,20 @@ Pipeline:
 1. each dataset keeps only rows whose consent for the agreement's purpose is true and not
    expired;
 2. people are identified: with one identifier per dataset the pseudonym is the person; with
-   several (e.g. email and phone), pseudonyms seen on one row are linked and each connected
-   component is one person ("match on any");
+   several (e.g. email and phone), pseudonyms seen on one consented row are linked and each
+   connected component is one person ("match on any"), found by union-find in linear time
+   (it always terminates, whatever the shape of the graph) and labelled by its smallest
+   pseudonym, so a component's label depends on its own members only;
 3. people who withdrew consent (any of their pseudonyms) are removed from every dataset;
-4. inner join on the person, then the analyst's filters;
+4. inner join on the person (each unit brings at most `max_rows_per_person` rows of each
+   dataset, so one person cannot blow the join up), then the analyst's filters;
 5. bound each person's contribution AFTER the join: at most `max_groups_per_person` group
    cells, then at most `max_rows_per_person` rows. The choice is pseudo-random per person
    (a hash of the person and the row), depends only on that person's own rows, and is
    stable across runs, so it adds no sensitivity;
-6. clamp numeric values to their public bounds, in integer units of the declared resolution;
+6. clamp numeric values to their public bounds in floating point, then count them in integer
+   units of the declared resolution (clamping first: no value, however large, can make the
+   integer conversion fail on some data and not on other);
 7. aggregate per public group cell; cells with no row are reported as zero.
 """
 
@@ -24,7 +29,10 @@ from collections.abc import Collection
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from entremise.server.domain.models import (
     QUANTILE_CANDIDATES,
@@ -38,8 +46,6 @@ from entremise.server.domain.models import (
 )
 from entremise.server.domain.planner import quantile_step, square_divisor
 from entremise.server.domain.ports import AggregationEngine
-
-MAX_LINK_ITERATIONS = 64
 
 
 def _alias(ref: ColumnRef) -> str:
@@ -69,22 +75,18 @@ def linked(plan: QueryPlan) -> bool:
 def link_people(
     conn: duckdb.DuckDBPyConnection, plan: QueryPlan, sources: list[str], now: str
 ) -> int:
-    """Create table `person(node, label)`: each pseudonym's connected component (min label).
+    """Create table `person(node, label)`: each pseudonym's component, labelled by its minimum.
 
-    Iterative min-label propagation over the graph whose edges join pseudonyms found on one
-    consented row; converges in (component diameter) rounds. Returns the rounds used.
+    Edges join pseudonyms found on one consented row. The nodes are numbered in pseudonym
+    order, scipy's union-find (`connected_components`, linear in nodes + edges) labels the
+    components, and each takes its smallest node, i.e. its smallest pseudonym, as label.
+    Returns the number of components.
     """
     pairs = []
     for dataset, source in zip(plan.datasets, sources, strict=True):
         keys = dataset.schema.key_columns
         where = _consent_filter(dataset, plan.agreement.purpose, now)
-        for other in keys[1:]:
-            pairs.append(
-                f'SELECT "{keys[0]}" AS a, "{other}" AS b FROM {source} '
-                f'WHERE {where} AND "{keys[0]}" IS NOT NULL AND "{other}" IS NOT NULL'
-            )
-        # Rows without the first identifier still link their other identifiers together.
-        for i, first in enumerate(keys[1:], start=1):
+        for i, first in enumerate(keys):
             for other in keys[i + 1 :]:
                 pairs.append(
                     f'SELECT "{first}" AS a, "{other}" AS b FROM {source} '
@@ -94,25 +96,31 @@ def link_people(
         conn.execute("CREATE TEMP TABLE person (node VARCHAR, label VARCHAR)")
         return 0
     conn.execute(f"CREATE TEMP TABLE e1 AS {' UNION '.join(pairs)}")
-    conn.execute("CREATE TEMP TABLE edge AS SELECT a, b FROM e1 UNION SELECT b, a FROM e1")
     conn.execute(
-        "CREATE TEMP TABLE person AS SELECT a AS node, least(a, min(b)) AS label "
-        "FROM edge GROUP BY a"
+        "CREATE TEMP TABLE node AS SELECT x AS node, CAST(row_number() OVER (ORDER BY x) - 1 "
+        "AS BIGINT) AS id FROM (SELECT a AS x FROM e1 UNION SELECT b FROM e1)"
     )
-    for rounds in range(1, MAX_LINK_ITERATIONS + 1):
-        conn.execute(
-            "CREATE TEMP TABLE nxt AS SELECT p.node, least(p.label, min(q.label)) AS label "
-            "FROM person p JOIN edge e ON e.a = p.node JOIN person q ON q.node = e.b "
-            "GROUP BY p.node, p.label"
-        )
-        changed = conn.execute(
-            "SELECT count(*) FROM nxt JOIN person USING (node) WHERE nxt.label < person.label"
-        ).fetchone()
-        conn.execute("DROP TABLE person")
-        conn.execute("ALTER TABLE nxt RENAME TO person")
-        if changed is None or changed[0] == 0:
-            return rounds
-    raise RuntimeError("identity linking did not converge")  # pragma: no cover
+    ends = conn.sql(
+        "SELECT na.id AS a, nb.id AS b FROM e1 JOIN node na ON na.node = e1.a "
+        "JOIN node nb ON nb.node = e1.b"
+    ).to_arrow_table()
+    [(n,)] = conn.execute("SELECT count(*) FROM node").fetchall()
+    a = ends.column("a").to_numpy().astype(np.int64)
+    b = ends.column("b").to_numpy().astype(np.int64)
+    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n)).tocsr()
+    components, component_of = connected_components(graph, directed=False)
+    smallest = np.full(components, n, dtype=np.int64)
+    np.minimum.at(smallest, component_of, np.arange(n, dtype=np.int64))
+    labels = pa.table(
+        {"id": pa.array(np.arange(n, dtype=np.int64)), "label_id": smallest[component_of]}
+    )
+    conn.register("node_label", labels)
+    conn.execute(
+        "CREATE TEMP TABLE person AS SELECT n.node, m.node AS label FROM node n "
+        "JOIN node_label l ON l.id = n.id JOIN node m ON m.id = l.label_id"
+    )
+    conn.unregister("node_label")
+    return int(components)
 
 
 def build_sql(
@@ -153,10 +161,23 @@ def build_sql(
             pid = f"coalesce({', '.join(parts)})"
         else:
             pid = f't."{keys[0]}"'
-        ctes.append(
-            f"d{i} AS (SELECT {pid} AS pid{cols} FROM {source} t{joins} "
-            f"WHERE {_consent_filter(dataset, purpose, now, 't.')})"
+        rows = (
+            f"SELECT {pid} AS pid{cols} FROM {source} t{joins} "
+            f"WHERE {_consent_filter(dataset, purpose, now, 't.')}"
         )
+        most = dataset.max_rows_per_key
+        if len(keys) > 1 or most == 0 or most > plan.max_rows_per_person:
+            # No unit keeps more than the row cap after the join, so none needs more than the
+            # cap from any one dataset before it: one person's records can then add at most
+            # cap^datasets rows to the join, whatever they upload (no data-dependent blow-up
+            # of memory or time). The choice hashes the unit and the row, like the cap after.
+            picked = "".join(f", d{i}_{c}" for c in sorted(needed[i]))
+            order = f"hash(pid{picked}){picked}"
+            rows = (
+                f"SELECT pid{picked} FROM (SELECT *, row_number() OVER (PARTITION BY pid "
+                f"ORDER BY {order}) AS k FROM ({rows})) WHERE k <= {plan.max_rows_per_person}"
+            )
+        ctes.append(f"d{i} AS ({rows})")
     join = "d0" + "".join(f" JOIN d{i} USING (pid)" for i in range(1, len(plan.datasets)))
     aliases = [f"d{i}_{c}" for i in sorted(needed) for c in sorted(needed[i])]
     columns = ", ".join(["pid", *aliases])
@@ -220,9 +241,13 @@ def build_sql(
 
     aggregates = [f"count(DISTINCT {person}) AS people", "count(*) AS n_rows"]
     for column, alias, kinds in numeric_columns(plan).values():
+        # DuckDB's least/greatest skip NULLs, so a missing value is kept missing explicitly
+        # (it would otherwise count as the lower bound).
+        clamped = f"least(greatest({alias}, {column.lower!r}), {column.upper!r})"
         units = (
-            f"least(greatest(CAST(round({alias} / {column.resolution!r}) AS BIGINT), "
-            f"{column.lower_units}), {column.upper_units})"
+            f"(CASE WHEN {alias} IS NULL THEN NULL ELSE least(greatest("
+            f"CAST(round({clamped} / {column.resolution!r}) AS BIGINT), "
+            f"{column.lower_units}), {column.upper_units}) END)"
         )
         aggregates.append(f"CAST(coalesce(sum({units}), 0) AS HUGEINT) AS sum_{alias}")
         aggregates.append(f"count({alias}) AS rows_{alias}")

@@ -19,6 +19,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -270,9 +271,33 @@ def validate_table(table: pa.Table, schema: DatasetSchema, *, max_rows: int) -> 
     return pa.table(out)
 
 
+def _shared_pseudonyms(table: pa.Table, keys: list[str]) -> dict[str, tuple[int, int]]:
+    """Per key column: pseudonyms seen beside several values of another key column, and the most.
+
+    A phone found on the rows of 34 different emails is a shared line or a placeholder: it links
+    those 34 records into one person. Reported to the uploading partner (it is their data).
+    """
+    out = {key: (0, 0) for key in keys}
+    if len(keys) < 2:
+        return out
+    with duckdb.connect(config={"threads": max(1, os.cpu_count() or 1)}) as conn:
+        conn.register("upload", table.select(keys))
+        for key in keys:
+            distinct = ", ".join(f'count(DISTINCT "{other}")' for other in keys if other != key)
+            most = f"greatest({distinct})" if len(keys) > 2 else distinct
+            row = conn.execute(
+                f"SELECT count(*) FILTER (WHERE n > 1), coalesce(max(n), 0) FROM (SELECT "
+                f'{most} AS n FROM upload WHERE "{key}" IS NOT NULL GROUP BY "{key}")'
+            ).fetchone()
+            assert row is not None
+            out[key] = (int(row[0]), int(row[1]))
+    return out
+
+
 def _stats(table: pa.Table, schema: DatasetSchema, sha256: str, size: int) -> IngestResult:
     """Row and pseudonym counts, and the duplicate-key report of each key column."""
     duplicates: list[DuplicateReport] = []
+    shared = _shared_pseudonyms(table, schema.key_columns)
     every_key: list[np.ndarray] = []
     distinct_keys = 0
     max_rows = 0
@@ -289,6 +314,8 @@ def _stats(table: pa.Table, schema: DatasetSchema, sha256: str, size: int) -> In
                 duplicated_pseudonyms=len(repeated),
                 rows_involved=int(repeated.sum()),
                 max_rows_per_pseudonym=int(counts.max()),
+                shared_pseudonyms=shared[key][0],
+                max_other_identifiers=shared[key][1],
             )
         )
         max_rows = max(max_rows, int(counts.max()))

@@ -420,6 +420,9 @@ def test_keys_agreement_and_uploads_report_what_was_published(world: World) -> N
             "duplicated_pseudonyms": "0",
             "rows_involved": "0",
             "max_rows_per_pseudonym": "1",
+            # Each email is seen beside exactly one phone and vice versa: nothing is shared.
+            "shared_pseudonyms": "0",
+            "max_other_identifiers": "1",
         }
         for column in ("email", "phone")
     ]
@@ -441,6 +444,8 @@ def test_keys_agreement_and_uploads_report_what_was_published(world: World) -> N
             "duplicated_pseudonyms": str(len(repeated)),
             "rows_involved": str(int(repeated.sum())),
             "max_rows_per_pseudonym": str(int(per_person.max())),
+            "shared_pseudonyms": "0",  # one key column: nothing to be shared with
+            "max_other_identifiers": "0",
         }
     ]
     assert len(repeated) > 0
@@ -524,7 +529,16 @@ def test_preview_spends_nothing_then_run_spends_exactly_and_is_in_the_ledger(wor
     assert human.returncode == 0, _describe(human)
     rows = [line for line in human.stdout.splitlines() if world.agreement_id in line]
     assert len(rows) == 1, human.stdout
-    assert re.findall(r"[\w.]+", rows[0]) == [world.agreement_id, "2", "0.5", "1.5", "1"]
+    assert re.findall(r"[\w.]+", rows[0]) == [
+        world.agreement_id,
+        "epsilon",
+        "2",
+        "0.5",
+        "1.5",
+        "1",
+        "0.5",
+        "0",
+    ]
 
 
 def test_per_aggregate_epsilon_and_environment_variables(world: World) -> None:

@@ -29,6 +29,7 @@ from entremise.partners.keys import public_bytes
 from entremise.partners.pseudonymise import Pseudonymiser, normalise_phone
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE
 from entremise.privacy.budget import Epsilon
+from entremise.server.domain.hub import AUDIT_MIN_PEOPLE
 from entremise.server.domain.models import AggregateKind, AggregateSpec, QuerySpec
 from entremise.v1 import partner_service_pb2
 from tests.conftest import Hub, Scenario, build_scenario, partner_with_key
@@ -261,8 +262,22 @@ def test_erasure_removes_the_rows_from_disk(scenario: Scenario) -> None:
     stored = s.hub.running.hub.files.read(new.dataset_id, new.version)
     assert gone.isdisjoint(stored.column("email").to_pylist())
     assert _people(s.hub, s.agreement_id) == before - len(erase)
+    # Six people are under the audit minimum: the log keeps no count found in their data.
     audit = [e for e in s.hub.running.store.list_audit() if e.kind == "records_erased"]
-    assert audit[-1].detail == {"received": 6, "rows_erased": panel_rows, "datasets_rewritten": 1}
+    withheld = f"not recorded: fewer than {AUDIT_MIN_PEOPLE} people"
+    assert audit[-1].detail == {
+        "received": 6,
+        "rows_erased": withheld,
+        "datasets_rewritten": withheld,
+    }
+    more = sorted(truth["email"].unique())[6 : 6 + AUDIT_MIN_PEOPLE]
+    done = s.panel_client.erase_records(s.agreement_id, more, "email", private_key=s.panel_key)
+    audit = [e for e in s.hub.running.store.list_audit() if e.kind == "records_erased"]
+    assert audit[-1].detail == {
+        "received": AUDIT_MIN_PEOPLE,
+        "rows_erased": done.rows_erased,
+        "datasets_rewritten": 1,
+    }
 
 
 def test_people_match_on_any_identifier(hub: Hub) -> None:

@@ -23,6 +23,7 @@ ERROR_MAP: dict[ErrorCode, grpc.StatusCode] = {
     ErrorCode.BUDGET_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorCode.RESOURCE_LIMIT: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.RELEASE_FAILED: grpc.StatusCode.INTERNAL,
 }
 
 INTERNAL_MESSAGE = "internal server error (logged on the hub)"

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 
 from entremise.privacy.budget import Epsilon
+from entremise.privacy.mechanisms import CONVERSION_DELTA, zcdp_to_approx_dp
 from entremise.server.domain.errors import InvalidArgumentError
 from entremise.server.domain.models import (
     DELTA_UNITS,
@@ -167,6 +168,8 @@ def dataset_to_proto(d: Dataset) -> common_pb2.Dataset:
                 duplicated_pseudonyms=r.duplicated_pseudonyms,
                 rows_involved=r.rows_involved,
                 max_rows_per_pseudonym=r.max_rows_per_pseudonym,
+                shared_pseudonyms=r.shared_pseudonyms,
+                max_other_identifiers=r.max_other_identifiers,
             )
             for r in d.duplicates
         ],
@@ -263,7 +266,32 @@ def budget_to_proto(b: BudgetState) -> common_pb2.Budget:
             )
             for a in b.analysts
         ],
+        **implied_dp(b),
     )
+
+
+def implied_dp(b: BudgetState) -> dict[str, str]:
+    """What was spent as one (epsilon, delta)-DP guarantee (decimal strings, rounded up).
+
+    Pure agreements: epsilon spent, with the key-discovery delta spent. zCDP agreements: rho
+    spent converted by OpenDP at CONVERSION_DELTA, plus the key-discovery delta spent.
+    """
+    if b.kind is BudgetKind.PURE:
+        return {
+            "implied_epsilon": str(b.spent),
+            "implied_delta": delta_text(b.spent_delta_units),
+            "conversion_delta": "0",
+        }
+    conversion = Decimal(repr(CONVERSION_DELTA))
+    epsilon = Decimal(zcdp_to_approx_dp(b.spent.as_float(), CONVERSION_DELTA)).quantize(
+        Decimal("0.000001"), rounding=ROUND_CEILING
+    )
+    delta = Decimal(b.spent_delta_units) / DELTA_UNITS + conversion
+    return {
+        "implied_epsilon": format(epsilon.normalize(), "f"),
+        "implied_delta": format(delta.normalize(), "f"),
+        "conversion_delta": format(conversion, "f"),
+    }
 
 
 def agreement_to_proto(
@@ -296,6 +324,7 @@ def agreement_to_proto(
         allowed_columns=list(a.allowed_columns),
         allowed_aggregations=list(a.allowed_aggregations),
         min_group_size=a.min_group_size,
+        max_shared_identifiers=a.max_shared_identifiers,
     )
 
 
@@ -390,6 +419,7 @@ def summary_to_proto(s: PlanSummary) -> query_service_pb2.QueryPlan:
             max_rows_per_person=s.max_rows_per_person,
             max_groups_per_person=s.max_groups_per_person,
             clamped_columns=list(s.clamped_columns),
+            shared_identifiers=s.shared_identifiers,
         ),
         epsilon=str(s.epsilon),
         privacy_unit=s.privacy_unit,
@@ -439,4 +469,5 @@ def release_to_proto(r: Release) -> query_service_pb2.Release:
         delta_spent=delta_text(r.delta_units),
         created_at=r.created_at,
         data_versions=list(r.data_versions),
+        status=r.status,
     )

@@ -34,6 +34,7 @@ from entremise.server.domain.planner import (
     DEFAULT_MAX_GROUPS_PER_PERSON,
     DEFAULT_MAX_ROWS_PER_PERSON,
 )
+from entremise.server.domain.sensitivity import DEFAULT_SHARED_IDENTIFIERS
 from entremise.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -245,6 +246,7 @@ class AgreementServicer(_Base, agreement_service_pb2_grpc.AgreementServiceServic
                 allowed_columns=tuple(request.allowed_columns),
                 allowed_aggregations=tuple(request.allowed_aggregations),
                 min_group_size=request.min_group_size,
+                max_shared_identifiers=request.max_shared_identifiers or DEFAULT_SHARED_IDENTIFIERS,
             )
             _, budget = self.hub.get_agreement(caller, agreement.agreement_id)
             return agreement_service_pb2.CreateAgreementResponse(

@@ -112,6 +112,7 @@ def summary_to_dict(s: PlanSummary) -> dict[str, Any]:
         "measure": s.measure.value,
         "delta_units": s.delta_units,
         "discovery": s.discovery,
+        "shared_identifiers": s.shared_identifiers,
     }
 
 
@@ -145,6 +146,8 @@ def summary_from_dict(d: dict[str, Any]) -> PlanSummary:
         measure=BudgetKind(d.get("measure", "pure")),
         delta_units=int(d.get("delta_units", 0)),
         discovery=d.get("discovery"),
+        # Releases stored before the relation was stated assumed no shared identifier.
+        shared_identifiers=int(d.get("shared_identifiers", 0)),
     )
 
 

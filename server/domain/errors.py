@@ -19,6 +19,7 @@ class ErrorCode(StrEnum):
     BUDGET_EXHAUSTED = "budget_exhausted"
     FAILED_PRECONDITION = "failed_precondition"
     RESOURCE_LIMIT = "resource_limit"
+    RELEASE_FAILED = "release_failed"
 
 
 class EntremiseError(Exception):
@@ -85,3 +86,15 @@ class BudgetExhaustedError(EntremiseError):
         )
         self.requested = requested
         self.remaining = remaining
+
+
+class ReleaseFailedError(EntremiseError):
+    """A release failed after its debit: it stays charged, and the message never varies."""
+
+    code = ErrorCode.RELEASE_FAILED
+
+    def __init__(self, charged: str) -> None:
+        super().__init__(
+            f"the release could not be completed; its cost ({charged}) stays spent, because the "
+            "budget is debited before any data is read (the operator has the details)"
+        )

@@ -22,6 +22,7 @@ from entremise.server.domain.errors import (
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
+    ReleaseFailedError,
     UnauthenticatedError,
 )
 from entremise.server.domain.keys import check_public_key, key_fingerprint
@@ -53,6 +54,10 @@ from entremise.server.domain.planner import MAX_ROWS_PER_PERSON, plan_query
 from entremise.server.domain.ports import AggregationEngine, DatasetFiles, Store
 from entremise.server.domain.releasing import discover_keys, summarize
 from entremise.server.domain.releasing import release as draw_release
+from entremise.server.domain.sensitivity import (
+    DEFAULT_SHARED_IDENTIFIERS,
+    MAX_SHARED_IDENTIFIERS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +187,14 @@ class Hub:
         return principal
 
     def recover(self) -> int:
-        """After a crash: drop files that no committed metadata refers to (half-done uploads)."""
+        """After a crash: fail releases left running, drop files no metadata refers to.
+
+        A running release keeps its debit (data may have been read); files of half-done
+        uploads are swept.
+        """
+        failed = self.store.fail_unfinished_releases()
+        if failed:
+            log.warning("%d releases interrupted by a crash are marked failed (charged)", failed)
         return self.files.sweep(self.store.stored_versions())
 
     def bootstrap_admin(self, token: str, name: str = "admin") -> Principal:
@@ -416,7 +428,7 @@ class Hub:
             "consent_withdrawn",
             caller,
             agreement_id,
-            {"received": len(pseudonyms), "matched": matched, "recorded": recorded},
+            coarse_counts(len(pseudonyms), {"matched": matched, "recorded": recorded}),
         )
         return len(pseudonyms), matched, recorded
 
@@ -455,7 +467,7 @@ class Hub:
             "records_erased",
             caller,
             agreement_id,
-            {"received": len(pseudonyms), "rows_erased": rows, "datasets_rewritten": rewritten},
+            coarse_counts(len(pseudonyms), {"rows_erased": rows, "datasets_rewritten": rewritten}),
         )
         return len(pseudonyms), rows, rewritten
 
@@ -514,6 +526,7 @@ class Hub:
         allowed_columns: tuple[str, ...] = (),
         allowed_aggregations: tuple[str, ...] = (),
         min_group_size: int = 0,
+        max_shared_identifiers: int = DEFAULT_SHARED_IDENTIFIERS,
     ) -> Agreement:
         """Propose an agreement (admin, or a partner named in its slots).
 
@@ -551,6 +564,10 @@ class Hub:
             raise InvalidArgumentError(f"max_rows_per_person must be in [1, {MAX_ROWS_PER_PERSON}]")
         if max_groups_per_person < 1:
             raise InvalidArgumentError("max_groups_per_person must be positive")
+        if not 1 <= max_shared_identifiers <= MAX_SHARED_IDENTIFIERS:
+            raise InvalidArgumentError(
+                f"max_shared_identifiers must be in [1, {MAX_SHARED_IDENTIFIERS}]"
+            )
         for slot in slots:
             check_name(slot.name, "dataset name")
             partner = self.store.get_principal(slot.partner_id)
@@ -582,13 +599,19 @@ class Hub:
             allowed_columns=tuple(allowed_columns),
             allowed_aggregations=tuple(allowed_aggregations),
             min_group_size=min_group_size,
+            max_shared_identifiers=max_shared_identifiers,
         )
         self.store.create_agreement(agreement)
         self._audit(
             "agreement_created",
             caller,
             agreement.agreement_id,
-            {"purpose": purpose, "total_epsilon": str(total_epsilon), "datasets": len(slots)},
+            {
+                "purpose": purpose,
+                "total_epsilon": str(total_epsilon),
+                "datasets": len(slots),
+                "max_shared_identifiers": max_shared_identifiers,
+            },
         )
         log.info(
             "agreement created id=%s purpose=%s epsilon=%s",
@@ -738,13 +761,16 @@ class Hub:
         return summarize(plan, budget.remaining)
 
     def run(self, caller: Principal, spec: QuerySpec) -> tuple[Release, BudgetState, bool]:
-        """Compute, perturb, and commit the release together with its budget debits.
+        """Debit, compute, perturb, and store the release.
 
-        The answer is returned only after the transaction that debits the agreement and the
-        analyst and stores the release has committed; if a debit is refused nothing is stored
-        and nothing leaves. An identical query on the same data state is answered from the
-        ledger at no cost (the third value says so): re-publishing a released value is
-        post-processing, which costs no privacy.
+        The agreement and the analyst are debited, with the release recorded as running, in one
+        transaction BEFORE any row is read: if a debit is refused nothing is read and nothing
+        leaves, and whatever happens once data is read is paid for. Should the computation
+        fail anyway (it is written to be total: clamped values, saturated sums, union-find
+        linking), the release is marked failed, keeps its debit, and the analyst gets one fixed
+        message: a failure that occurred only on some data would otherwise reveal it for free.
+        An identical query on the same data state is answered from the ledger at no cost (the
+        third value says so): re-publishing a released value is post-processing.
         """
         plan, budget = self._plan(caller, spec)
         withdrawn = self._withdrawn(plan)
@@ -761,6 +787,63 @@ class Hub:
         if plan.epsilon > budget.remaining:
             raise BudgetExhaustedError(requested=str(plan.epsilon), remaining=str(budget.remaining))
         summary = summarize(plan, budget.remaining)
+        reserved = Release(
+            release_id=new_id("rel"),
+            agreement_id=plan.agreement.agreement_id,
+            analyst_id=caller.principal_id,
+            summary=summary,
+            results=(),
+            epsilon_spent=plan.epsilon,
+            created_at=now(),
+            data_versions=tuple(plan.data_versions),
+            query_fingerprint=query_fingerprint(spec),
+            delta_units=plan.delta_units,
+            status="running",
+        )
+        after = self.store.reserve_release(reserved)  # atomic conditional debits + insert
+        # The remaining budget seen before this transaction may be stale; state what it is now.
+        summary = replace(
+            summary,
+            remaining_before=after.remaining + plan.epsilon,
+            remaining_after=after.remaining,
+        )
+        self._audit(
+            "release",
+            caller,
+            reserved.agreement_id,
+            {
+                "release_id": reserved.release_id,
+                "epsilon": str(reserved.epsilon_spent),
+                "measure": plan.measure.value,
+                "delta_units": plan.delta_units,
+            },
+        )
+        try:
+            summary, results = self._compute(plan, withdrawn, summary)
+        except Exception:
+            log.exception("release %s failed after its debit", reserved.release_id)
+            self.store.finish_release(replace(reserved, summary=summary, status="failed"))
+            self._audit(
+                "release_failed", caller, reserved.agreement_id, {"release_id": reserved.release_id}
+            )
+            raise ReleaseFailedError(str(plan.epsilon)) from None
+        release = replace(
+            reserved, summary=summary, results=results, replay_key=key, status="released"
+        )
+        self.store.finish_release(release)
+        log.info(
+            "release committed id=%s agreement=%s %s=%s",
+            release.release_id,
+            release.agreement_id,
+            plan.measure.value,
+            release.epsilon_spent,
+        )
+        return release, after, False
+
+    def _compute(
+        self, plan: QueryPlan, withdrawn: set[str], summary: PlanSummary
+    ) -> tuple[PlanSummary, tuple[AggregateResult, ...]]:
+        """Read the data, bound it, draw the noise: everything that depends on the rows."""
         exact = self.exact_aggregates(plan, withdrawn)
         if plan.discovery is not None:
             people = {k[0]: n for k, n in zip(exact.keys or [], exact.people, strict=True)}
@@ -774,49 +857,7 @@ class Hub:
                     "suppressed_keys_noisy": suppressed,
                 },
             )
-        results = suppress_small_groups(plan, draw_release(plan, exact))
-        release = Release(
-            release_id=new_id("rel"),
-            agreement_id=plan.agreement.agreement_id,
-            analyst_id=caller.principal_id,
-            summary=summary,
-            results=results,
-            epsilon_spent=plan.epsilon,
-            created_at=now(),
-            data_versions=tuple(plan.data_versions),
-            query_fingerprint=query_fingerprint(spec),
-            replay_key=key,
-            delta_units=plan.delta_units,
-        )
-        after = self.store.commit_release(release)  # atomic conditional debits + insert
-        # The remaining budget seen before this transaction may be stale; state what it is now.
-        release = replace(
-            release,
-            summary=replace(
-                summary,
-                remaining_before=after.remaining + plan.epsilon,
-                remaining_after=after.remaining,
-            ),
-        )
-        self._audit(
-            "release",
-            caller,
-            release.agreement_id,
-            {
-                "release_id": release.release_id,
-                "epsilon": str(release.epsilon_spent),
-                "measure": plan.measure.value,
-                "delta_units": plan.delta_units,
-            },
-        )
-        log.info(
-            "release committed id=%s agreement=%s %s=%s",
-            release.release_id,
-            release.agreement_id,
-            plan.measure.value,
-            release.epsilon_spent,
-        )
-        return release, after, False
+        return summary, suppress_small_groups(plan, draw_release(plan, exact))
 
     def _withdrawn(self, plan: QueryPlan) -> set[str]:
         withdrawn = self.store.withdrawn(plan.agreement.agreement_id)
@@ -888,6 +929,23 @@ class KeyMaterial:
 MAX_PSEUDONYMS_PER_REQUEST = 1_000_000
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+#: Operations on fewer people than this keep no exact counts in the audit log: erasing one
+#: person and recording "rows_erased: 8" would tell every reader how many purchases they made.
+AUDIT_MIN_PEOPLE = 10
+
+
+def coarse_counts(people: int, counts: dict[str, int]) -> dict[str, object]:
+    """Audit detail of an operation on `people` people: exact counts only from a public minimum.
+
+    The number of people asked about is the caller's own request (not data); counts found in
+    the stored data are withheld below `AUDIT_MIN_PEOPLE`.
+    """
+    if people >= AUDIT_MIN_PEOPLE:
+        return {"received": people, **counts}
+    withheld = f"not recorded: fewer than {AUDIT_MIN_PEOPLE} people"
+    return {"received": people, **dict.fromkeys(counts, withheld)}
 
 
 def check_text(value: str, what: str, limit: int = 200) -> str:

@@ -243,6 +243,10 @@ class DuplicateReport:
     duplicated_pseudonyms: int
     rows_involved: int
     max_rows_per_pseudonym: int
+    # Pseudonyms found beside two or more different identifiers of another key column (a
+    # shared line, a placeholder), and the most such identifiers one pseudonym was seen with.
+    shared_pseudonyms: int = 0
+    max_other_identifiers: int = 0
 
 
 @dataclass(frozen=True)
@@ -346,6 +350,8 @@ class Agreement:
     allowed_columns: tuple[str, ...] = ()
     allowed_aggregations: tuple[str, ...] = ()
     min_group_size: int = 0
+    # The neighbouring relation: a person may share this many identifiers with other people.
+    max_shared_identifiers: int = 1
 
     def status_at(self, when: str) -> AgreementStatus:
         """The status, with expiry applied (ISO 8601 strings compare in time order)."""
@@ -505,6 +511,7 @@ class Discovery:
     epsilon: Epsilon  # share of the query budget spent on finding the keys
     delta_units: int
     max_keys_per_person: int
+    shared_identifiers: int = 1
 
     @property
     def delta(self) -> float:
@@ -531,6 +538,7 @@ class QueryPlan:
     epsilon: Epsilon
     measure: BudgetKind = BudgetKind.PURE
     discovery: Discovery | None = None
+    shared_identifiers: int = 1
 
     @property
     def delta_units(self) -> int:
@@ -630,6 +638,7 @@ class PlanSummary:
     measure: BudgetKind = BudgetKind.PURE
     delta_units: int = 0
     discovery: dict[str, object] | None = None
+    shared_identifiers: int = 1
 
 
 @dataclass(frozen=True)
@@ -647,6 +656,9 @@ class Release:
     query_fingerprint: str
     replay_key: str = ""
     delta_units: int = 0
+    # "released", or "failed": the budget was debited before the data was read, and the
+    # computation did not finish (its cost stays spent: a failure must not be free).
+    status: str = "released"
 
 
 @dataclass(frozen=True)

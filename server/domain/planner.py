@@ -1,8 +1,9 @@
 """Query planning: resolve columns, public group keys, contribution bounds and the budget split.
 
-Privacy unit: one person = one pseudonym, across every joined dataset. Adding or removing a
-person changes at most `max_rows_per_person` joined rows, spread over at most
-`max_groups_per_person` group cells; the sensitivities below follow from those bounds.
+Privacy unit: one person, i.e. all their records, linked by the identifiers they share; the
+neighbouring relation and the sensitivities that follow from it live in `sensitivity`. After
+the join each unit keeps at most `max_rows_per_person` rows in at most
+`max_groups_per_person` group cells, and one person can change at most S + 1 units.
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ from entremise.server.domain.models import (
     TextColumn,
     check_name,
 )
+from entremise.server.domain.sensitivity import (
+    Neighbours,
+    UnitContribution,
+    count_unit,
+    rows_unit,
+    sum_unit,
+)
 
 MAX_AGGREGATES = 16
 MAX_GROUP_COLUMNS = 3
@@ -48,7 +56,14 @@ MAX_ROWS_PER_PERSON = 1_000
 DEFAULT_MAX_ROWS_PER_PERSON = 10
 DEFAULT_MAX_GROUPS_PER_PERSON = 1
 
-PRIVACY_UNIT = "one person = one pseudonym across all joined datasets (add/remove)"
+
+def privacy_unit(shared_identifiers: int) -> str:
+    """The neighbouring relation in one line, as plans and releases state it."""
+    plural = "identifier" if shared_identifiers == 1 else "identifiers"
+    return (
+        "one person (add/remove all their records, linked by shared identifiers), with at "
+        f"most {shared_identifiers} {plural} also carried by other people's records"
+    )
 
 
 def _resolve(name: str, datasets: tuple[Dataset, ...]) -> ColumnRef:
@@ -237,7 +252,9 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
     groups = min(groups, rows, len(keys)) if keys else min(groups, rows)
 
     names: set[str] = set()
-    drafts = [_draft(a, datasets, rows, groups, names) for a in spec.aggregates]
+    relation = Neighbours(agreement.max_shared_identifiers)
+    cells = None if private else len(keys)
+    drafts = [_draft(a, datasets, rows, groups, relation, cells, names) for a in spec.aggregates]
     _check_scope(agreement, drafts, group_by, filters)
     measure = agreement.budget_kind.value
     fixed: list[Epsilon | None] = []
@@ -285,7 +302,9 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
     plans = [_finish(d, share) for d, share in zip(drafts, shares, strict=True)]
     discovery = None
     if private and discovery_share is not None:
-        discovery = Discovery(private[0], discovery_share, spec.delta_units, groups)
+        discovery = Discovery(
+            private[0], discovery_share, spec.delta_units, groups, relation.shared_identifiers
+        )
     spent = sum(p.epsilon.micros for p in plans) + (discovery.epsilon.micros if discovery else 0)
     return QueryPlan(
         agreement=agreement,
@@ -299,6 +318,7 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
         epsilon=Epsilon(spent),
         measure=agreement.budget_kind,
         discovery=discovery,
+        shared_identifiers=relation.shared_identifiers,
     )
 
 
@@ -337,8 +357,15 @@ def _check_scope(
 
 
 def _draft(
-    agg: AggregateSpec, datasets: tuple[Dataset, ...], rows: int, groups: int, names: set[str]
+    agg: AggregateSpec,
+    datasets: tuple[Dataset, ...],
+    rows: int,
+    groups: int,
+    relation: Neighbours,
+    cells: int | None,
+    names: set[str],
 ) -> _Draft:
+    """Resolve one aggregate and size its sensitivities under the agreement's relation."""
     name = agg.name or (
         f"{agg.kind}_{agg.column}".replace(".", "_") if agg.column else str(agg.kind)
     )
@@ -346,14 +373,18 @@ def _draft(
     if name in names:
         raise InvalidArgumentError(f"aggregate name {name!r} is used twice")
     names.add(name)
+
+    def component(label: str, unit: UnitContribution) -> tuple[str, int, float]:
+        return label, relation.l1(unit, cells), relation.l2(unit, cells)
+
     if agg.kind in (AggregateKind.COUNT, AggregateKind.COUNT_ROWS):
         if agg.column:
             raise InvalidArgumentError(f"aggregate {name!r}: {agg.kind} takes no column")
         spec = replace(agg, name=name, column="")
         if agg.kind is AggregateKind.COUNT:
-            # A person adds 1 to each of at most `groups` cells.
-            return _Draft(spec, None, (("count", groups, math.sqrt(groups)),))
-        return _Draft(spec, None, (("count_rows", rows, float(rows)),))
+            # A unit adds 1 to each of at most `groups` cells.
+            return _Draft(spec, None, (component("count", count_unit(groups)),))
+        return _Draft(spec, None, (component("count_rows", rows_unit(rows)),))
     ref = _resolve(agg.column, datasets)
     if not isinstance(ref.column, NumericColumn):
         raise InvalidArgumentError(
@@ -361,31 +392,25 @@ def _draft(
         )
     spec = replace(agg, name=name, column=ref.qualified)
     column = ref.column
-    total = max(1, rows * column.max_units)
+    total = component("sum", sum_unit(rows, column.lower_units, column.upper_units))
+    value_rows = component("value_rows", rows_unit(rows))
     if agg.kind is AggregateKind.SUM:
-        return _Draft(spec, ref, (("sum", total, float(total)),))
+        return _Draft(spec, ref, (total,))
     if agg.kind is AggregateKind.MEAN:
-        return _Draft(spec, ref, (("sum", total, float(total)), ("value_rows", rows, float(rows))))
+        return _Draft(spec, ref, (total, value_rows))
     if agg.kind is AggregateKind.VARIANCE:
-        squares = max(1, rows * square_units_max(column))
-        return _Draft(
-            spec,
-            ref,
-            (
-                ("sum", total, float(total)),
-                ("sum_sq", squares, float(squares)),
-                ("value_rows", rows, float(rows)),
-            ),
-        )
+        squares = component("sum_sq", sum_unit(rows, 0, square_units_max(column)))
+        return _Draft(spec, ref, (total, squares, value_rows))
     quantile = agg.quantile if agg.quantile is not None else 0.5
     if not 0 < quantile < 1:
         raise InvalidArgumentError(f"aggregate {name!r}: quantile must be in (0, 1)")
     num, den = quantile_fraction(quantile)
     # Score = |den x (#rows below candidate) - num x #rows|: one row moves it by at most
-    # max(num, den - num); one person's k rows by k times that.
-    score_sensitivity = rows * max(num, den - num)
+    # max(num, den - num); the S + 1 units touched have at most `rows` rows each, so the
+    # changes summed over every cell stay within this total (report-noisy-min's loss adds up).
+    total_change = relation.rank_change(rows, max(num, den - num))
     spec = replace(spec, quantile=quantile)
-    return _Draft(spec, ref, (("quantile", score_sensitivity, float(score_sensitivity)),))
+    return _Draft(spec, ref, (("quantile", total_change, float(total_change)),))
 
 
 def _finish(draft: _Draft, share: Epsilon) -> AggregatePlan:

@@ -110,11 +110,20 @@ class Store(ABC):
         """An agreement's budget."""
 
     @abstractmethod
-    def commit_release(self, release: Release) -> BudgetState:
-        """Atomically debit the agreement and the analyst, and store the release.
+    def reserve_release(self, release: Release) -> BudgetState:
+        """Atomically debit the agreement and the analyst, and store the (running) release.
 
-        Raises BudgetExhaustedError (and stores nothing) if either debit would overspend.
+        Called before any data is read: whatever happens next is paid for. Raises
+        BudgetExhaustedError (and stores nothing) if either debit would overspend.
         """
+
+    @abstractmethod
+    def finish_release(self, release: Release) -> None:
+        """Store a reserved release's results and final status (released or failed)."""
+
+    @abstractmethod
+    def fail_unfinished_releases(self) -> int:
+        """After a crash: releases left running are failed (their debit stays). Returns how many."""
 
     @abstractmethod
     def list_releases(self, agreement_id: str | None = None) -> list[Release]:

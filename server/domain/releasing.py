@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from entremise.privacy.budget import Epsilon
 from entremise.privacy.mechanisms import (
-    KeyThreshold,
+    KeyDiscovery,
     NoiseMechanism,
     NoisyArgMin,
     mechanism_for,
@@ -24,7 +24,7 @@ from entremise.server.domain.models import (
     QueryPlan,
 )
 from entremise.server.domain.planner import (
-    PRIVACY_UNIT,
+    privacy_unit,
     quantile_fraction,
     quantile_step,
     square_divisor,
@@ -38,10 +38,14 @@ def mechanism(m: Measurement, measure: str) -> NoiseMechanism:
     return mechanism_for(measure, m.sensitivity, m.l2, m.epsilon)
 
 
-def quantile_mechanism(m: Measurement, measure: str, cells_per_person: int) -> NoisyArgMin:
-    """Report-noisy-min per cell; a person reaches at most `cells_per_person` cells."""
-    per_cell = Epsilon(max(1, m.epsilon.micros // max(1, cells_per_person)))
-    return NoisyArgMin(m.sensitivity, per_cell, measure)
+def quantile_mechanism(m: Measurement, measure: str) -> NoisyArgMin:
+    """Report-noisy-min in every cell, all at one scale.
+
+    `m.sensitivity` bounds the score changes one person causes summed over all cells, and
+    the noisy-min loss is linear (pure) or quadratic (zCDP) in the change, so the per-cell
+    losses add up to at most the map at that total: the whole share.
+    """
+    return NoisyArgMin(m.sensitivity, m.epsilon, measure)
 
 
 def measurement_info(m: Measurement, measure: str, alpha: float = ALPHA) -> MeasurementInfo:
@@ -69,7 +73,7 @@ def preview_aggregate(agg: AggregatePlan, plan: QueryPlan) -> AggregatePreview:
     unit = _unit(agg)
     if agg.spec.kind is AggregateKind.QUANTILE:
         m = agg.measurements[0]
-        mech = quantile_mechanism(m, measure, plan.max_groups_per_person)
+        mech = quantile_mechanism(m, measure)
         mech.privacy_loss()
         return AggregatePreview(
             agg.spec.name,
@@ -120,17 +124,30 @@ def preview_aggregate(agg: AggregatePlan, plan: QueryPlan) -> AggregatePreview:
     )
 
 
-def discovery_info(plan: QueryPlan) -> dict[str, object] | None:
-    """Key discovery parameters (the threshold is data-independent)."""
+def discovery_mechanism(plan: QueryPlan) -> KeyDiscovery:
+    """The one object that sizes, shows and applies a plan's key discovery."""
     d = plan.discovery
-    if d is None:
+    assert d is not None
+    return KeyDiscovery(
+        keys_per_unit=d.max_keys_per_person,
+        shared_identifiers=d.shared_identifiers,
+        share=d.epsilon,
+        delta=d.delta,
+        measure=plan.measure.value,
+    )
+
+
+def discovery_info(plan: QueryPlan) -> dict[str, object] | None:
+    """Key discovery parameters, as applied (the threshold is data-independent)."""
+    if plan.discovery is None:
         return None
-    threshold = KeyThreshold(d.max_keys_per_person, d.epsilon, d.delta, plan.measure.value)
+    mech = discovery_mechanism(plan)
+    mech.privacy_loss()
     return {
-        "column": d.ref.qualified,
-        "epsilon": str(d.epsilon),
-        "delta": d.delta,
-        "threshold": threshold.threshold,
+        "column": plan.discovery.ref.qualified,
+        "epsilon": str(plan.discovery.epsilon),
+        "delta": plan.discovery.delta,
+        "threshold": mech.threshold,
     }
 
 
@@ -144,12 +161,13 @@ def summarize(plan: QueryPlan, remaining: Epsilon) -> PlanSummary:
         max_groups_per_person=plan.max_groups_per_person,
         clamped_columns=tuple(plan.clamped_columns),
         epsilon=plan.epsilon,
-        privacy_unit=PRIVACY_UNIT,
+        privacy_unit=privacy_unit(plan.shared_identifiers),
         remaining_before=remaining,
         remaining_after=remaining - plan.epsilon if remaining >= plan.epsilon else Epsilon.zero(),
         measure=plan.measure,
         delta_units=plan.delta_units,
         discovery=discovery_info(plan),
+        shared_identifiers=plan.shared_identifiers,
     )
 
 
@@ -229,7 +247,7 @@ def _quantile_cells(
 ) -> list[CellResult]:
     assert agg.ref is not None and isinstance(agg.ref.column, NumericColumn)
     column = agg.ref.column
-    mech = quantile_mechanism(agg.measurements[0], plan.measure.value, plan.max_groups_per_person)
+    mech = quantile_mechanism(agg.measurements[0], plan.measure.value)
     num, den = quantile_fraction(agg.spec.quantile or 0.5)
     step = quantile_step(column)
     cells = []
@@ -287,17 +305,7 @@ def release(plan: QueryPlan, exact: ExactAggregates) -> tuple[AggregateResult, .
 
 
 def discover_keys(plan: QueryPlan, people_per_key: dict[str, int]) -> tuple[list[str], float]:
-    """Keys whose noisy people count clears the threshold, and a noisy count of the others.
-
-    The suppressed count is released with a tenth of the discovery share (each person changes
-    the number of observed keys by at most `max_keys_per_person`).
-    """
-    d = plan.discovery
-    assert d is not None
-    measure = plan.measure.value
-    tenth = Epsilon(max(1, d.epsilon.micros // 10))
-    rest = Epsilon(d.epsilon.micros - tenth.micros)
-    released = KeyThreshold(d.max_keys_per_person, rest, d.delta, measure).release(people_per_key)
-    counter = mechanism_for(measure, d.max_keys_per_person, float(d.max_keys_per_person), tenth)
-    suppressed = counter.release([len(people_per_key) - len(released)])[0]
-    return sorted(released), float(max(suppressed, 0))
+    """Keys whose noisy people count clears the threshold, and a noisy count of the others."""
+    mech = discovery_mechanism(plan)
+    released = mech.release(people_per_key)
+    return sorted(released), mech.withheld(len(people_per_key), len(released))

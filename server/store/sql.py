@@ -193,6 +193,8 @@ releases = sa.Table(
     sa.Column("payload_json", sa.Text, nullable=False),
     sa.Column("replay_key", sa.String(64), nullable=False, server_default="", index=True),
     sa.Column("delta_units", sa.BigInteger, nullable=False, server_default="0"),
+    # running (debited, computing), released, or failed (debited, never finished).
+    sa.Column("status", sa.String(12), nullable=False, server_default="released"),
 )
 
 
@@ -255,6 +257,8 @@ def _agreement(row: Any) -> Agreement:
         allowed_columns=tuple(json.loads(row.scope_json).get("columns", [])),
         allowed_aggregations=tuple(json.loads(row.scope_json).get("aggregations", [])),
         min_group_size=int(json.loads(row.scope_json).get("min_group_size", 0)),
+        # Agreements made before the relation was stated get the default relation.
+        max_shared_identifiers=int(json.loads(row.scope_json).get("max_shared_identifiers", 1)),
     )
 
 
@@ -295,6 +299,7 @@ def _release(row: Any) -> Release:
         query_fingerprint=row.query_fingerprint,
         replay_key=row.replay_key,
         delta_units=row.delta_units,
+        status=row.status,
     )
 
 
@@ -514,6 +519,7 @@ class SqlStore(Store):
                             "columns": list(agreement.allowed_columns),
                             "aggregations": list(agreement.allowed_aggregations),
                             "min_group_size": agreement.min_group_size,
+                            "max_shared_identifiers": agreement.max_shared_identifiers,
                         }
                     ),
                 )
@@ -581,7 +587,7 @@ class SqlStore(Store):
         )
         return _budget(row, spends)
 
-    def commit_release(self, release: Release) -> BudgetState:  # noqa: D102
+    def reserve_release(self, release: Release) -> BudgetState:  # noqa: D102
         cost = release.epsilon_spent.micros
         delta = release.delta_units
         with self.writer.begin() as conn:
@@ -669,11 +675,31 @@ class SqlStore(Store):
                     payload_json=json.dumps(release_payload(release)),
                     replay_key=release.replay_key,
                     delta_units=delta,
+                    status=release.status,
                 )
             )
             state = self._budget_in(conn, release.agreement_id)
             assert state is not None
             return state
+
+    def finish_release(self, release: Release) -> None:  # noqa: D102
+        with self.writer.begin() as conn:
+            conn.execute(
+                releases.update()
+                .where(releases.c.release_id == release.release_id)
+                .values(
+                    payload_json=json.dumps(release_payload(release)),
+                    replay_key=release.replay_key,
+                    status=release.status,
+                )
+            )
+
+    def fail_unfinished_releases(self) -> int:  # noqa: D102
+        with self.writer.begin() as conn:
+            done = conn.execute(
+                releases.update().where(releases.c.status == "running").values(status="failed")
+            )
+            return int(done.rowcount or 0)
 
     def find_replay(self, agreement_id: str, replay_key: str) -> Release | None:  # noqa: D102
         if not _storable(agreement_id, replay_key):
@@ -681,7 +707,11 @@ class SqlStore(Store):
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(releases)
-                .where(releases.c.agreement_id == agreement_id, releases.c.replay_key == replay_key)
+                .where(
+                    releases.c.agreement_id == agreement_id,
+                    releases.c.replay_key == replay_key,
+                    releases.c.status == "released",
+                )
                 .order_by(releases.c.seq)
                 .limit(1)
             ).first()

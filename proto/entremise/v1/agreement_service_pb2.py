@@ -25,43 +25,43 @@ _sym_db = _symbol_database.Default()
 from entremise.v1 import common_pb2 as entremise_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$entremise/v1/agreement_service.proto\x12\x0c\x65ntremise.v1\x1a\x19\x65ntremise/v1/common.proto\"C\n\x0b\x44\x61tasetSlot\x12\x12\n\npartner_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\ndataset_id\x18\x03 \x01(\t\"\xa7\x04\n\tAgreement\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07purpose\x18\x03 \x01(\t\x12+\n\x08\x64\x61tasets\x18\x04 \x03(\x0b\x32\x19.entremise.v1.DatasetSlot\x12\x13\n\x0b\x61nalyst_ids\x18\x05 \x03(\t\x12\x15\n\rtotal_epsilon\x18\x06 \x01(\t\x12\x1b\n\x13max_rows_per_person\x18\x07 \x01(\x05\x12\x1d\n\x15max_groups_per_person\x18\x08 \x01(\x05\x12\x12\n\ncreated_at\x18\t \x01(\t\x12$\n\x06\x62udget\x18\n \x01(\x0b\x32\x14.entremise.v1.Budget\x12-\n\x0b\x62udget_kind\x18\x0b \x01(\x0e\x32\x18.entremise.v1.BudgetKind\x12\x13\n\x0btotal_delta\x18\x0c \x01(\t\x12\x16\n\x0e\x61nalyst_budget\x18\r \x01(\t\x12-\n\x06status\x18\x0e \x01(\x0e\x32\x1d.entremise.v1.AgreementStatus\x12\x13\n\x0b\x61pproved_by\x18\x0f \x03(\t\x12\x13\n\x0bproposer_id\x18\x10 \x01(\t\x12\x12\n\nexpires_at\x18\x11 \x01(\t\x12\x17\n\x0f\x61llowed_columns\x18\x12 \x03(\t\x12\x1c\n\x14\x61llowed_aggregations\x18\x13 \x03(\t\x12\x16\n\x0emin_group_size\x18\x14 \x01(\x05\"/\n\x17\x41pproveAgreementRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\"F\n\x18\x41pproveAgreementResponse\x12*\n\tagreement\x18\x01 \x01(\x0b\x32\x17.entremise.v1.Agreement\"?\n\x17SuspendAgreementRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"F\n\x18SuspendAgreementResponse\x12*\n\tagreement\x18\x01 \x01(\x0b\x32\x17.entremise.v1.Agreement\">\n\x16RevokeAgreementRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"E\n\x17RevokeAgreementResponse\x12*\n\tagreement\x18\x01 \x01(\x0b\x32\x17.entremise.v1.Agreement\"\x8b\x03\n\x16\x43reateAgreementRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\x12+\n\x08\x64\x61tasets\x18\x03 \x03(\x0b\x32\x19.entremise.v1.DatasetSlot\x12\x13\n\x0b\x61nalyst_ids\x18\x04 \x03(\t\x12\x15\n\rtotal_epsilon\x18\x05 \x01(\t\x12\x1b\n\x13max_rows_per_person\x18\x06 \x01(\x05\x12\x1d\n\x15max_groups_per_person\x18\x07 \x01(\x05\x12-\n\x0b\x62udget_kind\x18\x08 \x01(\x0e\x32\x18.entremise.v1.BudgetKind\x12\x13\n\x0btotal_delta\x18\t \x01(\t\x12\x16\n\x0e\x61nalyst_budget\x18\n \x01(\t\x12\x12\n\nexpires_at\x18\x0b \x01(\t\x12\x17\n\x0f\x61llowed_columns\x18\x0c \x03(\t\x12\x1c\n\x14\x61llowed_aggregations\x18\r \x03(\t\x12\x16\n\x0emin_group_size\x18\x0e \x01(\x05\"E\n\x17\x43reateAgreementResponse\x12*\n\tagreement\x18\x01 \x01(\x0b\x32\x17.entremise.v1.Agreement\"+\n\x13GetAgreementRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\"B\n\x14GetAgreementResponse\x12*\n\tagreement\x18\x01 \x01(\x0b\x32\x17.entremise.v1.Agreement\"\x17\n\x15ListAgreementsRequest\"E\n\x16ListAgreementsResponse\x12+\n\nagreements\x18\x01 \x03(\x0b\x32\x17.entremise.v1.Agreement*\xcb\x01\n\x0f\x41greementStatus\x12 \n\x1c\x41GREEMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41GREEMENT_STATUS_PROPOSED\x10\x01\x12\x1b\n\x17\x41GREEMENT_STATUS_ACTIVE\x10\x02\x12\x1e\n\x1a\x41GREEMENT_STATUS_SUSPENDED\x10\x03\x12\x1c\n\x18\x41GREEMENT_STATUS_REVOKED\x10\x04\x12\x1c\n\x18\x41GREEMENT_STATUS_EXPIRED\x10\x05\x32\xcc\x04\n\x10\x41greementService\x12^\n\x0f\x43reateAgreement\x12$.entremise.v1.CreateAgreementRequest\x1a%.entremise.v1.CreateAgreementResponse\x12\x61\n\x10\x41pproveAgreement\x12%.entremise.v1.ApproveAgreementRequest\x1a&.entremise.v1.ApproveAgreementResponse\x12\x61\n\x10SuspendAgreement\x12%.entremise.v1.SuspendAgreementRequest\x1a&.entremise.v1.SuspendAgreementResponse\x12^\n\x0fRevokeAgreement\x12$.entremise.v1.RevokeAgreementRequest\x1a%.entremise.v1.RevokeAgreementResponse\x12U\n\x0cGetAgreement\x12!.entremise.v1.GetAgreementRequest\x1a\".entremise.v1.GetAgreementResponse\x12[\n\x0eListAgreements\x12#.entremise.v1.ListAgreementsRequest\x1a$.entremise.v1.ListAgreementsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$entremise/v1/agreement_service.proto\x12\x0c\x65ntremise.v1\x1a\x19\x65ntremise/v1/common.proto\"C\n\x0b\x44\x61tasetSlot\x12\x12\n\npartner_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\ndataset_id\x18\x03 \x01(\t\"\xc7\x04\n\tAgreement\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07purpose\x18\x03 \x01(\t\x12+\n\x08\x64\x61tasets\x18\x04 \x03(\x0b\x32\x19.entremise.v1.DatasetSlot\x12\x13\n\x0b\x61nalyst_ids\x18\x05 \x03(\t\x12\x15\n\rtotal_epsilon\x18\x06 \x01(\t\x12\x1b\n\x13max_rows_per_person\x18\x07 \x01(\x05\x12\x1d\n\x15max_groups_per_person\x18\x08 \x01(\x05\x12\x12\n\ncreated_at\x18\t \x01(\t\x12$\n\x06\x62udget\x18\n \x01(\x0b\x32\x14.entremise.v1.Budget\x12-\n\x0b\x62udget_kind\x18\x0b \x01(\x0e\x32\x18.entremise.v1.BudgetKind\x12\x13\n\x0btotal_delta\x18\x0c \x01(\t\x12\x16\n\x0e\x61nalyst_budget\x18\r \x01(\t\x12-\n\x06status\x18\x0e \x01(\x0e\x32\x1d.entremise.v1.AgreementStatus\x12\x13\n\x0b\x61pproved_by\x18\x0f \x03(\t\x12\x13\n\x0bproposer_id\x18\x10 \x01(\t\x12\x12\n\nexpires_at\x18\x11 \x01(\t\x12\x17\n\x0f\x61llowed_columns\x18\x12 \x03(\t\x12\x1c\n\x14\x61llowed_aggregations\x18\x13 \x03(\t\x12\x16\n\x0emin_group_size\x18\x14 \x01(\x05\x12\x1e\n\x16max_shared_identifiers\x18\x15 \x01(\x05\"/\n\x17\x41pproveAgreementRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\"F\n\x18\x41pproveAgreementResponse\x12*\n\tagreement\x18\x01 \x01(\x0b\x32\x17.entremise.v1.Agreement\"?\n\x17SuspendAgreementRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"F\n\x18SuspendAgreementResponse\x12*\n\tagreement\x18\x01 \x01(\x0b\x32\x17.entremise.v1.Agreement\">\n\x16RevokeAgreementRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"E\n\x17RevokeAgreementResponse\x12*\n\tagreement\x18\x01 \x01(\x0b\x32\x17.entremise.v1.Agreement\"\xab\x03\n\x16\x43reateAgreementRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\x12+\n\x08\x64\x61tasets\x18\x03 \x03(\x0b\x32\x19.entremise.v1.DatasetSlot\x12\x13\n\x0b\x61nalyst_ids\x18\x04 \x03(\t\x12\x15\n\rtotal_epsilon\x18\x05 \x01(\t\x12\x1b\n\x13max_rows_per_person\x18\x06 \x01(\x05\x12\x1d\n\x15max_groups_per_person\x18\x07 \x01(\x05\x12-\n\x0b\x62udget_kind\x18\x08 \x01(\x0e\x32\x18.entremise.v1.BudgetKind\x12\x13\n\x0btotal_delta\x18\t \x01(\t\x12\x16\n\x0e\x61nalyst_budget\x18\n \x01(\t\x12\x12\n\nexpires_at\x18\x0b \x01(\t\x12\x17\n\x0f\x61llowed_columns\x18\x0c \x03(\t\x12\x1c\n\x14\x61llowed_aggregations\x18\r \x03(\t\x12\x16\n\x0emin_group_size\x18\x0e \x01(\x05\x12\x1e\n\x16max_shared_identifiers\x18\x0f \x01(\x05\"E\n\x17\x43reateAgreementResponse\x12*\n\tagreement\x18\x01 \x01(\x0b\x32\x17.entremise.v1.Agreement\"+\n\x13GetAgreementRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\"B\n\x14GetAgreementResponse\x12*\n\tagreement\x18\x01 \x01(\x0b\x32\x17.entremise.v1.Agreement\"\x17\n\x15ListAgreementsRequest\"E\n\x16ListAgreementsResponse\x12+\n\nagreements\x18\x01 \x03(\x0b\x32\x17.entremise.v1.Agreement*\xcb\x01\n\x0f\x41greementStatus\x12 \n\x1c\x41GREEMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41GREEMENT_STATUS_PROPOSED\x10\x01\x12\x1b\n\x17\x41GREEMENT_STATUS_ACTIVE\x10\x02\x12\x1e\n\x1a\x41GREEMENT_STATUS_SUSPENDED\x10\x03\x12\x1c\n\x18\x41GREEMENT_STATUS_REVOKED\x10\x04\x12\x1c\n\x18\x41GREEMENT_STATUS_EXPIRED\x10\x05\x32\xcc\x04\n\x10\x41greementService\x12^\n\x0f\x43reateAgreement\x12$.entremise.v1.CreateAgreementRequest\x1a%.entremise.v1.CreateAgreementResponse\x12\x61\n\x10\x41pproveAgreement\x12%.entremise.v1.ApproveAgreementRequest\x1a&.entremise.v1.ApproveAgreementResponse\x12\x61\n\x10SuspendAgreement\x12%.entremise.v1.SuspendAgreementRequest\x1a&.entremise.v1.SuspendAgreementResponse\x12^\n\x0fRevokeAgreement\x12$.entremise.v1.RevokeAgreementRequest\x1a%.entremise.v1.RevokeAgreementResponse\x12U\n\x0cGetAgreement\x12!.entremise.v1.GetAgreementRequest\x1a\".entremise.v1.GetAgreementResponse\x12[\n\x0eListAgreements\x12#.entremise.v1.ListAgreementsRequest\x1a$.entremise.v1.ListAgreementsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'entremise.v1.agreement_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGREEMENTSTATUS']._serialized_start=1776
-  _globals['_AGREEMENTSTATUS']._serialized_end=1979
+  _globals['_AGREEMENTSTATUS']._serialized_start=1840
+  _globals['_AGREEMENTSTATUS']._serialized_end=2043
   _globals['_DATASETSLOT']._serialized_start=81
   _globals['_DATASETSLOT']._serialized_end=148
   _globals['_AGREEMENT']._serialized_start=151
-  _globals['_AGREEMENT']._serialized_end=702
-  _globals['_APPROVEAGREEMENTREQUEST']._serialized_start=704
-  _globals['_APPROVEAGREEMENTREQUEST']._serialized_end=751
-  _globals['_APPROVEAGREEMENTRESPONSE']._serialized_start=753
-  _globals['_APPROVEAGREEMENTRESPONSE']._serialized_end=823
-  _globals['_SUSPENDAGREEMENTREQUEST']._serialized_start=825
-  _globals['_SUSPENDAGREEMENTREQUEST']._serialized_end=888
-  _globals['_SUSPENDAGREEMENTRESPONSE']._serialized_start=890
-  _globals['_SUSPENDAGREEMENTRESPONSE']._serialized_end=960
-  _globals['_REVOKEAGREEMENTREQUEST']._serialized_start=962
-  _globals['_REVOKEAGREEMENTREQUEST']._serialized_end=1024
-  _globals['_REVOKEAGREEMENTRESPONSE']._serialized_start=1026
-  _globals['_REVOKEAGREEMENTRESPONSE']._serialized_end=1095
-  _globals['_CREATEAGREEMENTREQUEST']._serialized_start=1098
-  _globals['_CREATEAGREEMENTREQUEST']._serialized_end=1493
-  _globals['_CREATEAGREEMENTRESPONSE']._serialized_start=1495
-  _globals['_CREATEAGREEMENTRESPONSE']._serialized_end=1564
-  _globals['_GETAGREEMENTREQUEST']._serialized_start=1566
-  _globals['_GETAGREEMENTREQUEST']._serialized_end=1609
-  _globals['_GETAGREEMENTRESPONSE']._serialized_start=1611
-  _globals['_GETAGREEMENTRESPONSE']._serialized_end=1677
-  _globals['_LISTAGREEMENTSREQUEST']._serialized_start=1679
-  _globals['_LISTAGREEMENTSREQUEST']._serialized_end=1702
-  _globals['_LISTAGREEMENTSRESPONSE']._serialized_start=1704
-  _globals['_LISTAGREEMENTSRESPONSE']._serialized_end=1773
-  _globals['_AGREEMENTSERVICE']._serialized_start=1982
-  _globals['_AGREEMENTSERVICE']._serialized_end=2570
+  _globals['_AGREEMENT']._serialized_end=734
+  _globals['_APPROVEAGREEMENTREQUEST']._serialized_start=736
+  _globals['_APPROVEAGREEMENTREQUEST']._serialized_end=783
+  _globals['_APPROVEAGREEMENTRESPONSE']._serialized_start=785
+  _globals['_APPROVEAGREEMENTRESPONSE']._serialized_end=855
+  _globals['_SUSPENDAGREEMENTREQUEST']._serialized_start=857
+  _globals['_SUSPENDAGREEMENTREQUEST']._serialized_end=920
+  _globals['_SUSPENDAGREEMENTRESPONSE']._serialized_start=922
+  _globals['_SUSPENDAGREEMENTRESPONSE']._serialized_end=992
+  _globals['_REVOKEAGREEMENTREQUEST']._serialized_start=994
+  _globals['_REVOKEAGREEMENTREQUEST']._serialized_end=1056
+  _globals['_REVOKEAGREEMENTRESPONSE']._serialized_start=1058
+  _globals['_REVOKEAGREEMENTRESPONSE']._serialized_end=1127
+  _globals['_CREATEAGREEMENTREQUEST']._serialized_start=1130
+  _globals['_CREATEAGREEMENTREQUEST']._serialized_end=1557
+  _globals['_CREATEAGREEMENTRESPONSE']._serialized_start=1559
+  _globals['_CREATEAGREEMENTRESPONSE']._serialized_end=1628
+  _globals['_GETAGREEMENTREQUEST']._serialized_start=1630
+  _globals['_GETAGREEMENTREQUEST']._serialized_end=1673
+  _globals['_GETAGREEMENTRESPONSE']._serialized_start=1675
+  _globals['_GETAGREEMENTRESPONSE']._serialized_end=1741
+  _globals['_LISTAGREEMENTSREQUEST']._serialized_start=1743
+  _globals['_LISTAGREEMENTSREQUEST']._serialized_end=1766
+  _globals['_LISTAGREEMENTSRESPONSE']._serialized_start=1768
+  _globals['_LISTAGREEMENTSRESPONSE']._serialized_end=1837
+  _globals['_AGREEMENTSERVICE']._serialized_start=2046
+  _globals['_AGREEMENTSERVICE']._serialized_end=2634
 # @@protoc_insertion_point(module_scope)

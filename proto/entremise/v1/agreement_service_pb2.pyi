@@ -95,6 +95,7 @@ class Agreement(_message.Message):
     ALLOWED_COLUMNS_FIELD_NUMBER: _builtins.int
     ALLOWED_AGGREGATIONS_FIELD_NUMBER: _builtins.int
     MIN_GROUP_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_SHARED_IDENTIFIERS_FIELD_NUMBER: _builtins.int
     agreement_id: _builtins.str
     name: _builtins.str
     purpose: _builtins.str
@@ -113,6 +114,11 @@ class Agreement(_message.Message):
     """ISO 8601; empty = no expiry. Queries after it are refused."""
     min_group_size: _builtins.int
     """Released group cells whose noisy people count is below this are suppressed (0 = none)."""
+    max_shared_identifiers: _builtins.int
+    """The neighbouring relation: DP holds for every person up to this many of whose identifiers
+    also appear on other people's records (a shared phone, a placeholder). Sensitivities
+    grow with it (one person can change this many units plus their own).
+    """
     @_builtins.property
     def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetSlot]: ...
     @_builtins.property
@@ -152,10 +158,11 @@ class Agreement(_message.Message):
         allowed_columns: _abc.Iterable[_builtins.str] | None = ...,
         allowed_aggregations: _abc.Iterable[_builtins.str] | None = ...,
         min_group_size: _builtins.int = ...,
+        max_shared_identifiers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "allowed_aggregations", b"allowed_aggregations", "allowed_columns", b"allowed_columns", "analyst_budget", b"analyst_budget", "analyst_ids", b"analyst_ids", "approved_by", b"approved_by", "budget", b"budget", "budget_kind", b"budget_kind", "created_at", b"created_at", "datasets", b"datasets", "expires_at", b"expires_at", "max_groups_per_person", b"max_groups_per_person", "max_rows_per_person", b"max_rows_per_person", "min_group_size", b"min_group_size", "name", b"name", "proposer_id", b"proposer_id", "purpose", b"purpose", "status", b"status", "total_delta", b"total_delta", "total_epsilon", b"total_epsilon"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "allowed_aggregations", b"allowed_aggregations", "allowed_columns", b"allowed_columns", "analyst_budget", b"analyst_budget", "analyst_ids", b"analyst_ids", "approved_by", b"approved_by", "budget", b"budget", "budget_kind", b"budget_kind", "created_at", b"created_at", "datasets", b"datasets", "expires_at", b"expires_at", "max_groups_per_person", b"max_groups_per_person", "max_rows_per_person", b"max_rows_per_person", "max_shared_identifiers", b"max_shared_identifiers", "min_group_size", b"min_group_size", "name", b"name", "proposer_id", b"proposer_id", "purpose", b"purpose", "status", b"status", "total_delta", b"total_delta", "total_epsilon", b"total_epsilon"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -302,6 +309,7 @@ class CreateAgreementRequest(_message.Message):
     ALLOWED_COLUMNS_FIELD_NUMBER: _builtins.int
     ALLOWED_AGGREGATIONS_FIELD_NUMBER: _builtins.int
     MIN_GROUP_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_SHARED_IDENTIFIERS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     purpose: _builtins.str
     total_epsilon: _builtins.str
@@ -313,6 +321,8 @@ class CreateAgreementRequest(_message.Message):
     analyst_budget: _builtins.str
     expires_at: _builtins.str
     min_group_size: _builtins.int
+    max_shared_identifiers: _builtins.int
+    """0 = the default, 1."""
     @_builtins.property
     def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetSlot]:
         """At least two slots; partners upload into them after deriving the agreement's key."""
@@ -340,10 +350,11 @@ class CreateAgreementRequest(_message.Message):
         allowed_columns: _abc.Iterable[_builtins.str] | None = ...,
         allowed_aggregations: _abc.Iterable[_builtins.str] | None = ...,
         min_group_size: _builtins.int = ...,
+        max_shared_identifiers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_aggregations", b"allowed_aggregations", "allowed_columns", b"allowed_columns", "analyst_budget", b"analyst_budget", "analyst_ids", b"analyst_ids", "budget_kind", b"budget_kind", "datasets", b"datasets", "expires_at", b"expires_at", "max_groups_per_person", b"max_groups_per_person", "max_rows_per_person", b"max_rows_per_person", "min_group_size", b"min_group_size", "name", b"name", "purpose", b"purpose", "total_delta", b"total_delta", "total_epsilon", b"total_epsilon"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_aggregations", b"allowed_aggregations", "allowed_columns", b"allowed_columns", "analyst_budget", b"analyst_budget", "analyst_ids", b"analyst_ids", "budget_kind", b"budget_kind", "datasets", b"datasets", "expires_at", b"expires_at", "max_groups_per_person", b"max_groups_per_person", "max_rows_per_person", b"max_rows_per_person", "max_shared_identifiers", b"max_shared_identifiers", "min_group_size", b"min_group_size", "name", b"name", "purpose", b"purpose", "total_delta", b"total_delta", "total_epsilon", b"total_epsilon"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -281,10 +281,18 @@ class DuplicateKeyReport(_message.Message):
     DUPLICATED_PSEUDONYMS_FIELD_NUMBER: _builtins.int
     ROWS_INVOLVED_FIELD_NUMBER: _builtins.int
     MAX_ROWS_PER_PSEUDONYM_FIELD_NUMBER: _builtins.int
+    SHARED_PSEUDONYMS_FIELD_NUMBER: _builtins.int
+    MAX_OTHER_IDENTIFIERS_FIELD_NUMBER: _builtins.int
     column: _builtins.str
     duplicated_pseudonyms: _builtins.int
     rows_involved: _builtins.int
     max_rows_per_pseudonym: _builtins.int
+    shared_pseudonyms: _builtins.int
+    """Pseudonyms seen beside two or more different identifiers of another key column of the
+    upload (a shared line, a placeholder that escaped cleaning), and the most such
+    identifiers any one of them was seen with. They link those records into one person.
+    """
+    max_other_identifiers: _builtins.int
     def __init__(
         self,
         *,
@@ -292,10 +300,12 @@ class DuplicateKeyReport(_message.Message):
         duplicated_pseudonyms: _builtins.int = ...,
         rows_involved: _builtins.int = ...,
         max_rows_per_pseudonym: _builtins.int = ...,
+        shared_pseudonyms: _builtins.int = ...,
+        max_other_identifiers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["column", b"column", "duplicated_pseudonyms", b"duplicated_pseudonyms", "max_rows_per_pseudonym", b"max_rows_per_pseudonym", "rows_involved", b"rows_involved"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["column", b"column", "duplicated_pseudonyms", b"duplicated_pseudonyms", "max_other_identifiers", b"max_other_identifiers", "max_rows_per_pseudonym", b"max_rows_per_pseudonym", "rows_involved", b"rows_involved", "shared_pseudonyms", b"shared_pseudonyms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -401,6 +411,9 @@ class Budget(_message.Message):
     TOTAL_DELTA_FIELD_NUMBER: _builtins.int
     SPENT_DELTA_FIELD_NUMBER: _builtins.int
     ANALYSTS_FIELD_NUMBER: _builtins.int
+    IMPLIED_EPSILON_FIELD_NUMBER: _builtins.int
+    IMPLIED_DELTA_FIELD_NUMBER: _builtins.int
+    CONVERSION_DELTA_FIELD_NUMBER: _builtins.int
     agreement_id: _builtins.str
     total_epsilon: _builtins.str
     spent_epsilon: _builtins.str
@@ -410,6 +423,13 @@ class Budget(_message.Message):
     total_delta: _builtins.str
     """Delta budget for key discovery (decimal string; "0" = none)."""
     spent_delta: _builtins.str
+    implied_epsilon: _builtins.str
+    """What has been spent, as one (epsilon, delta)-DP guarantee: for pure agreements epsilon
+    spent and the key-discovery delta; for zCDP agreements rho converted by OpenDP at
+    conversion_delta, plus the key-discovery delta.
+    """
+    implied_delta: _builtins.str
+    conversion_delta: _builtins.str
     @_builtins.property
     def analysts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AnalystBudget]: ...
     def __init__(
@@ -424,10 +444,13 @@ class Budget(_message.Message):
         total_delta: _builtins.str = ...,
         spent_delta: _builtins.str = ...,
         analysts: _abc.Iterable[Global___AnalystBudget] | None = ...,
+        implied_epsilon: _builtins.str = ...,
+        implied_delta: _builtins.str = ...,
+        conversion_delta: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "analysts", b"analysts", "kind", b"kind", "release_count", b"release_count", "remaining_epsilon", b"remaining_epsilon", "spent_delta", b"spent_delta", "spent_epsilon", b"spent_epsilon", "total_delta", b"total_delta", "total_epsilon", b"total_epsilon"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "analysts", b"analysts", "conversion_delta", b"conversion_delta", "implied_delta", b"implied_delta", "implied_epsilon", b"implied_epsilon", "kind", b"kind", "release_count", b"release_count", "remaining_epsilon", b"remaining_epsilon", "spent_delta", b"spent_delta", "spent_epsilon", b"spent_epsilon", "total_delta", b"total_delta", "total_epsilon", b"total_epsilon"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

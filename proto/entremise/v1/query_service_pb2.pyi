@@ -287,8 +287,11 @@ class Bounding(_message.Message):
     MAX_ROWS_PER_PERSON_FIELD_NUMBER: _builtins.int
     MAX_GROUPS_PER_PERSON_FIELD_NUMBER: _builtins.int
     CLAMPED_COLUMNS_FIELD_NUMBER: _builtins.int
+    SHARED_IDENTIFIERS_FIELD_NUMBER: _builtins.int
     max_rows_per_person: _builtins.int
     max_groups_per_person: _builtins.int
+    shared_identifiers: _builtins.int
+    """The agreement's neighbouring relation: identifiers a person may share with others."""
     @_builtins.property
     def clamped_columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -297,10 +300,11 @@ class Bounding(_message.Message):
         max_rows_per_person: _builtins.int = ...,
         max_groups_per_person: _builtins.int = ...,
         clamped_columns: _abc.Iterable[_builtins.str] | None = ...,
+        shared_identifiers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clamped_columns", b"clamped_columns", "max_groups_per_person", b"max_groups_per_person", "max_rows_per_person", b"max_rows_per_person"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clamped_columns", b"clamped_columns", "max_groups_per_person", b"max_groups_per_person", "max_rows_per_person", b"max_rows_per_person", "shared_identifiers", b"shared_identifiers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -495,12 +499,17 @@ class Release(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     DATA_VERSIONS_FIELD_NUMBER: _builtins.int
     DELTA_SPENT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     release_id: _builtins.str
     agreement_id: _builtins.str
     analyst_id: _builtins.str
     epsilon_spent: _builtins.str
     created_at: _builtins.str
     delta_spent: _builtins.str
+    status: _builtins.str
+    """"released", or "failed": the budget is debited before any data is read, so a release
+    that could not finish stays charged (a failure must reveal nothing for free).
+    """
     @_builtins.property
     def plan(self) -> Global___QueryPlan: ...
     @_builtins.property
@@ -519,10 +528,11 @@ class Release(_message.Message):
         created_at: _builtins.str = ...,
         data_versions: _abc.Iterable[_builtins.int] | None = ...,
         delta_spent: _builtins.str = ...,
+        status: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "analyst_id", b"analyst_id", "created_at", b"created_at", "data_versions", b"data_versions", "delta_spent", b"delta_spent", "epsilon_spent", b"epsilon_spent", "plan", b"plan", "release_id", b"release_id", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "analyst_id", b"analyst_id", "created_at", b"created_at", "data_versions", b"data_versions", "delta_spent", b"delta_spent", "epsilon_spent", b"epsilon_spent", "plan", b"plan", "release_id", b"release_id", "results", b"results", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
