@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: help install protos check-protos demo test test-pg race kill fuzz bench-small bench bench-tumult bench-profile lint typecheck format clean
+.PHONY: help install protos check-protos demo test test-pg race kill fuzz dp-audit bench-small bench bench-tumult bench-profile lint typecheck format clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -76,6 +76,9 @@ bench-tumult: $(TUMULT_STAMP) ## Stage 6: the same DP queries in Tumult Analytic
 
 fuzz: $(STAMP) ## Hostile input against every RPC of a real hub and the file readers (JSON)
 	$(BIN)/python -m bench.fuzz --examples 300
+
+dp-audit: $(STAMP) ## Adversarial neighbouring datasets through gRPC and empirical epsilon, long run (JSON)
+	$(BIN)/python -m bench.privacy_audit --pairs 60 --releases 200000 --keys 400000
 
 lint: $(STAMP) ## Ruff and strict mypy
 	$(BIN)/ruff check proto/entremise server partners privacy cli tests bench
