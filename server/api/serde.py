@@ -40,6 +40,7 @@ from entremise.server.domain.models import (
     TextColumn,
     WrappedKey,
 )
+from entremise.server.schema_check import check_received_schema
 from entremise.v1 import (
     admin_service_pb2,
     agreement_service_pb2,
@@ -93,7 +94,12 @@ def principal_to_proto(p: Principal) -> admin_service_pb2.Principal:
 
 
 def schema_from_proto(msg: common_pb2.DatasetSchema) -> DatasetSchema:
-    """Domain schema from its message (validated later by the domain)."""
+    """Domain schema from its message, checked first against the published JSON Schema.
+
+    Partners' files follow that schema: checking what arrives against it too reports a problem
+    as the same JSON-path line either side (the domain's own validation still follows).
+    """
+    check_received_schema(msg)
     keys = []
     for key in msg.keys:
         if key.kind not in KIND_FROM_PROTO:
@@ -368,7 +374,7 @@ def query_from_proto(msg: query_service_pb2.Query) -> QuerySpec:
                 AGG_FROM_PROTO[a.kind],
                 a.column,
                 share,  # type: ignore[index]
-                quantile=_quantile(a.quantile, a.name),
+                quantile=_quantile(a.quantile, a.name or f"quantile of {a.column}"),
                 target_ci95=target,
             )
         )
