@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: help install protos check-protos demo test test-pg race kill fuzz dp-audit bench-small bench bench-tumult bench-profile lint typecheck format clean
+.PHONY: help install protos check-protos demo chromium test test-pg race kill fuzz dp-audit bench-small bench bench-tumult bench-profile lint typecheck format clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -31,8 +31,19 @@ demo: $(STAMP) ## Run the whole job on SQLite; leaves demo-workdir/report/report
 	rm -rf demo-workdir
 	$(BIN)/entremise demo --workdir demo-workdir
 
-test: $(STAMP) ## Run the test suite (SQLite; PostgreSQL too when reachable)
+test: $(STAMP) chromium ## Run the test suite (SQLite; PostgreSQL too when reachable)
 	$(BIN)/pytest
+
+# The report's browser test renders report.html in Debian's chromium (Playwright's own browser
+# download does not work here). Without apt-get that one test skips, saying why.
+CHROMIUM := /usr/bin/chromium
+
+chromium: ## Install Debian's chromium if missing (apt-get, as root) for the report's browser test
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium (apt-get) for the report's browser test"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else echo "chromium: $(CHROMIUM) missing and no apt-get: the report's browser test will skip"; fi
 
 test-pg: $(STAMP) ## Run the suite and require PostgreSQL (PG_URL=...)
 	ENTREMISE_TEST_PG_URL=$(PG_URL) ENTREMISE_REQUIRE_PG=1 $(BIN)/pytest

@@ -179,7 +179,8 @@ class Hub:
             return principal
         if not token:
             raise UnauthenticatedError(
-                "missing API token (metadata 'authorization: Bearer <token>')"
+                "missing API token (CLI: ENTREMISE_TOKEN or --token; SDK: Client.connect(..., "
+                "token=...); gRPC: metadata 'authorization: Bearer <token>')"
             )
         principal = self.store.principal_by_token(hash_token(token))
         if principal is None:
@@ -772,7 +773,17 @@ class Hub:
         An identical query on the same data state is answered from the ledger at no cost (the
         third value says so): re-publishing a released value is post-processing.
         """
-        plan, budget = self._plan(caller, spec)
+        try:
+            plan, budget = self._plan(caller, spec)
+        except PermissionDeniedError as exc:
+            if caller.role is Role.ANALYST:  # the agreement's own analyst, outside its scope
+                self._audit(
+                    "release_refused",
+                    caller,
+                    spec.agreement_id,
+                    {"reason": "outside_agreement_scope", "detail": exc.message},
+                )
+            raise
         withdrawn = self._withdrawn(plan)
         key = replay_key(spec, plan, len(withdrawn), now()[:10])
         previous = self.store.find_replay(plan.agreement.agreement_id, key)
@@ -785,6 +796,7 @@ class Hub:
             )
             return previous, budget, True
         if plan.epsilon > budget.remaining:
+            self._refused(caller, plan, "budget_exhausted")
             raise BudgetExhaustedError(requested=str(plan.epsilon), remaining=str(budget.remaining))
         summary = summarize(plan, budget.remaining)
         reserved = Release(
@@ -800,7 +812,11 @@ class Hub:
             delta_units=plan.delta_units,
             status="running",
         )
-        after = self.store.reserve_release(reserved)  # atomic conditional debits + insert
+        try:
+            after = self.store.reserve_release(reserved)  # atomic conditional debits + insert
+        except BudgetExhaustedError:
+            self._refused(caller, plan, "budget_exhausted")
+            raise
         # The remaining budget seen before this transaction may be stale; state what it is now.
         summary = replace(
             summary,
@@ -839,6 +855,20 @@ class Hub:
             release.epsilon_spent,
         )
         return release, after, False
+
+    def _refused(self, caller: Principal, plan: QueryPlan, reason: str) -> None:
+        """Record a release refused before any data was read (for compliance: what was tried)."""
+        self._audit(
+            "release_refused",
+            caller,
+            plan.agreement.agreement_id,
+            {
+                "reason": reason,
+                "epsilon": str(plan.epsilon),
+                "measure": plan.measure.value,
+                "delta_units": plan.delta_units,
+            },
+        )
 
     def _compute(
         self, plan: QueryPlan, withdrawn: set[str], summary: PlanSummary
