@@ -43,6 +43,8 @@ JsonOption = Annotated[
 ]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+#: How long a command waits for the hub before saying none answers.
+CONNECT_WAIT_SECONDS = 3.0
 
 
 def to_dict(message: Message) -> dict[str, Any]:
@@ -95,7 +97,15 @@ def tls_from_environment() -> TLSConfig | None:
 def connect(target: str, token: str) -> Iterator[Client]:
     """A client for one command (TLS from the environment), with friendly errors."""
     with friendly_errors():
-        client = Client.connect(target, token=token or None, tls=tls_from_environment())
+        tls = tls_from_environment()
+        if not token and (tls is None or tls.cert_chain is None):
+            fail(
+                "no API token: set ENTREMISE_TOKEN or pass --token (an admin's is "
+                "ENTREMISE_ADMIN_TOKEN or DATA_DIR/admin.token on the hub)"
+            )
+        client = Client.connect(
+            target, token=token or None, tls=tls, wait_ready=CONNECT_WAIT_SECONDS
+        )
         try:
             yield client
         finally:

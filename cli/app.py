@@ -20,6 +20,7 @@ from entremise.cli._common import (
     TokenOption,
     connect,
     console,
+    err_console,
     fail,
     friendly_errors,
     print_json,
@@ -130,9 +131,15 @@ def serve(
         bool,
         typer.Option("--json", help="Print one JSON line with the bound address once serving."),
     ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the full traceback when the hub cannot start.")
+    ] = False,
 ) -> None:
-    """Run a hub (admin token: ENTREMISE_ADMIN_TOKEN, else generated in DATA_DIR/admin.token)."""
-    from entremise.server.app import HubConfig
+    """Run a hub (admin token: ENTREMISE_ADMIN_TOKEN, else generated in DATA_DIR/admin.token).
+
+    One hub per port and per data dir: a busy port, or a data dir another hub holds, is refused.
+    """
+    from entremise.server.app import HubConfig, HubStartError
     from entremise.server.app import serve as run_hub
 
     logging.basicConfig(
@@ -156,7 +163,17 @@ def serve(
             fail("--tls-cert and --tls-key go together")
         if tls_client_ca is not None and tls_cert is None:
             fail("--tls-client-ca needs --tls-cert and --tls-key")
-        run_hub(config, port_file=port_file, announce_json=json_out)
+        try:
+            run_hub(config, port_file=port_file, announce_json=json_out)
+        except HubStartError as exc:
+            if debug:
+                raise
+            fail(str(exc))
+        except Exception as exc:  # anything else: still one line, unless --debug
+            if debug:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            fail(f"the hub stopped: {type(exc).__name__}: {first} (rerun with --debug for details)")
 
 
 @app.command()
@@ -557,6 +574,13 @@ def create_agreement(
     json_out: JsonOption = False,
 ) -> None:
     """Propose an agreement (admin, or a partner in it); active once every partner approved."""
+    if not 1 <= max_rows <= 1000:
+        fail(f"--max-rows {max_rows}: each person's rows after the join, from 1 to 1000")
+    if max_groups < 1:
+        fail(f"--max-groups {max_groups}: group cells per person, at least 1")
+    if not 1 <= shared_identifiers <= 64:
+        fail(f"--shared-identifiers {shared_identifiers}: from 1 to 64")
+    _warn_questionable_budget(epsilon, measure)
     with connect(target, token) as client, friendly_errors():
         slots = []
         for text in dataset:
@@ -588,6 +612,24 @@ def create_agreement(
             f"agreement [bold]{agreement.agreement_id}[/] created, budget epsilon {epsilon}; "
             f"protects each person sharing up to {agreement.max_shared_identifiers} "
             "identifier(s) with others"
+        )
+
+
+def _warn_questionable_budget(total: str, measure: str) -> None:
+    """Warn (stderr) about a budget that protects nobody in practice; the hub accepts it."""
+    try:
+        value = float(total)
+    except ValueError:
+        return  # the hub refuses it with its own message
+    limit, name = (1.0, "rho") if measure == "zcdp" else (10.0, "epsilon")
+    if value > limit:
+        err_console.print(
+            f"warning: a total {name} of {total} gives little protection (an epsilon of 10 "
+            "already lets a release be e^10 = 22,000 times likelier with a person than "
+            "without); budgets are usually 0.1 to 5",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
         )
 
 
@@ -705,6 +747,8 @@ def _build_query(
     quantile: float = 0.5,
 ) -> query_service_pb2.Query:
     aggregates = []
+    if not 0 < quantile < 1:
+        raise ValueError(f"--quantile {quantile:g}: a level between 0 and 1, e.g. 0.9")
     for text in aggs:
         m = _AGG.match(text.strip())
         if not m:
@@ -993,15 +1037,26 @@ def ledger_list(
 def report(
     out: Annotated[Path, typer.Option(help="Directory for report.md/.html and budget plots.")],
     agreement: Annotated[str, typer.Option(help="One agreement (default: all).")] = "",
+    names: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSON object {principal id: name}: the hub's API gives no other principal's name."
+        ),
+    ] = None,
+    audit_key: Annotated[
+        Path | None,
+        typer.Option(help="The hub's audit public key (audit_signing.pub): verify signatures."),
+    ] = None,
     target: TargetOption = DEFAULT_TARGET,
     token: TokenOption = "",
     json_out: JsonOption = False,
 ) -> None:
-    """Compliance report: budget over time, releases, consent coverage, Art. 30 record."""
-    from entremise.cli.report import build_report
+    """Compliance report: audit status, agreements, budget over time, releases, refusals."""
+    from entremise.cli.report import build_report, read_names
 
     with connect(target, token) as client, friendly_errors():
-        files = build_report(client, out, agreement)
+        directory = read_names(names) if names else None
+        files = build_report(client, out, agreement, names=directory, audit_key=audit_key)
     if json_out:
         print_json(
             {
@@ -1009,12 +1064,14 @@ def report(
                 "html": str(files.html),
                 "plot_png": str(files.plot_png),
                 "plot_svg": str(files.plot_svg),
+                "audit": files.audit.headline if files.audit else None,
             }
         )
     else:
         console.print(
             f"report written: {files.html} (and {files.markdown.name}, "
-            f"{files.plot_png.name}, {files.plot_svg.name})",
+            f"{files.plot_png.name}, {files.plot_svg.name}); audit log "
+            f"{files.audit.headline if files.audit else 'not checked'}",
             markup=False,
         )
 

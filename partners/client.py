@@ -160,7 +160,8 @@ def aggregate(
     if kind == "median":
         kind, quantile = "quantile", 0.5
     if kind not in AGGREGATES:
-        raise ValueError(f"aggregate kind must be one of {sorted(AGGREGATES)}, got {kind!r}")
+        kinds = ", ".join([*sorted(AGGREGATES), "median"])
+        raise ValueError(f"aggregate kind {kind!r} is not one of {kinds}")
     msg = query_service_pb2.Aggregate(
         name=name,
         kind=AGGREGATES[kind],
@@ -254,7 +255,9 @@ class Client:
             except grpc.FutureTimeoutError:
                 channel.close()
                 raise EntremiseRPCError(
-                    grpc.StatusCode.UNAVAILABLE, f"no hub answering at {target}"
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"no hub answering at {target} within {wait_ready:g} s: is it running "
+                    "(entremise serve)? Check the address (--target or ENTREMISE_TARGET)",
                 ) from None
         return cls(channel, token=token, timeout=timeout)
 

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
 import secrets
 import signal
+import socket
 import threading
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import grpc
+import sqlalchemy as sa
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -120,6 +125,86 @@ def resolve_admin_token(config: HubConfig) -> str:
     return token
 
 
+class HubStartError(RuntimeError):
+    """The hub cannot start: the message is one line for whoever runs it."""
+
+
+def check_listen(listen: str) -> tuple[str, int]:
+    """HOST:PORT with a port in 0-65535 (0: any free port), or a one-line refusal."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise HubStartError(
+            f"--listen {listen!r}: expected HOST:PORT with a port in 0-65535 "
+            "(e.g. 127.0.0.1:50051, or port 0 for any free port)"
+        )
+    return host, int(port)
+
+
+def probe_port(host: str, port: int) -> None:
+    """Refuse a port another process listens on, before anything is written or logged.
+
+    gRPC itself would report it only through its C-core log (and with SO_REUSEPORT, not at
+    all); binding a plain socket first gives one clear line. Port 0 needs no probe.
+    """
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise HubStartError(f"--listen {host}:{port}: unknown host ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            reason = (
+                "the port is in use (another hub?)"
+                if exc.errno == errno.EADDRINUSE
+                else f"{exc.strerror.lower() if exc.strerror else exc}"
+            )
+            raise HubStartError(f"cannot listen on {host}:{port}: {reason}") from None
+
+
+class HubLock:
+    """An exclusive lock on a file, held while the hub runs: one hub per data dir and database.
+
+    `flock` is released by the kernel when the process dies, so a crashed hub never leaves a
+    stale lock behind.
+    """
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path = path
+        try:
+            self._file: IO[str] | None = open(path, "a+")  # held until release()
+        except OSError as exc:
+            raise HubStartError(
+                f"{what} {path.parent}: cannot write there ({exc.strerror})"
+            ) from None
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            self._file = None
+            raise HubStartError(
+                f"{what} {path.parent} is in use by another running hub (pid {holder}): stop "
+                "it, or choose another --data-dir"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        """Let another hub start here."""
+        if self._file is not None:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
 @dataclass
 class RunningHub:
     """A started hub: its gRPC server, bound port and domain facade."""
@@ -128,17 +213,71 @@ class RunningHub:
     port: int
     hub: Hub
     store: SqlStore
+    locks: list[HubLock] = field(default_factory=list)
 
     def stop(self, grace: float | None = 2.0) -> None:
-        """Stop serving and release the database."""
+        """Stop serving, release the database and the locks."""
         self.server.stop(grace).wait()
         self.store.close()
+        for lock in self.locks:
+            lock.release()
+
+
+def _open_store(url: str) -> SqlStore:
+    """The store, migrated; an unreachable or unusable database is one line."""
+    try:
+        return SqlStore(url)
+    except (sa.exc.OperationalError, sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+        cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise HubStartError(f"cannot open the database at {_redacted(url)}: {cause}") from None
+
+
+def _locks(config: HubConfig) -> list[HubLock]:
+    """One hub per data dir, and per SQLite file (two hubs must never share one database)."""
+    try:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HubStartError(
+            f"data dir {config.data_dir}: cannot create it ({exc.strerror})"
+        ) from None
+    locks = [HubLock(config.data_dir / "hub.lock", "data dir")]
+    url = sa.engine.make_url(config.db_url) if "://" in config.db_url else None
+    if url is not None and url.get_backend_name() == "sqlite" and url.database:
+        database = Path(url.database).resolve()
+        if database.parent != config.data_dir.resolve():
+            try:
+                lock_file = database.with_name(database.name + ".hub-lock")
+                locks.append(HubLock(lock_file, "database dir"))
+            except HubStartError:
+                locks[0].release()
+                raise
+    return locks
 
 
 def build_server(config: HubConfig) -> RunningHub:
-    """Create the hub and bind its gRPC server (port 0 picks a free port); not yet started."""
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    store = SqlStore(config.db_url)
+    """Create the hub and bind its gRPC server (port 0 picks a free port); not yet started.
+
+    Refuses, with one line (HubStartError), a malformed --listen, a data dir or SQLite database
+    another live hub holds, an unwritable data dir, an unreachable database and a busy port.
+    """
+    host, port = check_listen(config.listen)
+    locks = _locks(config)
+    try:
+        probe_port(host, port)
+    except HubStartError:
+        for lock in locks:
+            lock.release()
+        raise
+    try:
+        return _build(config, locks)
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+
+
+def _build(config: HubConfig, locks: list[HubLock]) -> RunningHub:
+    store = _open_store(config.db_url)
     signer = AuditSigner.load_or_create(config.data_dir / AUDIT_KEY_FILE)
     keyring = Keyring.load(config.master_key_file or config.data_dir / MASTER_KEYS)
     cipher = DatasetCipher(keyring, config.data_dir / "keys")
@@ -165,6 +304,9 @@ def build_server(config: HubConfig) -> RunningHub:
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            # gRPC sets SO_REUSEPORT by default: a second hub could bind the same port and
+            # take half of the calls. Off, a busy port is refused.
+            ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=config.workers * 8,
     )
@@ -187,19 +329,27 @@ def build_server(config: HubConfig) -> RunningHub:
     reflection.enable_server_reflection(
         [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
+    credentials = None
     if config.tls_cert and config.tls_key:
         credentials = grpc.ssl_server_credentials(
             [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
             root_certificates=config.tls_client_ca.read_bytes() if config.tls_client_ca else None,
             require_client_auth=config.tls_client_ca is not None,
         )
-        port = server.add_secure_port(config.listen, credentials)
-    else:
-        port = server.add_insecure_port(config.listen)
+    try:
+        if credentials is not None:
+            port = server.add_secure_port(config.listen, credentials)
+        else:
+            port = server.add_insecure_port(config.listen)
+    except RuntimeError:
+        port = 0
     if port == 0:
         store.close()
-        raise OSError(f"cannot listen on {config.listen}")
-    return RunningHub(server, port, hub, store)
+        raise HubStartError(
+            f"cannot listen on {config.listen}: the port is in use (another hub?) or the "
+            "address is not this machine's"
+        )
+    return RunningHub(server, port, hub, store, locks)
 
 
 def _redacted(url: str) -> str:
