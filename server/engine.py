@@ -9,12 +9,13 @@ Pipeline:
    (it always terminates, whatever the shape of the graph) and labelled by its smallest
    pseudonym, so a component's label depends on its own members only;
 3. people who withdrew consent (any of their pseudonyms) are removed from every dataset;
-4. inner join on the person (each unit brings at most `max_rows_per_person` rows of each
-   dataset, so one person cannot blow the join up), then the analyst's filters;
+4. the analyst's filters, then an inner join on the person (each unit brings at most
+   `max_rows_per_person` rows of each dataset, so one person cannot blow the join up);
 5. bound each person's contribution AFTER the join: at most `max_groups_per_person` group
    cells, then at most `max_rows_per_person` rows. The choice is pseudo-random per person
    (a hash of the person and the row), depends only on that person's own rows, and is
-   stable across runs, so it adds no sensitivity;
+   stable across runs, so it adds no sensitivity. Both row caps take one row of each group
+   cell first, so a person in no more cells than the caps allow is counted in every one;
 6. clamp numeric values to their public bounds in floating point, then count them in integer
    units of the declared resolution (clamping first: no value, however large, can make the
    integer conversion fail on some data and not on other);
@@ -43,6 +44,7 @@ from entremise.server.domain.models import (
     FilterOp,
     NumericColumn,
     QueryPlan,
+    ResolvedFilter,
 )
 from entremise.server.domain.planner import quantile_step, square_divisor
 from entremise.server.domain.ports import AggregationEngine
@@ -161,18 +163,32 @@ def build_sql(
             pid = f"coalesce({', '.join(parts)})"
         else:
             pid = f't."{keys[0]}"'
-        rows = (
-            f"SELECT {pid} AS pid{cols} FROM {source} t{joins} "
-            f"WHERE {_consent_filter(dataset, purpose, now, 't.')}"
-        )
+        # The analyst's filters on this dataset apply before its row cap, so the cap chooses
+        # among the rows the query is about (a filter applied after it would miss kept rows).
+        conditions = [_consent_filter(dataset, purpose, now, "t.")]
+        conditions += [
+            _filter_sql(f, f't."{f.ref.column.name}"', params)
+            for f in plan.filters
+            if f.ref.dataset_index == i
+        ]
+        rows = f"SELECT {pid} AS pid{cols} FROM {source} t{joins} WHERE {' AND '.join(conditions)}"
         most = dataset.max_rows_per_key
         if len(keys) > 1 or most == 0 or most > plan.max_rows_per_person:
             # No unit keeps more than the row cap after the join, so none needs more than the
             # cap from any one dataset before it: one person's records can then add at most
             # cap^datasets rows to the join, whatever they upload (no data-dependent blow-up
             # of memory or time). The choice hashes the unit and the row, like the cap after.
+            # Rows of group cells the unit has not kept yet come first, so a unit in at most
+            # `cap` cells keeps a row in each (counts per group are not cut by the row cap).
             picked = "".join(f", d{i}_{c}" for c in sorted(needed[i]))
             order = f"hash(pid{picked}){picked}"
+            cells = [_alias(r) for r in plan.group_by if r.dataset_index == i]
+            if cells:
+                rows = (
+                    f"SELECT *, row_number() OVER (PARTITION BY pid, {', '.join(cells)} "
+                    f"ORDER BY {order}) AS cell_k FROM ({rows})"
+                )
+                order = f"cell_k, {order}"
             rows = (
                 f"SELECT pid{picked} FROM (SELECT *, row_number() OVER (PARTITION BY pid "
                 f"ORDER BY {order}) AS k FROM ({rows})) WHERE k <= {plan.max_rows_per_person}"
@@ -182,16 +198,7 @@ def build_sql(
     aliases = [f"d{i}_{c}" for i in sorted(needed) for c in sorted(needed[i])]
     columns = ", ".join(["pid", *aliases])
 
-    where = ["pid NOT IN (SELECT pid FROM gone)"]
-    for f in plan.filters:
-        alias = _alias(f.ref)
-        if f.op in (FilterOp.IN, FilterOp.NOT_IN):
-            marks = ", ".join("?" for _ in f.categories)
-            where.append(f"{alias} {'IN' if f.op is FilterOp.IN else 'NOT IN'} ({marks})")
-            params.extend(f.categories)
-        else:
-            where.append(f"{alias} {'>=' if f.op is FilterOp.GE else '<='} ?")
-            params.append(f.threshold)
+    where = ["pid NOT IN (SELECT pid FROM gone)"]  # filters were applied per dataset
     ctes.append(f"j AS (SELECT {columns} FROM {join} WHERE {' AND '.join(where)})")
 
     groups = [_alias(r) for r in plan.group_by]
@@ -231,9 +238,18 @@ def build_sql(
         )
         source = "jg"
     if bound_rows:
+        # A row of each kept cell first (the planner keeps groups <= rows): the row cap then
+        # never removes a person from a cell, only extra rows within cells.
+        first = ""
+        if groups:
+            ctes.append(
+                f"jc AS (SELECT *, row_number() OVER (PARTITION BY {person}, {key} ORDER BY "
+                f"row_hash, {order}) AS cell_rank FROM {source})"
+            )
+            source, first = "jc", "cell_rank, "
         ctes.append(
             "b AS (SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY person ORDER BY "
-            f"row_hash, {order}) AS row_rank FROM {source}) "
+            f"{first}row_hash, {order}) AS row_rank FROM {source}) "
             f"WHERE row_rank <= {plan.max_rows_per_person})"
         )
     else:
@@ -357,3 +373,13 @@ def _collect(plan: QueryPlan, rows: list[tuple[Any, ...]]) -> ExactAggregates:
         buckets=buckets,
         keys=keys if plan.discovery is not None else None,
     )
+
+
+def _filter_sql(f: ResolvedFilter, column: str, params: list[Any]) -> str:
+    """One analyst filter as SQL over `column`, its values appended to `params` in order."""
+    if f.op in (FilterOp.IN, FilterOp.NOT_IN):
+        marks = ", ".join("?" for _ in f.categories)
+        params.extend(f.categories)
+        return f"{column} {'IN' if f.op is FilterOp.IN else 'NOT IN'} ({marks})"
+    params.append(f.threshold)
+    return f"{column} {'>=' if f.op is FilterOp.GE else '<='} ?"

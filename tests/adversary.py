@@ -125,6 +125,8 @@ class World:
     ) -> str:
         """A fresh agreement holding these two raw frames, uploaded over gRPC."""
         kwargs.setdefault("max_rows_per_person", 10)
+        # The audit's pairs are built around one cell per person (0 would mean auto).
+        kwargs.setdefault("max_groups_per_person", 1)
         agreement = self.hub.admin.create_agreement(
             name="adversary",
             purpose=PURPOSE,

@@ -178,15 +178,28 @@ def test_exact_aggregates_match_the_partner_side_truth(scenario: Scenario) -> No
         assert exact.rows[i] == expected_rows.get(key, 0)
         assert exact.value_rows["panel.amount"][i] == expected_rows.get(key, 0)
         assert exact.sums["panel.amount"][i] == expected_cents.get(key, 0)
-    # With one group per person (the agreement default), each person counts in one cell only.
+    # With one group per person, each person counts in one cell only.
+    exact = _exact(
+        s.hub,
+        s.agreement_id,
+        AggregateSpec("n", AggregateKind.COUNT),
+        group_by=("bank.segment", "panel.category"),
+        max_groups=1,
+    )
+    assert sum(exact.people) == truth["email"].nunique()
+    assert all(exact.people[i] <= expected_people.get(k, 0) for i, k in enumerate(plan.group_keys))
+    # By default (auto), each person counts in every cell they reach, up to the row cap: the
+    # counts are the true numbers of people per cell for everyone within it.
     exact = _exact(
         s.hub,
         s.agreement_id,
         AggregateSpec("n", AggregateKind.COUNT),
         group_by=("bank.segment", "panel.category"),
     )
-    assert sum(exact.people) == truth["email"].nunique()
-    assert all(exact.people[i] <= expected_people.get(k, 0) for i, k in enumerate(plan.group_keys))
+    cells_per_person = truth.groupby("email")[["segment", "category"]].nunique()
+    assert plan.max_groups_per_person == min(len(plan.group_keys), plan.max_rows_per_person)
+    assert (cells_per_person.prod(axis=1) <= plan.max_groups_per_person).all()
+    assert exact.people == [int(expected_people.get(k, 0)) for k in plan.group_keys]
 
     affluent = _exact(
         s.hub,
@@ -205,9 +218,25 @@ def test_contributions_are_bounded_after_the_join(scenario: Scenario) -> None:
     exact = _exact(s.hub, s.agreement_id, AggregateSpec("r", AggregateKind.COUNT_ROWS), max_rows=3)
     assert exact.rows == [int(per_person.clip(upper=3).sum())]
     exact = _exact(
-        s.hub, s.agreement_id, AggregateSpec("n", AggregateKind.COUNT), group_by=("panel.category",)
+        s.hub,
+        s.agreement_id,
+        AggregateSpec("n", AggregateKind.COUNT),
+        group_by=("panel.category",),
+        max_groups=1,
     )
-    assert sum(exact.people) == truth["email"].nunique()  # one category per person by default
+    assert sum(exact.people) == truth["email"].nunique()  # one category per person
+    # The default (auto) keeps each person in every category, even with a row cap of 3 below
+    # the number of purchases: a row of each category is kept first.
+    exact = _exact(
+        s.hub,
+        s.agreement_id,
+        AggregateSpec("n", AggregateKind.COUNT),
+        group_by=("panel.category",),
+        max_rows=6,
+    )
+    people = truth.groupby("category")["email"].nunique()
+    categories = PANEL_SCHEMA.columns["category"].categories  # type: ignore[union-attr]
+    assert exact.people == [int(people.get(c, 0)) for c in categories]
 
 
 def test_three_datasets_join_on_people_consenting_in_all(scenario: Scenario) -> None:

@@ -300,6 +300,7 @@ def test_neighbouring_datasets_leak_at_most_epsilon(sqlite_hub: Hub) -> None:
             analyst_ids=[analyst_id],
             total_epsilon="10",
             max_rows_per_person=12,
+            max_groups_per_person=1,  # bank.segment: one cell per person, as (b) states
         )
         bank.upload_dataset(
             agreement.agreement_id, "bank", bank_frame, BANK_SCHEMA, private_key=bank_key

@@ -39,6 +39,7 @@ def _agreement(s: Scenario, **kwargs: object) -> str:
         datasets=[(s.bank_partner_id, "bank"), (s.panel_partner_id, "panel")],
         analyst_ids=[analyst_id],
         max_rows_per_person=12,
+        max_groups_per_person=1,  # the sensitivities below are stated for one cell per person
         **kwargs,
     )  # type: ignore[arg-type]
     s.bank_client.upload_dataset(

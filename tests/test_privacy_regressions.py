@@ -413,3 +413,36 @@ def test_erasing_one_person_does_not_record_their_row_count(world: World) -> Non
     [event] = [e for e in world.officer.audit_events() if e.kind == "records_erased"]
     assert "8" not in event.detail_json
     assert "fewer than" in event.detail_json
+
+
+# -- 7. bounds that cut counts silently (issue 13) ---------------------------------------------
+
+
+def test_the_row_caps_keep_a_person_in_every_group_and_filter_they_reach(world: World) -> None:
+    # 40 people, each with 30 grocery purchases and one travel and one "other" purchase; the
+    # row cap is 10. Capping rows at random before the join (or before the filters) dropped
+    # the rare categories of about 2/3 of them: counts per category undercut, silently.
+    people = range(40)
+    panel = [
+        row
+        for i in people
+        for row in [
+            *panel_rows(i, 30, category="grocery"),
+            *panel_rows(i, 1, category="travel"),
+            *panel_rows(i, 1, category="other"),
+        ]
+    ]
+    d = world.agreement(
+        frame(bank_rows(people), BANK), frame(panel, PANEL), max_groups_per_person=0
+    )
+    by_category = world.exact(_spec(d, PEOPLE, group_by=("panel.category",)))
+    assert by_category.people == [40, 40, 40]  # grocery, travel, other: nobody cut
+    travel = FilterSpec("panel.category", FilterOp.IN, ("travel",))
+    assert world.exact(_spec(d, PEOPLE, filters=(travel,))).people == [40]
+    assert world.exact(_spec(d, ROWS, filters=(travel,))).rows == [40]
+    # A cap the analyst chose still cuts, and the plan says so in plain words.
+    one = world.plan(_spec(d, PEOPLE, group_by=("panel.category",), max_groups_per_person=1))
+    assert sum(world.hub.running.hub.exact_aggregates(one).people) == 40
+    notes = summarize(one, Epsilon.parse("100")).bounds_notes
+    assert len(notes) == 1 and "at most 1 group of the 3 groups of panel.category" in notes[0]
+    assert "--max-groups 3" in notes[0]

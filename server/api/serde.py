@@ -434,6 +434,7 @@ def summary_to_proto(s: PlanSummary) -> query_service_pb2.QueryPlan:
         measure=s.measure.value,
         delta=delta_text(s.delta_units),
         discovery=_discovery_to_proto(s.discovery),
+        bounds_notes=list(s.bounds_notes),
     )
 
 

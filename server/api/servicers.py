@@ -31,7 +31,6 @@ from entremise.server.domain.hub import Hub
 from entremise.server.domain.limits import RateLimiter
 from entremise.server.domain.models import Agreement, Principal
 from entremise.server.domain.planner import (
-    DEFAULT_MAX_GROUPS_PER_PERSON,
     DEFAULT_MAX_ROWS_PER_PERSON,
 )
 from entremise.server.domain.sensitivity import DEFAULT_SHARED_IDENTIFIERS
@@ -235,8 +234,7 @@ class AgreementServicer(_Base, agreement_service_pb2_grpc.AgreementServiceServic
                 analyst_ids=list(request.analyst_ids),
                 total_epsilon=epsilon_from_text(request.total_epsilon, "total epsilon"),
                 max_rows_per_person=request.max_rows_per_person or DEFAULT_MAX_ROWS_PER_PERSON,
-                max_groups_per_person=request.max_groups_per_person
-                or DEFAULT_MAX_GROUPS_PER_PERSON,
+                max_groups_per_person=request.max_groups_per_person,  # 0: auto
                 budget_kind=budget_kind_from_proto(request.budget_kind),
                 total_delta_units=delta_units(request.total_delta, "total delta"),
                 analyst_budget=epsilon_from_text(request.analyst_budget, "analyst budget")

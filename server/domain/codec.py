@@ -113,6 +113,7 @@ def summary_to_dict(s: PlanSummary) -> dict[str, Any]:
         "delta_units": s.delta_units,
         "discovery": s.discovery,
         "shared_identifiers": s.shared_identifiers,
+        "bounds_notes": list(s.bounds_notes),
     }
 
 
@@ -148,6 +149,7 @@ def summary_from_dict(d: dict[str, Any]) -> PlanSummary:
         discovery=d.get("discovery"),
         # Releases stored before the relation was stated assumed no shared identifier.
         shared_identifiers=int(d.get("shared_identifiers", 0)),
+        bounds_notes=tuple(d.get("bounds_notes", ())),
     )
 
 

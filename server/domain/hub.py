@@ -563,8 +563,8 @@ class Hub:
             )
         if not 1 <= max_rows_per_person <= MAX_ROWS_PER_PERSON:
             raise InvalidArgumentError(f"max_rows_per_person must be in [1, {MAX_ROWS_PER_PERSON}]")
-        if max_groups_per_person < 1:
-            raise InvalidArgumentError("max_groups_per_person must be positive")
+        if max_groups_per_person < 0:  # 0: auto, every cell of a query's public grouping
+            raise InvalidArgumentError("max_groups_per_person must not be negative")
         if not 1 <= max_shared_identifiers <= MAX_SHARED_IDENTIFIERS:
             raise InvalidArgumentError(
                 f"max_shared_identifiers must be in [1, {MAX_SHARED_IDENTIFIERS}]"

@@ -639,6 +639,8 @@ class PlanSummary:
     delta_units: int = 0
     discovery: dict[str, object] | None = None
     shared_identifiers: int = 1
+    # Where the contribution bounds can cut people's data, in plain words (public inputs only).
+    bounds_notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

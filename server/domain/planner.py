@@ -54,7 +54,10 @@ MAX_GROUP_COLUMNS = 3
 MAX_CELLS = 100_000
 MAX_ROWS_PER_PERSON = 1_000
 DEFAULT_MAX_ROWS_PER_PERSON = 10
-DEFAULT_MAX_GROUPS_PER_PERSON = 1
+#: 0 = "auto": a query grouped by public columns lets each person count in every cell of its
+#: grouping (up to the rows cap), so no count is cut; a discovered grouping uses 1.
+AUTO_GROUPS = 0
+DEFAULT_MAX_GROUPS_PER_PERSON = AUTO_GROUPS
 
 
 def privacy_unit(shared_identifiers: int) -> str:
@@ -239,9 +242,11 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
     rows = spec.max_rows_per_person or agreement.max_rows_per_person
     if not 1 <= rows <= MAX_ROWS_PER_PERSON:
         raise InvalidArgumentError(f"max_rows_per_person must be in [1, {MAX_ROWS_PER_PERSON}]")
+    if spec.max_groups_per_person < 0:
+        raise InvalidArgumentError("max_groups_per_person must not be negative")
     groups = spec.max_groups_per_person or agreement.max_groups_per_person
-    if groups < 1:
-        raise InvalidArgumentError("max_groups_per_person must be positive")
+    if groups == AUTO_GROUPS:  # every cell of a public grouping; one discovered key
+        groups = max(len(keys), 1)
     needs_group_cap = private or any(
         a.kind in (AggregateKind.COUNT, AggregateKind.QUANTILE) for a in spec.aggregates
     )

@@ -9,6 +9,7 @@ from entremise.privacy.mechanisms import (
     NoisyArgMin,
     mechanism_for,
 )
+from entremise.server.domain.bounds import bounds_notes
 from entremise.server.domain.models import (
     QUANTILE_CANDIDATES,
     AggregateKind,
@@ -168,6 +169,7 @@ def summarize(plan: QueryPlan, remaining: Epsilon) -> PlanSummary:
         delta_units=plan.delta_units,
         discovery=discovery_info(plan),
         shared_identifiers=plan.shared_identifiers,
+        bounds_notes=bounds_notes(plan),
     )
 
 

@@ -103,6 +103,9 @@ class Agreement(_message.Message):
     max_rows_per_person: _builtins.int
     """Default contribution bounds applied after the join (per person)."""
     max_groups_per_person: _builtins.int
+    """0 = auto: every cell of a query's public grouping (up to max_rows_per_person); 1 for
+    groupings whose keys are discovered.
+    """
     created_at: _builtins.str
     budget_kind: _common_pb2.BudgetKind.ValueType
     total_delta: _builtins.str
@@ -315,6 +318,9 @@ class CreateAgreementRequest(_message.Message):
     total_epsilon: _builtins.str
     max_rows_per_person: _builtins.int
     max_groups_per_person: _builtins.int
+    """0 = auto: every cell of a query's public grouping (up to max_rows_per_person); 1 for
+    groupings whose keys are discovered.
+    """
     budget_kind: _common_pb2.BudgetKind.ValueType
     """PURE (default) or ZCDP; total_epsilon then holds epsilon or rho."""
     total_delta: _builtins.str

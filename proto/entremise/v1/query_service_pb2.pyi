@@ -325,6 +325,7 @@ class QueryPlan(_message.Message):
     MEASURE_FIELD_NUMBER: _builtins.int
     DISCOVERY_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
+    BOUNDS_NOTES_FIELD_NUMBER: _builtins.int
     cell_count: _builtins.int
     epsilon: _builtins.str
     privacy_unit: _builtins.str
@@ -340,6 +341,13 @@ class QueryPlan(_message.Message):
     def bounding(self) -> Global___Bounding: ...
     @_builtins.property
     def discovery(self) -> Global___KeyDiscovery: ...
+    @_builtins.property
+    def bounds_notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Where the contribution bounds can cut people's data in this query, in plain words; computed
+        from public parameters only (the grouping's domain, the bounds, the aggregates), never from
+        the data. Empty when no answer can be cut.
+        """
+
     def __init__(
         self,
         *,
@@ -354,10 +362,11 @@ class QueryPlan(_message.Message):
         measure: _builtins.str = ...,
         discovery: Global___KeyDiscovery | None = ...,
         delta: _builtins.str = ...,
+        bounds_notes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["bounding", b"bounding", "discovery", b"discovery"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregates", b"aggregates", "bounding", b"bounding", "cell_count", b"cell_count", "delta", b"delta", "discovery", b"discovery", "epsilon", b"epsilon", "group_by", b"group_by", "measure", b"measure", "privacy_unit", b"privacy_unit", "remaining_epsilon_after", b"remaining_epsilon_after", "remaining_epsilon_before", b"remaining_epsilon_before"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregates", b"aggregates", "bounding", b"bounding", "bounds_notes", b"bounds_notes", "cell_count", b"cell_count", "delta", b"delta", "discovery", b"discovery", "epsilon", b"epsilon", "group_by", b"group_by", "measure", b"measure", "privacy_unit", b"privacy_unit", "remaining_epsilon_after", b"remaining_epsilon_after", "remaining_epsilon_before", b"remaining_epsilon_before"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
