@@ -44,7 +44,7 @@ JsonOption = Annotated[
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 #: How long a command waits for the hub before saying none answers.
-CONNECT_WAIT_SECONDS = 3.0
+CONNECT_WAIT_SECONDS = 2.0
 
 
 def to_dict(message: Message) -> dict[str, Any]:

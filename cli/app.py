@@ -550,7 +550,13 @@ def create_agreement(
         str, typer.Option(help="Total budget: epsilon, or rho with --measure zcdp.")
     ],
     max_rows: Annotated[int, typer.Option(help="Default max joined rows per person.")] = 10,
-    max_groups: Annotated[int, typer.Option(help="Default max group cells per person.")] = 1,
+    max_groups: Annotated[
+        int,
+        typer.Option(
+            help="Default max group cells per person; 0 (auto): every cell of a query's "
+            "public grouping, up to --max-rows, so no count is cut."
+        ),
+    ] = 0,
     measure: Annotated[str, typer.Option(help="pure (epsilon) or zcdp (rho).")] = "pure",
     delta: Annotated[str, typer.Option(help="Delta budget for key discovery.")] = "",
     analyst_budget: Annotated[str, typer.Option(help="Cap per analyst (default: total).")] = "",
@@ -576,8 +582,8 @@ def create_agreement(
     """Propose an agreement (admin, or a partner in it); active once every partner approved."""
     if not 1 <= max_rows <= 1000:
         fail(f"--max-rows {max_rows}: each person's rows after the join, from 1 to 1000")
-    if max_groups < 1:
-        fail(f"--max-groups {max_groups}: group cells per person, at least 1")
+    if max_groups < 0:
+        fail(f"--max-groups {max_groups}: group cells per person, 0 (auto) or more")
     if not 1 <= shared_identifiers <= 64:
         fail(f"--shared-identifiers {shared_identifiers}: from 1 to 64")
     _warn_questionable_budget(epsilon, measure)

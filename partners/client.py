@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -250,14 +251,22 @@ class Client:
             credentials = grpc.ssl_channel_credentials(tls.root_ca, tls.private_key, tls.cert_chain)
             channel = grpc.secure_channel(target, credentials, options=options)
         if wait_ready:
+            hint = (
+                "is it running (entremise serve)? Check the address (--target or ENTREMISE_TARGET)"
+            )
+            refused = _tcp_problem(target, wait_ready)
+            if refused:
+                channel.close()
+                raise EntremiseRPCError(
+                    grpc.StatusCode.UNAVAILABLE, f"no hub answering at {target} ({refused}): {hint}"
+                )
             try:
                 grpc.channel_ready_future(channel).result(timeout=wait_ready)
             except grpc.FutureTimeoutError:
                 channel.close()
                 raise EntremiseRPCError(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"no hub answering at {target} within {wait_ready:g} s: is it running "
-                    "(entremise serve)? Check the address (--target or ENTREMISE_TARGET)",
+                    f"no hub answering at {target} within {wait_ready:g} s: {hint}",
                 ) from None
         return cls(channel, token=token, timeout=timeout)
 
@@ -654,3 +663,23 @@ class Client:
                 compliance_service_pb2.GetConsentCoverageRequest(agreement_id=agreement_id),
             ).coverage
         )
+
+
+def _tcp_problem(target: str, wait: float) -> str:
+    """Why a plain TCP connection to a host:port target fails within `wait` s ("" if it opens).
+
+    gRPC keeps retrying a refused connection until its deadline; a refused port is known at
+    once, so it is reported at once. Targets that are not host:port (unix:, dns:///) pass.
+    """
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or "/" in host:
+        return ""
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=wait).close()
+    except TimeoutError:
+        return f"no answer within {wait:g} s"
+    except ConnectionRefusedError:
+        return "connection refused"
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return ""

@@ -1022,7 +1022,7 @@ def test_wrong_admin_token_and_unreachable_hub(sqlite_hub: Hub) -> None:
     down = one_line_error(
         run_cli("budget", "show", token=ADMIN_TOKEN, target=closed), EXIT_UNAVAILABLE
     )
-    assert down.startswith(f"error: unavailable: no hub answering at {closed} within 3 s")
+    assert down.startswith(f"error: unavailable: no hub answering at {closed} (connection refused)")
     assert "entremise serve" in down and "--target" in down
 
 
