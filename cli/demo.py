@@ -458,4 +458,7 @@ def run_demo(
 
 
 def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:,.2f}"
+    """Whole numbers (counts, and what the hub released as integers) without decimals."""
+    if value is None:
+        return "n/a"
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
