@@ -261,13 +261,8 @@ def build_server(config: HubConfig) -> RunningHub:
     another live hub holds, an unwritable data dir, an unreachable database and a busy port.
     """
     host, port = check_listen(config.listen)
+    probe_port(host, port)  # before the data dir is touched: a bad address leaves nothing
     locks = _locks(config)
-    try:
-        probe_port(host, port)
-    except HubStartError:
-        for lock in locks:
-            lock.release()
-        raise
     try:
         return _build(config, locks)
     except BaseException:
