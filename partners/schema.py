@@ -421,7 +421,12 @@ def _must_be_one_of(value: object, options: Sequence[object]) -> str:
     return f"must be {_choices(options)} (got {_show(value)}{hint})"
 
 
-def _unknown_keys(instance: dict[str, Any], schema: dict[str, Any]) -> str:
+#: Every key a column may hold, whatever its kind: a typo in the key that picks the kind
+#: ("categores") makes the column read as numeric, so suggestions look at all of them.
+_COLUMN_KEYS = ("kind", "lower", "upper", "resolution", "categories", "max_length")
+
+
+def _unknown_keys(instance: dict[str, Any], schema: dict[str, Any], also: Sequence[str]) -> str:
     allowed = list(schema.get("properties", {}))
     patterns = list(schema.get("patternProperties", {}))
     extras = [
@@ -431,7 +436,7 @@ def _unknown_keys(instance: dict[str, Any], schema: dict[str, Any]) -> str:
     ]
     parts, unmatched = [], False
     for key in extras:
-        close = _did_you_mean(key, allowed)
+        close = _did_you_mean(key, allowed) or (None if key in also else _did_you_mean(key, also))
         unmatched = unmatched or close is None
         parts.append(f"{_show(key)} (did you mean {_show(close)}?)" if close else _show(key))
     text = f"unknown key{'s' if len(extras) > 1 else ''} {', '.join(parts)}"
@@ -462,7 +467,12 @@ def _explain(error: ValidationError) -> str:
             return f"names must be strings (got {_show(value)})"
         return f"{_show(value)} is not a valid {what} name ({NAME_RULE})"
     if keyword == "additionalProperties":
-        return _unknown_keys(value, error.schema if isinstance(error.schema, dict) else {})
+        column = len(path) == 2 and path[0] == "columns"
+        return _unknown_keys(
+            value,
+            error.schema if isinstance(error.schema, dict) else {},
+            _COLUMN_KEYS if column else (),
+        )
     if keyword == "pattern":
         return f"{_show(value)} is not a valid name ({NAME_RULE})"
     if keyword == "const" and last == "kind":
