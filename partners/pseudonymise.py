@@ -355,7 +355,11 @@ class Pseudonymiser:
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             return None
         plain = pc.match_substring_regex(column, _PLAIN_EMAIL)
-        lowered = pc.ascii_lower(column)
+        # utf8_lower, not ascii_lower: pyarrow 26's ascii_lower returns NUL bytes for a string
+        # array that views part of a larger buffer (a row slice of a pandas 3 str column), so
+        # every email of `frame.iloc[a:b]` was pseudonymised wrongly, without an error. Only
+        # plain-ASCII values are kept below, where both agree.
+        lowered = pc.utf8_lower(column)
         if screen:
             flagged = pc.match_substring_regex(lowered, _PLACEHOLDER_EMAIL)
             plain = pc.and_(plain, pc.invert(flagged))

@@ -131,3 +131,16 @@ def test_bulk_email_path_equals_the_per_value_definition(values: list[str]) -> N
         pairs = zip(plain.to_pylist(), kept.to_pylist(), strict=True)
         flagged = {row for row, (was, now) in enumerate(pairs) if was is not None and now is None}
         assert flagged == {row for row in reasons if plain[row].is_valid}
+
+
+def test_a_row_slice_of_a_pandas_column_gets_the_same_pseudonyms_as_the_whole() -> None:
+    # pyarrow's ascii_lower returned NUL bytes for a slice of a pandas 3 str column, so
+    # `frame.iloc[a:b]` matched nobody, silently (the SDK takes DataFrames).
+    import pandas as pd
+
+    p = Pseudonymiser(KEY)
+    emails = pd.Series([f"Person{i}@Example.ORG" for i in range(3000)])
+    whole = p.pseudonymise(emails, "email")
+    part = p.pseudonymise(emails.iloc[1000:1010], "email")
+    assert part == whole[1000:1010]
+    assert part[0] == p.pseudonym("email:person1000@example.org")
