@@ -5,26 +5,41 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeAlias
 
 import pandas as pd
 import typer
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
+from rich.text import Text
 
 from entremise.cli._common import (
     DEFAULT_TARGET,
     JsonOption,
+    NoProgressOption,
     TargetOption,
     TokenOption,
+    approx,
     connect,
     console,
+    decimal_number,
     err_console,
     fail,
     friendly_errors,
+    id_column,
+    is_whole,
+    number,
+    number_column,
     print_json,
+    print_table,
+    progress_bars,
+    table,
+    text_column,
     to_dict,
+    when,
+    whole,
 )
 from entremise.partners.client import (
     EntremiseRPCError,
@@ -39,6 +54,7 @@ from entremise.partners.keys import (
     public_bytes,
     save_private_key,
 )
+from entremise.partners.prepare import Progress as ProgressCallback
 from entremise.partners.prepare import read_table
 from entremise.partners.schema import UploadSchema
 from entremise.v1 import agreement_service_pb2, common_pb2, query_service_pb2
@@ -195,6 +211,16 @@ def demo(
 
 # -- admin -------------------------------------------------------------------------------------
 
+QuietOption = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="Print only what a script needs (see above), nothing else."),
+]
+
+
+def _quiet_or_json(quiet: bool, json_out: bool) -> None:
+    if quiet and json_out:
+        fail("--quiet and --json each choose the whole output: give one of them")
+
 
 @admin_app.command("create-principal")
 def create_principal(
@@ -203,15 +229,28 @@ def create_principal(
     target: TargetOption = DEFAULT_TARGET,
     token: TokenOption = "",
     json_out: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
-    """Create a principal; prints its token once (it is stored hashed)."""
+    """Create a principal; prints its token once (it is stored hashed).
+
+    With --quiet, prints exactly "ID TOKEN" on one line, nothing else, for scripts:
+
+    \b
+    read BANK_ID BANK < <(entremise admin create-principal Bank --role partner --quiet)
+    """  # noqa: D301 (\b: click keeps the next line as written)
+    _quiet_or_json(quiet, json_out)
     with connect(target, token) as client, friendly_errors():
         principal, new_token = client.create_principal(name, role)
     if json_out:
         print_json({"principal": to_dict(principal), "token": new_token})
         return
-    console.print(f"principal {principal.principal_id} ({escape(role)}) created", markup=False)
-    console.print(f"token (shown once): {new_token}", highlight=False)
+    if quiet:
+        sys.stdout.write(f"{principal.principal_id} {new_token}\n")
+        return
+    console.print(
+        f"principal {principal.principal_id} {principal.name!r} ({role}) created", markup=False
+    )
+    console.print(f"token (shown once): {new_token}", highlight=False, soft_wrap=True)
 
 
 @admin_app.command("rotate-master-key")
@@ -330,14 +369,25 @@ def upload(
     target: TargetOption = DEFAULT_TARGET,
     token: TokenOption = "",
     json_out: JsonOption = False,
+    no_progress: NoProgressOption = False,
 ) -> None:
     """Pseudonymise FILE locally under the agreement's key and stream it as Arrow chunks."""
     with friendly_errors():
         upload_schema = UploadSchema.load(schema)
         key = load_private_key(key_file)
-    with connect(target, token) as client, friendly_errors():
+    with (
+        connect(target, token) as client,
+        friendly_errors(),
+        progress_bars(no_progress=no_progress, json_out=json_out) as on_progress,
+    ):
         result = client.upload_dataset(
-            agreement, name, file, upload_schema, private_key=key, default_region=region
+            agreement,
+            name,
+            file,
+            upload_schema,
+            private_key=key,
+            default_region=region,
+            on_progress=on_progress,
         )
     ds = result.dataset
     if json_out:
@@ -356,43 +406,44 @@ def upload(
         )
         return
     console.print(
-        f"dataset {ds.dataset_id} '{ds.name}' v{ds.version}: {ds.row_count} rows, "
-        f"{ds.distinct_keys} distinct pseudonyms, {result.bytes_sent} bytes sent",
+        f"dataset {ds.dataset_id} '{ds.name}' v{ds.version}: {ds.row_count:,} rows, "
+        f"{ds.distinct_keys:,} distinct pseudonyms, {result.bytes_sent:,} bytes sent",
         markup=False,
     )
     for dup in ds.duplicates:
         if dup.duplicated_pseudonyms:
             console.print(
-                f"duplicates in {dup.column}: {dup.duplicated_pseudonyms} pseudonyms on "
-                f"{dup.rows_involved} rows (max {dup.max_rows_per_pseudonym} per "
+                f"duplicates in {dup.column}: {dup.duplicated_pseudonyms:,} pseudonyms on "
+                f"{dup.rows_involved:,} rows (max {dup.max_rows_per_pseudonym:,} per "
                 "pseudonym)",
                 markup=False,
             )
         if dup.shared_pseudonyms:
             console.print(
-                f"shared identifiers in {dup.column}: {dup.shared_pseudonyms} pseudonyms appear "
-                "with several different identifiers of another column (up to "
-                f"{dup.max_other_identifiers}): they link those records into one person",
+                f"shared identifiers in {dup.column}: {dup.shared_pseudonyms:,} pseudonyms "
+                "appear with several different identifiers of another column (up to "
+                f"{dup.max_other_identifiers:,}): they link those records into one person",
                 markup=False,
             )
     for placeholder in result.placeholders:
         console.print(
-            f"{placeholder.column}: {placeholder.count} placeholder values ({placeholder.reason}) "
-            "not used as identifiers",
+            f"{placeholder.column}: {placeholder.count:,} placeholder values "
+            f"({placeholder.reason}) not used as identifiers",
             markup=False,
         )
     if result.rows_dropped:
         console.print(
-            f"{result.rows_dropped} rows had no other identifier and were not sent", markup=False
+            f"{result.rows_dropped:,} rows had no other identifier and were not sent",
+            markup=False,
         )
     if result.dropped_columns:
         console.print(f"not sent (undeclared): {', '.join(result.dropped_columns)}", markup=False)
 
 
-def _identifiers(file: Path, column: str) -> list[str]:
+def _identifiers(file: Path, column: str, on_progress: ProgressCallback | None) -> list[str]:
     """Identifiers in file order, blanks kept so that errors give the file's own row numbers."""
     if file.suffix.lower() in (".csv", ".parquet", ".pq"):
-        frame = read_table(file)
+        frame = read_table(file, on_progress=on_progress)
         if column not in frame.columns:
             raise ValueError(f"{file}: no column {column!r} (it has {list(frame.columns)})")
         return ["" if pd.isna(v) else str(v) for v in frame[column].tolist()]
@@ -410,24 +461,35 @@ def _consent_change(
     target: str,
     token: str,
     json_out: bool,
+    no_progress: bool,
 ) -> None:
     with friendly_errors():
         if kind not in ("email", "phone"):
             fail("--kind must be email or phone")
-        identifiers = _identifiers(file, column or kind)
+        with progress_bars(no_progress=no_progress, json_out=json_out) as on_progress:
+            identifiers = _identifiers(file, column or kind, on_progress)
         if not any(identifiers):
             fail(f"{file} holds no identifier")
         key = load_private_key(key_file)
     results: list[dict[str, object]] = []
     failures: list[str] = []
-    with connect(target, token) as client, friendly_errors():
+    with (
+        connect(target, token) as client,
+        friendly_errors(),
+        progress_bars(no_progress=no_progress, json_out=json_out) as on_progress,
+    ):
         agreements = agreement or [a.agreement_id for a in client.list_agreements()]
         for agreement_id in agreements:
             call = client.withdraw_consent if action == "withdraw" else client.erase_records
             # Each agreement is applied on its own: one failing does not hide the others.
             try:
                 response = call(
-                    agreement_id, identifiers, kind, private_key=key, default_region=region
+                    agreement_id,
+                    identifiers,
+                    kind,
+                    private_key=key,
+                    default_region=region,
+                    on_progress=on_progress,
                 )
             except EntremiseRPCError as exc:
                 failures.append(f"{agreement_id}: {exc.status.name.lower()}: {exc.message}")
@@ -438,7 +500,11 @@ def _consent_change(
         print_json(results)
     else:
         for r in results:
-            detail = ", ".join(f"{k} {v}" for k, v in r.items() if k != "agreement_id")
+            detail = ", ".join(
+                f"{k} {int(v):,}" if isinstance(v, str) and v.isdigit() else f"{k} {v}"
+                for k, v in r.items()
+                if k != "agreement_id"
+            )
             console.print(f"{action} in {r['agreement_id']}: {detail}", markup=False)
     if failures:
         fail(
@@ -471,10 +537,21 @@ def withdraw(
     target: TargetOption = DEFAULT_TARGET,
     token: TokenOption = "",
     json_out: JsonOption = False,
+    no_progress: NoProgressOption = False,
 ) -> None:
     """Withdraw consent: these people are excluded from every later release, at once."""
     _consent_change(
-        "withdraw", file, kind, column, key_file, agreement, region, target, token, json_out
+        "withdraw",
+        file,
+        kind,
+        column,
+        key_file,
+        agreement,
+        region,
+        target,
+        token,
+        json_out,
+        no_progress,
     )
 
 
@@ -489,10 +566,21 @@ def erase(
     target: TargetOption = DEFAULT_TARGET,
     token: TokenOption = "",
     json_out: JsonOption = False,
+    no_progress: NoProgressOption = False,
 ) -> None:
     """Erase these people's rows from your stored datasets (and withdraw them)."""
     _consent_change(
-        "erase", file, kind, column, key_file, agreement, region, target, token, json_out
+        "erase",
+        file,
+        kind,
+        column,
+        key_file,
+        agreement,
+        region,
+        target,
+        token,
+        json_out,
+        no_progress,
     )
 
 
@@ -506,17 +594,26 @@ def list_datasets(
     if json_out:
         print_json([to_dict(d) for d in datasets])
         return
-    table = Table("id", "name", "version", "rows", "pseudonyms", "created")
+    out = table(
+        id_column("id"),
+        text_column("name"),
+        id_column("agreement"),
+        number_column("version"),
+        number_column("rows"),
+        number_column("pseudonyms"),
+        text_column("created"),
+    )
     for d in datasets:
-        table.add_row(
+        out.add_row(
             d.dataset_id,
-            d.name,
+            Text(d.name),
+            d.agreement_id or "-",
             str(d.version),
-            str(d.row_count),
-            str(d.distinct_keys),
-            d.created_at,
+            whole(d.row_count),
+            whole(d.distinct_keys),
+            when(d.created_at),
         )
-    console.print(table)
+    print_table(out)
 
 
 @partner_app.command()
@@ -578,8 +675,16 @@ def create_agreement(
     target: TargetOption = DEFAULT_TARGET,
     token: TokenOption = "",
     json_out: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
-    """Propose an agreement (admin, or a partner in it); active once every partner approved."""
+    """Propose an agreement (admin, or a partner in it); active once every partner approved.
+
+    With --quiet, prints only the agreement's id, for scripts:
+
+    \b
+    AG=$(entremise agreement create --name ... --quiet)
+    """  # noqa: D301 (\b: click keeps the next line as written)
+    _quiet_or_json(quiet, json_out)
     if not 1 <= max_rows <= 1000:
         fail(f"--max-rows {max_rows}: each person's rows after the join, from 1 to 1000")
     if max_groups < 0:
@@ -613,11 +718,13 @@ def create_agreement(
         )
     if json_out:
         print_json(to_dict(agreement))
+    elif quiet:
+        sys.stdout.write(f"{agreement.agreement_id}\n")
     else:
         console.print(
-            f"agreement [bold]{agreement.agreement_id}[/] created, budget epsilon {epsilon}; "
-            f"protects each person sharing up to {agreement.max_shared_identifiers} "
-            "identifier(s) with others"
+            f"agreement [bold]{agreement.agreement_id}[/] created ({_status(agreement.status)}), "
+            f"budget {_measure(agreement.budget_kind)} {escape(epsilon)}; protects each person "
+            f"sharing up to {agreement.max_shared_identifiers} identifier(s) with others"
         )
 
 
@@ -650,9 +757,8 @@ def _lifecycle(action: str, agreement_id: str, target: str, token: str, json_out
     if json_out:
         print_json(to_dict(agreement))
     else:
-        status = agreement_service_pb2.AgreementStatus.Name(agreement.status)
         console.print(
-            f"agreement {agreement.agreement_id}: {status.split('_')[-1].lower()}", markup=False
+            f"agreement {agreement.agreement_id}: {_status(agreement.status)}", markup=False
         )
 
 
@@ -693,42 +799,218 @@ def revoke_agreement(
 def list_agreements(
     target: TargetOption = DEFAULT_TARGET, token: TokenOption = "", json_out: JsonOption = False
 ) -> None:
-    """Agreements you are party to, with their budgets."""
+    """Agreements you are party to, with their status and budgets."""
     with connect(target, token) as client, friendly_errors():
         agreements = client.list_agreements()
     if json_out:
         print_json([to_dict(a) for a in agreements])
         return
-    table = Table("id", "name", "purpose", "datasets", "epsilon total", "spent", "remaining")
+    out = table(
+        id_column("agreement"),
+        text_column("name"),
+        text_column("status"),
+        text_column("purpose"),
+        text_column("datasets"),
+        text_column("budget left"),
+    )
     for a in agreements:
-        table.add_row(
+        out.add_row(
             a.agreement_id,
-            escape(a.name),
-            escape(a.purpose),
-            escape(
-                ", ".join(f"{d.name} ({d.dataset_id or 'awaiting upload'})" for d in a.datasets)
+            Text(a.name),
+            _status_text(a.status),
+            Text(a.purpose),
+            Text("\n".join(f"{d.name}: {d.dataset_id or 'not uploaded'}" for d in a.datasets)),
+            Text(
+                f"{_measure(a.budget_kind)} {a.budget.remaining_epsilon} of "
+                f"{a.budget.total_epsilon}"
             ),
-            a.budget.total_epsilon,
-            a.budget.spent_epsilon,
-            a.budget.remaining_epsilon,
         )
-    console.print(table)
+    print_table(out)
+
+
+_STATUS_STYLE = {
+    "active": "green",
+    "proposed": "yellow",
+    "suspended": "yellow",
+    "revoked": "red",
+    "expired": "red",
+}
+
+
+AgreementStatus: TypeAlias = agreement_service_pb2.AgreementStatus.ValueType
+BudgetKind: TypeAlias = common_pb2.BudgetKind.ValueType
+
+
+def _status(status: AgreementStatus) -> str:
+    """An agreement status in one word: proposed, active, suspended, revoked or expired."""
+    name = agreement_service_pb2.AgreementStatus.Name(status)
+    word = name.removeprefix("AGREEMENT_STATUS_").lower()
+    return "unknown" if word == "unspecified" else word
+
+
+def _status_text(status: AgreementStatus) -> Text:
+    word = _status(status)
+    return Text(word, style=_STATUS_STYLE.get(word, ""))
+
+
+def _measure(kind: BudgetKind) -> str:
+    """What a budget counts: epsilon, or rho for zCDP."""
+    return "rho" if kind == common_pb2.BUDGET_KIND_ZCDP else "epsilon"
+
+
+def _measure_words(kind: BudgetKind) -> str:
+    if kind == common_pb2.BUDGET_KIND_ZCDP:
+        return "rho: zero-concentrated differential privacy (zCDP)"
+    return "epsilon: pure differential privacy"
+
+
+NamesOption = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="ENTREMISE_NAMES",
+        help="JSON object {principal id: name} (or ENTREMISE_NAMES): the hub's API tells a "
+        "caller only its own name, so other principals show by id without it.",
+        show_default=False,
+    ),
+]
+
+
+def _known_names(me_id: str, me_name: str, names: Path | None) -> dict[str, str]:
+    """Principal names: the caller's own (WhoAmI) and those of a --names file."""
+    from entremise.cli.report import read_names
+
+    known = read_names(names) if names else {}
+    known.setdefault(me_id, me_name)
+    return known
+
+
+def _who(principal_id: str, names: dict[str, str]) -> str:
+    """The principal as Name (pr_...) when its name is known, else its id."""
+    name = names.get(principal_id)
+    return f"{name} ({principal_id})" if name else principal_id
+
+
+def _agreement_fields(
+    a: agreement_service_pb2.Agreement, names: dict[str, str]
+) -> list[tuple[str, Text]]:
+    """The agreement as (field, value) lines a person can read."""
+    b = a.budget
+    measure = _measure(a.budget_kind)
+    status = _status_text(a.status)
+    word = _status(a.status)
+    waiting = [p for p in dict.fromkeys(d.partner_id for d in a.datasets) if p not in a.approved_by]
+    if word == "proposed" and waiting:
+        status.append(" - waiting for approval by " + ", ".join(_who(p, names) for p in waiting))
+    elif word == "suspended":
+        status.append(" - every partner must approve again before any query")
+    elif word in ("revoked", "expired"):
+        status.append(" - no query can run any more")
+    slots = []
+    for d in a.datasets:
+        uploaded = f"dataset {d.dataset_id}" if d.dataset_id else "not uploaded yet"
+        slots.append(f"{d.name} from {_who(d.partner_id, names)}: {uploaded}")
+    spent = [
+        f"{_who(x.analyst_id, names)}: {x.spent} spent of {x.cap} ({x.remaining} left)"
+        for x in b.analysts
+    ]
+    delta = (
+        f"{b.total_delta} for discovering group keys of text columns, {b.spent_delta or '0'} spent"
+        if a.total_delta not in ("", "0")
+        else "none (text columns cannot be grouped by)"
+    )
+    groups = a.max_groups_per_person
+    fields = [
+        ("name", Text(a.name)),
+        ("id", Text(a.agreement_id)),
+        ("status", status),
+        ("approved by", Text(", ".join(_who(p, names) for p in a.approved_by) or "nobody yet")),
+        ("proposed by", Text(f"{_who(a.proposer_id, names)} on {when(a.created_at)}")),
+        ("purpose", Text(a.purpose)),
+        ("datasets", Text("\n".join(slots) or "-")),
+        ("analysts", Text("\n".join(_who(x, names) for x in a.analyst_ids) or "-")),
+        ("measure", Text(_measure_words(a.budget_kind))),
+        (
+            "budget",
+            Text(
+                f"{measure} {b.total_epsilon} in total, {b.spent_epsilon} spent, "
+                f"{b.remaining_epsilon} remaining; {b.release_count:,} release(s)"
+            ),
+        ),
+        (
+            "per analyst",
+            Text(
+                "\n".join(
+                    [
+                        f"each may spend up to {a.analyst_budget}"
+                        if a.analyst_budget
+                        else "no cap beyond the total",
+                        *spent,
+                    ]
+                )
+            ),
+        ),
+        ("delta", Text(delta)),
+        ("max rows per person", Text(f"{a.max_rows_per_person:,} joined rows")),
+        (
+            "max groups per person",
+            Text(
+                f"{groups:,}"
+                if groups
+                else "auto: every cell of the query's public grouping, up to max rows"
+            ),
+        ),
+        (
+            "shared identifiers",
+            Text(
+                f"{a.max_shared_identifiers}: privacy holds for each person up to "
+                f"{a.max_shared_identifiers} of whose identifiers other people's records also "
+                "carry"
+            ),
+        ),
+        (
+            "columns",
+            Text(", ".join(a.allowed_columns) or "all declared columns"),
+        ),
+        ("aggregations", Text(", ".join(a.allowed_aggregations) or "all")),
+        (
+            "min group size",
+            Text(
+                f"groups whose noisy count of people is under {a.min_group_size:,} are suppressed"
+                if a.min_group_size
+                else "none (no group is suppressed)"
+            ),
+        ),
+        ("expires", Text(when(a.expires_at) if a.expires_at else "never")),
+    ]
+    return fields
 
 
 @agreement_app.command("show")
 def show_agreement(
     agreement_id: str,
+    names: NamesOption = None,
     target: TargetOption = DEFAULT_TARGET,
     token: TokenOption = "",
     json_out: JsonOption = False,
 ) -> None:
-    """One agreement."""
+    """One agreement: status, parties, datasets, budget, bounds, scope and expiry."""
     with connect(target, token) as client, friendly_errors():
         agreement = client.get_agreement(agreement_id)
-    if json_out:
-        print_json(to_dict(agreement))
-    else:
-        console.print(to_dict(agreement))
+        if json_out:
+            print_json(to_dict(agreement))
+            return
+        me = client.whoami()
+        known = _known_names(me.principal_id, me.name, names)
+    out = Table(
+        Column("field", no_wrap=True, style="bold"),
+        text_column("value"),
+        show_header=False,
+        title=Text(f"agreement {agreement.name}", style="bold"),
+        title_justify="left",
+    )
+    for field, value in _agreement_fields(agreement, known):
+        out.add_row(field, value)
+    print_table(out)
 
 
 # -- queries -----------------------------------------------------------------------------------
@@ -763,15 +1045,15 @@ def _build_query(
             )
         target_ci95 = float(m["target"]) if m["target"] else None
         q = quantile if m["kind"] == "quantile" else None
-        aggregates.append(
-            aggregate(
-                m["kind"],
-                m["column"] or "",
-                epsilon=m["eps"] or "",
-                quantile=q,
-                target_ci95=target_ci95,
-            )
+        msg = aggregate(
+            m["kind"],
+            m["column"] or "",
+            epsilon=m["eps"] or "",
+            quantile=q,
+            target_ci95=target_ci95,
         )
+        msg.name = _quantile_name(msg)
+        aggregates.append(msg)
     filters = []
     for text in where:
         m = _WHERE.match(text.strip())
@@ -803,6 +1085,73 @@ def _build_query(
     )
 
 
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_AGG_WORDS = {
+    query_service_pb2.AGGREGATE_KIND_COUNT: "count of people",
+    query_service_pb2.AGGREGATE_KIND_COUNT_ROWS: "count of joined rows",
+    query_service_pb2.AGGREGATE_KIND_SUM: "sum",
+    query_service_pb2.AGGREGATE_KIND_MEAN: "mean",
+    query_service_pb2.AGGREGATE_KIND_VARIANCE: "variance",
+}
+_WHOLE_KINDS = (query_service_pb2.AGGREGATE_KIND_COUNT, query_service_pb2.AGGREGATE_KIND_COUNT_ROWS)
+
+
+def _level(msg: query_service_pb2.Aggregate) -> float | None:
+    """The level of a quantile aggregate (None for other kinds)."""
+    if msg.kind != query_service_pb2.AGGREGATE_KIND_QUANTILE:
+        return None
+    try:
+        return float(msg.quantile) if msg.quantile else 0.5
+    except ValueError:
+        return None
+
+
+def _quantile_name(msg: query_service_pb2.Aggregate) -> str:
+    """A name that keeps a quantile's level (median_panel_amount, quantile_0_9_panel_amount).
+
+    The hub's default name for every level is quantile_<column>; other kinds keep its defaults.
+    """
+    level = _level(msg)
+    if msg.name or level is None or not msg.column:
+        return msg.name
+    column = msg.column.replace(".", "_")
+    word = "median" if level == 0.5 else "quantile_" + re.sub(r"[^a-z0-9]+", "_", f"{level:g}")
+    name = f"{word}_{column}"
+    return name if _NAME.match(name) else ""
+
+
+def _agg_words(kind: query_service_pb2.AggregateKind.ValueType, level: float | None) -> str:
+    """What an aggregate computes: "median", "quantile 0.9", "mean", "count of people"."""
+    if kind == query_service_pb2.AGGREGATE_KIND_QUANTILE:
+        level = 0.5 if level is None else level
+        return "median" if level == 0.5 else f"quantile {level:g}"
+    return _AGG_WORDS.get(kind, query_service_pb2.AggregateKind.Name(kind).lower())
+
+
+def _levels(
+    q: query_service_pb2.Query, plan: query_service_pb2.QueryPlan
+) -> dict[str, float | None]:
+    """Quantile levels by the names the hub gave the query's aggregates.
+
+    The hub keeps the aggregates' order and echoes their names, not their levels.
+    """
+    return {
+        given.name: _level(asked)
+        for asked, given in zip(q.aggregates, plan.aggregates, strict=False)
+    }
+
+
+def _title(
+    name: str,
+    kind: query_service_pb2.AggregateKind.ValueType,
+    column: str,
+    levels: dict[str, float | None],
+) -> str:
+    """Title of an aggregate: median of panel.amount, quantile 0.9 of ..., count of people."""
+    words = _agg_words(kind, levels.get(name))
+    return f"{words} of {column}" if column else words
+
+
 AgreementArg = Annotated[str, typer.Option("--agreement", help="Agreement id.")]
 EpsilonOpt = Annotated[str, typer.Option(help="Total epsilon of the query, split over aggregates.")]
 RhoOpt = Annotated[str, typer.Option(help="Total rho of the query (zCDP agreements).")]
@@ -831,21 +1180,53 @@ MaxGroupsOpt = Annotated[
 ]
 
 
-def _plan_table(plan: query_service_pb2.QueryPlan) -> Table:
-    table = Table(
-        "aggregate",
-        "column",
-        "epsilon",
-        "mechanism",
-        "noise scale",
-        "95% +/-",
-        title=f"epsilon {plan.epsilon} over {plan.cell_count} cell(s); "
+def _plan_table(plan: query_service_pb2.QueryPlan, levels: dict[str, float | None]) -> Table:
+    measure = "rho" if plan.measure == "zcdp" else "epsilon"
+    out = table(
+        text_column("aggregate"),
+        text_column(measure),
+        text_column("mechanism"),
+        number_column("noise scale"),
+        number_column("95% +/-"),
+        title=f"{measure} {plan.epsilon} over {whole(plan.cell_count)} cell(s); "
         f"budget {plan.remaining_epsilon_before} -> {plan.remaining_epsilon_after}",
     )
     for a in plan.aggregates:
-        ci = f"{a.ci95_halfwidth:.4g}" if a.HasField("ci95_halfwidth") else "after release"
-        table.add_row(a.name, a.column or "-", a.epsilon, a.mechanism, f"{a.noise_scale:.4g}", ci)
-    return table
+        ci = approx(a.ci95_halfwidth) if a.HasField("ci95_halfwidth") else "after release"
+        out.add_row(
+            Text(_title(a.name, a.kind, a.column, levels)),
+            Text(a.epsilon),
+            Text(a.mechanism.replace("_", " ")),
+            approx(a.noise_scale),
+            ci,
+        )
+    return out
+
+
+def _print_bounds(plan: query_service_pb2.QueryPlan) -> None:
+    """The contribution bounds, and every note on where they can cut an answer (yellow)."""
+    b = plan.bounding
+    groups = "1 group" if b.max_groups_per_person == 1 else f"{b.max_groups_per_person:,} groups"
+    console.print(
+        f"Per person: at most {b.max_rows_per_person:,} joined rows, counted in at most {groups}; "
+        f"privacy unit: {plan.privacy_unit}",
+        markup=False,
+        highlight=False,
+    )
+    if not plan.bounds_notes:
+        console.print(
+            "Bounds: no answer in this query can be cut by the contribution bounds.",
+            markup=False,
+            highlight=False,
+        )
+        return
+    console.print(Text("Bounds:", style="bold yellow"))
+    notes = Table.grid(padding=(0, 1))
+    notes.add_column(no_wrap=True)
+    notes.add_column(overflow="fold")
+    for note in plan.bounds_notes:
+        notes.add_row(Text("-", style="yellow"), Text(note, style="yellow"))
+    console.print(notes)
 
 
 @query_app.command()
@@ -883,12 +1264,8 @@ def preview(
     if json_out:
         print_json(to_dict(plan))
         return
-    console.print(_plan_table(plan))
-    console.print(
-        f"bounds: {plan.bounding.max_rows_per_person} rows and "
-        f"{plan.bounding.max_groups_per_person} group(s) per person; privacy unit: "
-        f"{plan.privacy_unit}"
-    )
+    print_table(_plan_table(plan, _levels(q, plan)))
+    _print_bounds(plan)
 
 
 @query_app.command()
@@ -927,24 +1304,47 @@ def run(
         print_json(to_dict(response))
         return
     release = response.release
+    levels = _levels(q, release.plan)
     for result in release.results:
-        table = Table("group", "released", "95% +/-", title=f"{result.name} {result.column}")
-        for cell in result.cells:
-            value = f"{cell.value:,.2f}" if cell.HasField("value") else "n/a"
-            ci = f"{cell.ci95_halfwidth:,.2f}" if cell.HasField("ci95_halfwidth") else "n/a"
-            table.add_row(escape(" / ".join(cell.group)) or "(all)", value, ci)
-        console.print(table)
+        print_table(_result_table(result, levels))
+    _print_bounds(release.plan)
+    measure = "rho" if release.plan.measure == "zcdp" else "epsilon"
     if response.replayed:
         console.print(
             f"replayed release {release.release_id} (same query, same data): "
-            f"nothing spent, remaining {response.remaining_epsilon}"
+            f"nothing spent, remaining {measure} {response.remaining_epsilon}",
+            markup=False,
+            highlight=False,
         )
         return
     console.print(
-        f"release {release.release_id}: spent "
-        f"{'rho' if release.plan.measure == 'zcdp' else 'epsilon'} "
-        f"{release.epsilon_spent}, remaining {response.remaining_epsilon}"
+        f"release {release.release_id}: spent {measure} {release.epsilon_spent}, "
+        f"remaining {response.remaining_epsilon}",
+        markup=False,
+        highlight=False,
     )
+
+
+def _result_table(
+    result: query_service_pb2.AggregateResult, levels: dict[str, float | None]
+) -> Table:
+    """One released aggregate: a row per group; counts (and any all-whole result) as 1,851."""
+    values = [c.value for c in result.cells if c.HasField("value")]
+    whole_values = result.kind in _WHOLE_KINDS or all(is_whole(v) for v in values)
+    out = table(
+        text_column("group"),
+        number_column("released"),
+        number_column("95% +/-"),
+        title=_title(result.name, result.kind, result.column, levels),
+    )
+    for cell in result.cells:
+        if not cell.HasField("value"):
+            value = "n/a"
+        else:
+            value = whole(cell.value) if whole_values else decimal_number(cell.value)
+        ci = number(cell.ci95_halfwidth) if cell.HasField("ci95_halfwidth") else "n/a"
+        out.add_row(Text(" / ".join(cell.group) or "(all)"), value, ci)
+    return out
 
 
 # -- compliance --------------------------------------------------------------------------------
@@ -959,38 +1359,53 @@ def budget_show(
     token: TokenOption = "",
     json_out: JsonOption = False,
 ) -> None:
-    """Total, spent and remaining budget per agreement, and the (epsilon, delta) spent implies.
+    """Budget per agreement (total, spent, remaining), its status, and what spent implies.
 
     zCDP budgets count rho; what was spent is also stated as one (epsilon, delta)-DP guarantee
     (OpenDP's conversion at the hub's conversion delta, plus any key-discovery delta).
     """
     with connect(target, token) as client, friendly_errors():
         budgets = client.budgets(agreement)
+        agreements = {a.agreement_id: a for a in client.list_agreements()}
     if json_out:
-        print_json([to_dict(b) for b in budgets])
+        print_json([_budget_json(b, agreements.get(b.agreement_id)) for b in budgets])
         return
-    table = Table(
-        "agreement",
-        "measure",
-        "total",
-        "spent",
-        "remaining",
-        "releases",
-        "spent as (epsilon, delta)",
+    out = table(
+        id_column("agreement"),
+        text_column("name"),
+        text_column("status"),
+        text_column("measure"),
+        number_column("total"),
+        number_column("spent"),
+        number_column("remaining"),
+        number_column("releases"),
+        text_column("spent as (epsilon, delta)"),
         title="privacy budgets",
     )
     for b in budgets:
-        zcdp = b.kind == common_pb2.BUDGET_KIND_ZCDP
-        table.add_row(
+        a = agreements.get(b.agreement_id)
+        out.add_row(
             b.agreement_id,
-            "rho (zCDP)" if zcdp else "epsilon",
+            Text(a.name if a else "?"),
+            _status_text(a.status) if a else Text("unknown"),
+            "rho (zCDP)" if b.kind == common_pb2.BUDGET_KIND_ZCDP else "epsilon",
             b.total_epsilon,
             b.spent_epsilon,
             b.remaining_epsilon,
-            str(b.release_count),
+            whole(b.release_count),
             f"({b.implied_epsilon}, {b.implied_delta})",
         )
-    console.print(table)
+    print_table(out)
+
+
+def _budget_json(b: common_pb2.Budget, a: agreement_service_pb2.Agreement | None) -> dict[str, Any]:
+    """A budget's JSON, with its agreement's name and status ("active", "revoked", ...)."""
+    return {
+        "agreement_id": b.agreement_id,
+        "name": a.name if a else "",
+        "status": _status(a.status) if a else "unknown",
+        **{k: v for k, v in to_dict(b).items() if k != "agreement_id"},
+    }
 
 
 @ledger_app.command("list")
@@ -1008,35 +1423,34 @@ def ledger_list(
     if json_out:
         print_json([to_dict(r) for r in releases])
         return
-    table = Table(
-        "release",
-        "agreement",
-        "analyst",
-        "epsilon",
-        "status",
-        "aggregates",
-        "bounds",
-        "at",
+    out = table(
+        id_column("release"),
+        id_column("agreement / analyst"),
+        text_column("spent"),
+        text_column("aggregates"),
+        text_column("bounds per person"),
         title="ledger",
     )
     for r in releases:
-        aggs = ", ".join(f"{a.name}({a.epsilon})" for a in r.plan.aggregates)
+        measure = "rho" if r.plan.measure == "zcdp" else "epsilon"
+        status = r.status or "released"  # failed and running releases keep their cost
+        release = Text(r.release_id)
+        release.append(f"\n{status}", style="" if status == "released" else "red")
+        release.append(f"\n{when(r.created_at)}")
         bounding = r.plan.bounding
-        bounds = (
-            f"{bounding.max_rows_per_person} rows/{bounding.max_groups_per_person} groups, "
-            f"{bounding.shared_identifiers} shared id"
+        groups = bounding.max_groups_per_person
+        out.add_row(
+            release,
+            f"{r.agreement_id}\n{r.analyst_id}",
+            Text(f"{measure} {r.epsilon_spent}"),
+            Text("\n".join(f"{a.name} ({a.epsilon})" for a in r.plan.aggregates)),
+            Text(
+                f"{bounding.max_rows_per_person:,} rows, {groups:,} "
+                f"{'group' if groups == 1 else 'groups'}, {bounding.shared_identifiers} shared "
+                f"identifier{'' if bounding.shared_identifiers == 1 else 's'}"
+            ),
         )
-        table.add_row(
-            r.release_id,
-            r.agreement_id,
-            r.analyst_id,
-            r.epsilon_spent,
-            r.status or "released",  # failed and running releases keep their cost
-            aggs,
-            bounds,
-            r.created_at,
-        )
-    console.print(table)
+    print_table(out)
 
 
 @app.command()
@@ -1092,12 +1506,36 @@ def audit_list(
     if json_out:
         print_json([to_dict(e) for e in events])
         return
-    table = Table("seq", "at", "event", "actor", "subject", "detail", title="audit log")
+    out = table(
+        number_column("seq"),
+        text_column("event"),
+        id_column("actor"),
+        id_column("subject"),
+        text_column("detail"),
+        title="audit log",
+    )
     for e in events:
-        table.add_row(
-            str(e.seq), e.created_at, e.kind, e.actor_id, e.subject_id, escape(e.detail_json)
+        out.add_row(
+            str(e.seq),
+            Text(f"{e.kind.replace('_', ' ')}\n{when(e.created_at)}"),
+            e.actor_id or "-",
+            e.subject_id or "-",
+            Text(_detail(e.detail_json)),
         )
-    console.print(table)
+    print_table(out)
+
+
+def _detail(detail_json: str) -> str:
+    """An audit event's detail as "key: value" lines (the JSON as given if it is not an object)."""
+    try:
+        detail = json.loads(detail_json) if detail_json else {}
+    except json.JSONDecodeError:
+        return detail_json
+    if not isinstance(detail, dict):
+        return detail_json
+    return "\n".join(
+        f"{k}: {v if isinstance(v, str) else json.dumps(v)}" for k, v in detail.items()
+    )
 
 
 @audit_app.command("verify")

@@ -26,6 +26,7 @@ from entremise.partners.keys import (
 from entremise.partners.prepare import (
     EncodedUpload,
     PlaceholderReport,
+    Progress,
     encode,
     prepare_table,
     pseudonymise_identifiers,
@@ -63,6 +64,8 @@ AGGREGATES = {
     "quantile": query_service_pb2.AGGREGATE_KIND_QUANTILE,
 }
 BUDGET_KINDS = {"pure": common_pb2.BUDGET_KIND_PURE, "zcdp": common_pb2.BUDGET_KIND_ZCDP}
+#: The progress step of streaming an upload to the hub (bytes).
+SENDING = "sending"
 
 
 class EntremiseRPCError(Exception):
@@ -386,12 +389,28 @@ class Client:
         default_region: str = "FR",
         chunk_bytes: int = 1024 * 1024,
         request_id: str = "",
+        on_progress: Progress | None = None,
     ) -> UploadResult:
-        """Pseudonymise `source` locally under the agreement's key, then stream Arrow chunks."""
+        """Pseudonymise `source` locally under the agreement's key, then stream Arrow chunks.
+
+        `on_progress(step, done, total)` hears each long step: reading the file (bytes),
+        pseudonymising each key column (rows), sending (bytes); see `prepare.Progress`.
+        """
         prepared = self.prepare_upload(
-            agreement_id, source, schema, private_key=private_key, default_region=default_region
+            agreement_id,
+            source,
+            schema,
+            private_key=private_key,
+            default_region=default_region,
+            on_progress=on_progress,
         )
-        return self.send_upload(prepared, name, chunk_bytes=chunk_bytes, request_id=request_id)
+        return self.send_upload(
+            prepared,
+            name,
+            chunk_bytes=chunk_bytes,
+            request_id=request_id,
+            on_progress=on_progress,
+        )
 
     def prepare_upload(
         self,
@@ -401,11 +420,14 @@ class Client:
         *,
         private_key: X25519PrivateKey,
         default_region: str = "FR",
+        on_progress: Progress | None = None,
     ) -> PreparedUpload:
         """The partner-side half of an upload: normalise, pseudonymise and encode locally."""
-        frame = read_table(source) if isinstance(source, Path) else source
+        frame = read_table(source, on_progress=on_progress) if isinstance(source, Path) else source
         matching = self.matching_key(agreement_id, private_key)
-        prepared = prepare_table(frame, schema, matching.key, default_region=default_region)
+        prepared = prepare_table(
+            frame, schema, matching.key, default_region=default_region, on_progress=on_progress
+        )
         dropped = tuple(c for c in frame.columns if c not in schema.sent_columns)
         return PreparedUpload(
             agreement_id,
@@ -424,9 +446,15 @@ class Client:
         *,
         chunk_bytes: int = 1024 * 1024,
         request_id: str = "",
+        on_progress: Progress | None = None,
     ) -> UploadResult:
-        """Stream a prepared upload to the hub in columnar chunks."""
+        """Stream a prepared upload to the hub in columnar chunks.
+
+        `on_progress` hears ("sending", bytes handed to gRPC, bytes in all) after each chunk;
+        it may be called from gRPC's sending thread.
+        """
         encoded = prepared.encoded
+        size = len(encoded.payload)
         header = partner_service_pb2.UploadHeader(
             agreement_id=prepared.agreement_id,
             name=name,
@@ -438,8 +466,14 @@ class Client:
 
         def requests() -> Iterator[partner_service_pb2.UploadDatasetRequest]:
             yield partner_service_pb2.UploadDatasetRequest(header=header)
+            sent = 0
+            if on_progress is not None:
+                on_progress(SENDING, 0, size)
             for chunk in encoded.chunks(chunk_bytes):
                 yield partner_service_pb2.UploadDatasetRequest(chunk=chunk)
+                sent += len(chunk)
+                if on_progress is not None:
+                    on_progress(SENDING, sent, size)
 
         response = _call(
             lambda: self._partner.UploadDataset(
@@ -449,7 +483,7 @@ class Client:
         return UploadResult(
             response.dataset,
             encoded.rows,
-            len(encoded.payload),
+            size,
             prepared.dropped_columns,
             prepared.placeholders,
             prepared.rows_dropped,
@@ -477,11 +511,12 @@ class Client:
         kind: str,
         private_key: X25519PrivateKey,
         default_region: str,
+        on_progress: Progress | None = None,
     ) -> list[str]:
         """Identifiers pseudonymised exactly as this partner's uploads to the agreement are."""
         matching = self.matching_key(agreement_id, private_key)
         return pseudonymise_identifiers(
-            identifiers, kind, matching.key, default_region=default_region
+            identifiers, kind, matching.key, default_region=default_region, on_progress=on_progress
         )
 
     def withdraw_consent(
@@ -492,9 +527,12 @@ class Client:
         *,
         private_key: X25519PrivateKey,
         default_region: str = "FR",
+        on_progress: Progress | None = None,
     ) -> partner_service_pb2.WithdrawConsentResponse:
         """Withdraw these people (raw identifiers, pseudonymised here) from the agreement."""
-        pseudonyms = self._pseudonyms(agreement_id, identifiers, kind, private_key, default_region)
+        pseudonyms = self._pseudonyms(
+            agreement_id, identifiers, kind, private_key, default_region, on_progress
+        )
         return self._unary(
             self._partner.WithdrawConsent,
             partner_service_pb2.WithdrawConsentRequest(
@@ -510,9 +548,12 @@ class Client:
         *,
         private_key: X25519PrivateKey,
         default_region: str = "FR",
+        on_progress: Progress | None = None,
     ) -> partner_service_pb2.EraseRecordsResponse:
         """Erase these people's rows from your stored datasets of the agreement."""
-        pseudonyms = self._pseudonyms(agreement_id, identifiers, kind, private_key, default_region)
+        pseudonyms = self._pseudonyms(
+            agreement_id, identifiers, kind, private_key, default_region, on_progress
+        )
         return self._unary(
             self._partner.EraseRecords,
             partner_service_pb2.EraseRecordsRequest(

@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -17,19 +18,53 @@ import pyarrow.compute as pc
 from entremise.partners.pseudonymise import (
     IdentifierError,
     Pseudonymiser,
+    ScreenedColumn,
     looks_like_raw_identifier,
 )
 from entremise.partners.schema import Categorical, Numeric, Text, UploadSchema
 
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
 CHUNK_BYTES = 1024 * 1024
+#: Rows of a key column pseudonymised between two progress reports.
+PROGRESS_ROWS = 100_000
 # Rows of each column inspected for identifier-shaped values (the check samples, not scans).
 RAW_IDENTIFIER_SAMPLE = 10_000
 _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f"}
 
 
+#: A progress report: (step, done, total). `step` names the work in plain words ("reading
+#: clients.csv", "pseudonymising email"); `done` and `total` count its units (bytes or rows), and
+#: the last report of a step has done == total. A plain callable keeps the SDK free of any UI:
+#: the command line draws bars from it, a notebook or a service can log it.
+Progress = Callable[[str, int, int], None]
+
+
 class PrepareError(ValueError):
     """The input file cannot be turned into a safe upload; the message says why."""
+
+
+class _CountingReader(io.RawIOBase):
+    """A binary file that reports how many of its bytes were read so far."""
+
+    def __init__(
+        self, raw: io.BufferedReader, step: str, total: int, on_progress: Progress
+    ) -> None:
+        super().__init__()
+        self._raw, self._step, self._total, self._report = raw, step, total, on_progress
+        self._done = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        n = self._raw.readinto(buffer)
+        if n:
+            self._done += n
+            self._report(self._step, min(self._done, self._total), self._total)
+        return n
 
 
 @dataclass(frozen=True)
@@ -57,14 +92,32 @@ class PreparedTable:
     rows_dropped: int
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Read CSV or Parquet; every failure becomes one clear PrepareError."""
+def read_table(path: Path, *, on_progress: Progress | None = None) -> pd.DataFrame:
+    """Read CSV or Parquet; every failure becomes one clear PrepareError.
+
+    `on_progress` hears ("reading NAME", bytes read, file size) as the file is read.
+    """
     suffix = path.suffix.lower()
+    step = f"reading {path.name}"
     try:
         if suffix in (".parquet", ".pq"):
-            return pd.read_parquet(path)
+            if on_progress is None:
+                return pd.read_parquet(path)
+            size = path.stat().st_size
+            on_progress(step, 0, size)
+            frame = pd.read_parquet(path)
+            on_progress(step, size, size)
+            return frame
         if suffix in (".csv", ".txt"):
-            return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+            if on_progress is None:
+                return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+            with path.open("rb") as raw:
+                size = path.stat().st_size
+                on_progress(step, 0, size)
+                counted = io.BufferedReader(_CountingReader(raw, step, size, on_progress))
+                frame = pd.read_csv(counted, dtype=str, keep_default_na=False, na_values=[""])
+                on_progress(step, size, size)
+                return frame
     except FileNotFoundError:
         raise PrepareError(f"{path}: no such file") from None
     except (ValueError, OSError, pd.errors.ParserError, pa.ArrowException) as exc:
@@ -116,14 +169,61 @@ def build_upload_table(
     return prepare_table(frame, schema, key, default_region=default_region).table
 
 
+def _screened_in_steps(
+    pseudonymiser: Pseudonymiser,
+    values: pd.Series,
+    kind: str,
+    *,
+    default_region: str,
+    allow_empty: bool,
+    step: str,
+    on_progress: Progress,
+) -> ScreenedColumn:
+    """`pseudonymise_screened` over slices of PROGRESS_ROWS rows, reporting after each.
+
+    Each value is decided on its own, so slicing changes nothing in the result; a slice that
+    fails is redone over the whole column, so that the error names the file's own rows.
+    """
+    total = len(values)
+    on_progress(step, 0, total)
+    parts: list[pa.Array] = []
+    placeholders: dict[int, str] = {}
+    for start in range(0, total, PROGRESS_ROWS):
+        # A list, not a Series slice: Arrow's ascii_lower misreads a slice of an Arrow-backed
+        # string column (pandas' "str" dtype) whose offsets do not start at 0.
+        part = values.iloc[start : start + PROGRESS_ROWS].tolist()
+        try:
+            screened = pseudonymiser.pseudonymise_screened(
+                part, kind, default_region=default_region, allow_empty=allow_empty
+            )
+        except IdentifierError:
+            return pseudonymiser.pseudonymise_screened(
+                values, kind, default_region=default_region, allow_empty=allow_empty
+            )
+        parts.append(screened.pseudonyms)
+        placeholders.update({start + row: why for row, why in screened.placeholders.items()})
+        on_progress(step, min(start + PROGRESS_ROWS, total), total)
+    if len(parts) == 1:
+        return ScreenedColumn(parts[0], placeholders)
+    chunked = pa.chunked_array(parts, pa.string())
+    # One array, as the unsliced path gives, while its 32-bit offsets can address the text.
+    joined = chunked.combine_chunks() if 64 * total < 2**31 else chunked
+    return ScreenedColumn(joined, placeholders)  # type: ignore[arg-type]
+
+
 def prepare_table(
-    frame: pd.DataFrame, schema: UploadSchema, key: bytes, *, default_region: str = "FR"
+    frame: pd.DataFrame,
+    schema: UploadSchema,
+    key: bytes,
+    *,
+    default_region: str = "FR",
+    on_progress: Progress | None = None,
 ) -> PreparedTable:
     """Pseudonymise the key columns and keep only declared, identifier-free columns.
 
     Placeholder identifiers (`placeholder_reason`) become missing instead of a pseudonym that
     would merge everyone who has them into one person at the hub; a row with no identifier left
-    is dropped.
+    is dropped. `on_progress` hears ("pseudonymising COLUMN", rows done, rows) per key column.
     """
     missing = [c for c in schema.sent_columns if c not in frame.columns]
     if missing:
@@ -138,9 +238,20 @@ def prepare_table(
     several = len(schema.keys) > 1
     for column, kind in schema.keys.items():
         try:
-            screened = pseudonymiser.pseudonymise_screened(
-                frame[column], kind, default_region=default_region, allow_empty=several
-            )
+            if on_progress is None:
+                screened = pseudonymiser.pseudonymise_screened(
+                    frame[column], kind, default_region=default_region, allow_empty=several
+                )
+            else:
+                screened = _screened_in_steps(
+                    pseudonymiser,
+                    frame[column],
+                    kind,
+                    default_region=default_region,
+                    allow_empty=several,
+                    step=f"pseudonymising {column}",
+                    on_progress=on_progress,
+                )
         except IdentifierError as exc:
             raise PrepareError(f"key column {column!r}: {exc}") from None
         arrays[column] = screened.pseudonyms
@@ -191,16 +302,55 @@ def prepare_table(
 
 
 def pseudonymise_identifiers(
-    identifiers: list[str], kind: str, key: bytes, *, default_region: str = "FR"
+    identifiers: list[str],
+    kind: str,
+    key: bytes,
+    *,
+    default_region: str = "FR",
+    on_progress: Progress | None = None,
 ) -> list[str]:
-    """Pseudonyms of raw identifiers, exactly as uploads derive them (blank entries skipped)."""
+    """Pseudonyms of raw identifiers, exactly as uploads derive them (blank entries skipped).
+
+    `on_progress` hears ("pseudonymising identifiers", done, total) as they are hashed.
+    """
+    pseudonymiser = Pseudonymiser(key)
     try:
-        out = Pseudonymiser(key).pseudonymise(
-            identifiers, kind, default_region=default_region, allow_empty=True
-        )
+        if on_progress is None:
+            out = pseudonymiser.pseudonymise(
+                identifiers, kind, default_region=default_region, allow_empty=True
+            )
+        else:
+            out = _list_in_steps(pseudonymiser, identifiers, kind, default_region, on_progress)
     except IdentifierError as exc:
         raise PrepareError(str(exc)) from None
     return [p for p in out if p is not None]
+
+
+def _list_in_steps(
+    pseudonymiser: Pseudonymiser,
+    identifiers: list[str],
+    kind: str,
+    default_region: str,
+    on_progress: Progress,
+) -> list[str | None]:
+    """`Pseudonymiser.pseudonymise` in slices with progress (errors: redone whole, as above)."""
+    step, total = "pseudonymising identifiers", len(identifiers)
+    on_progress(step, 0, total)
+    out: list[str | None] = []
+    for start in range(0, total, PROGRESS_ROWS):
+        try:
+            out += pseudonymiser.pseudonymise(
+                identifiers[start : start + PROGRESS_ROWS],
+                kind,
+                default_region=default_region,
+                allow_empty=True,
+            )
+        except IdentifierError:
+            return pseudonymiser.pseudonymise(
+                identifiers, kind, default_region=default_region, allow_empty=True
+            )
+        on_progress(step, min(start + PROGRESS_ROWS, total), total)
+    return out
 
 
 @dataclass(frozen=True)

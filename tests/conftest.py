@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -22,6 +23,10 @@ ADMIN_TOKEN = "ent_test_admin_token"
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
+#: Why PostgreSQL was not reachable (for the report header), if it was not.
+_PG_PROBLEM: list[str] = []
+
+
 def _pg_url() -> str | None:
     """A reachable PostgreSQL URL, or None (a failure instead when ENTREMISE_REQUIRE_PG=1)."""
     url = os.environ.get("ENTREMISE_TEST_PG_URL", DEFAULT_PG_URL)
@@ -34,10 +39,28 @@ def _pg_url() -> str | None:
     except Exception as exc:
         if os.environ.get("ENTREMISE_REQUIRE_PG") == "1":
             raise RuntimeError(f"PostgreSQL required but unreachable at {url}: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        _PG_PROBLEM.append(re.sub(r"^\([\w.]+\)\s*", "", first))  # no "(psycopg.X) " prefix
         return None
 
 
 PG_URL = _pg_url()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Say at the top of every run whether the suites also run on PostgreSQL."""
+    url = os.environ.get("ENTREMISE_TEST_PG_URL", DEFAULT_PG_URL)
+    try:
+        shown = sa.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        shown = "(unparsable URL)"
+    if PG_URL is not None:
+        return f"PostgreSQL: {shown} reachable: suites run on SQLite and PostgreSQL"
+    why = _PG_PROBLEM[0] if _PG_PROBLEM else "unknown reason"
+    return (
+        f"PostgreSQL: not reachable at {shown} ({why}): SQLite only "
+        "(set ENTREMISE_TEST_PG_URL, or run make test-pg to require it)"
+    )
 
 
 @pytest.fixture

@@ -524,13 +524,15 @@ def test_preview_spends_nothing_then_run_spends_exactly_and_is_in_the_ledger(wor
     assert (budget["spent_epsilon"], budget["remaining_epsilon"]) == ("0.5", "1.5")
     assert budget["release_count"] == "1"
 
-    # Human output: a table row with the agreement id and its numbers.
+    # Human output: a table row with the agreement id, name, status and its numbers.
     human = world.as_(world.officer, "budget", "show", "--agreement", world.agreement_id)
     assert human.returncode == 0, _describe(human)
     rows = [line for line in human.stdout.splitlines() if world.agreement_id in line]
     assert len(rows) == 1, human.stdout
     assert re.findall(r"[\w.]+", rows[0]) == [
         world.agreement_id,
+        "x",
+        "active",
         "epsilon",
         "2",
         "0.5",
