@@ -403,3 +403,57 @@ def test_cli_messages_say_what_to_do(
     for word in words:
         assert word in line, line
     assert "aggregate ''" not in line
+
+
+# -- 7: human output -----------------------------------------------------------------------------
+
+
+def _human(world: World, who: str, *args: str, columns: int = 140) -> str:
+    token = {"analyst": world.analyst, "officer": world.officer, "bank": world.bank}[who]["token"]
+    proc = run_cli(*args, token=token, target=world.target, env={"COLUMNS": str(columns)})
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    return proc.stdout
+
+
+HUMAN_OUTPUT: list[tuple[str, str, list[str], list[str], list[str]]] = [
+    # (id, who, command, must appear, must not appear); AG stands for the agreement id.
+    ("agreement show", "bank", ["agreement", "show", "AG"], ["AG", "active"], ["BUDGET_KIND", "{"]),
+    ("budget show", "officer", ["budget", "show"], ["AG", "x", "active"], []),
+    (
+        "counts are integers",
+        "analyst",
+        ["query", "run", "--agreement", "AG", "--epsilon", "0.1", "--agg", "count"],
+        ["count of people"],
+        [".00"],
+    ),
+    (
+        "median shows its level",
+        "analyst",
+        [
+            "query",
+            "preview",
+            "--agreement",
+            "AG",
+            "--epsilon",
+            "0.1",
+            "--agg",
+            "median:panel.amount",
+        ],
+        ["median of panel.amount"],
+        ["quantile_"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("who", "args", "present", "absent"),
+    [pytest.param(w, a, p, n, id=i) for i, w, a, p, n in HUMAN_OUTPUT],
+)
+def test_human_output_reads_as_words_with_whole_ids(
+    world: World, who: str, args: list[str], present: list[str], absent: list[str]
+) -> None:
+    out = _human(world, who, *[world.agreement_id if a == "AG" else a for a in args])
+    for word in present:
+        assert (world.agreement_id if word == "AG" else word) in out, out
+    for word in absent:
+        assert word not in out, out
