@@ -42,6 +42,7 @@ from entremise.cli._common import (
     whole,
 )
 from entremise.partners.client import (
+    Client,
     EntremiseRPCError,
     aggregate,
     query,
@@ -57,7 +58,7 @@ from entremise.partners.keys import (
 from entremise.partners.prepare import Progress as ProgressCallback
 from entremise.partners.prepare import read_table
 from entremise.partners.schema import UploadSchema
-from entremise.v1 import agreement_service_pb2, common_pb2, query_service_pb2
+from entremise.v1 import admin_service_pb2, agreement_service_pb2, common_pb2, query_service_pb2
 
 # No markup in help: option syntax such as KIND[:COLUMN][@EPSILON] must print as written.
 app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None, help=__doc__)
@@ -868,19 +869,31 @@ NamesOption = Annotated[
     Path | None,
     typer.Option(
         envvar="ENTREMISE_NAMES",
-        help="JSON object {principal id: name} (or ENTREMISE_NAMES): the hub's API tells a "
-        "caller only its own name, so other principals show by id without it.",
+        help="JSON object {principal id: name} (or ENTREMISE_NAMES), for names the audit log "
+        "does not hold or the caller may not read (partners and analysts see their own name).",
         show_default=False,
     ),
 ]
 
 
-def _known_names(me_id: str, me_name: str, names: Path | None) -> dict[str, str]:
-    """Principal names: the caller's own (WhoAmI) and those of a --names file."""
+def _known_names(
+    client: Client, me: admin_service_pb2.Principal, names: Path | None
+) -> dict[str, str]:
+    """Principal names: a --names file, the caller's own, and the audit log's.
+
+    Admins and compliance officers may read the log, which records each principal's name when
+    it is created; others see their own name and those of the file.
+    """
     from entremise.cli.report import read_names
 
     known = read_names(names) if names else {}
-    known.setdefault(me_id, me_name)
+    known.setdefault(me.principal_id, me.name)
+    if me.role in (common_pb2.ROLE_ADMIN, common_pb2.ROLE_COMPLIANCE):
+        for event in client.audit_events():
+            if event.kind == "principal_created":
+                name = json.loads(event.detail_json).get("name")
+                if name:
+                    known.setdefault(event.subject_id, str(name))
     return known
 
 
@@ -999,8 +1012,7 @@ def show_agreement(
         if json_out:
             print_json(to_dict(agreement))
             return
-        me = client.whoami()
-        known = _known_names(me.principal_id, me.name, names)
+        known = _known_names(client, client.whoami(), names)
     out = Table(
         Column("field", no_wrap=True, style="bold"),
         text_column("value"),

@@ -5,10 +5,9 @@ relation and budget, the budget consumed over time (plot and table), every relea
 accuracy in plain words, refused and failed queries, consent coverage, and a GDPR Art. 30
 style record of processing.
 
-Principals appear by name beside their id wherever a name is known. The hub's API tells a
-caller only its own name (WhoAmI): other names come from `names` (the admin learns them when
-creating principals); without one, a principal is shown by id and by the role the audit log
-recorded when it was created.
+Principals appear by name beside their id wherever a name is known: the caller's own
+(WhoAmI), those the audit log recorded when each principal was created, and any `names` given;
+without one, a principal is shown by id and by the role the audit log recorded.
 
 The HTML is generated from the same document blocks as the Markdown, not converted from it,
 so no Markdown syntax can leak into what a browser shows.
@@ -740,9 +739,8 @@ def _summary(f: _Facts) -> list[Block]:
     failed = sum(1 for r in releases if r.status == "failed")
     refused = sum(1 for e in f.refusals if e.kind == "release_refused")
     names = (
-        f"names of {f.names_given} principals were supplied with the report."
-        if f.names_given
-        else "no other names were supplied, so other principals appear by id and role."
+        f"{_plural(f.names_given, 'principal')} named, from the audit log (which records each "
+        "principal's name at creation) and any names supplied; others appear by id and role."
     )
     return [
         Heading(2, "Summary"),
@@ -759,7 +757,7 @@ def _summary(f: _Facts) -> list[Block]:
                     f"charged; {_plural(refused, 'refused query', 'refused queries')} (refused "
                     "before any data was read, nothing spent).",
                 ),
-                (f"Names: the hub's API tells a caller only its own name; {names}",),
+                (f"Names: {names}",),
             ]
         ),
     ]
@@ -1036,13 +1034,16 @@ def _read(
     directory.roles[me.principal_id] = ROLE_NAMES.get(me.role, "")
     for e in events:
         if e.kind == "principal_created":
-            role = str(json.loads(e.detail_json).get("role", ""))
+            detail = json.loads(e.detail_json)
+            role = str(detail.get("role", ""))
             directory.roles.setdefault(e.subject_id, ROLES_IN_AUDIT.get(role, role))
+            if detail.get("name"):
+                directory.names.setdefault(e.subject_id, str(detail["name"]))
             directory.roles.setdefault(e.actor_id, "admin")  # only admins create principals
     return _Facts(
         me=me,
         scoped=bool(agreement_id),
-        names_given=len(names or {}),
+        names_given=len(directory.names),
         all_agreements=all_agreements,
         agreements=[
             a for aid, a in all_agreements.items() if not agreement_id or aid == agreement_id

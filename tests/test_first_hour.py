@@ -420,6 +420,13 @@ HUMAN_OUTPUT: list[tuple[str, str, list[str], list[str], list[str]]] = [
     ("agreement show", "bank", ["agreement", "show", "AG"], ["AG", "active"], ["BUDGET_KIND", "{"]),
     ("budget show", "officer", ["budget", "show"], ["AG", "x", "active"], []),
     (
+        "names beside ids",  # from the audit log, which compliance officers may read
+        "officer",
+        ["agreement", "show", "AG"],
+        ["bank (pr_", "panel (pr_", "analyst (pr_"],
+        [],
+    ),
+    (
         "counts are integers",
         "analyst",
         ["query", "run", "--agreement", "AG", "--epsilon", "0.1", "--agg", "count"],

@@ -224,11 +224,12 @@ def test_report_names_status_budget_accuracy_refusals_and_audit(hub: Hub, tmp_pa
     assert "`" not in text and "**" not in text and "|" not in text
     assert not re.search(r"(^|\s)#{1,3} ", text)
 
-    # The same hub without a names file: the officer's own name, the others by id and role.
+    # The same hub without a names file.
     bare = build_report(w.officer, tmp_path / "bare").markdown.read_text()
     assert f"Olga Officer (`{w.ids['officer']}`)" in bare
-    assert f"`{w.ids['alice']}` (analyst)" in bare and "Alice Martin" not in bare
-    assert f"`{w.ids['bank']}` (partner)" in bare
+    # Without a names file, names come from the audit log (recorded at creation).
+    assert f"Alice Martin (`{w.ids['alice']}`)" in bare
+    assert f"Banque Exemple (`{w.ids['bank']}`)" in bare
     assert "signatures not checked" in bare and "**Audit log: intact.**" in bare
 
 

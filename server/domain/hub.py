@@ -214,7 +214,14 @@ class Hub:
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         principal = Principal(new_id("pr"), name, role)
         self.store.create_principal(principal, hash_token(token))
-        self._audit("principal_created", caller, principal.principal_id, {"role": role.value})
+        # The name goes in the log so that compliance can show names beside ids (names of
+        # organisations and staff chosen by the admin, not data about data subjects).
+        self._audit(
+            "principal_created",
+            caller,
+            principal.principal_id,
+            {"role": role.value, "name": name},
+        )
         log.info("principal created id=%s role=%s", principal.principal_id, role)
         return principal, token
 
