@@ -540,7 +540,11 @@ def withdraw(
     json_out: JsonOption = False,
     no_progress: NoProgressOption = False,
 ) -> None:
-    """Withdraw consent: these people are excluded from every later release, at once."""
+    """Withdraw consent: left out of later releases of your current agreements, at once.
+
+    It acts on the agreements you are in now (or those given with --agreement), not on
+    agreements created later.
+    """
     _consent_change(
         "withdraw",
         file,
@@ -884,17 +888,13 @@ def _known_names(
     Admins and compliance officers may read the log, which records each principal's name when
     it is created; others see their own name and those of the file.
     """
-    from entremise.cli.report import read_names
+    from entremise.cli.report import Names, read_names
 
-    known = read_names(names) if names else {}
-    known.setdefault(me.principal_id, me.name)
+    known = Names(read_names(names) if names else {})
+    known.names.setdefault(me.principal_id, me.name)
     if me.role in (common_pb2.ROLE_ADMIN, common_pb2.ROLE_COMPLIANCE):
-        for event in client.audit_events():
-            if event.kind == "principal_created":
-                name = json.loads(event.detail_json).get("name")
-                if name:
-                    known.setdefault(event.subject_id, str(name))
-    return known
+        known.learn(client.audit_events())
+    return known.names
 
 
 def _who(principal_id: str, names: dict[str, str]) -> str:

@@ -362,6 +362,17 @@ class Names:
         role = self.roles.get(principal_id)
         return (Code(principal_id), f" ({role})") if role else (Code(principal_id),)
 
+    def learn(self, events: Sequence[compliance_service_pb2.AuditEvent]) -> None:
+        """Names and roles the audit log recorded when each principal was created."""
+        for e in events:
+            if e.kind == "principal_created":
+                detail = json.loads(e.detail_json)
+                role = str(detail.get("role", ""))
+                self.roles.setdefault(e.subject_id, ROLES_IN_AUDIT.get(role, role))
+                if detail.get("name"):
+                    self.names.setdefault(e.subject_id, str(detail["name"]))
+                self.roles.setdefault(e.actor_id, "admin")  # only admins create principals
+
     def text(self, principal_id: str) -> str:
         """A plain label for the plot's legend."""
         return self.names.get(principal_id) or principal_id
@@ -1032,14 +1043,7 @@ def _read(
     directory = Names(dict(names or {}))
     directory.names.setdefault(me.principal_id, me.name)
     directory.roles[me.principal_id] = ROLE_NAMES.get(me.role, "")
-    for e in events:
-        if e.kind == "principal_created":
-            detail = json.loads(e.detail_json)
-            role = str(detail.get("role", ""))
-            directory.roles.setdefault(e.subject_id, ROLES_IN_AUDIT.get(role, role))
-            if detail.get("name"):
-                directory.names.setdefault(e.subject_id, str(detail["name"]))
-            directory.roles.setdefault(e.actor_id, "admin")  # only admins create principals
+    directory.learn(events)
     return _Facts(
         me=me,
         scoped=bool(agreement_id),
