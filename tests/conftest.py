@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from entremise.partners import Client, generate_private_key
+from entremise.partners import Client, generate_private_key, save_private_key
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE, generate
 from entremise.server.app import HubConfig, RunningHub, build_server
 
@@ -157,6 +157,37 @@ def partner_with_key(hub: Hub, name: str) -> tuple[str, Client, X25519PrivateKey
     key = generate_private_key()
     client.publish_public_key(key)
     return partner_id, client, key
+
+
+@dataclass(frozen=True)
+class CliBank:
+    """A bank partner that uploads with the CLI into an agreement: its token and key file."""
+
+    agreement_id: str
+    token: str
+    key_file: Path
+
+
+def cli_bank(hub: Hub, tmp_path: Path, name: str, total_epsilon: str) -> CliBank:
+    """An agreement between a bank (its key saved as tmp_path/bank.pem) and a panel."""
+    principal, token = hub.admin.create_principal("bank", "partner")
+    bank_key = generate_private_key()
+    with Client.connect(hub.target, token=token) as bank:
+        bank.publish_public_key(bank_key)
+    panel_id, panel, _ = partner_with_key(hub, "panel")
+    panel.close()
+    analyst_id, analyst = hub.principal("analyst", "analyst")
+    analyst.close()
+    agreement = hub.admin.create_agreement(
+        name=name,
+        purpose=PURPOSE,
+        datasets=[(principal.principal_id, "bank"), (panel_id, "panel")],
+        analyst_ids=[analyst_id],
+        total_epsilon=total_epsilon,
+    )
+    key_file = tmp_path / "bank.pem"
+    save_private_key(bank_key, key_file)
+    return CliBank(agreement.agreement_id, token, key_file)
 
 
 def build_scenario(

@@ -20,11 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from entremise.partners import (
-    Client,
     PlaceholderReport,
     PreparedUpload,
-    generate_private_key,
-    save_private_key,
 )
 from entremise.partners.prepare import (
     EncodedUpload,
@@ -42,7 +39,7 @@ from entremise.partners.pseudonymise import (
 )
 from entremise.partners.schema import Categorical, Consent, UploadSchema
 from entremise.partners.synthetic import BANK_SCHEMA, PURPOSE, _emails, _phones, generate
-from tests.conftest import Hub, partner_with_key
+from tests.conftest import Hub, cli_bank
 
 KEY = bytes(range(32))
 ROLES = (
@@ -366,21 +363,7 @@ def test_cli_upload_reports_placeholders_and_shared_identifiers(
 ) -> None:
     """`partner upload` on a real hub: the placeholder report, then the hub's shared-line one."""
     hub = sqlite_hub
-    principal, token = hub.admin.create_principal("bank", "partner")
-    bank_key = generate_private_key()
-    with Client.connect(hub.target, token=token) as bank:
-        bank.publish_public_key(bank_key)
-    panel_id, panel, _ = partner_with_key(hub, "panel")
-    panel.close()
-    analyst_id, analyst = hub.principal("analyst", "analyst")
-    analyst.close()
-    agreement = hub.admin.create_agreement(
-        name="placeholders",
-        purpose=PURPOSE,
-        datasets=[(principal.principal_id, "bank"), (panel_id, "panel")],
-        analyst_ids=[analyst_id],
-        total_epsilon="2",
-    )
+    bank = cli_bank(hub, tmp_path, "placeholders", "2")
     frame = generate(300, 100, 50, seed=11).bank
     frame.loc[0:33, "phone"] = "0000000000"  # 34 customers, one placeholder phone
     frame.loc[34:35, "email"] = "noreply@bank.fr"
@@ -390,14 +373,12 @@ def test_cli_upload_reports_placeholders_and_shared_identifiers(
     frame.to_csv(csv, index=False)
     schema = tmp_path / "bank.schema.json"
     schema.write_text(json.dumps(BANK_SCHEMA.to_dict()))
-    key_file = tmp_path / "bank.pem"
-    save_private_key(bank_key, key_file)
 
     def upload(*extra: str) -> subprocess.CompletedProcess[str]:
         argv = [sys.executable, "-m", "entremise.cli", "partner", "upload", str(csv)]
-        argv += ["--agreement", agreement.agreement_id, "--name", "bank"]
-        argv += ["--schema", str(schema), "--key-file", str(key_file)]
-        argv += ["--target", hub.target, "--token", token, *extra]
+        argv += ["--agreement", bank.agreement_id, "--name", "bank"]
+        argv += ["--schema", str(schema), "--key-file", str(bank.key_file)]
+        argv += ["--target", hub.target, "--token", bank.token, *extra]
         env = {k: v for k, v in os.environ.items() if not k.startswith("ENTREMISE_")}
         env.update({"COLUMNS": "200", "NO_COLOR": "1", "PYTHONIOENCODING": "utf-8"})
         return subprocess.run(

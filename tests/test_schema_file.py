@@ -25,7 +25,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 import entremise.partners.schema as schema_module
-from entremise.partners import Client, generate_private_key, save_private_key
+from entremise.partners import Client, generate_private_key
 from entremise.partners.prepare import encode
 from entremise.partners.schema import (
     Categorical,
@@ -39,7 +39,7 @@ from entremise.partners.schema import (
 )
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE, generate
 from entremise.v1 import common_pb2, partner_service_pb2, partner_service_pb2_grpc
-from tests.conftest import Hub, partner_with_key
+from tests.conftest import Hub, cli_bank, partner_with_key
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME_RULE = "(use 1-63 lowercase letters, digits and '_', starting with a letter)"
@@ -526,33 +526,17 @@ def test_cli_upload_with_a_bad_schema_prints_one_line_and_exits_1(
     sqlite_hub: Hub, tmp_path: Path
 ) -> None:
     hub = sqlite_hub
-    principal, token = hub.admin.create_principal("bank", "partner")
-    bank_key = generate_private_key()
-    with Client.connect(hub.target, token=token) as bank:
-        bank.publish_public_key(bank_key)
-    panel_id, panel, _ = partner_with_key(hub, "panel")
-    panel.close()
-    analyst_id, analyst = hub.principal("analyst", "analyst")
-    analyst.close()
-    agreement = hub.admin.create_agreement(
-        name="schemas",
-        purpose=PURPOSE,
-        datasets=[(principal.principal_id, "bank"), (panel_id, "panel")],
-        analyst_ids=[analyst_id],
-        total_epsilon="1",
-    )
+    bank = cli_bank(hub, tmp_path, "schemas", "1")
     csv = tmp_path / "bank.csv"
     generate(300, 100, 50, seed=5).bank.to_csv(csv, index=False)
-    key_file = tmp_path / "bank.pem"
-    save_private_key(bank_key, key_file)
 
     def upload(document: dict[str, Any]) -> subprocess.CompletedProcess[str]:
         schema = tmp_path / "bank.schema.json"
         schema.write_text(json.dumps(document, indent=2))
         return _cli(
-            *("partner", "upload", str(csv), "--agreement", agreement.agreement_id),
-            *("--name", "bank", "--schema", str(schema), "--key-file", str(key_file)),
-            *("--target", hub.target, "--token", token),
+            *("partner", "upload", str(csv), "--agreement", bank.agreement_id),
+            *("--name", "bank", "--schema", str(schema), "--key-file", str(bank.key_file)),
+            *("--target", hub.target, "--token", bank.token),
         )
 
     good = BANK_SCHEMA.to_dict()
