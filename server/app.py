@@ -289,7 +289,7 @@ def _build(config: HubConfig, locks: list[HubLock]) -> RunningHub:
         signer=signer,
         head_path=config.data_dir / AUDIT_HEAD_FILE,
     )
-    hub.bootstrap_admin(resolve_admin_token(config))
+    hub.principals.bootstrap_admin(resolve_admin_token(config))
     swept = hub.recover()
     if swept:
         log.warning("removed %d dataset files left by an interrupted upload", swept)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from typing import Any
 
 from entremise.privacy.budget import Epsilon
 from entremise.privacy.mechanisms import CONVERSION_DELTA, zcdp_to_approx_dp
+from entremise.server.domain.audit import ChainedEntry
 from entremise.server.domain.errors import InvalidArgumentError
+from entremise.server.domain.keys import KeyMaterial
 from entremise.server.domain.models import (
     DELTA_UNITS,
     AggregateKind,
@@ -22,6 +26,7 @@ from entremise.server.domain.models import (
     BudgetState,
     CategoricalColumn,
     Column,
+    ConsentCount,
     ConsentSpec,
     Dataset,
     DatasetSchema,
@@ -40,11 +45,14 @@ from entremise.server.domain.models import (
     TextColumn,
     WrappedKey,
 )
+from entremise.server.domain.planner import DEFAULT_MAX_ROWS_PER_PERSON
+from entremise.server.domain.sensitivity import DEFAULT_SHARED_IDENTIFIERS
 from entremise.server.schema_check import check_received_schema
 from entremise.v1 import (
     admin_service_pb2,
     agreement_service_pb2,
     common_pb2,
+    compliance_service_pb2,
     partner_service_pb2,
     query_service_pb2,
 )
@@ -331,6 +339,76 @@ def agreement_to_proto(
         allowed_aggregations=list(a.allowed_aggregations),
         min_group_size=a.min_group_size,
         max_shared_identifiers=a.max_shared_identifiers,
+    )
+
+
+def agreement_terms_from_proto(
+    request: agreement_service_pb2.CreateAgreementRequest,
+) -> dict[str, Any]:
+    """The keyword arguments of `Agreements.create`, with the API's defaults for unset fields."""
+    return {
+        "name": request.name,
+        "purpose": request.purpose,
+        "slots": slots_from_proto(request.datasets),
+        "analyst_ids": list(request.analyst_ids),
+        "total_epsilon": epsilon_from_text(request.total_epsilon, "total epsilon"),
+        "max_rows_per_person": request.max_rows_per_person or DEFAULT_MAX_ROWS_PER_PERSON,
+        "max_groups_per_person": request.max_groups_per_person,  # 0: auto
+        "budget_kind": budget_kind_from_proto(request.budget_kind),
+        "total_delta_units": delta_units(request.total_delta, "total delta"),
+        "analyst_budget": epsilon_from_text(request.analyst_budget, "analyst budget")
+        if request.analyst_budget
+        else None,
+        "expires_at": request.expires_at,
+        "allowed_columns": tuple(request.allowed_columns),
+        "allowed_aggregations": tuple(request.allowed_aggregations),
+        "min_group_size": request.min_group_size,
+        "max_shared_identifiers": request.max_shared_identifiers or DEFAULT_SHARED_IDENTIFIERS,
+    }
+
+
+def key_material_to_proto(material: KeyMaterial) -> partner_service_pb2.GetKeyMaterialResponse:
+    """Public keys, fingerprint, leader and (if distributed) the caller's wrapped key."""
+    response = partner_service_pb2.GetKeyMaterialResponse(
+        agreement_id=material.agreement_id,
+        participants=[public_key_to_proto(k) for k in material.participants],
+        key_fingerprint=material.fingerprint,
+        leader_id=material.leader_id,
+    )
+    if material.wrapped_for_caller is not None:
+        response.wrapped_for_caller.CopyFrom(wrapped_key_to_proto(material.wrapped_for_caller))
+    return response
+
+
+def audit_entry_to_proto(e: ChainedEntry) -> compliance_service_pb2.AuditEvent:
+    """One chained audit entry, its detail as canonical JSON."""
+    return compliance_service_pb2.AuditEvent(
+        seq=e.seq,
+        kind=e.kind,
+        actor_id=e.actor_id,
+        subject_id=e.subject_id,
+        detail_json=json.dumps(e.detail, sort_keys=True),
+        created_at=e.created_at,
+        prev_hash=e.prev_hash,
+        hash=e.hash,
+        signature=e.signature,
+    )
+
+
+def coverage_to_proto(
+    d: Dataset, c: ConsentCount, withdrawn_people: int
+) -> compliance_service_pb2.ConsentCoverage:
+    """Consent counts of one dataset and purpose, and people its partner withdrew."""
+    return compliance_service_pb2.ConsentCoverage(
+        agreement_id=d.agreement_id,
+        dataset_id=d.dataset_id,
+        dataset_name=d.name,
+        partner_id=d.partner_id,
+        purpose=c.purpose,
+        rows=c.rows,
+        consenting_rows=c.consenting_rows,
+        expired_rows=c.expired_rows,
+        withdrawn_people=withdrawn_people,
     )
 
 

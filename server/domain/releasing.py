@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from entremise.privacy.budget import Epsilon
 from entremise.privacy.mechanisms import (
     KeyDiscovery,
@@ -311,3 +313,69 @@ def discover_keys(plan: QueryPlan, people_per_key: dict[str, int]) -> tuple[list
     mech = discovery_mechanism(plan)
     released = mech.release(people_per_key)
     return sorted(released), mech.withheld(len(people_per_key), len(released))
+
+
+def restrict(exact: ExactAggregates, keys: list[tuple[str, ...]]) -> ExactAggregates:
+    """The cells of `keys` only (after key discovery), in that order."""
+    index = {k: i for i, k in enumerate(exact.keys or [])}
+    rows = [index[k] for k in keys]
+
+    def pick(values: list[int]) -> list[int]:
+        return [values[i] for i in rows]
+
+    return ExactAggregates(
+        people=pick(exact.people),
+        rows=pick(exact.rows),
+        sums={n: pick(v) for n, v in exact.sums.items()},
+        value_rows={n: pick(v) for n, v in exact.value_rows.items()},
+        sq_sums={n: pick(v) for n, v in exact.sq_sums.items()},
+        buckets={n: [v[i] for i in rows] for n, v in exact.buckets.items()},
+        keys=keys,
+    )
+
+
+def suppress_small_groups(
+    plan: QueryPlan, results: tuple[AggregateResult, ...]
+) -> tuple[AggregateResult, ...]:
+    """Blank every cell whose noisy people count is under the agreement's minimum group size.
+
+    Post-processing of released noisy counts: it costs no privacy and never looks at the data.
+    """
+    minimum = plan.agreement.min_group_size
+    if not minimum or not plan.group_by:
+        return results
+    counts = next(r for r in results if r.kind is AggregateKind.COUNT)
+    small = {c.group for c in counts.cells if c.value is None or c.value < minimum}
+    return tuple(
+        replace(
+            r,
+            cells=tuple(
+                replace(c, value=None, ci95_halfwidth=None) if c.group in small else c
+                for c in r.cells
+            ),
+        )
+        for r in results
+    )
+
+
+def draw(
+    plan: QueryPlan, exact: ExactAggregates, summary: PlanSummary
+) -> tuple[PlanSummary, tuple[AggregateResult, ...]]:
+    """Discover keys (if asked), draw every noisy value, blank small groups.
+
+    Everything here depends on the rows only through OpenDP mechanisms; the summary gains the
+    number of keys released (itself a noisy outcome).
+    """
+    if plan.discovery is not None:
+        people = {k[0]: n for k, n in zip(exact.keys or [], exact.people, strict=True)}
+        keys, suppressed = discover_keys(plan, people)
+        exact = restrict(exact, [(k,) for k in keys])
+        summary = replace(
+            summary,
+            discovery={
+                **(summary.discovery or {}),
+                "released_keys": len(keys),
+                "suppressed_keys_noisy": suppressed,
+            },
+        )
+    return summary, suppress_small_groups(plan, release(plan, exact))
