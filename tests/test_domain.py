@@ -42,7 +42,6 @@ from entremise.server.domain.models import (
 )
 from entremise.server.engine import DuckDBEngine
 from entremise.server.files import SealedDatasetFiles
-
 from entremise.server.store.sql import SqlStore
 
 STORES = ["sqlite"]  # "memory" once the in-memory store lands
