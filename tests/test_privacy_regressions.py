@@ -24,7 +24,7 @@ import pytest
 from scipy import stats
 
 from entremise.partners import EntremiseRPCError, aggregate, query, where_in
-from entremise.privacy.budget import Epsilon
+from entremise.privacy.budget import Epsilon, Measure, Rho
 from entremise.privacy.mechanisms import IntegerGaussian, KeyDiscovery, gaussian_rho
 from entremise.server import testing
 from entremise.server.domain.errors import ReleaseFailedError
@@ -333,7 +333,7 @@ def test_a_one_person_key_is_released_with_probability_at_most_delta(
         shared_identifiers=1,
         share=Epsilon.parse(share),
         delta=delta,
-        measure="pure",
+        measure=Measure.PURE,
     )
     threshold, scale = discovery.threshold, discovery.threshold_scale
     # A key only D' holds has count 1 there (the person's own unit); one only D holds has
@@ -398,9 +398,9 @@ def test_the_threshold_shown_is_the_threshold_applied(world: World) -> None:
 
 @pytest.mark.parametrize("l2", [1.0, math.sqrt(2), math.sqrt(3), 2.5, 12.0])
 def test_a_zcdp_charge_is_what_the_opendp_map_returns(l2: float) -> None:
-    share = Epsilon.parse("0.1")
+    share = Rho.parse("0.1")
     mech = IntegerGaussian(l2, share)
-    assert mech.privacy_loss() == Epsilon.ceil_from_float(gaussian_rho(mech.scale, l2)) == share
+    assert mech.privacy_loss() == Rho.ceil_from_float(gaussian_rho(mech.scale, l2)) == share
 
 
 # -- 6. the audit log ---------------------------------------------------------------------------

@@ -7,9 +7,9 @@ import math
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
-from typing import Any
+from typing import Any, TypeVar
 
-from entremise.privacy.budget import Epsilon
+from entremise.privacy.budget import Epsilon, PrivacyLoss, Rho
 from entremise.privacy.mechanisms import CONVERSION_DELTA, zcdp_to_approx_dp
 from entremise.server.domain.audit import ChainedEntry
 from entremise.server.domain.errors import InvalidArgumentError
@@ -56,6 +56,8 @@ from entremise.v1 import (
     partner_service_pb2,
     query_service_pb2,
 )
+
+Loss = TypeVar("Loss", bound=PrivacyLoss)
 
 ROLE_TO_PROTO = {
     Role.ADMIN: common_pb2.ROLE_ADMIN,
@@ -345,18 +347,22 @@ def agreement_to_proto(
 def agreement_terms_from_proto(
     request: agreement_service_pb2.CreateAgreementRequest,
 ) -> dict[str, Any]:
-    """The keyword arguments of `Agreements.create`, with the API's defaults for unset fields."""
+    """The keyword arguments of `Agreements.create`, with the API's defaults for unset fields.
+
+    The total and the per-analyst budget count in the agreement's measure (epsilon or rho).
+    """
+    kind = budget_kind_from_proto(request.budget_kind)
     return {
         "name": request.name,
         "purpose": request.purpose,
         "slots": slots_from_proto(request.datasets),
         "analyst_ids": list(request.analyst_ids),
-        "total_epsilon": epsilon_from_text(request.total_epsilon, "total epsilon"),
+        "total_epsilon": amount_from_text(request.total_epsilon, "total epsilon", kind.loss_type),
         "max_rows_per_person": request.max_rows_per_person or DEFAULT_MAX_ROWS_PER_PERSON,
         "max_groups_per_person": request.max_groups_per_person,  # 0: auto
-        "budget_kind": budget_kind_from_proto(request.budget_kind),
+        "budget_kind": kind,
         "total_delta_units": delta_units(request.total_delta, "total delta"),
-        "analyst_budget": epsilon_from_text(request.analyst_budget, "analyst budget")
+        "analyst_budget": amount_from_text(request.analyst_budget, "analyst budget", kind.loss_type)
         if request.analyst_budget
         else None,
         "expires_at": request.expires_at,
@@ -414,8 +420,13 @@ def coverage_to_proto(
 
 def epsilon_from_text(text: str, what: str) -> Epsilon:
     """Parse an exact epsilon or raise INVALID_ARGUMENT with a clear message."""
+    return amount_from_text(text, what, Epsilon)
+
+
+def amount_from_text(text: str, what: str, loss: type[Loss]) -> Loss:
+    """Parse an exact amount of one measure (epsilon or rho), or raise INVALID_ARGUMENT."""
     try:
-        return Epsilon.parse(text, what=what)
+        return loss.parse(text, what=what)
     except ValueError as exc:
         raise InvalidArgumentError(str(exc)) from None
 
@@ -471,7 +482,7 @@ def query_from_proto(msg: query_service_pb2.Query) -> QuerySpec:
         filters=tuple(filters),
         max_rows_per_person=msg.max_rows_per_person,
         max_groups_per_person=msg.max_groups_per_person,
-        rho=epsilon_from_text(msg.rho, "query rho") if msg.rho else None,
+        rho=amount_from_text(msg.rho, "query rho", Rho) if msg.rho else None,
         delta_units=delta_units(msg.delta, "query delta"),
     )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
-from entremise.privacy.budget import Epsilon
+from entremise.privacy.budget import MixedMeasuresError, PrivacyLoss
 from entremise.server.domain.access import check_text, participant, require, visible
 from entremise.server.domain.errors import (
     FailedPreconditionError,
@@ -57,12 +57,12 @@ class Agreements:
         purpose: str,
         slots: list[DatasetSlot],
         analyst_ids: list[str],
-        total_epsilon: Epsilon,
+        total_epsilon: PrivacyLoss,
         max_rows_per_person: int,
         max_groups_per_person: int,
         budget_kind: BudgetKind = BudgetKind.PURE,
         total_delta_units: int = 0,
-        analyst_budget: Epsilon | None = None,
+        analyst_budget: PrivacyLoss | None = None,
         expires_at: str = "",
         allowed_columns: tuple[str, ...] = (),
         allowed_aggregations: tuple[str, ...] = (),
@@ -84,6 +84,7 @@ class Agreements:
             total_epsilon=total_epsilon,
             total_delta_units=total_delta_units,
             analyst_budget=analyst_budget,
+            budget_kind=budget_kind,
             max_rows_per_person=max_rows_per_person,
             max_groups_per_person=max_groups_per_person,
             allowed_aggregations=allowed_aggregations,
@@ -252,9 +253,10 @@ def _check_terms(
     name: str,
     purpose: str,
     slots: list[DatasetSlot],
-    total_epsilon: Epsilon,
+    total_epsilon: PrivacyLoss,
     total_delta_units: int,
-    analyst_budget: Epsilon | None,
+    analyst_budget: PrivacyLoss | None,
+    budget_kind: BudgetKind,
     max_rows_per_person: int,
     max_groups_per_person: int,
     allowed_aggregations: tuple[str, ...],
@@ -274,6 +276,11 @@ def _check_terms(
     if len(set(s.name for s in slots)) != len(slots):
         raise InvalidArgumentError("dataset names within an agreement must be distinct")
     _check_budget(total_epsilon, total_delta_units, analyst_budget)
+    for amount in (total_epsilon, analyst_budget):
+        if amount is not None and amount.measure is not budget_kind:
+            raise MixedMeasuresError(
+                f"a {budget_kind.value} budget is counted in {budget_kind.symbol}"
+            )
     if not 1 <= max_rows_per_person <= MAX_ROWS_PER_PERSON:
         raise InvalidArgumentError(f"max_rows_per_person must be in [1, {MAX_ROWS_PER_PERSON}]")
     if max_groups_per_person < 0:  # 0: auto, every cell of a query's public grouping
@@ -284,7 +291,7 @@ def _check_terms(
         )
 
 
-def _check_budget(total: Epsilon, delta_units: int, analyst_budget: Epsilon | None) -> None:
+def _check_budget(total: PrivacyLoss, delta_units: int, analyst_budget: PrivacyLoss | None) -> None:
     if total.micros <= 0:
         raise InvalidArgumentError("total epsilon must be positive")
     if not 0 <= delta_units < DELTA_UNITS:

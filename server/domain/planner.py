@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
-from entremise.privacy.budget import Epsilon
+from entremise.privacy.budget import PrivacyLoss, Rho
 from entremise.privacy.mechanisms import MechanismError, share_for_accuracy
 from entremise.server.domain.errors import (
     FailedPreconditionError,
@@ -165,8 +165,9 @@ def _group_keys(
     return [tuple(k) for k in itertools.product(*domains)]
 
 
-def _split(total: Epsilon, fixed: list[Epsilon | None], measure: str) -> list[Epsilon]:
+def _split(total: PrivacyLoss, fixed: list[PrivacyLoss | None], measure: str) -> list[PrivacyLoss]:
     """Fixed shares stay as given; the rest of the query's budget is split evenly."""
+    loss = type(total)
     used = sum((e.micros for e in fixed if e is not None), 0)
     free = [i for i, e in enumerate(fixed) if e is None]
     if any(e is not None and e.micros == 0 for e in fixed):
@@ -174,24 +175,25 @@ def _split(total: Epsilon, fixed: list[Epsilon | None], measure: str) -> list[Ep
     if not free:
         if total.micros and total.micros != used:
             raise InvalidArgumentError(
-                f"aggregate {measure}s add up to {Epsilon(used)}, not the query {measure} {total}"
+                f"aggregate {measure}s add up to {loss(used)}, not the query {measure} {total}"
             )
         return [e for e in fixed if e is not None]
     if total.micros <= used:
         raise InvalidArgumentError(
             f"query {measure} {total} leaves nothing for aggregates without an explicit share"
         )
-    shares = Epsilon(total.micros - used).split(len(free))
+    shares = loss(total.micros - used).split(len(free))
     if any(s.micros == 0 for s in shares):
         raise InvalidArgumentError(f"query {measure} is too small to split over its aggregates")
     return [e if e is not None else shares.pop(0) for e in fixed]
 
 
-def _query_budget(spec: QuerySpec, agreement: Agreement) -> tuple[Epsilon, str]:
+def _query_budget(spec: QuerySpec, agreement: Agreement) -> tuple[PrivacyLoss, str]:
+    """The query's total, in the agreement's measure (the other measure's field must be unset)."""
     if agreement.budget_kind is BudgetKind.ZCDP:
         if spec.epsilon.micros:
             raise InvalidArgumentError("this agreement counts zCDP rho: give rho, not epsilon")
-        return spec.rho or Epsilon.zero(), "rho"
+        return spec.rho or Rho.zero(), "rho"
     if spec.rho is not None and spec.rho.micros:
         raise InvalidArgumentError("this agreement counts pure epsilon: give epsilon, not rho")
     return spec.epsilon, "epsilon"
@@ -261,8 +263,9 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
     cells = None if private else len(keys)
     drafts = [_draft(a, datasets, rows, groups, relation, cells, names) for a in spec.aggregates]
     _check_scope(agreement, drafts, group_by, filters)
-    measure = agreement.budget_kind.value
-    fixed: list[Epsilon | None] = []
+    measure = agreement.budget_kind
+    loss = agreement.budget_kind.loss_type
+    fixed: list[PrivacyLoss | None] = []
     for d in drafts:
         if d.spec.target_ci95 is not None:
             if d.spec.epsilon is not None:
@@ -289,9 +292,10 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
             except MechanismError as exc:
                 raise InvalidArgumentError(f"aggregate {d.spec.name!r}: {exc}") from None
         else:
-            fixed.append(d.spec.epsilon)
+            # A share is received as a decimal; it counts in the agreement's measure.
+            fixed.append(loss(d.spec.epsilon.micros) if d.spec.epsilon is not None else None)
 
-    discovery_share: Epsilon | None = None
+    discovery_share: PrivacyLoss | None = None
     if private:
         if not 0 < spec.delta_units < DELTA_UNITS:
             raise InvalidArgumentError(
@@ -320,7 +324,7 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
         aggregates=tuple(plans),
         max_rows_per_person=rows,
         max_groups_per_person=groups,
-        epsilon=Epsilon(spent),
+        epsilon=loss(spent),
         measure=agreement.budget_kind,
         discovery=discovery,
         shared_identifiers=relation.shared_identifiers,
@@ -418,7 +422,7 @@ def _draft(
     return _Draft(spec, ref, (("quantile", total_change, float(total_change)),))
 
 
-def _finish(draft: _Draft, share: Epsilon) -> AggregatePlan:
+def _finish(draft: _Draft, share: PrivacyLoss) -> AggregatePlan:
     parts = len(draft.components)
     if share.micros < parts:
         raise InvalidArgumentError(f"aggregate {draft.spec.name!r}: share too small to split")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from entremise.privacy.budget import Epsilon
+from entremise.privacy.budget import Measure, PrivacyLoss
 from entremise.privacy.mechanisms import (
     KeyDiscovery,
     NoiseMechanism,
@@ -36,12 +36,12 @@ from entremise.server.domain.planner import (
 ALPHA = 0.05
 
 
-def mechanism(m: Measurement, measure: str) -> NoiseMechanism:
+def mechanism(m: Measurement, measure: Measure) -> NoiseMechanism:
     """The OpenDP-backed noise for one measurement (not for quantiles)."""
     return mechanism_for(measure, m.sensitivity, m.l2, m.epsilon)
 
 
-def quantile_mechanism(m: Measurement, measure: str) -> NoisyArgMin:
+def quantile_mechanism(m: Measurement, measure: Measure) -> NoisyArgMin:
     """Report-noisy-min in every cell, all at one scale.
 
     `m.sensitivity` bounds the score changes one person causes summed over all cells, and
@@ -51,7 +51,7 @@ def quantile_mechanism(m: Measurement, measure: str) -> NoisyArgMin:
     return NoisyArgMin(m.sensitivity, m.epsilon, measure)
 
 
-def measurement_info(m: Measurement, measure: str, alpha: float = ALPHA) -> MeasurementInfo:
+def measurement_info(m: Measurement, measure: Measure, alpha: float = ALPHA) -> MeasurementInfo:
     """Scale and interval of one measurement, in integer units."""
     mech = mechanism(m, measure)
     return MeasurementInfo(
@@ -72,7 +72,7 @@ def _unit(agg: AggregatePlan) -> float:
 
 def preview_aggregate(agg: AggregatePlan, plan: QueryPlan) -> AggregatePreview:
     """Accuracy of one aggregate before spending (data-independent except for ratios)."""
-    measure = plan.measure.value
+    measure = plan.measure
     unit = _unit(agg)
     if agg.spec.kind is AggregateKind.QUANTILE:
         m = agg.measurements[0]
@@ -136,7 +136,7 @@ def discovery_mechanism(plan: QueryPlan) -> KeyDiscovery:
         shared_identifiers=d.shared_identifiers,
         share=d.epsilon,
         delta=d.delta,
-        measure=plan.measure.value,
+        measure=plan.measure,
     )
 
 
@@ -154,7 +154,7 @@ def discovery_info(plan: QueryPlan) -> dict[str, object] | None:
     }
 
 
-def summarize(plan: QueryPlan, remaining: Epsilon) -> PlanSummary:
+def summarize(plan: QueryPlan, remaining: PrivacyLoss) -> PlanSummary:
     """What the analyst sees before spending, and what is stored with the release."""
     return PlanSummary(
         aggregates=tuple(preview_aggregate(a, plan) for a in plan.aggregates),
@@ -166,7 +166,9 @@ def summarize(plan: QueryPlan, remaining: Epsilon) -> PlanSummary:
         epsilon=plan.epsilon,
         privacy_unit=privacy_unit(plan.shared_identifiers),
         remaining_before=remaining,
-        remaining_after=remaining - plan.epsilon if remaining >= plan.epsilon else Epsilon.zero(),
+        remaining_after=remaining - plan.epsilon
+        if remaining >= plan.epsilon
+        else type(remaining).zero(),
         measure=plan.measure,
         delta_units=plan.delta_units,
         discovery=discovery_info(plan),
@@ -251,7 +253,7 @@ def _quantile_cells(
 ) -> list[CellResult]:
     assert agg.ref is not None and isinstance(agg.ref.column, NumericColumn)
     column = agg.ref.column
-    mech = quantile_mechanism(agg.measurements[0], plan.measure.value)
+    mech = quantile_mechanism(agg.measurements[0], plan.measure)
     num, den = quantile_fraction(agg.spec.quantile or 0.5)
     step = quantile_step(column)
     cells = []
@@ -271,7 +273,7 @@ def _quantile_cells(
 def release(plan: QueryPlan, exact: ExactAggregates) -> tuple[AggregateResult, ...]:
     """Draw the noise (OpenDP) and post-process every aggregate of the plan."""
     keys = exact.keys if exact.keys is not None else list(plan.group_keys)
-    measure = plan.measure.value
+    measure = plan.measure
     results: list[AggregateResult] = []
     for agg in plan.aggregates:
         if agg.spec.kind is AggregateKind.QUANTILE:

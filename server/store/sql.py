@@ -13,7 +13,6 @@ from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy.engine import Connection, Engine
 
-from entremise.privacy.budget import Epsilon
 from entremise.server.domain.audit import GENESIS, ChainedEntry
 from entremise.server.domain.codec import (
     release_payload,
@@ -237,21 +236,20 @@ def create_engine(url: str) -> Engine:
 
 
 def _agreement(row: Any) -> Agreement:
+    loss = BudgetKind(row.budget_kind).loss_type  # amounts count in the agreement's measure
     return Agreement(
         agreement_id=row.agreement_id,
         name=row.name,
         purpose=row.purpose,
         slots=tuple(DatasetSlot(s["partner_id"], s["name"]) for s in json.loads(row.slots_json)),
         analyst_ids=tuple(json.loads(row.analyst_ids_json)),
-        total_epsilon=Epsilon(row.total_micros),
+        total_epsilon=loss(row.total_micros),
         max_rows_per_person=row.max_rows_per_person,
         max_groups_per_person=row.max_groups_per_person,
         created_at=row.created_at,
         budget_kind=BudgetKind(row.budget_kind),
         total_delta_units=row.total_delta_units,
-        analyst_budget=Epsilon(row.analyst_cap_micros)
-        if row.analyst_cap_micros is not None
-        else None,
+        analyst_budget=loss(row.analyst_cap_micros) if row.analyst_cap_micros is not None else None,
         status=AgreementStatus(row.status),
         approved_by=tuple(json.loads(row.approved_by_json)),
         proposer_id=row.proposer_id,
@@ -289,13 +287,14 @@ def _storable(*values: str | None) -> bool:
 
 def _release(row: Any) -> Release:
     payload = json.loads(row.payload_json)
+    summary = summary_from_dict(payload["summary"])  # its measure types the amounts
     return Release(
         release_id=row.release_id,
         agreement_id=row.agreement_id,
         analyst_id=row.analyst_id,
-        summary=summary_from_dict(payload["summary"]),
+        summary=summary,
         results=results_from_list(payload["results"]),
-        epsilon_spent=Epsilon(row.epsilon_micros),
+        epsilon_spent=type(summary.epsilon)(row.epsilon_micros),
         created_at=row.created_at,
         data_versions=tuple(json.loads(row.data_versions_json)),
         query_fingerprint=row.query_fingerprint,
@@ -306,10 +305,11 @@ def _release(row: Any) -> Release:
 
 
 def _budget(row: Any, analysts: tuple[AnalystSpend, ...] = ()) -> BudgetState:
+    loss = BudgetKind(row.budget_kind).loss_type
     return BudgetState(
         row.agreement_id,
-        Epsilon(row.total_micros),
-        Epsilon(row.spent_micros),
+        loss(row.total_micros),
+        loss(row.spent_micros),
         row.release_count,
         BudgetKind(row.budget_kind),
         row.total_delta_units,
@@ -576,11 +576,12 @@ class SqlStore(Store):
         ).first()
         if row is None:
             return None
-        cap = Epsilon(
+        loss = BudgetKind(row.budget_kind).loss_type
+        cap = loss(
             row.analyst_cap_micros if row.analyst_cap_micros is not None else row.total_micros
         )
         spends = tuple(
-            AnalystSpend(r.analyst_id, Epsilon(r.spent_micros), cap)
+            AnalystSpend(r.analyst_id, loss(r.spent_micros), cap)
             for r in conn.execute(
                 sa.select(analyst_spend)
                 .where(analyst_spend.c.agreement_id == agreement_id)
@@ -663,7 +664,7 @@ class SqlStore(Store):
                 # Raising rolls the whole transaction back: the agreement debit too.
                 raise BudgetExhaustedError(
                     requested=str(release.epsilon_spent),
-                    remaining=f"{Epsilon(cap - spent)} for this analyst",
+                    remaining=f"{type(release.epsilon_spent)(cap - spent)} for this analyst",
                 )
             conn.execute(
                 releases.insert().values(
