@@ -596,7 +596,7 @@ def as_calibrated_before(plan: QueryPlan) -> QueryPlan:
         for m in agg.measurements:
             if m.component == "quantile":
                 before = m.sensitivity // (plan.shared_identifiers + 1)
-                share = Epsilon(max(1, m.epsilon.micros // plan.max_groups_per_person))
+                share = type(m.epsilon)(max(1, m.epsilon.micros // plan.max_groups_per_person))
                 measurements.append(replace(m, sensitivity=before, epsilon=share))
             else:
                 before = max(1, m.sensitivity // (plan.shared_identifiers + 1))
