@@ -18,7 +18,9 @@ from pathlib import Path
 
 FOLDERS = ("server", "cli", "partners", "privacy", "sdk")
 SKIP = re.compile(r"(_pb2(_grpc)?\.pyi?$)|(/migrations/)")
-C901 = re.compile(r"^(?P<path>[^:]+):(?P<line>\d+):\d+: C901 `(?P<name>[^`]+)` is too complex \((?P<score>\d+) > 0\)")
+C901 = re.compile(
+    r"^(?P<path>[^:]+):(?P<line>\d+):\d+: C901 `(?P<name>[^`]+)` is too complex \((?P<score>\d+) > 0\)"
+)
 
 
 def sources(root: Path) -> list[Path]:
@@ -34,8 +36,13 @@ def functions(path: Path, root: Path) -> list[dict[str, object]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             length = (node.end_lineno or node.lineno) - node.lineno + 1
-            out.append({"where": f"{path.relative_to(root)}:{node.lineno}", "name": node.name,
-                        "lines": length})
+            out.append(
+                {
+                    "where": f"{path.relative_to(root)}:{node.lineno}",
+                    "name": node.name,
+                    "lines": length,
+                }
+            )
     return out
 
 
@@ -43,17 +50,35 @@ def complexity(root: Path, files: list[Path]) -> list[dict[str, object]]:
     """McCabe complexity of every function, from ruff (the project's own linter)."""
     ruff = Path(sys.executable).with_name("ruff")
     run = subprocess.run(
-        [str(ruff), "check", "--no-cache", "--isolated", "--select", "C901",
-         "--config", "lint.mccabe.max-complexity=0", "--output-format", "concise",
-         *[str(f.relative_to(root)) for f in files]],
-        cwd=root, capture_output=True, text=True, check=False,
+        [
+            str(ruff),
+            "check",
+            "--no-cache",
+            "--isolated",
+            "--select",
+            "C901",
+            "--config",
+            "lint.mccabe.max-complexity=0",
+            "--output-format",
+            "concise",
+            *[str(f.relative_to(root)) for f in files],
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     out = []
     for line in run.stdout.splitlines():
         m = C901.match(line)
         if m:
-            out.append({"where": f"{m['path']}:{m['line']}", "name": m["name"],
-                        "complexity": int(m["score"])})
+            out.append(
+                {
+                    "where": f"{m['path']}:{m['line']}",
+                    "name": m["name"],
+                    "complexity": int(m["score"]),
+                }
+            )
     return out
 
 
@@ -66,21 +91,30 @@ def main() -> None:
     root = Path(args.root).resolve()
     files = sources(root)
     sizes = sorted(
-        ({"file": str(p.relative_to(root)), "lines": len(p.read_text().splitlines())}
-         for p in files), key=lambda r: -int(r["lines"]))
+        (
+            {"file": str(p.relative_to(root)), "lines": len(p.read_text().splitlines())}
+            for p in files
+        ),
+        key=lambda r: -int(r["lines"]),
+    )
     funcs = sorted((f for p in files for f in functions(p, root)), key=lambda r: -int(r["lines"]))
     cc = sorted(complexity(root, files), key=lambda r: -int(r["complexity"]))
-    print(json.dumps({
-        "files": len(files),
-        "lines": sum(int(s["lines"]) for s in sizes),
-        "files_over_400_lines": sum(1 for s in sizes if int(s["lines"]) > 400),
-        "functions": len(funcs),
-        "functions_over_50_lines": sum(1 for f in funcs if int(f["lines"]) > 50),
-        "functions_over_complexity_15": sum(1 for c in cc if int(c["complexity"]) > 15),
-        "largest_files": sizes[: args.top],
-        "longest_functions": funcs[: args.top],
-        "most_complex": cc[: args.top],
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "files": len(files),
+                "lines": sum(int(s["lines"]) for s in sizes),
+                "files_over_400_lines": sum(1 for s in sizes if int(s["lines"]) > 400),
+                "functions": len(funcs),
+                "functions_over_50_lines": sum(1 for f in funcs if int(f["lines"]) > 50),
+                "functions_over_complexity_15": sum(1 for c in cc if int(c["complexity"]) > 15),
+                "largest_files": sizes[: args.top],
+                "longest_functions": funcs[: args.top],
+                "most_complex": cc[: args.top],
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

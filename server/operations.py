@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from entremise.server.app import AUDIT_HEAD_FILE, AUDIT_KEY_FILE, MASTER_KEYS
+from entremise.server.app import AUDIT_HEAD_FILE, AUDIT_KEY_FILE, MASTER_KEYS, default_db_url
 from entremise.server.crypto import DatasetCipher, Keyring
 from entremise.server.domain.audit import Head, Verification, load_public_key, verify_chain
 from entremise.server.store.sql import SqlStore
@@ -30,9 +30,6 @@ __all__ = [
     "verify_audit_log",
 ]
 
-#: The embedded default database: a SQLite file in the data dir.
-DATABASE_FILE = "entremise.db"
-
 
 class OperationError(ValueError):
     """An operation refused: the data dir is not what it expects (one line, for the operator)."""
@@ -46,11 +43,6 @@ class Rotation:
     rewrapped_keys: int
     #: The id of the new (now only) master key.
     master_key: str
-
-
-def default_db_url(data_dir: Path) -> str:
-    """The hub's default database: a SQLite file in the data dir (absolute: cwd never matters)."""
-    return f"sqlite:///{(data_dir / DATABASE_FILE).resolve()}"
 
 
 def upgrade_database(url: str) -> str:
