@@ -232,10 +232,36 @@ def prepare_table(
         )
     if frame.empty:
         raise PrepareError("the file has no data rows")
+    arrays, reports = _key_columns(frame, schema, key, default_region, on_progress)
+    if len(schema.keys) > 1:
+        present = pd.concat(
+            [frame[c].astype("string").str.strip().fillna("") != "" for c in schema.keys], axis=1
+        ).any(axis=1)
+        if not present.all():
+            raise PrepareError(f"{int((~present).sum())} rows have no identifier in any key column")
+    for consent in schema.consents.values():
+        arrays[consent.column] = _booleans(frame[consent.column], consent.column)
+        if consent.expiry_column:
+            arrays[consent.expiry_column] = _expiry(
+                frame[consent.expiry_column], consent.expiry_column
+            )
+    for name, spec in schema.columns.items():
+        arrays[name] = _declared_column(frame[name], name, spec)
+    return _drop_unidentified(pa.table(arrays), schema, reports)
+
+
+def _key_columns(
+    frame: pd.DataFrame,
+    schema: UploadSchema,
+    key: bytes,
+    default_region: str,
+    on_progress: Progress | None,
+) -> tuple[dict[str, pa.Array], list[PlaceholderReport]]:
+    """Each key column pseudonymised, placeholders left missing and counted by reason."""
     pseudonymiser = Pseudonymiser(key)
     arrays: dict[str, pa.Array] = {}
     reports: list[PlaceholderReport] = []
-    several = len(schema.keys) > 1
+    several = len(schema.keys) > 1  # then a row may lack one of its identifiers
     for column, kind in schema.keys.items():
         try:
             if on_progress is None:
@@ -257,40 +283,35 @@ def prepare_table(
         arrays[column] = screened.pseudonyms
         counts = Counter(screened.placeholders.values())
         reports += [PlaceholderReport(column, reason, n) for reason, n in counts.items()]
-    if several:
-        present = pd.concat(
-            [frame[c].astype("string").str.strip().fillna("") != "" for c in schema.keys], axis=1
-        ).any(axis=1)
-        if not present.all():
-            raise PrepareError(f"{int((~present).sum())} rows have no identifier in any key column")
-    for consent in schema.consents.values():
-        arrays[consent.column] = _booleans(frame[consent.column], consent.column)
-        if consent.expiry_column:
-            arrays[consent.expiry_column] = _expiry(
-                frame[consent.expiry_column], consent.expiry_column
-            )
-    for name, spec in schema.columns.items():
-        series = frame[name]
-        raw = looks_like_raw_identifier(
-            series.head(RAW_IDENTIFIER_SAMPLE).tolist(), numeric=isinstance(spec, Numeric)
+    return arrays, reports
+
+
+def _declared_column(series: pd.Series, name: str, spec: Numeric | Categorical | Text) -> pa.Array:
+    """A declared column as sent, refused if it still looks like raw identifiers."""
+    raw = looks_like_raw_identifier(
+        series.head(RAW_IDENTIFIER_SAMPLE).tolist(), numeric=isinstance(spec, Numeric)
+    )
+    if raw:
+        raise PrepareError(
+            f"column {name!r} still looks like it holds raw identifiers ({raw}); "
+            "refusing to send it: drop it or declare it as a key column"
         )
-        if raw:
-            raise PrepareError(
-                f"column {name!r} still looks like it holds raw identifiers ({raw}); "
-                "refusing to send it: drop it or declare it as a key column"
-            )
-        if isinstance(spec, Categorical | Text):
-            if series.isna().any():
-                raise PrepareError(
-                    f"categorical column {name!r} has {int(series.isna().sum())} empty values"
-                )
-            arrays[name] = pa.array(series.astype(str), pa.string())
-        else:
-            arrays[name] = _numbers(series, name)
-    table = pa.table(arrays)
+    if isinstance(spec, Numeric):
+        return _numbers(series, name)
+    if series.isna().any():
+        raise PrepareError(
+            f"categorical column {name!r} has {int(series.isna().sum())} empty values"
+        )
+    return pa.array(series.astype(str), pa.string())
+
+
+def _drop_unidentified(
+    table: pa.Table, schema: UploadSchema, reports: list[PlaceholderReport]
+) -> PreparedTable:
+    """Drop rows whose every identifier was a placeholder; refuse a file with none left."""
     identified = np.zeros(table.num_rows, dtype=bool)
     for column in schema.keys:
-        identified |= pc.is_valid(arrays[column]).to_numpy(zero_copy_only=False)
+        identified |= pc.is_valid(table.column(column)).to_numpy(zero_copy_only=False)
     dropped = int((~identified).sum())
     reports.sort(key=lambda r: (r.column, r.reason))
     if dropped == table.num_rows:
