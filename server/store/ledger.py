@@ -12,48 +12,22 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from entremise.privacy.budget import Epsilon
-from entremise.server.domain.errors import NotFoundError
-from entremise.server.domain.models import AnalystSpend, BudgetState, Release
-from entremise.server.store.refusals import agreement_refusal, analyst_refusal
-from entremise.server.store.rows import (
-    analyst_cap_micros,
-    budget_from_row,
-    release_values,
-    storable,
-)
+from entremise.server.domain.models import BudgetState, Release
+from entremise.server.store.reads import agreement_row, budget_in
+from entremise.server.store.refusals import agreement_refusal, already_exists, analyst_refusal
+from entremise.server.store.rows import analyst_cap_micros, release_values
 from entremise.server.store.tables import agreements, analyst_spend, releases
-
-
-def budget_in(conn: Connection, agreement_id: str) -> BudgetState | None:
-    """An agreement's budget with each analyst's spend (by analyst id), read on `conn`."""
-    if not storable(agreement_id):
-        return None
-    row = conn.execute(
-        sa.select(agreements).where(agreements.c.agreement_id == agreement_id)
-    ).first()
-    if row is None:
-        return None
-    cap = Epsilon(analyst_cap_micros(row))
-    spends = tuple(
-        AnalystSpend(r.analyst_id, Epsilon(r.spent_micros), cap)
-        for r in conn.execute(
-            sa.select(analyst_spend)
-            .where(analyst_spend.c.agreement_id == agreement_id)
-            .order_by(analyst_spend.c.analyst_id)
-        )
-    )
-    return budget_from_row(row, spends)
 
 
 def reserve(conn: Connection, release: Release) -> BudgetState:
     """Debit the agreement and the analyst and record the running release; the budget after."""
     debit_agreement(conn, release)
     debit_analyst(conn, release)
-    conn.execute(releases.insert().values(**release_values(release)))
-    state = budget_in(conn, release.agreement_id)
-    assert state is not None
-    return state
+    try:
+        conn.execute(releases.insert().values(**release_values(release)))
+    except sa.exc.IntegrityError:
+        raise already_exists("release", release.release_id) from None
+    return budget_in(conn, release.agreement_id)
 
 
 def debit_agreement(conn: Connection, release: Release) -> None:
@@ -72,19 +46,13 @@ def debit_agreement(conn: Connection, release: Release) -> None:
             release_count=agreements.c.release_count + 1,
         )
     )
-    if debited.rowcount != 1:
-        state = budget_in(conn, release.agreement_id)
-        if state is None:
-            raise NotFoundError(f"agreement {release.agreement_id!r} not found")
-        raise agreement_refusal(state, release)
+    if debited.rowcount != 1:  # NotFoundError if there is no such agreement
+        raise agreement_refusal(budget_in(conn, release.agreement_id), release)
 
 
 def debit_analyst(conn: Connection, release: Release) -> None:
     """Add the release's epsilon to what its analyst spent, if within the analyst's cap."""
-    row = conn.execute(
-        sa.select(agreements).where(agreements.c.agreement_id == release.agreement_id)
-    ).one()
-    cap = analyst_cap_micros(row)
+    cap = analyst_cap_micros(agreement_row(conn, release.agreement_id))
     _ensure_analyst_row(conn, release)
     mine = (
         analyst_spend.c.agreement_id == release.agreement_id,

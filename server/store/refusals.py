@@ -1,10 +1,40 @@
-"""Why a debit is refused, worded the same by every Store implementation."""
+"""Why the store refuses something, worded the same by every Store implementation."""
 
 from __future__ import annotations
 
 from entremise.privacy.budget import Epsilon
-from entremise.server.domain.errors import BudgetExhaustedError
+from entremise.server.domain.errors import AlreadyExistsError, BudgetExhaustedError, NotFoundError
 from entremise.server.domain.models import DELTA_UNITS, BudgetState, Release
+
+
+def not_found(kind: str, key: str) -> NotFoundError:
+    """`kind` ("agreement", "dataset", "principal") has no object called `key`."""
+    return NotFoundError(f"{kind} {key!r} not found")
+
+
+def already_exists(kind: str, key: str) -> AlreadyExistsError:
+    """A new `kind` repeats the identity `key` of a stored one."""
+    return AlreadyExistsError(f"{kind} {key!r} already exists")
+
+
+def request_already_published(request_id: str) -> AlreadyExistsError:
+    """An upload request id was published already (by the same partner)."""
+    return AlreadyExistsError(f"upload request {request_id!r} was already published")
+
+
+def uploaded_concurrently(name: str) -> AlreadyExistsError:
+    """A first version meets a dataset that exists already."""
+    return AlreadyExistsError(f"dataset {name!r} was uploaded concurrently; retry")
+
+
+def changed_meanwhile(name: str) -> AlreadyExistsError:
+    """A new version does not follow the current one."""
+    return AlreadyExistsError(f"dataset {name!r} changed meanwhile; retry")
+
+
+def keys_already_distributed() -> AlreadyExistsError:
+    """A key context's wrapped matching keys are distributed once."""
+    return AlreadyExistsError("the matching key of this key context was already distributed")
 
 
 def agreement_refusal(state: BudgetState, release: Release) -> BudgetExhaustedError:

@@ -7,13 +7,14 @@ conditional debits of a release in `ledger`; this module is the Store itself.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
-from entremise.server.domain.audit import GENESIS, ChainedEntry
+from entremise.server.domain.audit import ChainedEntry
 from entremise.server.domain.codec import release_payload
-from entremise.server.domain.errors import AlreadyExistsError, NotFoundError
 from entremise.server.domain.models import (
     Agreement,
     AgreementStatus,
@@ -22,13 +23,22 @@ from entremise.server.domain.models import (
     Dataset,
     Principal,
     PublicKeyRecord,
+    QueryContext,
     Release,
     Role,
     WrappedKey,
 )
 from entremise.server.domain.ports import Store
-from entremise.server.store import ledger
+from entremise.server.store import chain, ledger, reads
 from entremise.server.store.database import MIGRATIONS, create_engine, upgrade
+from entremise.server.store.refusals import (
+    already_exists,
+    changed_meanwhile,
+    keys_already_distributed,
+    not_found,
+    request_already_published,
+    uploaded_concurrently,
+)
 from entremise.server.store.rows import (
     agreement_from_row,
     agreement_values,
@@ -64,6 +74,14 @@ class SqlStore(Store):
         self.url = url
         self.engine = create_engine(url)
         self.writer = self.engine.execution_options(immediate=True)
+        # A read transaction on SQLite keeps the snapshot of its first read (WAL); PostgreSQL
+        # needs REPEATABLE READ for that (READ COMMITTED takes a snapshot per statement).
+        postgres = self.engine.dialect.name == "postgresql"
+        self.reader = (
+            self.engine.execution_options(isolation_level="REPEATABLE READ")
+            if postgres
+            else self.engine
+        )
         if create:
             self.upgrade()
 
@@ -75,34 +93,50 @@ class SqlStore(Store):
         """Release pooled connections."""
         self.engine.dispose()
 
+    def _exists(self, column: sa.Column[str], value: str) -> bool:
+        """Whether a row has this value (after a constraint failed: which one was it?)."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(column).where(column == value)).first() is not None
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[Connection]:
+        """One read transaction that sees one state of the database throughout."""
+        with self.reader.connect() as conn, conn.begin():
+            yield conn
+
     # -- principals ---------------------------------------------------------------------------
 
     def create_principal(self, principal: Principal, token_sha256: str) -> None:  # noqa: D102
-        with self.writer.begin() as conn:
-            conn.execute(
-                principals.insert().values(
-                    principal_id=principal.principal_id,
-                    name=principal.name,
-                    role=principal.role.value,
-                    token_sha256=token_sha256,
+        try:
+            with self.writer.begin() as conn:
+                conn.execute(
+                    principals.insert().values(
+                        principal_id=principal.principal_id,
+                        name=principal.name,
+                        role=principal.role.value,
+                        token_sha256=token_sha256,
+                    )
                 )
-            )
+        except sa.exc.IntegrityError:
+            if not (
+                self._exists(principals.c.principal_id, principal.principal_id)
+                or self._exists(principals.c.token_sha256, token_sha256)
+            ):
+                raise
+            raise already_exists("principal", principal.principal_id) from None
 
     def principal_by_token(self, token_sha256: str) -> Principal | None:  # noqa: D102
+        if not storable(token_sha256):
+            return None
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(principals).where(principals.c.token_sha256 == token_sha256)
             ).first()
         return principal_from_row(row) if row else None
 
-    def get_principal(self, principal_id: str) -> Principal | None:  # noqa: D102
-        if not storable(principal_id):
-            return None
+    def get_principal(self, principal_id: str) -> Principal:  # noqa: D102
         with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(principals).where(principals.c.principal_id == principal_id)
-            ).first()
-        return principal_from_row(row) if row else None
+            return principal_from_row(reads.principal_row(conn, principal_id))
 
     def count_principals(self, role: Role | None = None) -> int:  # noqa: D102
         query = sa.select(sa.func.count()).select_from(principals)
@@ -135,51 +169,65 @@ class SqlStore(Store):
     def publish_dataset(self, dataset: Dataset, request_id: str = "") -> None:  # noqa: D102
         with self.writer.begin() as conn:
             if request_id:
-                try:
-                    with conn.begin_nested():
-                        conn.execute(
-                            upload_requests.insert().values(
-                                partner_id=dataset.partner_id,
-                                request_id=request_id,
-                                dataset_id=dataset.dataset_id,
-                                version=dataset.version,
-                            )
-                        )
-                except sa.exc.IntegrityError:
-                    raise AlreadyExistsError(
-                        f"upload request {request_id!r} was already published"
-                    ) from None
-            values = dataset_values(dataset)
+                self._claim_request(conn, dataset, request_id)
             if dataset.version == 1:
-                try:
-                    with conn.begin_nested():
-                        conn.execute(
-                            datasets.insert().values(dataset_id=dataset.dataset_id, **values)
-                        )
-                except sa.exc.IntegrityError:
-                    raise AlreadyExistsError(
-                        f"dataset {dataset.name!r} was uploaded concurrently; retry"
-                    ) from None
-                return
-            updated = conn.execute(
-                datasets.update()
-                .where(
-                    datasets.c.dataset_id == dataset.dataset_id,
-                    datasets.c.version == dataset.version - 1,
-                )
-                .values(**values)
-            )
-            if updated.rowcount != 1:
-                raise AlreadyExistsError(f"dataset {dataset.name!r} changed meanwhile; retry")
+                self._insert_first_version(conn, dataset)
+            else:
+                self._replace_previous_version(conn, dataset)
 
-    def get_dataset(self, dataset_id: str) -> Dataset | None:  # noqa: D102
-        if not storable(dataset_id):
-            return None
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(datasets).where(datasets.c.dataset_id == dataset_id)
-            ).first()
-        return dataset_from_row(row) if row else None
+    @staticmethod
+    def _claim_request(conn: Connection, dataset: Dataset, request_id: str) -> None:
+        """Record which version the partner's request id published (once per request id)."""
+        try:
+            with conn.begin_nested():
+                conn.execute(
+                    upload_requests.insert().values(
+                        partner_id=dataset.partner_id,
+                        request_id=request_id,
+                        dataset_id=dataset.dataset_id,
+                        version=dataset.version,
+                    )
+                )
+        except sa.exc.IntegrityError:
+            raise request_already_published(request_id) from None
+
+    @staticmethod
+    def _insert_first_version(conn: Connection, dataset: Dataset) -> None:
+        try:
+            with conn.begin_nested():
+                conn.execute(
+                    datasets.insert().values(
+                        dataset_id=dataset.dataset_id, **dataset_values(dataset)
+                    )
+                )
+        except sa.exc.IntegrityError:
+            reads.agreement_row(conn, dataset.agreement_id)  # NotFoundError if none
+            reads.principal_row(conn, dataset.partner_id)
+            raise uploaded_concurrently(dataset.name) from None
+
+    @staticmethod
+    def _replace_previous_version(conn: Connection, dataset: Dataset) -> None:
+        updated = conn.execute(
+            datasets.update()
+            .where(
+                datasets.c.dataset_id == dataset.dataset_id,
+                datasets.c.version == dataset.version - 1,
+            )
+            .values(**dataset_values(dataset))
+        )
+        if updated.rowcount != 1:
+            raise changed_meanwhile(dataset.name)
+
+    def get_dataset(self, dataset_id: str) -> Dataset:  # noqa: D102
+        row = None
+        if storable(dataset_id):
+            with self.engine.connect() as conn:
+                row = conn.execute(
+                    sa.select(datasets).where(datasets.c.dataset_id == dataset_id)
+                ).first()
+        if row is None:
+            raise not_found("dataset", dataset_id)
+        return dataset_from_row(row)
 
     def find_dataset(  # noqa: D102
         self, agreement_id: str, partner_id: str, name: str
@@ -210,16 +258,23 @@ class SqlStore(Store):
             return [dataset_from_row(r) for r in conn.execute(query)]
 
     def delete_dataset(self, dataset_id: str) -> None:  # noqa: D102
+        if not storable(dataset_id):
+            raise not_found("dataset", dataset_id)
         with self.writer.begin() as conn:
             deleted = conn.execute(datasets.delete().where(datasets.c.dataset_id == dataset_id))
         if deleted.rowcount != 1:
-            raise NotFoundError(f"dataset {dataset_id!r} not found")
+            raise not_found("dataset", dataset_id)
 
     # -- agreements and budgets ---------------------------------------------------------------
 
     def create_agreement(self, agreement: Agreement) -> None:  # noqa: D102
-        with self.writer.begin() as conn:
-            conn.execute(agreements.insert().values(**agreement_values(agreement)))
+        try:
+            with self.writer.begin() as conn:
+                conn.execute(agreements.insert().values(**agreement_values(agreement)))
+        except sa.exc.IntegrityError:
+            if not self._exists(agreements.c.agreement_id, agreement.agreement_id):
+                raise
+            raise already_exists("agreement", agreement.agreement_id) from None
 
     def update_agreement_state(  # noqa: D102
         self,
@@ -230,6 +285,8 @@ class SqlStore(Store):
         *,
         expected_approved_by: tuple[str, ...],
     ) -> bool:
+        if not storable(agreement_id):
+            return False
         with self.writer.begin() as conn:
             updated = conn.execute(
                 agreements.update()
@@ -242,14 +299,9 @@ class SqlStore(Store):
             )
         return updated.rowcount == 1
 
-    def get_agreement(self, agreement_id: str) -> Agreement | None:  # noqa: D102
-        if not storable(agreement_id):
-            return None
+    def get_agreement(self, agreement_id: str) -> Agreement:  # noqa: D102
         with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(agreements).where(agreements.c.agreement_id == agreement_id)
-            ).first()
-        return agreement_from_row(row) if row else None
+            return agreement_from_row(reads.agreement_row(conn, agreement_id))
 
     def list_agreements(self) -> list[Agreement]:  # noqa: D102
         with self.engine.connect() as conn:
@@ -258,9 +310,13 @@ class SqlStore(Store):
             )
             return [agreement_from_row(r) for r in rows]
 
-    def get_budget(self, agreement_id: str) -> BudgetState | None:  # noqa: D102
-        with self.engine.connect() as conn:
-            return ledger.budget_in(conn, agreement_id)
+    def get_budget(self, agreement_id: str) -> BudgetState:  # noqa: D102
+        with self._snapshot() as conn:
+            return reads.budget_in(conn, agreement_id)
+
+    def query_context(self, agreement_id: str) -> QueryContext:  # noqa: D102
+        with self._snapshot() as conn:
+            return reads.query_context_in(conn, agreement_id)
 
     # -- releases -----------------------------------------------------------------------------
 
@@ -317,22 +373,27 @@ class SqlStore(Store):
     def publish_public_key(  # noqa: D102
         self, principal_id: str, public_key: bytes, created_at: str
     ) -> PublicKeyRecord:
-        with self.writer.begin() as conn:
-            latest = conn.execute(
-                sa.select(sa.func.max(public_keys.c.version)).where(
-                    public_keys.c.principal_id == principal_id
+        try:
+            with self.writer.begin() as conn:
+                latest = conn.execute(
+                    sa.select(sa.func.max(public_keys.c.version)).where(
+                        public_keys.c.principal_id == principal_id
+                    )
+                ).scalar_one()
+                version = (latest or 0) + 1
+                conn.execute(
+                    public_keys.insert().values(
+                        principal_id=principal_id,
+                        version=version,
+                        public_key=public_key,
+                        created_at=created_at,
+                    )
                 )
-            ).scalar_one()
-            version = (latest or 0) + 1
-            conn.execute(
-                public_keys.insert().values(
-                    principal_id=principal_id,
-                    version=version,
-                    public_key=public_key,
-                    created_at=created_at,
-                )
-            )
-        return PublicKeyRecord(principal_id, version, public_key, created_at)
+        except sa.exc.IntegrityError:
+            if not self._exists(principals.c.principal_id, principal_id):
+                raise not_found("principal", principal_id) from None
+            raise
+        return PublicKeyRecord(principal_id, version, bytes(public_key), created_at)
 
     def current_public_key(self, principal_id: str) -> PublicKeyRecord | None:  # noqa: D102
         if not storable(principal_id):
@@ -349,29 +410,32 @@ class SqlStore(Store):
     def store_wrapped_keys(  # noqa: D102
         self, agreement_id: str, fingerprint: str, keys: list[WrappedKey]
     ) -> int:
-        with self.writer.begin() as conn:
-            existing = conn.execute(
-                sa.select(sa.func.count())
-                .select_from(wrapped_keys)
-                .where(
-                    wrapped_keys.c.agreement_id == agreement_id,
-                    wrapped_keys.c.key_fingerprint == fingerprint,
-                )
-            ).scalar_one()
-            if existing:
-                raise AlreadyExistsError(
-                    "the matching key of this key context was already distributed"
-                )
-            for key in keys:
-                conn.execute(
-                    wrapped_keys.insert().values(
-                        agreement_id=agreement_id,
-                        key_fingerprint=fingerprint,
-                        recipient_id=key.recipient_id,
-                        nonce=key.nonce,
-                        ciphertext=key.ciphertext,
+        try:
+            with self.writer.begin() as conn:
+                existing = conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(wrapped_keys)
+                    .where(
+                        wrapped_keys.c.agreement_id == agreement_id,
+                        wrapped_keys.c.key_fingerprint == fingerprint,
                     )
-                )
+                ).scalar_one()
+                if existing:
+                    raise keys_already_distributed()
+                for key in keys:
+                    conn.execute(
+                        wrapped_keys.insert().values(
+                            agreement_id=agreement_id,
+                            key_fingerprint=fingerprint,
+                            recipient_id=key.recipient_id,
+                            nonce=key.nonce,
+                            ciphertext=key.ciphertext,
+                        )
+                    )
+        except sa.exc.IntegrityError:  # no such agreement, or a concurrent distribution won
+            if not self._exists(agreements.c.agreement_id, agreement_id):
+                raise not_found("agreement", agreement_id) from None
+            raise keys_already_distributed() from None
         return len(keys)
 
     def wrapped_key(  # noqa: D102
@@ -392,6 +456,18 @@ class SqlStore(Store):
     # -- consent ------------------------------------------------------------------------------
 
     def record_withdrawals(  # noqa: D102
+        self, agreement_id: str, partner_id: str, pseudonyms: list[str], created_at: str
+    ) -> int:
+        for _ in range(5):
+            try:
+                return self._record_withdrawals(agreement_id, partner_id, pseudonyms, created_at)
+            except sa.exc.IntegrityError:  # no such agreement, or a concurrent withdrawal
+                if not self._exists(agreements.c.agreement_id, agreement_id):
+                    raise not_found("agreement", agreement_id) from None
+                # else retry: the new read skips what the concurrent withdrawal recorded
+        raise RuntimeError("could not record withdrawals under contention")
+
+    def _record_withdrawals(
         self, agreement_id: str, partner_id: str, pseudonyms: list[str], created_at: str
     ) -> int:
         unique = sorted(set(pseudonyms))
@@ -423,67 +499,15 @@ class SqlStore(Store):
         return len(new)
 
     def withdrawn(self, agreement_id: str) -> dict[str, list[str]]:  # noqa: D102
-        if not storable(agreement_id):
-            return {}
-        out: dict[str, list[str]] = {}
         with self.engine.connect() as conn:
-            for row in conn.execute(
-                sa.select(withdrawals.c.partner_id, withdrawals.c.pseudonym).where(
-                    withdrawals.c.agreement_id == agreement_id
-                )
-            ):
-                out.setdefault(row.partner_id, []).append(row.pseudonym)
-        return out
+            return reads.withdrawn_in(conn, agreement_id)
 
     # -- audit --------------------------------------------------------------------------------
 
     def append_audit(  # noqa: D102
         self, event: AuditEvent, seal: Callable[[int, str], tuple[str, str]]
     ) -> ChainedEntry:
-        for _ in range(50):
-            with self.writer.begin() as conn:
-                head = conn.execute(sa.select(audit_head).where(audit_head.c.id == 1)).first()
-                if head is None:
-                    try:
-                        with conn.begin_nested():
-                            conn.execute(audit_head.insert().values(id=1, seq=0, hash=GENESIS))
-                    except sa.exc.IntegrityError:
-                        pass
-                    continue
-                seq, prev = head.seq + 1, head.hash
-                digest, signature = seal(seq, prev)
-                moved = conn.execute(
-                    audit_head.update()
-                    .where(audit_head.c.id == 1, audit_head.c.seq == head.seq)
-                    .values(seq=seq, hash=digest)
-                )
-                if moved.rowcount != 1:
-                    continue  # another append won; retry on the new head
-                conn.execute(
-                    audit_events.insert().values(
-                        seq=seq,
-                        kind=event.kind,
-                        actor_id=event.actor_id,
-                        subject_id=event.subject_id,
-                        detail_json=json.dumps(event.detail, sort_keys=True),
-                        created_at=event.created_at,
-                        prev_hash=prev,
-                        hash=digest,
-                        signature=signature,
-                    )
-                )
-                return ChainedEntry(
-                    seq,
-                    event.kind,
-                    event.actor_id,
-                    event.subject_id,
-                    event.detail,
-                    event.created_at,
-                    prev,
-                    digest,
-                    signature,
-                )
-        raise RuntimeError("could not append to the audit log under contention")
+        return chain.append(self.writer, event, seal)
 
     def list_audit(self) -> list[ChainedEntry]:  # noqa: D102
         with self.engine.connect() as conn:
