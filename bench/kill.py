@@ -35,6 +35,7 @@ from entremise.partners import (
     query,
 )
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE, generate
+from entremise.server.app import default_db_url
 from entremise.server.crypto import DatasetCipher, DecryptionError, Keyring
 from entremise.server.files import SealedDatasetFiles
 from entremise.server.store.sql import SqlStore
@@ -75,7 +76,7 @@ def _start(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 def _check(data_dir: Path, confirmed: set[str]) -> dict[str, int]:
     """Invariants read straight from the database and the files, with the hub dead."""
-    store = SqlStore(f"sqlite:///{data_dir / 'entremise.db'}", create=False)
+    store = SqlStore(default_db_url(data_dir), create=False)
     files = SealedDatasetFiles(
         DatasetCipher(Keyring.load(data_dir / "master.keys"), data_dir / "keys"), data_dir / "data"
     )
@@ -221,7 +222,7 @@ def run_kill(data_dir: Path, *, rounds: int = 8, seed: int = 1) -> dict[str, Any
     process.wait(timeout=30)
     final = _check(data_dir, confirmed)
     spent = Decimal(0)
-    store = SqlStore(f"sqlite:///{data_dir / 'entremise.db'}", create=False)
+    store = SqlStore(default_db_url(data_dir), create=False)
     budget = store.get_budget(agreement_id)
     store.close()
     if budget is not None:

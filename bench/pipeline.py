@@ -51,6 +51,7 @@ from entremise.partners import (
 from entremise.partners.pseudonymise import Pseudonymiser
 from entremise.privacy.budget import Epsilon
 from entremise.privacy.mechanisms import IntegerLaplace
+from entremise.server import testing
 from entremise.server.app import HubConfig, build_server
 from entremise.server.domain.models import AggregateKind, AggregateSpec, QuerySpec
 from entremise.v1 import partner_service_pb2
@@ -306,7 +307,7 @@ def stage_join(running: Any, agreement_id: str, runs: int) -> dict[str, Any]:
         max_rows_per_person=50,
         max_groups_per_person=20,
     )
-    plan = hub.plan(spec)
+    plan = testing.plan(hub, spec)
     tables = [hub.files.read(d.dataset_id, d.version) for d in plan.datasets]
     rows = sum(t.num_rows for t in tables)
 
@@ -434,10 +435,11 @@ def stage_releases(
     from .opendp_context import context_queries, joined_frame
 
     hub = bench.running.hub
-    plan = hub.plan(
+    plan = testing.plan(
+        hub,
         QuerySpec(
             bench.agreement_id, (AggregateSpec("n", AggregateKind.COUNT),), Epsilon.parse("1")
-        )
+        ),
     )
     bank_ds, panel_ds = (d for d in plan.datasets)
 

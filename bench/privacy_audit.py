@@ -37,7 +37,7 @@ import pandas as pd
 from scipy import stats
 
 from entremise.partners import EntremiseRPCError, aggregate, query, where_in, where_range
-from entremise.privacy.budget import Epsilon
+from entremise.privacy.budget import Epsilon, Measure
 from entremise.server.api.serde import query_from_proto
 from entremise.server.domain.models import (
     QUANTILE_CANDIDATES,
@@ -562,7 +562,7 @@ def _release_many(
     """N releases on D and on D' of the case's first aggregate (one OpenDP call per side)."""
     plan = plan or case.plan
     agg = plan.aggregates[0]
-    measure = plan.measure.value
+    measure = plan.measure
     if agg.spec.kind is AggregateKind.QUANTILE:
         from entremise.server.domain.releasing import release
 
@@ -596,7 +596,7 @@ def as_calibrated_before(plan: QueryPlan) -> QueryPlan:
         for m in agg.measurements:
             if m.component == "quantile":
                 before = m.sensitivity // (plan.shared_identifiers + 1)
-                share = Epsilon(max(1, m.epsilon.micros // plan.max_groups_per_person))
+                share = type(m.epsilon)(max(1, m.epsilon.micros // plan.max_groups_per_person))
                 measurements.append(replace(m, sensitivity=before, epsilon=share))
             else:
                 before = max(1, m.sensitivity // (plan.shared_identifiers + 1))
@@ -638,7 +638,7 @@ def one_person_key_rate(share: str, delta: float, keys: int) -> dict[str, Any]:
     """How often a key held by one person is released, against the stated delta."""
     from entremise.privacy.mechanisms import KeyDiscovery
 
-    mech = KeyDiscovery(1, 1, Epsilon.parse(share), delta, "pure")
+    mech = KeyDiscovery(1, 1, Epsilon.parse(share), delta, Measure.PURE)
     released = len(mech.release({f"k{i}": 1 for i in range(keys)}))
     high = stats.beta.ppf(1 - 1e-6, released + 1, keys - released)
     low = stats.beta.ppf(1e-6, released, keys - released + 1) if released else 0.0

@@ -3,7 +3,15 @@
 This package is the only place that imports OpenDP.
 """
 
-from entremise.privacy.budget import Epsilon
+from entremise.privacy.budget import Delta, Epsilon, Measure, MixedMeasuresError, PrivacyLoss, Rho
 from entremise.privacy.mechanisms import IntegerLaplace
 
-__all__ = ["Epsilon", "IntegerLaplace"]
+__all__ = [
+    "Delta",
+    "Epsilon",
+    "IntegerLaplace",
+    "Measure",
+    "MixedMeasuresError",
+    "PrivacyLoss",
+    "Rho",
+]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import opendp.prelude as dp
 
-from entremise.privacy.budget import Epsilon
+from entremise.privacy.budget import Epsilon, Measure, MixedMeasuresError, PrivacyLoss, Rho
 
 # ``contrib`` is required for the (vetted-proof, contrib-gated) discrete Laplace constructors in
 # OpenDP 0.16; ``floating-point`` and ``honest-but-curious`` are deliberately NOT enabled.
@@ -187,7 +187,7 @@ class IntegerGaussian:
     """
 
     sensitivity: float
-    rho: Epsilon
+    rho: Rho
 
     def __post_init__(self) -> None:
         if self.sensitivity <= 0:
@@ -205,9 +205,9 @@ class IntegerGaussian:
         """Human-readable mechanism name."""
         return "discrete_gaussian"
 
-    def privacy_loss(self) -> Epsilon:
+    def privacy_loss(self) -> Rho:
         """Rho according to OpenDP's privacy map, rounded up to a micro-unit: the charge."""
-        charged = Epsilon.ceil_from_float(gaussian_rho(self.scale, self.sensitivity))
+        charged = Rho.ceil_from_float(gaussian_rho(self.scale, self.sensitivity))
         if charged > self.rho:
             raise MechanismError("calibrated mechanism would exceed its rho share")
         return charged
@@ -230,27 +230,29 @@ class IntegerGaussian:
 NoiseMechanism = IntegerLaplace | IntegerGaussian
 
 
-def mechanism_for(measure: str, l1: int, l2: float, share: Epsilon) -> NoiseMechanism:
+def mechanism_for(measure: Measure, l1: int, l2: float, share: PrivacyLoss) -> NoiseMechanism:
     """Discrete Laplace (pure DP, L1) or discrete Gaussian (zCDP, L2) for one noisy vector."""
-    if measure == "zcdp":
+    if isinstance(share, Rho) and measure is Measure.ZCDP:
         return IntegerGaussian(l2, share)
-    return IntegerLaplace(l1, share)
+    if isinstance(share, Epsilon) and measure is Measure.PURE:
+        return IntegerLaplace(l1, share)
+    raise MixedMeasuresError(f"a {share.symbol} share cannot calibrate {measure.value} noise")
 
 
 def share_for_accuracy(
-    measure: str, l1: int, l2: float, halfwidth: float, alpha: float = 0.05
-) -> Epsilon:
+    measure: Measure, l1: int, l2: float, halfwidth: float, alpha: float = 0.05
+) -> PrivacyLoss:
     """Smallest budget share whose (1 - alpha) interval is at most `halfwidth` wide."""
     if halfwidth <= 0 or not math.isfinite(halfwidth):
         raise MechanismError("the target accuracy must be a positive number")
-    if measure == "zcdp":
+    if measure is Measure.ZCDP:
         # P(|X| > h) <= alpha  <=>  P(|X| >= floor(h) + 1) <= alpha, OpenDP's convention.
         accuracy = float(math.floor(halfwidth) + 1)
         if accuracy <= 2 * GAUSSIAN_OPENDP_SCALE_LIMIT:
             sigma = float(dp.accuracy_to_discrete_gaussian_scale(accuracy, alpha))
         else:  # the largest sigma whose bound keeps P(|X| >= accuracy) within alpha
             sigma = _largest_gaussian_scale(int(accuracy), alpha)
-        return Epsilon.ceil_from_float(l2**2 / (2 * sigma**2))
+        return Rho.ceil_from_float(l2**2 / (2 * sigma**2))
     return Epsilon.ceil_from_float(l1 / accuracy_to_scale(halfwidth, alpha))
 
 
@@ -288,27 +290,27 @@ class NoisyArgMin:
     """
 
     sensitivity: int
-    share: Epsilon
-    measure: str  # "pure" or "zcdp"
+    share: PrivacyLoss
+    measure: Measure
 
     @property
     def scale(self) -> float:
         """Gumbel noise scale calibrated to the budget share."""
-        if self.measure == "zcdp":
+        if self.measure is Measure.ZCDP:
             # rho = (2 * sens / scale)^2 / 8  for the exponential mechanism under zCDP.
             return self.sensitivity / math.sqrt(2 * self.share.as_float()) * _CALIBRATION_MARGIN
         return 2 * self.sensitivity / self.share.as_float() * _CALIBRATION_MARGIN
 
     def _measurement(self) -> Any:
-        return _noisy_min(self.scale, self.measure == "zcdp")
+        return _noisy_min(self.scale, self.measure is Measure.ZCDP)
 
-    def privacy_loss(self) -> Epsilon:
+    def privacy_loss(self) -> PrivacyLoss:
         """OpenDP's privacy map at the total sensitivity, rounded up: the charge."""
         try:
             loss = float(self._measurement().map(self.sensitivity))
         except dp.OpenDPException as exc:
             raise MechanismError(f"OpenDP privacy map failed: {exc.variant}") from exc
-        charged = Epsilon.ceil_from_float(loss)
+        charged = type(self.share).ceil_from_float(loss)
         if charged > self.share:
             raise MechanismError("calibrated noisy-min would exceed its budget share")
         return charged
@@ -370,9 +372,9 @@ class KeyDiscovery:
 
     keys_per_unit: int
     shared_identifiers: int
-    share: Epsilon
+    share: PrivacyLoss
     delta: float
-    measure: str  # "pure" or "zcdp"
+    measure: Measure
 
     def __post_init__(self) -> None:
         if not 0 < self.delta < 1:
@@ -381,12 +383,12 @@ class KeyDiscovery:
             raise MechanismError("key discovery needs a positive epsilon share")
 
     @property
-    def count_share(self) -> Epsilon:
+    def count_share(self) -> PrivacyLoss:
         """The tenth spent on the noisy number of withheld keys."""
-        return Epsilon(max(1, self.share.micros // 10))
+        return type(self.share)(max(1, self.share.micros // 10))
 
     @property
-    def threshold_share(self) -> Epsilon:
+    def threshold_share(self) -> PrivacyLoss:
         """The rest, spent on the thresholded people counts."""
         return self.share - self.count_share
 
@@ -409,13 +411,13 @@ class KeyDiscovery:
     def threshold_scale(self) -> float:
         """Noise scale of the thresholded counts (Laplace b, or Gaussian sigma)."""
         share = self.threshold_share.as_float()
-        if self.measure == "zcdp":
+        if self.measure is Measure.ZCDP:
             return self.l2 / math.sqrt(2 * share) * _CALIBRATION_MARGIN
         return self.l0 / share * _CALIBRATION_MARGIN  # l1 = l0: each key moves by >= 1
 
     def _build(self, threshold: int) -> Any:
         domain = dp.map_domain(dp.atom_domain(T=str), dp.atom_domain(T="i64"))
-        if self.measure == "zcdp":
+        if self.measure is Measure.ZCDP:
             metric = dp.l02inf_distance(dp.absolute_distance(T="f64"))
             return dp.m.make_gaussian_threshold(
                 domain, metric, scale=self.threshold_scale, threshold=threshold
@@ -426,7 +428,7 @@ class KeyDiscovery:
         )
 
     def _opendp_loss(self, threshold: int) -> tuple[float, float]:
-        if self.measure == "zcdp":
+        if self.measure is Measure.ZCDP:
             d_in: tuple[int, float, float] | tuple[int, int, int] = (
                 self.l0,
                 self.l2,
@@ -446,7 +448,7 @@ class KeyDiscovery:
         A key held only by the person's unit (count 1; at most `keys_per_unit` of them), or
         only by the units the person absorbs (count <= S; at most S x `keys_per_unit`).
         """
-        tail = gaussian_tail if self.measure == "zcdp" else laplace_tail
+        tail = gaussian_tail if self.measure is Measure.ZCDP else laplace_tail
         scale, per_unit, shared = self.threshold_scale, self.keys_per_unit, self.shared_identifiers
         appearing = per_unit * tail(scale, threshold - 1)
         vanishing = shared * per_unit * tail(scale, threshold - shared)
@@ -463,13 +465,13 @@ class KeyDiscovery:
         """Smallest integer threshold meeting the delta target (doubling, then bisection)."""
         return _smallest_threshold(self)
 
-    def privacy_loss(self) -> Epsilon:
+    def privacy_loss(self) -> PrivacyLoss:
         """Epsilon (or rho) of both parts per OpenDP's maps, rounded up: the charge."""
         loss, delta = self._opendp_loss(self.threshold)
         if delta > self.delta or self.exact_delta(self.threshold) > self.delta:
             raise MechanismError("the threshold does not meet its delta")  # pragma: no cover
         counted = self.counter().privacy_loss()
-        charged = Epsilon.ceil_from_float(loss) + counted
+        charged = type(self.share).ceil_from_float(loss) + counted
         if charged > self.share:
             raise MechanismError("calibrated key discovery would exceed its budget share")
         return charged

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 ADMIN_TOKEN_ENV = "ENTREMISE_ADMIN_TOKEN"
 AUDIT_KEY_FILE = "audit_signing.key"  # its public half: audit_signing.pub
 AUDIT_HEAD_FILE = "audit.head"
+DATABASE_FILE = "entremise.db"  # the embedded default database, in the data dir
 MASTER_KEYS = "master.keys"  # production: --master-key-file elsewhere, or ENTREMISE_MASTER_KEY
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 SERVICE_NAMES = [
@@ -66,6 +67,11 @@ SERVICE_NAMES = [
     query_service_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name,
     compliance_service_pb2.DESCRIPTOR.services_by_name["ComplianceService"].full_name,
 ]
+
+
+def default_db_url(data_dir: Path) -> str:
+    """The embedded default: a SQLite file in the data dir (absolute: cwd never matters)."""
+    return f"sqlite:///{(data_dir / DATABASE_FILE).resolve()}"
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,7 @@ class HubConfig:
     ) -> HubConfig:
         """A hub whose SQLite database and files live under one directory."""
         return cls(
-            db_url=db_url or f"sqlite:///{data_dir / 'entremise.db'}",
+            db_url=db_url or default_db_url(data_dir),
             data_dir=data_dir,
             listen=listen,
             admin_token=admin_token,
@@ -289,7 +295,7 @@ def _build(config: HubConfig, locks: list[HubLock]) -> RunningHub:
         signer=signer,
         head_path=config.data_dir / AUDIT_HEAD_FILE,
     )
-    hub.bootstrap_admin(resolve_admin_token(config))
+    hub.principals.bootstrap_admin(resolve_admin_token(config))
     swept = hub.recover()
     if swept:
         log.warning("removed %d dataset files left by an interrupted upload", swept)

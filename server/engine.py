@@ -131,9 +131,35 @@ def build_sql(
     """SQL text and parameters computing the exact bounded aggregates of `plan`.
 
     Expects a table `withdrawn(pseudonym)` and, when `person_table`, `person(node, label)`.
+    The steps, as common table expressions: withdrawn people; each dataset's consented,
+    filtered rows with its pre-join row cap; the join on the person; the group and row caps
+    after the join; the aggregates per cell.
     """
     params: list[Any] = []
-    purpose = plan.agreement.purpose
+    needed = _needed_columns(plan)
+    ctes = [_withdrawn_cte(person_table)]
+    for i, (dataset, source) in enumerate(zip(plan.datasets, sources, strict=True)):
+        rows = _dataset_rows(plan, i, dataset, source, needed[i], params, now, person_table)
+        ctes.append(f"d{i} AS ({rows})")
+    join = "d0" + "".join(f" JOIN d{i} USING (pid)" for i in range(1, len(plan.datasets)))
+    aliases = [f"d{i}_{c}" for i in sorted(needed) for c in sorted(needed[i])]
+    columns = ", ".join(["pid", *aliases])
+    # Filters were applied per dataset; withdrawn people leave the join entirely.
+    ctes.append(f"j AS (SELECT {columns} FROM {join} WHERE pid NOT IN (SELECT pid FROM gone))")
+    groups = [_alias(r) for r in plan.group_by]
+    bounding, person = _bounding_ctes(plan, groups, aliases)
+    ctes += bounding
+    aggregates = _aggregate_columns(plan, person)
+    group_clause = f" GROUP BY {', '.join(groups)}" if groups else ""
+    select_groups = f"{', '.join(groups)}, " if groups else ""
+    sql = (
+        f"WITH {', '.join(ctes)} SELECT {select_groups}{', '.join(aggregates)} FROM b{group_clause}"
+    )
+    return sql, params
+
+
+def _needed_columns(plan: QueryPlan) -> dict[int, set[str]]:
+    """Per dataset (by position), the columns the query groups, filters or aggregates on."""
     needed: dict[int, set[str]] = {i: set() for i in range(len(plan.datasets))}
     refs = [
         *plan.group_by,
@@ -142,66 +168,77 @@ def build_sql(
     ]
     for ref in refs:
         needed[ref.dataset_index].add(ref.column.name)
+    return needed
 
-    ctes = []
+
+def _withdrawn_cte(person_table: bool) -> str:
+    """`gone`: withdrawn people, as linked persons when identifiers are linked."""
     if person_table:
-        ctes.append(
+        return (
             "gone AS (SELECT DISTINCT coalesce(p.label, w.pseudonym) AS pid "
             "FROM withdrawn w LEFT JOIN person p ON p.node = w.pseudonym)"
         )
+    return "gone AS (SELECT DISTINCT pseudonym AS pid FROM withdrawn)"
+
+
+def _dataset_rows(
+    plan: QueryPlan,
+    i: int,
+    dataset: Dataset,
+    source: str,
+    needed: set[str],
+    params: list[Any],
+    now: str,
+    person_table: bool,
+) -> str:
+    """One dataset's consented rows passing the query's filters, capped per person."""
+    keys = dataset.schema.key_columns
+    cols = "".join(f', t."{c}" AS d{i}_{c}' for c in sorted(needed))
+    joins = ""
+    if person_table:
+        parts = []
+        for n, key in enumerate(keys):
+            joins += f' LEFT JOIN person l{n} ON l{n}.node = t."{key}"'
+            parts += [f"l{n}.label", f't."{key}"']
+        pid = f"coalesce({', '.join(parts)})"
     else:
-        ctes.append("gone AS (SELECT DISTINCT pseudonym AS pid FROM withdrawn)")
-    for i, (dataset, source) in enumerate(zip(plan.datasets, sources, strict=True)):
-        keys = dataset.schema.key_columns
-        cols = "".join(f', t."{c}" AS d{i}_{c}' for c in sorted(needed[i]))
-        joins = ""
-        if person_table:
-            parts = []
-            for n, key in enumerate(keys):
-                joins += f' LEFT JOIN person l{n} ON l{n}.node = t."{key}"'
-                parts += [f"l{n}.label", f't."{key}"']
-            pid = f"coalesce({', '.join(parts)})"
-        else:
-            pid = f't."{keys[0]}"'
-        # The analyst's filters on this dataset apply before its row cap, so the cap chooses
-        # among the rows the query is about (a filter applied after it would miss kept rows).
-        conditions = [_consent_filter(dataset, purpose, now, "t.")]
-        conditions += [
-            _filter_sql(f, f't."{f.ref.column.name}"', params)
-            for f in plan.filters
-            if f.ref.dataset_index == i
-        ]
-        rows = f"SELECT {pid} AS pid{cols} FROM {source} t{joins} WHERE {' AND '.join(conditions)}"
-        most = dataset.max_rows_per_key
-        if len(keys) > 1 or most == 0 or most > plan.max_rows_per_person:
-            # No unit keeps more than the row cap after the join, so none needs more than the
-            # cap from any one dataset before it: one person's records can then add at most
-            # cap^datasets rows to the join, whatever they upload (no data-dependent blow-up
-            # of memory or time). The choice hashes the unit and the row, like the cap after.
-            # Rows of group cells the unit has not kept yet come first, so a unit in at most
-            # `cap` cells keeps a row in each (counts per group are not cut by the row cap).
-            picked = "".join(f", d{i}_{c}" for c in sorted(needed[i]))
-            order = f"hash(pid{picked}){picked}"
-            cells = [_alias(r) for r in plan.group_by if r.dataset_index == i]
-            if cells:
-                rows = (
-                    f"SELECT *, row_number() OVER (PARTITION BY pid, {', '.join(cells)} "
-                    f"ORDER BY {order}) AS cell_k FROM ({rows})"
-                )
-                order = f"cell_k, {order}"
-            rows = (
-                f"SELECT pid{picked} FROM (SELECT *, row_number() OVER (PARTITION BY pid "
-                f"ORDER BY {order}) AS k FROM ({rows})) WHERE k <= {plan.max_rows_per_person}"
-            )
-        ctes.append(f"d{i} AS ({rows})")
-    join = "d0" + "".join(f" JOIN d{i} USING (pid)" for i in range(1, len(plan.datasets)))
-    aliases = [f"d{i}_{c}" for i in sorted(needed) for c in sorted(needed[i])]
-    columns = ", ".join(["pid", *aliases])
+        pid = f't."{keys[0]}"'
+    # The analyst's filters on this dataset apply before its row cap, so the cap chooses
+    # among the rows the query is about (a filter applied after it would miss kept rows).
+    conditions = [_consent_filter(dataset, plan.agreement.purpose, now, "t.")]
+    conditions += [
+        _filter_sql(f, f't."{f.ref.column.name}"', params)
+        for f in plan.filters
+        if f.ref.dataset_index == i
+    ]
+    rows = f"SELECT {pid} AS pid{cols} FROM {source} t{joins} WHERE {' AND '.join(conditions)}"
+    most = dataset.max_rows_per_key
+    if not (len(keys) > 1 or most == 0 or most > plan.max_rows_per_person):
+        return rows
+    # No unit keeps more than the row cap after the join, so none needs more than the
+    # cap from any one dataset before it: one person's records can then add at most
+    # cap^datasets rows to the join, whatever they upload (no data-dependent blow-up
+    # of memory or time). The choice hashes the unit and the row, like the cap after.
+    # Rows of group cells the unit has not kept yet come first, so a unit in at most
+    # `cap` cells keeps a row in each (counts per group are not cut by the row cap).
+    picked = "".join(f", d{i}_{c}" for c in sorted(needed))
+    order = f"hash(pid{picked}){picked}"
+    cells = [_alias(r) for r in plan.group_by if r.dataset_index == i]
+    if cells:
+        rows = (
+            f"SELECT *, row_number() OVER (PARTITION BY pid, {', '.join(cells)} "
+            f"ORDER BY {order}) AS cell_k FROM ({rows})"
+        )
+        order = f"cell_k, {order}"
+    return (
+        f"SELECT pid{picked} FROM (SELECT *, row_number() OVER (PARTITION BY pid "
+        f"ORDER BY {order}) AS k FROM ({rows})) WHERE k <= {plan.max_rows_per_person}"
+    )
 
-    where = ["pid NOT IN (SELECT pid FROM gone)"]  # filters were applied per dataset
-    ctes.append(f"j AS (SELECT {columns} FROM {join} WHERE {' AND '.join(where)})")
 
-    groups = [_alias(r) for r in plan.group_by]
+def _bounding_ctes(plan: QueryPlan, groups: list[str], aliases: list[str]) -> tuple[list[str], str]:
+    """The caps after the join (groups, then rows per person), ending in `b`; the person column."""
+    ctes: list[str] = []
     key = ", ".join(groups)
     bound_groups = bool(groups) and (
         plan.discovery is not None or plan.max_groups_per_person < len(plan.group_keys)
@@ -237,24 +274,28 @@ def build_sql(
             f"WHERE group_rank <= {plan.max_groups_per_person})"
         )
         source = "jg"
-    if bound_rows:
-        # A row of each kept cell first (the planner keeps groups <= rows): the row cap then
-        # never removes a person from a cell, only extra rows within cells.
-        first = ""
-        if groups:
-            ctes.append(
-                f"jc AS (SELECT *, row_number() OVER (PARTITION BY {person}, {key} ORDER BY "
-                f"row_hash, {order}) AS cell_rank FROM {source})"
-            )
-            source, first = "jc", "cell_rank, "
-        ctes.append(
-            "b AS (SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY person ORDER BY "
-            f"{first}row_hash, {order}) AS row_rank FROM {source}) "
-            f"WHERE row_rank <= {plan.max_rows_per_person})"
-        )
-    else:
+    if not bound_rows:
         ctes.append(f"b AS (SELECT * FROM {source})")
+        return ctes, person
+    # A row of each kept cell first (the planner keeps groups <= rows): the row cap then
+    # never removes a person from a cell, only extra rows within cells.
+    first = ""
+    if groups:
+        ctes.append(
+            f"jc AS (SELECT *, row_number() OVER (PARTITION BY {person}, {key} ORDER BY "
+            f"row_hash, {order}) AS cell_rank FROM {source})"
+        )
+        source, first = "jc", "cell_rank, "
+    ctes.append(
+        "b AS (SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY person ORDER BY "
+        f"{first}row_hash, {order}) AS row_rank FROM {source}) "
+        f"WHERE row_rank <= {plan.max_rows_per_person})"
+    )
+    return ctes, person
 
+
+def _aggregate_columns(plan: QueryPlan, person: str) -> list[str]:
+    """People, rows, and per numeric column: clamped sums in integer units, squares, buckets."""
     aggregates = [f"count(DISTINCT {person}) AS people", "count(*) AS n_rows"]
     for column, alias, kinds in numeric_columns(plan).values():
         # DuckDB's least/greatest skip NULLs, so a missing value is kept missing explicitly
@@ -280,12 +321,7 @@ def build_sql(
                 f"{QUANTILE_CANDIDATES - 1})"
             )
             aggregates.append(f"histogram({bucket}) AS hist_{alias}")
-    group_clause = f" GROUP BY {', '.join(groups)}" if groups else ""
-    select_groups = f"{', '.join(groups)}, " if groups else ""
-    sql = (
-        f"WITH {', '.join(ctes)} SELECT {select_groups}{', '.join(aggregates)} FROM b{group_clause}"
-    )
-    return sql, params
+    return aggregates
 
 
 class DuckDBEngine(AggregationEngine):

@@ -22,6 +22,7 @@ from entremise.partners.client import PreparedUpload
 from entremise.partners.prepare import encode
 from entremise.partners.pseudonymise import Pseudonymiser
 from entremise.privacy.budget import Epsilon
+from entremise.server import testing
 from entremise.server.domain.models import ExactAggregates, QueryPlan, QuerySpec
 from tests.conftest import Hub, partner_with_key
 
@@ -157,12 +158,12 @@ class World:
 
     def plan(self, spec: QuerySpec) -> QueryPlan:
         """The hub's plan for `spec` (what it states: sensitivities, bounds, cost)."""
-        return self.hub.running.hub.plan(spec)
+        return testing.plan(self.hub.running.hub, spec)
 
     def exact(self, spec: QuerySpec) -> ExactAggregates:
         """Pre-noise aggregates, straight from the hub's engine (never exposed over the API)."""
         domain = self.hub.running.hub
-        return domain.exact_aggregates(domain.plan(spec))
+        return testing.exact_aggregates(domain, testing.plan(domain, spec))
 
     def spent(self, agreement_id: str) -> Epsilon:
         return Epsilon.parse(self.officer.budgets(agreement_id)[0].spent_epsilon)

@@ -17,6 +17,7 @@ from entremise.partners import (
 )
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA
 from entremise.privacy.budget import Epsilon
+from entremise.server import testing
 from entremise.server.domain.models import (
     AggregateKind,
     AggregateSpec,
@@ -58,7 +59,7 @@ def _exact(
         max_groups_per_person=max_groups,
     )
     domain_hub = hub.running.hub
-    return domain_hub.exact_aggregates(domain_hub.plan(spec))
+    return testing.exact_aggregates(domain_hub, testing.plan(domain_hub, spec))
 
 
 def _people(prefix: str, n: int) -> list[str]:
@@ -157,13 +158,14 @@ def test_exact_aggregates_match_the_partner_side_truth(scenario: Scenario) -> No
         group_by=("bank.segment", "panel.category"),
         max_rows=12,
     )
-    plan = s.hub.running.hub.plan(
+    plan = testing.plan(
+        s.hub.running.hub,
         QuerySpec(
             s.agreement_id,
             (AggregateSpec("n", AggregateKind.COUNT),),
             Epsilon.parse("1"),
             group_by=("bank.segment", "panel.category"),
-        )
+        ),
     )
     expected_people = truth.groupby(["segment", "category"])["email"].nunique()
     expected_cents = (

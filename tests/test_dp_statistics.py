@@ -26,8 +26,9 @@ from scipy import stats
 
 from entremise.cli.demo import consented_join
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE, generate
-from entremise.privacy.budget import Epsilon
+from entremise.privacy.budget import Epsilon, Rho
 from entremise.privacy.mechanisms import IntegerGaussian, IntegerLaplace, NoiseMechanism
+from entremise.server import testing
 from entremise.server.domain.models import AggregateKind, AggregateSpec, QueryPlan, QuerySpec
 from entremise.server.domain.releasing import mechanism
 from tests.conftest import Hub, partner_with_key
@@ -58,7 +59,7 @@ def _laplace(sensitivity: int, epsilon: str) -> IntegerLaplace:
 
 
 def _gaussian(sensitivity: float, rho: str) -> IntegerGaussian:
-    return IntegerGaussian(sensitivity, Epsilon.parse(rho))
+    return IntegerGaussian(sensitivity, Rho.parse(rho))
 
 
 def _twice_the_budget(mech: NoiseMechanism) -> NoiseMechanism:
@@ -321,8 +322,8 @@ def test_neighbouring_datasets_leak_at_most_epsilon(sqlite_hub: Hub) -> None:
             Epsilon.parse(epsilon),
             group_by=group_by,
         )
-        plan = domain.plan(spec)
-        return plan, domain.exact_aggregates(plan).people
+        plan = testing.plan(domain, spec)
+        return plan, testing.exact_aggregates(domain, plan).people
 
     # (a) COUNT of people, epsilon 0.5: D and D' differ by exactly 1.
     plan, total_d = exact(agreements[0], "0.5")
@@ -332,7 +333,7 @@ def test_neighbouring_datasets_leak_at_most_epsilon(sqlite_hub: Hub) -> None:
     [measurement] = plan.aggregates[0].measurements
     assert measurement == plan_prime.aggregates[0].measurements[0]
     assert (measurement.component, measurement.sensitivity) == ("count", 1)
-    mech = mechanism(measurement, plan.measure.value)
+    mech = mechanism(measurement, plan.measure)
     assert isinstance(mech, IntegerLaplace) and mech.privacy_loss() == Epsilon.parse("0.5")
     eps = mech.epsilon.as_float()
 
@@ -362,7 +363,7 @@ def test_neighbouring_datasets_leak_at_most_epsilon(sqlite_hub: Hub) -> None:
     assert sum(cells_d) == total_d[0]
     [measurement] = plan.aggregates[0].measurements
     assert (measurement.component, measurement.sensitivity) == ("count", 2)
-    mech = mechanism(measurement, plan.measure.value)
+    mech = mechanism(measurement, plan.measure)
     assert mech.privacy_loss() == Epsilon.parse("1")
     eps = 1.0
 

@@ -29,7 +29,8 @@ from entremise.partners.keys import public_bytes
 from entremise.partners.pseudonymise import Pseudonymiser, normalise_phone
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE
 from entremise.privacy.budget import Epsilon
-from entremise.server.domain.hub import AUDIT_MIN_PEOPLE
+from entremise.server import testing
+from entremise.server.domain.consent import AUDIT_MIN_PEOPLE
 from entremise.server.domain.models import AggregateKind, AggregateSpec, QuerySpec
 from entremise.v1 import partner_service_pb2
 from tests.conftest import Hub, Scenario, build_scenario, partner_with_key
@@ -38,7 +39,7 @@ from tests.conftest import Hub, Scenario, build_scenario, partner_with_key
 def _people(hub: Hub, agreement_id: str) -> int:
     spec = QuerySpec(agreement_id, (AggregateSpec("n", AggregateKind.COUNT),), Epsilon.parse("1"))
     domain_hub = hub.running.hub
-    return domain_hub.exact_aggregates(domain_hub.plan(spec)).people[0]
+    return testing.exact_aggregates(domain_hub, testing.plan(domain_hub, spec)).people[0]
 
 
 def _stored_pseudonyms(hub: Hub, agreement_id: str) -> set[str]:

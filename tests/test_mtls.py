@@ -17,7 +17,7 @@ from cryptography.x509.oid import NameOID
 
 from entremise.partners import Client, EntremiseRPCError, TLSConfig
 from entremise.server.app import HubConfig, RunningHub, build_server
-from entremise.server.domain.hub import hash_token
+from entremise.server.domain.ids import hash_token
 from entremise.v1 import compliance_service_pb2, compliance_service_pb2_grpc
 from tests.conftest import ADMIN_TOKEN
 

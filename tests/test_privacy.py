@@ -7,11 +7,19 @@ import math
 import numpy as np
 import pytest
 
-from entremise.privacy.budget import Epsilon, InvalidEpsilonError
+from entremise.privacy.budget import (
+    Delta,
+    Epsilon,
+    InvalidEpsilonError,
+    Measure,
+    MixedMeasuresError,
+    Rho,
+)
 from entremise.privacy.mechanisms import (
     IntegerLaplace,
     MechanismError,
     accuracy_to_scale,
+    mechanism_for,
     share_for_accuracy,
 )
 
@@ -44,7 +52,7 @@ def test_privacy_map_from_opendp_matches_the_share() -> None:
     with pytest.raises(MechanismError):
         IntegerLaplace(sensitivity=0, epsilon=Epsilon.parse("1"))
     # The round trip: asking for this half-width costs at most this share and delivers it.
-    share = share_for_accuracy("pure", 12, 12.0, mech.ci_halfwidth())
+    share = share_for_accuracy(Measure.PURE, 12, 12.0, mech.ci_halfwidth())
     assert share <= Epsilon.parse("0.3")
     assert IntegerLaplace(12, share).ci_halfwidth() <= mech.ci_halfwidth()
     assert accuracy_to_scale(mech.ci_halfwidth()) >= mech.scale * 0.999
@@ -68,3 +76,29 @@ def test_noise_matches_the_stated_scale_and_interval(sensitivity: int, epsilon: 
     coverage = float(np.mean(np.abs(noise) <= mech.ci_halfwidth()))
     assert abs(coverage - 0.95) < 5 * math.sqrt(0.95 * 0.05 / n) + 0.005
     assert abs(np.median(noise)) <= max(1.0, b / 10)
+
+
+def test_budget_types_of_different_measures_refuse_to_mix() -> None:
+    epsilon, rho = Epsilon.parse("0.5"), Rho.parse("0.5")
+    assert epsilon + Epsilon.parse("0.25") == Epsilon.parse("0.75")
+    assert rho - Rho.parse("0.25") == Rho.parse("0.25")
+    assert epsilon != rho  # equal micros, different quantities
+    for combine in (
+        lambda: epsilon + rho,
+        lambda: rho - epsilon,
+        lambda: epsilon < rho,
+        lambda: rho >= epsilon,
+        lambda: Delta(1) + epsilon,
+    ):
+        with pytest.raises(MixedMeasuresError):
+            combine()
+    assert Measure.ZCDP.loss_type is Rho and Measure.PURE.loss_type is Epsilon
+    assert isinstance(Rho.ceil_from_float(0.1), Rho) and Rho.zero().split(2) == [Rho(0), Rho(0)]
+
+
+def test_a_noise_mechanism_refuses_a_share_of_the_other_measure() -> None:
+    with pytest.raises(MixedMeasuresError):
+        mechanism_for(Measure.ZCDP, 1, 1.0, Epsilon.parse("1"))
+    with pytest.raises(MixedMeasuresError):
+        mechanism_for(Measure.PURE, 1, 1.0, Rho.parse("1"))
+    assert mechanism_for(Measure.ZCDP, 1, 1.0, Rho.parse("1")).name == "discrete_gaussian"

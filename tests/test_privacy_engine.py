@@ -25,6 +25,7 @@ from entremise.partners import (
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE
 from entremise.privacy.budget import Epsilon
 from entremise.privacy.mechanisms import zcdp_to_approx_dp
+from entremise.server import testing
 from entremise.server.domain.models import AggregateKind, AggregateSpec, QuerySpec
 from entremise.server.domain.releasing import discover_keys
 from tests.conftest import Hub, Scenario, build_scenario, partner_with_key
@@ -260,8 +261,8 @@ def test_discovered_keys_never_include_a_single_persons_key(sqlite_hub: Hub) -> 
         group_by=("shop.brand",),
         delta_units=10**6,
     )
-    plan_ = domain_hub.plan(spec)
-    exact = domain_hub.exact_aggregates(plan_)
+    plan_ = testing.plan(domain_hub, spec)
+    exact = testing.exact_aggregates(domain_hub, plan_)
     counts = {k[0]: n for k, n in zip(exact.keys or [], exact.people, strict=True)}
     assert sum(1 for n in counts.values() if n == 1) == 150
     for _ in range(300):

@@ -24,8 +24,9 @@ import pytest
 from scipy import stats
 
 from entremise.partners import EntremiseRPCError, aggregate, query, where_in
-from entremise.privacy.budget import Epsilon
+from entremise.privacy.budget import Epsilon, Measure, Rho
 from entremise.privacy.mechanisms import IntegerGaussian, KeyDiscovery, gaussian_rho
+from entremise.server import testing
 from entremise.server.domain.errors import ReleaseFailedError
 from entremise.server.domain.models import (
     AggregateKind,
@@ -219,7 +220,7 @@ def test_one_person_with_thousands_of_rows_cannot_blow_up_the_join(world: World)
     panel = [row for i in range(5) for row in panel_rows(i, 3 if i else 3000)]
     d = world.agreement(frame(bank, BANK), frame(panel, PANEL), crafted=True)
     domain = world.hub.running.hub
-    plan = domain.plan(_spec(d, ROWS, AMOUNT))
+    plan = testing.plan(domain, _spec(d, ROWS, AMOUNT))
     tables = [domain.files.read(x.dataset_id, x.version) for x in plan.datasets]
     assert _joined_rows(plan, tables) == 4 * 3 + 10 * 10
     assert world.exact(_spec(d, ROWS)).rows == [4 * 3 + 10]
@@ -277,7 +278,7 @@ def test_a_release_interrupted_by_a_crash_is_failed_at_restart_and_keeps_its_deb
     world = World.start(hub)
     d = world.agreement(frame(bank_rows(range(3)), BANK), frame(panel_rows(0, 2), PANEL))
     domain = hub.running.hub
-    plan = domain.plan(_spec(d, PEOPLE))
+    plan = testing.plan(domain, _spec(d, PEOPLE))
     running = Release(
         release_id="rel_interrupted",
         agreement_id=d,
@@ -332,7 +333,7 @@ def test_a_one_person_key_is_released_with_probability_at_most_delta(
         shared_identifiers=1,
         share=Epsilon.parse(share),
         delta=delta,
-        measure="pure",
+        measure=Measure.PURE,
     )
     threshold, scale = discovery.threshold, discovery.threshold_scale
     # A key only D' holds has count 1 there (the person's own unit); one only D holds has
@@ -397,9 +398,9 @@ def test_the_threshold_shown_is_the_threshold_applied(world: World) -> None:
 
 @pytest.mark.parametrize("l2", [1.0, math.sqrt(2), math.sqrt(3), 2.5, 12.0])
 def test_a_zcdp_charge_is_what_the_opendp_map_returns(l2: float) -> None:
-    share = Epsilon.parse("0.1")
+    share = Rho.parse("0.1")
     mech = IntegerGaussian(l2, share)
-    assert mech.privacy_loss() == Epsilon.ceil_from_float(gaussian_rho(mech.scale, l2)) == share
+    assert mech.privacy_loss() == Rho.ceil_from_float(gaussian_rho(mech.scale, l2)) == share
 
 
 # -- 6. the audit log ---------------------------------------------------------------------------
@@ -442,7 +443,7 @@ def test_the_row_caps_keep_a_person_in_every_group_and_filter_they_reach(world: 
     assert world.exact(_spec(d, ROWS, filters=(travel,))).rows == [40]
     # A cap the analyst chose still cuts, and the plan says so in plain words.
     one = world.plan(_spec(d, PEOPLE, group_by=("panel.category",), max_groups_per_person=1))
-    assert sum(world.hub.running.hub.exact_aggregates(one).people) == 40
+    assert sum(testing.exact_aggregates(world.hub.running.hub, one).people) == 40
     notes = summarize(one, Epsilon.parse("100")).bounds_notes
     assert len(notes) == 1 and "at most 1 group of the 3 groups of panel.category" in notes[0]
     assert "--max-groups 3" in notes[0]

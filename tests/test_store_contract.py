@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from entremise.privacy.budget import Epsilon
+from entremise.privacy.budget import Epsilon, PrivacyLoss, Rho
 from entremise.server.domain.audit import GENESIS, ChainedEntry
 from entremise.server.domain.errors import (
     AlreadyExistsError,
@@ -83,6 +83,15 @@ def eps(text: str) -> Epsilon:
     return Epsilon.parse(text)
 
 
+def rho(text: str) -> Rho:
+    return Rho.parse(text)
+
+
+def amount(kind: BudgetKind, text: str) -> PrivacyLoss:
+    """An amount in the measure of `kind` (epsilon or rho)."""
+    return kind.loss_type.parse(text)
+
+
 def token(name: str) -> str:
     return hashlib.sha256(name.encode()).hexdigest()
 
@@ -114,13 +123,13 @@ def agreement(
         purpose="ads",
         slots=slots,
         analyst_ids=(ALICE, BOB),
-        total_epsilon=eps(total),
+        total_epsilon=amount(kind, total),
         max_rows_per_person=12,
         max_groups_per_person=3,
         created_at=created_at,
         budget_kind=kind,
         total_delta_units=delta_units,
-        analyst_budget=eps(analyst_budget) if analyst_budget is not None else None,
+        analyst_budget=amount(kind, analyst_budget) if analyst_budget is not None else None,
         status=AgreementStatus.PROPOSED,
         approved_by=(BANK,),
         proposer_id=BANK,
@@ -158,14 +167,14 @@ def dataset(
     )
 
 
-def summary(cost: str = "0.1") -> PlanSummary:
+def summary(cost: str = "0.1", kind: BudgetKind = BudgetKind.PURE) -> PlanSummary:
     return PlanSummary(
         aggregates=(
             AggregatePreview(
                 "n",
                 AggregateKind.COUNT,
                 "",
-                eps(cost),
+                amount(kind, cost),
                 "discrete laplace",
                 10.0,
                 1.0,
@@ -179,10 +188,11 @@ def summary(cost: str = "0.1") -> PlanSummary:
         max_rows_per_person=12,
         max_groups_per_person=3,
         clamped_columns=(),
-        epsilon=eps(cost),
+        epsilon=amount(kind, cost),
         privacy_unit="a person",
-        remaining_before=eps("1"),
-        remaining_after=eps("0.9"),
+        remaining_before=amount(kind, "1"),
+        remaining_after=amount(kind, "0.9"),
+        measure=kind,
         discovery={"column": "panel.city", "threshold": 4.5},
         shared_identifiers=2,
         bounds_notes=("at most 12 rows per person",),
@@ -208,14 +218,15 @@ def release(
     delta_units: int = 0,
     status: str = "running",
     replay_key: str = "",
+    kind: BudgetKind = BudgetKind.PURE,
 ) -> Release:
     return Release(
         release_id=release_id,
         agreement_id=agreement_id,
         analyst_id=analyst_id,
-        summary=summary(cost),
+        summary=summary(cost, kind),
         results=(),
-        epsilon_spent=eps(cost),
+        epsilon_spent=amount(kind, cost),
         created_at=T0,
         data_versions=(1, 2),
         query_fingerprint="q" * 64,
@@ -441,7 +452,7 @@ def test_an_agreement_is_read_back_whole_with_an_unspent_budget(store: Store) ->
     seed(store, made)
     assert store.get_agreement(AG) == made
     assert store.get_budget(AG) == BudgetState(
-        AG, eps("1"), eps("0"), 0, BudgetKind.ZCDP, 7 * 10**9, 0, ()
+        AG, rho("1"), rho("0"), 0, BudgetKind.ZCDP, 7 * 10**9, 0, ()
     )
     with pytest.raises(AlreadyExistsError) as again:
         store.create_agreement(replace(made, name="other"))
@@ -581,22 +592,33 @@ def test_a_refused_first_release_leaves_no_analyst_behind(store: Store) -> None:
 
 def test_zcdp_debits_rho_and_delta_and_refuses_delta_overspend(store: Store) -> None:
     micro_delta = DELTA_UNITS // 10**6  # delta 1e-6
-    seed(store, agreement(kind=BudgetKind.ZCDP, delta_units=micro_delta))
-    after = store.reserve_release(release("rel_1", cost="0.2", delta_units=micro_delta * 6 // 10))
+    zcdp = BudgetKind.ZCDP
+    seed(store, agreement(kind=zcdp, delta_units=micro_delta, analyst_budget="0.5"))
+    first = release("rel_1", cost="0.2", delta_units=micro_delta * 6 // 10, kind=zcdp)
+    after = store.reserve_release(first)
     assert (after.kind, after.spent, after.spent_delta_units) == (
-        BudgetKind.ZCDP,
-        eps("0.2"),
+        zcdp,
+        rho("0.2"),
         micro_delta * 6 // 10,
     )
+    assert after.analysts == (AnalystSpend(ALICE, rho("0.2"), rho("0.5")),)
+    assert store.list_releases() == [first]
     with pytest.raises(BudgetExhaustedError) as refused:
-        store.reserve_release(release("rel_2", cost="0.1", delta_units=micro_delta * 6 // 10))
+        store.reserve_release(
+            release("rel_2", cost="0.1", delta_units=micro_delta * 6 // 10, kind=zcdp)
+        )
     assert (refused.value.requested, refused.value.remaining) == ("delta 6e-07", "delta 4e-07")
     assert store.get_budget(AG) == after
+    with pytest.raises(BudgetExhaustedError) as capped:
+        store.reserve_release(release("rel_2", cost="0.4", kind=zcdp))
+    assert capped.value.remaining == "0.3 for this analyst"
     # Exactly the delta left, and no delta at all, both pass.
-    store.reserve_release(release("rel_3", cost="0.1", delta_units=micro_delta * 4 // 10))
-    final = store.reserve_release(release("rel_4", cost="0.1"))
+    store.reserve_release(
+        release("rel_3", cost="0.1", delta_units=micro_delta * 4 // 10, kind=zcdp)
+    )
+    final = store.reserve_release(release("rel_4", cost="0.1", kind=zcdp))
     assert (final.spent, final.spent_delta_units, final.release_count) == (
-        eps("0.4"),
+        rho("0.4"),
         micro_delta,
         3,
     )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -27,6 +28,10 @@ ERROR_MAP: dict[ErrorCode, grpc.StatusCode] = {
 }
 
 INTERNAL_MESSAGE = "internal server error (logged on the hub)"
+
+Servicer = TypeVar("Servicer")
+Request = TypeVar("Request")
+Response = TypeVar("Response")
 
 
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
@@ -50,3 +55,23 @@ def rpc_errors(context: grpc.ServicerContext, rpc: str) -> Iterator[None]:
             raise
         log.exception("%s failed", rpc)
         abort(context, grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+
+def rpc(
+    method: Callable[[Servicer, Request, grpc.ServicerContext], Response],
+) -> Callable[[Servicer, Request, grpc.ServicerContext], Response]:
+    """Decorate a servicer method: its errors reach the client as statuses, through `rpc_errors`.
+
+    The method name is the RPC's name in the logs.
+    """
+
+    @functools.wraps(method)
+    def translated(self: Servicer, request: Request, context: grpc.ServicerContext) -> Response:
+        with rpc_errors(context, method.__name__):
+            return method(self, request, context)
+        raise AssertionError("unreachable: rpc_errors aborts")  # pragma: no cover
+
+    return translated
+
+
+__all__: list[Any] = ["ERROR_MAP", "INTERNAL_MESSAGE", "abort", "rpc", "rpc_errors"]

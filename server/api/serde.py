@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from typing import Any, TypeVar
 
-from entremise.privacy.budget import Epsilon
+from entremise.privacy.budget import Epsilon, PrivacyLoss, Rho
 from entremise.privacy.mechanisms import CONVERSION_DELTA, zcdp_to_approx_dp
+from entremise.server.domain.audit import ChainedEntry
 from entremise.server.domain.errors import InvalidArgumentError
+from entremise.server.domain.keys import KeyMaterial
 from entremise.server.domain.models import (
     DELTA_UNITS,
     AggregateKind,
@@ -22,6 +26,7 @@ from entremise.server.domain.models import (
     BudgetState,
     CategoricalColumn,
     Column,
+    ConsentCount,
     ConsentSpec,
     Dataset,
     DatasetSchema,
@@ -40,14 +45,19 @@ from entremise.server.domain.models import (
     TextColumn,
     WrappedKey,
 )
+from entremise.server.domain.planner import DEFAULT_MAX_ROWS_PER_PERSON
+from entremise.server.domain.sensitivity import DEFAULT_SHARED_IDENTIFIERS
 from entremise.server.schema_check import check_received_schema
 from entremise.v1 import (
     admin_service_pb2,
     agreement_service_pb2,
     common_pb2,
+    compliance_service_pb2,
     partner_service_pb2,
     query_service_pb2,
 )
+
+Loss = TypeVar("Loss", bound=PrivacyLoss)
 
 ROLE_TO_PROTO = {
     Role.ADMIN: common_pb2.ROLE_ADMIN,
@@ -334,10 +344,89 @@ def agreement_to_proto(
     )
 
 
+def agreement_terms_from_proto(
+    request: agreement_service_pb2.CreateAgreementRequest,
+) -> dict[str, Any]:
+    """The keyword arguments of `Agreements.create`, with the API's defaults for unset fields.
+
+    The total and the per-analyst budget count in the agreement's measure (epsilon or rho).
+    """
+    kind = budget_kind_from_proto(request.budget_kind)
+    return {
+        "name": request.name,
+        "purpose": request.purpose,
+        "slots": slots_from_proto(request.datasets),
+        "analyst_ids": list(request.analyst_ids),
+        "total_epsilon": amount_from_text(request.total_epsilon, "total epsilon", kind.loss_type),
+        "max_rows_per_person": request.max_rows_per_person or DEFAULT_MAX_ROWS_PER_PERSON,
+        "max_groups_per_person": request.max_groups_per_person,  # 0: auto
+        "budget_kind": kind,
+        "total_delta_units": delta_units(request.total_delta, "total delta"),
+        "analyst_budget": amount_from_text(request.analyst_budget, "analyst budget", kind.loss_type)
+        if request.analyst_budget
+        else None,
+        "expires_at": request.expires_at,
+        "allowed_columns": tuple(request.allowed_columns),
+        "allowed_aggregations": tuple(request.allowed_aggregations),
+        "min_group_size": request.min_group_size,
+        "max_shared_identifiers": request.max_shared_identifiers or DEFAULT_SHARED_IDENTIFIERS,
+    }
+
+
+def key_material_to_proto(material: KeyMaterial) -> partner_service_pb2.GetKeyMaterialResponse:
+    """Public keys, fingerprint, leader and (if distributed) the caller's wrapped key."""
+    response = partner_service_pb2.GetKeyMaterialResponse(
+        agreement_id=material.agreement_id,
+        participants=[public_key_to_proto(k) for k in material.participants],
+        key_fingerprint=material.fingerprint,
+        leader_id=material.leader_id,
+    )
+    if material.wrapped_for_caller is not None:
+        response.wrapped_for_caller.CopyFrom(wrapped_key_to_proto(material.wrapped_for_caller))
+    return response
+
+
+def audit_entry_to_proto(e: ChainedEntry) -> compliance_service_pb2.AuditEvent:
+    """One chained audit entry, its detail as canonical JSON."""
+    return compliance_service_pb2.AuditEvent(
+        seq=e.seq,
+        kind=e.kind,
+        actor_id=e.actor_id,
+        subject_id=e.subject_id,
+        detail_json=json.dumps(e.detail, sort_keys=True),
+        created_at=e.created_at,
+        prev_hash=e.prev_hash,
+        hash=e.hash,
+        signature=e.signature,
+    )
+
+
+def coverage_to_proto(
+    d: Dataset, c: ConsentCount, withdrawn_people: int
+) -> compliance_service_pb2.ConsentCoverage:
+    """Consent counts of one dataset and purpose, and people its partner withdrew."""
+    return compliance_service_pb2.ConsentCoverage(
+        agreement_id=d.agreement_id,
+        dataset_id=d.dataset_id,
+        dataset_name=d.name,
+        partner_id=d.partner_id,
+        purpose=c.purpose,
+        rows=c.rows,
+        consenting_rows=c.consenting_rows,
+        expired_rows=c.expired_rows,
+        withdrawn_people=withdrawn_people,
+    )
+
+
 def epsilon_from_text(text: str, what: str) -> Epsilon:
     """Parse an exact epsilon or raise INVALID_ARGUMENT with a clear message."""
+    return amount_from_text(text, what, Epsilon)
+
+
+def amount_from_text(text: str, what: str, loss: type[Loss]) -> Loss:
+    """Parse an exact amount of one measure (epsilon or rho), or raise INVALID_ARGUMENT."""
     try:
-        return Epsilon.parse(text, what=what)
+        return loss.parse(text, what=what)
     except ValueError as exc:
         raise InvalidArgumentError(str(exc)) from None
 
@@ -393,7 +482,7 @@ def query_from_proto(msg: query_service_pb2.Query) -> QuerySpec:
         filters=tuple(filters),
         max_rows_per_person=msg.max_rows_per_person,
         max_groups_per_person=msg.max_groups_per_person,
-        rho=epsilon_from_text(msg.rho, "query rho") if msg.rho else None,
+        rho=amount_from_text(msg.rho, "query rho", Rho) if msg.rho else None,
         delta_units=delta_units(msg.delta, "query delta"),
     )
 

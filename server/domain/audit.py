@@ -85,6 +85,10 @@ class AuditSigner:
         )
         return cls(key)
 
+    def public_key(self) -> Ed25519PublicKey:
+        """The verification half of the key."""
+        return self._key.public_key()
+
     def sign(self, digest: str) -> str:
         """Hex Ed25519 signature of a hex digest."""
         return self._key.sign(bytes.fromhex(digest)).hex()

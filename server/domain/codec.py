@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from entremise.privacy.budget import Epsilon
 from entremise.server.domain.models import (
     AggregateKind,
     AggregatePreview,
@@ -118,14 +117,16 @@ def summary_to_dict(s: PlanSummary) -> dict[str, Any]:
 
 
 def summary_from_dict(d: dict[str, Any]) -> PlanSummary:
-    """Inverse of summary_to_dict."""
+    """Inverse of summary_to_dict (amounts typed by the stored measure)."""
+    measure = BudgetKind(d.get("measure", "pure"))
+    loss = measure.loss_type
     return PlanSummary(
         aggregates=tuple(
             AggregatePreview(
                 a["name"],
                 AggregateKind(a["kind"]),
                 a["column"],
-                Epsilon.parse(a["epsilon"]),
+                loss.parse(a["epsilon"]),
                 a["mechanism"],
                 a["noise_scale"],
                 a["sensitivity"],
@@ -140,11 +141,11 @@ def summary_from_dict(d: dict[str, Any]) -> PlanSummary:
         max_rows_per_person=d["max_rows_per_person"],
         max_groups_per_person=d["max_groups_per_person"],
         clamped_columns=tuple(d["clamped_columns"]),
-        epsilon=Epsilon.parse(d["epsilon"]),
+        epsilon=loss.parse(d["epsilon"]),
         privacy_unit=d["privacy_unit"],
-        remaining_before=Epsilon.parse(d["remaining_before"]),
-        remaining_after=Epsilon.parse(d["remaining_after"]),
-        measure=BudgetKind(d.get("measure", "pure")),
+        remaining_before=loss.parse(d["remaining_before"]),
+        remaining_after=loss.parse(d["remaining_after"]),
+        measure=measure,
         delta_units=int(d.get("delta_units", 0)),
         discovery=d.get("discovery"),
         # Releases stored before the relation was stated assumed no shared identifier.

@@ -7,7 +7,8 @@ import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from entremise.privacy.budget import Epsilon
+from entremise.privacy.budget import DELTA_UNITS as DELTA_UNITS
+from entremise.privacy.budget import Epsilon, Measure, PrivacyLoss, Rho
 from entremise.server.domain.errors import InvalidArgumentError
 
 #: Names of datasets, columns and purposes: short, ASCII, SQL-safe identifiers.
@@ -306,11 +307,8 @@ class AuditEvent:
     created_at: str
 
 
-class BudgetKind(StrEnum):
-    """The privacy measure budgets are counted in."""
-
-    PURE = "pure"  # epsilon, discrete Laplace
-    ZCDP = "zcdp"  # rho, discrete Gaussian
+#: The privacy measure an agreement's budget is counted in (epsilon for PURE, rho for ZCDP).
+BudgetKind = Measure
 
 
 class AgreementStatus(StrEnum):
@@ -323,10 +321,6 @@ class AgreementStatus(StrEnum):
     EXPIRED = "expired"
 
 
-#: Delta amounts are stored exactly in units of 1e-15.
-DELTA_UNITS = 10**15
-
-
 @dataclass(frozen=True)
 class Agreement:
     """Which partners' datasets may be joined, for which purpose, by whom, within which budget."""
@@ -336,13 +330,13 @@ class Agreement:
     purpose: str
     slots: tuple[DatasetSlot, ...]
     analyst_ids: tuple[str, ...]
-    total_epsilon: Epsilon
+    total_epsilon: PrivacyLoss
     max_rows_per_person: int
     max_groups_per_person: int
     created_at: str
     budget_kind: BudgetKind = BudgetKind.PURE
     total_delta_units: int = 0
-    analyst_budget: Epsilon | None = None  # None = each analyst may spend the whole total
+    analyst_budget: PrivacyLoss | None = None  # None = each analyst may spend the whole total
     status: AgreementStatus = AgreementStatus.PROPOSED
     approved_by: tuple[str, ...] = ()
     proposer_id: str = ""
@@ -365,7 +359,7 @@ class Agreement:
         return self.status
 
     @property
-    def analyst_cap(self) -> Epsilon:
+    def analyst_cap(self) -> PrivacyLoss:
         """What one analyst may spend in total."""
         return self.analyst_budget if self.analyst_budget is not None else self.total_epsilon
 
@@ -380,8 +374,8 @@ class AnalystSpend:
     """What one analyst has spent of an agreement."""
 
     analyst_id: str
-    spent: Epsilon
-    cap: Epsilon
+    spent: PrivacyLoss
+    cap: PrivacyLoss
 
 
 @dataclass(frozen=True)
@@ -389,8 +383,8 @@ class BudgetState:
     """An agreement's budget at one instant (amounts are rho for zCDP agreements)."""
 
     agreement_id: str
-    total: Epsilon
-    spent: Epsilon
+    total: PrivacyLoss
+    spent: PrivacyLoss
     release_count: int
     kind: BudgetKind = BudgetKind.PURE
     total_delta_units: int = 0
@@ -398,7 +392,7 @@ class BudgetState:
     analysts: tuple[AnalystSpend, ...] = ()
 
     @property
-    def remaining(self) -> Epsilon:
+    def remaining(self) -> PrivacyLoss:
         """What can still be spent."""
         return self.total - self.spent
 
@@ -446,7 +440,7 @@ class AggregateSpec:
     name: str
     kind: AggregateKind
     column: str = ""
-    epsilon: Epsilon | None = None
+    epsilon: PrivacyLoss | None = None
     quantile: float | None = None
     target_ci95: float | None = None
 
@@ -471,7 +465,7 @@ class QuerySpec:
     filters: tuple[FilterSpec, ...] = ()
     max_rows_per_person: int = 0
     max_groups_per_person: int = 0
-    rho: Epsilon | None = None
+    rho: Rho | None = None
     delta_units: int = 0  # delta for key discovery, exact units of 1e-15
 
 
@@ -505,7 +499,7 @@ class Measurement:
 
     component: str  # "count", "count_rows", "sum", "sum_sq", "value_rows", "quantile"
     sensitivity: int  # L1 (L-infinity for "quantile")
-    epsilon: Epsilon  # the share, in the agreement's measure (epsilon or rho)
+    epsilon: PrivacyLoss  # the share, in the agreement's measure (epsilon or rho)
     l2: float = 0.0  # L2 sensitivity, for the Gaussian mechanism
 
 
@@ -515,7 +509,7 @@ class AggregatePlan:
 
     spec: AggregateSpec
     ref: ColumnRef | None
-    epsilon: Epsilon
+    epsilon: PrivacyLoss
     measurements: tuple[Measurement, ...]
 
 
@@ -524,7 +518,7 @@ class Discovery:
     """DP key discovery on one text column: thresholded people counts per observed key."""
 
     ref: ColumnRef
-    epsilon: Epsilon  # share of the query budget spent on finding the keys
+    epsilon: PrivacyLoss  # share of the query budget spent on finding the keys
     delta_units: int
     max_keys_per_person: int
     shared_identifiers: int = 1
@@ -551,7 +545,7 @@ class QueryPlan:
     aggregates: tuple[AggregatePlan, ...]
     max_rows_per_person: int
     max_groups_per_person: int
-    epsilon: Epsilon
+    epsilon: PrivacyLoss
     measure: BudgetKind = BudgetKind.PURE
     discovery: Discovery | None = None
     shared_identifiers: int = 1
@@ -618,7 +612,7 @@ class MeasurementInfo:
     sensitivity: int
     scale_units: float
     ci95_units: float
-    epsilon: Epsilon
+    epsilon: PrivacyLoss
 
 
 @dataclass(frozen=True)
@@ -628,7 +622,7 @@ class AggregatePreview:
     name: str
     kind: AggregateKind
     column: str
-    epsilon: Epsilon
+    epsilon: PrivacyLoss
     mechanism: str
     noise_scale: float
     sensitivity: float
@@ -647,10 +641,10 @@ class PlanSummary:
     max_rows_per_person: int
     max_groups_per_person: int
     clamped_columns: tuple[str, ...]
-    epsilon: Epsilon
+    epsilon: PrivacyLoss
     privacy_unit: str
-    remaining_before: Epsilon
-    remaining_after: Epsilon
+    remaining_before: PrivacyLoss
+    remaining_after: PrivacyLoss
     measure: BudgetKind = BudgetKind.PURE
     delta_units: int = 0
     discovery: dict[str, object] | None = None
@@ -668,7 +662,7 @@ class Release:
     analyst_id: str
     summary: PlanSummary
     results: tuple[AggregateResult, ...]
-    epsilon_spent: Epsilon
+    epsilon_spent: PrivacyLoss
     created_at: str
     data_versions: tuple[int, ...]
     query_fingerprint: str

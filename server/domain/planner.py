@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
-from entremise.privacy.budget import Epsilon
+from entremise.privacy.budget import PrivacyLoss, Rho
 from entremise.privacy.mechanisms import MechanismError, share_for_accuracy
 from entremise.server.domain.errors import (
     FailedPreconditionError,
@@ -165,8 +165,9 @@ def _group_keys(
     return [tuple(k) for k in itertools.product(*domains)]
 
 
-def _split(total: Epsilon, fixed: list[Epsilon | None], measure: str) -> list[Epsilon]:
+def _split(total: PrivacyLoss, fixed: list[PrivacyLoss | None], measure: str) -> list[PrivacyLoss]:
     """Fixed shares stay as given; the rest of the query's budget is split evenly."""
+    loss = type(total)
     used = sum((e.micros for e in fixed if e is not None), 0)
     free = [i for i, e in enumerate(fixed) if e is None]
     if any(e is not None and e.micros == 0 for e in fixed):
@@ -174,24 +175,25 @@ def _split(total: Epsilon, fixed: list[Epsilon | None], measure: str) -> list[Ep
     if not free:
         if total.micros and total.micros != used:
             raise InvalidArgumentError(
-                f"aggregate {measure}s add up to {Epsilon(used)}, not the query {measure} {total}"
+                f"aggregate {measure}s add up to {loss(used)}, not the query {measure} {total}"
             )
         return [e for e in fixed if e is not None]
     if total.micros <= used:
         raise InvalidArgumentError(
             f"query {measure} {total} leaves nothing for aggregates without an explicit share"
         )
-    shares = Epsilon(total.micros - used).split(len(free))
+    shares = loss(total.micros - used).split(len(free))
     if any(s.micros == 0 for s in shares):
         raise InvalidArgumentError(f"query {measure} is too small to split over its aggregates")
     return [e if e is not None else shares.pop(0) for e in fixed]
 
 
-def _query_budget(spec: QuerySpec, agreement: Agreement) -> tuple[Epsilon, str]:
+def _query_budget(spec: QuerySpec, agreement: Agreement) -> tuple[PrivacyLoss, str]:
+    """The query's total, in the agreement's measure (the other measure's field must be unset)."""
     if agreement.budget_kind is BudgetKind.ZCDP:
         if spec.epsilon.micros:
             raise InvalidArgumentError("this agreement counts zCDP rho: give rho, not epsilon")
-        return spec.rho or Epsilon.zero(), "rho"
+        return spec.rho or Rho.zero(), "rho"
     if spec.rho is not None and spec.rho.micros:
         raise InvalidArgumentError("this agreement counts pure epsilon: give epsilon, not rho")
     return spec.epsilon, "epsilon"
@@ -207,7 +209,53 @@ class _Draft:
 
 
 def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, ...]) -> QueryPlan:
-    """Validate a query against its agreement and the datasets' public schemas."""
+    """Validate a query against its agreement and the datasets' public schemas.
+
+    Every step reads public inputs only: the query, the agreement's terms and the schemas.
+    """
+    total, measure_name = _check_shape(spec, agreement, datasets)
+    filters = tuple(_resolve_filter(f.column, f.op, f.values, datasets) for f in spec.filters)
+    group_by, private = _resolve_grouping(spec, datasets)
+    keys = [] if private else _group_keys(tuple(group_by), filters)
+    rows, groups = _contribution_bounds(spec, agreement, keys, bool(private))
+
+    names: set[str] = set()
+    relation = Neighbours(agreement.max_shared_identifiers)
+    cells = None if private else len(keys)
+    drafts = [_draft(a, datasets, rows, groups, relation, cells, names) for a in spec.aggregates]
+    _check_scope(agreement, drafts, group_by, filters)
+    fixed = [_fixed_share(d, agreement, measure_name) for d in drafts]
+    if private:
+        _check_discovery(spec, agreement, private[0])
+        fixed.append(None)  # the keys take an even share of the rest
+    shares = _split(total, fixed, measure_name)
+    discovery = None
+    if private:
+        discovery = Discovery(
+            private[0], shares.pop(), spec.delta_units, groups, relation.shared_identifiers
+        )
+    plans = [_finish(d, share) for d, share in zip(drafts, shares, strict=True)]
+    spent = sum(p.epsilon.micros for p in plans) + (discovery.epsilon.micros if discovery else 0)
+    return QueryPlan(
+        agreement=agreement,
+        datasets=datasets,
+        group_by=tuple(group_by),
+        group_keys=tuple(keys),
+        filters=filters,
+        aggregates=tuple(plans),
+        max_rows_per_person=rows,
+        max_groups_per_person=groups,
+        epsilon=agreement.budget_kind.loss_type(spent),
+        measure=agreement.budget_kind,
+        discovery=discovery,
+        shared_identifiers=relation.shared_identifiers,
+    )
+
+
+def _check_shape(
+    spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, ...]
+) -> tuple[PrivacyLoss, str]:
+    """Sizes the hub accepts, and the query's budget in the agreement's measure."""
     if len(datasets) != len(agreement.slots) or len(datasets) < 1:
         raise FailedPreconditionError("a dataset of this agreement is no longer available")
     if not spec.aggregates:
@@ -221,8 +269,13 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
         a.epsilon is None and a.target_ci95 is None for a in spec.aggregates
     ):
         raise InvalidArgumentError(f"query {measure_name} must be positive")
+    return total, measure_name
 
-    filters = tuple(_resolve_filter(f.column, f.op, f.values, datasets) for f in spec.filters)
+
+def _resolve_grouping(
+    spec: QuerySpec, datasets: tuple[Dataset, ...]
+) -> tuple[list[ColumnRef], list[ColumnRef]]:
+    """The group-by columns, and those among them whose categories are private (discovered)."""
     group_by: list[ColumnRef] = []
     for name in spec.group_by:
         ref = _resolve(name, datasets)
@@ -237,8 +290,13 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
             f"{private[0].qualified} has private categories: group by it alone (keys are "
             "discovered with DP thresholding)"
         )
-    keys = [] if private else _group_keys(tuple(group_by), filters)
+    return group_by, private
 
+
+def _contribution_bounds(
+    spec: QuerySpec, agreement: Agreement, keys: list[tuple[str, ...]], private: bool
+) -> tuple[int, int]:
+    """Rows per person and groups per person, from the query, the agreement and the keys."""
     rows = spec.max_rows_per_person or agreement.max_rows_per_person
     if not 1 <= rows <= MAX_ROWS_PER_PERSON:
         raise InvalidArgumentError(f"max_rows_per_person must be in [1, {MAX_ROWS_PER_PERSON}]")
@@ -255,76 +313,44 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
         # extra group cap is needed: k rows reach at most k cells.
         groups = len(keys)
     groups = min(groups, rows, len(keys)) if keys else min(groups, rows)
+    return rows, groups
 
-    names: set[str] = set()
-    relation = Neighbours(agreement.max_shared_identifiers)
-    cells = None if private else len(keys)
-    drafts = [_draft(a, datasets, rows, groups, relation, cells, names) for a in spec.aggregates]
-    _check_scope(agreement, drafts, group_by, filters)
-    measure = agreement.budget_kind.value
-    fixed: list[Epsilon | None] = []
-    for d in drafts:
-        if d.spec.target_ci95 is not None:
-            if d.spec.epsilon is not None:
-                raise InvalidArgumentError(
-                    f"aggregate {d.spec.name!r}: give a {measure_name} share or a target, not both"
-                )
-            if d.spec.kind not in (
-                AggregateKind.COUNT,
-                AggregateKind.COUNT_ROWS,
-                AggregateKind.SUM,
-            ):
-                raise InvalidArgumentError(
-                    f"aggregate {d.spec.name!r}: a target accuracy applies to count, "
-                    "count_rows and sum (other intervals depend on the data)"
-                )
-            _, l1, l2 = d.components[0]
-            unit = (
-                d.ref.column.resolution
-                if d.ref and isinstance(d.ref.column, NumericColumn)
-                else 1.0
-            )
-            try:
-                fixed.append(share_for_accuracy(measure, l1, l2, d.spec.target_ci95 / unit))
-            except MechanismError as exc:
-                raise InvalidArgumentError(f"aggregate {d.spec.name!r}: {exc}") from None
-        else:
-            fixed.append(d.spec.epsilon)
 
-    discovery_share: Epsilon | None = None
-    if private:
-        if not 0 < spec.delta_units < DELTA_UNITS:
-            raise InvalidArgumentError(
-                f"grouping by {private[0].qualified} discovers its keys with DP thresholding: "
-                "give a delta in (0, 1), e.g. 1e-9"
-            )
-        if agreement.total_delta_units == 0:
-            raise InvalidArgumentError("this agreement has no delta budget for key discovery")
-        fixed.append(None)  # the keys take an even share of the rest
-    shares = _split(total, fixed, measure_name)
-    if private:
-        discovery_share = shares.pop()
-    plans = [_finish(d, share) for d, share in zip(drafts, shares, strict=True)]
-    discovery = None
-    if private and discovery_share is not None:
-        discovery = Discovery(
-            private[0], discovery_share, spec.delta_units, groups, relation.shared_identifiers
+def _fixed_share(draft: _Draft, agreement: Agreement, measure_name: str) -> PrivacyLoss | None:
+    """An aggregate's own share (given, or from its target accuracy); None: split the rest."""
+    spec = draft.spec
+    if spec.target_ci95 is None:
+        # A share is received as a decimal; it counts in the agreement's measure.
+        if spec.epsilon is None:
+            return None
+        return agreement.budget_kind.loss_type(spec.epsilon.micros)
+    if spec.epsilon is not None:
+        raise InvalidArgumentError(
+            f"aggregate {spec.name!r}: give a {measure_name} share or a target, not both"
         )
-    spent = sum(p.epsilon.micros for p in plans) + (discovery.epsilon.micros if discovery else 0)
-    return QueryPlan(
-        agreement=agreement,
-        datasets=datasets,
-        group_by=tuple(group_by),
-        group_keys=tuple(keys),
-        filters=filters,
-        aggregates=tuple(plans),
-        max_rows_per_person=rows,
-        max_groups_per_person=groups,
-        epsilon=Epsilon(spent),
-        measure=agreement.budget_kind,
-        discovery=discovery,
-        shared_identifiers=relation.shared_identifiers,
-    )
+    if spec.kind not in (AggregateKind.COUNT, AggregateKind.COUNT_ROWS, AggregateKind.SUM):
+        raise InvalidArgumentError(
+            f"aggregate {spec.name!r}: a target accuracy applies to count, "
+            "count_rows and sum (other intervals depend on the data)"
+        )
+    _, l1, l2 = draft.components[0]
+    column = draft.ref.column if draft.ref else None
+    unit = column.resolution if isinstance(column, NumericColumn) else 1.0
+    try:
+        return share_for_accuracy(agreement.budget_kind, l1, l2, spec.target_ci95 / unit)
+    except MechanismError as exc:
+        raise InvalidArgumentError(f"aggregate {spec.name!r}: {exc}") from None
+
+
+def _check_discovery(spec: QuerySpec, agreement: Agreement, column: ColumnRef) -> None:
+    """Key discovery spends delta: the query names one, and the agreement has a delta budget."""
+    if not 0 < spec.delta_units < DELTA_UNITS:
+        raise InvalidArgumentError(
+            f"grouping by {column.qualified} discovers its keys with DP thresholding: "
+            "give a delta in (0, 1), e.g. 1e-9"
+        )
+    if agreement.total_delta_units == 0:
+        raise InvalidArgumentError("this agreement has no delta budget for key discovery")
 
 
 def _check_scope(
@@ -418,7 +444,7 @@ def _draft(
     return _Draft(spec, ref, (("quantile", total_change, float(total_change)),))
 
 
-def _finish(draft: _Draft, share: Epsilon) -> AggregatePlan:
+def _finish(draft: _Draft, share: PrivacyLoss) -> AggregatePlan:
     parts = len(draft.components)
     if share.micros < parts:
         raise InvalidArgumentError(f"aggregate {draft.spec.name!r}: share too small to split")

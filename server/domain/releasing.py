@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from entremise.privacy.budget import Epsilon
+from dataclasses import replace
+
+from entremise.privacy.budget import Measure, PrivacyLoss
 from entremise.privacy.mechanisms import (
     KeyDiscovery,
     NoiseMechanism,
@@ -34,12 +36,12 @@ from entremise.server.domain.planner import (
 ALPHA = 0.05
 
 
-def mechanism(m: Measurement, measure: str) -> NoiseMechanism:
+def mechanism(m: Measurement, measure: Measure) -> NoiseMechanism:
     """The OpenDP-backed noise for one measurement (not for quantiles)."""
     return mechanism_for(measure, m.sensitivity, m.l2, m.epsilon)
 
 
-def quantile_mechanism(m: Measurement, measure: str) -> NoisyArgMin:
+def quantile_mechanism(m: Measurement, measure: Measure) -> NoisyArgMin:
     """Report-noisy-min in every cell, all at one scale.
 
     `m.sensitivity` bounds the score changes one person causes summed over all cells, and
@@ -49,7 +51,7 @@ def quantile_mechanism(m: Measurement, measure: str) -> NoisyArgMin:
     return NoisyArgMin(m.sensitivity, m.epsilon, measure)
 
 
-def measurement_info(m: Measurement, measure: str, alpha: float = ALPHA) -> MeasurementInfo:
+def measurement_info(m: Measurement, measure: Measure, alpha: float = ALPHA) -> MeasurementInfo:
     """Scale and interval of one measurement, in integer units."""
     mech = mechanism(m, measure)
     return MeasurementInfo(
@@ -70,7 +72,7 @@ def _unit(agg: AggregatePlan) -> float:
 
 def preview_aggregate(agg: AggregatePlan, plan: QueryPlan) -> AggregatePreview:
     """Accuracy of one aggregate before spending (data-independent except for ratios)."""
-    measure = plan.measure.value
+    measure = plan.measure
     unit = _unit(agg)
     if agg.spec.kind is AggregateKind.QUANTILE:
         m = agg.measurements[0]
@@ -134,7 +136,7 @@ def discovery_mechanism(plan: QueryPlan) -> KeyDiscovery:
         shared_identifiers=d.shared_identifiers,
         share=d.epsilon,
         delta=d.delta,
-        measure=plan.measure.value,
+        measure=plan.measure,
     )
 
 
@@ -152,7 +154,7 @@ def discovery_info(plan: QueryPlan) -> dict[str, object] | None:
     }
 
 
-def summarize(plan: QueryPlan, remaining: Epsilon) -> PlanSummary:
+def summarize(plan: QueryPlan, remaining: PrivacyLoss) -> PlanSummary:
     """What the analyst sees before spending, and what is stored with the release."""
     return PlanSummary(
         aggregates=tuple(preview_aggregate(a, plan) for a in plan.aggregates),
@@ -164,7 +166,9 @@ def summarize(plan: QueryPlan, remaining: Epsilon) -> PlanSummary:
         epsilon=plan.epsilon,
         privacy_unit=privacy_unit(plan.shared_identifiers),
         remaining_before=remaining,
-        remaining_after=remaining - plan.epsilon if remaining >= plan.epsilon else Epsilon.zero(),
+        remaining_after=remaining - plan.epsilon
+        if remaining >= plan.epsilon
+        else type(remaining).zero(),
         measure=plan.measure,
         delta_units=plan.delta_units,
         discovery=discovery_info(plan),
@@ -249,7 +253,7 @@ def _quantile_cells(
 ) -> list[CellResult]:
     assert agg.ref is not None and isinstance(agg.ref.column, NumericColumn)
     column = agg.ref.column
-    mech = quantile_mechanism(agg.measurements[0], plan.measure.value)
+    mech = quantile_mechanism(agg.measurements[0], plan.measure)
     num, den = quantile_fraction(agg.spec.quantile or 0.5)
     step = quantile_step(column)
     cells = []
@@ -269,7 +273,7 @@ def _quantile_cells(
 def release(plan: QueryPlan, exact: ExactAggregates) -> tuple[AggregateResult, ...]:
     """Draw the noise (OpenDP) and post-process every aggregate of the plan."""
     keys = exact.keys if exact.keys is not None else list(plan.group_keys)
-    measure = plan.measure.value
+    measure = plan.measure
     results: list[AggregateResult] = []
     for agg in plan.aggregates:
         if agg.spec.kind is AggregateKind.QUANTILE:
@@ -311,3 +315,69 @@ def discover_keys(plan: QueryPlan, people_per_key: dict[str, int]) -> tuple[list
     mech = discovery_mechanism(plan)
     released = mech.release(people_per_key)
     return sorted(released), mech.withheld(len(people_per_key), len(released))
+
+
+def restrict(exact: ExactAggregates, keys: list[tuple[str, ...]]) -> ExactAggregates:
+    """The cells of `keys` only (after key discovery), in that order."""
+    index = {k: i for i, k in enumerate(exact.keys or [])}
+    rows = [index[k] for k in keys]
+
+    def pick(values: list[int]) -> list[int]:
+        return [values[i] for i in rows]
+
+    return ExactAggregates(
+        people=pick(exact.people),
+        rows=pick(exact.rows),
+        sums={n: pick(v) for n, v in exact.sums.items()},
+        value_rows={n: pick(v) for n, v in exact.value_rows.items()},
+        sq_sums={n: pick(v) for n, v in exact.sq_sums.items()},
+        buckets={n: [v[i] for i in rows] for n, v in exact.buckets.items()},
+        keys=keys,
+    )
+
+
+def suppress_small_groups(
+    plan: QueryPlan, results: tuple[AggregateResult, ...]
+) -> tuple[AggregateResult, ...]:
+    """Blank every cell whose noisy people count is under the agreement's minimum group size.
+
+    Post-processing of released noisy counts: it costs no privacy and never looks at the data.
+    """
+    minimum = plan.agreement.min_group_size
+    if not minimum or not plan.group_by:
+        return results
+    counts = next(r for r in results if r.kind is AggregateKind.COUNT)
+    small = {c.group for c in counts.cells if c.value is None or c.value < minimum}
+    return tuple(
+        replace(
+            r,
+            cells=tuple(
+                replace(c, value=None, ci95_halfwidth=None) if c.group in small else c
+                for c in r.cells
+            ),
+        )
+        for r in results
+    )
+
+
+def draw(
+    plan: QueryPlan, exact: ExactAggregates, summary: PlanSummary
+) -> tuple[PlanSummary, tuple[AggregateResult, ...]]:
+    """Discover keys (if asked), draw every noisy value, blank small groups.
+
+    Everything here depends on the rows only through OpenDP mechanisms; the summary gains the
+    number of keys released (itself a noisy outcome).
+    """
+    if plan.discovery is not None:
+        people = {k[0]: n for k, n in zip(exact.keys or [], exact.people, strict=True)}
+        keys, suppressed = discover_keys(plan, people)
+        exact = restrict(exact, [(k,) for k in keys])
+        summary = replace(
+            summary,
+            discovery={
+                **(summary.discovery or {}),
+                "released_keys": len(keys),
+                "suppressed_keys_noisy": suppressed,
+            },
+        )
+    return summary, suppress_small_groups(plan, release(plan, exact))

@@ -14,7 +14,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from entremise.privacy.budget import Epsilon
 from entremise.server.domain.audit import GENESIS, ChainedEntry
 from entremise.server.domain.codec import release_payload, results_from_list, summary_from_dict
 from entremise.server.domain.models import (
@@ -253,17 +252,18 @@ class MemoryStore(Store):
 
     def _budget(self, agreement: Agreement) -> BudgetState:
         spending = self._spending[agreement.agreement_id]
-        cap = agreement.analyst_cap
+        loss = agreement.budget_kind.loss_type  # amounts count in the agreement's measure
+        cap = loss(agreement.analyst_cap.micros)
         return BudgetState(
             agreement.agreement_id,
-            agreement.total_epsilon,
-            Epsilon(spending.micros),
+            loss(agreement.total_epsilon.micros),
+            loss(spending.micros),
             spending.releases,
             agreement.budget_kind,
             agreement.total_delta_units,
             spending.delta_units,
             tuple(
-                AnalystSpend(analyst_id, Epsilon(spent), cap)
+                AnalystSpend(analyst_id, loss(spent), cap)
                 for analyst_id, spent in sorted(spending.analysts.items())
             ),
         )

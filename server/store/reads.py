@@ -7,9 +7,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from entremise.privacy.budget import Epsilon
 from entremise.server.domain.models import (
     AnalystSpend,
+    BudgetKind,
     BudgetState,
     Dataset,
     PublicKeyRecord,
@@ -60,9 +60,10 @@ def agreement_row(conn: Connection, agreement_id: str) -> Any:
 
 def budget_of(conn: Connection, row: Any) -> BudgetState:
     """The budget of an `agreements` row, with each analyst's spend (by analyst id)."""
-    cap = Epsilon(analyst_cap_micros(row))
+    loss = BudgetKind(row.budget_kind).loss_type
+    cap = loss(analyst_cap_micros(row))
     spends = tuple(
-        AnalystSpend(r.analyst_id, Epsilon(r.spent_micros), cap)
+        AnalystSpend(r.analyst_id, loss(r.spent_micros), cap)
         for r in conn.execute(
             sa.select(analyst_spend)
             .where(analyst_spend.c.agreement_id == row.agreement_id)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from entremise.privacy.budget import Epsilon
 from entremise.server.domain.errors import AlreadyExistsError, BudgetExhaustedError, NotFoundError
 from entremise.server.domain.models import DELTA_UNITS, BudgetState, Release
 
@@ -55,5 +54,5 @@ def analyst_refusal(release: Release, cap_micros: int, spent_micros: int) -> Bud
     """The analyst's own budget (`cap_micros`, of which `spent_micros` spent) cannot pay."""
     return BudgetExhaustedError(
         requested=str(release.epsilon_spent),
-        remaining=f"{Epsilon(cap_micros - spent_micros)} for this analyst",
+        remaining=f"{type(release.epsilon_spent)(cap_micros - spent_micros)} for this analyst",
     )

@@ -6,7 +6,6 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from entremise.privacy.budget import Epsilon
 from entremise.server.domain.audit import ChainedEntry
 from entremise.server.domain.codec import (
     release_payload,
@@ -80,21 +79,20 @@ def agreement_values(agreement: Agreement) -> dict[str, Any]:
 def agreement_from_row(row: Any) -> Agreement:
     """An `agreements` row."""
     scope = json.loads(row.scope_json)
+    loss = BudgetKind(row.budget_kind).loss_type  # amounts count in the agreement's measure
     return Agreement(
         agreement_id=row.agreement_id,
         name=row.name,
         purpose=row.purpose,
         slots=tuple(DatasetSlot(s["partner_id"], s["name"]) for s in json.loads(row.slots_json)),
         analyst_ids=tuple(json.loads(row.analyst_ids_json)),
-        total_epsilon=Epsilon(row.total_micros),
+        total_epsilon=loss(row.total_micros),
         max_rows_per_person=row.max_rows_per_person,
         max_groups_per_person=row.max_groups_per_person,
         created_at=row.created_at,
         budget_kind=BudgetKind(row.budget_kind),
         total_delta_units=row.total_delta_units,
-        analyst_budget=Epsilon(row.analyst_cap_micros)
-        if row.analyst_cap_micros is not None
-        else None,
+        analyst_budget=loss(row.analyst_cap_micros) if row.analyst_cap_micros is not None else None,
         status=AgreementStatus(row.status),
         approved_by=tuple(json.loads(row.approved_by_json)),
         proposer_id=row.proposer_id,
@@ -115,10 +113,11 @@ def analyst_cap_micros(row: Any) -> int:
 
 def budget_from_row(row: Any, analysts: tuple[AnalystSpend, ...] = ()) -> BudgetState:
     """The budget columns of an `agreements` row, with its analysts' spend."""
+    loss = BudgetKind(row.budget_kind).loss_type
     return BudgetState(
         row.agreement_id,
-        Epsilon(row.total_micros),
-        Epsilon(row.spent_micros),
+        loss(row.total_micros),
+        loss(row.spent_micros),
         row.release_count,
         BudgetKind(row.budget_kind),
         row.total_delta_units,
@@ -184,13 +183,14 @@ def release_values(release: Release) -> dict[str, Any]:
 def release_from_row(row: Any) -> Release:
     """A `releases` row."""
     payload = json.loads(row.payload_json)
+    summary = summary_from_dict(payload["summary"])  # its measure types the amounts
     return Release(
         release_id=row.release_id,
         agreement_id=row.agreement_id,
         analyst_id=row.analyst_id,
-        summary=summary_from_dict(payload["summary"]),
+        summary=summary,
         results=results_from_list(payload["results"]),
-        epsilon_spent=Epsilon(row.epsilon_micros),
+        epsilon_spent=type(summary.epsilon)(row.epsilon_micros),
         created_at=row.created_at,
         data_versions=tuple(json.loads(row.data_versions_json)),
         query_fingerprint=row.query_fingerprint,

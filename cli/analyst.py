@@ -1,0 +1,403 @@
+"""The analyst's commands: preview a query's cost and accuracy for free, then run it.
+
+Both commands take the same options (`QueryOptions`), written in the query mini-language:
+`--agg KIND[:COLUMN][@EPSILON|~TARGET]`, `--group-by COLUMN`, `--where COLUMN=A,B`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from entremise.cli._common import (
+    DEFAULT_TARGET,
+    JsonOption,
+    TargetOption,
+    TokenOption,
+    connect,
+    friendly_errors,
+    print_json,
+    to_dict,
+)
+from entremise.cli.output import (
+    approx,
+    console,
+    decimal_number,
+    is_whole,
+    number,
+    number_column,
+    plan_measure,
+    print_table,
+    table,
+    text_column,
+    whole,
+)
+from entremise.partners.client import aggregate, query, where_in, where_range
+from entremise.v1 import query_service_pb2
+
+# -- the query mini-language ------------------------------------------------------------------
+
+_AGG = re.compile(
+    r"^(?P<kind>[a-z_]+)(?::(?P<column>[a-z0-9_.]+))?"
+    r"(?:@(?P<eps>[^@~]+)|~(?P<target>[0-9.eE+-]+))?$"
+)
+_WHERE = re.compile(r"^(?P<column>[a-z0-9_.]+)\s*(?P<op>!=|>=|<=|=)\s*(?P<value>.+)$")
+
+
+def _build_query(
+    agreement_id: str,
+    epsilon: str,
+    aggs: list[str],
+    group_by: list[str],
+    where: list[str],
+    max_rows: int,
+    max_groups: int,
+    rho: str = "",
+    delta: str = "",
+    quantile: float = 0.5,
+) -> query_service_pb2.Query:
+    aggregates = []
+    if not 0 < quantile < 1:
+        raise ValueError(f"--quantile {quantile:g}: a level between 0 and 1, e.g. 0.9")
+    for text in aggs:
+        m = _AGG.match(text.strip())
+        if not m:
+            raise ValueError(
+                f"--agg {text!r}: expected KIND[:COLUMN][@EPSILON|~TARGET], e.g. mean:panel.amount"
+            )
+        target_ci95 = float(m["target"]) if m["target"] else None
+        q = quantile if m["kind"] == "quantile" else None
+        msg = aggregate(
+            m["kind"],
+            m["column"] or "",
+            epsilon=m["eps"] or "",
+            quantile=q,
+            target_ci95=target_ci95,
+        )
+        msg.name = _quantile_name(msg)
+        aggregates.append(msg)
+    filters = []
+    for text in where:
+        m = _WHERE.match(text.strip())
+        if not m:
+            raise ValueError(
+                f"--where {text!r}: expected COLUMN=A,B | COLUMN!=A | COLUMN>=N | COLUMN<=N"
+            )
+        op, column, value = m["op"], m["column"], m["value"].strip()
+        if op in ("=", "!="):
+            f = where_in(column, *[v.strip() for v in value.split(",")])
+            if op == "!=":
+                f.op = query_service_pb2.FILTER_OP_NOT_IN
+        else:
+            try:
+                f = where_range(column, op, float(value))
+            except ValueError:
+                raise ValueError(f"--where {text!r}: {value!r} is not a number") from None
+        filters.append(f)
+    return query(
+        agreement_id,
+        epsilon,
+        aggregates,
+        group_by=group_by,
+        filters=filters,
+        max_rows_per_person=max_rows,
+        max_groups_per_person=max_groups,
+        rho=rho,
+        delta=delta,
+    )
+
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_AGG_WORDS = {
+    query_service_pb2.AGGREGATE_KIND_COUNT: "count of people",
+    query_service_pb2.AGGREGATE_KIND_COUNT_ROWS: "count of joined rows",
+    query_service_pb2.AGGREGATE_KIND_SUM: "sum",
+    query_service_pb2.AGGREGATE_KIND_MEAN: "mean",
+    query_service_pb2.AGGREGATE_KIND_VARIANCE: "variance",
+}
+_WHOLE_KINDS = (query_service_pb2.AGGREGATE_KIND_COUNT, query_service_pb2.AGGREGATE_KIND_COUNT_ROWS)
+
+
+def _level(msg: query_service_pb2.Aggregate) -> float | None:
+    """The level of a quantile aggregate (None for other kinds)."""
+    if msg.kind != query_service_pb2.AGGREGATE_KIND_QUANTILE:
+        return None
+    try:
+        return float(msg.quantile) if msg.quantile else 0.5
+    except ValueError:
+        return None
+
+
+def _quantile_name(msg: query_service_pb2.Aggregate) -> str:
+    """A name that keeps a quantile's level (median_panel_amount, quantile_0_9_panel_amount).
+
+    The hub's default name for every level is quantile_<column>; other kinds keep its defaults.
+    """
+    level = _level(msg)
+    if msg.name or level is None or not msg.column:
+        return msg.name
+    column = msg.column.replace(".", "_")
+    word = "median" if level == 0.5 else "quantile_" + re.sub(r"[^a-z0-9]+", "_", f"{level:g}")
+    name = f"{word}_{column}"
+    return name if _NAME.match(name) else ""
+
+
+def _agg_words(kind: query_service_pb2.AggregateKind.ValueType, level: float | None) -> str:
+    """What an aggregate computes: "median", "quantile 0.9", "mean", "count of people"."""
+    if kind == query_service_pb2.AGGREGATE_KIND_QUANTILE:
+        level = 0.5 if level is None else level
+        return "median" if level == 0.5 else f"quantile {level:g}"
+    return _AGG_WORDS.get(kind, query_service_pb2.AggregateKind.Name(kind).lower())
+
+
+def _levels(
+    q: query_service_pb2.Query, plan: query_service_pb2.QueryPlan
+) -> dict[str, float | None]:
+    """Quantile levels by the names the hub gave the query's aggregates.
+
+    The hub keeps the aggregates' order and echoes their names, not their levels.
+    """
+    return {
+        given.name: _level(asked)
+        for asked, given in zip(q.aggregates, plan.aggregates, strict=False)
+    }
+
+
+def _title(
+    name: str,
+    kind: query_service_pb2.AggregateKind.ValueType,
+    column: str,
+    levels: dict[str, float | None],
+) -> str:
+    """Title of an aggregate: median of panel.amount, quantile 0.9 of ..., count of people."""
+    words = _agg_words(kind, levels.get(name))
+    return f"{words} of {column}" if column else words
+
+
+def _plan_table(plan: query_service_pb2.QueryPlan, levels: dict[str, float | None]) -> Table:
+    measure = plan_measure(plan.measure)
+    out = table(
+        text_column("aggregate"),
+        text_column(measure),
+        text_column("mechanism"),
+        number_column("noise scale"),
+        number_column("95% +/-"),
+        title=f"{measure} {plan.epsilon} over {whole(plan.cell_count)} cell(s); "
+        f"budget {plan.remaining_epsilon_before} -> {plan.remaining_epsilon_after}",
+    )
+    for a in plan.aggregates:
+        ci = approx(a.ci95_halfwidth) if a.HasField("ci95_halfwidth") else "after release"
+        out.add_row(
+            Text(_title(a.name, a.kind, a.column, levels)),
+            Text(a.epsilon),
+            Text(a.mechanism.replace("_", " ")),
+            approx(a.noise_scale),
+            ci,
+        )
+    return out
+
+
+def _print_bounds(plan: query_service_pb2.QueryPlan) -> None:
+    """The contribution bounds, and every note on where they can cut an answer (yellow)."""
+    b = plan.bounding
+    groups = "1 group" if b.max_groups_per_person == 1 else f"{b.max_groups_per_person:,} groups"
+    console.print(
+        f"Per person: at most {b.max_rows_per_person:,} joined rows, counted in at most {groups}; "
+        f"privacy unit: {plan.privacy_unit}",
+        markup=False,
+        highlight=False,
+    )
+    if not plan.bounds_notes:
+        console.print(
+            "Bounds: no answer in this query can be cut by the contribution bounds.",
+            markup=False,
+            highlight=False,
+        )
+        return
+    console.print(Text("Bounds:", style="bold yellow"))
+    notes = Table.grid(padding=(0, 1))
+    notes.add_column(no_wrap=True)
+    notes.add_column(overflow="fold")
+    for note in plan.bounds_notes:
+        notes.add_row(Text("-", style="yellow"), Text(note, style="yellow"))
+    console.print(notes)
+
+
+# -- the commands ------------------------------------------------------------------------------
+
+AgreementArg = Annotated[str, typer.Option("--agreement", help="Agreement id.")]
+EpsilonOpt = Annotated[str, typer.Option(help="Total epsilon of the query, split over aggregates.")]
+RhoOpt = Annotated[str, typer.Option(help="Total rho of the query (zCDP agreements).")]
+DeltaOpt = Annotated[str, typer.Option(help="Delta for discovering keys of a text column.")]
+QuantileOpt = Annotated[float, typer.Option(help="Quantile for quantile aggregates.")]
+AggOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--agg",
+        help="KIND[:COLUMN][@EPSILON|~TARGET]; KIND is count (people), count_rows, sum, mean, "
+        "variance, quantile or median; ~TARGET asks for a 95% half-width. Repeat.",
+    ),
+]
+GroupOpt = Annotated[
+    list[str] | None, typer.Option("--group-by", help="Public categorical column. Repeat.")
+]
+WhereOpt = Annotated[
+    list[str] | None,
+    typer.Option("--where", help="COLUMN=A,B | COLUMN!=A | COLUMN>=N | COLUMN<=N. Repeat (AND)."),
+]
+MaxRowsOpt = Annotated[
+    int, typer.Option(help="Max joined rows per person (0 = agreement default).")
+]
+MaxGroupsOpt = Annotated[
+    int, typer.Option(help="Max group cells per person (0 = agreement default).")
+]
+
+
+@dataclass(frozen=True)
+class QueryOptions:
+    """What `query preview` and `query run` are given: a query, and the hub to send it to."""
+
+    agreement: str
+    aggregates: list[str]
+    epsilon: str
+    rho: str
+    delta: str
+    quantile: float
+    group_by: list[str]
+    where: list[str]
+    max_rows: int
+    max_groups: int
+    target: str
+    token: str
+    json_out: bool
+
+    def query(self) -> query_service_pb2.Query:
+        """The query message; ValueError names a malformed option."""
+        return _build_query(
+            self.agreement,
+            self.epsilon,
+            self.aggregates,
+            self.group_by,
+            self.where,
+            self.max_rows,
+            self.max_groups,
+            self.rho,
+            self.delta,
+            self.quantile,
+        )
+
+
+def query_command(action: Callable[[QueryOptions], None]) -> Callable[..., None]:
+    """A command with the query options, handing them to `action` as one `QueryOptions`."""
+
+    def command(
+        agreement: AgreementArg,
+        agg: AggOpt,
+        epsilon: EpsilonOpt = "",
+        rho: RhoOpt = "",
+        delta: DeltaOpt = "",
+        quantile: QuantileOpt = 0.5,
+        group_by: GroupOpt = None,
+        where: WhereOpt = None,
+        max_rows: MaxRowsOpt = 0,
+        max_groups: MaxGroupsOpt = 0,
+        target: TargetOption = DEFAULT_TARGET,
+        token: TokenOption = "",
+        json_out: JsonOption = False,
+    ) -> None:
+        action(
+            QueryOptions(
+                agreement,
+                agg,
+                epsilon,
+                rho,
+                delta,
+                quantile,
+                group_by or [],
+                where or [],
+                max_rows,
+                max_groups,
+                target,
+                token,
+                json_out,
+            )
+        )
+
+    command.__name__ = action.__name__
+    command.__qualname__ = action.__qualname__
+    command.__doc__ = action.__doc__  # the command's help
+    return command
+
+
+@query_command
+def preview(options: QueryOptions) -> None:
+    """Show cost, noise scale and 95% interval of a query without spending anything."""
+    with friendly_errors():
+        q = options.query()
+    with connect(options.target, options.token) as client, friendly_errors():
+        plan = client.preview(q)
+    if options.json_out:
+        print_json(to_dict(plan))
+        return
+    print_table(_plan_table(plan, _levels(q, plan)))
+    _print_bounds(plan)
+
+
+@query_command
+def run(options: QueryOptions) -> None:
+    """Spend budget and release the differentially private answer."""
+    with friendly_errors():
+        q = options.query()
+    with connect(options.target, options.token) as client, friendly_errors():
+        response = client.run(q)
+    if options.json_out:
+        print_json(to_dict(response))
+        return
+    release = response.release
+    levels = _levels(q, release.plan)
+    for result in release.results:
+        print_table(_result_table(result, levels))
+    _print_bounds(release.plan)
+    measure = plan_measure(release.plan.measure)
+    if response.replayed:
+        console.print(
+            f"replayed release {release.release_id} (same query, same data): "
+            f"nothing spent, remaining {measure} {response.remaining_epsilon}",
+            markup=False,
+            highlight=False,
+        )
+        return
+    console.print(
+        f"release {release.release_id}: spent {measure} {release.epsilon_spent}, "
+        f"remaining {response.remaining_epsilon}",
+        markup=False,
+        highlight=False,
+    )
+
+
+def _result_table(
+    result: query_service_pb2.AggregateResult, levels: dict[str, float | None]
+) -> Table:
+    """One released aggregate: a row per group; counts (and any all-whole result) as 1,851."""
+    values = [c.value for c in result.cells if c.HasField("value")]
+    whole_values = result.kind in _WHOLE_KINDS or all(is_whole(v) for v in values)
+    out = table(
+        text_column("group"),
+        number_column("released"),
+        number_column("95% +/-"),
+        title=_title(result.name, result.kind, result.column, levels),
+    )
+    for cell in result.cells:
+        if not cell.HasField("value"):
+            value = "n/a"
+        else:
+            value = whole(cell.value) if whole_values else decimal_number(cell.value)
+        ci = number(cell.ci95_halfwidth) if cell.HasField("ci95_halfwidth") else "n/a"
+        out.add_row(Text(" / ".join(cell.group) or "(all)"), value, ci)
+    return out

@@ -1,0 +1,249 @@
+"""The compliance officer's commands: budgets, the ledger of releases, the audit log, a report.
+
+`audit verify` needs no hub: it reads the hub's data dir and database offline, through
+`entremise.server.operations`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.text import Text
+
+from entremise.cli._common import (
+    DEFAULT_TARGET,
+    JsonOption,
+    TargetOption,
+    TokenOption,
+    connect,
+    fail,
+    friendly_errors,
+    print_json,
+    to_dict,
+)
+from entremise.cli.output import (
+    console,
+    id_column,
+    number_column,
+    plan_measure,
+    print_table,
+    status_text,
+    status_word,
+    table,
+    text_column,
+    when,
+    whole,
+)
+from entremise.v1 import agreement_service_pb2, common_pb2
+
+
+def budget_show(
+    agreement: Annotated[
+        str, typer.Option("--agreement", help="Agreement id (default: all).")
+    ] = "",
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
+) -> None:
+    """Budget per agreement (total, spent, remaining), its status, and what spent implies.
+
+    zCDP budgets count rho; what was spent is also stated as one (epsilon, delta)-DP guarantee
+    (OpenDP's conversion at the hub's conversion delta, plus any key-discovery delta).
+    """
+    with connect(target, token) as client, friendly_errors():
+        budgets = client.budgets(agreement)
+        agreements = {a.agreement_id: a for a in client.list_agreements()}
+    if json_out:
+        print_json([_budget_json(b, agreements.get(b.agreement_id)) for b in budgets])
+        return
+    out = table(
+        id_column("agreement"),
+        text_column("name"),
+        text_column("status"),
+        text_column("measure"),
+        number_column("total"),
+        number_column("spent"),
+        number_column("remaining"),
+        number_column("releases"),
+        text_column("spent as (epsilon, delta)"),
+        title="privacy budgets",
+    )
+    for b in budgets:
+        a = agreements.get(b.agreement_id)
+        out.add_row(
+            b.agreement_id,
+            Text(a.name if a else "?"),
+            status_text(a.status) if a else Text("unknown"),
+            "rho (zCDP)" if b.kind == common_pb2.BUDGET_KIND_ZCDP else "epsilon",
+            b.total_epsilon,
+            b.spent_epsilon,
+            b.remaining_epsilon,
+            whole(b.release_count),
+            f"({b.implied_epsilon}, {b.implied_delta})",
+        )
+    print_table(out)
+
+
+def _budget_json(b: common_pb2.Budget, a: agreement_service_pb2.Agreement | None) -> dict[str, Any]:
+    """A budget's JSON, with its agreement's name and status ("active", "revoked", ...)."""
+    return {
+        "agreement_id": b.agreement_id,
+        "name": a.name if a else "",
+        "status": status_word(a.status) if a else "unknown",
+        **{k: v for k, v in to_dict(b).items() if k != "agreement_id"},
+    }
+
+
+def ledger_list(
+    agreement: Annotated[
+        str, typer.Option("--agreement", help="Agreement id (default: all).")
+    ] = "",
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
+) -> None:
+    """Every release with its cost, bounds and data versions."""
+    with connect(target, token) as client, friendly_errors():
+        releases = client.ledger(agreement)
+    if json_out:
+        print_json([to_dict(r) for r in releases])
+        return
+    out = table(
+        id_column("release"),
+        id_column("agreement / analyst"),
+        text_column("spent"),
+        text_column("aggregates"),
+        text_column("bounds per person"),
+        title="ledger",
+    )
+    for r in releases:
+        measure = plan_measure(r.plan.measure)
+        status = r.status or "released"  # failed and running releases keep their cost
+        release = Text(r.release_id)
+        release.append(f"\n{status}", style="" if status == "released" else "red")
+        release.append(f"\n{when(r.created_at)}")
+        bounding = r.plan.bounding
+        groups = bounding.max_groups_per_person
+        out.add_row(
+            release,
+            f"{r.agreement_id}\n{r.analyst_id}",
+            Text(f"{measure} {r.epsilon_spent}"),
+            Text("\n".join(f"{a.name} ({a.epsilon})" for a in r.plan.aggregates)),
+            Text(
+                f"{bounding.max_rows_per_person:,} rows, {groups:,} "
+                f"{'group' if groups == 1 else 'groups'}, {bounding.shared_identifiers} shared "
+                f"identifier{'' if bounding.shared_identifiers == 1 else 's'}"
+            ),
+        )
+    print_table(out)
+
+
+def report(
+    out: Annotated[Path, typer.Option(help="Directory for report.md/.html and budget plots.")],
+    agreement: Annotated[str, typer.Option(help="One agreement (default: all).")] = "",
+    names: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSON object {principal id: name}: the hub's API gives no other principal's name."
+        ),
+    ] = None,
+    audit_key: Annotated[
+        Path | None,
+        typer.Option(help="The hub's audit public key (audit_signing.pub): verify signatures."),
+    ] = None,
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
+) -> None:
+    """Compliance report: audit status, agreements, budget over time, releases, refusals."""
+    from entremise.cli.report import build_report, read_names
+
+    with connect(target, token) as client, friendly_errors():
+        directory = read_names(names) if names else None
+        files = build_report(client, out, agreement, names=directory, audit_key=audit_key)
+    if json_out:
+        print_json(
+            {
+                "markdown": str(files.markdown),
+                "html": str(files.html),
+                "plot_png": str(files.plot_png),
+                "plot_svg": str(files.plot_svg),
+                "audit": files.audit.headline if files.audit else None,
+            }
+        )
+    else:
+        console.print(
+            f"report written: {files.html} (and {files.markdown.name}, "
+            f"{files.plot_png.name}, {files.plot_svg.name}); audit log "
+            f"{files.audit.headline if files.audit else 'not checked'}",
+            markup=False,
+        )
+
+
+def audit_list(
+    target: TargetOption = DEFAULT_TARGET, token: TokenOption = "", json_out: JsonOption = False
+) -> None:
+    """Audit events (state changes and releases, with counts only)."""
+    with connect(target, token) as client, friendly_errors():
+        events = client.audit_events()
+    if json_out:
+        print_json([to_dict(e) for e in events])
+        return
+    out = table(
+        number_column("seq"),
+        text_column("event"),
+        id_column("actor"),
+        id_column("subject"),
+        text_column("detail"),
+        title="audit log",
+    )
+    for e in events:
+        out.add_row(
+            str(e.seq),
+            Text(f"{e.kind.replace('_', ' ')}\n{when(e.created_at)}"),
+            e.actor_id or "-",
+            e.subject_id or "-",
+            Text(_detail(e.detail_json)),
+        )
+    print_table(out)
+
+
+def _detail(detail_json: str) -> str:
+    """An audit event's detail as "key: value" lines (the JSON as given if it is not an object)."""
+    try:
+        detail = json.loads(detail_json) if detail_json else {}
+    except json.JSONDecodeError:
+        return detail_json
+    if not isinstance(detail, dict):
+        return detail_json
+    return "\n".join(
+        f"{k}: {v if isinstance(v, str) else json.dumps(v)}" for k, v in detail.items()
+    )
+
+
+def audit_verify(
+    data_dir: Annotated[Path, typer.Option(help="The hub's data dir (public key, head file).")],
+    db: Annotated[str, typer.Option(help="SQLAlchemy URL (default: SQLite in the data dir).")] = "",
+    json_out: JsonOption = False,
+) -> None:
+    """Recompute the audit chain offline; report the first tampered entry (exit 1 if any)."""
+    from entremise.server.operations import verify_audit_log
+
+    with friendly_errors():
+        result = verify_audit_log(data_dir, db)
+    if json_out:
+        print_json(
+            {
+                "ok": result.ok,
+                "checked": result.checked,
+                "first_bad_seq": result.first_bad_seq,
+                "reason": result.reason,
+            }
+        )
+    elif result.ok:
+        console.print(f"audit log intact: {result.checked} entries verified")
+    if not result.ok:
+        fail(f"audit log tampered at entry {result.first_bad_seq}: {result.reason}")

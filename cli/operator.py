@@ -1,0 +1,208 @@
+"""The hub operator's commands: run a hub, migrate its database, manage principals and keys.
+
+Commands that act on a hub's data dir or database go through `entremise.server.operations`;
+those that talk to a running hub go through the SDK, as every other command does.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from entremise.cli._common import (
+    DEFAULT_TARGET,
+    JsonOption,
+    QuietOption,
+    TargetOption,
+    TokenOption,
+    connect,
+    fail,
+    friendly_errors,
+    print_json,
+    quiet_or_json,
+    to_dict,
+)
+from entremise.cli.output import console
+
+
+def serve(
+    db: Annotated[
+        str, typer.Option(help="SQLAlchemy URL; default: SQLite file in the data dir.")
+    ] = "",
+    data_dir: Annotated[
+        Path, typer.Option(help="Where datasets and the default database live.")
+    ] = Path("entremise-data"),
+    listen: Annotated[
+        str, typer.Option(help="host:port to listen on (port 0 = any free port).")
+    ] = DEFAULT_TARGET,
+    port_file: Annotated[
+        Path | None, typer.Option(help="Write the bound port here once serving.")
+    ] = None,
+    log_file: Annotated[Path | None, typer.Option(help="Log here instead of stderr.")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="Server certificate (PEM): TLS.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Server private key (PEM).")] = None,
+    tls_client_ca: Annotated[
+        Path | None, typer.Option(help="CA of client certificates: mutual TLS (CN = principal).")
+    ] = None,
+    master_key_file: Annotated[
+        Path | None, typer.Option(help="Master keyring (default: DATA_DIR/master.keys).")
+    ] = None,
+    table_cache_mb: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Keep up to this many MB of decrypted datasets in memory between queries "
+            "(0: decrypt for every query, nothing decrypted outlives a query).",
+        ),
+    ] = 4096,
+    upload_memory_mb: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Receive uploads up to this many MB in memory; larger ones are staged on disk "
+            "(0: stage every upload).",
+        ),
+    ] = 1024,
+    json_out: Annotated[
+        bool,
+        typer.Option("--json", help="Print one JSON line with the bound address once serving."),
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the full traceback when the hub cannot start.")
+    ] = False,
+) -> None:
+    """Run a hub (admin token: ENTREMISE_ADMIN_TOKEN, else generated in DATA_DIR/admin.token).
+
+    One hub per port and per data dir: a busy port, or a data dir another hub holds, is refused.
+    """
+    from entremise.server.app import HubConfig, HubStartError
+    from entremise.server.app import serve as run_hub
+    from entremise.server.operations import default_db_url
+
+    logging.basicConfig(
+        level=logging.INFO,
+        filename=log_file,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    with friendly_errors():
+        config = HubConfig(
+            db_url=db or default_db_url(data_dir),
+            data_dir=data_dir,
+            listen=listen,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            master_key_file=master_key_file,
+            table_cache_bytes=table_cache_mb * 1024**2,
+            memory_upload_bytes=upload_memory_mb * 1024**2,
+        )
+        if (tls_cert is None) != (tls_key is None):
+            fail("--tls-cert and --tls-key go together")
+        if tls_client_ca is not None and tls_cert is None:
+            fail("--tls-client-ca needs --tls-cert and --tls-key")
+        try:
+            run_hub(config, port_file=port_file, announce_json=json_out)
+        except HubStartError as exc:
+            if debug:
+                raise
+            fail(str(exc))
+        except Exception as exc:  # anything else: still one line, unless --debug
+            if debug:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            fail(f"the hub stopped: {type(exc).__name__}: {first} (rerun with --debug for details)")
+
+
+def demo(
+    workdir: Annotated[
+        Path | None, typer.Option(help="Keep the hub's files here (default: a temp dir, removed).")
+    ] = None,
+    json_out: JsonOption = False,
+    size: Annotated[str, typer.Option(help="Synthetic data size: small or default.")] = "default",
+) -> None:
+    """Hub on SQLite, two partner uploads over gRPC, private aggregates, budget report."""
+    from entremise.cli.demo import run_demo
+
+    with friendly_errors():
+        report = run_demo(workdir, quiet=json_out, size=size)
+    if json_out:
+        print_json(report)
+
+
+def db_upgrade(
+    db: Annotated[str, typer.Option(help="SQLAlchemy URL, e.g. postgresql+psycopg://...")],
+    json_out: JsonOption = False,
+) -> None:
+    """Apply every pending migration (the hub also does this when it starts)."""
+    from entremise.server.operations import upgrade_database
+
+    with friendly_errors():
+        revision = upgrade_database(db)
+    if json_out:
+        print_json({"revision": revision})
+    else:
+        console.print(f"database at revision {revision}", markup=False)
+
+
+def create_principal(
+    name: Annotated[str, typer.Argument(help="Display name.")],
+    role: Annotated[str, typer.Option(help="admin, partner, analyst or compliance.")],
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Create a principal; prints its token once (it is stored hashed).
+
+    With --quiet, prints exactly "ID TOKEN" on one line, nothing else, for scripts:
+
+    \b
+    read BANK_ID BANK < <(entremise admin create-principal Bank --role partner --quiet)
+    """  # noqa: D301 (\b: click keeps the next line as written)
+    quiet_or_json(quiet, json_out)
+    with connect(target, token) as client, friendly_errors():
+        principal, new_token = client.create_principal(name, role)
+    if json_out:
+        print_json({"principal": to_dict(principal), "token": new_token})
+        return
+    if quiet:
+        sys.stdout.write(f"{principal.principal_id} {new_token}\n")
+        return
+    console.print(
+        f"principal {principal.principal_id} {principal.name!r} ({role}) created", markup=False
+    )
+    console.print(f"token (shown once): {new_token}", highlight=False, soft_wrap=True)
+
+
+def rotate_master_key(
+    data_dir: Annotated[Path, typer.Option(help="The hub's data dir (stop the hub first).")],
+    json_out: JsonOption = False,
+) -> None:
+    """Re-wrap every dataset key under a new master key and retire the old one."""
+    from entremise.server.operations import rotate_master_key as rotate
+
+    with friendly_errors():
+        rotation = rotate(data_dir)
+    if json_out:
+        print_json({"rewrapped_keys": rotation.rewrapped_keys, "master_key": rotation.master_key})
+    else:
+        console.print(
+            f"{rotation.rewrapped_keys} dataset keys re-wrapped under master key "
+            f"{rotation.master_key}"
+        )
+
+
+def whoami(
+    target: TargetOption = DEFAULT_TARGET, token: TokenOption = "", json_out: JsonOption = False
+) -> None:
+    """Show who the token belongs to."""
+    with connect(target, token) as client, friendly_errors():
+        principal = client.whoami()
+    if json_out:
+        print_json(to_dict(principal))
+    else:
+        console.print(f"{principal.principal_id} {principal.name}", markup=False)

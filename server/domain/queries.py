@@ -1,0 +1,251 @@
+"""Queries: an analyst previews the cost and accuracy of a query, then runs it as a release.
+
+The order of a release is the guarantee: authorise and plan from public inputs, debit the
+budget atomically, and only then read rows; whatever happens once rows are read is paid for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, replace
+
+from entremise.server.domain.access import require
+from entremise.server.domain.errors import (
+    BudgetExhaustedError,
+    FailedPreconditionError,
+    NotFoundError,
+    PermissionDeniedError,
+    ReleaseFailedError,
+)
+from entremise.server.domain.ids import new_id, now
+from entremise.server.domain.keys import key_context
+from entremise.server.domain.models import (
+    Agreement,
+    AgreementStatus,
+    BudgetState,
+    ExactAggregates,
+    PlanSummary,
+    Principal,
+    QueryPlan,
+    QuerySpec,
+    Release,
+    Role,
+)
+from entremise.server.domain.planner import plan_query
+from entremise.server.domain.ports import AggregationEngine, DatasetFiles, Store
+from entremise.server.domain.releasing import draw, summarize
+from entremise.server.domain.trail import AuditTrail
+
+log = logging.getLogger(__name__)
+
+
+class Queries:
+    """Preview (free, reads no row) and run (debit, compute, perturb, record) queries."""
+
+    def __init__(
+        self, store: Store, files: DatasetFiles, engine: AggregationEngine, trail: AuditTrail
+    ) -> None:
+        self.store = store
+        self.files = files
+        self.engine = engine
+        self.trail = trail
+
+    def preview(self, caller: Principal, spec: QuerySpec) -> PlanSummary:
+        """Cost and expected accuracy; spends nothing and reads no row."""
+        plan, budget = self._authorised_plan(caller, spec)
+        return summarize(plan, budget.remaining)
+
+    def run(self, caller: Principal, spec: QuerySpec) -> tuple[Release, BudgetState, bool]:
+        """Debit, compute, perturb, and store the release.
+
+        The agreement and the analyst are debited, with the release recorded as running, in one
+        transaction BEFORE any row is read: if a debit is refused nothing is read and nothing
+        leaves, and whatever happens once data is read is paid for. Should the computation
+        fail anyway (it is written to be total: clamped values, saturated sums, union-find
+        linking), the release is marked failed, keeps its debit, and the analyst gets one fixed
+        message: a failure that occurred only on some data would otherwise reveal it for free.
+        An identical query on the same data state is answered from the ledger at no cost (the
+        third value says so): re-publishing a released value is post-processing.
+        """
+        try:
+            plan, budget = self._authorised_plan(caller, spec)
+        except PermissionDeniedError as exc:
+            if caller.role is Role.ANALYST:  # the agreement's own analyst, outside its scope
+                self.trail.record(
+                    "release_refused",
+                    caller,
+                    spec.agreement_id,
+                    {"reason": "outside_agreement_scope", "detail": exc.message},
+                )
+            raise
+        withdrawn = withdrawn_people(self.store, plan)
+        key = replay_key(spec, plan, len(withdrawn), now()[:10])
+        previous = self.store.find_replay(plan.agreement.agreement_id, key)
+        if previous is not None:
+            self.trail.record(
+                "release_replayed",
+                caller,
+                plan.agreement.agreement_id,
+                {"release_id": previous.release_id},
+            )
+            return previous, budget, True
+        reserved, after = self._reserve(caller, spec, plan, budget)
+        summary = reserved.summary
+        try:
+            exact = exact_aggregates(self.files, self.engine, plan, withdrawn)
+            summary, results = draw(plan, exact, summary)
+        except Exception:
+            log.exception("release %s failed after its debit", reserved.release_id)
+            self.store.finish_release(replace(reserved, status="failed"))
+            self.trail.record(
+                "release_failed", caller, reserved.agreement_id, {"release_id": reserved.release_id}
+            )
+            raise ReleaseFailedError(str(plan.epsilon)) from None
+        release = replace(
+            reserved, summary=summary, results=results, replay_key=key, status="released"
+        )
+        self.store.finish_release(release)
+        log.info(
+            "release committed id=%s agreement=%s %s=%s",
+            release.release_id,
+            release.agreement_id,
+            plan.measure.value,
+            release.epsilon_spent,
+        )
+        return release, after, False
+
+    def _reserve(
+        self, caller: Principal, spec: QuerySpec, plan: QueryPlan, budget: BudgetState
+    ) -> tuple[Release, BudgetState]:
+        """Debit the agreement and the analyst and record the release as running, atomically."""
+        if plan.epsilon > budget.remaining:
+            self._refused(caller, plan, "budget_exhausted")
+            raise BudgetExhaustedError(requested=str(plan.epsilon), remaining=str(budget.remaining))
+        reserved = Release(
+            release_id=new_id("rel"),
+            agreement_id=plan.agreement.agreement_id,
+            analyst_id=caller.principal_id,
+            summary=summarize(plan, budget.remaining),
+            results=(),
+            epsilon_spent=plan.epsilon,
+            created_at=now(),
+            data_versions=tuple(plan.data_versions),
+            query_fingerprint=query_fingerprint(spec),
+            delta_units=plan.delta_units,
+            status="running",
+        )
+        try:
+            after = self.store.reserve_release(reserved)  # conditional debits + insert
+        except BudgetExhaustedError:
+            self._refused(caller, plan, "budget_exhausted")
+            raise
+        # The remaining budget seen before this transaction may be stale; state what it is now.
+        reserved = replace(
+            reserved,
+            summary=replace(
+                reserved.summary,
+                remaining_before=after.remaining + plan.epsilon,
+                remaining_after=after.remaining,
+            ),
+        )
+        self.trail.record(
+            "release",
+            caller,
+            reserved.agreement_id,
+            {
+                "release_id": reserved.release_id,
+                "epsilon": str(reserved.epsilon_spent),
+                "measure": plan.measure.value,
+                "delta_units": plan.delta_units,
+            },
+        )
+        return reserved, after
+
+    def _refused(self, caller: Principal, plan: QueryPlan, reason: str) -> None:
+        """Record a release refused before any data was read (for compliance: what was tried)."""
+        self.trail.record(
+            "release_refused",
+            caller,
+            plan.agreement.agreement_id,
+            {
+                "reason": reason,
+                "epsilon": str(plan.epsilon),
+                "measure": plan.measure.value,
+                "delta_units": plan.delta_units,
+            },
+        )
+
+    def _authorised_plan(self, caller: Principal, spec: QuerySpec) -> tuple[QueryPlan, BudgetState]:
+        """The caller is one of the agreement's analysts; its plan and current budget."""
+        require(caller, Role.ANALYST)
+        agreement = self.store.get_agreement(spec.agreement_id)
+        if agreement is None or caller.principal_id not in agreement.analyst_ids:
+            raise NotFoundError(f"agreement {spec.agreement_id!r} not found")
+        plan = plan_on(self.store, agreement, spec)
+        budget = self.store.get_budget(agreement.agreement_id)
+        if budget is None:
+            raise NotFoundError(f"agreement {spec.agreement_id!r} not found")
+        return plan, budget
+
+
+def plan_on(store: Store, agreement: Agreement, spec: QuerySpec) -> QueryPlan:
+    """Resolve a query against an active agreement and its current datasets (public inputs)."""
+    status = agreement.status_at(now())
+    if status is not AgreementStatus.ACTIVE:
+        waiting = sorted(set(agreement.partner_ids) - set(agreement.approved_by))
+        hint = f" (awaiting approval by {waiting})" if status is AgreementStatus.PROPOSED else ""
+        raise FailedPreconditionError(
+            f"agreement {agreement.agreement_id!r} is {status.value}{hint}"
+        )
+    _, fingerprint = key_context(store, agreement)
+    datasets = []
+    for slot in agreement.slots:
+        dataset = store.find_dataset(agreement.agreement_id, slot.partner_id, slot.name)
+        if dataset is None:
+            raise FailedPreconditionError(
+                f"dataset {slot.name!r} of partner {slot.partner_id!r} is not uploaded "
+                "(or was deleted)"
+            )
+        if dataset.key_fingerprint != fingerprint:
+            raise FailedPreconditionError(
+                f"dataset {slot.name!r} was pseudonymised under a previous key context "
+                "(a partner rotated its key): it must be uploaded again"
+            )
+        datasets.append(dataset)
+    return plan_query(spec, agreement, tuple(datasets))
+
+
+def withdrawn_people(store: Store, plan: QueryPlan) -> set[str]:
+    """Every pseudonym withdrawn from the plan's agreement, by any partner."""
+    withdrawn = store.withdrawn(plan.agreement.agreement_id)
+    return {p for pseudonyms in withdrawn.values() for p in pseudonyms}
+
+
+def exact_aggregates(
+    files: DatasetFiles, engine: AggregationEngine, plan: QueryPlan, withdrawn: set[str]
+) -> ExactAggregates:
+    """Read the plan's datasets and compute its contribution-bounded exact aggregates."""
+    tables = [files.read(d.dataset_id, d.version) for d in plan.datasets]
+    return engine.compute(plan, tables, withdrawn, now())
+
+
+def query_fingerprint(spec: QuerySpec) -> str:
+    """Canonical hash of a query, for the ledger and for replays."""
+    canonical = json.dumps(asdict(spec), sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def replay_key(spec: QuerySpec, plan: QueryPlan, withdrawals: int, day: str) -> str:
+    """Canonical query + data state: dataset versions and key context, withdrawals, UTC day.
+
+    Consent expiry is date-granular here: a replay is only served within the same UTC day.
+    """
+    state = {
+        "query": query_fingerprint(spec),
+        "datasets": [(d.dataset_id, d.version, d.key_fingerprint) for d in plan.datasets],
+        "withdrawals": withdrawals,
+        "day": day,
+    }
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
