@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: help install protos check-protos demo chromium test test-pg race kill fuzz dp-audit bench-small bench bench-tumult bench-profile lint typecheck format clean
+.PHONY: help install protos check-protos demo chromium test test-fast test-pg race kill fuzz dp-audit bench-small bench bench-tumult bench-profile lint typecheck format clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ demo: $(STAMP) ## Run the whole job on SQLite; leaves demo-workdir/report/report
 
 test: $(STAMP) chromium ## Run the test suite (SQLite; PostgreSQL too when reachable)
 	$(BIN)/pytest
+
+test-fast: $(STAMP) ## Domain and store-contract tests on the in-memory store (no gRPC, no database; under 30 s)
+	$(BIN)/pytest -q -m "not postgres" tests/test_store_contract.py -k memory
 
 # The report's browser test renders report.html in Debian's chromium (Playwright's own browser
 # download does not work here). Without apt-get that one test skips, saying why.

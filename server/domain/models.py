@@ -397,6 +397,22 @@ class BudgetState:
         return self.total - self.spent
 
 
+@dataclass(frozen=True)
+class QueryContext:
+    """Everything a query reads from the store, taken in one transaction.
+
+    A query's plan (datasets, key context), its cost check (budget) and the people it leaves
+    out (withdrawals) must all come from one consistent state: read one by one, a key rotation,
+    an upload or a debit landing in between would pair a plan with a state it was not made for.
+    """
+
+    agreement: Agreement
+    budget: BudgetState
+    public_keys: tuple[PublicKeyRecord | None, ...]  # per partner, in `agreement.partner_ids` order
+    datasets: tuple[Dataset | None, ...]  # the current one per slot, in `agreement.slots` order
+    withdrawn: dict[str, list[str]]  # withdrawn pseudonyms per partner
+
+
 class AggregateKind(StrEnum):
     """Aggregates an analyst can ask for."""
 

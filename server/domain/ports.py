@@ -21,6 +21,7 @@ from entremise.server.domain.models import (
     ExactAggregates,
     Principal,
     PublicKeyRecord,
+    QueryContext,
     QueryPlan,
     Release,
     Role,
@@ -29,43 +30,73 @@ from entremise.server.domain.models import (
 
 
 class Store(ABC):
-    """Transactional metadata store (principals, datasets, agreements, budgets, releases)."""
+    """Transactional metadata store (principals, datasets, agreements, budgets, releases).
+
+    Reads come in three kinds, and their names say which:
+
+    - ``get_*`` reads an object the caller names and expects to exist: it returns it, or raises
+      NotFoundError (``"agreement 'ag_x' not found"``) so that no caller asserts on None;
+    - lookups (``principal_by_token``, ``find_upload``, ``find_dataset``, ``find_replay``,
+      ``current_public_key``, ``wrapped_key``) ask whether something exists: None if not;
+    - listings (``list_*``, ``withdrawn``, ``stored_versions``) are empty when nothing matches.
+
+    Every write is one transaction: it happens whole, or raises and changes nothing. A write
+    that repeats an identity (id, token, request id, key context) raises AlreadyExistsError; a
+    write naming an agreement or principal that does not exist raises NotFoundError. Returned
+    objects are snapshots: changing them never changes the store.
+
+    Orders: agreements and datasets by (created_at, id); releases and audit entries in commit
+    order; a budget's analysts by analyst id; withdrawn pseudonyms sorted, per partner.
+
+    Implementations: SqlStore (SQLite, PostgreSQL) and MemoryStore, held to one contract by
+    tests/test_store_contract.py.
+    """
+
+    # -- principals -------------------------------------------------------------------------
 
     @abstractmethod
     def create_principal(self, principal: Principal, token_sha256: str) -> None:
-        """Insert a principal with the SHA-256 of its token."""
+        """Insert a principal with the SHA-256 of its token (AlreadyExists if id or token is)."""
 
     @abstractmethod
     def principal_by_token(self, token_sha256: str) -> Principal | None:
-        """The principal owning a token hash, if any."""
+        """Lookup: the principal owning a token hash, if any."""
 
     @abstractmethod
-    def get_principal(self, principal_id: str) -> Principal | None:
-        """A principal by id."""
+    def get_principal(self, principal_id: str) -> Principal:
+        """A principal by id (else NotFoundError)."""
 
     @abstractmethod
     def count_principals(self, role: Role | None = None) -> int:
         """How many principals exist (optionally of one role)."""
 
+    # -- datasets ---------------------------------------------------------------------------
+
     @abstractmethod
     def publish_dataset(self, dataset: Dataset, request_id: str = "") -> None:
-        """Make a dataset version visible, recording the client's request id, in one transaction."""
+        """Make a dataset version visible, recording the client's request id, in one transaction.
+
+        Version 1 is inserted; version n replaces version n-1. AlreadyExistsError if the
+        request id was used by this partner already, if version 1 meets an existing dataset
+        (same id, or same agreement, partner and name), or if version n-1 is not the current
+        one; NotFoundError if the agreement or the partner does not exist.
+        """
 
     @abstractmethod
     def find_upload(self, partner_id: str, request_id: str) -> tuple[str, int] | None:
-        """The (dataset id, version) an earlier upload with this request id published."""
+        """Lookup: the (dataset id, version) an earlier upload with this request id published."""
 
     @abstractmethod
     def stored_versions(self) -> set[tuple[str, int]]:
         """Every (dataset id, version) the metadata refers to."""
 
     @abstractmethod
-    def get_dataset(self, dataset_id: str) -> Dataset | None:
-        """The current version of a dataset."""
+    def get_dataset(self, dataset_id: str) -> Dataset:
+        """The current version of a dataset (else NotFoundError)."""
 
     @abstractmethod
     def find_dataset(self, agreement_id: str, partner_id: str, name: str) -> Dataset | None:
-        """A partner's dataset of one agreement, by name."""
+        """Lookup: a partner's dataset of one agreement, by name."""
 
     @abstractmethod
     def list_datasets(
@@ -75,11 +106,13 @@ class Store(ABC):
 
     @abstractmethod
     def delete_dataset(self, dataset_id: str) -> None:
-        """Remove a dataset's metadata."""
+        """Remove a dataset's metadata (else NotFoundError)."""
+
+    # -- agreements and budgets -------------------------------------------------------------
 
     @abstractmethod
     def create_agreement(self, agreement: Agreement) -> None:
-        """Insert an agreement and its budget (nothing spent)."""
+        """Insert an agreement and its budget (nothing spent; AlreadyExists if the id is)."""
 
     @abstractmethod
     def update_agreement_state(
@@ -94,32 +127,49 @@ class Store(ABC):
         """Move an agreement from `expected` to `status` and set its approvals.
 
         Compare-and-set on both the status and the approvals read: False if either changed
-        meanwhile (two partners approving at once must not overwrite each other's approval).
+        meanwhile (two partners approving at once must not overwrite each other's approval),
+        or if there is no such agreement.
         """
 
     @abstractmethod
-    def get_agreement(self, agreement_id: str) -> Agreement | None:
-        """An agreement by id."""
+    def get_agreement(self, agreement_id: str) -> Agreement:
+        """An agreement by id (else NotFoundError)."""
 
     @abstractmethod
     def list_agreements(self) -> list[Agreement]:
         """All agreements."""
 
     @abstractmethod
-    def get_budget(self, agreement_id: str) -> BudgetState | None:
-        """An agreement's budget."""
+    def get_budget(self, agreement_id: str) -> BudgetState:
+        """An agreement's budget, with each analyst's spend, at one instant (else NotFound)."""
+
+    @abstractmethod
+    def query_context(self, agreement_id: str) -> QueryContext:
+        """What a query needs, read in one transaction (else NotFoundError).
+
+        The agreement, its budget, the current public key of each partner (in
+        `agreement.partner_ids` order, None if it has none), the current dataset of each slot
+        (in `agreement.slots` order, None if not uploaded) and the withdrawn pseudonyms.
+        """
+
+    # -- releases ---------------------------------------------------------------------------
 
     @abstractmethod
     def reserve_release(self, release: Release) -> BudgetState:
         """Atomically debit the agreement and the analyst, and store the (running) release.
 
         Called before any data is read: whatever happens next is paid for. Raises
-        BudgetExhaustedError (and stores nothing) if either debit would overspend.
+        BudgetExhaustedError (and stores nothing) if either debit would overspend: the
+        agreement's epsilon (or rho) and delta, or the analyst's own cap. Returns the budget
+        just after the debit.
         """
 
     @abstractmethod
     def finish_release(self, release: Release) -> None:
-        """Store a reserved release's results and final status (released or failed)."""
+        """Store a reserved release's results, replay key and final status (released or failed).
+
+        Only those change: its cost stays as reserved. An unknown release id changes nothing.
+        """
 
     @abstractmethod
     def fail_unfinished_releases(self) -> int:
@@ -131,17 +181,22 @@ class Store(ABC):
 
     @abstractmethod
     def find_replay(self, agreement_id: str, replay_key: str) -> Release | None:
-        """An earlier release of the same canonical query on the same data state."""
+        """Lookup: the first release of the same canonical query on the same data state.
+
+        Only released ones count: a running or failed release answers nothing.
+        """
+
+    # -- keys -------------------------------------------------------------------------------
 
     @abstractmethod
     def publish_public_key(
         self, principal_id: str, public_key: bytes, created_at: str
     ) -> PublicKeyRecord:
-        """Store a partner's new public key as its next version."""
+        """Store a partner's new public key as its next version (1, 2, ...)."""
 
     @abstractmethod
     def current_public_key(self, principal_id: str) -> PublicKeyRecord | None:
-        """A partner's latest public key."""
+        """Lookup: a partner's latest public key."""
 
     @abstractmethod
     def store_wrapped_keys(
@@ -153,7 +208,9 @@ class Store(ABC):
     def wrapped_key(
         self, agreement_id: str, fingerprint: str, recipient_id: str
     ) -> WrappedKey | None:
-        """The wrapped matching key addressed to one partner, if distributed."""
+        """Lookup: the wrapped matching key addressed to one partner, if distributed."""
+
+    # -- consent ----------------------------------------------------------------------------
 
     @abstractmethod
     def record_withdrawals(
@@ -163,13 +220,19 @@ class Store(ABC):
 
     @abstractmethod
     def withdrawn(self, agreement_id: str) -> dict[str, list[str]]:
-        """Withdrawn pseudonyms of an agreement, per partner."""
+        """Withdrawn pseudonyms of an agreement, per partner (sorted)."""
+
+    # -- audit ------------------------------------------------------------------------------
 
     @abstractmethod
     def append_audit(
         self, event: AuditEvent, seal: Callable[[int, str], tuple[str, str]]
     ) -> ChainedEntry:
-        """Append one event at the chain's head; `seal(seq, prev_hash)` gives (hash, signature)."""
+        """Append one event at the chain's head; `seal(seq, prev_hash)` gives (hash, signature).
+
+        Entries are numbered 1, 2, ... and each holds its predecessor's hash (GENESIS first),
+        also when appends race.
+        """
 
     @abstractmethod
     def list_audit(self) -> list[ChainedEntry]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from entremise.server.store.sql import metadata
+from entremise.server.store.tables import metadata
 
 connection = context.config.attributes["connection"]
 context.configure(
