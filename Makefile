@@ -34,8 +34,9 @@ demo: $(STAMP) ## Run the whole job on SQLite; leaves demo-workdir/report/report
 test: $(STAMP) chromium ## Run the test suite (SQLite; PostgreSQL too when reachable)
 	$(BIN)/pytest
 
-test-fast: $(STAMP) ## Domain and store-contract tests on the in-memory store (no gRPC, no database; under 30 s)
-	$(BIN)/pytest -q -m "not postgres" tests/test_store_contract.py -k memory
+test-fast: $(STAMP) ## Domain, store-contract and architecture tests on the in-memory store (no gRPC, no database; under 30 s)
+	$(BIN)/pytest -q -p no:cacheprovider tests/test_domain.py tests/test_store_contract.py \
+		tests/test_architecture.py tests/test_privacy.py tests/test_upload_validation.py -k "not sqlite and not postgres"
 
 # The report's browser test renders report.html in Debian's chromium (Playwright's own browser
 # download does not work here). Without apt-get that one test skips, saying why.

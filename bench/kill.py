@@ -93,7 +93,6 @@ def _check(data_dir: Path, confirmed: set[str]) -> dict[str, int]:
         budget = store.get_budget(agreement.agreement_id)
         releases = store.list_releases(agreement.agreement_id)
         ledger_ids |= {r.release_id for r in releases}
-        assert budget is not None
         spent = sum((r.epsilon_spent.micros for r in releases), 0)
         without_debit += max(spent - budget.spent.micros, 0) + max(
             len(releases) - budget.release_count, 0
@@ -221,12 +220,10 @@ def run_kill(data_dir: Path, *, rounds: int = 8, seed: int = 1) -> dict[str, Any
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=30)
     final = _check(data_dir, confirmed)
-    spent = Decimal(0)
     store = SqlStore(default_db_url(data_dir), create=False)
     budget = store.get_budget(agreement_id)
     store.close()
-    if budget is not None:
-        spent = Decimal(budget.spent.micros) / 10**6
+    spent = Decimal(budget.spent.micros) / 10**6
     return {**totals, "final_check": final, "spent_epsilon": str(spent)}
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 FOLDERS = ("server", "cli", "partners", "privacy", "sdk")
 SKIP = re.compile(r"(_pb2(_grpc)?\.pyi?$)|(/migrations/)")
 C901 = re.compile(
-    r"^(?P<path>[^:]+):(?P<line>\d+):\d+: C901 `(?P<name>[^`]+)` is too complex \((?P<score>\d+) > 0\)"
+    r"^(?P<path>[^:]+):(?P<line>\d+):\d+: C901 "
+    r"`(?P<name>[^`]+)` is too complex \((?P<score>\d+) > 0\)"
 )
 
 

@@ -42,15 +42,16 @@ from entremise.server.domain.models import (
 )
 from entremise.server.engine import DuckDBEngine
 from entremise.server.files import SealedDatasetFiles
+from entremise.server.store.memory import MemoryStore
 from entremise.server.store.sql import SqlStore
 
-STORES = ["sqlite"]  # "memory" once the in-memory store lands
+STORES = ["memory", "sqlite"]
 
 
 @pytest.fixture(params=STORES)
 def hub(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Hub]:
     """A hub over one store kind, with sealed files and the DuckDB engine in tmp_path."""
-    store = SqlStore(f"sqlite:///{tmp_path}/h.db")
+    store = MemoryStore() if request.param == "memory" else SqlStore(f"sqlite:///{tmp_path}/h.db")
     cipher = DatasetCipher(Keyring.load(tmp_path / "master.keys"), tmp_path / "keys")
     files = SealedDatasetFiles(cipher, tmp_path / "data")
     yield Hub(store, files, DuckDBEngine(), signer=AuditSigner(Ed25519PrivateKey.generate()))

@@ -35,7 +35,7 @@ def participant(store: Store, caller: Principal, agreement_id: str) -> Agreement
     """The agreement, if the caller is one of its partners."""
     require(caller, Role.PARTNER)
     agreement = store.get_agreement(agreement_id)
-    if agreement is None or caller.principal_id not in agreement.partner_ids:
+    if caller.principal_id not in agreement.partner_ids:
         raise NotFoundError(f"agreement {agreement_id!r} not found")
     return agreement
 

@@ -138,15 +138,19 @@ class Agreements:
         """Every slot names a partner, and at least one analyst is named, all known."""
         for slot in slots:
             check_name(slot.name, "dataset name")
-            partner = self.store.get_principal(slot.partner_id)
-            if partner is None or partner.role is not Role.PARTNER:
+            if not self._has_role(slot.partner_id, Role.PARTNER):
                 raise InvalidArgumentError(f"{slot.partner_id!r} is not a partner")
         if not analyst_ids:
             raise InvalidArgumentError("name at least one analyst")
         for analyst_id in analyst_ids:
-            analyst = self.store.get_principal(analyst_id)
-            if analyst is None or analyst.role is not Role.ANALYST:
+            if not self._has_role(analyst_id, Role.ANALYST):
                 raise InvalidArgumentError(f"{analyst_id!r} is not an analyst")
+
+    def _has_role(self, principal_id: str, role: Role) -> bool:
+        try:
+            return self.store.get_principal(principal_id).role is role
+        except NotFoundError:
+            return False
 
     def approve(self, caller: Principal, agreement_id: str, *, via: str = "explicit") -> Agreement:
         """A partner approves; when every partner has, a proposed or suspended one turns active."""
@@ -172,7 +176,7 @@ class Agreements:
                     self.trail.record(
                         "agreement_approved", caller, agreement_id, {"via": via, "active": done}
                     )
-                return self._read(agreement_id)
+                return self.store.get_agreement(agreement_id)
         raise FailedPreconditionError("the agreement changed concurrently; retry")
 
     def suspend(self, caller: Principal, agreement_id: str) -> Agreement:
@@ -191,27 +195,18 @@ class Agreements:
         ):
             raise FailedPreconditionError("the agreement changed concurrently; retry")
         self.trail.record(f"agreement_{target.value}", caller, agreement_id, {"from": status.value})
-        return self._read(agreement_id)
-
-    def _read(self, agreement_id: str) -> Agreement:
-        agreement = self.store.get_agreement(agreement_id)
-        if agreement is None:
-            raise NotFoundError(f"agreement {agreement_id!r} not found")
-        return agreement
+        return self.store.get_agreement(agreement_id)
 
     def get(self, caller: Principal, agreement_id: str) -> tuple[Agreement, BudgetState]:
         """An agreement and its budget, if the caller is party to it."""
         agreement = self.store.get_agreement(agreement_id)
-        if agreement is None or not visible(caller, agreement):
+        if not visible(caller, agreement):
             raise NotFoundError(f"agreement {agreement_id!r} not found")
-        return agreement, self.budget(agreement_id)
+        return agreement, self.store.get_budget(agreement_id)
 
     def budget(self, agreement_id: str) -> BudgetState:
         """An agreement's budget (no authorisation: for callers that already checked it)."""
-        budget = self.store.get_budget(agreement_id)
-        if budget is None:
-            raise NotFoundError(f"agreement {agreement_id!r} not found")
-        return budget
+        return self.store.get_budget(agreement_id)
 
     def list_for(self, caller: Principal) -> list[tuple[Agreement, BudgetState]]:
         """Agreements the caller is party to, with their budgets."""

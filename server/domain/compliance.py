@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from entremise.server.domain.access import require
 from entremise.server.domain.audit import ChainedEntry
-from entremise.server.domain.errors import NotFoundError
 from entremise.server.domain.ids import now
 from entremise.server.domain.models import (
     BudgetState,
@@ -34,13 +33,7 @@ class Compliance:
             if agreement_id
             else [a.agreement_id for a in self.store.list_agreements()]
         )
-        return [self._budget(i) for i in ids]
-
-    def _budget(self, agreement_id: str) -> BudgetState:
-        budget = self.store.get_budget(agreement_id)
-        if budget is None:
-            raise NotFoundError(f"agreement {agreement_id!r} not found")
-        return budget
+        return [self.store.get_budget(i) for i in ids]
 
     def consent_coverage(
         self, caller: Principal, agreement_id: str = ""
@@ -72,5 +65,5 @@ class Compliance:
         return self.store.list_audit()
 
     def _check_agreement(self, agreement_id: str) -> None:
-        if agreement_id and self.store.get_agreement(agreement_id) is None:
-            raise NotFoundError(f"agreement {agreement_id!r} not found")
+        if agreement_id:
+            self.store.get_agreement(agreement_id)  # NotFoundError if there is none

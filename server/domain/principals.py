@@ -6,7 +6,7 @@ import logging
 import secrets
 
 from entremise.server.domain.access import check_text, require
-from entremise.server.domain.errors import UnauthenticatedError
+from entremise.server.domain.errors import NotFoundError, UnauthenticatedError
 from entremise.server.domain.ids import TOKEN_PREFIX, hash_token, new_id
 from entremise.server.domain.models import Principal, Role
 from entremise.server.domain.ports import Store
@@ -30,12 +30,15 @@ class Principals:
         sent alongside must belong to the same principal.
         """
         if certificate_id is not None:
-            principal = self.store.get_principal(certificate_id)
-            if principal is None:
-                raise UnauthenticatedError("the client certificate names no known principal")
-            if token and self.store.principal_by_token(hash_token(token)) != principal:
+            try:
+                named = self.store.get_principal(certificate_id)
+            except NotFoundError:
+                raise UnauthenticatedError(
+                    "the client certificate names no known principal"
+                ) from None
+            if token and self.store.principal_by_token(hash_token(token)) != named:
                 raise UnauthenticatedError("the API token and the client certificate disagree")
-            return principal
+            return named
         if not token:
             raise UnauthenticatedError(
                 "missing API token (CLI: ENTREMISE_TOKEN or --token; SDK: Client.connect(..., "

@@ -20,14 +20,14 @@ from entremise.server.domain.errors import (
     ReleaseFailedError,
 )
 from entremise.server.domain.ids import new_id, now
-from entremise.server.domain.keys import key_context
+from entremise.server.domain.keys import context_fingerprint
 from entremise.server.domain.models import (
-    Agreement,
     AgreementStatus,
     BudgetState,
     ExactAggregates,
     PlanSummary,
     Principal,
+    QueryContext,
     QueryPlan,
     QuerySpec,
     Release,
@@ -54,7 +54,7 @@ class Queries:
 
     def preview(self, caller: Principal, spec: QuerySpec) -> PlanSummary:
         """Cost and expected accuracy; spends nothing and reads no row."""
-        plan, budget = self._authorised_plan(caller, spec)
+        plan, budget, _ = self._authorised(caller, spec)
         return summarize(plan, budget.remaining)
 
     def run(self, caller: Principal, spec: QuerySpec) -> tuple[Release, BudgetState, bool]:
@@ -70,7 +70,7 @@ class Queries:
         third value says so): re-publishing a released value is post-processing.
         """
         try:
-            plan, budget = self._authorised_plan(caller, spec)
+            plan, budget, withdrawn = self._authorised(caller, spec)
         except PermissionDeniedError as exc:
             if caller.role is Role.ANALYST:  # the agreement's own analyst, outside its scope
                 self.trail.record(
@@ -80,7 +80,6 @@ class Queries:
                     {"reason": "outside_agreement_scope", "detail": exc.message},
                 )
             raise
-        withdrawn = withdrawn_people(self.store, plan)
         key = replay_key(spec, plan, len(withdrawn), now()[:10])
         previous = self.store.find_replay(plan.agreement.agreement_id, key)
         if previous is not None:
@@ -177,21 +176,23 @@ class Queries:
             },
         )
 
-    def _authorised_plan(self, caller: Principal, spec: QuerySpec) -> tuple[QueryPlan, BudgetState]:
-        """The caller is one of the agreement's analysts; its plan and current budget."""
+    def _authorised(
+        self, caller: Principal, spec: QuerySpec
+    ) -> tuple[QueryPlan, BudgetState, set[str]]:
+        """The caller is one of the agreement's analysts: its plan, budget and withdrawals.
+
+        All three come from one store read (`query_context`), so they describe one state.
+        """
         require(caller, Role.ANALYST)
-        agreement = self.store.get_agreement(spec.agreement_id)
-        if agreement is None or caller.principal_id not in agreement.analyst_ids:
+        context = self.store.query_context(spec.agreement_id)
+        if caller.principal_id not in context.agreement.analyst_ids:
             raise NotFoundError(f"agreement {spec.agreement_id!r} not found")
-        plan = plan_on(self.store, agreement, spec)
-        budget = self.store.get_budget(agreement.agreement_id)
-        if budget is None:
-            raise NotFoundError(f"agreement {spec.agreement_id!r} not found")
-        return plan, budget
+        return plan_on(context, spec), context.budget, withdrawn_people(context)
 
 
-def plan_on(store: Store, agreement: Agreement, spec: QuerySpec) -> QueryPlan:
+def plan_on(context: QueryContext, spec: QuerySpec) -> QueryPlan:
     """Resolve a query against an active agreement and its current datasets (public inputs)."""
+    agreement = context.agreement
     status = agreement.status_at(now())
     if status is not AgreementStatus.ACTIVE:
         waiting = sorted(set(agreement.partner_ids) - set(agreement.approved_by))
@@ -199,10 +200,9 @@ def plan_on(store: Store, agreement: Agreement, spec: QuerySpec) -> QueryPlan:
         raise FailedPreconditionError(
             f"agreement {agreement.agreement_id!r} is {status.value}{hint}"
         )
-    _, fingerprint = key_context(store, agreement)
+    _, fingerprint = context_fingerprint(agreement, context.public_keys)
     datasets = []
-    for slot in agreement.slots:
-        dataset = store.find_dataset(agreement.agreement_id, slot.partner_id, slot.name)
+    for slot, dataset in zip(agreement.slots, context.datasets, strict=True):
         if dataset is None:
             raise FailedPreconditionError(
                 f"dataset {slot.name!r} of partner {slot.partner_id!r} is not uploaded "
@@ -217,10 +217,9 @@ def plan_on(store: Store, agreement: Agreement, spec: QuerySpec) -> QueryPlan:
     return plan_query(spec, agreement, tuple(datasets))
 
 
-def withdrawn_people(store: Store, plan: QueryPlan) -> set[str]:
-    """Every pseudonym withdrawn from the plan's agreement, by any partner."""
-    withdrawn = store.withdrawn(plan.agreement.agreement_id)
-    return {p for pseudonyms in withdrawn.values() for p in pseudonyms}
+def withdrawn_people(context: QueryContext) -> set[str]:
+    """Every pseudonym withdrawn from the agreement, by any partner."""
+    return {p for pseudonyms in context.withdrawn.values() for p in pseudonyms}
 
 
 def exact_aggregates(
