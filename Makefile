@@ -96,19 +96,19 @@ dp-audit: $(STAMP) ## Adversarial neighbouring datasets through gRPC and empiric
 	$(BIN)/python -m bench.privacy_audit --pairs 60 --releases 200000 --keys 400000
 
 lint: $(STAMP) ## Ruff and strict mypy
-	$(BIN)/ruff check proto/entremise server partners privacy cli tests bench
+	$(BIN)/ruff check proto/entremise server partners privacy cli sdk tests bench scripts
 	$(MAKE) typecheck
 
 typecheck: $(STAMP) ## Strict mypy over the entremise package
 	@rm -rf .build/typecheck && mkdir -p .build/typecheck/entremise
 	@cp proto/entremise/__init__.py proto/entremise/py.typed .build/typecheck/entremise/
-	@for p in v1:proto/entremise/v1 server:server partners:partners privacy:privacy cli:cli; do \
+	@for p in v1:proto/entremise/v1 server:server partners:partners privacy:privacy cli:cli sdk:sdk; do \
 		ln -s "$$PWD/$${p#*:}" ".build/typecheck/entremise/$${p%%:*}"; done
 	cd .build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p entremise
 
 format: $(STAMP) ## Apply ruff's fixes and formatting
-	$(BIN)/ruff check --fix proto/entremise server partners privacy cli tests
-	$(BIN)/ruff format proto/entremise/__init__.py server partners privacy cli tests
+	$(BIN)/ruff check --fix proto/entremise server partners privacy cli sdk tests bench scripts
+	$(BIN)/ruff format proto/entremise/__init__.py server partners privacy cli sdk tests bench scripts
 
 clean: ## Remove the venv and caches
 	rm -rf $(VENV) .build .mypy_cache .ruff_cache .pytest_cache

@@ -30,11 +30,8 @@ from rich.progress import (
 from rich.text import Text
 
 from entremise.cli.output import err_console
-from entremise.partners.client import SENDING, Client, EntremiseRPCError, TLSConfig
-from entremise.partners.prepare import PrepareError
 from entremise.partners.prepare import Progress as ProgressCallback
-from entremise.partners.pseudonymise import IdentifierError
-from entremise.partners.schema import SchemaError
+from entremise.sdk import SENDING, Client, EntremiseError, RPCError, Status, TLSConfig
 
 TargetOption = Annotated[
     str, typer.Option("--target", envvar="ENTREMISE_TARGET", help="Hub address host:port.")
@@ -100,12 +97,12 @@ def friendly_errors() -> Iterator[None]:
     """Turn every expected failure into one line and a non-zero exit (no traceback)."""
     try:
         yield
-    except EntremiseRPCError as exc:
+    except RPCError as exc:
         fail(
             f"{exc.status.name.lower()}: {exc.message}",
-            2 if exc.status.name != "UNAVAILABLE" else 3,
+            3 if exc.status is Status.UNAVAILABLE else 2,
         )
-    except (PrepareError, SchemaError, IdentifierError, ValueError, OSError) as exc:
+    except (EntremiseError, ValueError, OSError) as exc:  # partner-side errors are ValueErrors
         fail(str(exc))
 
 

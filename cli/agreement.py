@@ -42,7 +42,7 @@ from entremise.cli.output import (
     when,
     who,
 )
-from entremise.partners.client import Client
+from entremise.sdk import Client
 from entremise.v1 import admin_service_pb2, agreement_service_pb2, common_pb2
 
 

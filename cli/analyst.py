@@ -1,12 +1,11 @@
 """The analyst's commands: preview a query's cost and accuracy for free, then run it.
 
-Both commands take the same options (`QueryOptions`), written in the query mini-language:
-`--agg KIND[:COLUMN][@EPSILON|~TARGET]`, `--group-by COLUMN`, `--where COLUMN=A,B`.
+Both commands take the same options (`QueryOptions`), in the SDK's query mini-language
+(`entremise.sdk.query`): `--agg KIND[:COLUMN][@EPSILON|~TARGET]`, `--where COLUMN=A,B`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
@@ -38,82 +37,11 @@ from entremise.cli.output import (
     text_column,
     whole,
 )
-from entremise.partners.client import aggregate, query, where_in, where_range
+from entremise.sdk.query import Query, QuerySyntaxError
 from entremise.v1 import query_service_pb2
 
-# -- the query mini-language ------------------------------------------------------------------
+# -- words -------------------------------------------------------------------------------------
 
-_AGG = re.compile(
-    r"^(?P<kind>[a-z_]+)(?::(?P<column>[a-z0-9_.]+))?"
-    r"(?:@(?P<eps>[^@~]+)|~(?P<target>[0-9.eE+-]+))?$"
-)
-_WHERE = re.compile(r"^(?P<column>[a-z0-9_.]+)\s*(?P<op>!=|>=|<=|=)\s*(?P<value>.+)$")
-
-
-def _build_query(
-    agreement_id: str,
-    epsilon: str,
-    aggs: list[str],
-    group_by: list[str],
-    where: list[str],
-    max_rows: int,
-    max_groups: int,
-    rho: str = "",
-    delta: str = "",
-    quantile: float = 0.5,
-) -> query_service_pb2.Query:
-    aggregates = []
-    if not 0 < quantile < 1:
-        raise ValueError(f"--quantile {quantile:g}: a level between 0 and 1, e.g. 0.9")
-    for text in aggs:
-        m = _AGG.match(text.strip())
-        if not m:
-            raise ValueError(
-                f"--agg {text!r}: expected KIND[:COLUMN][@EPSILON|~TARGET], e.g. mean:panel.amount"
-            )
-        target_ci95 = float(m["target"]) if m["target"] else None
-        q = quantile if m["kind"] == "quantile" else None
-        msg = aggregate(
-            m["kind"],
-            m["column"] or "",
-            epsilon=m["eps"] or "",
-            quantile=q,
-            target_ci95=target_ci95,
-        )
-        msg.name = _quantile_name(msg)
-        aggregates.append(msg)
-    filters = []
-    for text in where:
-        m = _WHERE.match(text.strip())
-        if not m:
-            raise ValueError(
-                f"--where {text!r}: expected COLUMN=A,B | COLUMN!=A | COLUMN>=N | COLUMN<=N"
-            )
-        op, column, value = m["op"], m["column"], m["value"].strip()
-        if op in ("=", "!="):
-            f = where_in(column, *[v.strip() for v in value.split(",")])
-            if op == "!=":
-                f.op = query_service_pb2.FILTER_OP_NOT_IN
-        else:
-            try:
-                f = where_range(column, op, float(value))
-            except ValueError:
-                raise ValueError(f"--where {text!r}: {value!r} is not a number") from None
-        filters.append(f)
-    return query(
-        agreement_id,
-        epsilon,
-        aggregates,
-        group_by=group_by,
-        filters=filters,
-        max_rows_per_person=max_rows,
-        max_groups_per_person=max_groups,
-        rho=rho,
-        delta=delta,
-    )
-
-
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _AGG_WORDS = {
     query_service_pb2.AGGREGATE_KIND_COUNT: "count of people",
     query_service_pb2.AGGREGATE_KIND_COUNT_ROWS: "count of joined rows",
@@ -132,20 +60,6 @@ def _level(msg: query_service_pb2.Aggregate) -> float | None:
         return float(msg.quantile) if msg.quantile else 0.5
     except ValueError:
         return None
-
-
-def _quantile_name(msg: query_service_pb2.Aggregate) -> str:
-    """A name that keeps a quantile's level (median_panel_amount, quantile_0_9_panel_amount).
-
-    The hub's default name for every level is quantile_<column>; other kinds keep its defaults.
-    """
-    level = _level(msg)
-    if msg.name or level is None or not msg.column:
-        return msg.name
-    column = msg.column.replace(".", "_")
-    word = "median" if level == 0.5 else "quantile_" + re.sub(r"[^a-z0-9]+", "_", f"{level:g}")
-    name = f"{word}_{column}"
-    return name if _NAME.match(name) else ""
 
 
 def _agg_words(kind: query_service_pb2.AggregateKind.ValueType, level: float | None) -> str:
@@ -278,19 +192,29 @@ class QueryOptions:
     json_out: bool
 
     def query(self) -> query_service_pb2.Query:
-        """The query message; ValueError names a malformed option."""
-        return _build_query(
+        """The query message; ValueError names the malformed option."""
+        if not 0 < self.quantile < 1:
+            raise ValueError(f"--quantile {self.quantile:g}: a level between 0 and 1, e.g. 0.9")
+        q = Query(
             self.agreement,
-            self.epsilon,
-            self.aggregates,
-            self.group_by,
-            self.where,
-            self.max_rows,
-            self.max_groups,
-            self.rho,
-            self.delta,
-            self.quantile,
+            epsilon=self.epsilon,
+            rho=self.rho,
+            delta=self.delta,
+            max_rows_per_person=self.max_rows,
+            max_groups_per_person=self.max_groups,
         )
+        try:
+            for text in self.aggregates:
+                q = q.aggregate(text, quantile=self.quantile)
+        except QuerySyntaxError as exc:
+            raise ValueError(f"--agg {exc}") from None
+        q = q.group_by(*self.group_by)
+        try:
+            for text in self.where:
+                q = q.filter(text)
+        except QuerySyntaxError as exc:
+            raise ValueError(f"--where {exc}") from None
+        return q.build()
 
 
 def query_command(action: Callable[[QueryOptions], None]) -> Callable[..., None]:

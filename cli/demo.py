@@ -27,13 +27,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from entremise.partners.client import (
-    Client,
-    EntremiseRPCError,
-    aggregate,
-    query,
-    where_in,
-)
 from entremise.partners.keys import generate_private_key, load_private_key, save_private_key
 from entremise.partners.synthetic import (
     AMOUNT_UPPER,
@@ -42,6 +35,8 @@ from entremise.partners.synthetic import (
     PURPOSE,
     generate,
 )
+from entremise.sdk import Client, RPCError
+from entremise.sdk.query import aggregate, query, where_in
 from entremise.v1 import query_service_pb2
 
 SIZES = {"small": (20_000, 8_000, 5_000), "default": (200_000, 50_000, 30_000)}
@@ -390,7 +385,7 @@ def run_demo(
             try:
                 analyst.run(over)
                 report.refused = {"name": "over_budget_query", "refused": False}
-            except EntremiseRPCError as exc:
+            except RPCError as exc:
                 report.refused = {
                     "name": "over_budget_query",
                     "epsilon": "1.0",

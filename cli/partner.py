@@ -37,7 +37,6 @@ from entremise.cli.output import (
     when,
     whole,
 )
-from entremise.partners.client import EntremiseRPCError
 from entremise.partners.keys import (
     generate_private_key,
     load_private_key,
@@ -47,6 +46,7 @@ from entremise.partners.keys import (
 from entremise.partners.prepare import Progress as ProgressCallback
 from entremise.partners.prepare import read_table
 from entremise.partners.schema import UploadSchema
+from entremise.sdk import RPCError
 
 
 def keygen(
@@ -246,7 +246,7 @@ def _consent_change(
                     default_region=region,
                     on_progress=on_progress,
                 )
-            except EntremiseRPCError as exc:
+            except RPCError as exc:
                 failures.append(f"{agreement_id}: {exc.status.name.lower()}: {exc.message}")
                 results.append({"agreement_id": agreement_id, "error": exc.message})
                 continue

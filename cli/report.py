@@ -38,7 +38,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from matplotlib.figure import Figure as MplFigure
 
-from entremise.partners.client import Client
+from entremise.sdk import Client
 from entremise.server.domain.audit import GENESIS, entry_hash, load_public_key
 from entremise.v1 import (
     admin_service_pb2,

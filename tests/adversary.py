@@ -18,10 +18,10 @@ import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from entremise.partners import Categorical, Client, Consent, Numeric, Text, UploadSchema
-from entremise.partners.client import PreparedUpload
 from entremise.partners.prepare import encode
 from entremise.partners.pseudonymise import Pseudonymiser
 from entremise.privacy.budget import Epsilon
+from entremise.sdk import PreparedUpload
 from entremise.server import testing
 from entremise.server.domain.models import ExactAggregates, QueryPlan, QuerySpec
 from tests.conftest import Hub, partner_with_key

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import threading
 
-import grpc
 import pytest
 
 from entremise.partners import Client, EntremiseRPCError, aggregate, query
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE
+from entremise.sdk import Status
 from entremise.v1 import agreement_service_pb2 as pb
 from tests.conftest import Hub, Scenario
 
@@ -35,7 +35,7 @@ def _upload(s: Scenario, agreement_id: str) -> None:
     )
 
 
-def _refused(call: object, status: grpc.StatusCode, match: str = "") -> str:
+def _refused(call: object, status: Status, match: str = "") -> str:
     with pytest.raises(EntremiseRPCError) as info:
         call()  # type: ignore[operator]
     assert info.value.status is status, info.value.message
@@ -52,7 +52,7 @@ def test_a_proposal_is_active_only_once_every_partner_approved(scenario: Scenari
         proposal.agreement_id, "bank", s.bank, BANK_SCHEMA, private_key=s.bank_key
     )
     q = query(proposal.agreement_id, "0.1", [aggregate("count")])
-    message = _refused(lambda: s.analyst.run(q), grpc.StatusCode.FAILED_PRECONDITION, "is proposed")
+    message = _refused(lambda: s.analyst.run(q), Status.FAILED_PRECONDITION, "is proposed")
     assert s.panel_partner_id in message  # who we are waiting for
     approved = s.panel_client.approve_agreement(proposal.agreement_id)
     assert approved.status == pb.AGREEMENT_STATUS_ACTIVE
@@ -72,7 +72,7 @@ def test_suspend_then_reapprove_and_revoke(scenario: Scenario) -> None:
     suspended = s.panel_client.suspend_agreement(agreement.agreement_id)
     assert (suspended.status, list(suspended.approved_by)) == (pb.AGREEMENT_STATUS_SUSPENDED, [])
     q2 = query(agreement.agreement_id, "0.2", [aggregate("count")])
-    _refused(lambda: s.analyst.run(q2), grpc.StatusCode.FAILED_PRECONDITION, "is suspended")
+    _refused(lambda: s.analyst.run(q2), Status.FAILED_PRECONDITION, "is suspended")
     assert s.bank_client.approve_agreement(agreement.agreement_id).status == (
         pb.AGREEMENT_STATUS_SUSPENDED
     )
@@ -89,7 +89,7 @@ def test_suspend_then_reapprove_and_revoke(scenario: Scenario) -> None:
         lambda: s.bank_client.suspend_agreement(agreement.agreement_id),
         lambda: _upload(s, agreement.agreement_id),
     ):
-        _refused(call, grpc.StatusCode.FAILED_PRECONDITION, "revoked")
+        _refused(call, Status.FAILED_PRECONDITION, "revoked")
     kinds = [e.kind for e in s.officer.audit_events() if e.subject_id == agreement.agreement_id]
     assert kinds.count("agreement_suspended") == 1 and kinds.count("agreement_revoked") == 1
     assert s.officer.budgets(agreement.agreement_id)[0].spent_epsilon == "0.3"
@@ -99,9 +99,7 @@ def test_an_expired_agreement_answers_nothing(scenario: Scenario) -> None:
     s = scenario
     agreement = _propose(s, expires_at="2020-01-01T00:00:00+00:00")
     assert agreement.status == pb.AGREEMENT_STATUS_EXPIRED
-    _refused(
-        lambda: _upload(s, agreement.agreement_id), grpc.StatusCode.FAILED_PRECONDITION, "expired"
-    )
+    _refused(lambda: _upload(s, agreement.agreement_id), Status.FAILED_PRECONDITION, "expired")
     _refused(
         lambda: s.bank_client.create_agreement(
             name="x",
@@ -111,7 +109,7 @@ def test_an_expired_agreement_answers_nothing(scenario: Scenario) -> None:
             total_epsilon="1",
             expires_at="soon",
         ),
-        grpc.StatusCode.INVALID_ARGUMENT,
+        Status.INVALID_ARGUMENT,
         "ISO 8601",
     )
 
@@ -128,21 +126,21 @@ def test_queries_outside_the_scope_are_refused(scenario: Scenario) -> None:
     ag = agreement.agreement_id
     _refused(
         lambda: s.analyst.preview(query(ag, "0.1", [aggregate("mean", "panel.amount")])),
-        grpc.StatusCode.PERMISSION_DENIED,
+        Status.PERMISSION_DENIED,
         "aggregation 'mean' is outside",
     )
     _refused(
         lambda: s.analyst.preview(
             query(ag, "0.1", [aggregate("count")], group_by=["panel.category"])
         ),
-        grpc.StatusCode.PERMISSION_DENIED,
+        Status.PERMISSION_DENIED,
         "['panel.category'] are outside",
     )
     _refused(
         lambda: s.analyst.preview(
             query(ag, "0.1", [aggregate("sum", "panel.amount")], group_by=["bank.segment"])
         ),
-        grpc.StatusCode.INVALID_ARGUMENT,
+        Status.INVALID_ARGUMENT,
         "must include a people count",
     )
     release = s.analyst.run(
@@ -170,16 +168,16 @@ def test_who_may_propose(scenario: Scenario) -> None:
         lambda: outsider.create_agreement(
             name="x", purpose=PURPOSE, datasets=slots, analyst_ids=[analyst_id], total_epsilon="1"
         ),
-        grpc.StatusCode.PERMISSION_DENIED,
+        Status.PERMISSION_DENIED,
         "only propose agreements it is part of",
     )
     _refused(
         lambda: s.analyst.create_agreement(
             name="x", purpose=PURPOSE, datasets=slots, analyst_ids=[analyst_id], total_epsilon="1"
         ),
-        grpc.StatusCode.PERMISSION_DENIED,
+        Status.PERMISSION_DENIED,
     )
-    _refused(lambda: outsider.approve_agreement(s.agreement_id), grpc.StatusCode.NOT_FOUND)
+    _refused(lambda: outsider.approve_agreement(s.agreement_id), Status.NOT_FOUND)
 
 
 def test_partners_approving_at_once_never_lose_an_approval(hub: Hub) -> None:
@@ -207,7 +205,7 @@ def test_partners_approving_at_once_never_lose_an_approval(hub: Hub) -> None:
                     client.approve_agreement(agreement_id)
                     return
                 except EntremiseRPCError as exc:
-                    assert exc.status is grpc.StatusCode.FAILED_PRECONDITION, exc
+                    assert exc.status is Status.FAILED_PRECONDITION, exc
 
         threads = [threading.Thread(target=approve, args=(c,)) for _, c in partners]
         for t in threads:

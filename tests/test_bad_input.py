@@ -15,6 +15,7 @@ from entremise.partners import EntremiseRPCError, aggregate, generate_private_ke
 from entremise.partners.prepare import PrepareError, encode, read_table
 from entremise.partners.schema import Categorical, Consent, Numeric, UploadSchema
 from entremise.partners.synthetic import BANK_SCHEMA
+from entremise.sdk import Status
 from entremise.v1 import partner_service_pb2, partner_service_pb2_grpc
 from tests.conftest import Hub, Scenario, start_hub
 
@@ -340,7 +341,7 @@ def test_bad_epsilon_is_invalid_argument(scenario: Scenario, epsilon: str) -> No
     s = scenario
     with pytest.raises(EntremiseRPCError) as info:
         s.analyst.run(query(s.agreement_id, epsilon, [aggregate("count")]))
-    assert info.value.status is grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.status is Status.INVALID_ARGUMENT
     assert "epsilon" in info.value.message
     with pytest.raises(EntremiseRPCError) as agreement:
         s.hub.admin.create_agreement(
@@ -350,7 +351,7 @@ def test_bad_epsilon_is_invalid_argument(scenario: Scenario, epsilon: str) -> No
             analyst_ids=[],
             total_epsilon=epsilon,
         )
-    assert agreement.value.status is grpc.StatusCode.INVALID_ARGUMENT
+    assert agreement.value.status is Status.INVALID_ARGUMENT
     _nothing_lost(s)
 
 
@@ -380,6 +381,6 @@ def test_bad_queries_are_invalid_and_spend_nothing(
     for call in (s.analyst.preview, s.analyst.run):
         with pytest.raises(EntremiseRPCError) as info:
             call(q)
-        assert info.value.status is grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.status is Status.INVALID_ARGUMENT
         assert message in info.value.message
     _nothing_lost(s)

@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from entremise.partners import EntremiseRPCError, aggregate, query, where_in
 from entremise.partners.synthetic import BANK_SCHEMA
+from entremise.sdk import Status
 from tests.conftest import Hub, Scenario
 
 
@@ -48,7 +49,7 @@ def test_over_budget_query_is_refused_and_spends_nothing(scenario: Scenario) -> 
     scenario.analyst.run(query(scenario.agreement_id, "4.5", [aggregate("count")]))
     with pytest.raises(EntremiseRPCError) as refused:
         scenario.analyst.run(query(scenario.agreement_id, "0.6", [aggregate("count")]))
-    assert refused.value.status is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.status is Status.RESOURCE_EXHAUSTED
     assert "0.5 left" in refused.value.message and "nothing was spent" in refused.value.message
     budget = scenario.officer.budgets(scenario.agreement_id)[0]
     assert (budget.spent_epsilon, budget.release_count) == ("4.5", 1)
@@ -88,22 +89,22 @@ def test_roles_are_enforced(scenario: Scenario) -> None:
             BANK_SCHEMA,
             private_key=scenario.bank_key,
         )
-    assert no_right.value.status is grpc.StatusCode.PERMISSION_DENIED
+    assert no_right.value.status is Status.PERMISSION_DENIED
     with pytest.raises(EntremiseRPCError) as partner_budget:
         scenario.bank_client.budgets()
-    assert partner_budget.value.status is grpc.StatusCode.PERMISSION_DENIED
+    assert partner_budget.value.status is Status.PERMISSION_DENIED
     anonymous = scenario.hub.client("")
     with pytest.raises(EntremiseRPCError) as anon:
         anonymous.list_agreements()
-    assert anon.value.status is grpc.StatusCode.UNAUTHENTICATED
+    assert anon.value.status is Status.UNAUTHENTICATED
     forged = scenario.hub.client("ent_forged")
     with pytest.raises(EntremiseRPCError) as bad:
         forged.preview(query(scenario.agreement_id, "1", [aggregate("count")]))
-    assert bad.value.status is grpc.StatusCode.UNAUTHENTICATED
+    assert bad.value.status is Status.UNAUTHENTICATED
     _, outsider = scenario.hub.principal("other analyst", "analyst")
     with pytest.raises(EntremiseRPCError) as hidden:
         outsider.run(query(scenario.agreement_id, "1", [aggregate("count")]))
-    assert hidden.value.status is grpc.StatusCode.NOT_FOUND
+    assert hidden.value.status is Status.NOT_FOUND
     assert scenario.officer.budgets(scenario.agreement_id)[0].spent_epsilon == "0"
 
 
@@ -116,13 +117,13 @@ def test_reupload_makes_a_new_version_and_delete_blocks_queries(scenario: Scenar
     assert list(release.release.data_versions) == [2, 1]
     with pytest.raises(EntremiseRPCError) as not_mine:
         scenario.panel_client.delete_dataset(scenario.bank_id)
-    assert not_mine.value.status is grpc.StatusCode.NOT_FOUND
+    assert not_mine.value.status is Status.NOT_FOUND
     scenario.bank_client.delete_dataset(scenario.bank_id)
     assert scenario.bank_client.list_datasets() == []
     assert not (scenario.hub.data_dir / "data" / "datasets" / scenario.bank_id).exists()
     with pytest.raises(EntremiseRPCError) as gone:
         scenario.analyst.run(query(scenario.agreement_id, "0.1", [aggregate("count")]))
-    assert gone.value.status is grpc.StatusCode.FAILED_PRECONDITION
+    assert gone.value.status is Status.FAILED_PRECONDITION
     assert scenario.officer.budgets(scenario.agreement_id)[0].spent_epsilon == "0.1"
 
 

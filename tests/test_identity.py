@@ -7,7 +7,6 @@ import hmac
 import json
 from pathlib import Path
 
-import grpc
 import pandas as pd
 import pytest
 import sqlalchemy as sa
@@ -29,6 +28,7 @@ from entremise.partners.keys import public_bytes
 from entremise.partners.pseudonymise import Pseudonymiser, normalise_phone
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE
 from entremise.privacy.budget import Epsilon
+from entremise.sdk import Status
 from entremise.server import testing
 from entremise.server.domain.consent import AUDIT_MIN_PEOPLE
 from entremise.server.domain.models import AggregateKind, AggregateSpec, QuerySpec
@@ -171,7 +171,7 @@ def test_both_partners_derive_the_same_key_and_the_hub_holds_only_public_keys(
     # The outsider, even with an admin token, gets no key material.
     with pytest.raises(EntremiseRPCError) as denied:
         s.hub.admin.key_material(s.agreement_id)
-    assert denied.value.status is grpc.StatusCode.PERMISSION_DENIED
+    assert denied.value.status is Status.PERMISSION_DENIED
     private_blobs = [bank_key.key.hex(), panel_key.key.hex()]
     for _name, text in _hub_texts(s.hub):
         assert not any(blob in text for blob in private_blobs)
@@ -191,7 +191,7 @@ def test_key_rotation_requires_a_reupload_and_changes_every_pseudonym(
     q = query(s.agreement_id, "0.1", [aggregate("count")])
     with pytest.raises(EntremiseRPCError) as stale:
         s.analyst.run(q)
-    assert stale.value.status is grpc.StatusCode.FAILED_PRECONDITION
+    assert stale.value.status is Status.FAILED_PRECONDITION
     assert "previous key context" in stale.value.message
     with pytest.raises(MatchingKeyError, match="not the one you published"):
         s.bank_client.upload_dataset(
@@ -351,7 +351,7 @@ def test_hub_refuses_identifier_shaped_categories(scenario: Scenario) -> None:
             s.bank_client.upload_dataset(
                 s.agreement_id, "bank", frame, schema, private_key=s.bank_key
             )
-        assert refused.value.status is grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.status is Status.INVALID_ARGUMENT
         assert "column 'segment': 1 categories look like emails or phone numbers" in (
             refused.value.message
         )
@@ -363,7 +363,7 @@ def test_consent_calls_need_a_participant_and_real_pseudonyms(scenario: Scenario
     _, outsider, outsider_key = partner_with_key(s.hub, "outsider")
     with pytest.raises(EntremiseRPCError) as hidden:
         outsider.withdraw_consent(s.agreement_id, ["a@b.fr"], "email", private_key=outsider_key)
-    assert hidden.value.status is grpc.StatusCode.NOT_FOUND
+    assert hidden.value.status is Status.NOT_FOUND
     stub_client: Client = s.bank_client
     with pytest.raises(EntremiseRPCError) as raw:
         stub_client._unary(
@@ -372,6 +372,6 @@ def test_consent_calls_need_a_participant_and_real_pseudonyms(scenario: Scenario
                 agreement_id=s.agreement_id, pseudonyms=["bob@example.org"]
             ),
         )
-    assert raw.value.status is grpc.StatusCode.INVALID_ARGUMENT
+    assert raw.value.status is Status.INVALID_ARGUMENT
     assert "bob" not in raw.value.message
     assert s.hub.running.store.withdrawn(s.agreement_id) == {}

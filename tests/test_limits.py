@@ -9,6 +9,7 @@ import pytest
 
 from entremise.partners import EntremiseRPCError
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE, generate
+from entremise.sdk import Status
 from entremise.v1 import partner_service_pb2, partner_service_pb2_grpc
 from tests.conftest import partner_with_key, start_hub
 
@@ -26,7 +27,7 @@ def test_rate_limit_throttles_one_principal_only(tmp_path: Path) -> None:
                 noisy.whoami()
                 outcomes.append("ok")
             except EntremiseRPCError as exc:
-                assert exc.status is grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert exc.status is Status.RESOURCE_EXHAUSTED
                 assert "rate limit" in exc.message
                 outcomes.append("limited")
         assert outcomes[:5] == ["ok"] * 5 and outcomes.count("limited") >= 12
@@ -59,7 +60,7 @@ def test_row_and_message_limits(tmp_path: Path) -> None:
             bank.upload_dataset(
                 agreement.agreement_id, "bank", data.bank, BANK_SCHEMA, private_key=bank_key
             )
-        assert rows.value.status is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert rows.value.status is Status.RESOURCE_EXHAUSTED
         assert "800 rows; the limit is 500" in rows.value.message
         bank.upload_dataset(
             agreement.agreement_id, "bank", data.bank.head(500), BANK_SCHEMA, private_key=bank_key
@@ -74,7 +75,7 @@ def test_row_and_message_limits(tmp_path: Path) -> None:
                 private_key=panel_key,
                 chunk_bytes=2 * 1024 * 1024,
             )
-        assert big.value.status is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert big.value.status is Status.RESOURCE_EXHAUSTED
         with grpc.insecure_channel(hub.target) as channel:
             stub = partner_service_pb2_grpc.PartnerServiceStub(channel)
             with pytest.raises(grpc.RpcError) as raw:

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from entremise.partners import Client, EntremiseRPCError, TLSConfig
+from entremise.sdk import Status
 from entremise.server.app import HubConfig, RunningHub, build_server
 from entremise.server.domain.ids import hash_token
 from entremise.v1 import compliance_service_pb2, compliance_service_pb2_grpc
@@ -131,11 +132,11 @@ def test_identity_comes_from_the_client_certificate(tls_hub: tuple[TLSHub, PKI])
     # A token of another principal next to the certificate is refused.
     with pytest.raises(EntremiseRPCError) as mixed:
         _connect(hub, pki.client(officer.principal_id), token=ADMIN_TOKEN).whoami()
-    assert mixed.value.status is grpc.StatusCode.UNAUTHENTICATED
+    assert mixed.value.status is Status.UNAUTHENTICATED
     # A verified certificate naming nobody is refused; a header cannot choose the identity.
     with pytest.raises(EntremiseRPCError) as nobody:
         _connect(hub, pki.client("pr_nobody")).whoami()
-    assert nobody.value.status is grpc.StatusCode.UNAUTHENTICATED
+    assert nobody.value.status is Status.UNAUTHENTICATED
     stranger = pki.client("pr_nobody")
     credentials = grpc.ssl_channel_credentials(
         stranger.root_ca, stranger.private_key, stranger.cert_chain
@@ -155,8 +156,8 @@ def test_plaintext_and_uncertified_clients_cannot_connect(tls_hub: tuple[TLSHub,
     hub, pki = tls_hub
     with pytest.raises(EntremiseRPCError) as plain:
         Client.connect(hub.target, token=ADMIN_TOKEN, wait_ready=3)
-    assert plain.value.status is grpc.StatusCode.UNAVAILABLE
+    assert plain.value.status is Status.UNAVAILABLE
     for tls in (TLSConfig(pki.ca_pem), pki.client("pr_x", signed_by_ca=False)):
         with pytest.raises(EntremiseRPCError) as refused:
             Client.connect(hub.target, token=ADMIN_TOKEN, tls=tls, wait_ready=3).whoami()
-        assert refused.value.status is grpc.StatusCode.UNAVAILABLE
+        assert refused.value.status is Status.UNAVAILABLE

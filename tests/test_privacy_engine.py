@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import grpc
 import numpy as np
 import pandas as pd
 import pytest
@@ -25,6 +24,7 @@ from entremise.partners import (
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE
 from entremise.privacy.budget import Epsilon
 from entremise.privacy.mechanisms import zcdp_to_approx_dp
+from entremise.sdk import Status
 from entremise.server import testing
 from entremise.server.domain.models import AggregateKind, AggregateSpec, QuerySpec
 from entremise.server.domain.releasing import discover_keys
@@ -101,12 +101,12 @@ def test_per_analyst_budgets_and_the_total_are_both_enforced(scenario: Scenario)
     s.analyst.run(query(ag, "0.8", [aggregate("count")], group_by=["bank.segment"]))
     with pytest.raises(EntremiseRPCError) as capped:
         s.analyst.run(query(ag, "0.3", [aggregate("count")]))
-    assert capped.value.status is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert capped.value.status is Status.RESOURCE_EXHAUSTED
     assert "0.2 for this analyst" in capped.value.message
     second.run(query(ag, "0.6", [aggregate("count")]))
     with pytest.raises(EntremiseRPCError) as total:
         second.run(query(ag, "0.2", [aggregate("count")]))  # within her cap, beyond the total
-    assert total.value.status is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert total.value.status is Status.RESOURCE_EXHAUSTED
     budget = s.officer.budgets(ag)[0]
     assert (budget.spent_epsilon, budget.release_count) == ("1.4", 2)
     spent = {a.analyst_id: (a.spent, a.remaining) for a in budget.analysts}

@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
-import grpc
 import numpy as np
 import opendp.prelude as dp
 import pyarrow as pa
@@ -26,6 +25,7 @@ from scipy import stats
 from entremise.partners import EntremiseRPCError, aggregate, query, where_in
 from entremise.privacy.budget import Epsilon, Measure, Rho
 from entremise.privacy.mechanisms import IntegerGaussian, KeyDiscovery, gaussian_rho
+from entremise.sdk import Status
 from entremise.server import testing
 from entremise.server.domain.errors import ReleaseFailedError
 from entremise.server.domain.models import (
@@ -175,11 +175,11 @@ def test_an_extreme_amount_changes_neither_the_status_nor_the_charge(
         before = world.spent(d)
         try:
             world.analyst.run(q)
-            status = grpc.StatusCode.OK
+            status = Status.OK
         except EntremiseRPCError as exc:
             status = exc.status
         outcomes.append((status, world.spent(d) - before))
-    assert outcomes == [(grpc.StatusCode.OK, Epsilon.parse("0.5"))] * 3
+    assert outcomes == [(Status.OK, Epsilon.parse("0.5"))] * 3
     spec = _spec(d, AMOUNT, filters=(FilterSpec("bank.segment", FilterOp.IN, ("mass",)),))
     clamped = min(max(extreme, 0.0), 100.0)
     assert world.exact(spec).sums["panel.amount"] == [round((clamped + 3 * 10.0) / 0.01)]
@@ -258,7 +258,7 @@ def test_a_release_that_fails_after_reading_stays_charged_and_says_only_that(
         q = query(d, "0.7", [aggregate("count", name="people")])
         with pytest.raises(EntremiseRPCError) as failed:
             world.analyst.run(q)
-        assert failed.value.status is grpc.StatusCode.INTERNAL
+        assert failed.value.status is Status.INTERNAL
         assert failed.value.message == ReleaseFailedError("0.7").message
         assert world.spent(d) == Epsilon.parse("0.7")
         [entry] = world.officer.ledger(d)

@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from html.parser import HTMLParser
 from pathlib import Path
 
-import grpc
 import matplotlib.dates as mdates
 import matplotlib.pyplot as plt
 import pytest
@@ -26,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from entremise.cli.report import Names, budget_figure, build_report, check_audit
 from entremise.partners import Client, aggregate, query
-from entremise.partners.client import EntremiseRPCError
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE, generate
+from entremise.sdk import EntremiseRPCError, Status
 from entremise.v1 import query_service_pb2
 from tests.conftest import Hub, partner_with_key
 
@@ -86,10 +85,10 @@ def build_world(hub: Hub, *, uploads: bool = True) -> World:
         releases = [alice.run(count).release, bruno.run(mean).release, alice.run(total).release]
         with pytest.raises(EntremiseRPCError) as over:
             alice.run(query(active, "0.5", [aggregate("count")]))
-        assert over.value.status is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert over.value.status is Status.RESOURCE_EXHAUSTED
         with pytest.raises(EntremiseRPCError) as outside:
             bruno.run(query(active, "0.1", [aggregate("sum", "bank.investable_assets")]))
-        assert outside.value.status is grpc.StatusCode.PERMISSION_DENIED
+        assert outside.value.status is Status.PERMISSION_DENIED
     suspended = hub.admin.create_agreement(
         name="Marketing pilot",
         purpose=PURPOSE,

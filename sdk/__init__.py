@@ -1,0 +1,75 @@
+"""The Entremise SDK: a typed client of the hub for admins, partners, analysts and compliance.
+
+::
+
+    from entremise.sdk import Client, Query, RPCError, Status
+
+    with Client.connect("127.0.0.1:50051", token=token) as client:
+        q = Query(agreement_id, epsilon="1").count().mean("panel.amount").group_by("bank.segment")
+        print(client.preview(q))
+        try:
+            client.run(q)
+        except RPCError as exc:
+            if exc.status is not Status.RESOURCE_EXHAUSTED:
+                raise
+
+Every error it raises derives from `EntremiseError`. The query builder and the command line's
+query mini-language live in `entremise.sdk.query`. Partner-side tools (schemas, keys,
+pseudonymisation, synthetic data) live in `entremise.partners`.
+"""
+
+from entremise.sdk.client import (
+    SENDING,
+    Client,
+    MatchingKey,
+    PreparedUpload,
+    TLSConfig,
+    UploadResult,
+)
+from entremise.sdk.errors import (
+    EntremiseError,
+    EntremiseRPCError,
+    IdentifierError,
+    MatchingKeyError,
+    PrepareError,
+    RPCError,
+    SchemaError,
+    Status,
+)
+from entremise.sdk.query import (
+    Query,
+    QueryError,
+    QuerySyntaxError,
+    aggregate,
+    parse_aggregate,
+    parse_filter,
+    where_in,
+    where_not_in,
+    where_range,
+)
+
+__all__ = [
+    "SENDING",
+    "Client",
+    "EntremiseError",
+    "EntremiseRPCError",
+    "IdentifierError",
+    "MatchingKey",
+    "MatchingKeyError",
+    "PrepareError",
+    "PreparedUpload",
+    "Query",
+    "QueryError",
+    "QuerySyntaxError",
+    "RPCError",
+    "SchemaError",
+    "Status",
+    "TLSConfig",
+    "UploadResult",
+    "aggregate",
+    "parse_aggregate",
+    "parse_filter",
+    "where_in",
+    "where_not_in",
+    "where_range",
+]

@@ -1,0 +1,663 @@
+"""`Client`: one gRPC connection to a hub, with the calls of every role.
+
+Admins create principals and propose agreements; partners publish keys, upload datasets
+(pseudonymised on their side first), approve agreements, withdraw consent and erase people;
+analysts preview and run queries; compliance officers read budgets, the ledger of releases,
+the audit log and consent coverage. The hub decides what each caller may do; a refused call
+raises `RPCError` with the hub's reason.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import pandas as pd
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from entremise.partners.keys import (
+    Participant,
+    Wrapped,
+    derive_pair_key,
+    public_bytes,
+    unwrap,
+    wrap_for_all,
+)
+from entremise.partners.prepare import (
+    EncodedUpload,
+    PlaceholderReport,
+    Progress,
+    encode,
+    prepare_table,
+    pseudonymise_identifiers,
+    read_table,
+)
+from entremise.partners.schema import UploadSchema
+from entremise.sdk.errors import MatchingKeyError, RPCError, Status, partner_side_errors
+from entremise.sdk.query import Query
+from entremise.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    agreement_service_pb2,
+    agreement_service_pb2_grpc,
+    common_pb2,
+    compliance_service_pb2,
+    compliance_service_pb2_grpc,
+    partner_service_pb2,
+    partner_service_pb2_grpc,
+    query_service_pb2,
+    query_service_pb2_grpc,
+)
+
+T = TypeVar("T")
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+ROLES = {
+    "admin": common_pb2.ROLE_ADMIN,
+    "partner": common_pb2.ROLE_PARTNER,
+    "analyst": common_pb2.ROLE_ANALYST,
+    "compliance": common_pb2.ROLE_COMPLIANCE,
+}
+BUDGET_KINDS = {"pure": common_pb2.BUDGET_KIND_PURE, "zcdp": common_pb2.BUDGET_KIND_ZCDP}
+#: The progress step of streaming an upload to the hub (bytes).
+SENDING = "sending"
+
+
+def _call(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        raise RPCError(Status.from_grpc(code), details or code.name) from None
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """TLS to the hub: its CA, and for mutual TLS this client's certificate and key (PEM)."""
+
+    root_ca: bytes
+    cert_chain: bytes | None = None
+    private_key: bytes | None = field(default=None, repr=False)
+    server_name: str | None = None
+
+    @classmethod
+    def from_files(
+        cls,
+        ca: Path,
+        cert: Path | None = None,
+        key: Path | None = None,
+        server_name: str | None = None,
+    ) -> TLSConfig:
+        """Read the PEM files."""
+        return cls(
+            ca.read_bytes(),
+            cert.read_bytes() if cert else None,
+            key.read_bytes() if key else None,
+            server_name,
+        )
+
+
+@dataclass(frozen=True)
+class MatchingKey:
+    """An agreement's matching key (secret, partner-side) and its public fingerprint."""
+
+    agreement_id: str
+    fingerprint: str
+    key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class PreparedUpload:
+    """A pseudonymised, encoded dataset ready to send (nothing identifying is left in it)."""
+
+    agreement_id: str
+    schema: UploadSchema
+    encoded: EncodedUpload
+    key_fingerprint: str
+    dropped_columns: tuple[str, ...]
+    placeholders: tuple[PlaceholderReport, ...] = ()
+    rows_dropped: int = 0
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """What an upload sent and what the hub published."""
+
+    dataset: common_pb2.Dataset
+    rows_sent: int
+    bytes_sent: int
+    dropped_columns: tuple[str, ...]
+    placeholders: tuple[PlaceholderReport, ...] = ()
+    rows_dropped: int = 0
+
+
+class Client:
+    """Connection to a hub. Every RPC error surfaces as `RPCError` with the hub's message.
+
+    Open one with `Client.connect(target, token=...)`; close it with `close()` or a `with`
+    block.
+    """
+
+    def __init__(self, channel: grpc.Channel, *, token: str | None, timeout: float) -> None:
+        self._channel = channel
+        self.token = token  # the caller's own credential, kept to hand to other tools
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+        self._admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        self._partner = partner_service_pb2_grpc.PartnerServiceStub(channel)
+        self._agreements = agreement_service_pb2_grpc.AgreementServiceStub(channel)
+        self._queries = query_service_pb2_grpc.QueryServiceStub(channel)
+        self._compliance = compliance_service_pb2_grpc.ComplianceServiceStub(channel)
+
+    @classmethod
+    def connect(
+        cls,
+        target: str,
+        *,
+        token: str | None = None,
+        timeout: float = 300.0,
+        wait_ready: float | None = 10.0,
+        tls: TLSConfig | None = None,
+    ) -> Client:
+        """Open a channel to `target` (host:port) and wait until it is ready.
+
+        `token` is the caller's API token (None with mutual TLS, whose certificate names the
+        caller); `timeout` bounds each call, in seconds; `wait_ready` is how long to wait for
+        the hub to answer (None or 0: do not wait), else `RPCError` UNAVAILABLE; `tls` gives
+        the hub's CA, and the client's certificate for mutual TLS.
+        """
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if tls is None:
+            channel = grpc.insecure_channel(target, options=options)
+        else:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            credentials = grpc.ssl_channel_credentials(tls.root_ca, tls.private_key, tls.cert_chain)
+            channel = grpc.secure_channel(target, credentials, options=options)
+        if wait_ready:
+            hint = (
+                "is it running (entremise serve)? Check the address (--target or ENTREMISE_TARGET)"
+            )
+            refused = _tcp_problem(target, wait_ready)
+            if refused:
+                channel.close()
+                raise RPCError(
+                    Status.UNAVAILABLE, f"no hub answering at {target} ({refused}): {hint}"
+                )
+            try:
+                grpc.channel_ready_future(channel).result(timeout=wait_ready)
+            except grpc.FutureTimeoutError:
+                channel.close()
+                raise RPCError(
+                    Status.UNAVAILABLE,
+                    f"no hub answering at {target} within {wait_ready:g} s: {hint}",
+                ) from None
+        return cls(channel, token=token, timeout=timeout)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _unary(self, method: Callable[..., T], request: Any) -> T:
+        return _call(lambda: method(request, metadata=self._metadata, timeout=self.timeout))
+
+    # -- admin --------------------------------------------------------------------------------
+
+    def create_principal(self, name: str, role: str) -> tuple[admin_service_pb2.Principal, str]:
+        """Admin: create a principal; returns it and its token (shown once)."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {sorted(ROLES)}")
+        response = self._unary(
+            self._admin.CreatePrincipal,
+            admin_service_pb2.CreatePrincipalRequest(name=name, role=ROLES[role]),
+        )
+        return response.principal, response.token
+
+    def whoami(self) -> admin_service_pb2.Principal:
+        """The principal this client's token belongs to."""
+        return self._unary(self._admin.WhoAmI, admin_service_pb2.WhoAmIRequest()).principal
+
+    # -- partners -----------------------------------------------------------------------------
+
+    def publish_public_key(self, private_key: X25519PrivateKey) -> partner_service_pb2.PublicKey:
+        """Publish the public half of the partner's key pair (again = rotation)."""
+        return self._unary(
+            self._partner.PublishPublicKey,
+            partner_service_pb2.PublishPublicKeyRequest(public_key=public_bytes(private_key)),
+        ).key
+
+    def key_material(self, agreement_id: str) -> partner_service_pb2.GetKeyMaterialResponse:
+        """Public keys, fingerprint and wrapped key (if any) of an agreement."""
+        return self._unary(
+            self._partner.GetKeyMaterial,
+            partner_service_pb2.GetKeyMaterialRequest(agreement_id=agreement_id),
+        )
+
+    @partner_side_errors()  # raised as the SDK's errors
+    def matching_key(self, agreement_id: str, private_key: X25519PrivateKey) -> MatchingKey:
+        """Derive the agreement's matching key locally; the hub only relays public material."""
+        me = self.whoami().principal_id
+        material = self.key_material(agreement_id)
+        participants = [
+            Participant(p.principal_id, bytes(p.public_key)) for p in material.participants
+        ]
+        fingerprint = material.key_fingerprint
+        mine = [p for p in participants if p.principal_id == me]
+        if not mine or mine[0].public_key != public_bytes(private_key):
+            raise MatchingKeyError(
+                "this private key is not the one you published: publish it (rotation) or use "
+                "the right key file"
+            )
+        if len(participants) <= 2:
+            key = derive_pair_key(private_key, me, participants, agreement_id, fingerprint)
+            return MatchingKey(agreement_id, fingerprint, key)
+        leader = next(p for p in participants if p.principal_id == material.leader_id)
+        if not material.HasField("wrapped_for_caller"):
+            if me != material.leader_id:
+                raise MatchingKeyError(
+                    f"waiting for the key leader {material.leader_id} to distribute this "
+                    "agreement's matching key (any upload by the leader does it)"
+                )
+            key, sealed = wrap_for_all(private_key, participants, agreement_id, fingerprint)
+            try:
+                self._unary(
+                    self._partner.PublishWrappedKeys,
+                    partner_service_pb2.PublishWrappedKeysRequest(
+                        agreement_id=agreement_id,
+                        key_fingerprint=fingerprint,
+                        keys=[
+                            partner_service_pb2.WrappedKey(
+                                recipient_id=w.recipient_id, nonce=w.nonce, ciphertext=w.ciphertext
+                            )
+                            for w in sealed
+                        ],
+                    ),
+                )
+                return MatchingKey(agreement_id, fingerprint, key)
+            except RPCError as exc:
+                if exc.status is not Status.ALREADY_EXISTS:
+                    raise
+                material = self.key_material(agreement_id)  # another leader process won the race
+        wrapped = material.wrapped_for_caller
+        key = unwrap(
+            private_key,
+            me,
+            leader.public_key,
+            Wrapped(wrapped.recipient_id, bytes(wrapped.nonce), bytes(wrapped.ciphertext)),
+            agreement_id,
+            fingerprint,
+        )
+        return MatchingKey(agreement_id, fingerprint, key)
+
+    def upload_dataset(
+        self,
+        agreement_id: str,
+        name: str,
+        source: Path | pd.DataFrame,
+        schema: UploadSchema,
+        *,
+        private_key: X25519PrivateKey,
+        default_region: str = "FR",
+        chunk_bytes: int = 1024 * 1024,
+        request_id: str = "",
+        on_progress: Progress | None = None,
+    ) -> UploadResult:
+        """Pseudonymise `source` locally under the agreement's key, then stream Arrow chunks.
+
+        `on_progress(step, done, total)` hears each long step: reading the file (bytes),
+        pseudonymising each key column (rows), sending (bytes); see `prepare.Progress`.
+        """
+        prepared = self.prepare_upload(
+            agreement_id,
+            source,
+            schema,
+            private_key=private_key,
+            default_region=default_region,
+            on_progress=on_progress,
+        )
+        return self.send_upload(
+            prepared,
+            name,
+            chunk_bytes=chunk_bytes,
+            request_id=request_id,
+            on_progress=on_progress,
+        )
+
+    @partner_side_errors()  # raised as the SDK's errors
+    def prepare_upload(
+        self,
+        agreement_id: str,
+        source: Path | pd.DataFrame,
+        schema: UploadSchema,
+        *,
+        private_key: X25519PrivateKey,
+        default_region: str = "FR",
+        on_progress: Progress | None = None,
+    ) -> PreparedUpload:
+        """The partner-side half of an upload: normalise, pseudonymise and encode locally."""
+        frame = read_table(source, on_progress=on_progress) if isinstance(source, Path) else source
+        matching = self.matching_key(agreement_id, private_key)
+        prepared = prepare_table(
+            frame, schema, matching.key, default_region=default_region, on_progress=on_progress
+        )
+        dropped = tuple(c for c in frame.columns if c not in schema.sent_columns)
+        return PreparedUpload(
+            agreement_id,
+            schema,
+            encode(prepared.table),
+            matching.fingerprint,
+            dropped,
+            prepared.placeholders,
+            prepared.rows_dropped,
+        )
+
+    def send_upload(
+        self,
+        prepared: PreparedUpload,
+        name: str,
+        *,
+        chunk_bytes: int = 1024 * 1024,
+        request_id: str = "",
+        on_progress: Progress | None = None,
+    ) -> UploadResult:
+        """Stream a prepared upload to the hub in columnar chunks.
+
+        `on_progress` hears ("sending", bytes handed to gRPC, bytes in all) after each chunk;
+        it may be called from gRPC's sending thread.
+        """
+        encoded = prepared.encoded
+        size = len(encoded.payload)
+        header = partner_service_pb2.UploadHeader(
+            agreement_id=prepared.agreement_id,
+            name=name,
+            schema=prepared.schema.to_proto(),
+            key_fingerprint=prepared.key_fingerprint,
+            content_sha256=encoded.sha256,
+            request_id=request_id or uuid.uuid4().hex,
+        )
+
+        def requests() -> Iterator[partner_service_pb2.UploadDatasetRequest]:
+            yield partner_service_pb2.UploadDatasetRequest(header=header)
+            sent = 0
+            if on_progress is not None:
+                on_progress(SENDING, 0, size)
+            for chunk in encoded.chunks(chunk_bytes):
+                yield partner_service_pb2.UploadDatasetRequest(chunk=chunk)
+                sent += len(chunk)
+                if on_progress is not None:
+                    on_progress(SENDING, sent, size)
+
+        response = _call(
+            lambda: self._partner.UploadDataset(
+                requests(), metadata=self._metadata, timeout=self.timeout
+            )
+        )
+        return UploadResult(
+            response.dataset,
+            encoded.rows,
+            size,
+            prepared.dropped_columns,
+            prepared.placeholders,
+            prepared.rows_dropped,
+        )
+
+    def list_datasets(self) -> list[common_pb2.Dataset]:
+        """Datasets visible to the caller."""
+        return list(
+            self._unary(
+                self._partner.ListDatasets, partner_service_pb2.ListDatasetsRequest()
+            ).datasets
+        )
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Delete one of the caller's datasets."""
+        self._unary(
+            self._partner.DeleteDataset,
+            partner_service_pb2.DeleteDatasetRequest(dataset_id=dataset_id),
+        )
+
+    @partner_side_errors()  # raised as the SDK's errors
+    def _pseudonyms(
+        self,
+        agreement_id: str,
+        identifiers: list[str],
+        kind: str,
+        private_key: X25519PrivateKey,
+        default_region: str,
+        on_progress: Progress | None = None,
+    ) -> list[str]:
+        """Identifiers pseudonymised exactly as this partner's uploads to the agreement are."""
+        matching = self.matching_key(agreement_id, private_key)
+        return pseudonymise_identifiers(
+            identifiers, kind, matching.key, default_region=default_region, on_progress=on_progress
+        )
+
+    def withdraw_consent(
+        self,
+        agreement_id: str,
+        identifiers: list[str],
+        kind: str,
+        *,
+        private_key: X25519PrivateKey,
+        default_region: str = "FR",
+        on_progress: Progress | None = None,
+    ) -> partner_service_pb2.WithdrawConsentResponse:
+        """Withdraw these people (raw identifiers, pseudonymised here) from the agreement."""
+        pseudonyms = self._pseudonyms(
+            agreement_id, identifiers, kind, private_key, default_region, on_progress
+        )
+        return self._unary(
+            self._partner.WithdrawConsent,
+            partner_service_pb2.WithdrawConsentRequest(
+                agreement_id=agreement_id, pseudonyms=pseudonyms
+            ),
+        )
+
+    def erase_records(
+        self,
+        agreement_id: str,
+        identifiers: list[str],
+        kind: str,
+        *,
+        private_key: X25519PrivateKey,
+        default_region: str = "FR",
+        on_progress: Progress | None = None,
+    ) -> partner_service_pb2.EraseRecordsResponse:
+        """Erase these people's rows from your stored datasets of the agreement."""
+        pseudonyms = self._pseudonyms(
+            agreement_id, identifiers, kind, private_key, default_region, on_progress
+        )
+        return self._unary(
+            self._partner.EraseRecords,
+            partner_service_pb2.EraseRecordsRequest(
+                agreement_id=agreement_id, pseudonyms=pseudonyms
+            ),
+        )
+
+    # -- agreements ---------------------------------------------------------------------------
+
+    def create_agreement(
+        self,
+        *,
+        name: str,
+        purpose: str,
+        datasets: Sequence[tuple[str, str]],
+        analyst_ids: Sequence[str],
+        total_epsilon: str,
+        max_rows_per_person: int = 0,
+        max_groups_per_person: int = 0,
+        budget_kind: str = "pure",
+        total_delta: str = "",
+        analyst_budget: str = "",
+        expires_at: str = "",
+        allowed_columns: Sequence[str] = (),
+        allowed_aggregations: Sequence[str] = (),
+        min_group_size: int = 0,
+        max_shared_identifiers: int = 0,
+    ) -> agreement_service_pb2.Agreement:
+        """Propose an agreement with (partner id, dataset name) slots and its total budget.
+
+        `budget_kind` is "pure" (epsilon) or "zcdp" (then `total_epsilon` holds rho);
+        `total_delta` funds key discovery; `analyst_budget` caps each analyst's spending.
+        `max_shared_identifiers` states the neighbouring relation: DP holds for every person up
+        to that many of whose identifiers other people's records also carry (0 = default 1).
+        """
+        if budget_kind not in BUDGET_KINDS:
+            raise ValueError(f"budget_kind must be one of {sorted(BUDGET_KINDS)}")
+        request = agreement_service_pb2.CreateAgreementRequest(
+            name=name,
+            purpose=purpose,
+            datasets=[agreement_service_pb2.DatasetSlot(partner_id=p, name=n) for p, n in datasets],
+            analyst_ids=list(analyst_ids),
+            total_epsilon=total_epsilon,
+            max_rows_per_person=max_rows_per_person,
+            max_groups_per_person=max_groups_per_person,
+            budget_kind=BUDGET_KINDS[budget_kind],
+            total_delta=total_delta,
+            analyst_budget=analyst_budget,
+            expires_at=expires_at,
+            allowed_columns=list(allowed_columns),
+            allowed_aggregations=list(allowed_aggregations),
+            min_group_size=min_group_size,
+            max_shared_identifiers=max_shared_identifiers,
+        )
+        return self._unary(self._agreements.CreateAgreement, request).agreement
+
+    def approve_agreement(self, agreement_id: str) -> agreement_service_pb2.Agreement:
+        """Partner: approve (the agreement turns active once every partner has)."""
+        return self._unary(
+            self._agreements.ApproveAgreement,
+            agreement_service_pb2.ApproveAgreementRequest(agreement_id=agreement_id),
+        ).agreement
+
+    def suspend_agreement(
+        self, agreement_id: str, reason: str = ""
+    ) -> agreement_service_pb2.Agreement:
+        """Partner: pause the agreement (every partner must approve again)."""
+        return self._unary(
+            self._agreements.SuspendAgreement,
+            agreement_service_pb2.SuspendAgreementRequest(agreement_id=agreement_id, reason=reason),
+        ).agreement
+
+    def revoke_agreement(
+        self, agreement_id: str, reason: str = ""
+    ) -> agreement_service_pb2.Agreement:
+        """Partner: end the agreement for good."""
+        return self._unary(
+            self._agreements.RevokeAgreement,
+            agreement_service_pb2.RevokeAgreementRequest(agreement_id=agreement_id, reason=reason),
+        ).agreement
+
+    def get_agreement(self, agreement_id: str) -> agreement_service_pb2.Agreement:
+        """One agreement with its budget."""
+        return self._unary(
+            self._agreements.GetAgreement,
+            agreement_service_pb2.GetAgreementRequest(agreement_id=agreement_id),
+        ).agreement
+
+    def list_agreements(self) -> list[agreement_service_pb2.Agreement]:
+        """Agreements the caller is party to."""
+        return list(
+            self._unary(
+                self._agreements.ListAgreements, agreement_service_pb2.ListAgreementsRequest()
+            ).agreements
+        )
+
+    # -- analysts -----------------------------------------------------------------------------
+
+    def preview(self, q: Query | query_service_pb2.Query) -> query_service_pb2.QueryPlan:
+        """Cost and expected accuracy of a query; spends nothing."""
+        return self._unary(
+            self._queries.PreviewQuery,
+            query_service_pb2.PreviewQueryRequest(query=_message(q)),
+        ).plan
+
+    def run(self, q: Query | query_service_pb2.Query) -> query_service_pb2.RunQueryResponse:
+        """Spend budget and release the noisy answer."""
+        return self._unary(
+            self._queries.RunQuery,
+            query_service_pb2.RunQueryRequest(query=_message(q)),
+        )
+
+    # -- compliance ---------------------------------------------------------------------------
+
+    def budgets(self, agreement_id: str = "") -> list[common_pb2.Budget]:
+        """Budget of one or every agreement."""
+        return list(
+            self._unary(
+                self._compliance.GetBudget,
+                compliance_service_pb2.GetBudgetRequest(agreement_id=agreement_id),
+            ).budgets
+        )
+
+    def ledger(self, agreement_id: str = "") -> list[query_service_pb2.Release]:
+        """Every release, oldest first."""
+        return list(
+            self._unary(
+                self._compliance.ListLedger,
+                compliance_service_pb2.ListLedgerRequest(agreement_id=agreement_id),
+            ).releases
+        )
+
+    def audit_events(self) -> list[compliance_service_pb2.AuditEvent]:
+        """The audit log, oldest first (compliance officers and admins)."""
+        return list(
+            self._unary(
+                self._compliance.ListAuditEvents, compliance_service_pb2.ListAuditEventsRequest()
+            ).events
+        )
+
+    def consent_coverage(
+        self, agreement_id: str = ""
+    ) -> list[compliance_service_pb2.ConsentCoverage]:
+        """Consent coverage per dataset and purpose (compliance officers and admins)."""
+        return list(
+            self._unary(
+                self._compliance.GetConsentCoverage,
+                compliance_service_pb2.GetConsentCoverageRequest(agreement_id=agreement_id),
+            ).coverage
+        )
+
+
+def _message(q: Query | query_service_pb2.Query) -> query_service_pb2.Query:
+    return q.build() if isinstance(q, Query) else q
+
+
+def _tcp_problem(target: str, wait: float) -> str:
+    """Why a plain TCP connection to a host:port target fails within `wait` s ("" if it opens).
+
+    gRPC keeps retrying a refused connection until its deadline; a refused port is known at
+    once, so it is reported at once. Targets that are not host:port (unix:, dns:///) pass.
+    """
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or "/" in host:
+        return ""
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=wait).close()
+    except TimeoutError:
+        return f"no answer within {wait:g} s"
+    except ConnectionRefusedError:
+        return "connection refused"
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return ""
