@@ -13,22 +13,46 @@ import entremise.sdk
 
 PUBLIC = [
     "SENDING",
+    "AggregateKind",
+    "AggregatePlan",
+    "AggregateResult",
+    "Agreement",
+    "AgreementStatus",
+    "AnalystBudget",
+    "AuditEvent",
+    "Bounding",
+    "Budget",
+    "Cell",
     "Client",
+    "ConsentCoverage",
+    "Dataset",
+    "DatasetSlot",
+    "DuplicateReport",
     "EntremiseError",
     "EntremiseRPCError",
+    "Erasure",
     "IdentifierError",
+    "KeyDiscovery",
     "MatchingKey",
     "MatchingKeyError",
+    "Measure",
     "PrepareError",
     "PreparedUpload",
+    "Principal",
+    "PublicKey",
     "Query",
     "QueryError",
+    "QueryPlan",
+    "QueryResult",
     "QuerySyntaxError",
     "RPCError",
+    "Release",
+    "Role",
     "SchemaError",
     "Status",
     "TLSConfig",
     "UploadResult",
+    "Withdrawal",
     "aggregate",
     "parse_aggregate",
     "parse_filter",
@@ -66,5 +90,5 @@ def test_every_error_derives_from_the_one_base() -> None:
         if inspect.isclass(getattr(entremise.sdk, name))
         and issubclass(getattr(entremise.sdk, name), BaseException)
     ]
-    assert len(errors) == 9
+    assert len(errors) == 9  # EntremiseRPCError is RPCError
     assert all(issubclass(e, entremise.sdk.EntremiseError) for e in errors)
