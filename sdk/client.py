@@ -39,7 +39,13 @@ from entremise.partners.prepare import (
     read_table,
 )
 from entremise.partners.schema import UploadSchema
-from entremise.sdk.errors import MatchingKeyError, RPCError, Status, partner_side_errors
+from entremise.sdk.errors import (
+    InvalidArgumentError,
+    MatchingKeyError,
+    RPCError,
+    Status,
+    partner_side_errors,
+)
 from entremise.sdk.query import Query
 from entremise.sdk.results import (
     Agreement,
@@ -53,6 +59,7 @@ from entremise.sdk.results import (
     QueryPlan,
     QueryResult,
     Release,
+    Role,
     Withdrawal,
 )
 from entremise.v1 import (
@@ -237,10 +244,15 @@ class Client:
 
     # -- admin --------------------------------------------------------------------------------
 
-    def create_principal(self, name: str, role: str) -> tuple[Principal, str]:
-        """Admin: create a principal; returns it and its token (shown once)."""
+    def create_principal(self, name: str, role: str | Role) -> tuple[Principal, str]:
+        """Admin: create a principal; returns it and its token (shown once).
+
+        `role` is a `Role`, or its word: "admin", "partner", "analyst" or "compliance".
+        """
+        if isinstance(role, Role):
+            role = role.word
         if role not in ROLES:
-            raise ValueError(f"role must be one of {sorted(ROLES)}")
+            raise InvalidArgumentError(f"role must be one of {sorted(ROLES)}")
         response = self._unary(
             self._admin.CreatePrincipal,
             admin_service_pb2.CreatePrincipalRequest(name=name, role=ROLES[role]),
@@ -540,7 +552,7 @@ class Client:
         to that many of whose identifiers other people's records also carry (0 = default 1).
         """
         if budget_kind not in BUDGET_KINDS:
-            raise ValueError(f"budget_kind must be one of {sorted(BUDGET_KINDS)}")
+            raise InvalidArgumentError(f"budget_kind must be one of {sorted(BUDGET_KINDS)}")
         request = agreement_service_pb2.CreateAgreementRequest(
             name=name,
             purpose=purpose,

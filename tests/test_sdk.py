@@ -22,6 +22,7 @@ from entremise.sdk import (
     Client,
     DatasetSlot,
     EntremiseError,
+    InvalidArgumentError,
     MatchingKeyError,
     Measure,
     PrepareError,
@@ -181,6 +182,10 @@ def test_results_are_typed_and_keep_their_proto(sqlite_hub: Hub) -> None:
     principal, _ = admin.create_principal("Analyst", "analyst")
     assert isinstance(principal, Principal) and principal.role is Role.ANALYST
     assert principal.raw.principal_id == principal.principal_id and "raw" not in repr(principal)
+    officer, _ = admin.create_principal("Officer", Role.COMPLIANCE)
+    assert officer.role is Role.COMPLIANCE
+    with pytest.raises(InvalidArgumentError, match="role must be one of"):
+        admin.create_principal("Auditor", "auditor")
     bank_id, bank, _ = partner_with_key(sqlite_hub, "bank")
     panel_id, panel, _ = partner_with_key(sqlite_hub, "panel")
     agreement = admin.create_agreement(

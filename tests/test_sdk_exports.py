@@ -32,6 +32,7 @@ PUBLIC = [
     "EntremiseRPCError",
     "Erasure",
     "IdentifierError",
+    "InvalidArgumentError",
     "KeyDiscovery",
     "MatchingKey",
     "MatchingKeyError",
@@ -90,5 +91,5 @@ def test_every_error_derives_from_the_one_base() -> None:
         if inspect.isclass(getattr(entremise.sdk, name))
         and issubclass(getattr(entremise.sdk, name), BaseException)
     ]
-    assert len(errors) == 9  # EntremiseRPCError is RPCError
+    assert len(errors) == 10  # EntremiseRPCError is RPCError
     assert all(issubclass(e, entremise.sdk.EntremiseError) for e in errors)
