@@ -32,18 +32,15 @@ from entremise.cli.output import (
     console,
     err_console,
     id_column,
-    measure_name,
     measure_words,
     print_table,
     status_text,
-    status_word,
     table,
     text_column,
     when,
     who,
 )
-from entremise.sdk import Client
-from entremise.v1 import admin_service_pb2, agreement_service_pb2, common_pb2
+from entremise.sdk import Agreement, Client, Principal, Role
 
 
 def create_agreement(
@@ -127,14 +124,13 @@ def create_agreement(
             max_shared_identifiers=shared_identifiers,
         )
     if json_out:
-        print_json(to_dict(agreement))
+        print_json(to_dict(agreement.raw))
     elif quiet:
         sys.stdout.write(f"{agreement.agreement_id}\n")
     else:
-        status = status_word(agreement.status)
         console.print(
-            f"agreement [bold]{agreement.agreement_id}[/] created ({status}), "
-            f"budget {measure_name(agreement.budget_kind)} {escape(epsilon)}; protects each person "
+            f"agreement [bold]{agreement.agreement_id}[/] created ({agreement.status.word}), "
+            f"budget {agreement.measure.unit} {escape(epsilon)}; protects each person "
             f"sharing up to {agreement.max_shared_identifiers} identifier(s) with others"
         )
 
@@ -166,11 +162,9 @@ def _lifecycle(action: str, agreement_id: str, target: str, token: str, json_out
         }[action]
         agreement = call(agreement_id)
     if json_out:
-        print_json(to_dict(agreement))
+        print_json(to_dict(agreement.raw))
     else:
-        console.print(
-            f"agreement {agreement.agreement_id}: {status_word(agreement.status)}", markup=False
-        )
+        console.print(f"agreement {agreement.agreement_id}: {agreement.status.word}", markup=False)
 
 
 def approve_agreement(
@@ -210,7 +204,7 @@ def list_agreements(
     with connect(target, token) as client, friendly_errors():
         agreements = client.list_agreements()
     if json_out:
-        print_json([to_dict(a) for a in agreements])
+        print_json([to_dict(a.raw) for a in agreements])
         return
     out = table(
         id_column("agreement"),
@@ -227,10 +221,7 @@ def list_agreements(
             status_text(a.status),
             Text(a.purpose),
             Text("\n".join(f"{d.name}: {d.dataset_id or 'not uploaded'}" for d in a.datasets)),
-            Text(
-                f"{measure_name(a.budget_kind)} {a.budget.remaining_epsilon} of "
-                f"{a.budget.total_epsilon}"
-            ),
+            Text(f"{a.measure.unit} {a.budget.remaining_epsilon} of {a.budget.total_epsilon}"),
         )
     print_table(out)
 
@@ -246,9 +237,7 @@ NamesOption = Annotated[
 ]
 
 
-def _known_names(
-    client: Client, me: admin_service_pb2.Principal, names: Path | None
-) -> dict[str, str]:
+def _known_names(client: Client, me: Principal, names: Path | None) -> dict[str, str]:
     """Principal names: a --names file, the caller's own, and the audit log's.
 
     Admins and compliance officers may read the log, which records each principal's name when
@@ -258,19 +247,17 @@ def _known_names(
 
     known = Names(read_names(names) if names else {})
     known.names.setdefault(me.principal_id, me.name)
-    if me.role in (common_pb2.ROLE_ADMIN, common_pb2.ROLE_COMPLIANCE):
+    if me.role in (Role.ADMIN, Role.COMPLIANCE):
         known.learn(client.audit_events())
     return known.names
 
 
-def _agreement_fields(
-    a: agreement_service_pb2.Agreement, names: dict[str, str]
-) -> list[tuple[str, Text]]:
+def _agreement_fields(a: Agreement, names: dict[str, str]) -> list[tuple[str, Text]]:
     """The agreement as (field, value) lines a person can read."""
     b = a.budget
-    measure = measure_name(a.budget_kind)
+    measure = a.measure.unit
     status = status_text(a.status)
-    word = status_word(a.status)
+    word = a.status.word
     waiting = [p for p in dict.fromkeys(d.partner_id for d in a.datasets) if p not in a.approved_by]
     if word == "proposed" and waiting:
         status.append(" - waiting for approval by " + ", ".join(who(p, names) for p in waiting))
@@ -301,7 +288,7 @@ def _agreement_fields(
         ("purpose", Text(a.purpose)),
         ("datasets", Text("\n".join(slots) or "-")),
         ("analysts", Text("\n".join(who(x, names) for x in a.analyst_ids) or "-")),
-        ("measure", Text(measure_words(a.budget_kind))),
+        ("measure", Text(measure_words(a.measure))),
         (
             "budget",
             Text(
@@ -369,7 +356,7 @@ def show_agreement(
     with connect(target, token) as client, friendly_errors():
         agreement = client.get_agreement(agreement_id)
         if json_out:
-            print_json(to_dict(agreement))
+            print_json(to_dict(agreement.raw))
             return
         known = _known_names(client, client.whoami(), names)
     out = Table(

@@ -31,25 +31,25 @@ from entremise.cli.output import (
     is_whole,
     number,
     number_column,
-    plan_measure,
     print_table,
     table,
     text_column,
     whole,
 )
+from entremise.sdk import AggregateKind, AggregateResult, QueryPlan
 from entremise.sdk.query import Query, QuerySyntaxError
 from entremise.v1 import query_service_pb2
 
 # -- words -------------------------------------------------------------------------------------
 
 _AGG_WORDS = {
-    query_service_pb2.AGGREGATE_KIND_COUNT: "count of people",
-    query_service_pb2.AGGREGATE_KIND_COUNT_ROWS: "count of joined rows",
-    query_service_pb2.AGGREGATE_KIND_SUM: "sum",
-    query_service_pb2.AGGREGATE_KIND_MEAN: "mean",
-    query_service_pb2.AGGREGATE_KIND_VARIANCE: "variance",
+    AggregateKind.COUNT: "count of people",
+    AggregateKind.COUNT_ROWS: "count of joined rows",
+    AggregateKind.SUM: "sum",
+    AggregateKind.MEAN: "mean",
+    AggregateKind.VARIANCE: "variance",
 }
-_WHOLE_KINDS = (query_service_pb2.AGGREGATE_KIND_COUNT, query_service_pb2.AGGREGATE_KIND_COUNT_ROWS)
+_WHOLE_KINDS = (AggregateKind.COUNT, AggregateKind.COUNT_ROWS)
 
 
 def _level(msg: query_service_pb2.Aggregate) -> float | None:
@@ -62,17 +62,15 @@ def _level(msg: query_service_pb2.Aggregate) -> float | None:
         return None
 
 
-def _agg_words(kind: query_service_pb2.AggregateKind.ValueType, level: float | None) -> str:
+def _agg_words(kind: AggregateKind, level: float | None) -> str:
     """What an aggregate computes: "median", "quantile 0.9", "mean", "count of people"."""
-    if kind == query_service_pb2.AGGREGATE_KIND_QUANTILE:
+    if kind is AggregateKind.QUANTILE:
         level = 0.5 if level is None else level
         return "median" if level == 0.5 else f"quantile {level:g}"
-    return _AGG_WORDS.get(kind, query_service_pb2.AggregateKind.Name(kind).lower())
+    return _AGG_WORDS.get(kind, f"aggregate_kind_{kind.name.lower()}")
 
 
-def _levels(
-    q: query_service_pb2.Query, plan: query_service_pb2.QueryPlan
-) -> dict[str, float | None]:
+def _levels(q: query_service_pb2.Query, plan: QueryPlan) -> dict[str, float | None]:
     """Quantile levels by the names the hub gave the query's aggregates.
 
     The hub keeps the aggregates' order and echoes their names, not their levels.
@@ -85,7 +83,7 @@ def _levels(
 
 def _title(
     name: str,
-    kind: query_service_pb2.AggregateKind.ValueType,
+    kind: AggregateKind,
     column: str,
     levels: dict[str, float | None],
 ) -> str:
@@ -94,8 +92,8 @@ def _title(
     return f"{words} of {column}" if column else words
 
 
-def _plan_table(plan: query_service_pb2.QueryPlan, levels: dict[str, float | None]) -> Table:
-    measure = plan_measure(plan.measure)
+def _plan_table(plan: QueryPlan, levels: dict[str, float | None]) -> Table:
+    measure = plan.measure.unit
     out = table(
         text_column("aggregate"),
         text_column(measure),
@@ -106,7 +104,7 @@ def _plan_table(plan: query_service_pb2.QueryPlan, levels: dict[str, float | Non
         f"budget {plan.remaining_epsilon_before} -> {plan.remaining_epsilon_after}",
     )
     for a in plan.aggregates:
-        ci = approx(a.ci95_halfwidth) if a.HasField("ci95_halfwidth") else "after release"
+        ci = "after release" if a.ci95_halfwidth is None else approx(a.ci95_halfwidth)
         out.add_row(
             Text(_title(a.name, a.kind, a.column, levels)),
             Text(a.epsilon),
@@ -117,7 +115,7 @@ def _plan_table(plan: query_service_pb2.QueryPlan, levels: dict[str, float | Non
     return out
 
 
-def _print_bounds(plan: query_service_pb2.QueryPlan) -> None:
+def _print_bounds(plan: QueryPlan) -> None:
     """The contribution bounds, and every note on where they can cut an answer (yellow)."""
     b = plan.bounding
     groups = "1 group" if b.max_groups_per_person == 1 else f"{b.max_groups_per_person:,} groups"
@@ -267,7 +265,7 @@ def preview(options: QueryOptions) -> None:
     with connect(options.target, options.token) as client, friendly_errors():
         plan = client.preview(q)
     if options.json_out:
-        print_json(to_dict(plan))
+        print_json(to_dict(plan.raw))
         return
     print_table(_plan_table(plan, _levels(q, plan)))
     _print_bounds(plan)
@@ -281,14 +279,14 @@ def run(options: QueryOptions) -> None:
     with connect(options.target, options.token) as client, friendly_errors():
         response = client.run(q)
     if options.json_out:
-        print_json(to_dict(response))
+        print_json(to_dict(response.raw))
         return
     release = response.release
     levels = _levels(q, release.plan)
     for result in release.results:
         print_table(_result_table(result, levels))
     _print_bounds(release.plan)
-    measure = plan_measure(release.plan.measure)
+    measure = release.plan.measure.unit
     if response.replayed:
         console.print(
             f"replayed release {release.release_id} (same query, same data): "
@@ -305,11 +303,9 @@ def run(options: QueryOptions) -> None:
     )
 
 
-def _result_table(
-    result: query_service_pb2.AggregateResult, levels: dict[str, float | None]
-) -> Table:
+def _result_table(result: AggregateResult, levels: dict[str, float | None]) -> Table:
     """One released aggregate: a row per group; counts (and any all-whole result) as 1,851."""
-    values = [c.value for c in result.cells if c.HasField("value")]
+    values = [c.value for c in result.cells if c.value is not None]
     whole_values = result.kind in _WHOLE_KINDS or all(is_whole(v) for v in values)
     out = table(
         text_column("group"),
@@ -318,10 +314,10 @@ def _result_table(
         title=_title(result.name, result.kind, result.column, levels),
     )
     for cell in result.cells:
-        if not cell.HasField("value"):
+        if cell.value is None:
             value = "n/a"
         else:
             value = whole(cell.value) if whole_values else decimal_number(cell.value)
-        ci = number(cell.ci95_halfwidth) if cell.HasField("ci95_halfwidth") else "n/a"
+        ci = "n/a" if cell.ci95_halfwidth is None else number(cell.ci95_halfwidth)
         out.add_row(Text(" / ".join(cell.group) or "(all)"), value, ci)
     return out

@@ -28,16 +28,14 @@ from entremise.cli.output import (
     console,
     id_column,
     number_column,
-    plan_measure,
     print_table,
     status_text,
-    status_word,
     table,
     text_column,
     when,
     whole,
 )
-from entremise.v1 import agreement_service_pb2, common_pb2
+from entremise.sdk import Agreement, Budget, Measure
 
 
 def budget_show(
@@ -77,7 +75,7 @@ def budget_show(
             b.agreement_id,
             Text(a.name if a else "?"),
             status_text(a.status) if a else Text("unknown"),
-            "rho (zCDP)" if b.kind == common_pb2.BUDGET_KIND_ZCDP else "epsilon",
+            "rho (zCDP)" if b.measure is Measure.ZCDP else "epsilon",
             b.total_epsilon,
             b.spent_epsilon,
             b.remaining_epsilon,
@@ -87,13 +85,13 @@ def budget_show(
     print_table(out)
 
 
-def _budget_json(b: common_pb2.Budget, a: agreement_service_pb2.Agreement | None) -> dict[str, Any]:
+def _budget_json(b: Budget, a: Agreement | None) -> dict[str, Any]:
     """A budget's JSON, with its agreement's name and status ("active", "revoked", ...)."""
     return {
         "agreement_id": b.agreement_id,
         "name": a.name if a else "",
-        "status": status_word(a.status) if a else "unknown",
-        **{k: v for k, v in to_dict(b).items() if k != "agreement_id"},
+        "status": a.status.word if a else "unknown",
+        **{k: v for k, v in to_dict(b.raw).items() if k != "agreement_id"},
     }
 
 
@@ -109,7 +107,7 @@ def ledger_list(
     with connect(target, token) as client, friendly_errors():
         releases = client.ledger(agreement)
     if json_out:
-        print_json([to_dict(r) for r in releases])
+        print_json([to_dict(r.raw) for r in releases])
         return
     out = table(
         id_column("release"),
@@ -120,7 +118,7 @@ def ledger_list(
         title="ledger",
     )
     for r in releases:
-        measure = plan_measure(r.plan.measure)
+        measure = r.plan.measure.unit
         status = r.status or "released"  # failed and running releases keep their cost
         release = Text(r.release_id)
         release.append(f"\n{status}", style="" if status == "released" else "red")
@@ -190,7 +188,7 @@ def audit_list(
     with connect(target, token) as client, friendly_errors():
         events = client.audit_events()
     if json_out:
-        print_json([to_dict(e) for e in events])
+        print_json([to_dict(e.raw) for e in events])
         return
     out = table(
         number_column("seq"),

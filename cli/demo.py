@@ -35,7 +35,7 @@ from entremise.partners.synthetic import (
     PURPOSE,
     generate,
 )
-from entremise.sdk import Client, RPCError
+from entremise.sdk import Cell, Client, RPCError
 from entremise.sdk.query import aggregate, query, where_in
 from entremise.v1 import query_service_pb2
 
@@ -238,7 +238,7 @@ class HubProcess:
             self.process.stderr.close()
 
 
-def _cell_key(cell: query_service_pb2.Cell) -> tuple[str, ...]:
+def _cell_key(cell: Cell) -> tuple[str, ...]:
     return tuple(cell.group)
 
 
@@ -338,8 +338,8 @@ def run_demo(
                 for result in response.release.results:
                     for cell in result.cells:
                         key_ = _cell_key(cell)
-                        released = cell.value if cell.HasField("value") else None
-                        ci = cell.ci95_halfwidth if cell.HasField("ci95_halfwidth") else None
+                        released = cell.value
+                        ci = cell.ci95_halfwidth
                         true_value = truth.get(key_, 0.0)
                         within = (
                             released is not None

@@ -167,7 +167,7 @@ def create_principal(
     with connect(target, token) as client, friendly_errors():
         principal, new_token = client.create_principal(name, role)
     if json_out:
-        print_json({"principal": to_dict(principal), "token": new_token})
+        print_json({"principal": to_dict(principal.raw), "token": new_token})
         return
     if quiet:
         sys.stdout.write(f"{principal.principal_id} {new_token}\n")
@@ -203,6 +203,6 @@ def whoami(
     with connect(target, token) as client, friendly_errors():
         principal = client.whoami()
     if json_out:
-        print_json(to_dict(principal))
+        print_json(to_dict(principal.raw))
     else:
         console.print(f"{principal.principal_id} {principal.name}", markup=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
-from typing import TypeAlias
 
 from rich.console import Console
 from rich.measure import Measurement
@@ -12,13 +11,10 @@ from rich.rule import Rule
 from rich.table import Column, Table
 from rich.text import Text
 
-from entremise.v1 import agreement_service_pb2, common_pb2
+from entremise.sdk.results import AgreementStatus, Measure
 
 console = Console()
 err_console = Console(stderr=True)
-
-AgreementStatus: TypeAlias = agreement_service_pb2.AgreementStatus.ValueType
-BudgetKind: TypeAlias = common_pb2.BudgetKind.ValueType
 
 
 def id_column(header: str) -> Column:
@@ -156,34 +152,16 @@ _STATUS_STYLE = {
 }
 
 
-def status_word(status: AgreementStatus) -> str:
-    """An agreement status in one word: proposed, active, suspended, revoked or expired."""
-    name = agreement_service_pb2.AgreementStatus.Name(status)
-    word = name.removeprefix("AGREEMENT_STATUS_").lower()
-    return "unknown" if word == "unspecified" else word
-
-
 def status_text(status: AgreementStatus) -> Text:
     """The status word, coloured: green when active, yellow while waiting, red when over."""
-    word = status_word(status)
-    return Text(word, style=_STATUS_STYLE.get(word, ""))
+    return Text(status.word, style=_STATUS_STYLE.get(status.word, ""))
 
 
-def measure_name(kind: BudgetKind) -> str:
-    """What a budget counts: epsilon, or rho for zCDP."""
-    return "rho" if kind == common_pb2.BUDGET_KIND_ZCDP else "epsilon"
-
-
-def measure_words(kind: BudgetKind) -> str:
+def measure_words(measure: Measure) -> str:
     """The measure of a budget in words."""
-    if kind == common_pb2.BUDGET_KIND_ZCDP:
+    if measure is Measure.ZCDP:
         return "rho: zero-concentrated differential privacy (zCDP)"
     return "epsilon: pure differential privacy"
-
-
-def plan_measure(measure: str) -> str:
-    """What a plan's or release's cost counts ("zcdp": rho, else epsilon)."""
-    return "rho" if measure == "zcdp" else "epsilon"
 
 
 def who(principal_id: str, names: dict[str, str]) -> str:

@@ -78,7 +78,7 @@ def publish_key(
     with connect(target, token) as client, friendly_errors():
         record = client.publish_public_key(key)
     if json_out:
-        print_json(to_dict(record))
+        print_json(to_dict(record.raw))
     else:
         console.print(f"public key v{record.version} published for {record.principal_id}")
 
@@ -148,7 +148,7 @@ def upload(
     if json_out:
         print_json(
             {
-                "dataset": to_dict(ds),
+                "dataset": to_dict(ds.raw),
                 "rows_sent": result.rows_sent,
                 "bytes_sent": result.bytes_sent,
                 "dropped_columns": list(result.dropped_columns),
@@ -250,7 +250,7 @@ def _consent_change(
                 failures.append(f"{agreement_id}: {exc.status.name.lower()}: {exc.message}")
                 results.append({"agreement_id": agreement_id, "error": exc.message})
                 continue
-            results.append({"agreement_id": agreement_id, **to_dict(response)})
+            results.append({"agreement_id": agreement_id, **to_dict(response.raw)})
     if json_out:
         print_json(results)
     else:
@@ -348,7 +348,7 @@ def list_datasets(
     with connect(target, token) as client, friendly_errors():
         datasets = client.list_datasets()
     if json_out:
-        print_json([to_dict(d) for d in datasets])
+        print_json([to_dict(d.raw) for d in datasets])
         return
     out = table(
         id_column("id"),

@@ -38,20 +38,25 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from matplotlib.figure import Figure as MplFigure
 
-from entremise.sdk import Client
-from entremise.server.domain.audit import GENESIS, entry_hash, load_public_key
-from entremise.v1 import (
-    admin_service_pb2,
-    agreement_service_pb2,
-    common_pb2,
-    compliance_service_pb2,
-    query_service_pb2,
+from entremise.sdk import (
+    AggregateKind,
+    AggregatePlan,
+    Agreement,
+    AgreementStatus,
+    AuditEvent,
+    Budget,
+    Client,
+    ConsentCoverage,
+    Dataset,
+    Measure,
+    Principal,
+    Release,
+    Role,
 )
+from entremise.server.domain.audit import GENESIS, entry_hash, load_public_key
+from entremise.v1 import common_pb2
 
-STATUS = {
-    v: k.removeprefix("AGREEMENT_STATUS_").lower()
-    for k, v in agreement_service_pb2.AgreementStatus.items()
-}
+STATUS = {status: status.name.lower() for status in AgreementStatus}
 STATUS_TONE = {
     "active": "ok",
     "proposed": "info",
@@ -60,10 +65,10 @@ STATUS_TONE = {
     "expired": "muted",
 }
 ROLE_NAMES = {
-    common_pb2.ROLE_ADMIN: "admin",
-    common_pb2.ROLE_PARTNER: "partner",
-    common_pb2.ROLE_ANALYST: "analyst",
-    common_pb2.ROLE_COMPLIANCE: "compliance officer",
+    Role.ADMIN: "admin",
+    Role.PARTNER: "partner",
+    Role.ANALYST: "analyst",
+    Role.COMPLIANCE: "compliance officer",
 }
 MECHANISMS = {
     "discrete_laplace": "discrete Laplace noise",
@@ -296,9 +301,7 @@ class AuditCheck:
         return "intact" if self.intact else f"broken at seq {self.broken_at}"
 
 
-def check_audit(
-    events: Sequence[compliance_service_pb2.AuditEvent], public_key: Ed25519PublicKey | None
-) -> AuditCheck:
+def check_audit(events: Sequence[AuditEvent], public_key: Ed25519PublicKey | None) -> AuditCheck:
     """Re-check the chain as received: consecutive seq, links, entry hashes, signatures.
 
     The same checks as `entremise audit verify`, on what the API returned rather than on the
@@ -362,7 +365,7 @@ class Names:
         role = self.roles.get(principal_id)
         return (Code(principal_id), f" ({role})") if role else (Code(principal_id),)
 
-    def learn(self, events: Sequence[compliance_service_pb2.AuditEvent]) -> None:
+    def learn(self, events: Sequence[AuditEvent]) -> None:
         """Names and roles the audit log recorded when each principal was created."""
         for e in events:
             if e.kind == "principal_created":
@@ -425,12 +428,12 @@ def _dec(value: str) -> Decimal:
         return Decimal(0)
 
 
-def _symbol(kind: int) -> str:
-    return "ρ" if kind == common_pb2.BUDGET_KIND_ZCDP else "ε"
+def _symbol(measure: Measure) -> str:
+    return "ρ" if measure is Measure.ZCDP else "ε"
 
 
-def _kind(kind: query_service_pb2.AggregateKind.ValueType) -> str:
-    return query_service_pb2.AggregateKind.Name(kind).removeprefix("AGGREGATE_KIND_").lower()
+def _kind(kind: AggregateKind) -> str:
+    return kind.name.lower()
 
 
 def _mechanism(name: str) -> str:
@@ -446,7 +449,7 @@ def _plural(n: int, word: str, plural: str = "") -> str:
 # -- accuracy in plain words -----------------------------------------------------------------------
 
 
-def _what(agg: query_service_pb2.AggregatePlan) -> str:
+def _what(agg: AggregatePlan) -> str:
     kind = _kind(agg.kind)
     return {
         "count": "number of people",
@@ -458,9 +461,7 @@ def _what(agg: query_service_pb2.AggregatePlan) -> str:
     }.get(kind, f"{kind} of {agg.column}")
 
 
-def accuracy_in_words(
-    agg: query_service_pb2.AggregatePlan, release: query_service_pb2.Release
-) -> str:
+def accuracy_in_words(agg: AggregatePlan, release: Release) -> str:
     """How close the released numbers are to the truth, for someone who never met ε.
 
     Counts and sums have a data-independent 95% half-width in the plan; means and variances
@@ -469,10 +470,10 @@ def accuracy_in_words(
     kind = _kind(agg.kind)
     cells = release.plan.cell_count
     each = f"each of the {cells} group values is" if cells > 1 else "the released value is"
-    if agg.HasField("ci95_halfwidth") and kind in ("count", "count_rows"):
+    if agg.ci95_halfwidth is not None and kind in ("count", "count_rows"):
         unit = "people" if kind == "count" else "rows"
         return f"{each} within ±{_whole(agg.ci95_halfwidth)} {unit} of the truth in 95% of releases"
-    if agg.HasField("ci95_halfwidth"):
+    if agg.ci95_halfwidth is not None:
         return (
             f"{each} within ±{_num(agg.ci95_halfwidth)} of the true {kind} "
             "(of values clamped to their declared bounds) in 95% of releases"
@@ -483,7 +484,7 @@ def accuracy_in_words(
             for r in release.results
             if r.name == agg.name
             for c in r.cells
-            if c.HasField("ci95_halfwidth")
+            if c.ci95_halfwidth is not None
         )
         if not widths:
             return "no interval: every group was too small to release"
@@ -501,7 +502,7 @@ def accuracy_in_words(
     return agg.accuracy_note or "-"
 
 
-def _technical(agg: query_service_pb2.AggregatePlan, measure: str) -> str:
+def _technical(agg: AggregatePlan, measure: str) -> str:
     parts = [
         _mechanism(agg.mechanism),
         f"noise scale {_num(agg.noise_scale)}",
@@ -521,9 +522,9 @@ def _x(times: Sequence[datetime]) -> npt.NDArray[np.datetime64]:
 
 
 def budget_figure(
-    agreements: Sequence[agreement_service_pb2.Agreement],
-    ledger: Mapping[str, Sequence[query_service_pb2.Release]],
-    refused: Mapping[str, Sequence[compliance_service_pb2.AuditEvent]],
+    agreements: Sequence[Agreement],
+    ledger: Mapping[str, Sequence[Release]],
+    refused: Mapping[str, Sequence[AuditEvent]],
     names: Names,
     now: datetime,
 ) -> MplFigure:
@@ -537,7 +538,7 @@ def budget_figure(
     starts: list[datetime] = []
     for i, a in enumerate(agreements):
         color = f"C{i % 10}"
-        symbol = _symbol(a.budget_kind)
+        symbol = _symbol(a.measure)
         releases = [
             (t, r) for r in ledger.get(a.agreement_id, ()) if (t := _parse_time(r.created_at))
         ]
@@ -638,22 +639,22 @@ class ReportFiles:
 class _Facts:
     """Everything the report states, read once from the hub."""
 
-    me: admin_service_pb2.Principal
+    me: Principal
     scoped: bool
     names_given: int
-    all_agreements: dict[str, agreement_service_pb2.Agreement]
-    agreements: list[agreement_service_pb2.Agreement]
-    datasets: dict[str, common_pb2.Dataset]
-    budgets: dict[str, common_pb2.Budget]
-    coverage: list[compliance_service_pb2.ConsentCoverage]
-    ledger: dict[str, list[query_service_pb2.Release]]
-    events: list[compliance_service_pb2.AuditEvent]
+    all_agreements: dict[str, Agreement]
+    agreements: list[Agreement]
+    datasets: dict[str, Dataset]
+    budgets: dict[str, Budget]
+    coverage: list[ConsentCoverage]
+    ledger: dict[str, list[Release]]
+    events: list[AuditEvent]
     audit: AuditCheck
     names: Names
     now: datetime
 
     @property
-    def refusals(self) -> list[compliance_service_pb2.AuditEvent]:
+    def refusals(self) -> list[AuditEvent]:
         """Refused queries and failed releases of the agreements in scope."""
         wanted = {a.agreement_id for a in self.agreements}
         return [
@@ -686,8 +687,8 @@ class _Facts:
         )
 
 
-def _budget_words(b: common_pb2.Budget) -> Cell:
-    symbol = _symbol(b.kind)
+def _budget_words(b: Budget) -> Cell:
+    symbol = _symbol(b.measure)
     total, spent = _dec(b.total_epsilon), _dec(b.spent_epsilon)
     share = f" ({spent / total:.0%})" if total else ""
     lines: Cell = [
@@ -697,7 +698,7 @@ def _budget_words(b: common_pb2.Budget) -> Cell:
         )
     ]
     if b.implied_epsilon:
-        zcdp = b.kind == common_pb2.BUDGET_KIND_ZCDP and b.conversion_delta
+        zcdp = b.measure is Measure.ZCDP and b.conversion_delta
         lines.append(
             (
                 "spent so far as one guarantee: ",
@@ -710,7 +711,7 @@ def _budget_words(b: common_pb2.Budget) -> Cell:
     return lines
 
 
-def _relation(a: agreement_service_pb2.Agreement) -> str:
+def _relation(a: Agreement) -> str:
     ids = _plural(a.max_shared_identifiers or 1, "identifier")
     return (
         f"one person, including someone who shares up to {ids} (a phone, an email) with "
@@ -718,12 +719,12 @@ def _relation(a: agreement_service_pb2.Agreement) -> str:
     )
 
 
-def _status(a: agreement_service_pb2.Agreement) -> Badge:
+def _status(a: Agreement) -> Badge:
     status = STATUS.get(a.status, "unknown")
     return Badge(status, STATUS_TONE.get(status, "muted"))
 
 
-def _status_note(f: _Facts, a: agreement_service_pb2.Agreement) -> Cell:
+def _status_note(f: _Facts, a: Agreement) -> Cell:
     status = STATUS.get(a.status, "unknown")
     lines: Cell = [(_status(a),)]
     if status == "proposed":
@@ -806,7 +807,7 @@ def _budget(f: _Facts) -> list[Block]:
         rows.append(
             [
                 [(a.name,), (Code(a.agreement_id),)],
-                [("zCDP (ρ)" if b.kind == common_pb2.BUDGET_KIND_ZCDP else "pure DP (ε)",)],
+                [("zCDP (ρ)" if b.measure is Measure.ZCDP else "pure DP (ε)",)],
                 [(b.total_epsilon,)],
                 [(b.spent_epsilon,)],
                 [(b.remaining_epsilon,)],
@@ -843,11 +844,11 @@ def _releases(f: _Facts) -> list[Block]:
                     [(_when(r.created_at),), (Code(r.release_id),)],
                     [f.agreement(a.agreement_id)],
                     [f.names.rich(r.analyst_id)],
-                    [(f"{_symbol(a.budget_kind)} {r.epsilon_spent}",)],
+                    [(f"{_symbol(a.measure)} {r.epsilon_spent}",)],
                     [(f"{x.name}: {_what(x)}{by}",) for x in aggs],
                     [(f"{x.name}: {accuracy_in_words(x, r)}",) for x in aggs],
                     [
-                        *((_technical(x, _symbol(a.budget_kind)),) for x in aggs),
+                        *((_technical(x, _symbol(a.measure)),) for x in aggs),
                         (
                             f"at most {bounding.max_rows_per_person} rows and "
                             f"{bounding.max_groups_per_person} groups per person; data versions "
@@ -864,10 +865,10 @@ def _releases(f: _Facts) -> list[Block]:
     return [Heading(2, "Releases"), Table(header, rows)]
 
 
-def _refusal_row(f: _Facts, e: compliance_service_pb2.AuditEvent) -> list[Cell]:
+def _refusal_row(f: _Facts, e: AuditEvent) -> list[Cell]:
     detail = json.loads(e.detail_json)
     agreement = f.all_agreements.get(e.subject_id)
-    symbol = _symbol(agreement.budget_kind) if agreement is not None else "ε"
+    symbol = _symbol(agreement.measure) if agreement is not None else "ε"
     if e.kind == "release_failed":
         release_id = str(detail.get("release_id", ""))
         outcome = Badge("failed", "bad")
@@ -955,7 +956,7 @@ def _coverage(f: _Facts) -> list[Block]:
     return [Heading(2, "Consent coverage"), Table([*header, "People withdrawn"], rows)]
 
 
-def _record(f: _Facts, a: agreement_service_pb2.Agreement) -> list[Block]:
+def _record(f: _Facts, a: Agreement) -> list[Block]:
     n = f.names
     partners = sorted({s.partner_id for s in a.datasets})
     approved = n.join(list(a.approved_by)) if a.approved_by else ("nobody yet",)
@@ -983,7 +984,7 @@ def _record(f: _Facts, a: agreement_service_pb2.Agreement) -> list[Block]:
             " analysts ",
             *n.join(list(a.analyst_ids)),
             ", who receive only differentially private aggregates (budget "
-            f"{_symbol(a.budget_kind)} {a.total_epsilon}; privacy unit: {_relation(a)}).",
+            f"{_symbol(a.measure)} {a.total_epsilon}; privacy unit: {_relation(a)}).",
         ),
         (
             Strong("Retention:"),
@@ -1036,7 +1037,7 @@ def _read(
 ) -> _Facts:
     me = client.whoami()
     all_agreements = {a.agreement_id: a for a in client.list_agreements()}
-    ledger: dict[str, list[query_service_pb2.Release]] = defaultdict(list)
+    ledger: dict[str, list[Release]] = defaultdict(list)
     for release in client.ledger(agreement_id):
         ledger[release.agreement_id].append(release)
     events = client.audit_events()
@@ -1079,7 +1080,7 @@ def build_report(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     f = _read(client, agreement_id, names, audit_key, datetime.now(UTC).replace(microsecond=0))
-    refused: dict[str, list[compliance_service_pb2.AuditEvent]] = defaultdict(list)
+    refused: dict[str, list[AuditEvent]] = defaultdict(list)
     for e in f.refusals:
         if e.kind == "release_refused":
             refused[e.subject_id].append(e)

@@ -13,9 +13,13 @@
             if exc.status is not Status.RESOURCE_EXHAUSTED:
                 raise
 
-Every error it raises derives from `EntremiseError`. The query builder and the command line's
-query mini-language live in `entremise.sdk.query`. Partner-side tools (schemas, keys,
-pseudonymisation, synthetic data) live in `entremise.partners`.
+Calls return frozen dataclasses (`Agreement`, `Budget`, `QueryPlan`, `QueryResult`, ...; see
+`entremise.sdk.results`) with Python enums (`Role`, `AgreementStatus`, `Measure`,
+`AggregateKind`), each keeping the protobuf message it was read from in `.raw`. Every error it
+raises derives from `EntremiseError`; a refused call is an `RPCError` whose `status` is a
+`Status`. The query builder and the command line's query mini-language live in
+`entremise.sdk.query`. Partner-side tools (schemas, keys, pseudonymisation, synthetic data)
+live in `entremise.partners`.
 """
 
 from entremise.sdk.client import (
@@ -30,6 +34,7 @@ from entremise.sdk.errors import (
     EntremiseError,
     EntremiseRPCError,
     IdentifierError,
+    InvalidArgumentError,
     MatchingKeyError,
     PrepareError,
     RPCError,
@@ -47,25 +52,76 @@ from entremise.sdk.query import (
     where_not_in,
     where_range,
 )
+from entremise.sdk.results import (
+    AggregateKind,
+    AggregatePlan,
+    AggregateResult,
+    Agreement,
+    AgreementStatus,
+    AnalystBudget,
+    AuditEvent,
+    Bounding,
+    Budget,
+    Cell,
+    ConsentCoverage,
+    Dataset,
+    DatasetSlot,
+    DuplicateReport,
+    Erasure,
+    KeyDiscovery,
+    Measure,
+    Principal,
+    PublicKey,
+    QueryPlan,
+    QueryResult,
+    Release,
+    Role,
+    Withdrawal,
+)
 
 __all__ = [
     "SENDING",
+    "AggregateKind",
+    "AggregatePlan",
+    "AggregateResult",
+    "Agreement",
+    "AgreementStatus",
+    "AnalystBudget",
+    "AuditEvent",
+    "Bounding",
+    "Budget",
+    "Cell",
     "Client",
+    "ConsentCoverage",
+    "Dataset",
+    "DatasetSlot",
+    "DuplicateReport",
     "EntremiseError",
     "EntremiseRPCError",
+    "Erasure",
     "IdentifierError",
+    "InvalidArgumentError",
+    "KeyDiscovery",
     "MatchingKey",
     "MatchingKeyError",
+    "Measure",
     "PrepareError",
     "PreparedUpload",
+    "Principal",
+    "PublicKey",
     "Query",
     "QueryError",
+    "QueryPlan",
+    "QueryResult",
     "QuerySyntaxError",
     "RPCError",
+    "Release",
+    "Role",
     "SchemaError",
     "Status",
     "TLSConfig",
     "UploadResult",
+    "Withdrawal",
     "aggregate",
     "parse_aggregate",
     "parse_filter",

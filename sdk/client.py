@@ -39,8 +39,29 @@ from entremise.partners.prepare import (
     read_table,
 )
 from entremise.partners.schema import UploadSchema
-from entremise.sdk.errors import MatchingKeyError, RPCError, Status, partner_side_errors
+from entremise.sdk.errors import (
+    InvalidArgumentError,
+    MatchingKeyError,
+    RPCError,
+    Status,
+    partner_side_errors,
+)
 from entremise.sdk.query import Query
+from entremise.sdk.results import (
+    Agreement,
+    AuditEvent,
+    Budget,
+    ConsentCoverage,
+    Dataset,
+    Erasure,
+    Principal,
+    PublicKey,
+    QueryPlan,
+    QueryResult,
+    Release,
+    Role,
+    Withdrawal,
+)
 from entremise.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -129,7 +150,7 @@ class PreparedUpload:
 class UploadResult:
     """What an upload sent and what the hub published."""
 
-    dataset: common_pb2.Dataset
+    dataset: Dataset
     rows_sent: int
     bytes_sent: int
     dropped_columns: tuple[str, ...]
@@ -223,28 +244,35 @@ class Client:
 
     # -- admin --------------------------------------------------------------------------------
 
-    def create_principal(self, name: str, role: str) -> tuple[admin_service_pb2.Principal, str]:
-        """Admin: create a principal; returns it and its token (shown once)."""
+    def create_principal(self, name: str, role: str | Role) -> tuple[Principal, str]:
+        """Admin: create a principal; returns it and its token (shown once).
+
+        `role` is a `Role`, or its word: "admin", "partner", "analyst" or "compliance".
+        """
+        if isinstance(role, Role):
+            role = role.word
         if role not in ROLES:
-            raise ValueError(f"role must be one of {sorted(ROLES)}")
+            raise InvalidArgumentError(f"role must be one of {sorted(ROLES)}")
         response = self._unary(
             self._admin.CreatePrincipal,
             admin_service_pb2.CreatePrincipalRequest(name=name, role=ROLES[role]),
         )
-        return response.principal, response.token
+        return Principal.from_proto(response.principal), response.token
 
-    def whoami(self) -> admin_service_pb2.Principal:
+    def whoami(self) -> Principal:
         """The principal this client's token belongs to."""
-        return self._unary(self._admin.WhoAmI, admin_service_pb2.WhoAmIRequest()).principal
+        response = self._unary(self._admin.WhoAmI, admin_service_pb2.WhoAmIRequest())
+        return Principal.from_proto(response.principal)
 
     # -- partners -----------------------------------------------------------------------------
 
-    def publish_public_key(self, private_key: X25519PrivateKey) -> partner_service_pb2.PublicKey:
+    def publish_public_key(self, private_key: X25519PrivateKey) -> PublicKey:
         """Publish the public half of the partner's key pair (again = rotation)."""
-        return self._unary(
+        response = self._unary(
             self._partner.PublishPublicKey,
             partner_service_pb2.PublishPublicKeyRequest(public_key=public_bytes(private_key)),
-        ).key
+        )
+        return PublicKey.from_proto(response.key)
 
     def key_material(self, agreement_id: str) -> partner_service_pb2.GetKeyMaterialResponse:
         """Public keys, fingerprint and wrapped key (if any) of an agreement."""
@@ -413,7 +441,7 @@ class Client:
             )
         )
         return UploadResult(
-            response.dataset,
+            Dataset.from_proto(response.dataset),
             encoded.rows,
             size,
             prepared.dropped_columns,
@@ -421,13 +449,12 @@ class Client:
             prepared.rows_dropped,
         )
 
-    def list_datasets(self) -> list[common_pb2.Dataset]:
+    def list_datasets(self) -> list[Dataset]:
         """Datasets visible to the caller."""
-        return list(
-            self._unary(
-                self._partner.ListDatasets, partner_service_pb2.ListDatasetsRequest()
-            ).datasets
+        response = self._unary(
+            self._partner.ListDatasets, partner_service_pb2.ListDatasetsRequest()
         )
+        return [Dataset.from_proto(d) for d in response.datasets]
 
     def delete_dataset(self, dataset_id: str) -> None:
         """Delete one of the caller's datasets."""
@@ -461,17 +488,18 @@ class Client:
         private_key: X25519PrivateKey,
         default_region: str = "FR",
         on_progress: Progress | None = None,
-    ) -> partner_service_pb2.WithdrawConsentResponse:
+    ) -> Withdrawal:
         """Withdraw these people (raw identifiers, pseudonymised here) from the agreement."""
         pseudonyms = self._pseudonyms(
             agreement_id, identifiers, kind, private_key, default_region, on_progress
         )
-        return self._unary(
+        response = self._unary(
             self._partner.WithdrawConsent,
             partner_service_pb2.WithdrawConsentRequest(
                 agreement_id=agreement_id, pseudonyms=pseudonyms
             ),
         )
+        return Withdrawal.from_proto(response)
 
     def erase_records(
         self,
@@ -482,17 +510,18 @@ class Client:
         private_key: X25519PrivateKey,
         default_region: str = "FR",
         on_progress: Progress | None = None,
-    ) -> partner_service_pb2.EraseRecordsResponse:
+    ) -> Erasure:
         """Erase these people's rows from your stored datasets of the agreement."""
         pseudonyms = self._pseudonyms(
             agreement_id, identifiers, kind, private_key, default_region, on_progress
         )
-        return self._unary(
+        response = self._unary(
             self._partner.EraseRecords,
             partner_service_pb2.EraseRecordsRequest(
                 agreement_id=agreement_id, pseudonyms=pseudonyms
             ),
         )
+        return Erasure.from_proto(response)
 
     # -- agreements ---------------------------------------------------------------------------
 
@@ -514,7 +543,7 @@ class Client:
         allowed_aggregations: Sequence[str] = (),
         min_group_size: int = 0,
         max_shared_identifiers: int = 0,
-    ) -> agreement_service_pb2.Agreement:
+    ) -> Agreement:
         """Propose an agreement with (partner id, dataset name) slots and its total budget.
 
         `budget_kind` is "pure" (epsilon) or "zcdp" (then `total_epsilon` holds rho);
@@ -523,7 +552,7 @@ class Client:
         to that many of whose identifiers other people's records also carry (0 = default 1).
         """
         if budget_kind not in BUDGET_KINDS:
-            raise ValueError(f"budget_kind must be one of {sorted(BUDGET_KINDS)}")
+            raise InvalidArgumentError(f"budget_kind must be one of {sorted(BUDGET_KINDS)}")
         request = agreement_service_pb2.CreateAgreementRequest(
             name=name,
             purpose=purpose,
@@ -541,102 +570,99 @@ class Client:
             min_group_size=min_group_size,
             max_shared_identifiers=max_shared_identifiers,
         )
-        return self._unary(self._agreements.CreateAgreement, request).agreement
+        return Agreement.from_proto(
+            self._unary(self._agreements.CreateAgreement, request).agreement
+        )
 
-    def approve_agreement(self, agreement_id: str) -> agreement_service_pb2.Agreement:
+    def approve_agreement(self, agreement_id: str) -> Agreement:
         """Partner: approve (the agreement turns active once every partner has)."""
-        return self._unary(
+        response = self._unary(
             self._agreements.ApproveAgreement,
             agreement_service_pb2.ApproveAgreementRequest(agreement_id=agreement_id),
-        ).agreement
+        )
+        return Agreement.from_proto(response.agreement)
 
-    def suspend_agreement(
-        self, agreement_id: str, reason: str = ""
-    ) -> agreement_service_pb2.Agreement:
+    def suspend_agreement(self, agreement_id: str, reason: str = "") -> Agreement:
         """Partner: pause the agreement (every partner must approve again)."""
-        return self._unary(
+        response = self._unary(
             self._agreements.SuspendAgreement,
             agreement_service_pb2.SuspendAgreementRequest(agreement_id=agreement_id, reason=reason),
-        ).agreement
+        )
+        return Agreement.from_proto(response.agreement)
 
-    def revoke_agreement(
-        self, agreement_id: str, reason: str = ""
-    ) -> agreement_service_pb2.Agreement:
+    def revoke_agreement(self, agreement_id: str, reason: str = "") -> Agreement:
         """Partner: end the agreement for good."""
-        return self._unary(
+        response = self._unary(
             self._agreements.RevokeAgreement,
             agreement_service_pb2.RevokeAgreementRequest(agreement_id=agreement_id, reason=reason),
-        ).agreement
+        )
+        return Agreement.from_proto(response.agreement)
 
-    def get_agreement(self, agreement_id: str) -> agreement_service_pb2.Agreement:
+    def get_agreement(self, agreement_id: str) -> Agreement:
         """One agreement with its budget."""
-        return self._unary(
+        response = self._unary(
             self._agreements.GetAgreement,
             agreement_service_pb2.GetAgreementRequest(agreement_id=agreement_id),
-        ).agreement
-
-    def list_agreements(self) -> list[agreement_service_pb2.Agreement]:
-        """Agreements the caller is party to."""
-        return list(
-            self._unary(
-                self._agreements.ListAgreements, agreement_service_pb2.ListAgreementsRequest()
-            ).agreements
         )
+        return Agreement.from_proto(response.agreement)
+
+    def list_agreements(self) -> list[Agreement]:
+        """Agreements the caller is party to."""
+        response = self._unary(
+            self._agreements.ListAgreements, agreement_service_pb2.ListAgreementsRequest()
+        )
+        return [Agreement.from_proto(a) for a in response.agreements]
 
     # -- analysts -----------------------------------------------------------------------------
 
-    def preview(self, q: Query | query_service_pb2.Query) -> query_service_pb2.QueryPlan:
+    def preview(self, q: Query | query_service_pb2.Query) -> QueryPlan:
         """Cost and expected accuracy of a query; spends nothing."""
-        return self._unary(
+        response = self._unary(
             self._queries.PreviewQuery,
             query_service_pb2.PreviewQueryRequest(query=_message(q)),
-        ).plan
+        )
+        return QueryPlan.from_proto(response.plan)
 
-    def run(self, q: Query | query_service_pb2.Query) -> query_service_pb2.RunQueryResponse:
+    def run(self, q: Query | query_service_pb2.Query) -> QueryResult:
         """Spend budget and release the noisy answer."""
-        return self._unary(
+        response = self._unary(
             self._queries.RunQuery,
             query_service_pb2.RunQueryRequest(query=_message(q)),
         )
+        return QueryResult.from_proto(response)
 
     # -- compliance ---------------------------------------------------------------------------
 
-    def budgets(self, agreement_id: str = "") -> list[common_pb2.Budget]:
+    def budgets(self, agreement_id: str = "") -> list[Budget]:
         """Budget of one or every agreement."""
-        return list(
-            self._unary(
-                self._compliance.GetBudget,
-                compliance_service_pb2.GetBudgetRequest(agreement_id=agreement_id),
-            ).budgets
+        response = self._unary(
+            self._compliance.GetBudget,
+            compliance_service_pb2.GetBudgetRequest(agreement_id=agreement_id),
         )
+        return [Budget.from_proto(b) for b in response.budgets]
 
-    def ledger(self, agreement_id: str = "") -> list[query_service_pb2.Release]:
+    def ledger(self, agreement_id: str = "") -> list[Release]:
         """Every release, oldest first."""
-        return list(
-            self._unary(
-                self._compliance.ListLedger,
-                compliance_service_pb2.ListLedgerRequest(agreement_id=agreement_id),
-            ).releases
+        response = self._unary(
+            self._compliance.ListLedger,
+            compliance_service_pb2.ListLedgerRequest(agreement_id=agreement_id),
         )
+        return [Release.from_proto(r) for r in response.releases]
 
-    def audit_events(self) -> list[compliance_service_pb2.AuditEvent]:
+    def audit_events(self) -> list[AuditEvent]:
         """The audit log, oldest first (compliance officers and admins)."""
-        return list(
-            self._unary(
-                self._compliance.ListAuditEvents, compliance_service_pb2.ListAuditEventsRequest()
-            ).events
+        response = self._unary(
+            self._compliance.ListAuditEvents, compliance_service_pb2.ListAuditEventsRequest()
         )
+        return [AuditEvent.from_proto(e) for e in response.events]
 
-    def consent_coverage(
-        self, agreement_id: str = ""
-    ) -> list[compliance_service_pb2.ConsentCoverage]:
+    def consent_coverage(self, agreement_id: str = "") -> list[ConsentCoverage]:
         """Consent coverage per dataset and purpose (compliance officers and admins)."""
-        return list(
-            self._unary(
-                self._compliance.GetConsentCoverage,
-                compliance_service_pb2.GetConsentCoverageRequest(agreement_id=agreement_id),
-            ).coverage
+        response = self._unary(
+            self._compliance.GetConsentCoverage,
+            compliance_service_pb2.GetConsentCoverageRequest(agreement_id=agreement_id),
         )
+        return [ConsentCoverage.from_proto(c) for c in response.coverage]
 
 
 def _message(q: Query | query_service_pb2.Query) -> query_service_pb2.Query:

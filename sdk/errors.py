@@ -4,6 +4,8 @@ Every error the SDK raises derives from `EntremiseError`:
 
 - `RPCError`: the hub refused or could not answer a call; `status` says how (a `Status`),
   `message` is the hub's one-line explanation;
+- `InvalidArgumentError` (and `entremise.sdk.query.QueryError`): an argument refused before
+  anything was sent;
 - `MatchingKeyError`, `SchemaError`, `PrepareError`, `IdentifierError`: a problem found on the
   caller's side before anything was sent (a key file, a schema, an input file, identifiers).
   Each also derives from the partner-side error of the same name in `entremise.partners`
@@ -69,6 +71,10 @@ class RPCError(EntremiseError):
         super().__init__(f"{status.name}: {message}")
         self.status = status
         self.message = message
+
+
+class InvalidArgumentError(EntremiseError, ValueError):
+    """An argument the SDK can tell is wrong before sending anything (the message says why)."""
 
 
 #: The name `RPCError` had before the SDK was its own package.

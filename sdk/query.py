@@ -19,7 +19,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from entremise.sdk.errors import EntremiseError
+from entremise.sdk.errors import InvalidArgumentError
 from entremise.v1 import query_service_pb2
 
 #: Aggregate kinds by the names the SDK and the command line use ("median" is quantile 0.5).
@@ -45,7 +45,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _RANGE_OPS = {">=": query_service_pb2.FILTER_OP_GE, "<=": query_service_pb2.FILTER_OP_LE}
 
 
-class QueryError(EntremiseError, ValueError):
+class QueryError(InvalidArgumentError):
     """A query that cannot be built: an unknown aggregate kind, a quantile level outside 0-1."""
 
 

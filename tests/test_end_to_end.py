@@ -25,7 +25,7 @@ def test_preview_spends_nothing_and_run_debits_exactly(scenario: Scenario) -> No
     plan = scenario.analyst.preview(q)
     assert plan.epsilon == "0.7"
     assert [a.epsilon for a in plan.aggregates] == ["0.35", "0.35"]
-    assert plan.aggregates[0].HasField("ci95_halfwidth")
+    assert plan.aggregates[0].ci95_halfwidth is not None
     assert plan.aggregates[0].ci95_halfwidth > 0
     assert plan.bounding.max_rows_per_person == 12
     assert plan.remaining_epsilon_before == "5" and plan.remaining_epsilon_after == "4.3"
@@ -74,7 +74,7 @@ def test_ledger_sum_equals_spent_and_carries_metadata(scenario: Scenario) -> Non
     assert scenario.officer.budgets(scenario.agreement_id)[0].spent_epsilon == "0.683333"
     release = ledger[0]
     assert list(release.data_versions) == [1, 1]
-    assert release.plan.bounding.clamped_columns == ["panel.amount"]
+    assert release.plan.bounding.clamped_columns == ("panel.amount",)
     assert release.plan.aggregates[0].mechanism == "discrete_laplace"
     assert release.plan.aggregates[0].sensitivity == pytest.approx(12 * 300.0)
     assert "one person" in release.plan.privacy_unit

@@ -24,7 +24,7 @@ from entremise.partners import (
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE
 from entremise.privacy.budget import Epsilon
 from entremise.privacy.mechanisms import zcdp_to_approx_dp
-from entremise.sdk import Status
+from entremise.sdk import Measure, Status
 from entremise.server import testing
 from entremise.server.domain.models import AggregateKind, AggregateSpec, QuerySpec
 from entremise.server.domain.releasing import discover_keys
@@ -61,7 +61,7 @@ def test_zcdp_agreement_uses_discrete_gaussian_and_counts_rho(scenario: Scenario
         agreement_id, "", [aggregate("count", name="people")], group_by=["bank.segment"], rho="0.02"
     )
     plan = s.analyst.preview(q)
-    assert plan.measure == "zcdp" and plan.aggregates[0].mechanism == "discrete_gaussian"
+    assert plan.measure is Measure.ZCDP and plan.aggregates[0].mechanism == "discrete_gaussian"
     # One group per unit; a person adds one unit and may absorb one (S = 1): L2 sensitivity
     # sqrt(1 + 1), sigma = sqrt(2) / sqrt(2 rho) = 5 sqrt(2).
     assert plan.aggregates[0].noise_scale == pytest.approx(5.0 * math.sqrt(2), rel=1e-6)
@@ -70,7 +70,7 @@ def test_zcdp_agreement_uses_discrete_gaussian_and_counts_rho(scenario: Scenario
     for cell in release.results[0].cells:
         assert abs(cell.value - truth[cell.group[0]]) <= 5 * math.sqrt(2) * 6  # 6 sigma
     budget = s.officer.budgets(agreement_id)[0]
-    assert (budget.kind, budget.spent_epsilon, budget.remaining_epsilon) == (2, "0.02", "0.48")
+    assert (budget.measure, budget.spent_epsilon, budget.remaining_epsilon) == (2, "0.02", "0.48")
     # The rho spent, stated as (epsilon, delta)-DP: OpenDP's conversion at delta 1e-6, which is
     # tighter than the classic rho + 2 sqrt(rho ln(1/delta)) = 1.07.
     assert (budget.implied_delta, budget.conversion_delta) == ("0.000001", "0.000001")

@@ -197,7 +197,7 @@ def test_report_names_status_budget_accuracy_refusals_and_audit(hub: Hub, tmp_pa
         f"people: each of the {count_plan.cell_count} group values is within "
         f"±{int(-(-ci // 1)):,} people of the truth in 95% of releases"
     ) in releases
-    mean_widths = [c.ci95_halfwidth for c in w.releases[1].results[0].cells]
+    mean_widths = [c.ci95_halfwidth or 0.0 for c in w.releases[1].results[0].cells]
     assert "avg_amount: each of the 6 group values is within ±" in releases
     assert f" to ±{max(mean_widths):.3g} of the true mean in 95% of releases" in releases
     assert "spend: the released value is within ±" in releases

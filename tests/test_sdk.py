@@ -10,18 +10,27 @@ from pathlib import Path
 import grpc
 import pandas as pd
 import pytest
+from google.protobuf.json_format import MessageToDict
 
 from entremise.partners import keys as partner_keys
 from entremise.partners import prepare as partner_prepare
 from entremise.partners.synthetic import BANK_SCHEMA
 from entremise.sdk import (
+    Agreement,
+    AgreementStatus,
+    AuditEvent,
     Client,
+    DatasetSlot,
     EntremiseError,
+    InvalidArgumentError,
     MatchingKeyError,
+    Measure,
     PrepareError,
+    Principal,
     Query,
     QueryError,
     QuerySyntaxError,
+    Role,
     RPCError,
     Status,
     aggregate,
@@ -166,3 +175,38 @@ def test_the_partners_package_reexports_the_client_without_a_warning() -> None:
         from entremise.partners import EntremiseRPCError as PartnersError
 
     assert PartnersClient is Client and PartnersError is RPCError
+
+
+def test_results_are_typed_and_keep_their_proto(sqlite_hub: Hub) -> None:
+    admin = sqlite_hub.admin
+    principal, _ = admin.create_principal("Analyst", "analyst")
+    assert isinstance(principal, Principal) and principal.role is Role.ANALYST
+    assert principal.raw.principal_id == principal.principal_id and "raw" not in repr(principal)
+    officer, _ = admin.create_principal("Officer", Role.COMPLIANCE)
+    assert officer.role is Role.COMPLIANCE
+    with pytest.raises(InvalidArgumentError, match="role must be one of"):
+        admin.create_principal("Auditor", "auditor")
+    bank_id, bank, _ = partner_with_key(sqlite_hub, "bank")
+    panel_id, panel, _ = partner_with_key(sqlite_hub, "panel")
+    agreement = admin.create_agreement(
+        name="typed",
+        purpose="audience_insights",
+        datasets=[(bank_id, "bank"), (panel_id, "panel")],
+        analyst_ids=[principal.principal_id],
+        total_epsilon="2",
+        budget_kind="zcdp",
+    )
+    assert isinstance(agreement, Agreement)
+    assert (agreement.status, agreement.measure) == (AgreementStatus.PROPOSED, Measure.ZCDP)
+    assert agreement.status.word == "proposed" and agreement.measure.unit == "rho"
+    assert agreement.datasets[0] == DatasetSlot(bank_id, "bank", "", agreement.raw.datasets[0])
+    assert agreement.budget.remaining_epsilon == "2" and agreement.budget.analysts == ()
+    # Results compare by their fields, whatever proto they were read from.
+    assert admin.get_agreement(agreement.agreement_id) == agreement
+    assert MessageToDict(agreement.raw)["budgetKind"] == "BUDGET_KIND_ZCDP"
+    approved = bank.approve_agreement(agreement.agreement_id)
+    assert approved.approved_by == (bank_id,)
+    [event] = [e for e in admin.audit_events() if e.kind == "agreement_approved"]
+    assert isinstance(event, AuditEvent) and event.detail is not None
+    bank.close()
+    panel.close()
