@@ -198,8 +198,6 @@ class HubProcess:
                 "-m",
                 "entremise.cli",
                 "serve",
-                "--db",
-                f"sqlite:///{(hub_dir / 'entremise.db').resolve()}",
                 "--data-dir",
                 str(hub_dir),
                 "--listen",
