@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from entremise.v1 import (
@@ -547,24 +548,27 @@ class Cell:
 
 @dataclass(frozen=True)
 class AggregateResult:
-    """The released cells of one aggregate."""
+    """The released cells of one aggregate.
+
+    `cells` are read from the message when first asked for: a grouping over discovered keys
+    can release tens of thousands of cells, and a caller that only exports `raw` (or reads
+    one aggregate of several) should not pay for turning each into an object.
+    """
 
     name: str
     kind: AggregateKind
     column: str
-    cells: tuple[Cell, ...]
     raw: query_service_pb2.AggregateResult = field(repr=False, compare=False)
+
+    @cached_property
+    def cells(self) -> tuple[Cell, ...]:
+        """Every released cell, in the hub's order."""
+        return tuple(Cell.from_proto(c) for c in self.raw.cells)
 
     @classmethod
     def from_proto(cls, msg: query_service_pb2.AggregateResult) -> AggregateResult:
         """Read the message."""
-        return cls(
-            msg.name,
-            AggregateKind(msg.kind),
-            msg.column,
-            tuple(Cell.from_proto(c) for c in msg.cells),
-            msg,
-        )
+        return cls(msg.name, AggregateKind(msg.kind), msg.column, msg)
 
 
 @dataclass(frozen=True)
