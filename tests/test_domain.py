@@ -22,6 +22,7 @@ from entremise.privacy.budget import Epsilon
 from entremise.server import testing
 from entremise.server.api.serde import schema_from_proto
 from entremise.server.crypto import DatasetCipher, Keyring
+from entremise.server.domain.agreements import AgreementTerms
 from entremise.server.domain.audit import AuditSigner, verify_chain
 from entremise.server.domain.errors import (
     BudgetExhaustedError,
@@ -91,13 +92,18 @@ def _parties(hub: Hub, epsilon: str = "1") -> Parties:
         hub.keys.publish_public_key(partner, secrets.token_bytes(32))
     agreement = hub.agreements.create(
         admin,
-        name="Spend by segment",
-        purpose=PURPOSE,
-        slots=[DatasetSlot(bank.principal_id, "bank"), DatasetSlot(panel.principal_id, "panel")],
-        analyst_ids=[analyst.principal_id],
-        total_epsilon=Epsilon.parse(epsilon),
-        max_rows_per_person=10,
-        max_groups_per_person=1,
+        AgreementTerms(
+            name="Spend by segment",
+            purpose=PURPOSE,
+            slots=[
+                DatasetSlot(bank.principal_id, "bank"),
+                DatasetSlot(panel.principal_id, "panel"),
+            ],
+            analyst_ids=[analyst.principal_id],
+            total_epsilon=Epsilon.parse(epsilon),
+            max_rows_per_person=10,
+            max_groups_per_person=1,
+        ),
     )
     return Parties(hub, admin, bank, panel, analyst, officer, agreement.agreement_id)
 

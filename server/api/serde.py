@@ -7,10 +7,11 @@ import math
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from entremise.privacy.budget import Epsilon, PrivacyLoss, Rho
 from entremise.privacy.mechanisms import CONVERSION_DELTA, zcdp_to_approx_dp
+from entremise.server.domain.agreements import AgreementTerms
 from entremise.server.domain.audit import ChainedEntry
 from entremise.server.domain.errors import InvalidArgumentError
 from entremise.server.domain.keys import KeyMaterial
@@ -346,31 +347,31 @@ def agreement_to_proto(
 
 def agreement_terms_from_proto(
     request: agreement_service_pb2.CreateAgreementRequest,
-) -> dict[str, Any]:
-    """The keyword arguments of `Agreements.create`, with the API's defaults for unset fields.
+) -> AgreementTerms:
+    """The proposed terms, with the API's defaults for unset fields.
 
     The total and the per-analyst budget count in the agreement's measure (epsilon or rho).
     """
     kind = budget_kind_from_proto(request.budget_kind)
-    return {
-        "name": request.name,
-        "purpose": request.purpose,
-        "slots": slots_from_proto(request.datasets),
-        "analyst_ids": list(request.analyst_ids),
-        "total_epsilon": amount_from_text(request.total_epsilon, "total epsilon", kind.loss_type),
-        "max_rows_per_person": request.max_rows_per_person or DEFAULT_MAX_ROWS_PER_PERSON,
-        "max_groups_per_person": request.max_groups_per_person,  # 0: auto
-        "budget_kind": kind,
-        "total_delta_units": delta_units(request.total_delta, "total delta"),
-        "analyst_budget": amount_from_text(request.analyst_budget, "analyst budget", kind.loss_type)
+    return AgreementTerms(
+        name=request.name,
+        purpose=request.purpose,
+        slots=slots_from_proto(request.datasets),
+        analyst_ids=list(request.analyst_ids),
+        total_epsilon=amount_from_text(request.total_epsilon, "total epsilon", kind.loss_type),
+        max_rows_per_person=request.max_rows_per_person or DEFAULT_MAX_ROWS_PER_PERSON,
+        max_groups_per_person=request.max_groups_per_person,  # 0: auto
+        budget_kind=kind,
+        total_delta_units=delta_units(request.total_delta, "total delta"),
+        analyst_budget=amount_from_text(request.analyst_budget, "analyst budget", kind.loss_type)
         if request.analyst_budget
         else None,
-        "expires_at": request.expires_at,
-        "allowed_columns": tuple(request.allowed_columns),
-        "allowed_aggregations": tuple(request.allowed_aggregations),
-        "min_group_size": request.min_group_size,
-        "max_shared_identifiers": request.max_shared_identifiers or DEFAULT_SHARED_IDENTIFIERS,
-    }
+        expires_at=request.expires_at,
+        allowed_columns=tuple(request.allowed_columns),
+        allowed_aggregations=tuple(request.allowed_aggregations),
+        min_group_size=request.min_group_size,
+        max_shared_identifiers=request.max_shared_identifiers or DEFAULT_SHARED_IDENTIFIERS,
+    )
 
 
 def key_material_to_proto(material: KeyMaterial) -> partner_service_pb2.GetKeyMaterialResponse:

@@ -210,7 +210,7 @@ class AgreementServicer(_Base, agreement_service_pb2_grpc.AgreementServiceServic
         self, request: agreement_service_pb2.CreateAgreementRequest, context: grpc.ServicerContext
     ) -> agreement_service_pb2.CreateAgreementResponse:
         caller = self.caller(context)
-        agreement = self.hub.agreements.create(caller, **agreement_terms_from_proto(request))
+        agreement = self.hub.agreements.create(caller, agreement_terms_from_proto(request))
         return agreement_service_pb2.CreateAgreementResponse(agreement=self._proto(agreement))
 
     @rpc

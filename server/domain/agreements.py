@@ -8,6 +8,8 @@ revoke it for good.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from entremise.privacy.budget import MixedMeasuresError, PrivacyLoss
@@ -42,6 +44,55 @@ log = logging.getLogger(__name__)
 APPROVAL_ATTEMPTS = 5
 
 
+@dataclass(frozen=True)
+class AgreementTerms:
+    """What a proposer asks for: parties, purpose, budget and contribution bounds."""
+
+    name: str
+    purpose: str
+    slots: Sequence[DatasetSlot]
+    analyst_ids: Sequence[str]
+    total_epsilon: PrivacyLoss  # in the agreement's measure: epsilon, or rho for zCDP
+    max_rows_per_person: int
+    max_groups_per_person: int  # 0: auto, every cell of a query's public grouping
+    budget_kind: BudgetKind = BudgetKind.PURE
+    total_delta_units: int = 0
+    analyst_budget: PrivacyLoss | None = None
+    expires_at: str = ""
+    allowed_columns: Sequence[str] = ()
+    allowed_aggregations: Sequence[str] = ()
+    min_group_size: int = 0
+    max_shared_identifiers: int = DEFAULT_SHARED_IDENTIFIERS
+
+    def check(self) -> None:
+        """The terms that need no lookup: names, budget, contribution bounds."""
+        if self.min_group_size < 0:
+            raise InvalidArgumentError("min_group_size must not be negative")
+        unknown = set(self.allowed_aggregations) - {k.value for k in AggregateKind}
+        if unknown:
+            raise InvalidArgumentError(f"unknown aggregations {sorted(unknown)}")
+        check_text(self.name, "agreement name")
+        check_name(self.purpose, "purpose")
+        if len(self.slots) < 2:
+            raise InvalidArgumentError("an agreement joins at least two datasets")
+        if len(set(s.name for s in self.slots)) != len(self.slots):
+            raise InvalidArgumentError("dataset names within an agreement must be distinct")
+        _check_budget(self.total_epsilon, self.total_delta_units, self.analyst_budget)
+        for amount in (self.total_epsilon, self.analyst_budget):
+            if amount is not None and amount.measure is not self.budget_kind:
+                raise MixedMeasuresError(
+                    f"a {self.budget_kind.value} budget is counted in {self.budget_kind.symbol}"
+                )
+        if not 1 <= self.max_rows_per_person <= MAX_ROWS_PER_PERSON:
+            raise InvalidArgumentError(f"max_rows_per_person must be in [1, {MAX_ROWS_PER_PERSON}]")
+        if self.max_groups_per_person < 0:
+            raise InvalidArgumentError("max_groups_per_person must not be negative")
+        if not 1 <= self.max_shared_identifiers <= MAX_SHARED_IDENTIFIERS:
+            raise InvalidArgumentError(
+                f"max_shared_identifiers must be in [1, {MAX_SHARED_IDENTIFIERS}]"
+            )
+
+
 class Agreements:
     """Propose, approve, suspend, revoke and read agreements."""
 
@@ -49,70 +100,40 @@ class Agreements:
         self.store = store
         self.trail = trail
 
-    def create(
-        self,
-        caller: Principal,
-        *,
-        name: str,
-        purpose: str,
-        slots: list[DatasetSlot],
-        analyst_ids: list[str],
-        total_epsilon: PrivacyLoss,
-        max_rows_per_person: int,
-        max_groups_per_person: int,
-        budget_kind: BudgetKind = BudgetKind.PURE,
-        total_delta_units: int = 0,
-        analyst_budget: PrivacyLoss | None = None,
-        expires_at: str = "",
-        allowed_columns: tuple[str, ...] = (),
-        allowed_aggregations: tuple[str, ...] = (),
-        min_group_size: int = 0,
-        max_shared_identifiers: int = DEFAULT_SHARED_IDENTIFIERS,
-    ) -> Agreement:
+    def create(self, caller: Principal, terms: AgreementTerms) -> Agreement:
         """Propose an agreement (admin, or a partner named in its slots).
 
         It is active once every partner has approved it; a proposing partner approves it.
         """
         require(caller, Role.ADMIN, Role.PARTNER)
-        if caller.role is Role.PARTNER and caller.principal_id not in {s.partner_id for s in slots}:
+        if caller.role is Role.PARTNER and caller.principal_id not in {
+            s.partner_id for s in terms.slots
+        }:
             raise PermissionDeniedError("a partner may only propose agreements it is part of")
-        expires_at = _utc(expires_at)
-        _check_terms(
-            name=name,
-            purpose=purpose,
-            slots=slots,
-            total_epsilon=total_epsilon,
-            total_delta_units=total_delta_units,
-            analyst_budget=analyst_budget,
-            budget_kind=budget_kind,
-            max_rows_per_person=max_rows_per_person,
-            max_groups_per_person=max_groups_per_person,
-            allowed_aggregations=allowed_aggregations,
-            min_group_size=min_group_size,
-            max_shared_identifiers=max_shared_identifiers,
-        )
-        self._check_parties(slots, analyst_ids)
+        expires_at = _utc(terms.expires_at)
+        terms.check()
+        self._check_parties(terms.slots, terms.analyst_ids)
         agreement = Agreement(
             agreement_id=new_id("ag"),
-            name=name,
-            purpose=purpose,
-            slots=tuple(slots),
-            analyst_ids=tuple(dict.fromkeys(analyst_ids)),
-            total_epsilon=total_epsilon,
-            max_rows_per_person=max_rows_per_person,
-            max_groups_per_person=max_groups_per_person,
+            name=terms.name,
+            purpose=terms.purpose,
+            slots=tuple(terms.slots),
+            analyst_ids=tuple(dict.fromkeys(terms.analyst_ids)),
+            total_epsilon=terms.total_epsilon,
+            max_rows_per_person=terms.max_rows_per_person,
+            max_groups_per_person=terms.max_groups_per_person,
             created_at=now(),
-            budget_kind=budget_kind,
-            total_delta_units=total_delta_units,
-            analyst_budget=analyst_budget,
+            budget_kind=terms.budget_kind,
+            total_delta_units=terms.total_delta_units,
+            analyst_budget=terms.analyst_budget,
             status=AgreementStatus.PROPOSED,
             approved_by=(caller.principal_id,) if caller.role is Role.PARTNER else (),
             proposer_id=caller.principal_id,
             expires_at=expires_at,
-            allowed_columns=tuple(allowed_columns),
-            allowed_aggregations=tuple(allowed_aggregations),
-            min_group_size=min_group_size,
-            max_shared_identifiers=max_shared_identifiers,
+            allowed_columns=tuple(terms.allowed_columns),
+            allowed_aggregations=tuple(terms.allowed_aggregations),
+            min_group_size=terms.min_group_size,
+            max_shared_identifiers=terms.max_shared_identifiers,
         )
         self.store.create_agreement(agreement)
         self.trail.record(
@@ -120,21 +141,21 @@ class Agreements:
             caller,
             agreement.agreement_id,
             {
-                "purpose": purpose,
-                "total_epsilon": str(total_epsilon),
-                "datasets": len(slots),
-                "max_shared_identifiers": max_shared_identifiers,
+                "purpose": terms.purpose,
+                "total_epsilon": str(terms.total_epsilon),
+                "datasets": len(terms.slots),
+                "max_shared_identifiers": terms.max_shared_identifiers,
             },
         )
         log.info(
             "agreement created id=%s purpose=%s epsilon=%s",
             agreement.agreement_id,
-            purpose,
-            total_epsilon,
+            terms.purpose,
+            terms.total_epsilon,
         )
         return agreement
 
-    def _check_parties(self, slots: list[DatasetSlot], analyst_ids: list[str]) -> None:
+    def _check_parties(self, slots: Sequence[DatasetSlot], analyst_ids: Sequence[str]) -> None:
         """Every slot names a partner, and at least one analyst is named, all known."""
         for slot in slots:
             check_name(slot.name, "dataset name")
@@ -241,49 +262,6 @@ def _utc(expires_at: str) -> str:
     except ValueError:
         raise InvalidArgumentError("expires_at must be an ISO 8601 timestamp") from None
     return when.astimezone(UTC).replace(microsecond=0).isoformat()
-
-
-def _check_terms(
-    *,
-    name: str,
-    purpose: str,
-    slots: list[DatasetSlot],
-    total_epsilon: PrivacyLoss,
-    total_delta_units: int,
-    analyst_budget: PrivacyLoss | None,
-    budget_kind: BudgetKind,
-    max_rows_per_person: int,
-    max_groups_per_person: int,
-    allowed_aggregations: tuple[str, ...],
-    min_group_size: int,
-    max_shared_identifiers: int,
-) -> None:
-    """The terms of an agreement that need no lookup: names, budget, contribution bounds."""
-    if min_group_size < 0:
-        raise InvalidArgumentError("min_group_size must not be negative")
-    unknown = set(allowed_aggregations) - {k.value for k in AggregateKind}
-    if unknown:
-        raise InvalidArgumentError(f"unknown aggregations {sorted(unknown)}")
-    check_text(name, "agreement name")
-    check_name(purpose, "purpose")
-    if len(slots) < 2:
-        raise InvalidArgumentError("an agreement joins at least two datasets")
-    if len(set(s.name for s in slots)) != len(slots):
-        raise InvalidArgumentError("dataset names within an agreement must be distinct")
-    _check_budget(total_epsilon, total_delta_units, analyst_budget)
-    for amount in (total_epsilon, analyst_budget):
-        if amount is not None and amount.measure is not budget_kind:
-            raise MixedMeasuresError(
-                f"a {budget_kind.value} budget is counted in {budget_kind.symbol}"
-            )
-    if not 1 <= max_rows_per_person <= MAX_ROWS_PER_PERSON:
-        raise InvalidArgumentError(f"max_rows_per_person must be in [1, {MAX_ROWS_PER_PERSON}]")
-    if max_groups_per_person < 0:  # 0: auto, every cell of a query's public grouping
-        raise InvalidArgumentError("max_groups_per_person must not be negative")
-    if not 1 <= max_shared_identifiers <= MAX_SHARED_IDENTIFIERS:
-        raise InvalidArgumentError(
-            f"max_shared_identifiers must be in [1, {MAX_SHARED_IDENTIFIERS}]"
-        )
 
 
 def _check_budget(total: PrivacyLoss, delta_units: int, analyst_budget: PrivacyLoss | None) -> None:
