@@ -31,9 +31,9 @@ from entremise.partners import (
     EntremiseRPCError,
     PreparedUpload,
     aggregate,
-    generate_private_key,
     query,
 )
+from entremise.partners.identity import PartnerKeys
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE, generate
 from entremise.server.app import default_db_url
 from entremise.server.crypto import DatasetCipher, DecryptionError, Keyring
@@ -122,7 +122,7 @@ def run_kill(data_dir: Path, *, rounds: int = 8, seed: int = 1) -> dict[str, Any
     for who in ("bank", "panel"):
         principal, tokens[who] = admin.create_principal(who, "partner")
         ids[who] = principal.principal_id
-        keys[who] = generate_private_key()
+        keys[who] = PartnerKeys.generate(trust_on_first_use=True)
         Client.connect(target, token=tokens[who]).publish_public_key(keys[who])
     analyst, analyst_token = admin.create_principal("analyst", "analyst")
     agreement_id = admin.create_agreement(
@@ -134,10 +134,10 @@ def run_kill(data_dir: Path, *, rounds: int = 8, seed: int = 1) -> dict[str, Any
         max_rows_per_person=12,
     ).agreement_id
     Client.connect(target, token=tokens["panel"]).upload_dataset(
-        agreement_id, "panel", data.panel, PANEL_SCHEMA, private_key=keys["panel"]
+        agreement_id, "panel", data.panel, PANEL_SCHEMA, keys=keys["panel"]
     )
     Client.connect(target, token=tokens["bank"]).upload_dataset(
-        agreement_id, "bank", data.bank, BANK_SCHEMA, private_key=keys["bank"]
+        agreement_id, "bank", data.bank, BANK_SCHEMA, keys=keys["bank"]
     )
 
     totals: dict[str, int] = {
@@ -162,7 +162,7 @@ def run_kill(data_dir: Path, *, rounds: int = 8, seed: int = 1) -> dict[str, Any
             agreement_id,
             data.bank.sample(frac=rng.uniform(0.5, 1.0), random_state=i),
             BANK_SCHEMA,
-            private_key=keys["bank"],
+            keys=keys["bank"],
         )
         for i in range(4)
     ]

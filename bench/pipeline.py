@@ -35,6 +35,7 @@ import duckdb
 import grpc
 import opendp.prelude as dp
 import pandas as pd
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -45,9 +46,9 @@ from entremise.partners import (
     Numeric,
     UploadSchema,
     aggregate,
-    generate_private_key,
     query,
 )
+from entremise.partners.identity import PartnerKeys
 from entremise.partners.pseudonymise import Pseudonymiser
 from entremise.privacy.budget import Epsilon
 from entremise.privacy.mechanisms import IntegerLaplace
@@ -383,7 +384,7 @@ class Bench:
         for who in ("bank", "panel"):
             principal, token = admin.create_principal(who, "partner")
             client = Client.connect(self.target, token=token, timeout=3600)
-            key = generate_private_key()
+            key = PartnerKeys.generate(trust_on_first_use=True)
             client.publish_public_key(key)
             self.partners[who] = (client, key, token)
             ids[who] = principal.principal_id
@@ -487,6 +488,11 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
+def _raw_keys(keys: PartnerKeys) -> tuple[bytes, bytes]:
+    """A partner's X25519 and identity private keys as bytes, to hand to its process."""
+    return keys.private_key.private_bytes_raw(), keys.identity.private_bytes_raw()
+
+
 def _partner_worker(size: str, who: str, jobs: Any, done: Any) -> None:
     """One partner in its own process, as on its own machine: prepare, then upload, per job."""
     bank, panel = generate(size)  # the same rows as the parent's (fixed seed)
@@ -497,9 +503,13 @@ def _partner_worker(size: str, who: str, jobs: Any, done: Any) -> None:
         target, token, agreement_id, key_bytes = job
         client = Client.connect(target, token=token, timeout=3600)
         try:
-            key = X25519PrivateKey.from_private_bytes(key_bytes)
+            key = PartnerKeys(
+                X25519PrivateKey.from_private_bytes(key_bytes[0]),
+                Ed25519PrivateKey.from_private_bytes(key_bytes[1]),
+                trust_on_first_use=True,
+            )
             w0 = time.perf_counter()
-            prepared = client.prepare_upload(agreement_id, frame, schema, private_key=key)
+            prepared = client.prepare_upload(agreement_id, frame, schema, keys=key)
             w1 = time.perf_counter()
             client.send_upload(prepared, who)
             done.put(("ok", w1 - w0, time.perf_counter() - w1, _peak_rss_mb()))
@@ -536,7 +546,14 @@ def stage_end_to_end(size: str, runs: int) -> dict[str, Any]:
                 w0 = time.perf_counter()
                 for who, (_, jobs, _) in workers.items():
                     _, key, token = bench.partners[who]
-                    jobs.put((bench.target, token, bench.agreement_id, key.private_bytes_raw()))
+                    jobs.put(
+                        (
+                            bench.target,
+                            token,
+                            bench.agreement_id,
+                            _raw_keys(key),
+                        )
+                    )
                 for who, (_, _, done) in workers.items():
                     status, prepare_s, upload_s, partner_peak_mb[who] = done.get(timeout=3600)
                     if status != "ok":
@@ -597,11 +614,9 @@ def run(size: str, runs: int, *, end_to_end: bool) -> dict[str, Any]:
         bench = Bench(Path(tmp) / "hub")
         try:
             bank_client, bank_key, _ = bench.partners["bank"]
-            bank_client.upload_dataset(bench.agreement_id, "bank", bank, BANK, private_key=bank_key)
+            bank_client.upload_dataset(bench.agreement_id, "bank", bank, BANK, keys=bank_key)
             panel_client, panel_key, panel_token = bench.partners["panel"]
-            prepared = panel_client.prepare_upload(
-                bench.agreement_id, panel, PANEL, private_key=panel_key
-            )
+            prepared = panel_client.prepare_upload(bench.agreement_id, panel, PANEL, keys=panel_key)
             results["stages"].append(
                 stage_upload(
                     bench.target,

@@ -319,7 +319,7 @@ def _withdraw(world: World, agreement_id: str, withdrawn: list[tuple[str, str]])
     for kind in ("email", "phone"):
         values = [v for k, v in withdrawn if k == kind]
         if values:
-            world.bank.withdraw_consent(agreement_id, values, kind, private_key=world.bank_key)
+            world.bank.withdraw_consent(agreement_id, values, kind, keys=world.bank_key)
 
 
 def audit_pair(world: World, pair: Pair, *, shared: int, zcdp: bool) -> dict[str, Any]:

@@ -29,9 +29,9 @@ from entremise.partners import (
     EntremiseRPCError,
     UploadSchema,
     aggregate,
-    generate_private_key,
     query,
 )
+from entremise.partners.identity import PartnerKeys
 from entremise.server.app import HubConfig, build_server
 
 ADMIN = "ent_race_admin"
@@ -50,7 +50,7 @@ def _scenario(target: str) -> tuple[Any, ...]:
     for name in ("left", "right"):
         principal, token = admin.create_principal(name, "partner")
         client = Client.connect(target, token=token)
-        key = generate_private_key()
+        key = PartnerKeys.generate(trust_on_first_use=True)
         client.publish_public_key(key)
         partners.append((principal.principal_id, client, key, name))
     analyst, analyst_token = admin.create_principal("analyst", "analyst")
@@ -73,7 +73,7 @@ def run_race(db_url: str, data_dir: Path, *, clients: int = 64, k: int = 10) -> 
             total_epsilon=str(total),
         )
         for _, client, key, name in partners:
-            client.upload_dataset(agreement.agreement_id, name, frame, schema, private_key=key)
+            client.upload_dataset(agreement.agreement_id, name, frame, schema, keys=key)
         barrier = threading.Barrier(clients)
         outcomes: list[str] = []
         lock = threading.Lock()

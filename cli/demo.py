@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from entremise.partners.keys import generate_private_key, load_private_key, save_private_key
+from entremise.partners.identity import PartnerKeys, create_key_files
 from entremise.partners.synthetic import (
     AMOUNT_UPPER,
     BANK_SCHEMA,
@@ -295,21 +295,28 @@ def run_demo(
             ("panel", panel_token, PANEL_SCHEMA, partner_dir / "panel_purchases.csv"),
         )
         for who, token, _, _ in partners:
-            # Each partner's X25519 key pair stays partner-side; only the public half is sent.
-            # The matching key is then derived from both public keys, bound to the agreement.
-            key = generate_private_key()
-            save_private_key(key, partner_dir / f"{who}.key")
+            # Each partner's X25519 key pair and Ed25519 identity stay partner-side; only the
+            # public halves are sent, the X25519 key signed by the identity key.
+            create_key_files(partner_dir / f"{who}.key")
             with Client.connect(hub.target, token=token) as partner:
-                partner.publish_public_key(key)
-        for who, token, schema, source in partners:
+                partner.publish_public_key(PartnerKeys.load(partner_dir / f"{who}.key"))
+        # Before any upload the partners compare the agreement's safety code out of band (a
+        # phone call); equal codes mean the hub served everyone the same identity keys. The
+        # demo plays both partners, so it reads both screens and confirms on each side.
+        codes = {}
+        for who, token, _, _ in partners:
             with Client.connect(hub.target, token=token) as partner:
-                up = partner.upload_dataset(
-                    agreement.agreement_id,
-                    who,
-                    source,
-                    schema,
-                    private_key=load_private_key(partner_dir / f"{who}.key"),
+                codes[who] = partner.safety_code(
+                    agreement.agreement_id, PartnerKeys.load(partner_dir / f"{who}.key")
                 )
+        if len(set(codes.values())) != 1:
+            raise RuntimeError(f"the partners' safety codes differ: {codes}")
+        console.print(f"safety code, the same on both partners' screens: {codes['bank']}")
+        for who, token, schema, source in partners:
+            keys = PartnerKeys.load(partner_dir / f"{who}.key")
+            with Client.connect(hub.target, token=token) as partner:
+                partner.confirm_keys(agreement.agreement_id, codes[who], keys)
+                up = partner.upload_dataset(agreement.agreement_id, who, source, schema, keys=keys)
             dups = sum(d.duplicated_pseudonyms for d in up.dataset.duplicates)
             console.print(
                 f"{who}: uploaded {up.dataset.row_count:,} rows "

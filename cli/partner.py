@@ -18,6 +18,7 @@ from entremise.cli._common import (
     DEFAULT_TARGET,
     JsonOption,
     NoProgressOption,
+    QuietOption,
     TargetOption,
     TokenOption,
     connect,
@@ -25,6 +26,7 @@ from entremise.cli._common import (
     friendly_errors,
     print_json,
     progress_bars,
+    quiet_or_json,
     to_dict,
 )
 from entremise.cli.output import (
@@ -37,50 +39,149 @@ from entremise.cli.output import (
     when,
     whole,
 )
-from entremise.partners.keys import (
-    generate_private_key,
-    load_private_key,
-    public_bytes,
-    save_private_key,
+from entremise.partners.identity import (
+    PartnerKeys,
+    create_key_files,
+    identity_path,
+    load_identity_key,
+    trust_path,
 )
+from entremise.partners.keys import load_private_key, public_bytes
 from entremise.partners.prepare import Progress as ProgressCallback
 from entremise.partners.prepare import read_table
 from entremise.partners.schema import UploadSchema
 from entremise.sdk import RPCError
+
+KeyFileOpt = Annotated[
+    Path,
+    typer.Option(
+        envvar="ENTREMISE_KEY_FILE",
+        help="Your X25519 private key (PEM); its identity key and trust store sit beside it.",
+    ),
+]
+TrustOnFirstUseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-on-first-use",
+        help="Accept partners' identity keys not yet confirmed by safety code, pinning them "
+        "(a changed identity is still refused).",
+    ),
+]
 
 
 def keygen(
     out: Annotated[Path, typer.Argument(help="File for the X25519 private key (PEM, mode 0600).")],
     json_out: JsonOption = False,
 ) -> None:
-    """Create your X25519 key pair; only its public half ever leaves you (publish-key)."""
+    """Create your X25519 key pair and, beside it, your long-term Ed25519 identity key.
+
+    Only public halves ever leave you (publish-key). The identity key (FILE's stem +
+    .identity.key) signs your public keys so that the other partners can tell them from a
+    hub's; it is never replaced: keep it and back it up. Run again on a key file that has no
+    identity key yet to add one.
+    """
     with friendly_errors():
-        if out.exists():
+        if out.exists() and identity_path(out).exists():
             fail(f"{out} exists; refusing to overwrite a key")
-        key = generate_private_key()
-        save_private_key(key, out)
+        created_key, created_identity = create_key_files(out)
+        key = load_private_key(out)
+        identity = load_identity_key(identity_path(out))
+    keys = PartnerKeys(key, identity)
     if json_out:
-        print_json({"key_file": str(out), "public_key": public_bytes(key).hex()})
-    else:
+        print_json(
+            {
+                "key_file": str(out),
+                "public_key": public_bytes(key).hex(),
+                "identity_file": str(identity_path(out)),
+                "identity_public_key": keys.identity_public_key.hex(),
+                "trust_store": str(trust_path(out)),
+            }
+        )
+        return
+    if created_key:
         console.print(f"private key written to {out}", markup=False)
-        console.print(f"public key: {public_bytes(key).hex()}", markup=False)
+    if created_identity:
+        console.print(f"identity key written to {identity_path(out)}", markup=False)
+    console.print(f"public key: {public_bytes(key).hex()}", markup=False)
+    console.print(f"identity: {keys.identity_public_key.hex()}", markup=False)
 
 
 def publish_key(
-    key_file: Annotated[Path, typer.Option(help="Your X25519 private key (PEM).")],
+    key_file: KeyFileOpt,
     target: TargetOption = DEFAULT_TARGET,
     token: TokenOption = "",
     json_out: JsonOption = False,
 ) -> None:
-    """Publish your public key through the hub (publishing a new one rotates it)."""
+    """Publish your public key, signed by your identity key (a new one rotates it)."""
     with friendly_errors():
-        key = load_private_key(key_file)
+        keys = PartnerKeys.load(key_file)
     with connect(target, token) as client, friendly_errors():
-        record = client.publish_public_key(key)
+        record = client.publish_public_key(keys)
     if json_out:
         print_json(to_dict(record.raw))
     else:
         console.print(f"public key v{record.version} published for {record.principal_id}")
+
+
+def safety_code(
+    agreement: Annotated[str, typer.Option(help="Agreement id.")],
+    key_file: KeyFileOpt,
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Show the agreement's safety code: compare it with every other partner out of band.
+
+    The code is computed on your machine from the partners' identity keys as the hub serves
+    them to you; if the hub substituted anyone's key, the codes on your screens differ.
+    Then run `entremise partner confirm-keys`. With --quiet, only the code.
+    """
+    with friendly_errors():
+        quiet_or_json(quiet, json_out)
+        keys = PartnerKeys.load(key_file)
+    with connect(target, token) as client, friendly_errors():
+        code = client.safety_code(agreement, keys)
+        confirmed = keys.trust.confirmed.get(agreement, {}).get("code") == code
+    if quiet:
+        print(code)
+        return
+    if json_out:
+        print_json({"agreement_id": agreement, "safety_code": code, "confirmed": confirmed})
+        return
+    console.print(f"safety code of {agreement}:", markup=False)
+    console.print(f"  {code}", markup=False)
+    console.print(
+        "confirmed on this machine"
+        if confirmed
+        else "not confirmed yet: compare it with every other partner (phone, in person), "
+        "then run entremise partner confirm-keys --agreement "
+        f"{agreement} --code '<the code>'",
+        markup=False,
+    )
+
+
+def confirm_keys(
+    agreement: Annotated[str, typer.Option(help="Agreement id.")],
+    code: Annotated[str, typer.Option(help="The safety code every partner read out.")],
+    key_file: KeyFileOpt,
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
+) -> None:
+    """Record that the safety code was compared with the other partners (then upload)."""
+    with friendly_errors():
+        keys = PartnerKeys.load(key_file)
+    with connect(target, token) as client, friendly_errors():
+        confirmed = client.confirm_keys(agreement, code, keys)
+    if json_out:
+        print_json({"agreement_id": agreement, "safety_code": confirmed, "confirmed": True})
+    else:
+        console.print(
+            f"identity keys of {agreement} confirmed (safety code {confirmed}); saved in "
+            f"{trust_path(key_file)}",
+            markup=False,
+        )
 
 
 def synth(
@@ -119,8 +220,9 @@ def upload(
     agreement: Annotated[str, typer.Option(help="Agreement whose dataset slot this fills.")],
     name: Annotated[str, typer.Option(help="Dataset name, as declared in the agreement.")],
     schema: Annotated[Path, typer.Option(help="JSON schema: keys, consents, column domains.")],
-    key_file: Annotated[Path, typer.Option(help="Your X25519 private key (PEM).")],
+    key_file: KeyFileOpt,
     region: Annotated[str, typer.Option(help="Default country for national phone numbers.")] = "FR",
+    trust_on_first_use: TrustOnFirstUseOpt = False,
     target: TargetOption = DEFAULT_TARGET,
     token: TokenOption = "",
     json_out: JsonOption = False,
@@ -129,7 +231,7 @@ def upload(
     """Pseudonymise FILE locally under the agreement's key and stream it as Arrow chunks."""
     with friendly_errors():
         upload_schema = UploadSchema.load(schema)
-        key = load_private_key(key_file)
+        keys = PartnerKeys.load(key_file, trust_on_first_use=trust_on_first_use)
     with (
         connect(target, token) as client,
         friendly_errors(),
@@ -140,7 +242,7 @@ def upload(
             name,
             file,
             upload_schema,
-            private_key=key,
+            keys=keys,
             default_region=region,
             on_progress=on_progress,
         )
@@ -213,6 +315,7 @@ def _consent_change(
     key_file: Path,
     agreement: list[str] | None,
     region: str,
+    trust_on_first_use: bool,
     target: str,
     token: str,
     json_out: bool,
@@ -225,7 +328,7 @@ def _consent_change(
             identifiers = _identifiers(file, column or kind, on_progress)
         if not any(identifiers):
             fail(f"{file} holds no identifier")
-        key = load_private_key(key_file)
+        keys = PartnerKeys.load(key_file, trust_on_first_use=trust_on_first_use)
     results: list[dict[str, object]] = []
     failures: list[str] = []
     with (
@@ -242,7 +345,7 @@ def _consent_change(
                     agreement_id,
                     identifiers,
                     kind,
-                    private_key=key,
+                    keys=keys,
                     default_region=region,
                     on_progress=on_progress,
                 )
@@ -277,7 +380,6 @@ AgreementsOpt = Annotated[
         "--agreement", help="Agreement id (repeat; default: every agreement you are part of)."
     ),
 ]
-KeyFileOpt = Annotated[Path, typer.Option(help="Your X25519 private key (PEM).")]
 IdsArg = Annotated[Path, typer.Argument(help="Identifiers: a text file (one per line) or CSV.")]
 
 
@@ -288,6 +390,7 @@ def withdraw(
     column: ColumnOpt = "",
     agreement: AgreementsOpt = None,
     region: Annotated[str, typer.Option()] = "FR",
+    trust_on_first_use: TrustOnFirstUseOpt = False,
     target: TargetOption = DEFAULT_TARGET,
     token: TokenOption = "",
     json_out: JsonOption = False,
@@ -306,6 +409,7 @@ def withdraw(
         key_file,
         agreement,
         region,
+        trust_on_first_use,
         target,
         token,
         json_out,
@@ -320,6 +424,7 @@ def erase(
     column: ColumnOpt = "",
     agreement: AgreementsOpt = None,
     region: Annotated[str, typer.Option()] = "FR",
+    trust_on_first_use: TrustOnFirstUseOpt = False,
     target: TargetOption = DEFAULT_TARGET,
     token: TokenOption = "",
     json_out: JsonOption = False,
@@ -334,6 +439,7 @@ def erase(
         key_file,
         agreement,
         region,
+        trust_on_first_use,
         target,
         token,
         json_out,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from entremise.partners.identity import PartnerKeys, TrustStore
 from entremise.partners.keys import (
     MatchingKeyError,
     generate_private_key,
@@ -46,11 +47,13 @@ __all__ = [
     "EntremiseRPCError",
     "MatchingKeyError",
     "Numeric",
+    "PartnerKeys",
     "PlaceholderReport",
     "PreparedUpload",
     "Pseudonymiser",
     "TLSConfig",
     "Text",
+    "TrustStore",
     "UploadResult",
     "UploadSchema",
     "aggregate",

@@ -22,6 +22,7 @@ raises derives from `EntremiseError`; a refused call is an `RPCError` whose `sta
 live in `entremise.partners`.
 """
 
+from entremise.partners.identity import PartnerKeys, TrustStore
 from entremise.sdk.client import (
     SENDING,
     Client,
@@ -29,6 +30,7 @@ from entremise.sdk.client import (
     PreparedUpload,
     TLSConfig,
     UploadResult,
+    VerifiedKeys,
 )
 from entremise.sdk.errors import (
     EntremiseError,
@@ -105,6 +107,7 @@ __all__ = [
     "MatchingKey",
     "MatchingKeyError",
     "Measure",
+    "PartnerKeys",
     "PrepareError",
     "PreparedUpload",
     "Principal",
@@ -120,7 +123,9 @@ __all__ = [
     "SchemaError",
     "Status",
     "TLSConfig",
+    "TrustStore",
     "UploadResult",
+    "VerifiedKeys",
     "Withdrawal",
     "aggregate",
     "parse_aggregate",

@@ -19,13 +19,20 @@ from typing import Any, TypeVar
 
 import grpc
 import pandas as pd
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from entremise.partners.identity import (
+    PartnerKeys,
+    ServedKey,
+    normalise_code,
+    safety_code,
+    signature_valid,
+    verified_fingerprint,
+    wrapped_key_statement,
+)
 from entremise.partners.keys import (
     Participant,
     Wrapped,
     derive_pair_key,
-    public_bytes,
     unwrap,
     wrap_for_all,
 )
@@ -131,6 +138,25 @@ class MatchingKey:
     agreement_id: str
     fingerprint: str
     key: bytes = field(repr=False)
+
+
+def _check_keys(keys: object) -> None:
+    if not isinstance(keys, PartnerKeys):
+        raise InvalidArgumentError(
+            "keys: expected PartnerKeys (PartnerKeys.load(key_file) or PartnerKeys.generate()), "
+            f"got {type(keys).__name__}: a bare X25519 key has no identity key to sign with"
+        )
+
+
+@dataclass(frozen=True)
+class VerifiedKeys:
+    """An agreement's keys as served to this partner, signatures and fingerprint checked."""
+
+    me: str
+    agreement_id: str
+    served: tuple[ServedKey, ...]
+    fingerprint: str
+    material: partner_service_pb2.GetKeyMaterialResponse = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -266,40 +292,109 @@ class Client:
 
     # -- partners -----------------------------------------------------------------------------
 
-    def publish_public_key(self, private_key: X25519PrivateKey) -> PublicKey:
-        """Publish the public half of the partner's key pair (again = rotation)."""
+    def publish_public_key(self, keys: PartnerKeys) -> PublicKey:
+        """Publish the partner's X25519 public key, signed by its identity key (again = rotation).
+
+        The identity key is long-term: the hub refuses a different one for the same partner.
+        """
+        _check_keys(keys)
+        me = self.whoami().principal_id
         response = self._unary(
             self._partner.PublishPublicKey,
-            partner_service_pb2.PublishPublicKeyRequest(public_key=public_bytes(private_key)),
+            partner_service_pb2.PublishPublicKeyRequest(
+                public_key=keys.public_key,
+                identity_public_key=keys.identity_public_key,
+                signature=keys.sign_public_key(me),
+            ),
         )
         return PublicKey.from_proto(response.key)
 
     def key_material(self, agreement_id: str) -> partner_service_pb2.GetKeyMaterialResponse:
-        """Public keys, fingerprint and wrapped key (if any) of an agreement."""
+        """Public keys, fingerprint and wrapped key (if any) of an agreement, as served."""
         return self._unary(
             self._partner.GetKeyMaterial,
             partner_service_pb2.GetKeyMaterialRequest(agreement_id=agreement_id),
         )
 
     @partner_side_errors()  # raised as the SDK's errors
-    def matching_key(self, agreement_id: str, private_key: X25519PrivateKey) -> MatchingKey:
-        """Derive the agreement's matching key locally; the hub only relays public material."""
+    def verified_keys(self, agreement_id: str, keys: PartnerKeys) -> VerifiedKeys:
+        """The agreement's keys as served, checked without trusting the hub.
+
+        Every public key must be signed by its owner's identity key, the fingerprint must be
+        the one these keys make, and this partner's own entry must hold its own keys. The
+        other partners' identities are not checked against the trust store here (see
+        `matching_key`), so this is what `safety_code` and `confirm_keys` read.
+        """
+        _check_keys(keys)
         me = self.whoami().principal_id
         material = self.key_material(agreement_id)
-        participants = [
-            Participant(p.principal_id, bytes(p.public_key)) for p in material.participants
-        ]
-        fingerprint = material.key_fingerprint
-        mine = [p for p in participants if p.principal_id == me]
-        if not mine or mine[0].public_key != public_bytes(private_key):
+        served = tuple(
+            ServedKey(
+                p.principal_id,
+                p.version,
+                bytes(p.public_key),
+                bytes(p.identity_public_key),
+                bytes(p.signature),
+            )
+            for p in material.participants
+        )
+        fingerprint = verified_fingerprint(agreement_id, served, material.key_fingerprint)
+        mine = [k for k in served if k.principal_id == me]
+        same_key = bool(mine) and mine[0].public_key == keys.public_key
+        same_identity = bool(mine) and mine[0].identity_public_key == keys.identity_public_key
+        if not same_key and not same_identity:
             raise MatchingKeyError(
                 "this private key is not the one you published: publish it (rotation) or use "
-                "the right key file"
+                "the right key file (if it is the right one, the hub may be substituting keys)"
             )
+        if not same_identity:
+            raise MatchingKeyError(
+                "the hub serves another identity key in your name: the hub may be "
+                "substituting keys; do not upload"
+            )
+        if not same_key:
+            raise MatchingKeyError(
+                "the public key served in your name is not this key file's: if you rotated "
+                "your key elsewhere, use the new key file; if not, the hub may be substituting "
+                "keys"
+            )
+        return VerifiedKeys(me, agreement_id, served, fingerprint, material)
+
+    @partner_side_errors()  # raised as the SDK's errors
+    def safety_code(self, agreement_id: str, keys: PartnerKeys) -> str:
+        """The agreement's safety code, to compare with every other partner out of band."""
+        verified = self.verified_keys(agreement_id, keys)
+        return safety_code(
+            agreement_id, [(k.principal_id, k.identity_public_key) for k in verified.served]
+        )
+
+    @partner_side_errors()  # raised as the SDK's errors
+    def confirm_keys(self, agreement_id: str, code: str, keys: PartnerKeys) -> str:
+        """Record that `code` was compared with the other partners; returns the code.
+
+        Refused when it is not the safety code of the identities served to this partner.
+        """
+        verified = self.verified_keys(agreement_id, keys)
+        keys.confirm(agreement_id, code, verified.served)
+        return normalise_code(code)
+
+    @partner_side_errors()  # raised as the SDK's errors
+    def matching_key(self, agreement_id: str, keys: PartnerKeys) -> MatchingKey:
+        """Derive the agreement's matching key locally; the hub only relays public material.
+
+        Refused (MatchingKeyError) when a served key is unsigned or badly signed, when the
+        fingerprint does not match the keys, or when another partner's identity is not
+        confirmed (or pinned, with trust on first use) or has changed.
+        """
+        verified = self.verified_keys(agreement_id, keys)
+        me, material, fingerprint = verified.me, verified.material, verified.fingerprint
+        keys.check_identities(agreement_id, [k for k in verified.served if k.principal_id != me])
+        participants = [Participant(k.principal_id, k.public_key) for k in verified.served]
+        private_key = keys.private_key
         if len(participants) <= 2:
             key = derive_pair_key(private_key, me, participants, agreement_id, fingerprint)
             return MatchingKey(agreement_id, fingerprint, key)
-        leader = next(p for p in participants if p.principal_id == material.leader_id)
+        leader = next(k for k in verified.served if k.principal_id == material.leader_id)
         if not material.HasField("wrapped_for_caller"):
             if me != material.leader_id:
                 raise MatchingKeyError(
@@ -315,7 +410,18 @@ class Client:
                         key_fingerprint=fingerprint,
                         keys=[
                             partner_service_pb2.WrappedKey(
-                                recipient_id=w.recipient_id, nonce=w.nonce, ciphertext=w.ciphertext
+                                recipient_id=w.recipient_id,
+                                nonce=w.nonce,
+                                ciphertext=w.ciphertext,
+                                signature=keys.sign(
+                                    wrapped_key_statement(
+                                        agreement_id,
+                                        fingerprint,
+                                        w.recipient_id,
+                                        w.nonce,
+                                        w.ciphertext,
+                                    )
+                                ),
                             )
                             for w in sealed
                         ],
@@ -326,15 +432,27 @@ class Client:
                 if exc.status is not Status.ALREADY_EXISTS:
                     raise
                 material = self.key_material(agreement_id)  # another leader process won the race
-        wrapped = material.wrapped_for_caller
-        key = unwrap(
-            private_key,
-            me,
-            leader.public_key,
-            Wrapped(wrapped.recipient_id, bytes(wrapped.nonce), bytes(wrapped.ciphertext)),
-            agreement_id,
-            fingerprint,
+                if material.key_fingerprint != fingerprint:
+                    raise MatchingKeyError(
+                        "the agreement's keys changed while distributing its matching key: "
+                        "try again"
+                    ) from None
+        wrapped = Wrapped(
+            material.wrapped_for_caller.recipient_id,
+            bytes(material.wrapped_for_caller.nonce),
+            bytes(material.wrapped_for_caller.ciphertext),
         )
+        statement = wrapped_key_statement(
+            agreement_id, fingerprint, me, wrapped.nonce, wrapped.ciphertext
+        )
+        if wrapped.recipient_id != me or not signature_valid(
+            leader.identity_public_key, bytes(material.wrapped_for_caller.signature), statement
+        ):
+            raise MatchingKeyError(
+                f"the matching key served to you is not signed by the key leader "
+                f"{material.leader_id}: the hub may be substituting keys; do not upload"
+            )
+        key = unwrap(private_key, me, leader.public_key, wrapped, agreement_id, fingerprint)
         return MatchingKey(agreement_id, fingerprint, key)
 
     def upload_dataset(
@@ -344,7 +462,7 @@ class Client:
         source: Path | pd.DataFrame,
         schema: UploadSchema,
         *,
-        private_key: X25519PrivateKey,
+        keys: PartnerKeys,
         default_region: str = "FR",
         chunk_bytes: int = 1024 * 1024,
         request_id: str = "",
@@ -359,7 +477,7 @@ class Client:
             agreement_id,
             source,
             schema,
-            private_key=private_key,
+            keys=keys,
             default_region=default_region,
             on_progress=on_progress,
         )
@@ -378,13 +496,13 @@ class Client:
         source: Path | pd.DataFrame,
         schema: UploadSchema,
         *,
-        private_key: X25519PrivateKey,
+        keys: PartnerKeys,
         default_region: str = "FR",
         on_progress: Progress | None = None,
     ) -> PreparedUpload:
         """The partner-side half of an upload: normalise, pseudonymise and encode locally."""
         frame = read_table(source, on_progress=on_progress) if isinstance(source, Path) else source
-        matching = self.matching_key(agreement_id, private_key)
+        matching = self.matching_key(agreement_id, keys)
         prepared = prepare_table(
             frame, schema, matching.key, default_region=default_region, on_progress=on_progress
         )
@@ -469,12 +587,12 @@ class Client:
         agreement_id: str,
         identifiers: list[str],
         kind: str,
-        private_key: X25519PrivateKey,
+        keys: PartnerKeys,
         default_region: str,
         on_progress: Progress | None = None,
     ) -> list[str]:
         """Identifiers pseudonymised exactly as this partner's uploads to the agreement are."""
-        matching = self.matching_key(agreement_id, private_key)
+        matching = self.matching_key(agreement_id, keys)
         return pseudonymise_identifiers(
             identifiers, kind, matching.key, default_region=default_region, on_progress=on_progress
         )
@@ -485,13 +603,13 @@ class Client:
         identifiers: list[str],
         kind: str,
         *,
-        private_key: X25519PrivateKey,
+        keys: PartnerKeys,
         default_region: str = "FR",
         on_progress: Progress | None = None,
     ) -> Withdrawal:
         """Withdraw these people (raw identifiers, pseudonymised here) from the agreement."""
         pseudonyms = self._pseudonyms(
-            agreement_id, identifiers, kind, private_key, default_region, on_progress
+            agreement_id, identifiers, kind, keys, default_region, on_progress
         )
         response = self._unary(
             self._partner.WithdrawConsent,
@@ -507,13 +625,13 @@ class Client:
         identifiers: list[str],
         kind: str,
         *,
-        private_key: X25519PrivateKey,
+        keys: PartnerKeys,
         default_region: str = "FR",
         on_progress: Progress | None = None,
     ) -> Erasure:
         """Erase these people's rows from your stored datasets of the agreement."""
         pseudonyms = self._pseudonyms(
-            agreement_id, identifiers, kind, private_key, default_region, on_progress
+            agreement_id, identifiers, kind, keys, default_region, on_progress
         )
         response = self._unary(
             self._partner.EraseRecords,

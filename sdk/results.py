@@ -128,12 +128,21 @@ class PublicKey:
     version: int
     public_key: bytes
     created_at: str
+    #: The owner's Ed25519 identity key, which signed `public_key`.
+    identity_public_key: bytes
     raw: partner_service_pb2.PublicKey = field(repr=False, compare=False)
 
     @classmethod
     def from_proto(cls, msg: partner_service_pb2.PublicKey) -> PublicKey:
         """Read the message."""
-        return cls(msg.principal_id, msg.version, bytes(msg.public_key), msg.created_at, msg)
+        return cls(
+            msg.principal_id,
+            msg.version,
+            bytes(msg.public_key),
+            msg.created_at,
+            bytes(msg.identity_public_key),
+            msg,
+        )
 
 
 # -- datasets and consent ----------------------------------------------------------------------

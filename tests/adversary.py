@@ -15,9 +15,16 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from entremise.partners import Categorical, Client, Consent, Numeric, Text, UploadSchema
+from entremise.partners import (
+    Categorical,
+    Client,
+    Consent,
+    Numeric,
+    PartnerKeys,
+    Text,
+    UploadSchema,
+)
 from entremise.partners.prepare import encode
 from entremise.partners.pseudonymise import Pseudonymiser
 from entremise.privacy.budget import Epsilon
@@ -97,10 +104,10 @@ class World:
     hub: Hub
     bank_id: str
     bank: Client
-    bank_key: X25519PrivateKey
+    bank_key: PartnerKeys
     panel_id: str
     panel: Client
-    panel_key: X25519PrivateKey
+    panel_key: PartnerKeys
     analyst_id: str
     analyst: Client
     officer: Client
@@ -154,7 +161,7 @@ class World:
             if crafted:
                 crafted_upload(client, key, agreement_id, name, data, schema)
             else:
-                client.upload_dataset(agreement_id, name, data, schema, private_key=key)
+                client.upload_dataset(agreement_id, name, data, schema, keys=key)
 
     def plan(self, spec: QuerySpec) -> QueryPlan:
         """The hub's plan for `spec` (what it states: sensitivities, bounds, cost)."""
@@ -171,7 +178,7 @@ class World:
 
 def crafted_upload(
     client: Client,
-    key: X25519PrivateKey,
+    key: PartnerKeys,
     agreement_id: str,
     name: str,
     data: pd.DataFrame,

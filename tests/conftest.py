@@ -13,9 +13,8 @@ from typing import Any
 import pandas as pd
 import pytest
 import sqlalchemy as sa
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from entremise.partners import Client, generate_private_key, save_private_key
+from entremise.partners import Client, PartnerKeys
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE, generate
 from entremise.server.app import HubConfig, RunningHub, build_server
 
@@ -145,16 +144,16 @@ class Scenario:
     bank_client: Client
     panel_client: Client
     officer: Client
-    bank_key: X25519PrivateKey
-    panel_key: X25519PrivateKey
+    bank_key: PartnerKeys
+    panel_key: PartnerKeys
     bank_partner_id: str
     panel_partner_id: str
 
 
-def partner_with_key(hub: Hub, name: str) -> tuple[str, Client, X25519PrivateKey]:
+def partner_with_key(hub: Hub, name: str) -> tuple[str, Client, PartnerKeys]:
     """A partner principal that has published a fresh X25519 public key."""
     partner_id, client = hub.principal(name, "partner")
-    key = generate_private_key()
+    key = PartnerKeys.generate(trust_on_first_use=True)
     client.publish_public_key(key)
     return partner_id, client, key
 
@@ -169,9 +168,12 @@ class CliBank:
 
 
 def cli_bank(hub: Hub, tmp_path: Path, name: str, total_epsilon: str) -> CliBank:
-    """An agreement between a bank (its key saved as tmp_path/bank.pem) and a panel."""
+    """An agreement between a bank (its key saved as tmp_path/bank.pem) and a panel.
+
+    The bank has confirmed the agreement's safety code, so CLI uploads need no other flag.
+    """
     principal, token = hub.admin.create_principal("bank", "partner")
-    bank_key = generate_private_key()
+    bank_key = PartnerKeys.generate(trust_on_first_use=True)
     with Client.connect(hub.target, token=token) as bank:
         bank.publish_public_key(bank_key)
     panel_id, panel, _ = partner_with_key(hub, "panel")
@@ -185,8 +187,11 @@ def cli_bank(hub: Hub, tmp_path: Path, name: str, total_epsilon: str) -> CliBank
         analyst_ids=[analyst_id],
         total_epsilon=total_epsilon,
     )
+    with Client.connect(hub.target, token=token) as bank:  # compared with the panel's screen
+        code = bank.safety_code(agreement.agreement_id, bank_key)
+        bank.confirm_keys(agreement.agreement_id, code, bank_key)
     key_file = tmp_path / "bank.pem"
-    save_private_key(bank_key, key_file)
+    bank_key.save(key_file)
     return CliBank(agreement.agreement_id, token, key_file)
 
 
@@ -213,10 +218,10 @@ def build_scenario(
         max_rows_per_person=12,
     )
     bank_up = bank.upload_dataset(
-        agreement.agreement_id, "bank", data.bank, BANK_SCHEMA, private_key=bank_key
+        agreement.agreement_id, "bank", data.bank, BANK_SCHEMA, keys=bank_key
     )
     panel_up = panel.upload_dataset(
-        agreement.agreement_id, "panel", data.panel, PANEL_SCHEMA, private_key=panel_key
+        agreement.agreement_id, "panel", data.panel, PANEL_SCHEMA, keys=panel_key
     )
     return Scenario(
         hub,

@@ -29,10 +29,8 @@ def _propose(s: Scenario, **kwargs: object) -> pb.Agreement:
 
 
 def _upload(s: Scenario, agreement_id: str) -> None:
-    s.bank_client.upload_dataset(agreement_id, "bank", s.bank, BANK_SCHEMA, private_key=s.bank_key)
-    s.panel_client.upload_dataset(
-        agreement_id, "panel", s.panel, PANEL_SCHEMA, private_key=s.panel_key
-    )
+    s.bank_client.upload_dataset(agreement_id, "bank", s.bank, BANK_SCHEMA, keys=s.bank_key)
+    s.panel_client.upload_dataset(agreement_id, "panel", s.panel, PANEL_SCHEMA, keys=s.panel_key)
 
 
 def _refused(call: object, status: Status, match: str = "") -> str:
@@ -49,7 +47,7 @@ def test_a_proposal_is_active_only_once_every_partner_approved(scenario: Scenari
     assert proposal.status == pb.AGREEMENT_STATUS_PROPOSED
     assert list(proposal.approved_by) == [s.bank_partner_id]
     s.bank_client.upload_dataset(
-        proposal.agreement_id, "bank", s.bank, BANK_SCHEMA, private_key=s.bank_key
+        proposal.agreement_id, "bank", s.bank, BANK_SCHEMA, keys=s.bank_key
     )
     q = query(proposal.agreement_id, "0.1", [aggregate("count")])
     message = _refused(lambda: s.analyst.run(q), Status.FAILED_PRECONDITION, "is proposed")
@@ -57,7 +55,7 @@ def test_a_proposal_is_active_only_once_every_partner_approved(scenario: Scenari
     approved = s.panel_client.approve_agreement(proposal.agreement_id)
     assert approved.status == pb.AGREEMENT_STATUS_ACTIVE
     s.panel_client.upload_dataset(
-        proposal.agreement_id, "panel", s.panel, PANEL_SCHEMA, private_key=s.panel_key
+        proposal.agreement_id, "panel", s.panel, PANEL_SCHEMA, keys=s.panel_key
     )
     assert s.analyst.run(q).release.epsilon_spent == "0.1"
     assert s.officer.budgets(proposal.agreement_id)[0].spent_epsilon == "0.1"

@@ -11,7 +11,7 @@ import grpc
 import pyarrow as pa
 import pytest
 
-from entremise.partners import EntremiseRPCError, aggregate, generate_private_key, query
+from entremise.partners import EntremiseRPCError, PartnerKeys, aggregate, query
 from entremise.partners.prepare import PrepareError, encode, read_table
 from entremise.partners.schema import Categorical, Consent, Numeric, UploadSchema
 from entremise.partners.synthetic import BANK_SCHEMA
@@ -96,7 +96,7 @@ def partner(scenario: Scenario) -> Hostile:
     s = scenario
     principal, token = s.hub.admin.create_principal("hostile partner", "partner")
     client = s.hub.client(token)
-    client.publish_public_key(generate_private_key())
+    client.publish_public_key(PartnerKeys.generate(trust_on_first_use=True))
     analyst_id = s.analyst.whoami().principal_id
     agreement = s.hub.admin.create_agreement(
         name="hostile",
@@ -291,9 +291,7 @@ def test_sdk_refuses_malformed_files_and_raw_identifiers(
     garbage = tmp_path / "garbage.csv"
     garbage.write_bytes(b'email,segment\n"unterminated,\xff\xfe\x00')
     with pytest.raises(PrepareError, match=r"garbage\.csv: cannot read as csv"):
-        s.bank_client.upload_dataset(
-            s.agreement_id, "bank", garbage, BANK_SCHEMA, private_key=s.bank_key
-        )
+        s.bank_client.upload_dataset(s.agreement_id, "bank", garbage, BANK_SCHEMA, keys=s.bank_key)
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"PAR1 truncated")
     with pytest.raises(PrepareError, match=r"broken\.parquet: cannot read as parquet"):
@@ -306,7 +304,7 @@ def test_sdk_refuses_malformed_files_and_raw_identifiers(
             "bank",
             s.bank.drop(columns=["segment"]),
             BANK_SCHEMA,
-            private_key=s.bank_key,
+            keys=s.bank_key,
         )
     leaky = s.bank.assign(segment=s.bank["email"])  # a raw email smuggled into an attribute
     leaky_schema = UploadSchema(
@@ -317,22 +315,16 @@ def test_sdk_refuses_malformed_files_and_raw_identifiers(
     with pytest.raises(
         PrepareError, match=r"column 'segment' still looks like .*raw identifiers \(email\)"
     ):
-        s.bank_client.upload_dataset(
-            s.agreement_id, "bank", leaky, leaky_schema, private_key=s.bank_key
-        )
+        s.bank_client.upload_dataset(s.agreement_id, "bank", leaky, leaky_schema, keys=s.bank_key)
     phones = s.bank.assign(investable_assets=s.bank["phone"].str.replace(" ", ""))
     with pytest.raises(PrepareError, match=r"raw identifiers \(phone\)"):
-        s.bank_client.upload_dataset(
-            s.agreement_id, "bank", phones, BANK_SCHEMA, private_key=s.bank_key
-        )
+        s.bank_client.upload_dataset(s.agreement_id, "bank", phones, BANK_SCHEMA, keys=s.bank_key)
     no_email = s.bank.copy()
     no_email.loc[[3, 7], "email"] = "not-an-email"
     with pytest.raises(
         PrepareError, match=r"2 email identifiers are empty or malformed \(data rows 4, 8\)"
     ):
-        s.bank_client.upload_dataset(
-            s.agreement_id, "bank", no_email, BANK_SCHEMA, private_key=s.bank_key
-        )
+        s.bank_client.upload_dataset(s.agreement_id, "bank", no_email, BANK_SCHEMA, keys=s.bank_key)
     _nothing_lost(s)
 
 

@@ -160,6 +160,23 @@ def publish_key(hub: Hub, who: dict[str, Any], key_file: Path) -> subprocess.Com
     )
 
 
+def safety_code(
+    hub: Hub, who: dict[str, Any], agreement_id: str, key_file: Path
+) -> subprocess.CompletedProcess[str]:
+    """`partner safety-code --agreement AG --key-file KEY_FILE --json` as partner `who`."""
+    return run_cli(
+        "partner",
+        "safety-code",
+        "--agreement",
+        agreement_id,
+        "--key-file",
+        str(key_file),
+        "--json",
+        token=who["token"],
+        target=hub.target,
+    )
+
+
 def create_agreement(
     hub: Hub,
     slots: Sequence[tuple[dict[str, Any], str]],
@@ -290,6 +307,32 @@ def build_world(hub: Hub, workdir: Path) -> World:
         lambda: ok_json(publish_key(hub, bank, bank_key)),
         lambda: ok_json(publish_key(hub, panel, panel_key)),
     )
+
+    # Each partner reads the agreement's safety code on its own screen; the codes are
+    # compared out of band (here: asserted equal) and each side records the confirmation.
+    codes = in_parallel(
+        lambda: ok_json(safety_code(hub, bank, agreement["agreement_id"], bank_key)),
+        lambda: ok_json(safety_code(hub, panel, agreement["agreement_id"], panel_key)),
+    )
+    assert codes[0]["safety_code"] == codes[1]["safety_code"]
+    assert not codes[0]["confirmed"]
+    for who, key in ((bank, bank_key), (panel, panel_key)):
+        confirmed = ok_json(
+            run_cli(
+                "partner",
+                "confirm-keys",
+                "--agreement",
+                agreement["agreement_id"],
+                "--code",
+                codes[0]["safety_code"].replace(" ", "-"),  # typed with dashes: accepted
+                "--key-file",
+                str(key),
+                "--json",
+                token=who["token"],
+                target=hub.target,
+            )
+        )
+        assert confirmed["safety_code"] == codes[0]["safety_code"]
 
     data = generate(N_BANK, N_PANEL, OVERLAP)
     bank_csv, panel_csv = workdir / "bank.csv", workdir / "panel.csv"
@@ -695,11 +738,25 @@ def test_bad_uploads_fail_cleanly_and_publish_nothing(sqlite_hub: Hub, tmp_path:
             hub, bank, file, agreement_id=agreement_id, name=name, schema=schema_file, key_file=key
         )
 
+    def bank_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(
+            *args, "--key-file", str(bank_key), "--json", token=bank["token"], target=hub.target
+        )
+
     # No matching key can be derived while the other partner has not published a public key.
     early = one_line_error(up(), EXIT_REFUSED)
     assert early.startswith("error: failed_precondition: ")
     assert f"partner '{pid(panel)}' has not published a public key" in early
     assert ok_json(publish_key(hub, panel, panel_key))["version"] == 1
+    # The panel's identity key is neither confirmed by safety code nor allowed on first use.
+    unconfirmed = one_line_error(up(), EXIT_LOCAL)
+    assert f"identity key of partner {pid(panel)}" in unconfirmed and "not confirmed" in unconfirmed
+    code = ok_json(safety_code(hub, bank, agreement["agreement_id"], bank_key))["safety_code"]
+    ok_json(
+        bank_cli(
+            "partner", "confirm-keys", "--agreement", agreement["agreement_id"], "--code", code
+        )
+    )
 
     garbage = tmp_path / "garbage.csv"
     garbage.write_bytes(b'\x00\xff\xfe garbage \n"unclosed')

@@ -103,10 +103,8 @@ def test_only_people_consenting_in_every_dataset_are_counted(hub: Hub) -> None:
         total_epsilon="1",
         max_rows_per_person=10,
     )
-    bank_client.upload_dataset(agreement.agreement_id, "bank", bank, BANK, private_key=bank_key)
-    panel_client.upload_dataset(
-        agreement.agreement_id, "panel", panel, PANEL, private_key=panel_key
-    )
+    bank_client.upload_dataset(agreement.agreement_id, "bank", bank, BANK, keys=bank_key)
+    panel_client.upload_dataset(agreement.agreement_id, "panel", panel, PANEL, keys=panel_key)
 
     exact = _exact(
         hub,
@@ -137,9 +135,7 @@ def test_only_people_consenting_in_every_dataset_are_counted(hub: Hub) -> None:
         total_epsilon="1",
     )
     with pytest.raises(EntremiseRPCError, match="no consent column for purpose 'marketing'"):
-        panel_client.upload_dataset(
-            marketing.agreement_id, "panel", panel, PANEL, private_key=panel_key
-        )
+        panel_client.upload_dataset(marketing.agreement_id, "panel", panel, PANEL, keys=panel_key)
 
 
 def test_exact_aggregates_match_the_partner_side_truth(scenario: Scenario) -> None:
@@ -281,9 +277,9 @@ def test_three_datasets_join_on_people_consenting_in_all(scenario: Scenario) -> 
     others = [u for u in uploads if u is not leader]
     with pytest.raises(MatchingKeyError, match="waiting for the key leader"):
         client, key, name, frame, sch = others[0]
-        client.upload_dataset(agreement.agreement_id, name, frame, sch, private_key=key)
+        client.upload_dataset(agreement.agreement_id, name, frame, sch, keys=key)
     for client, key, name, frame, sch in [leader, *others]:
-        client.upload_dataset(agreement.agreement_id, name, frame, sch, private_key=key)
+        client.upload_dataset(agreement.agreement_id, name, frame, sch, keys=key)
     exact = _exact(
         s.hub,
         agreement.agreement_id,

@@ -7,7 +7,6 @@ checked where they are decided. `make test-fast` runs these on the in-memory sto
 
 from __future__ import annotations
 
-import secrets
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from entremise.partners.identity import PartnerKeys
 from entremise.partners.prepare import encode, prepare_table
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE, generate
 from entremise.privacy.budget import Epsilon
@@ -82,6 +82,25 @@ class Parties:
         }[role]
 
 
+IDENTITIES: dict[str, PartnerKeys] = {}
+
+
+def _publish(hub: Hub, partner: Principal, keys: PartnerKeys) -> None:
+    """Publish `keys` as `partner`'s, signed by its identity as a partner's client does."""
+    IDENTITIES.setdefault(partner.principal_id, keys)
+    hub.keys.publish_public_key(
+        partner,
+        keys.public_key,
+        keys.identity_public_key,
+        keys.sign_public_key(partner.principal_id),
+    )
+
+
+def _keys_of(partner: Principal) -> PartnerKeys:
+    """The keys `partner` published first (fresh ones for a principal that has none)."""
+    return IDENTITIES.get(partner.principal_id) or PartnerKeys.generate()
+
+
 def _parties(hub: Hub, epsilon: str = "1") -> Parties:
     admin = hub.principals.bootstrap_admin("ent_domain_admin")
     bank, _ = hub.principals.create(admin, "Banque", Role.PARTNER)
@@ -89,7 +108,7 @@ def _parties(hub: Hub, epsilon: str = "1") -> Parties:
     analyst, _ = hub.principals.create(admin, "Analyst", Role.ANALYST)
     officer, _ = hub.principals.create(admin, "DPO", Role.COMPLIANCE)
     for partner in (bank, panel):
-        hub.keys.publish_public_key(partner, secrets.token_bytes(32))
+        _publish(hub, partner, PartnerKeys.generate())
     agreement = hub.agreements.create(
         admin,
         AgreementTerms(
@@ -158,7 +177,7 @@ def test_authentication_needs_a_known_token(hub: Hub) -> None:
 # Which roles each use case admits (the rest are refused before anything is read).
 ALLOWED: dict[str, tuple[set[Role], Callable[[Parties, Principal], object]]] = {
     "create principal": ({Role.ADMIN}, lambda p, c: p.hub.principals.create(c, "x", Role.ANALYST)),
-    "publish key": ({Role.PARTNER}, lambda p, c: p.hub.keys.publish_public_key(c, b"\x01" * 32)),
+    "publish key": ({Role.PARTNER}, lambda p, c: _publish(p.hub, c, _keys_of(c))),
     "list datasets": (
         {Role.PARTNER, Role.ADMIN, Role.COMPLIANCE},
         lambda p, c: p.hub.datasets.list_for(c),
@@ -297,7 +316,7 @@ def test_withdrawn_people_leave_every_later_release(active: Parties) -> None:
 def test_an_upload_under_a_rotated_key_is_refused(active: Parties) -> None:
     hub, ag = active.hub, active.agreement_id
     old = hub.keys.key_material(active.bank, ag).fingerprint
-    hub.keys.publish_public_key(active.panel, secrets.token_bytes(32))  # rotation
+    _publish(hub, active.panel, IDENTITIES[active.panel.principal_id].rotated())  # rotation
     upload = encode(prepare_table(generate(50, 20, 10).bank, BANK_SCHEMA, b"k" * 32).table)
     with pytest.raises(FailedPreconditionError, match="key context"):
         hub.datasets.upload(

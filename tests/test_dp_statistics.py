@@ -303,11 +303,9 @@ def test_neighbouring_datasets_leak_at_most_epsilon(sqlite_hub: Hub) -> None:
             max_rows_per_person=12,
             max_groups_per_person=1,  # bank.segment: one cell per person, as (b) states
         )
-        bank.upload_dataset(
-            agreement.agreement_id, "bank", bank_frame, BANK_SCHEMA, private_key=bank_key
-        )
+        bank.upload_dataset(agreement.agreement_id, "bank", bank_frame, BANK_SCHEMA, keys=bank_key)
         panel.upload_dataset(
-            agreement.agreement_id, "panel", panel_frame, PANEL_SCHEMA, private_key=panel_key
+            agreement.agreement_id, "panel", panel_frame, PANEL_SCHEMA, keys=panel_key
         )
         agreements.append(agreement.agreement_id)
 

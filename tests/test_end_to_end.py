@@ -87,7 +87,7 @@ def test_roles_are_enforced(scenario: Scenario) -> None:
             "bank",
             scenario.bank.head(5),
             BANK_SCHEMA,
-            private_key=scenario.bank_key,
+            keys=scenario.bank_key,
         )
     assert no_right.value.status is Status.PERMISSION_DENIED
     with pytest.raises(EntremiseRPCError) as partner_budget:
@@ -110,7 +110,7 @@ def test_roles_are_enforced(scenario: Scenario) -> None:
 
 def test_reupload_makes_a_new_version_and_delete_blocks_queries(scenario: Scenario) -> None:
     up = scenario.bank_client.upload_dataset(
-        scenario.agreement_id, "bank", scenario.bank, BANK_SCHEMA, private_key=scenario.bank_key
+        scenario.agreement_id, "bank", scenario.bank, BANK_SCHEMA, keys=scenario.bank_key
     )
     assert (up.dataset.dataset_id, up.dataset.version) == (scenario.bank_id, 2)
     release = scenario.analyst.run(query(scenario.agreement_id, "0.1", [aggregate("count")]))
@@ -151,7 +151,7 @@ def test_an_upload_retried_with_its_request_id_is_published_once(scenario: Scena
         "bank",
         scenario.bank,
         BANK_SCHEMA,
-        private_key=scenario.bank_key,
+        keys=scenario.bank_key,
         request_id="retry-1",
     )
     again = scenario.bank_client.upload_dataset(
@@ -159,7 +159,7 @@ def test_an_upload_retried_with_its_request_id_is_published_once(scenario: Scena
         "bank",
         scenario.bank,
         BANK_SCHEMA,
-        private_key=scenario.bank_key,
+        keys=scenario.bank_key,
         request_id="retry-1",
     )
     assert first.dataset.version == again.dataset.version == 2

@@ -21,10 +21,8 @@ from entremise.partners import (
     Numeric,
     UploadSchema,
     aggregate,
-    generate_private_key,
     query,
 )
-from entremise.partners.keys import public_bytes
 from entremise.partners.pseudonymise import Pseudonymiser, normalise_phone
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE
 from entremise.privacy.budget import Epsilon
@@ -102,9 +100,9 @@ def test_canaries_and_their_plain_hashes_never_reach_the_hub(hub: Hub) -> None:
         analyst_ids=[analyst_id],
         total_epsilon="1",
     )
-    a_client.upload_dataset(agreement.agreement_id, "a", frame, schema, private_key=a_key)
-    b_client.upload_dataset(agreement.agreement_id, "b", frame.iloc[::2], schema, private_key=b_key)
-    a_client.withdraw_consent(agreement.agreement_id, emails[:50], "email", private_key=a_key)
+    a_client.upload_dataset(agreement.agreement_id, "a", frame, schema, keys=a_key)
+    b_client.upload_dataset(agreement.agreement_id, "b", frame.iloc[::2], schema, keys=b_key)
+    a_client.withdraw_consent(agreement.agreement_id, emails[:50], "email", keys=a_key)
     assert _people(hub, agreement.agreement_id) == n // 2 - 25
 
     forms: set[str] = set()
@@ -137,11 +135,9 @@ def test_two_agreements_over_the_same_people_have_disjoint_pseudonyms(
         total_epsilon="1",
         max_rows_per_person=12,
     )
-    s.bank_client.upload_dataset(
-        second.agreement_id, "bank", s.bank, BANK_SCHEMA, private_key=s.bank_key
-    )
+    s.bank_client.upload_dataset(second.agreement_id, "bank", s.bank, BANK_SCHEMA, keys=s.bank_key)
     s.panel_client.upload_dataset(
-        second.agreement_id, "panel", s.panel, PANEL_SCHEMA, private_key=s.panel_key
+        second.agreement_id, "panel", s.panel, PANEL_SCHEMA, keys=s.panel_key
     )
     first_set = _stored_pseudonyms(s.hub, s.agreement_id)
     second_set = _stored_pseudonyms(s.hub, second.agreement_id)
@@ -161,8 +157,8 @@ def test_both_partners_derive_the_same_key_and_the_hub_holds_only_public_keys(
     assert bank_key.fingerprint == panel_key.fingerprint
     material = s.bank_client.key_material(s.agreement_id)
     assert {bytes(p.public_key) for p in material.participants} == {
-        public_bytes(s.bank_key),
-        public_bytes(s.panel_key),
+        s.bank_key.public_key,
+        s.panel_key.public_key,
     }
     # The stored pseudonyms are HMAC-SHA256 under that key, domain-separated by kind.
     email = s.bank["email"].iloc[0].strip().lower()
@@ -186,7 +182,7 @@ def test_key_rotation_requires_a_reupload_and_changes_every_pseudonym(
     # Publishing the same key again (a retry) is not a rotation.
     assert s.bank_client.publish_public_key(s.bank_key).version == 1
     assert s.analyst.preview(query(s.agreement_id, "0.1", [aggregate("count")])).epsilon == "0.1"
-    new_key = generate_private_key()
+    new_key = s.bank_key.rotated()
     assert s.bank_client.publish_public_key(new_key).version == 2
     q = query(s.agreement_id, "0.1", [aggregate("count")])
     with pytest.raises(EntremiseRPCError) as stale:
@@ -194,15 +190,11 @@ def test_key_rotation_requires_a_reupload_and_changes_every_pseudonym(
     assert stale.value.status is Status.FAILED_PRECONDITION
     assert "previous key context" in stale.value.message
     with pytest.raises(MatchingKeyError, match="not the one you published"):
-        s.bank_client.upload_dataset(
-            s.agreement_id, "bank", s.bank, BANK_SCHEMA, private_key=s.bank_key
-        )
-    s.bank_client.upload_dataset(s.agreement_id, "bank", s.bank, BANK_SCHEMA, private_key=new_key)
+        s.bank_client.upload_dataset(s.agreement_id, "bank", s.bank, BANK_SCHEMA, keys=s.bank_key)
+    s.bank_client.upload_dataset(s.agreement_id, "bank", s.bank, BANK_SCHEMA, keys=new_key)
     with pytest.raises(EntremiseRPCError):  # the panel is still on the old context
         s.analyst.run(q)
-    s.panel_client.upload_dataset(
-        s.agreement_id, "panel", s.panel, PANEL_SCHEMA, private_key=s.panel_key
-    )
+    s.panel_client.upload_dataset(s.agreement_id, "panel", s.panel, PANEL_SCHEMA, keys=s.panel_key)
     assert _stored_pseudonyms(s.hub, s.agreement_id).isdisjoint(before)
     assert _people(s.hub, s.agreement_id) == people
     assert s.analyst.run(q).release.epsilon_spent == "0.1"
@@ -217,23 +209,21 @@ def test_withdrawal_drops_the_exact_count_at_once_and_is_idempotent(hub: Hub) ->
     before = _people(hub, s.agreement_id)
     assert before == len(joined)
     n = 37
-    response = s.bank_client.withdraw_consent(
-        s.agreement_id, joined[:n], "email", private_key=s.bank_key
-    )
+    response = s.bank_client.withdraw_consent(s.agreement_id, joined[:n], "email", keys=s.bank_key)
     assert (response.received, response.matched, response.recorded) == (n, n, n)
     assert _people(hub, s.agreement_id) == before - n
     # People outside the join, or withdrawn twice, change nothing more.
     in_panel = set(s.panel["email"].str.strip().str.lower())
     outside = sorted(set(s.bank["email"].str.lower()) - in_panel)[:10]
     again = s.panel_client.withdraw_consent(
-        s.agreement_id, joined[:5] + outside, "email", private_key=s.panel_key
+        s.agreement_id, joined[:5] + outside, "email", keys=s.panel_key
     )
     assert again.matched == 5  # the panel holds the 5 joined people, not the outsiders
     assert _people(hub, s.agreement_id) == before - n
     # Withdrawing by phone removes the person too: email and phone are linked at the bank.
     phones_of = s.bank.assign(e=s.bank["email"].str.lower()).set_index("e")["phone"]
     by_phone = [phones_of[e] for e in joined[n : n + 4]]
-    s.bank_client.withdraw_consent(s.agreement_id, by_phone, "phone", private_key=s.bank_key)
+    s.bank_client.withdraw_consent(s.agreement_id, by_phone, "phone", keys=s.bank_key)
     assert _people(hub, s.agreement_id) == before - n - 4
     events = [e for e in hub.running.store.list_audit() if e.kind == "consent_withdrawn"]
     assert events[0].detail == {"received": n, "matched": n, "recorded": n}
@@ -251,7 +241,7 @@ def test_erasure_removes_the_rows_from_disk(scenario: Scenario) -> None:
     pseudonyms = _stored_pseudonyms(s.hub, s.agreement_id)
     before = _people(s.hub, s.agreement_id)
 
-    response = s.panel_client.erase_records(s.agreement_id, erase, "email", private_key=s.panel_key)
+    response = s.panel_client.erase_records(s.agreement_id, erase, "email", keys=s.panel_key)
     assert (response.rows_erased, response.datasets_rewritten) == (panel_rows, 1)
     new = s.hub.running.store.get_dataset(s.panel_id)
     assert new is not None and new.version == old.version + 1
@@ -272,7 +262,7 @@ def test_erasure_removes_the_rows_from_disk(scenario: Scenario) -> None:
         "datasets_rewritten": withheld,
     }
     more = sorted(truth["email"].unique())[6 : 6 + AUDIT_MIN_PEOPLE]
-    done = s.panel_client.erase_records(s.agreement_id, more, "email", private_key=s.panel_key)
+    done = s.panel_client.erase_records(s.agreement_id, more, "email", keys=s.panel_key)
     audit = [e for e in s.hub.running.store.list_audit() if e.kind == "records_erased"]
     assert audit[-1].detail == {
         "received": AUDIT_MIN_PEOPLE,
@@ -315,11 +305,11 @@ def test_people_match_on_any_identifier(hub: Hub) -> None:
         total_epsilon="1",
     )
     up = bank_client.upload_dataset(
-        agreement.agreement_id, "bank", bank, bank_schema, private_key=bank_key
+        agreement.agreement_id, "bank", bank, bank_schema, keys=bank_key
     )
     assert up.dataset.row_count == 5
     telco_client.upload_dataset(
-        agreement.agreement_id, "telco", telco, telco_schema, private_key=telco_key
+        agreement.agreement_id, "telco", telco, telco_schema, keys=telco_key
     )
     # 001, 003 and 004 match by phone (004 has no email); 005 did not consent at the bank.
     assert _people(hub, agreement.agreement_id) == 3
@@ -348,9 +338,7 @@ def test_hub_refuses_identifier_shaped_categories(scenario: Scenario) -> None:
         )
         frame = s.bank.assign(segment="x", investable_assets=1.0)
         with pytest.raises(EntremiseRPCError) as refused:
-            s.bank_client.upload_dataset(
-                s.agreement_id, "bank", frame, schema, private_key=s.bank_key
-            )
+            s.bank_client.upload_dataset(s.agreement_id, "bank", frame, schema, keys=s.bank_key)
         assert refused.value.status is Status.INVALID_ARGUMENT
         assert "column 'segment': 1 categories look like emails or phone numbers" in (
             refused.value.message
@@ -362,7 +350,7 @@ def test_consent_calls_need_a_participant_and_real_pseudonyms(scenario: Scenario
     s = scenario
     _, outsider, outsider_key = partner_with_key(s.hub, "outsider")
     with pytest.raises(EntremiseRPCError) as hidden:
-        outsider.withdraw_consent(s.agreement_id, ["a@b.fr"], "email", private_key=outsider_key)
+        outsider.withdraw_consent(s.agreement_id, ["a@b.fr"], "email", keys=outsider_key)
     assert hidden.value.status is Status.NOT_FOUND
     stub_client: Client = s.bank_client
     with pytest.raises(EntremiseRPCError) as raw:

@@ -58,12 +58,12 @@ def test_row_and_message_limits(tmp_path: Path) -> None:
         )
         with pytest.raises(EntremiseRPCError) as rows:
             bank.upload_dataset(
-                agreement.agreement_id, "bank", data.bank, BANK_SCHEMA, private_key=bank_key
+                agreement.agreement_id, "bank", data.bank, BANK_SCHEMA, keys=bank_key
             )
         assert rows.value.status is Status.RESOURCE_EXHAUSTED
         assert "800 rows; the limit is 500" in rows.value.message
         bank.upload_dataset(
-            agreement.agreement_id, "bank", data.bank.head(500), BANK_SCHEMA, private_key=bank_key
+            agreement.agreement_id, "bank", data.bank.head(500), BANK_SCHEMA, keys=bank_key
         )
         # A chunk over the message limit is refused by gRPC itself, before the handler runs.
         with pytest.raises(EntremiseRPCError) as big:
@@ -72,7 +72,7 @@ def test_row_and_message_limits(tmp_path: Path) -> None:
                 "panel",
                 data.panel,
                 PANEL_SCHEMA,
-                private_key=panel_key,
+                keys=panel_key,
                 chunk_bytes=2 * 1024 * 1024,
             )
         assert big.value.status is Status.RESOURCE_EXHAUSTED

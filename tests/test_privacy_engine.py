@@ -44,10 +44,10 @@ def _agreement(s: Scenario, **kwargs: object) -> str:
         **kwargs,
     )  # type: ignore[arg-type]
     s.bank_client.upload_dataset(
-        agreement.agreement_id, "bank", s.bank, BANK_SCHEMA, private_key=s.bank_key
+        agreement.agreement_id, "bank", s.bank, BANK_SCHEMA, keys=s.bank_key
     )
     s.panel_client.upload_dataset(
-        agreement.agreement_id, "panel", s.panel, PANEL_SCHEMA, private_key=s.panel_key
+        agreement.agreement_id, "panel", s.panel, PANEL_SCHEMA, keys=s.panel_key
     )
     return agreement.agreement_id
 
@@ -92,10 +92,10 @@ def test_per_analyst_budgets_and_the_total_are_both_enforced(scenario: Scenario)
         max_rows_per_person=12,
     )
     s.bank_client.upload_dataset(
-        agreement.agreement_id, "bank", s.bank, BANK_SCHEMA, private_key=s.bank_key
+        agreement.agreement_id, "bank", s.bank, BANK_SCHEMA, keys=s.bank_key
     )
     s.panel_client.upload_dataset(
-        agreement.agreement_id, "panel", s.panel, PANEL_SCHEMA, private_key=s.panel_key
+        agreement.agreement_id, "panel", s.panel, PANEL_SCHEMA, keys=s.panel_key
     )
     ag = agreement.agreement_id
     s.analyst.run(query(ag, "0.8", [aggregate("count")], group_by=["bank.segment"]))
@@ -133,7 +133,7 @@ def test_identical_query_is_replayed_for_free_until_the_data_changes(
         query(s.agreement_id, "0.4", q.aggregates, group_by=q.group_by)
     ).replayed
     joined = sorted(consented_join(s.bank, s.panel)["email"].unique())
-    s.bank_client.withdraw_consent(s.agreement_id, joined[:1], "email", private_key=s.bank_key)
+    s.bank_client.withdraw_consent(s.agreement_id, joined[:1], "email", keys=s.bank_key)
     assert not s.analyst.run(q).replayed
     assert s.officer.budgets(s.agreement_id)[0].spent_epsilon == "1.4"
     kinds = [e.kind for e in s.hub.running.store.list_audit()]
@@ -222,12 +222,8 @@ def _text_agreement(hub: Hub) -> tuple[str, object, pd.DataFrame]:
         total_epsilon="10",
         total_delta="0.000001",
     )
-    bank_client.upload_dataset(
-        agreement.agreement_id, "bank", bank, bank_schema, private_key=bank_key
-    )
-    shop_client.upload_dataset(
-        agreement.agreement_id, "shop", shop, shop_schema, private_key=shop_key
-    )
+    bank_client.upload_dataset(agreement.agreement_id, "bank", bank, bank_schema, keys=bank_key)
+    shop_client.upload_dataset(agreement.agreement_id, "shop", shop, shop_schema, keys=shop_key)
     return agreement.agreement_id, analyst, shop
 
 

@@ -130,7 +130,7 @@ def test_placeholder_phones_never_link_customers(world: World) -> None:
         "bank",
         frame(bank, BANK),
         BANK,
-        private_key=world.bank_key,
+        keys=world.bank_key,
     )
     assert [(p.column, p.reason, p.count) for p in result.placeholders] == [
         ("phone", "all digits alike", 34)
@@ -410,7 +410,7 @@ def test_erasing_one_person_does_not_record_their_row_count(world: World) -> Non
     panel = [row for i in range(20) for row in panel_rows(i, 1 + i % 3)]
     panel += panel_rows(77, 8)
     d = world.agreement(frame(bank_rows([*range(20), 77]), BANK), frame(panel, PANEL))
-    world.panel.erase_records(d, [email(77)], "email", private_key=world.panel_key)
+    world.panel.erase_records(d, [email(77)], "email", keys=world.panel_key)
     [event] = [e for e in world.officer.audit_events() if e.kind == "records_erased"]
     assert "8" not in event.detail_json
     assert "fewer than" in event.detail_json

@@ -72,8 +72,8 @@ def build_world(hub: Hub, *, uploads: bool = True) -> World:
     releases: list[query_service_pb2.Release] = []
     if uploads:
         data = generate(1200, 700, 400, seed=11)
-        bank.upload_dataset(active, "bank", data.bank, BANK_SCHEMA, private_key=bank_key)
-        panel.upload_dataset(active, "panel", data.panel, PANEL_SCHEMA, private_key=panel_key)
+        bank.upload_dataset(active, "bank", data.bank, BANK_SCHEMA, keys=bank_key)
+        panel.upload_dataset(active, "panel", data.panel, PANEL_SCHEMA, keys=panel_key)
         count = query(active, "0.3", [aggregate("count", name="people")], group_by=["bank.segment"])
         mean = query(
             active,

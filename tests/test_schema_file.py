@@ -25,7 +25,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 import entremise.partners.schema as schema_module
-from entremise.partners import Client, generate_private_key
+from entremise.partners import Client, PartnerKeys
 from entremise.partners.prepare import encode
 from entremise.partners.schema import (
     Categorical,
@@ -674,7 +674,7 @@ def test_hub_refuses_schemas_breaking_the_json_schema_with_the_same_line(
     hub = sqlite_hub
     principal, token = hub.admin.create_principal("hostile", "partner")
     with Client.connect(hub.target, token=token) as client:
-        client.publish_public_key(generate_private_key())
+        client.publish_public_key(PartnerKeys.generate(trust_on_first_use=True))
         other_id, other, _ = partner_with_key(hub, "other")
         other.close()
         analyst_id, analyst = hub.principal("analyst", "analyst")

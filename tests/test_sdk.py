@@ -14,6 +14,7 @@ from google.protobuf.json_format import MessageToDict
 
 from entremise.partners import keys as partner_keys
 from entremise.partners import prepare as partner_prepare
+from entremise.partners.identity import PartnerKeys
 from entremise.partners.synthetic import BANK_SCHEMA
 from entremise.sdk import (
     Agreement,
@@ -145,13 +146,13 @@ def test_partner_side_errors_cross_the_sdk_as_its_own(sqlite_hub: Hub, tmp_path:
     )
     with pytest.raises(PrepareError, match="no such file") as missing:
         client.upload_dataset(
-            agreement.agreement_id, "bank", tmp_path / "x.csv", BANK_SCHEMA, private_key=key
+            agreement.agreement_id, "bank", tmp_path / "x.csv", BANK_SCHEMA, keys=key
         )
     assert isinstance(missing.value, partner_prepare.PrepareError)
-    wrong_key = partner_keys.generate_private_key()  # not the one published
+    wrong_key = PartnerKeys.generate(trust_on_first_use=True)  # not the one published
     with pytest.raises(MatchingKeyError) as mismatch:
         client.upload_dataset(
-            agreement.agreement_id, "bank", pd.DataFrame(), BANK_SCHEMA, private_key=wrong_key
+            agreement.agreement_id, "bank", pd.DataFrame(), BANK_SCHEMA, keys=wrong_key
         )
     # Also the partner-side class of that name, and a ValueError, as before the SDK moved.
     assert isinstance(mismatch.value, partner_keys.MatchingKeyError)

@@ -200,19 +200,21 @@ def public_key_to_proto(k: PublicKeyRecord) -> partner_service_pb2.PublicKey:
         version=k.version,
         public_key=k.public_key,
         created_at=k.created_at,
+        identity_public_key=k.identity_public_key,
+        signature=k.signature,
     )
 
 
 def wrapped_key_to_proto(k: WrappedKey) -> partner_service_pb2.WrappedKey:
     """Wrapped key message."""
     return partner_service_pb2.WrappedKey(
-        recipient_id=k.recipient_id, nonce=k.nonce, ciphertext=k.ciphertext
+        recipient_id=k.recipient_id, nonce=k.nonce, ciphertext=k.ciphertext, signature=k.signature
     )
 
 
 def wrapped_key_from_proto(k: partner_service_pb2.WrappedKey) -> WrappedKey:
     """Domain wrapped key."""
-    return WrappedKey(k.recipient_id, bytes(k.nonce), bytes(k.ciphertext))
+    return WrappedKey(k.recipient_id, bytes(k.nonce), bytes(k.ciphertext), bytes(k.signature))
 
 
 def slots_from_proto(slots: Iterable[agreement_service_pb2.DatasetSlot]) -> list[DatasetSlot]:

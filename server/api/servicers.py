@@ -104,7 +104,12 @@ class PartnerServicer(_Base, partner_service_pb2_grpc.PartnerServiceServicer):
     def PublishPublicKey(
         self, request: partner_service_pb2.PublishPublicKeyRequest, context: grpc.ServicerContext
     ) -> partner_service_pb2.PublishPublicKeyResponse:
-        record = self.hub.keys.publish_public_key(self.caller(context), bytes(request.public_key))
+        record = self.hub.keys.publish_public_key(
+            self.caller(context),
+            bytes(request.public_key),
+            bytes(request.identity_public_key),
+            bytes(request.signature),
+        )
         return partner_service_pb2.PublishPublicKeyResponse(key=public_key_to_proto(record))
 
     @rpc

@@ -2,16 +2,24 @@
 
 The hub stores and relays X25519 public keys (and, for more than two partners, matching keys
 wrapped by the key leader) but never holds a private key, so it cannot compute a pseudonym.
-The fingerprint below is public: it lets the hub check that every dataset of an agreement was
+Every public key arrives signed by its owner's Ed25519 identity key and every wrapped key by
+the leader's (`partners.identity`): the hub checks the signatures so that honest mistakes are
+refused at once, but the guarantee is the partners' own check, which does not trust the hub.
+The fingerprint is public: it lets the hub check that every dataset of an agreement was
 pseudonymised under the same, current set of keys.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from entremise.partners.identity import (
+    key_fingerprint,
+    public_key_statement,
+    signature_valid,
+    wrapped_key_statement,
+)
 from entremise.server.domain.access import participant, require
 from entremise.server.domain.errors import (
     FailedPreconditionError,
@@ -24,22 +32,8 @@ from entremise.server.domain.ports import Store
 from entremise.server.domain.trail import AuditTrail
 
 X25519_PUBLIC_KEY_BYTES = 32
-CONTEXT_LABEL = b"entremise/v1/key-context"
 
-
-def _frame(value: bytes) -> bytes:
-    return len(value).to_bytes(4, "big") + value
-
-
-def key_fingerprint(agreement_id: str, keys: Iterable[tuple[str, int, bytes]]) -> str:
-    """SHA-256 over the agreement id and every (partner id, key version, public key), sorted."""
-    digest = hashlib.sha256(CONTEXT_LABEL)
-    digest.update(_frame(agreement_id.encode()))
-    for principal_id, version, public_key in sorted(keys):
-        digest.update(_frame(principal_id.encode()))
-        digest.update(version.to_bytes(4, "big"))
-        digest.update(_frame(public_key))
-    return digest.hexdigest()
+__all__ = ["KeyMaterial", "MatchingKeys", "context_fingerprint", "key_context", "key_fingerprint"]
 
 
 def check_public_key(public_key: bytes) -> bytes:
@@ -95,14 +89,40 @@ class MatchingKeys:
         self.store = store
         self.trail = trail
 
-    def publish_public_key(self, caller: Principal, public_key: bytes) -> PublicKeyRecord:
-        """A partner publishes its X25519 public key; a new one rotates it (re-upload after)."""
+    def publish_public_key(
+        self, caller: Principal, public_key: bytes, identity_public_key: bytes, signature: bytes
+    ) -> PublicKeyRecord:
+        """A partner publishes its X25519 public key, signed by its identity key.
+
+        A new X25519 key rotates it (re-upload after); the identity key is long-term: a
+        different one is refused (the other partners pinned the first).
+        """
         require(caller, Role.PARTNER)
+        check_public_key(public_key)
+        statement = public_key_statement(caller.principal_id, public_key)
+        if not identity_public_key:
+            raise InvalidArgumentError(
+                "identity_public_key: required (update the client: keys are signed since v0.16)"
+            )
+        if not signature_valid(identity_public_key, signature, statement):
+            raise InvalidArgumentError(
+                "signature: not the identity key's signature of this public key"
+            )
         current = self.store.current_public_key(caller.principal_id)
-        if current is not None and current.public_key == check_public_key(public_key):
-            return current  # publishing the same key again is a no-op, not a rotation
+        if current is not None:
+            if current.identity_public_key and current.identity_public_key != identity_public_key:
+                raise FailedPreconditionError(
+                    "identity_public_key: differs from the identity key you published before; "
+                    "an identity key is long-term (the other partners pinned it)"
+                )
+            if current.public_key == public_key and current.signature:
+                return current  # publishing the same key again is a no-op, not a rotation
         record = self.store.publish_public_key(
-            caller.principal_id, check_public_key(public_key), now()
+            caller.principal_id,
+            public_key,
+            now(),
+            identity_public_key=identity_public_key,
+            signature=signature,
         )
         self.trail.record(
             "public_key_published", caller, caller.principal_id, {"version": record.version}
@@ -125,16 +145,25 @@ class MatchingKeys:
         agreement = participant(self.store, caller, agreement_id)
         if caller.principal_id != agreement.partner_ids[0]:
             raise PermissionDeniedError("only the agreement's key leader distributes its key")
-        _, current = key_context(self.store, agreement)
+        context, current = key_context(self.store, agreement)
         if fingerprint != current:
             raise FailedPreconditionError("key fingerprint is not the agreement's current one")
         recipients = sorted(k.recipient_id for k in keys)
         if recipients != agreement.partner_ids:
             raise InvalidArgumentError("wrap the matching key once for every partner")
+        leader_key = context[0]  # partner_ids order: the leader's key comes first
         for key in keys:
             if len(key.nonce) != 12 or len(key.ciphertext) != 48:
                 raise InvalidArgumentError(
                     "a wrapped key is a 12-byte nonce and 48-byte AES-GCM box"
+                )
+            statement = wrapped_key_statement(
+                agreement_id, fingerprint, key.recipient_id, key.nonce, key.ciphertext
+            )
+            if not signature_valid(leader_key.identity_public_key, key.signature, statement):
+                raise InvalidArgumentError(
+                    f"signature: the wrapped key for {key.recipient_id} is not signed by the "
+                    "key leader's identity key"
                 )
         stored = self.store.store_wrapped_keys(agreement_id, fingerprint, keys)
         self.trail.record("matching_key_distributed", caller, agreement_id, {"recipients": stored})

@@ -279,21 +279,32 @@ class DatasetSlot:
 
 @dataclass(frozen=True)
 class PublicKeyRecord:
-    """A partner's published X25519 public key (versions increase on rotation)."""
+    """A partner's published X25519 public key (versions increase on rotation).
+
+    `signature` is the partner's Ed25519 identity key's signature of the key (see
+    `partners.identity.public_key_statement`); empty only for keys published before identity
+    keys existed, which partners' clients refuse.
+    """
 
     principal_id: str
     version: int
     public_key: bytes
     created_at: str
+    identity_public_key: bytes = b""
+    signature: bytes = b""
 
 
 @dataclass(frozen=True)
 class WrappedKey:
-    """An agreement matching key encrypted by the key leader for one partner."""
+    """An agreement matching key encrypted by the key leader for one partner.
+
+    `signature`: the leader's identity signature (`partners.identity.wrapped_key_statement`).
+    """
 
     recipient_id: str
     nonce: bytes
     ciphertext: bytes
+    signature: bytes = b""
 
 
 @dataclass(frozen=True)

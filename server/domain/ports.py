@@ -190,9 +190,15 @@ class Store(ABC):
 
     @abstractmethod
     def publish_public_key(
-        self, principal_id: str, public_key: bytes, created_at: str
+        self,
+        principal_id: str,
+        public_key: bytes,
+        created_at: str,
+        *,
+        identity_public_key: bytes = b"",
+        signature: bytes = b"",
     ) -> PublicKeyRecord:
-        """Store a partner's new public key as its next version (1, 2, ...)."""
+        """Store a partner's new public key (with its identity signature) as its next version."""
 
     @abstractmethod
     def current_public_key(self, principal_id: str) -> PublicKeyRecord | None:

@@ -350,12 +350,25 @@ class MemoryStore(Store):
     # -- keys ---------------------------------------------------------------------------------
 
     def publish_public_key(  # noqa: D102
-        self, principal_id: str, public_key: bytes, created_at: str
+        self,
+        principal_id: str,
+        public_key: bytes,
+        created_at: str,
+        *,
+        identity_public_key: bytes = b"",
+        signature: bytes = b"",
     ) -> PublicKeyRecord:
         with self._lock:
             self.get_principal(principal_id)
             versions = self._public_keys.setdefault(principal_id, [])
-            record = PublicKeyRecord(principal_id, len(versions) + 1, bytes(public_key), created_at)
+            record = PublicKeyRecord(
+                principal_id,
+                len(versions) + 1,
+                bytes(public_key),
+                created_at,
+                bytes(identity_public_key),
+                bytes(signature),
+            )
             versions.append(record)
             return record
 
@@ -377,7 +390,9 @@ class MemoryStore(Store):
             if len(recipients) != len(keys):  # one key per recipient and context
                 raise keys_already_distributed()
             self._wrapped[agreement_id, fingerprint] = {
-                k.recipient_id: WrappedKey(k.recipient_id, bytes(k.nonce), bytes(k.ciphertext))
+                k.recipient_id: WrappedKey(
+                    k.recipient_id, bytes(k.nonce), bytes(k.ciphertext), bytes(k.signature)
+                )
                 for k in keys
             }
             return len(keys)

@@ -202,12 +202,21 @@ def release_from_row(row: Any) -> Release:
 
 def public_key_from_row(row: Any) -> PublicKeyRecord:
     """A `public_keys` row."""
-    return PublicKeyRecord(row.principal_id, row.version, bytes(row.public_key), row.created_at)
+    return PublicKeyRecord(
+        row.principal_id,
+        row.version,
+        bytes(row.public_key),
+        row.created_at,
+        bytes(row.identity_public_key or b""),
+        bytes(row.signature or b""),
+    )
 
 
 def wrapped_key_from_row(row: Any) -> WrappedKey:
     """A `wrapped_keys` row."""
-    return WrappedKey(row.recipient_id, bytes(row.nonce), bytes(row.ciphertext))
+    return WrappedKey(
+        row.recipient_id, bytes(row.nonce), bytes(row.ciphertext), bytes(row.signature or b"")
+    )
 
 
 def audit_from_row(row: Any) -> ChainedEntry:

@@ -371,7 +371,13 @@ class SqlStore(Store):
     # -- keys ---------------------------------------------------------------------------------
 
     def publish_public_key(  # noqa: D102
-        self, principal_id: str, public_key: bytes, created_at: str
+        self,
+        principal_id: str,
+        public_key: bytes,
+        created_at: str,
+        *,
+        identity_public_key: bytes = b"",
+        signature: bytes = b"",
     ) -> PublicKeyRecord:
         try:
             with self.writer.begin() as conn:
@@ -387,13 +393,22 @@ class SqlStore(Store):
                         version=version,
                         public_key=public_key,
                         created_at=created_at,
+                        identity_public_key=identity_public_key or None,
+                        signature=signature or None,
                     )
                 )
         except sa.exc.IntegrityError:
             if not self._exists(principals.c.principal_id, principal_id):
                 raise not_found("principal", principal_id) from None
             raise
-        return PublicKeyRecord(principal_id, version, bytes(public_key), created_at)
+        return PublicKeyRecord(
+            principal_id,
+            version,
+            bytes(public_key),
+            created_at,
+            bytes(identity_public_key),
+            bytes(signature),
+        )
 
     def current_public_key(self, principal_id: str) -> PublicKeyRecord | None:  # noqa: D102
         if not storable(principal_id):
@@ -430,6 +445,7 @@ class SqlStore(Store):
                             recipient_id=key.recipient_id,
                             nonce=key.nonce,
                             ciphertext=key.ciphertext,
+                            signature=key.signature or None,
                         )
                     )
         except sa.exc.IntegrityError:  # no such agreement, or a concurrent distribution won

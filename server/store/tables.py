@@ -95,6 +95,8 @@ public_keys = sa.Table(
     sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("public_key", sa.LargeBinary(32), nullable=False),
     sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("identity_public_key", sa.LargeBinary(32), nullable=True),
+    sa.Column("signature", sa.LargeBinary(64), nullable=True),
 )
 
 wrapped_keys = sa.Table(
@@ -107,6 +109,7 @@ wrapped_keys = sa.Table(
     sa.Column("recipient_id", sa.String(40), primary_key=True),
     sa.Column("nonce", sa.LargeBinary(12), nullable=False),
     sa.Column("ciphertext", sa.LargeBinary(64), nullable=False),
+    sa.Column("signature", sa.LargeBinary(64), nullable=True),
 )
 
 withdrawals = sa.Table(

@@ -27,10 +27,18 @@ class PublicKey(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    IDENTITY_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     principal_id: _builtins.str
     version: _builtins.int
     public_key: _builtins.bytes
     created_at: _builtins.str
+    identity_public_key: _builtins.bytes
+    """The owner's long-term Ed25519 identity key (raw 32 bytes) and its signature of
+    "entremise/v1/public-key" | principal_id | public_key (length-framed): partners check it,
+    so a hub cannot serve a key of its own in another partner's name.
+    """
+    signature: _builtins.bytes
     def __init__(
         self,
         *,
@@ -38,10 +46,12 @@ class PublicKey(_message.Message):
         version: _builtins.int = ...,
         public_key: _builtins.bytes = ...,
         created_at: _builtins.str = ...,
+        identity_public_key: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "principal_id", b"principal_id", "public_key", b"public_key", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "identity_public_key", b"identity_public_key", "principal_id", b"principal_id", "public_key", b"public_key", "signature", b"signature", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -52,15 +62,22 @@ class PublishPublicKeyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    IDENTITY_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     public_key: _builtins.bytes
+    identity_public_key: _builtins.bytes
+    """Required: the caller's identity key (the same one every time) and its signature."""
+    signature: _builtins.bytes
     def __init__(
         self,
         *,
         public_key: _builtins.bytes = ...,
+        identity_public_key: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["public_key", b"public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity_public_key", b"identity_public_key", "public_key", b"public_key", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -93,19 +110,25 @@ class WrappedKey(_message.Message):
     RECIPIENT_ID_FIELD_NUMBER: _builtins.int
     NONCE_FIELD_NUMBER: _builtins.int
     CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     recipient_id: _builtins.str
     nonce: _builtins.bytes
     ciphertext: _builtins.bytes
+    signature: _builtins.bytes
+    """The key leader's identity signature of "entremise/v1/wrapped-key" | agreement_id |
+    key fingerprint | recipient_id | nonce | ciphertext (length-framed).
+    """
     def __init__(
         self,
         *,
         recipient_id: _builtins.str = ...,
         nonce: _builtins.bytes = ...,
         ciphertext: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "nonce", b"nonce", "recipient_id", b"recipient_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "nonce", b"nonce", "recipient_id", b"recipient_id", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
