@@ -44,6 +44,7 @@ from entremise.partners.identity import (
     create_key_files,
     identity_path,
     load_identity_key,
+    save_identity_key,
     trust_path,
 )
 from entremise.partners.keys import load_private_key, public_bytes
@@ -71,18 +72,33 @@ TrustOnFirstUseOpt = Annotated[
 
 def keygen(
     out: Annotated[Path, typer.Argument(help="File for the X25519 private key (PEM, mode 0600).")],
+    identity_of: Annotated[
+        Path | None,
+        typer.Option(
+            help="Rotation: give the new key the identity (and trust store) of this key file."
+        ),
+    ] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Create your X25519 key pair and, beside it, your long-term Ed25519 identity key.
 
     Only public halves ever leave you (publish-key). The identity key (FILE's stem +
     .identity.key) signs your public keys so that the other partners can tell them from a
-    hub's; it is never replaced: keep it and back it up. Run again on a key file that has no
+    hub's; it is never replaced: keep it and back it up. To rotate, make the new key with
+    --identity-of OLD_KEY_FILE, then publish-key it. Run again on a key file that has no
     identity key yet to add one.
     """
     with friendly_errors():
         if out.exists() and identity_path(out).exists():
             fail(f"{out} exists; refusing to overwrite a key")
+        if identity_of is not None:
+            if identity_path(out).exists():
+                fail(f"{identity_path(out)} exists; refusing to overwrite an identity")
+            carried = PartnerKeys.load(identity_of)  # checks that it has an identity
+            save_identity_key(carried.identity, identity_path(out))
+            if carried.trust.path is not None and carried.trust.path.exists():
+                carried.trust.path = trust_path(out)
+                carried.trust.save()
         created_key, created_identity = create_key_files(out)
         key = load_private_key(out)
         identity = load_identity_key(identity_path(out))
@@ -491,3 +507,69 @@ def delete(
         print_json({"deleted": dataset_id})
     else:
         console.print(f"dataset {dataset_id} deleted")
+
+
+def subject_report(
+    identifier: Annotated[str, typer.Argument(help="The customer's email or phone number.")],
+    file: Annotated[Path, typer.Option(help="Your file holding the customer (CSV or Parquet).")],
+    schema: Annotated[Path, typer.Option(help="The file's schema, as uploaded.")],
+    name: Annotated[str, typer.Option(help="The dataset name the file was uploaded as.")],
+    kind: Annotated[str, typer.Option(help="email or phone (default: guessed from an @).")] = "",
+    region: Annotated[str, typer.Option(help="Default country for national phone numbers.")] = "FR",
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
+) -> None:
+    """Tell one customer which agreements and releases used your records about them (Art. 15).
+
+    Computed on your machine from FILE and the release ledger of your agreements; the hub is
+    never told whom you asked about. Each release bounds the customer's privacy loss by its
+    cost (epsilon, or rho with its (epsilon, delta)), whether or not another partner knows them.
+    """
+    with friendly_errors():
+        if kind not in ("", "email", "phone"):
+            fail("--kind must be email or phone")
+        upload_schema = UploadSchema.load(schema)
+        frame = read_table(file)
+    with connect(target, token) as client, friendly_errors():
+        report = client.subject_report(
+            identifier, frame, upload_schema, name, kind=kind, default_region=region
+        )
+    if json_out:
+        print(report.to_json())
+        return
+    console.print(f"subject report for {report.subject} ({report.kind})", markup=False)
+    if not report.agreements:
+        console.print(f"no dataset named {name!r} uploaded: none of your records were used")
+        return
+    out = table(
+        id_column("agreement"),
+        text_column("name"),
+        text_column("purpose"),
+        number_column("records"),
+        text_column("consent"),
+        number_column("releases"),
+        text_column("privacy loss bound"),
+    )
+    for a in report.agreements:
+        bound = (
+            f"{a.unit} {a.spent}" + (f" = (ε {a.implied_epsilon}, δ {a.implied_delta})")
+            if a.releases
+            else "-"
+        )
+        out.add_row(
+            a.agreement_id,
+            a.agreement_name,
+            a.purpose,
+            whole(a.rows),
+            "yes" if a.consented else "no",
+            whole(len(a.releases)),
+            bound,
+        )
+    print_table(out)
+    for a in report.agreements:
+        console.print(f"{a.agreement_id}: {a.reason}", markup=False)
+    console.print(
+        f"in all: at most (ε {report.total_epsilon}, δ {report.total_delta}) over these agreements",
+        markup=False,
+    )

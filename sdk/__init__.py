@@ -80,6 +80,7 @@ from entremise.sdk.results import (
     Role,
     Withdrawal,
 )
+from entremise.sdk.subject import SubjectAgreement, SubjectRelease, SubjectReport
 
 __all__ = [
     "SENDING",
@@ -122,6 +123,9 @@ __all__ = [
     "Role",
     "SchemaError",
     "Status",
+    "SubjectAgreement",
+    "SubjectRelease",
+    "SubjectReport",
     "TLSConfig",
     "TrustStore",
     "UploadResult",

@@ -69,6 +69,7 @@ from entremise.sdk.results import (
     Role,
     Withdrawal,
 )
+from entremise.sdk.subject import SubjectReport, build_subject_report
 from entremise.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -579,6 +580,27 @@ class Client:
         self._unary(
             self._partner.DeleteDataset,
             partner_service_pb2.DeleteDatasetRequest(dataset_id=dataset_id),
+        )
+
+    @partner_side_errors()  # raised as the SDK's errors
+    def subject_report(
+        self,
+        identifier: str,
+        source: Path | pd.DataFrame,
+        schema: UploadSchema,
+        dataset_name: str,
+        *,
+        kind: str = "",
+        default_region: str = "FR",
+    ) -> SubjectReport:
+        """GDPR Art. 15: which agreements and releases used your records about one person.
+
+        Computed here from `source` (your file uploaded as `dataset_name`) and the release
+        ledger; the hub is never asked about the person.
+        """
+        frame = read_table(source) if isinstance(source, Path) else source
+        return build_subject_report(
+            self, identifier, frame, schema, dataset_name, kind=kind, default_region=default_region
         )
 
     @partner_side_errors()  # raised as the SDK's errors

@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from entremise.partners import aggregate, query
+from entremise.partners.identity import PartnerKeys, wrapped_key_statement
 from entremise.partners.prepare import build_upload_table, encode
 from entremise.partners.synthetic import BANK_SCHEMA, PURPOSE
 from entremise.server.app import SERVICE_NAMES
@@ -124,9 +125,35 @@ def test_authorization_matrix(scenario: Scenario) -> None:
     count = query(ag, "0.01", [aggregate("count")])
     pseudonym = [secrets.token_hex(32)]
     wrapped = [
-        partner_pb.WrappedKey(recipient_id=p, nonce=b"\0" * 12, ciphertext=b"\0" * 48)
+        partner_pb.WrappedKey(
+            recipient_id=p,
+            nonce=b"\0" * 12,
+            ciphertext=b"\0" * 48,
+            signature=leader_key.sign(
+                wrapped_key_statement(ag, matching.fingerprint, p, b"\0" * 12, b"\0" * 48)
+            ),
+        )
         for p in sorted([s.bank_partner_id, s.panel_partner_id])
     ]
+    # A key publication is signed by the caller's own identity, so its request is built for
+    # the identity making the call (`caller[0]`, set by the loop below).
+    caller = [""]
+    follower_key = s.panel_key if bank_is_leader else s.bank_key
+    partner_keys = {"leader": leader_key, "partner": follower_key}
+    principal_ids = {
+        "leader": s.bank_partner_id if bank_is_leader else s.panel_partner_id,
+        "partner": s.panel_partner_id if bank_is_leader else s.bank_partner_id,
+        "outsider": s.hub.client(tokens["outsider"]).whoami().principal_id,
+    }
+
+    def signed_publication() -> partner_pb.PublishPublicKeyRequest:
+        keys = partner_keys.get(caller[0], PartnerKeys.generate()).rotated()
+        return partner_pb.PublishPublicKeyRequest(
+            public_key=keys.public_key,
+            identity_public_key=keys.identity_public_key,
+            signature=keys.sign_public_key(principal_ids.get(caller[0], "pr_nobody")),
+        )
+
     # rpc name -> (stub class, method, request builder, identities allowed)
     matrix: dict[str, tuple[type, str, Callable[[], Any], set[str]]] = {
         "CreatePrincipal": (
@@ -256,7 +283,7 @@ def test_authorization_matrix(scenario: Scenario) -> None:
         "PublishPublicKey": (
             PartnerServiceStub,
             "PublishPublicKey",
-            lambda: partner_pb.PublishPublicKeyRequest(public_key=secrets.token_bytes(32)),
+            signed_publication,
             {"leader", "partner", "outsider"},
         ),
         "DeleteDataset": (
@@ -298,6 +325,7 @@ def test_authorization_matrix(scenario: Scenario) -> None:
             # Denied identities first, so that an allowed destructive call comes last.
             for identity in sorted(IDENTITIES, key=lambda i: i in allowed):
                 token = tokens[identity]
+                caller[0] = identity
                 metadata = (("authorization", f"Bearer {token}"),) if token else ()
                 call = getattr(stub_class(channel), method)
                 try:

@@ -849,8 +849,13 @@ def test_publish_key_versions_and_bad_key_files(sqlite_hub: Hub, tmp_path: Path)
         lambda: create_principal(hub, "bank", "partner"),
         lambda: create_principal(hub, "analyst", "analyst"),
         lambda: keygen(first),
-        lambda: keygen(second),
+        lambda: keygen(tmp_path / "stranger.key"),
     )
+    # Rotation keeps the identity the other partners pinned.
+    made_second = ok_json(
+        run_cli("partner", "keygen", str(second), "--identity-of", str(first), "--json")
+    )
+    assert made_second["identity_public_key"] == made_first["identity_public_key"]
 
     v1 = ok_json(publish_key(hub, partner, first))
     assert (v1["principal_id"], v1["version"]) == (pid(partner), 1)
@@ -870,6 +875,8 @@ def test_publish_key_versions_and_bad_key_files(sqlite_hub: Hub, tmp_path: Path)
             serialization.NoEncryption(),
         )
     )
+    stranger = one_line_error(publish_key(hub, partner, tmp_path / "stranger.key"), EXIT_REFUSED)
+    assert "identity_public_key: differs from the identity key you published before" in stranger
     hex_err, wrong_kind, missing, refused = in_parallel(
         lambda: one_line_error(publish_key(hub, partner, not_pem), EXIT_LOCAL),
         lambda: one_line_error(publish_key(hub, partner, ed25519), EXIT_LOCAL),
