@@ -196,6 +196,59 @@ def rotate_master_key(
         )
 
 
+def revoke_token(
+    principal_id: Annotated[str, typer.Argument(help="The principal whose token to revoke.")],
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
+) -> None:
+    """Admin: revoke a principal's token (and client certificate identity), at once.
+
+    The last active admin cannot be revoked. `admin rotate-token ID` gives it a new token again.
+    """
+    with connect(target, token) as client, friendly_errors():
+        principal = client.revoke_token(principal_id)
+    if json_out:
+        print_json({"principal": to_dict(principal.raw), "revoked": True})
+        return
+    console.print(
+        f"token of {principal.principal_id} {principal.name!r} revoked: it no longer "
+        "authenticates",
+        markup=False,
+    )
+
+
+def rotate_token(
+    principal_id: Annotated[
+        str, typer.Argument(help="Admin only: another principal (default: your own token).")
+    ] = "",
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """A new token for yourself, or (admin) for PRINCIPAL_ID; the old one stops working at once.
+
+    The new token is printed once (the hub stores only its hash). With --quiet, prints only the
+    token, for scripts. An admin rotating a revoked principal's token reinstates it.
+    """
+    quiet_or_json(quiet, json_out)
+    with connect(target, token) as client, friendly_errors():
+        principal, new_token = client.rotate_token(principal_id)
+    if json_out:
+        print_json({"principal": to_dict(principal.raw), "token": new_token})
+        return
+    if quiet:
+        sys.stdout.write(f"{new_token}\n")
+        return
+    console.print(
+        f"token of {principal.principal_id} {principal.name!r} rotated: the old one no longer "
+        "authenticates",
+        markup=False,
+    )
+    console.print(f"new token (shown once): {new_token}", highlight=False, soft_wrap=True)
+
+
 def whoami(
     target: TargetOption = DEFAULT_TARGET, token: TokenOption = "", json_out: JsonOption = False
 ) -> None:
