@@ -188,10 +188,10 @@ def test_revoked_and_rotated_tokens_authenticate_no_more(hub: Hub) -> None:
     bank, old = hub.principals.create(admin, "Banque", Role.PARTNER)
     _, new, reinstated = hub.principals.rotate_token(bank)  # self-service
     assert not reinstated and hub.principals.authenticate(new) == bank
-    with pytest.raises(UnauthenticatedError, match="^invalid API token$"):
+    with pytest.raises(UnauthenticatedError, match=r"^invalid API token$"):
         hub.principals.authenticate(old)
     hub.principals.revoke_token(admin, bank.principal_id)
-    with pytest.raises(UnauthenticatedError, match="^invalid API token$"):
+    with pytest.raises(UnauthenticatedError, match=r"^invalid API token$"):
         hub.principals.authenticate(new)
     with pytest.raises(UnauthenticatedError, match="names no known principal"):
         hub.principals.authenticate(None, certificate_id=bank.principal_id)
