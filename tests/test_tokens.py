@@ -347,7 +347,8 @@ def test_every_call_of_an_address_is_rate_limited_before_authentication(tmp_path
 def test_peer_addresses_drop_the_port() -> None:
     assert peer_address("ipv4:127.0.0.1:53412") == "127.0.0.1"
     assert peer_address("ipv6:[::1]:53412") == "::1"
-    assert peer_address("ipv6:%5B::1%5D:1") == "%5B::1%5D"  # not parsed: kept, never guessed
+    assert peer_address("ipv6:%5B::1%5D:1") == "::1"  # as newer gRPC versions spell it
+    assert peer_address("ipv6:[2001:db8::7]:443") == "2001:db8::7"
     assert peer_address("unix:/tmp/hub.sock") == "unix:/tmp/hub.sock"
 
 

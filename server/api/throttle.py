@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 
@@ -19,12 +20,13 @@ from entremise.server.domain.limits import PeerThrottle, ThrottledError
 def peer_address(peer: str) -> str:
     """The client address of a gRPC peer string, without its port.
 
-    ``ipv4:127.0.0.1:5555`` -> ``127.0.0.1``; ``ipv6:[::1]:5555`` -> ``::1``; anything else
-    (``unix:/path``) is kept whole.
+    ``ipv4:127.0.0.1:5555`` -> ``127.0.0.1``; ``ipv6:[::1]:5555`` (or percent-encoded,
+    ``ipv6:%5B::1%5D:5555``) -> ``::1``; anything else (``unix:/path``) is kept whole.
     """
     scheme, sep, rest = peer.partition(":")
     if not sep or scheme not in ("ipv4", "ipv6"):
         return peer
+    rest = unquote(rest)
     host, colon, port = rest.rpartition(":")
     if not colon or not port.isdigit():
         host = rest
