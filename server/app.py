@@ -168,17 +168,22 @@ def is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return _loopback_address(host)
     except ValueError:
         pass
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise HubStartError(f"--listen {host}: unknown host ({exc.strerror})") from None
-    addresses = {info[4][0] for info in infos}
-    return bool(addresses) and all(
-        ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in addresses
-    )
+    addresses = {str(info[4][0]).split("%")[0] for info in infos}
+    return bool(addresses) and all(_loopback_address(a) for a in addresses)
+
+
+def _loopback_address(address: str) -> bool:
+    """Whether an IP address (ValueError if it is none) is loopback, IPv4-mapped ones too."""
+    ip = ipaddress.ip_address(address)
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return (mapped or ip).is_loopback
 
 
 def check_transport(config: HubConfig, host: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -365,13 +366,27 @@ def test_serve_refuses_plaintext_on_a_non_loopback_address(tmp_path: Path, liste
         assert word in line, line
 
 
-def test_loopback_is_told_apart_from_every_other_address() -> None:
-    for host in ("127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost", "LOCALHOST"):
+def test_loopback_is_told_apart_from_every_other_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    loopback = ("127.0.0.1", "127.8.9.10", "::1", "[::1]", "::ffff:127.0.0.1", "localhost")
+    for host in loopback:
         assert is_loopback(host), host
     for host in ("0.0.0.0", "::", "[::]", "10.0.0.1", "192.0.2.7", "2001:db8::1"):
         assert not is_loopback(host), host
     with pytest.raises(HubStartError, match="unknown host"):
         is_loopback("nohost.invalid")
+    # A name counts as loopback only if every address it resolves to is.
+    resolved = {"hub.example": ["192.0.2.7"], "both.example": ["127.0.0.1", "192.0.2.7"]}
+    resolved["lo.example"] = ["127.0.0.1", "::1"]
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host not in resolved:
+            return real(host, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0)) for a in resolved[host]]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    assert not is_loopback("hub.example") and not is_loopback("both.example")
+    assert is_loopback("lo.example")
 
 
 def test_serve_insecure_starts_with_a_one_line_warning(tmp_path: Path) -> None:
