@@ -23,6 +23,7 @@ from entremise.sdk.errors import RPCError, Status
 from entremise.server.api.throttle import peer_address
 from entremise.server.app import HubConfig, HubStartError, build_server, is_loopback
 from entremise.server.domain.ids import hash_token
+from entremise.server.domain.limits import PeerThrottle, ThrottledError
 from entremise.v1 import admin_service_pb2
 from entremise.v1.admin_service_pb2_grpc import AdminServiceStub
 from tests.conftest import ADMIN_TOKEN, Hub, start_hub
@@ -425,3 +426,15 @@ def test_serve_insecure_starts_with_a_one_line_warning(tmp_path: Path) -> None:
         _, stderr = proc.communicate(timeout=30)
     warnings = [line for line in stderr.splitlines() if "PLAINTEXT" in line]
     assert len(warnings) == 1 and "--insecure" in warnings[0], stderr
+
+
+def test_the_throttle_remembers_a_bounded_number_of_addresses() -> None:
+    clock = Clock()
+    throttle = PeerThrottle(rate=1.0, burst=2.0, max_peers=10, clock=clock)
+    for i in range(1000):
+        throttle.admit(f"10.0.{i // 256}.{i % 256}")
+        assert len(throttle._peers) <= 10
+    throttle.admit("192.0.2.1")
+    throttle.admit("192.0.2.1")
+    with pytest.raises(ThrottledError):  # the newest addresses are still remembered
+        throttle.admit("192.0.2.1")

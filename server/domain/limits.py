@@ -121,6 +121,9 @@ class PeerThrottle:
         if state is None:
             if len(self._peers) >= self.max_peers:
                 self._forget_idle(now)
+            if len(self._peers) >= self.max_peers:  # a spray of addresses: drop the oldest tenth
+                for name in list(self._peers)[: max(1, self.max_peers // 10)]:
+                    del self._peers[name]
             state = self._peers[peer] = _Peer(self.burst, now)
         return state
 
