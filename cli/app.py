@@ -27,6 +27,8 @@ app.command("report")(compliance.report)
 
 admin_app = _group("admin", "Hub administration: principals and tokens.")
 admin_app.command("create-principal")(operator.create_principal)
+admin_app.command("revoke-token")(operator.revoke_token)
+admin_app.command("rotate-token")(operator.rotate_token)
 admin_app.command("rotate-master-key")(operator.rotate_master_key)
 admin_app.command("whoami")(operator.whoami)
 

@@ -67,6 +67,38 @@ def serve(
             "(0: stage every upload).",
         ),
     ] = 1024,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            help="Serve plaintext on a non-loopback --listen address without TLS (e.g. behind "
+            "a TLS-terminating proxy); refused otherwise.",
+        ),
+    ] = False,
+    peer_rate: Annotated[
+        float,
+        typer.Option(
+            min=0.1,
+            help="Calls per second per client address, checked before authentication.",
+        ),
+    ] = 1000.0,
+    peer_burst: Annotated[
+        float, typer.Option(min=1, help="Burst of calls per client address.")
+    ] = 2000.0,
+    auth_failures: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Failed authentications per client address within --auth-window that lock "
+            "the address out for --auth-lockout seconds (RESOURCE_EXHAUSTED, retry-after).",
+        ),
+    ] = 300,
+    auth_window: Annotated[
+        float, typer.Option(min=1, help="Seconds over which failed authentications count.")
+    ] = 60.0,
+    auth_lockout: Annotated[
+        float, typer.Option(min=1, help="Seconds an address stays locked out.")
+    ] = 120.0,
     json_out: Annotated[
         bool,
         typer.Option("--json", help="Print one JSON line with the bound address once serving."),
@@ -78,8 +110,10 @@ def serve(
     """Run a hub (admin token: ENTREMISE_ADMIN_TOKEN, else generated in DATA_DIR/admin.token).
 
     One hub per port and per data dir: a busy port, or a data dir another hub holds, is refused.
+    A --listen address other than loopback (127.0.0.1, ::1, localhost) needs TLS (--tls-cert,
+    --tls-key) or --insecure.
     """
-    from entremise.server.app import HubConfig, HubStartError
+    from entremise.server.app import HubConfig, HubStartError, is_loopback
     from entremise.server.app import serve as run_hub
     from entremise.server.operations import default_db_url
 
@@ -99,12 +133,26 @@ def serve(
             master_key_file=master_key_file,
             table_cache_bytes=table_cache_mb * 1024**2,
             memory_upload_bytes=upload_memory_mb * 1024**2,
+            insecure=insecure,
+            peer_rate_per_second=peer_rate,
+            peer_rate_burst=peer_burst,
+            auth_failures=auth_failures,
+            auth_failure_window=auth_window,
+            auth_lockout=auth_lockout,
         )
         if (tls_cert is None) != (tls_key is None):
             fail("--tls-cert and --tls-key go together")
         if tls_client_ca is not None and tls_cert is None:
             fail("--tls-client-ca needs --tls-cert and --tls-key")
         try:
+            host = listen.rpartition(":")[0]
+            # Without --log-file the hub's own warning goes to stderr already: one line.
+            if insecure and log_file and not tls_cert and host and not is_loopback(host):
+                typer.echo(
+                    f"warning: --insecure: serving plaintext on {listen}; API tokens and data "
+                    "cross the network unencrypted",
+                    err=True,
+                )
             run_hub(config, port_file=port_file, announce_json=json_out)
         except HubStartError as exc:
             if debug:
@@ -194,6 +242,58 @@ def rotate_master_key(
             f"{rotation.rewrapped_keys} dataset keys re-wrapped under master key "
             f"{rotation.master_key}"
         )
+
+
+def revoke_token(
+    principal_id: Annotated[str, typer.Argument(help="The principal whose token to revoke.")],
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
+) -> None:
+    """Admin: revoke a principal's token (and client certificate identity), at once.
+
+    The last active admin cannot be revoked. `admin rotate-token ID` gives it a new token again.
+    """
+    with connect(target, token) as client, friendly_errors():
+        principal = client.revoke_token(principal_id)
+    if json_out:
+        print_json({"principal": to_dict(principal.raw), "revoked": True})
+        return
+    console.print(
+        f"token of {principal.principal_id} {principal.name!r} revoked: it no longer authenticates",
+        markup=False,
+    )
+
+
+def rotate_token(
+    principal_id: Annotated[
+        str, typer.Argument(help="Admin only: another principal (default: your own token).")
+    ] = "",
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """A new token for yourself, or (admin) for PRINCIPAL_ID; the old one stops working at once.
+
+    The new token is printed once (the hub stores only its hash). With --quiet, prints only the
+    token, for scripts. An admin rotating a revoked principal's token reinstates it.
+    """
+    quiet_or_json(quiet, json_out)
+    with connect(target, token) as client, friendly_errors():
+        principal, new_token = client.rotate_token(principal_id)
+    if json_out:
+        print_json({"principal": to_dict(principal.raw), "token": new_token})
+        return
+    if quiet:
+        sys.stdout.write(f"{new_token}\n")
+        return
+    console.print(
+        f"token of {principal.principal_id} {principal.name!r} rotated: the old one no longer "
+        "authenticates",
+        markup=False,
+    )
+    console.print(f"new token (shown once): {new_token}", highlight=False, soft_wrap=True)
 
 
 def whoami(

@@ -291,6 +291,28 @@ class Client:
         response = self._unary(self._admin.WhoAmI, admin_service_pb2.WhoAmIRequest())
         return Principal.from_proto(response.principal)
 
+    def revoke_token(self, principal_id: str) -> Principal:
+        """Admin: the principal's token (and client certificate identity) stops working at once.
+
+        Refused (FAILED_PRECONDITION) for the last active admin.
+        """
+        response = self._unary(
+            self._admin.RevokeToken, admin_service_pb2.RevokeTokenRequest(principal_id=principal_id)
+        )
+        return Principal.from_proto(response.principal)
+
+    def rotate_token(self, principal_id: str = "") -> tuple[Principal, str]:
+        """A new token (shown once) for a principal, by default this client's own.
+
+        The old token stops working at once: a client rotating its own token must reconnect
+        with the new one. Any principal may rotate its own token; an admin, anyone's (which
+        also reinstates a revoked principal).
+        """
+        response = self._unary(
+            self._admin.RotateToken, admin_service_pb2.RotateTokenRequest(principal_id=principal_id)
+        )
+        return Principal.from_proto(response.principal), response.token
+
     # -- partners -----------------------------------------------------------------------------
 
     def publish_public_key(self, keys: PartnerKeys) -> PublicKey:

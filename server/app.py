@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -28,10 +29,11 @@ from entremise.server.api.servicers import (
     PartnerServicer,
     QueryServicer,
 )
+from entremise.server.api.throttle import PeerThrottleInterceptor
 from entremise.server.crypto import DatasetCipher, Keyring
 from entremise.server.domain.audit import AuditSigner
 from entremise.server.domain.hub import Hub
-from entremise.server.domain.limits import RateLimiter
+from entremise.server.domain.limits import PeerThrottle, RateLimiter
 from entremise.server.engine import DuckDBEngine
 from entremise.server.files import (
     DEFAULT_CACHE_BYTES,
@@ -90,8 +92,18 @@ class HubConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # Per principal, after authentication.
     rate_per_second: float = 200.0
     rate_burst: float = 400.0
+    # Per client address, before authentication: a generous rate (tests and the demo run many
+    # calls from 127.0.0.1), and a lockout after repeated failed authentications.
+    peer_rate_per_second: float = 1000.0
+    peer_rate_burst: float = 2000.0
+    auth_failures: int = 300
+    auth_failure_window: float = 60.0
+    auth_lockout: float = 120.0
+    # Serve plaintext on a non-loopback address (e.g. behind a TLS-terminating proxy).
+    insecure: bool = False
     max_upload_rows: int = 100_000_000
     # Decrypted datasets kept in memory between queries (0: none outlives a query).
     table_cache_bytes: int = DEFAULT_CACHE_BYTES
@@ -144,6 +156,50 @@ def check_listen(listen: str) -> tuple[str, int]:
             "(e.g. 127.0.0.1:50051, or port 0 for any free port)"
         )
     return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether HOST (an address, or a name resolved here) is this machine's loopback only.
+
+    127.0.0.0/8, ::1 and "localhost" are; 0.0.0.0, [::] and every other address, or a name
+    resolving to any of them, are not.
+    """
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return _loopback_address(host)
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise HubStartError(f"--listen {host}: unknown host ({exc.strerror})") from None
+    addresses = {str(info[4][0]).split("%")[0] for info in infos}
+    return bool(addresses) and all(_loopback_address(a) for a in addresses)
+
+
+def _loopback_address(address: str) -> bool:
+    """Whether an IP address (ValueError if it is none) is loopback, IPv4-mapped ones too."""
+    ip = ipaddress.ip_address(address)
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return (mapped or ip).is_loopback
+
+
+def check_transport(config: HubConfig, host: str) -> None:
+    """Refuse plaintext on a non-loopback address unless the operator said --insecure."""
+    if config.tls_cert is not None or is_loopback(host):
+        return
+    if not config.insecure:
+        raise HubStartError(
+            f"--listen {config.listen} is not a loopback address and no TLS is configured: "
+            "give --tls-cert and --tls-key (with --tls-client-ca for mutual TLS), listen on "
+            "127.0.0.1, or pass --insecure to serve plaintext anyway"
+        )
+    log.warning(
+        "serving PLAINTEXT on %s (--insecure): tokens and data cross the network unencrypted",
+        config.listen,
+    )
 
 
 def probe_port(host: str, port: int) -> None:
@@ -220,6 +276,8 @@ class RunningHub:
     hub: Hub
     store: SqlStore
     locks: list[HubLock] = field(default_factory=list)
+    # Per-address throttling before authentication (tests may set its clock).
+    throttle: PeerThrottle = field(default_factory=PeerThrottle)
 
     def stop(self, grace: float | None = 2.0) -> None:
         """Stop serving, release the database and the locks."""
@@ -267,6 +325,7 @@ def build_server(config: HubConfig) -> RunningHub:
     another live hub holds, an unwritable data dir, an unreachable database and a busy port.
     """
     host, port = check_listen(config.listen)
+    check_transport(config, host)
     probe_port(host, port)  # before the data dir is touched: a bad address leaves nothing
     locks = _locks(config)
     try:
@@ -300,8 +359,17 @@ def _build(config: HubConfig, locks: list[HubLock]) -> RunningHub:
     if swept:
         log.warning("removed %d dataset files left by an interrupted upload", swept)
     limiter = RateLimiter(config.rate_per_second, config.rate_burst)
+    throttle = PeerThrottle(
+        rate=config.peer_rate_per_second,
+        burst=config.peer_rate_burst,
+        max_failures=config.auth_failures,
+        window=config.auth_failure_window,
+        lockout=config.auth_lockout,
+    )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
+        # First of all: a throttled address is refused before authentication or the store.
+        interceptors=[PeerThrottleInterceptor(throttle)],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -350,7 +418,7 @@ def _build(config: HubConfig, locks: list[HubLock]) -> RunningHub:
             f"cannot listen on {config.listen}: the port is in use (another hub?) or the "
             "address is not this machine's"
         )
-    return RunningHub(server, port, hub, store, locks)
+    return RunningHub(server, port, hub, store, locks, throttle)
 
 
 def _redacted(url: str) -> str:

@@ -291,7 +291,23 @@ def test_authorization_matrix(scenario: Scenario) -> None:
             "DeleteDataset",
             lambda: partner_pb.DeleteDatasetRequest(dataset_id=s.bank_id),
             {"bank"},
-        ),  # checked last: it destroys the bank's dataset
+        ),  # late: it destroys the bank's dataset
+        # An admin revokes anyone's token (here a fresh principal's, so the matrix goes on).
+        "RevokeToken": (
+            AdminServiceStub,
+            "RevokeToken",
+            lambda: admin_pb.RevokeTokenRequest(
+                principal_id=s.hub.admin.create_principal("revoked", "analyst")[0].principal_id
+            ),
+            {"admin"},
+        ),
+        # Every principal rotates its own token; checked last: the old tokens stop working.
+        "RotateToken": (
+            AdminServiceStub,
+            "RotateToken",
+            admin_pb.RotateTokenRequest,
+            set(IDENTITIES) - {"anonymous", "forged"},
+        ),
     }
     # Every RPC of every service is in the matrix.
     from entremise.v1 import (

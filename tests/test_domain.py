@@ -187,7 +187,41 @@ ALLOWED: dict[str, tuple[set[Role], Callable[[Parties, Principal], object]]] = {
     "ledger": ({Role.COMPLIANCE, Role.ADMIN}, lambda p, c: p.hub.compliance.ledger(c)),
     "audit log": ({Role.COMPLIANCE, Role.ADMIN}, lambda p, c: p.hub.compliance.audit_log(c)),
     "coverage": ({Role.COMPLIANCE, Role.ADMIN}, lambda p, c: p.hub.compliance.consent_coverage(c)),
+    "revoke a token": ({Role.ADMIN}, lambda p, c: p.hub.principals.revoke_token(c, _fresh(p))),
+    "rotate another's token": (
+        {Role.ADMIN},
+        lambda p, c: p.hub.principals.rotate_token(c, _fresh(p)),
+    ),
+    "rotate one's own token": (set(Role), lambda p, c: p.hub.principals.rotate_token(c)),
 }
+
+
+def _fresh(p: Parties) -> str:
+    """A new principal to act on (so that acting on it leaves the parties as they were)."""
+    return p.hub.principals.create(p.admin, "target", Role.ANALYST)[0].principal_id
+
+
+def test_revoked_and_rotated_tokens_authenticate_no_more(hub: Hub) -> None:
+    admin = hub.principals.bootstrap_admin("ent_domain_admin")
+    assert admin is not None
+    bank, old = hub.principals.create(admin, "Banque", Role.PARTNER)
+    _, new, reinstated = hub.principals.rotate_token(bank)  # self-service
+    assert not reinstated and hub.principals.authenticate(new) == bank
+    with pytest.raises(UnauthenticatedError, match=r"^invalid API token$"):
+        hub.principals.authenticate(old)
+    hub.principals.revoke_token(admin, bank.principal_id)
+    with pytest.raises(UnauthenticatedError, match=r"^invalid API token$"):
+        hub.principals.authenticate(new)
+    with pytest.raises(UnauthenticatedError, match="names no known principal"):
+        hub.principals.authenticate(None, certificate_id=bank.principal_id)
+    with pytest.raises(FailedPreconditionError, match="last active admin"):
+        hub.principals.revoke_token(admin, admin.principal_id)
+    assert hub.principals.bootstrap_admin("ent_domain_admin") == admin
+    _, admin_token, _ = hub.principals.rotate_token(admin)
+    assert hub.principals.bootstrap_admin("ent_domain_admin") is None  # never registered again
+    assert hub.principals.authenticate(admin_token) == admin
+    kinds = [e.kind for e in hub.compliance.audit_log(admin)]
+    assert kinds.count("token_rotated") == 2 and kinds.count("token_revoked") == 1
 
 
 @pytest.mark.parametrize("use_case", sorted(ALLOWED))

@@ -322,6 +322,62 @@ def test_a_repeated_principal_id_or_token_is_refused(store: Store) -> None:
     assert store.principal_by_token(token("fresh")) is None
 
 
+def test_a_revoked_principal_neither_authenticates_nor_is_active(store: Store) -> None:
+    seed(store)
+    store.create_principal(Principal("pr_root", "root", Role.ADMIN), token("root"))
+    assert store.active_principal(BANK) == Principal(BANK, "bank", Role.PARTNER)
+    assert store.revoke_credentials(BANK, T0) is True
+    assert store.principal_by_token(token(BANK)) is None  # as if the token were unknown
+    assert store.active_principal(BANK) is None  # a certificate naming it is refused too
+    assert store.get_principal(BANK) == Principal(BANK, "bank", Role.PARTNER)  # still named
+    assert store.token_known(token(BANK)) and not store.token_known(token("nobody"))
+    assert store.revoke_credentials(BANK, T0) is True  # again: nothing changes
+    assert store.principal_by_token(token(PANEL)) == Principal(PANEL, "panel", Role.PARTNER)
+    with pytest.raises(NotFoundError):
+        store.revoke_credentials("pr_nobody", T0)
+    assert store.active_principal("pr_nobody") is None
+
+
+def test_the_last_active_admin_cannot_be_revoked(store: Store) -> None:
+    seed(store)
+    store.create_principal(Principal("pr_root", "root", Role.ADMIN), token("root"))
+    assert store.revoke_credentials("pr_root", T0) is False
+    assert store.principal_by_token(token("root")) == Principal("pr_root", "root", Role.ADMIN)
+    store.create_principal(Principal("pr_second", "second", Role.ADMIN), token("second"))
+    assert store.revoke_credentials("pr_root", T0) is True
+    assert store.revoke_credentials("pr_second", T0) is False  # now the last one
+    assert store.active_principal("pr_second") is not None
+
+
+def test_two_admins_revoking_each_other_at_once_leave_one_active(store: Store) -> None:
+    seed(store)
+    store.create_principal(Principal("pr_a", "a", Role.ADMIN), token("a"))
+    store.create_principal(Principal("pr_b", "b", Role.ADMIN), token("b"))
+    results = run_threads(2, lambda i: store.revoke_credentials(["pr_a", "pr_b"][i], T0))
+    assert sorted(results, key=str) == [False, True], results
+    assert [store.active_principal(p) is None for p in ("pr_a", "pr_b")].count(True) == 1
+
+
+def test_a_replaced_token_is_retired_and_a_revocation_lifted(store: Store) -> None:
+    seed(store)
+    assert store.replace_token(BANK, token("bank-2"), T0) is False
+    assert store.principal_by_token(token(BANK)) is None  # the old token: never again
+    assert store.principal_by_token(token("bank-2")) == Principal(BANK, "bank", Role.PARTNER)
+    assert store.token_known(token(BANK))  # retired, not forgotten
+    with pytest.raises(AlreadyExistsError):  # a retired hash is never issued again
+        store.replace_token(PANEL, token(BANK), T0)
+    with pytest.raises(AlreadyExistsError):
+        store.create_principal(Principal("pr_new", "new", Role.ANALYST), token(BANK))
+    assert store.principal_by_token(token(PANEL)) == Principal(PANEL, "panel", Role.PARTNER)
+    store.revoke_credentials(BANK, T0)
+    assert store.replace_token(BANK, token("bank-3"), T0) is True  # it had been revoked
+    assert store.active_principal(BANK) == Principal(BANK, "bank", Role.PARTNER)
+    assert store.principal_by_token(token("bank-3")) == Principal(BANK, "bank", Role.PARTNER)
+    assert store.principal_by_token(token("bank-2")) is None
+    with pytest.raises(NotFoundError):
+        store.replace_token("pr_nobody", token("x"), T0)
+
+
 # -- datasets ---------------------------------------------------------------------------------
 
 

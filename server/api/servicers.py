@@ -96,6 +96,24 @@ class AdminServicer(_Base, admin_service_pb2_grpc.AdminServiceServicer):
     ) -> admin_service_pb2.WhoAmIResponse:
         return admin_service_pb2.WhoAmIResponse(principal=principal_to_proto(self.caller(context)))
 
+    @rpc
+    def RevokeToken(
+        self, request: admin_service_pb2.RevokeTokenRequest, context: grpc.ServicerContext
+    ) -> admin_service_pb2.RevokeTokenResponse:
+        principal = self.hub.principals.revoke_token(self.caller(context), request.principal_id)
+        return admin_service_pb2.RevokeTokenResponse(principal=principal_to_proto(principal))
+
+    @rpc
+    def RotateToken(
+        self, request: admin_service_pb2.RotateTokenRequest, context: grpc.ServicerContext
+    ) -> admin_service_pb2.RotateTokenResponse:
+        principal, token, reinstated = self.hub.principals.rotate_token(
+            self.caller(context), request.principal_id
+        )
+        return admin_service_pb2.RotateTokenResponse(
+            principal=principal_to_proto(principal), token=token, reinstated=reinstated
+        )
+
 
 class PartnerServicer(_Base, partner_service_pb2_grpc.PartnerServiceServicer):
     """Keys, dataset uploads and the consent lifecycle."""

@@ -60,7 +60,32 @@ class Store(ABC):
 
     @abstractmethod
     def principal_by_token(self, token_sha256: str) -> Principal | None:
-        """Lookup: the principal owning a token hash, if any."""
+        """Lookup: the active principal owning a token hash, if any (None once revoked)."""
+
+    @abstractmethod
+    def active_principal(self, principal_id: str) -> Principal | None:
+        """Lookup: the principal with this id, unless unknown or its credentials are revoked."""
+
+    @abstractmethod
+    def token_known(self, token_sha256: str) -> bool:
+        """Whether a token hash was ever issued: current, revoked or retired by a rotation."""
+
+    @abstractmethod
+    def revoke_credentials(self, principal_id: str, revoked_at: str) -> bool:
+        """Revoke a principal's token and certificate identity, at once (NotFound if unknown).
+
+        Returns False, changing nothing, if the principal is the last active admin (checked in
+        the same transaction, so two admins revoking each other cannot both succeed). Revoking
+        a revoked principal changes nothing and returns True.
+        """
+
+    @abstractmethod
+    def replace_token(self, principal_id: str, token_sha256: str, retired_at: str) -> bool:
+        """Give a principal a new token hash; the old hash is retired, never valid again.
+
+        A revocation is lifted. Returns whether the principal had been revoked. NotFound if
+        the principal is unknown; AlreadyExists if the new hash was ever issued.
+        """
 
     @abstractmethod
     def get_principal(self, principal_id: str) -> Principal:

@@ -6,13 +6,27 @@ import logging
 import secrets
 
 from entremise.server.domain.access import check_text, require
-from entremise.server.domain.errors import NotFoundError, UnauthenticatedError
-from entremise.server.domain.ids import TOKEN_PREFIX, hash_token, new_id
+from entremise.server.domain.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    UnauthenticatedError,
+)
+from entremise.server.domain.ids import TOKEN_PREFIX, hash_token, new_id, now
 from entremise.server.domain.models import Principal, Role
 from entremise.server.domain.ports import Store
 from entremise.server.domain.trail import AuditTrail
 
 log = logging.getLogger(__name__)
+
+# A revoked or rotated-away credential answers exactly as an unknown one: a caller holding an
+# old token learns nothing about why it fails.
+INVALID_TOKEN = "invalid API token"
+UNKNOWN_CERTIFICATE = "the client certificate names no known principal"
+
+
+def new_token() -> str:
+    """A fresh API token: 256 random bits, shown once and stored only as its SHA-256."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
 class Principals:
@@ -30,12 +44,9 @@ class Principals:
         sent alongside must belong to the same principal.
         """
         if certificate_id is not None:
-            try:
-                named = self.store.get_principal(certificate_id)
-            except NotFoundError:
-                raise UnauthenticatedError(
-                    "the client certificate names no known principal"
-                ) from None
+            named = self.store.active_principal(certificate_id)  # None once revoked
+            if named is None:
+                raise UnauthenticatedError(UNKNOWN_CERTIFICATE)
             if token and self.store.principal_by_token(hash_token(token)) != named:
                 raise UnauthenticatedError("the API token and the client certificate disagree")
             return named
@@ -46,14 +57,24 @@ class Principals:
             )
         principal = self.store.principal_by_token(hash_token(token))
         if principal is None:
-            raise UnauthenticatedError("invalid API token")
+            raise UnauthenticatedError(INVALID_TOKEN)
         return principal
 
-    def bootstrap_admin(self, token: str, name: str = "admin") -> Principal:
-        """Register the configured admin token once (idempotent across restarts)."""
+    def bootstrap_admin(self, token: str, name: str = "admin") -> Principal | None:
+        """Register the configured admin token once (idempotent across restarts).
+
+        A token that was revoked or rotated away is not registered again (None): restarting
+        the hub with the old ENTREMISE_ADMIN_TOKEN or admin.token must not undo a rotation.
+        """
         existing = self.store.principal_by_token(hash_token(token))
         if existing is not None:
             return existing
+        if self.store.token_known(hash_token(token)):
+            log.warning(
+                "the configured admin token was revoked or rotated: it is not registered "
+                "again (use the admin token issued by the rotation)"
+            )
+            return None
         admin = Principal(new_id("pr"), name, Role.ADMIN)
         self.store.create_principal(admin, hash_token(token))
         return admin
@@ -62,7 +83,7 @@ class Principals:
         """Admin-only: a new principal and its token (returned once, stored hashed)."""
         require(caller, Role.ADMIN)
         check_text(name, "principal name")
-        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        token = new_token()
         principal = Principal(new_id("pr"), name, role)
         self.store.create_principal(principal, hash_token(token))
         # The name goes in the log so that compliance can show names beside ids (names of
@@ -72,3 +93,53 @@ class Principals:
         )
         log.info("principal created id=%s role=%s", principal.principal_id, role)
         return principal, token
+
+    def revoke_token(self, caller: Principal, principal_id: str) -> Principal:
+        """Admin-only: the principal's token and certificate identity stop working at once.
+
+        Refused for the last active admin (nobody could administer the hub any more).
+        """
+        require(caller, Role.ADMIN)
+        if not principal_id:
+            raise InvalidArgumentError("principal_id: name the principal whose token to revoke")
+        target = self.store.get_principal(principal_id)
+        if not self.store.revoke_credentials(principal_id, now()):
+            raise FailedPreconditionError(
+                f"cannot revoke {principal_id} ({target.name}): it is the last active admin "
+                "(create another admin first, or rotate its token instead)"
+            )
+        # Ids, role and name only: never the token or its hash.
+        self.trail.record(
+            "token_revoked", caller, principal_id, {"role": target.role.value, "name": target.name}
+        )
+        log.info("token revoked id=%s", principal_id)
+        return target
+
+    def rotate_token(
+        self, caller: Principal, principal_id: str = ""
+    ) -> tuple[Principal, str, bool]:
+        """A new token for `principal_id` (empty: the caller), returned once, stored hashed.
+
+        Any principal may rotate its own token (after a leak, say); an admin, anyone's, which
+        also reinstates a revoked principal. The old token stops working at once. Returns the
+        principal, the new token and whether it had been revoked.
+        """
+        principal_id = principal_id or caller.principal_id
+        if principal_id != caller.principal_id:
+            require(caller, Role.ADMIN)
+        target = self.store.get_principal(principal_id)
+        token = new_token()
+        reinstated = self.store.replace_token(principal_id, hash_token(token), now())
+        self.trail.record(
+            "token_rotated",
+            caller,
+            principal_id,
+            {
+                "role": target.role.value,
+                "name": target.name,
+                "self_service": principal_id == caller.principal_id,
+                "reinstated": reinstated,
+            },
+        )
+        log.info("token rotated id=%s", principal_id)
+        return target, token, reinstated

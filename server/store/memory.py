@@ -83,6 +83,8 @@ class MemoryStore(Store):
         self._lock = threading.RLock()
         self._principals: dict[str, Principal] = {}
         self._tokens: dict[str, str] = {}  # token hash -> principal id
+        self._revoked: dict[str, str] = {}  # principal id -> revoked at
+        self._retired: dict[str, str] = {}  # retired token hash -> principal id
         self._datasets: dict[str, Dataset] = {}
         self._uploads: dict[tuple[str, str], tuple[str, int]] = {}  # (partner, request id)
         self._agreements: dict[str, Agreement] = {}
@@ -100,7 +102,7 @@ class MemoryStore(Store):
 
     def create_principal(self, principal: Principal, token_sha256: str) -> None:  # noqa: D102
         with self._lock:
-            if principal.principal_id in self._principals or token_sha256 in self._tokens:
+            if principal.principal_id in self._principals or self._token_taken(token_sha256):
                 raise already_exists("principal", principal.principal_id)
             self._principals[principal.principal_id] = principal
             self._tokens[token_sha256] = principal.principal_id
@@ -108,7 +110,51 @@ class MemoryStore(Store):
     def principal_by_token(self, token_sha256: str) -> Principal | None:  # noqa: D102
         with self._lock:
             principal_id = self._tokens.get(token_sha256)
-            return self._principals[principal_id] if principal_id is not None else None
+            if principal_id is None or principal_id in self._revoked:
+                return None
+            return self._principals[principal_id]
+
+    def active_principal(self, principal_id: str) -> Principal | None:  # noqa: D102
+        with self._lock:
+            if principal_id in self._revoked:
+                return None
+            return self._principals.get(principal_id)
+
+    def token_known(self, token_sha256: str) -> bool:  # noqa: D102
+        with self._lock:
+            return self._token_taken(token_sha256)
+
+    def _token_taken(self, token_sha256: str) -> bool:
+        return token_sha256 in self._tokens or token_sha256 in self._retired
+
+    def revoke_credentials(self, principal_id: str, revoked_at: str) -> bool:  # noqa: D102
+        with self._lock:
+            principal = self.get_principal(principal_id)
+            if principal_id in self._revoked:
+                return True
+            if principal.role is Role.ADMIN:
+                active = [
+                    p
+                    for p in self._principals.values()
+                    if p.role is Role.ADMIN and p.principal_id not in self._revoked
+                ]
+                if len(active) <= 1:
+                    return False
+            self._revoked[principal_id] = revoked_at
+            return True
+
+    def replace_token(  # noqa: D102
+        self, principal_id: str, token_sha256: str, retired_at: str
+    ) -> bool:
+        with self._lock:
+            self.get_principal(principal_id)
+            if self._token_taken(token_sha256):
+                raise already_exists("token of principal", principal_id)
+            old = next(h for h, owner in self._tokens.items() if owner == principal_id)
+            del self._tokens[old]
+            self._retired[old] = principal_id
+            self._tokens[token_sha256] = principal_id
+            return self._revoked.pop(principal_id, None) is not None
 
     def get_principal(self, principal_id: str) -> Principal:  # noqa: D102
         with self._lock:

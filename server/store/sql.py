@@ -61,6 +61,7 @@ from entremise.server.store.tables import (
     principals,
     public_keys,
     releases,
+    retired_tokens,
     upload_requests,
     withdrawals,
     wrapped_keys,
@@ -109,6 +110,8 @@ class SqlStore(Store):
     def create_principal(self, principal: Principal, token_sha256: str) -> None:  # noqa: D102
         try:
             with self.writer.begin() as conn:
+                if self._token_taken(conn, token_sha256):  # current, or retired by a rotation
+                    raise already_exists("principal", principal.principal_id)
                 conn.execute(
                     principals.insert().values(
                         principal_id=principal.principal_id,
@@ -130,9 +133,96 @@ class SqlStore(Store):
             return None
         with self.engine.connect() as conn:
             row = conn.execute(
-                sa.select(principals).where(principals.c.token_sha256 == token_sha256)
+                sa.select(principals).where(
+                    principals.c.token_sha256 == token_sha256, principals.c.revoked_at.is_(None)
+                )
             ).first()
         return principal_from_row(row) if row else None
+
+    def active_principal(self, principal_id: str) -> Principal | None:  # noqa: D102
+        if not storable(principal_id):
+            return None
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(principals).where(
+                    principals.c.principal_id == principal_id, principals.c.revoked_at.is_(None)
+                )
+            ).first()
+        return principal_from_row(row) if row else None
+
+    def token_known(self, token_sha256: str) -> bool:  # noqa: D102
+        if not storable(token_sha256):
+            return False
+        with self.engine.connect() as conn:
+            current = conn.execute(
+                sa.select(principals.c.principal_id).where(
+                    principals.c.token_sha256 == token_sha256
+                )
+            ).first()
+            retired = conn.execute(
+                sa.select(retired_tokens.c.principal_id).where(
+                    retired_tokens.c.token_sha256 == token_sha256
+                )
+            ).first()
+        return current is not None or retired is not None
+
+    def revoke_credentials(self, principal_id: str, revoked_at: str) -> bool:  # noqa: D102
+        with self.writer.begin() as conn:
+            row = reads.principal_row(conn, principal_id)
+            if row.revoked_at is not None:
+                return True
+            if row.role == Role.ADMIN.value:
+                # Lock every active admin row (PostgreSQL; SQLite holds the write lock since
+                # BEGIN IMMEDIATE): two admins revoking each other are serialised here.
+                admins = conn.execute(
+                    sa.select(principals.c.principal_id)
+                    .where(principals.c.role == Role.ADMIN.value, principals.c.revoked_at.is_(None))
+                    .with_for_update()
+                ).all()
+                if len(admins) <= 1:
+                    return False
+            conn.execute(
+                principals.update()
+                .where(principals.c.principal_id == principal_id)
+                .values(revoked_at=revoked_at)
+            )
+        return True
+
+    def replace_token(  # noqa: D102
+        self, principal_id: str, token_sha256: str, retired_at: str
+    ) -> bool:
+        try:
+            with self.writer.begin() as conn:
+                row = reads.principal_row(conn, principal_id)
+                if self._token_taken(conn, token_sha256):
+                    raise already_exists("token of principal", principal_id)
+                conn.execute(
+                    retired_tokens.insert().values(
+                        token_sha256=row.token_sha256,
+                        principal_id=principal_id,
+                        retired_at=retired_at,
+                    )
+                )
+                conn.execute(
+                    principals.update()
+                    .where(principals.c.principal_id == principal_id)
+                    .values(token_sha256=token_sha256, revoked_at=None)
+                )
+        except sa.exc.IntegrityError:
+            raise already_exists("token of principal", principal_id) from None
+        return row.revoked_at is not None
+
+    @staticmethod
+    def _token_taken(conn: Connection, token_sha256: str) -> bool:
+        current = conn.execute(
+            sa.select(principals.c.principal_id).where(principals.c.token_sha256 == token_sha256)
+        ).first()
+        retired = conn.execute(
+            sa.select(retired_tokens.c.principal_id).where(
+                retired_tokens.c.token_sha256 == token_sha256
+            )
+        ).first()
+        return current is not None or retired is not None
 
     def get_principal(self, principal_id: str) -> Principal:  # noqa: D102
         with self.engine.connect() as conn:

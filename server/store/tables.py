@@ -13,6 +13,19 @@ principals = sa.Table(
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("role", sa.String(20), nullable=False),
     sa.Column("token_sha256", sa.String(64), nullable=False, unique=True),
+    # Set when an admin revokes the principal's credentials (token and certificate identity).
+    sa.Column("revoked_at", sa.String(32), nullable=True),
+)
+
+# Token hashes replaced by a rotation: never valid again, and never re-registered at start.
+retired_tokens = sa.Table(
+    "retired_tokens",
+    metadata,
+    sa.Column("token_sha256", sa.String(64), primary_key=True),
+    sa.Column(
+        "principal_id", sa.String(40), sa.ForeignKey("principals.principal_id"), nullable=False
+    ),
+    sa.Column("retired_at", sa.String(32), nullable=False),
 )
 
 agreements = sa.Table(

@@ -44,6 +44,16 @@ class AdminServiceStub:
                 request_serializer=entremise_dot_v1_dot_admin__service__pb2.WhoAmIRequest.SerializeToString,
                 response_deserializer=entremise_dot_v1_dot_admin__service__pb2.WhoAmIResponse.FromString,
                 _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/entremise.v1.AdminService/RevokeToken',
+                request_serializer=entremise_dot_v1_dot_admin__service__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=entremise_dot_v1_dot_admin__service__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
+        self.RotateToken = channel.unary_unary(
+                '/entremise.v1.AdminService/RotateToken',
+                request_serializer=entremise_dot_v1_dot_admin__service__pb2.RotateTokenRequest.SerializeToString,
+                response_deserializer=entremise_dot_v1_dot_admin__service__pb2.RotateTokenResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -62,6 +72,23 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeToken(self, request, context):
+        """Admin only: the principal's token (and client certificate identity) stops working at once.
+        Refused for the last active admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateToken(self, request, context):
+        """A new token for a principal (empty id: the caller's own), returned once and stored hashed;
+        the old one stops working at once. Any principal may rotate its own; an admin, anyone's
+        (which also reinstates a revoked principal).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +101,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.WhoAmI,
                     request_deserializer=entremise_dot_v1_dot_admin__service__pb2.WhoAmIRequest.FromString,
                     response_serializer=entremise_dot_v1_dot_admin__service__pb2.WhoAmIResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=entremise_dot_v1_dot_admin__service__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=entremise_dot_v1_dot_admin__service__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'RotateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateToken,
+                    request_deserializer=entremise_dot_v1_dot_admin__service__pb2.RotateTokenRequest.FromString,
+                    response_serializer=entremise_dot_v1_dot_admin__service__pb2.RotateTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +167,60 @@ class AdminService:
             '/entremise.v1.AdminService/WhoAmI',
             entremise_dot_v1_dot_admin__service__pb2.WhoAmIRequest.SerializeToString,
             entremise_dot_v1_dot_admin__service__pb2.WhoAmIResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entremise.v1.AdminService/RevokeToken',
+            entremise_dot_v1_dot_admin__service__pb2.RevokeTokenRequest.SerializeToString,
+            entremise_dot_v1_dot_admin__service__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entremise.v1.AdminService/RotateToken',
+            entremise_dot_v1_dot_admin__service__pb2.RotateTokenRequest.SerializeToString,
+            entremise_dot_v1_dot_admin__service__pb2.RotateTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,6 +34,15 @@ class AdminServiceStub:
     CreatePrincipal: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CreatePrincipalRequest, _admin_service_pb2.CreatePrincipalResponse]
     """Creates a principal and returns its API token (shown once, stored hashed)."""
     WhoAmI: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.WhoAmIRequest, _admin_service_pb2.WhoAmIResponse]
+    RevokeToken: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RevokeTokenRequest, _admin_service_pb2.RevokeTokenResponse]
+    """Admin only: the principal's token (and client certificate identity) stops working at once.
+    Refused for the last active admin.
+    """
+    RotateToken: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RotateTokenRequest, _admin_service_pb2.RotateTokenResponse]
+    """A new token for a principal (empty id: the caller's own), returned once and stored hashed;
+    the old one stops working at once. Any principal may rotate its own; an admin, anyone's
+    (which also reinstates a revoked principal).
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -41,6 +50,15 @@ class AdminServiceAsyncStub(AdminServiceStub):
     CreatePrincipal: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CreatePrincipalRequest, _admin_service_pb2.CreatePrincipalResponse]  # type: ignore[assignment]
     """Creates a principal and returns its API token (shown once, stored hashed)."""
     WhoAmI: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.WhoAmIRequest, _admin_service_pb2.WhoAmIResponse]  # type: ignore[assignment]
+    RevokeToken: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RevokeTokenRequest, _admin_service_pb2.RevokeTokenResponse]  # type: ignore[assignment]
+    """Admin only: the principal's token (and client certificate identity) stops working at once.
+    Refused for the last active admin.
+    """
+    RotateToken: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RotateTokenRequest, _admin_service_pb2.RotateTokenResponse]  # type: ignore[assignment]
+    """A new token for a principal (empty id: the caller's own), returned once and stored hashed;
+    the old one stops working at once. Any principal may rotate its own; an admin, anyone's
+    (which also reinstates a revoked principal).
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -57,5 +75,26 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_service_pb2.WhoAmIRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.WhoAmIResponse, _abc.Awaitable[_admin_service_pb2.WhoAmIResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeToken(
+        self,
+        request: _admin_service_pb2.RevokeTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.RevokeTokenResponse, _abc.Awaitable[_admin_service_pb2.RevokeTokenResponse]]:
+        """Admin only: the principal's token (and client certificate identity) stops working at once.
+        Refused for the last active admin.
+        """
+
+    @_abc_1.abstractmethod
+    def RotateToken(
+        self,
+        request: _admin_service_pb2.RotateTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.RotateTokenResponse, _abc.Awaitable[_admin_service_pb2.RotateTokenResponse]]:
+        """A new token for a principal (empty id: the caller's own), returned once and stored hashed;
+        the old one stops working at once. Any principal may rotate its own; an admin, anyone's
+        (which also reinstates a revoked principal).
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
