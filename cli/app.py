@@ -62,6 +62,13 @@ audit_app = _group("audit", "Compliance: the tamper-evident audit log.")
 audit_app.command("list")(compliance.audit_list)
 audit_app.command("verify")(compliance.audit_verify)
 
+compliance_app = _group(
+    "compliance", "Compliance: your view (a partner's, or its scoped officer's) offline; report."
+)
+compliance_app.command("export")(compliance.export)
+compliance_app.command("verify")(compliance.verify)
+compliance_app.command("report")(compliance.report)
+
 db_app = _group("db", "Database schema (Alembic migrations).")
 db_app.command("upgrade")(operator.db_upgrade)
 

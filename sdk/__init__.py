@@ -60,6 +60,7 @@ from entremise.sdk.results import (
     AgreementStatus,
     AnalystBudget,
     AuditEvent,
+    AuditLog,
     Bounding,
     Budget,
     Cell,
@@ -78,6 +79,7 @@ from entremise.sdk.results import (
     Role,
     Withdrawal,
 )
+from entremise.sdk.view import ViewCheck, verify_view
 
 __all__ = [
     "SENDING",
@@ -88,6 +90,7 @@ __all__ = [
     "AgreementStatus",
     "AnalystBudget",
     "AuditEvent",
+    "AuditLog",
     "Bounding",
     "Budget",
     "Cell",
@@ -121,10 +124,12 @@ __all__ = [
     "Status",
     "TLSConfig",
     "UploadResult",
+    "ViewCheck",
     "Withdrawal",
     "aggregate",
     "parse_aggregate",
     "parse_filter",
+    "verify_view",
     "where_in",
     "where_not_in",
     "where_range",

@@ -164,10 +164,22 @@ ALLOWED: dict[str, tuple[set[Role], Callable[[Parties, Principal], object]]] = {
         lambda p, c: p.hub.datasets.list_for(c),
     ),
     "preview": ({Role.ANALYST}, lambda p, c: p.hub.queries.preview(c, _count(p.agreement_id))),
-    "budgets": ({Role.COMPLIANCE, Role.ADMIN}, lambda p, c: p.hub.compliance.budgets(c)),
-    "ledger": ({Role.COMPLIANCE, Role.ADMIN}, lambda p, c: p.hub.compliance.ledger(c)),
-    "audit log": ({Role.COMPLIANCE, Role.ADMIN}, lambda p, c: p.hub.compliance.audit_log(c)),
-    "coverage": ({Role.COMPLIANCE, Role.ADMIN}, lambda p, c: p.hub.compliance.consent_coverage(c)),
+    "budgets": (
+        {Role.COMPLIANCE, Role.ADMIN, Role.PARTNER},
+        lambda p, c: p.hub.compliance.budgets(c),
+    ),
+    "ledger": (
+        {Role.COMPLIANCE, Role.ADMIN, Role.PARTNER},
+        lambda p, c: p.hub.compliance.ledger(c),
+    ),
+    "audit log": (
+        {Role.COMPLIANCE, Role.ADMIN, Role.PARTNER},
+        lambda p, c: p.hub.compliance.audit_log(c),
+    ),
+    "coverage": (
+        {Role.COMPLIANCE, Role.ADMIN, Role.PARTNER},
+        lambda p, c: p.hub.compliance.consent_coverage(c),
+    ),
 }
 
 

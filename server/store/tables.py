@@ -13,6 +13,8 @@ principals = sa.Table(
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("role", sa.String(20), nullable=False),
     sa.Column("token_sha256", sa.String(64), nullable=False, unique=True),
+    # A compliance officer scoped to one partner's view (NULL = hub-wide).
+    sa.Column("scope_partner_id", sa.String(40), nullable=True),
 )
 
 agreements = sa.Table(
