@@ -27,6 +27,7 @@ from entremise.server.domain.audit import AuditSigner, verify_chain
 from entremise.server.domain.errors import (
     BudgetExhaustedError,
     FailedPreconditionError,
+    InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
     UnauthenticatedError,
@@ -332,3 +333,32 @@ def test_the_audit_chain_of_the_use_cases_verifies(active: Parties) -> None:
     signer_key = hub.agreements.trail.signer.public_key()
     assert verify_chain(entries, signer_key, None).ok
     assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
+
+
+def test_a_partners_view_leaves_out_the_other_partners_data(active: Parties) -> None:
+    """The compliance room gives each partner (and its scoped officer) its own view only."""
+    p = active
+    hub, ag = p.hub, p.agreement_id
+    outsider, _ = hub.principals.create(p.admin, "Outsider", Role.PARTNER)
+    dpo, _ = hub.principals.create(p.admin, "Bank DPO", Role.COMPLIANCE, p.bank.principal_id)
+    hub.consent.withdraw(p.panel, ag, [secrets.token_hex(32) for _ in range(12)])
+    bank_log = hub.compliance.audit_log(p.bank)
+    assert [e.seq for e in hub.compliance.audit_log(dpo)] == [e.seq for e in bank_log]
+    assert not [e for e in bank_log if e.actor_id == p.panel.principal_id and "rows" in e.detail]
+    assert "consent_withdrawn" not in {e.kind for e in bank_log}
+    assert "consent_withdrawn" in {e.kind for e in hub.compliance.audit_log(p.panel)}
+    panel_datasets = {d.dataset_id for d in hub.store.list_datasets(p.panel.principal_id)}
+    assert not panel_datasets & {e.subject_id for e in bank_log}
+    assert {d.partner_id for d, _, _ in hub.compliance.consent_coverage(dpo)} == {
+        p.bank.principal_id
+    }
+    assert [b.agreement_id for b in hub.compliance.budgets(p.bank)] == [ag]
+    for reader in (outsider,):
+        assert hub.compliance.budgets(reader) == []
+        assert hub.compliance.ledger(reader) == []
+        assert hub.compliance.consent_coverage(reader) == []
+        assert {e.subject_id for e in hub.compliance.audit_log(reader)} <= {outsider.principal_id}
+        with pytest.raises(NotFoundError):
+            hub.compliance.ledger(reader, ag)
+    with pytest.raises(InvalidArgumentError):
+        hub.principals.create(p.admin, "x", Role.ANALYST, p.bank.principal_id)
