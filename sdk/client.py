@@ -641,7 +641,7 @@ class Client:
     # -- compliance ---------------------------------------------------------------------------
 
     def budgets(self, agreement_id: str = "") -> list[Budget]:
-        """Budget of one or every agreement."""
+        """Budget of one or every agreement in the caller's view (a partner: its own agreements)."""
         response = self._unary(
             self._compliance.GetBudget,
             compliance_service_pb2.GetBudgetRequest(agreement_id=agreement_id),
@@ -649,7 +649,7 @@ class Client:
         return [Budget.from_proto(b) for b in response.budgets]
 
     def ledger(self, agreement_id: str = "") -> list[Release]:
-        """Every release, oldest first."""
+        """Every release in the caller's view, oldest first (a partner: of its agreements)."""
         response = self._unary(
             self._compliance.ListLedger,
             compliance_service_pb2.ListLedgerRequest(agreement_id=agreement_id),
@@ -681,7 +681,7 @@ class Client:
         return export_view(self, out_dir)
 
     def consent_coverage(self, agreement_id: str = "") -> list[ConsentCoverage]:
-        """Consent coverage per dataset and purpose (compliance officers and admins)."""
+        """Consent coverage per dataset and purpose (a partner, or its officer: its datasets)."""
         response = self._unary(
             self._compliance.GetConsentCoverage,
             compliance_service_pb2.GetConsentCoverageRequest(agreement_id=agreement_id),
