@@ -63,7 +63,9 @@ audit_app.command("list")(compliance.audit_list)
 audit_app.command("verify")(compliance.audit_verify)
 
 compliance_app = _group(
-    "compliance", "Compliance: your view (a partner's, or its scoped officer's) offline; report."
+    "compliance",
+    "Compliance: export your view, verify it offline, and the report (a partner, or an officer "
+    "scoped to it, gets that partner's view; admins and hub-wide officers the whole hub).",
 )
 compliance_app.command("export")(compliance.export)
 compliance_app.command("verify")(compliance.verify)

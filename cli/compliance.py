@@ -157,7 +157,11 @@ def report(
     token: TokenOption = "",
     json_out: JsonOption = False,
 ) -> None:
-    """Compliance report: audit status, agreements, budget over time, releases, refusals."""
+    """Compliance report: audit status, agreements, budget over time, releases, refusals.
+
+    Run with a partner's token, or a scoped officer's, it covers that partner's view only and
+    says so in its heading.
+    """
     from entremise.cli.report import build_report, read_names
 
     with connect(target, token) as client, friendly_errors():
