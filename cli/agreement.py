@@ -240,14 +240,15 @@ NamesOption = Annotated[
 def _known_names(client: Client, me: Principal, names: Path | None) -> dict[str, str]:
     """Principal names: a --names file, the caller's own, and the audit log's.
 
-    Admins and compliance officers may read the log, which records each principal's name when
-    it is created; others see their own name and those of the file.
+    Admins, compliance officers and partners may read the log (a partner, and an officer
+    scoped to one, the entries of its own view), which records each principal's name when it
+    is created; analysts see their own name and those of the file.
     """
     from entremise.cli.report import Names, read_names
 
     known = Names(read_names(names) if names else {})
     known.names.setdefault(me.principal_id, me.name)
-    if me.role in (Role.ADMIN, Role.COMPLIANCE):
+    if me.role in (Role.ADMIN, Role.COMPLIANCE, Role.PARTNER):
         known.learn(client.audit_events())
     return known.names
 

@@ -67,6 +67,15 @@ audit_app = _group("audit", "Compliance: the tamper-evident audit log.")
 audit_app.command("list")(compliance.audit_list)
 audit_app.command("verify")(compliance.audit_verify)
 
+compliance_app = _group(
+    "compliance",
+    "Compliance: export your view, verify it offline, and the report (a partner, or an officer "
+    "scoped to it, gets that partner's view; admins and hub-wide officers the whole hub).",
+)
+compliance_app.command("export")(compliance.export)
+compliance_app.command("verify")(compliance.verify)
+compliance_app.command("report")(compliance.report)
+
 db_app = _group("db", "Database schema (Alembic migrations).")
 db_app.command("upgrade")(operator.db_upgrade)
 

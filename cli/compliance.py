@@ -1,7 +1,8 @@
 """The compliance officer's commands: budgets, the ledger of releases, the audit log, a report.
 
-`audit verify` needs no hub: it reads the hub's data dir and database offline, through
-`entremise.server.operations`.
+A partner, and an officer scoped to a partner (its DPO), run the same commands on its own
+view. `audit verify` needs no hub: it reads the hub's data dir and database offline, through
+`entremise.server.operations`; `compliance verify` checks an exported view offline.
 """
 
 from __future__ import annotations
@@ -156,7 +157,11 @@ def report(
     token: TokenOption = "",
     json_out: JsonOption = False,
 ) -> None:
-    """Compliance report: audit status, agreements, budget over time, releases, refusals."""
+    """Compliance report: audit status, agreements, budget over time, releases, refusals.
+
+    Run with a partner's token, or a scoped officer's, it covers that partner's view only and
+    says so in its heading.
+    """
     from entremise.cli.report import build_report, read_names
 
     with connect(target, token) as client, friendly_errors():
@@ -245,3 +250,73 @@ def audit_verify(
         console.print(f"audit log intact: {result.checked} entries verified")
     if not result.ok:
         fail(f"audit log tampered at entry {result.first_bad_seq}: {result.reason}")
+
+
+def export(
+    out: Annotated[Path, typer.Option(help="Directory for the JSON files (created if needed).")],
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    json_out: JsonOption = False,
+) -> None:
+    """Save your compliance view as JSON files, to check offline with `compliance verify`.
+
+    Agreements, budgets, the ledger of releases, consent coverage, the audit entries and the
+    hub's audit public key, with the time of export. A partner (or an officer scoped to one)
+    gets its own view; admins and hub-wide officers the whole hub.
+    """
+    from entremise.sdk.view import export_view
+
+    with connect(target, token) as client, friendly_errors():
+        directory = export_view(client, out)
+    view = json.loads((directory / "view.json").read_text())
+    if json_out:
+        print_json({"directory": str(directory), **view})
+        return
+    counts = view["counts"]
+    whose = f"the view of partner {view['view_of']}" if view["view_of"] else "the whole hub"
+    console.print(
+        f"exported {whose} to {directory}: {counts['agreements']} agreements, "
+        f"{counts['releases']} releases, {counts['audit_entries']} audit entries",
+        markup=False,
+    )
+
+
+def verify(
+    directory: Annotated[Path, typer.Argument(help="A directory written by `compliance export`.")],
+    public_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--public-key",
+            help="The hub's audit public key obtained out of band (PEM, as audit_signing.pub, "
+            "or 64 hex digits); default: the key the hub served with the export.",
+        ),
+    ] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Check an exported view offline: hashes, signatures, links, ledger against audit entries.
+
+    Prints one line per problem (exit 1 if any), then what a partial view cannot prove.
+    """
+    from entremise.sdk.view import read_public_key, verify_view
+
+    with friendly_errors():
+        key = read_public_key(public_key) if public_key is not None else None
+        result = verify_view(directory, key)
+    if json_out:
+        print_json(result.to_json())
+        if not result.ok:
+            raise typer.Exit(1)
+        return
+    for problem in result.problems:
+        console.print(f"problem: {problem.line()}", markup=False, soft_wrap=True)
+    verdict = "no problem found" if result.ok else f"{len(result.problems)} problem(s)"
+    console.print(
+        f"{verdict}: {result.entries} audit entries and {result.releases} releases checked; "
+        f"public key {result.key_source}",
+        markup=False,
+        soft_wrap=True,
+    )
+    for note in result.cannot_prove:
+        console.print(f"cannot prove: {note}", markup=False, soft_wrap=True)
+    if not result.ok:
+        raise typer.Exit(1)

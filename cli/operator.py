@@ -27,6 +27,7 @@ from entremise.cli._common import (
     to_dict,
 )
 from entremise.cli.output import console
+from entremise.sdk import Client, EntremiseError, Principal
 
 
 def serve(
@@ -199,6 +200,15 @@ def db_upgrade(
 def create_principal(
     name: Annotated[str, typer.Argument(help="Display name.")],
     role: Annotated[str, typer.Option(help="admin, partner, analyst or compliance.")],
+    scope_partner: Annotated[
+        str,
+        typer.Option(
+            "--scope-partner",
+            metavar="PARTNER_ID",
+            help="With --role compliance: an officer who sees only this partner's view "
+            "(its agreements, releases and audit entries; read-only), e.g. the partner's DPO.",
+        ),
+    ] = "",
     target: TargetOption = DEFAULT_TARGET,
     token: TokenOption = "",
     json_out: JsonOption = False,
@@ -213,15 +223,18 @@ def create_principal(
     """  # noqa: D301 (\b: click keeps the next line as written)
     quiet_or_json(quiet, json_out)
     with connect(target, token) as client, friendly_errors():
-        principal, new_token = client.create_principal(name, role)
+        principal, new_token = client.create_principal(name, role, scope_partner)
+        partner = _partner_name(client, principal.scope_partner_id)
     if json_out:
         print_json({"principal": to_dict(principal.raw), "token": new_token})
         return
     if quiet:
         sys.stdout.write(f"{principal.principal_id} {new_token}\n")
         return
+    scope = f", {_scope_words(principal, partner)}" if principal.scope_partner_id else ""
     console.print(
-        f"principal {principal.principal_id} {principal.name!r} ({role}) created", markup=False
+        f"principal {principal.principal_id} {principal.name!r} ({role}{scope}) created",
+        markup=False,
     )
     console.print(f"token (shown once): {new_token}", highlight=False, soft_wrap=True)
 
@@ -299,10 +312,35 @@ def rotate_token(
 def whoami(
     target: TargetOption = DEFAULT_TARGET, token: TokenOption = "", json_out: JsonOption = False
 ) -> None:
-    """Show who the token belongs to."""
+    """Show who the token belongs to: id and name, role, and the view a scoped officer has."""
     with connect(target, token) as client, friendly_errors():
         principal = client.whoami()
+        partner = _partner_name(client, principal.scope_partner_id)
     if json_out:
         print_json(to_dict(principal.raw))
     else:
         console.print(f"{principal.principal_id} {principal.name}", markup=False)
+        role = principal.role.word
+        extra = f", {_scope_words(principal, partner)}" if principal.scope_partner_id else ""
+        console.print(f"role: {role}{extra}", markup=False)
+
+
+def _scope_words(principal: Principal, partner_name: str) -> str:
+    """How a scoped officer's scope reads: "scoped to partner Name (ID) (its view, read-only)"."""
+    pid = principal.scope_partner_id
+    who = f"{partner_name} ({pid})" if partner_name else pid
+    return f"scoped to partner {who} (its view, read-only)"
+
+
+def _partner_name(client: Client, partner_id: str) -> str:
+    """The partner's name as the audit log recorded it at creation, if the caller may read it."""
+    if not partner_id:
+        return ""
+    try:
+        events = client.audit_events()
+    except EntremiseError:
+        return ""
+    for e in events:
+        if e.kind == "principal_created" and e.subject_id == partner_id:
+            return str((e.detail or {}).get("name", ""))
+    return ""

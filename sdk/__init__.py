@@ -62,6 +62,7 @@ from entremise.sdk.results import (
     AgreementStatus,
     AnalystBudget,
     AuditEvent,
+    AuditLog,
     Bounding,
     Budget,
     Cell,
@@ -81,6 +82,7 @@ from entremise.sdk.results import (
     Withdrawal,
 )
 from entremise.sdk.subject import SubjectAgreement, SubjectRelease, SubjectReport
+from entremise.sdk.view import ViewCheck, verify_view
 
 __all__ = [
     "SENDING",
@@ -91,6 +93,7 @@ __all__ = [
     "AgreementStatus",
     "AnalystBudget",
     "AuditEvent",
+    "AuditLog",
     "Bounding",
     "Budget",
     "Cell",
@@ -130,10 +133,12 @@ __all__ = [
     "TrustStore",
     "UploadResult",
     "VerifiedKeys",
+    "ViewCheck",
     "Withdrawal",
     "aggregate",
     "parse_aggregate",
     "parse_filter",
+    "verify_view",
     "where_in",
     "where_not_in",
     "where_range",

@@ -57,6 +57,7 @@ from entremise.sdk.query import Query
 from entremise.sdk.results import (
     Agreement,
     AuditEvent,
+    AuditLog,
     Budget,
     ConsentCoverage,
     Dataset,
@@ -271,10 +272,14 @@ class Client:
 
     # -- admin --------------------------------------------------------------------------------
 
-    def create_principal(self, name: str, role: str | Role) -> tuple[Principal, str]:
+    def create_principal(
+        self, name: str, role: str | Role, scope_partner_id: str = ""
+    ) -> tuple[Principal, str]:
         """Admin: create a principal; returns it and its token (shown once).
 
         `role` is a `Role`, or its word: "admin", "partner", "analyst" or "compliance".
+        `scope_partner_id` (compliance officers only) limits the officer to that partner's
+        view: the agreements, releases and audit entries that concern its data (its DPO).
         """
         if isinstance(role, Role):
             role = role.word
@@ -282,7 +287,9 @@ class Client:
             raise InvalidArgumentError(f"role must be one of {sorted(ROLES)}")
         response = self._unary(
             self._admin.CreatePrincipal,
-            admin_service_pb2.CreatePrincipalRequest(name=name, role=ROLES[role]),
+            admin_service_pb2.CreatePrincipalRequest(
+                name=name, role=ROLES[role], scope_partner_id=scope_partner_id
+            ),
         )
         return Principal.from_proto(response.principal), response.token
 
@@ -796,7 +803,7 @@ class Client:
     # -- compliance ---------------------------------------------------------------------------
 
     def budgets(self, agreement_id: str = "") -> list[Budget]:
-        """Budget of one or every agreement."""
+        """Budget of one or every agreement in the caller's view (a partner: its own agreements)."""
         response = self._unary(
             self._compliance.GetBudget,
             compliance_service_pb2.GetBudgetRequest(agreement_id=agreement_id),
@@ -804,7 +811,7 @@ class Client:
         return [Budget.from_proto(b) for b in response.budgets]
 
     def ledger(self, agreement_id: str = "") -> list[Release]:
-        """Every release, oldest first."""
+        """Every release in the caller's view, oldest first (a partner: of its agreements)."""
         response = self._unary(
             self._compliance.ListLedger,
             compliance_service_pb2.ListLedgerRequest(agreement_id=agreement_id),
@@ -812,14 +819,31 @@ class Client:
         return [Release.from_proto(r) for r in response.releases]
 
     def audit_events(self) -> list[AuditEvent]:
-        """The audit log, oldest first (compliance officers and admins)."""
+        """The audit log in the caller's view, oldest first.
+
+        Admins and hub-wide compliance officers get every entry; a partner (or an officer
+        scoped to it) the entries that concern its agreements, its datasets and itself.
+        """
+        return list(self.audit_log().events)
+
+    def audit_log(self) -> AuditLog:
+        """The audit entries in the caller's view, with the hub's audit public key."""
         response = self._unary(
             self._compliance.ListAuditEvents, compliance_service_pb2.ListAuditEventsRequest()
         )
-        return [AuditEvent.from_proto(e) for e in response.events]
+        return AuditLog.from_proto(response)
+
+    def export_view(self, out_dir: Path) -> Path:
+        """Save the caller's compliance view as JSON files for offline checking; returns out_dir.
+
+        See `entremise.sdk.view` (`verify_view` checks such a directory without the hub).
+        """
+        from entremise.sdk.view import export_view
+
+        return export_view(self, out_dir)
 
     def consent_coverage(self, agreement_id: str = "") -> list[ConsentCoverage]:
-        """Consent coverage per dataset and purpose (compliance officers and admins)."""
+        """Consent coverage per dataset and purpose (a partner, or its officer: its datasets)."""
         response = self._unary(
             self._compliance.GetConsentCoverage,
             compliance_service_pb2.GetConsentCoverageRequest(agreement_id=agreement_id),

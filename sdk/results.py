@@ -113,11 +113,23 @@ class Principal:
     name: str
     role: Role
     raw: admin_service_pb2.Principal = field(repr=False, compare=False)
+    # A compliance officer scoped to one partner's view (its DPO); "" = hub-wide.
+    scope_partner_id: str = ""
 
     @classmethod
     def from_proto(cls, msg: admin_service_pb2.Principal) -> Principal:
         """Read the message."""
-        return cls(msg.principal_id, msg.name, Role(msg.role), msg)
+        return cls(msg.principal_id, msg.name, Role(msg.role), msg, msg.scope_partner_id)
+
+    @property
+    def view_of(self) -> str:
+        """The partner whose view the compliance API gives this principal ("" = the whole hub).
+
+        A partner sees its own view; a scoped compliance officer its partner's.
+        """
+        if self.role is Role.PARTNER:
+            return self.principal_id
+        return self.scope_partner_id
 
 
 @dataclass(frozen=True)
@@ -660,6 +672,36 @@ class AuditEvent:
         return json.loads(self.detail_json) if self.detail_json else None
 
     @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AuditEvent:
+        """Read an entry as `to_json` wrote it (an exported view)."""
+        msg = compliance_service_pb2.AuditEvent(
+            seq=int(data["seq"]),
+            kind=str(data["kind"]),
+            actor_id=str(data["actor_id"]),
+            subject_id=str(data["subject_id"]),
+            detail_json=str(data["detail_json"]),
+            created_at=str(data["created_at"]),
+            prev_hash=str(data["prev_hash"]),
+            hash=str(data["hash"]),
+            signature=str(data["signature"]),
+        )
+        return cls.from_proto(msg)
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry as plain JSON, exactly as signed (detail kept as the hub's JSON text)."""
+        return {
+            "seq": self.seq,
+            "kind": self.kind,
+            "actor_id": self.actor_id,
+            "subject_id": self.subject_id,
+            "detail_json": self.detail_json,
+            "created_at": self.created_at,
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+            "signature": self.signature,
+        }
+
+    @classmethod
     def from_proto(cls, msg: compliance_service_pb2.AuditEvent) -> AuditEvent:
         """Read the message."""
         return cls(
@@ -673,4 +715,25 @@ class AuditEvent:
             msg.hash,
             msg.signature,
             msg,
+        )
+
+
+@dataclass(frozen=True)
+class AuditLog:
+    """The audit entries in the caller's view, and the hub's key that signed them.
+
+    `public_key` is the raw 32-byte Ed25519 key the hub served: it proves that the entries
+    are consistent with that hub, not that it is the hub's real key; compare it with the key
+    published out of band (`entremise compliance verify --public-key`).
+    """
+
+    events: tuple[AuditEvent, ...]
+    public_key: bytes
+    raw: compliance_service_pb2.ListAuditEventsResponse = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, msg: compliance_service_pb2.ListAuditEventsResponse) -> AuditLog:
+        """Read the message."""
+        return cls(
+            tuple(AuditEvent.from_proto(e) for e in msg.events), bytes(msg.audit_public_key), msg
         )

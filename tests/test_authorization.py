@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
-from entremise.partners import aggregate, query
+from entremise.partners import Client, aggregate, query
 from entremise.partners.identity import PartnerKeys, wrapped_key_statement
 from entremise.partners.prepare import build_upload_table, encode
 from entremise.partners.synthetic import BANK_SCHEMA, PURPOSE
@@ -47,9 +47,21 @@ IDENTITIES = [
     "analyst",
     "other_analyst",
     "compliance",
+    "scoped_officer",
+    "outsider_officer",
     "anonymous",
     "forged",
 ]
+# Every partner reads its own view of the compliance API; scoped officers their partner's.
+READERS = {
+    "admin",
+    "compliance",
+    "leader",
+    "partner",
+    "outsider",
+    "scoped_officer",
+    "outsider_officer",
+}
 DENIED = {
     grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.UNAUTHENTICATED,
@@ -67,6 +79,14 @@ def _tokens(s: Scenario) -> dict[str, str]:
     ):
         _, token = hub.admin.create_principal(name, role)
         out[name] = token
+    # Compliance officers scoped to one partner's view: the bank's DPO, the outsider's DPO.
+    _, out["scoped_officer"] = hub.admin.create_principal(
+        "bank dpo", "compliance", s.bank_partner_id
+    )
+    outsider_id = Client.connect(hub.target, token=out["outsider"]).whoami().principal_id
+    _, out["outsider_officer"] = hub.admin.create_principal(
+        "outsider dpo", "compliance", outsider_id
+    )
     # The scenario's clients hold their tokens in their call metadata.
     for name, client in (
         ("bank", s.bank_client),
@@ -187,7 +207,15 @@ def test_authorization_matrix(scenario: Scenario) -> None:
             PartnerServiceStub,
             "ListDatasets",
             partner_pb.ListDatasetsRequest,
-            {"admin", "leader", "partner", "outsider", "compliance"},
+            {
+                "admin",
+                "leader",
+                "partner",
+                "outsider",
+                "compliance",
+                "scoped_officer",
+                "outsider_officer",
+            },
         ),
         "WithdrawConsent": (
             PartnerServiceStub,
@@ -235,7 +263,7 @@ def test_authorization_matrix(scenario: Scenario) -> None:
             AgreementServiceStub,
             "GetAgreement",
             lambda: agreement_pb.GetAgreementRequest(agreement_id=ag),
-            {"admin", "leader", "partner", "analyst", "compliance"},
+            {"admin", "leader", "partner", "analyst", "compliance", "scoped_officer"},
         ),
         "ListAgreements": (
             AgreementServiceStub,
@@ -259,25 +287,25 @@ def test_authorization_matrix(scenario: Scenario) -> None:
             ComplianceServiceStub,
             "GetBudget",
             compliance_pb.GetBudgetRequest,
-            {"admin", "compliance"},
+            READERS,
         ),
         "ListLedger": (
             ComplianceServiceStub,
             "ListLedger",
             compliance_pb.ListLedgerRequest,
-            {"admin", "compliance"},
+            READERS,
         ),
         "ListAuditEvents": (
             ComplianceServiceStub,
             "ListAuditEvents",
             compliance_pb.ListAuditEventsRequest,
-            {"admin", "compliance"},
+            READERS,
         ),
         "GetConsentCoverage": (
             ComplianceServiceStub,
             "GetConsentCoverage",
             compliance_pb.GetConsentCoverageRequest,
-            {"admin", "compliance"},
+            READERS,
         ),
         # Any partner may publish (rotate) its own key; late, since it changes the key context.
         "PublishPublicKey": (
@@ -362,6 +390,37 @@ def test_authorization_matrix(scenario: Scenario) -> None:
                     and identity in ("outsider", "other_analyst")
                 ):
                     assert ag not in {a.agreement_id for a in response.agreements}
+                if response is not None and identity in ("outsider", "outsider_officer"):
+                    # A partner outside the agreement (and its DPO) learns nothing of it.
+                    assert ag not in str(response), (rpc, identity)
+                    assert s.bank_id not in str(response), (rpc, identity)
+        # One agreement's compliance reads: its partners and the bank's DPO, not the outsider's.
+        for rpc, (build_one, allowed_one) in {
+            "GetBudget": (
+                lambda: compliance_pb.GetBudgetRequest(agreement_id=ag),
+                READERS - {"outsider", "outsider_officer"},
+            ),
+            "ListLedger": (
+                lambda: compliance_pb.ListLedgerRequest(agreement_id=ag),
+                READERS - {"outsider", "outsider_officer"},
+            ),
+            "GetConsentCoverage": (
+                lambda: compliance_pb.GetConsentCoverageRequest(agreement_id=ag),
+                READERS - {"outsider", "outsider_officer"},
+            ),
+        }.items():
+            for identity in IDENTITIES:
+                token = tokens[identity]
+                metadata = (("authorization", f"Bearer {token}"),) if token else ()
+                call = getattr(ComplianceServiceStub(channel), rpc)
+                try:
+                    call(build_one(), metadata=metadata, timeout=30)
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as err:
+                    code = err.code()
+                    assert code in DENIED, (rpc, identity, code)
+                expected = identity in allowed_one
+                assert (code is grpc.StatusCode.OK) is expected, (rpc, identity, code)
     unexpected = [
         k
         for k, v in outcomes.items()

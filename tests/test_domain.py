@@ -7,6 +7,7 @@ checked where they are decided. `make test-fast` runs these on the in-memory sto
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from entremise.server.domain.audit import AuditSigner, verify_chain
 from entremise.server.domain.errors import (
     BudgetExhaustedError,
     FailedPreconditionError,
+    InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
     UnauthenticatedError,
@@ -183,10 +185,22 @@ ALLOWED: dict[str, tuple[set[Role], Callable[[Parties, Principal], object]]] = {
         lambda p, c: p.hub.datasets.list_for(c),
     ),
     "preview": ({Role.ANALYST}, lambda p, c: p.hub.queries.preview(c, _count(p.agreement_id))),
-    "budgets": ({Role.COMPLIANCE, Role.ADMIN}, lambda p, c: p.hub.compliance.budgets(c)),
-    "ledger": ({Role.COMPLIANCE, Role.ADMIN}, lambda p, c: p.hub.compliance.ledger(c)),
-    "audit log": ({Role.COMPLIANCE, Role.ADMIN}, lambda p, c: p.hub.compliance.audit_log(c)),
-    "coverage": ({Role.COMPLIANCE, Role.ADMIN}, lambda p, c: p.hub.compliance.consent_coverage(c)),
+    "budgets": (
+        {Role.COMPLIANCE, Role.ADMIN, Role.PARTNER},
+        lambda p, c: p.hub.compliance.budgets(c),
+    ),
+    "ledger": (
+        {Role.COMPLIANCE, Role.ADMIN, Role.PARTNER},
+        lambda p, c: p.hub.compliance.ledger(c),
+    ),
+    "audit log": (
+        {Role.COMPLIANCE, Role.ADMIN, Role.PARTNER},
+        lambda p, c: p.hub.compliance.audit_log(c),
+    ),
+    "coverage": (
+        {Role.COMPLIANCE, Role.ADMIN, Role.PARTNER},
+        lambda p, c: p.hub.compliance.consent_coverage(c),
+    ),
     "revoke a token": ({Role.ADMIN}, lambda p, c: p.hub.principals.revoke_token(c, _fresh(p))),
     "rotate another's token": (
         {Role.ADMIN},
@@ -373,3 +387,32 @@ def test_the_audit_chain_of_the_use_cases_verifies(active: Parties) -> None:
     signer_key = hub.agreements.trail.signer.public_key()
     assert verify_chain(entries, signer_key, None).ok
     assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
+
+
+def test_a_partners_view_leaves_out_the_other_partners_data(active: Parties) -> None:
+    """The compliance room gives each partner (and its scoped officer) its own view only."""
+    p = active
+    hub, ag = p.hub, p.agreement_id
+    outsider, _ = hub.principals.create(p.admin, "Outsider", Role.PARTNER)
+    dpo, _ = hub.principals.create(p.admin, "Bank DPO", Role.COMPLIANCE, p.bank.principal_id)
+    hub.consent.withdraw(p.panel, ag, [secrets.token_hex(32) for _ in range(12)])
+    bank_log = hub.compliance.audit_log(p.bank)
+    assert [e.seq for e in hub.compliance.audit_log(dpo)] == [e.seq for e in bank_log]
+    assert not [e for e in bank_log if e.actor_id == p.panel.principal_id and "rows" in e.detail]
+    assert "consent_withdrawn" not in {e.kind for e in bank_log}
+    assert "consent_withdrawn" in {e.kind for e in hub.compliance.audit_log(p.panel)}
+    panel_datasets = {d.dataset_id for d in hub.store.list_datasets(p.panel.principal_id)}
+    assert not panel_datasets & {e.subject_id for e in bank_log}
+    assert {d.partner_id for d, _, _ in hub.compliance.consent_coverage(dpo)} == {
+        p.bank.principal_id
+    }
+    assert [b.agreement_id for b in hub.compliance.budgets(p.bank)] == [ag]
+    for reader in (outsider,):
+        assert hub.compliance.budgets(reader) == []
+        assert hub.compliance.ledger(reader) == []
+        assert hub.compliance.consent_coverage(reader) == []
+        assert {e.subject_id for e in hub.compliance.audit_log(reader)} <= {outsider.principal_id}
+        with pytest.raises(NotFoundError):
+            hub.compliance.ledger(reader, ag)
+    with pytest.raises(InvalidArgumentError):
+        hub.principals.create(p.admin, "x", Role.ANALYST, p.bank.principal_id)

@@ -303,6 +303,15 @@ def test_principals_are_read_by_id_and_token_and_counted_by_role(store: Store) -
     assert store.count_principals(Role.ADMIN) == 0
 
 
+def test_a_scoped_officer_keeps_its_partner_scope(store: Store) -> None:
+    seed(store)
+    dpo = Principal("pr_dpo", "bank dpo", Role.COMPLIANCE, BANK)
+    store.create_principal(dpo, token("dpo"))
+    assert store.get_principal("pr_dpo").scope_partner_id == BANK
+    assert store.principal_by_token(token("dpo")) == dpo
+    assert store.get_principal(PANEL).scope_partner_id is None
+
+
 def test_a_missing_principal_is_not_found_and_an_unknown_token_is_none(store: Store) -> None:
     seed(store)
     with pytest.raises(NotFoundError) as missing:

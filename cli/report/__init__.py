@@ -58,6 +58,7 @@ def _read(
     for release in client.ledger(agreement_id):
         ledger[release.agreement_id].append(release)
     events = client.audit_events()
+    view_of = me.view_of
     directory = Names(dict(names or {}))
     directory.names.setdefault(me.principal_id, me.name)
     directory.roles[me.principal_id] = ROLE_NAMES.get(me.role, "")
@@ -75,7 +76,9 @@ def _read(
         coverage=client.consent_coverage(agreement_id),
         ledger=ledger,
         events=events,
-        audit=check_audit(events, load_public_key(audit_key) if audit_key else None),
+        audit=check_audit(
+            events, load_public_key(audit_key) if audit_key else None, partial=bool(view_of)
+        ),
         names=directory,
         now=now,
     )
@@ -104,9 +107,28 @@ def build_report(
     png, svg = out_dir / "budget.png", out_dir / "budget.svg"
     save_figure(budget_figure(f.agreements, f.ledger, refused, f.names, f.now), png, svg)
 
-    scope = "one agreement" if f.scoped else "every agreement"
+    view_of = f.me.view_of
+    if view_of:
+        scope = "one of its agreements" if f.scoped else "every agreement it is party to"
+        title = f"Entremise compliance report: the view of {f.names.text(view_of)}"
+        whose: list[Block] = [
+            Heading(1, title),
+            Para(
+                (
+                    "This is the view of the partner ",
+                    *f.names.rich(view_of),
+                    f", covering {scope}: their budgets and releases, the audit entries "
+                    "that concern its data, and consent coverage of its own datasets. Other "
+                    "partners' datasets, consent and withdrawals are not part of it.",
+                )
+            ),
+        ]
+    else:
+        scope = "one agreement" if f.scoped else "every agreement"
+        title = "Entremise compliance report"
+        whose = [Heading(1, title)]
     blocks: list[Block] = [
-        Heading(1, "Entremise compliance report"),
+        *whose,
         Para(
             (
                 f"Generated {_when(f.now.isoformat())} for ",
@@ -129,7 +151,7 @@ def build_report(
     md_path = out_dir / "report.md"
     md_path.write_text(to_markdown(blocks))
     html_path = out_dir / "report.html"
-    html_path.write_text(to_html(blocks, "Entremise compliance report"))
+    html_path.write_text(to_html(blocks, title))
     return ReportFiles(md_path, html_path, png, svg, f.audit)
 
 

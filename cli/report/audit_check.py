@@ -26,6 +26,8 @@ class AuditCheck:
     broken_at: int | None = None
     reason: str = ""
     signatures_checked: bool = False
+    # A partner's view: entries of others left out, so only links between neighbours checked.
+    gaps: int = 0
 
     @property
     def headline(self) -> str:
@@ -33,23 +35,38 @@ class AuditCheck:
         return "intact" if self.intact else f"broken at seq {self.broken_at}"
 
 
-def check_audit(events: Sequence[AuditEvent], public_key: Ed25519PublicKey | None) -> AuditCheck:
+def check_audit(
+    events: Sequence[AuditEvent], public_key: Ed25519PublicKey | None, *, partial: bool = False
+) -> AuditCheck:
     """Re-check the chain as received: consecutive seq, links, entry hashes, signatures.
 
     The same checks as `entremise audit verify`, on what the API returned rather than on the
     database; cutting entries off the end shows only against the hub's head file (that
-    command).
+    command). A `partial` view (a partner's: other partners' entries left out) is checked
+    entry by entry, with links only between entries whose numbers follow each other.
     """
     signed = public_key is not None
     prev = GENESIS
+    previous_seq = 0
+    gaps = 0
     for expected, event in enumerate(events, start=1):
 
-        def broken(seq: int, reason: str, checked: int = expected - 1) -> AuditCheck:
-            return AuditCheck(False, checked, seq, reason, signed)
+        def broken(
+            seq: int, reason: str, checked: int = expected - 1, gaps: int = gaps
+        ) -> AuditCheck:
+            return AuditCheck(False, checked, seq, reason, signed, gaps)
 
-        if event.seq != expected:
+        if partial:
+            if event.seq <= previous_seq:
+                return broken(event.seq, f"entry {event.seq} is out of order")
+            if event.seq != previous_seq + 1:
+                gaps += 1
+            elif event.prev_hash != prev:
+                return broken(event.seq, f"entry {event.seq} does not follow entry {previous_seq}")
+            previous_seq = event.seq
+        elif event.seq != expected:
             return broken(expected, f"entry {expected} is missing or out of order")
-        if event.prev_hash != prev:
+        elif event.prev_hash != prev:
             return broken(event.seq, f"entry {event.seq} does not follow entry {event.seq - 1}")
         try:
             detail = json.loads(event.detail_json)
@@ -74,4 +91,4 @@ def check_audit(events: Sequence[AuditEvent], public_key: Ed25519PublicKey | Non
             except (InvalidSignature, ValueError):
                 return broken(event.seq, f"entry {event.seq} has an invalid signature")
         prev = event.hash
-    return AuditCheck(True, len(events), signatures_checked=signed)
+    return AuditCheck(True, len(events), signatures_checked=signed, gaps=gaps)

@@ -104,6 +104,11 @@ class _Facts:
             else "(signatures not checked: no hub audit public key was given)"
         )
         broken = f" {a.reason}; the entries before it are intact." if not a.intact else ""
+        if a.gaps:
+            broken += (
+                f" This view leaves out other partners' entries: the links across its {a.gaps} "
+                "gap(s) cannot be checked, nor that no entry concerning it was withheld."
+            )
         return Callout(
             (
                 Strong(f"Audit log: {a.headline}."),
@@ -430,7 +435,9 @@ def _record(f: _Facts, a: Agreement) -> list[Block]:
     for slot in a.datasets:
         dataset = f.datasets.get(slot.dataset_id)
         if dataset is None:
-            rows.append([[(slot.name,)], [n.rich(slot.partner_id)], [("not uploaded yet",)]])
+            # Uploaded by another partner: outside this partner's view (its schema included).
+            state = "another partner's dataset" if slot.dataset_id else "not uploaded yet"
+            rows.append([[(slot.name,)], [n.rich(slot.partner_id)], [(state,)]])
             rows[-1] += [[], []]
             continue
         keys = ", ".join(

@@ -100,7 +100,10 @@ def role_from_proto(value: int) -> Role:
 def principal_to_proto(p: Principal) -> admin_service_pb2.Principal:
     """Principal message."""
     return admin_service_pb2.Principal(
-        principal_id=p.principal_id, name=p.name, role=ROLE_TO_PROTO[p.role]
+        principal_id=p.principal_id,
+        name=p.name,
+        role=ROLE_TO_PROTO[p.role],
+        scope_partner_id=p.scope_partner_id or "",
     )
 
 

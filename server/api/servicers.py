@@ -84,7 +84,10 @@ class AdminServicer(_Base, admin_service_pb2_grpc.AdminServiceServicer):
         self, request: admin_service_pb2.CreatePrincipalRequest, context: grpc.ServicerContext
     ) -> admin_service_pb2.CreatePrincipalResponse:
         principal, token = self.hub.principals.create(
-            self.caller(context), request.name, role_from_proto(request.role)
+            self.caller(context),
+            request.name,
+            role_from_proto(request.role),
+            request.scope_partner_id,
         )
         return admin_service_pb2.CreatePrincipalResponse(
             principal=principal_to_proto(principal), token=token
@@ -316,7 +319,8 @@ class ComplianceServicer(_Base, compliance_service_pb2_grpc.ComplianceServiceSer
     ) -> compliance_service_pb2.ListAuditEventsResponse:
         entries = self.hub.compliance.audit_log(self.caller(context))
         return compliance_service_pb2.ListAuditEventsResponse(
-            events=[audit_entry_to_proto(e) for e in entries]
+            events=[audit_entry_to_proto(e) for e in entries],
+            audit_public_key=self.hub.compliance.audit_public_key,
         )
 
     @rpc

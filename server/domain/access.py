@@ -22,10 +22,28 @@ def require(caller: Principal, *roles: Role) -> None:
         raise PermissionDeniedError(f"role {caller.role.value!r} may not do this (needs {allowed})")
 
 
+def view_owner(caller: Principal) -> str | None:
+    """The partner whose view the caller gets, or None for the whole hub.
+
+    A partner sees what concerns its own data; a compliance officer scoped to a partner (that
+    partner's DPO) sees exactly that partner's view; admins and hub-wide officers see all.
+    """
+    if caller.role is Role.PARTNER:
+        return caller.principal_id
+    if caller.role is Role.COMPLIANCE and caller.scope_partner_id:
+        return caller.scope_partner_id
+    return None
+
+
 def visible(caller: Principal, agreement: Agreement) -> bool:
-    """Admins and compliance officers see every agreement; others only those they are party to."""
-    if caller.role in (Role.ADMIN, Role.COMPLIANCE):
+    """Admins and hub-wide compliance officers see every agreement; others only their own.
+
+    A scoped compliance officer sees the agreements its partner is party to.
+    """
+    if caller.role is Role.ADMIN:
         return True
+    if caller.role is Role.COMPLIANCE:
+        return not caller.scope_partner_id or caller.scope_partner_id in agreement.partner_ids
     if caller.role is Role.ANALYST:
         return caller.principal_id in agreement.analyst_ids
     return caller.principal_id in agreement.partner_ids

@@ -89,6 +89,12 @@ class AuditSigner:
         """The verification half of the key."""
         return self._key.public_key()
 
+    def public_key_raw(self) -> bytes:
+        """The verification key as its 32 raw bytes (what the compliance API hands out)."""
+        return self._key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
     def sign(self, digest: str) -> str:
         """Hex Ed25519 signature of a hex digest."""
         return self._key.sign(bytes.fromhex(digest)).hex()

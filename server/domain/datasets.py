@@ -6,7 +6,7 @@ import logging
 import re
 from collections.abc import Iterable
 
-from entremise.server.domain.access import participant, require
+from entremise.server.domain.access import participant, require, view_owner
 from entremise.server.domain.agreements import Agreements
 from entremise.server.domain.errors import (
     FailedPreconditionError,
@@ -173,10 +173,9 @@ class Datasets:
         )
 
     def list_for(self, caller: Principal) -> list[Dataset]:
-        """Partners see their own datasets; admins and compliance officers see all."""
+        """Partners (and officers scoped to one) see their own; admins and hub-wide officers all."""
         require(caller, Role.PARTNER, Role.ADMIN, Role.COMPLIANCE)
-        owner = caller.principal_id if caller.role is Role.PARTNER else None
-        return self.store.list_datasets(owner)
+        return self.store.list_datasets(view_owner(caller))
 
     def delete(self, caller: Principal, dataset_id: str) -> None:
         """A partner removes one of its datasets (metadata, then files: crypto-shredded)."""

@@ -45,7 +45,7 @@ class Hub:
         self.datasets = Datasets(store, files, trail, self.agreements)
         self.consent = Consent(store, files, trail, self.datasets)
         self.queries = Queries(store, files, engine, trail)
-        self.compliance = Compliance(store, files)
+        self.compliance = Compliance(store, files, signer.public_key_raw())
 
     def recover(self) -> int:
         """After a crash: fail releases left running, drop files no metadata refers to.

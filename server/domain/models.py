@@ -47,6 +47,9 @@ class Principal:
     principal_id: str
     name: str
     role: Role
+    # A compliance officer scoped to one partner (a bank's DPO) sees that partner's view only;
+    # None = hub-wide (every other principal, and hub-wide officers).
+    scope_partner_id: str | None = None
 
 
 class IdentifierKind(StrEnum):

@@ -9,6 +9,7 @@ from entremise.server.domain.access import check_text, require
 from entremise.server.domain.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
+    NotFoundError,
     UnauthenticatedError,
 )
 from entremise.server.domain.ids import TOKEN_PREFIX, hash_token, new_id, now
@@ -79,18 +80,38 @@ class Principals:
         self.store.create_principal(admin, hash_token(token))
         return admin
 
-    def create(self, caller: Principal, name: str, role: Role) -> tuple[Principal, str]:
-        """Admin-only: a new principal and its token (returned once, stored hashed)."""
+    def create(
+        self, caller: Principal, name: str, role: Role, scope_partner_id: str = ""
+    ) -> tuple[Principal, str]:
+        """Admin-only: a new principal and its token (returned once, stored hashed).
+
+        `scope_partner_id` makes a compliance officer that sees only that partner's view (its
+        DPO); only a compliance officer can be scoped, and only to an existing partner.
+        """
         require(caller, Role.ADMIN)
         check_text(name, "principal name")
+        if scope_partner_id:
+            if role is not Role.COMPLIANCE:
+                raise InvalidArgumentError(
+                    "scope_partner_id: only a compliance officer can be scoped to a partner"
+                )
+            try:
+                scope = self.store.get_principal(scope_partner_id)
+            except NotFoundError:
+                scope = None
+            if scope is None or scope.role is not Role.PARTNER:
+                raise InvalidArgumentError(
+                    f"scope_partner_id: {scope_partner_id!r} is not a partner of this hub"
+                )
         token = new_token()
-        principal = Principal(new_id("pr"), name, role)
+        principal = Principal(new_id("pr"), name, role, scope_partner_id or None)
         self.store.create_principal(principal, hash_token(token))
         # The name goes in the log so that compliance can show names beside ids (names of
         # organisations and staff chosen by the admin, not data about data subjects).
-        self.trail.record(
-            "principal_created", caller, principal.principal_id, {"role": role.value, "name": name}
-        )
+        detail: dict[str, object] = {"role": role.value, "name": name}
+        if scope_partner_id:
+            detail["scope_partner_id"] = scope_partner_id
+        self.trail.record("principal_created", caller, principal.principal_id, detail)
         log.info("principal created id=%s role=%s", principal.principal_id, role)
         return principal, token
 

@@ -38,7 +38,7 @@ def storable(*values: str | None) -> bool:
 
 def principal_from_row(row: Any) -> Principal:
     """A `principals` row."""
-    return Principal(row.principal_id, row.name, Role(row.role))
+    return Principal(row.principal_id, row.name, Role(row.role), row.scope_partner_id)
 
 
 def agreement_values(agreement: Agreement) -> dict[str, Any]:

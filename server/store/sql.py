@@ -118,6 +118,7 @@ class SqlStore(Store):
                         name=principal.name,
                         role=principal.role.value,
                         token_sha256=token_sha256,
+                        scope_partner_id=principal.scope_partner_id,
                     )
                 )
         except sa.exc.IntegrityError:

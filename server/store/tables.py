@@ -15,6 +15,8 @@ principals = sa.Table(
     sa.Column("token_sha256", sa.String(64), nullable=False, unique=True),
     # Set when an admin revokes the principal's credentials (token and certificate identity).
     sa.Column("revoked_at", sa.String(32), nullable=True),
+    # A compliance officer scoped to one partner's view (NULL = hub-wide).
+    sa.Column("scope_partner_id", sa.String(40), nullable=True),
 )
 
 # Token hashes replaced by a rotation: never valid again, and never re-registered at start.

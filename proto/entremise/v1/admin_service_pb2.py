@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from entremise.v1 import common_pb2 as entremise_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n entremise/v1/admin_service.proto\x12\x0c\x65ntremise.v1\x1a\x19\x65ntremise/v1/common.proto\"Q\n\tPrincipal\x12\x14\n\x0cprincipal_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12 \n\x04role\x18\x03 \x01(\x0e\x32\x12.entremise.v1.Role\"H\n\x16\x43reatePrincipalRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x04role\x18\x02 \x01(\x0e\x32\x12.entremise.v1.Role\"T\n\x17\x43reatePrincipalResponse\x12*\n\tprincipal\x18\x01 \x01(\x0b\x32\x17.entremise.v1.Principal\x12\r\n\x05token\x18\x02 \x01(\t\"\x0f\n\rWhoAmIRequest\"<\n\x0eWhoAmIResponse\x12*\n\tprincipal\x18\x01 \x01(\x0b\x32\x17.entremise.v1.Principal\"*\n\x12RevokeTokenRequest\x12\x14\n\x0cprincipal_id\x18\x01 \x01(\t\"A\n\x13RevokeTokenResponse\x12*\n\tprincipal\x18\x01 \x01(\x0b\x32\x17.entremise.v1.Principal\"*\n\x12RotateTokenRequest\x12\x14\n\x0cprincipal_id\x18\x01 \x01(\t\"d\n\x13RotateTokenResponse\x12*\n\tprincipal\x18\x01 \x01(\x0b\x32\x17.entremise.v1.Principal\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\nreinstated\x18\x03 \x01(\x08\x32\xdb\x02\n\x0c\x41\x64minService\x12^\n\x0f\x43reatePrincipal\x12$.entremise.v1.CreatePrincipalRequest\x1a%.entremise.v1.CreatePrincipalResponse\x12\x43\n\x06WhoAmI\x12\x1b.entremise.v1.WhoAmIRequest\x1a\x1c.entremise.v1.WhoAmIResponse\x12R\n\x0bRevokeToken\x12 .entremise.v1.RevokeTokenRequest\x1a!.entremise.v1.RevokeTokenResponse\x12R\n\x0bRotateToken\x12 .entremise.v1.RotateTokenRequest\x1a!.entremise.v1.RotateTokenResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n entremise/v1/admin_service.proto\x12\x0c\x65ntremise.v1\x1a\x19\x65ntremise/v1/common.proto\"k\n\tPrincipal\x12\x14\n\x0cprincipal_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12 \n\x04role\x18\x03 \x01(\x0e\x32\x12.entremise.v1.Role\x12\x18\n\x10scope_partner_id\x18\x04 \x01(\t\"b\n\x16\x43reatePrincipalRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x04role\x18\x02 \x01(\x0e\x32\x12.entremise.v1.Role\x12\x18\n\x10scope_partner_id\x18\x03 \x01(\t\"T\n\x17\x43reatePrincipalResponse\x12*\n\tprincipal\x18\x01 \x01(\x0b\x32\x17.entremise.v1.Principal\x12\r\n\x05token\x18\x02 \x01(\t\"\x0f\n\rWhoAmIRequest\"<\n\x0eWhoAmIResponse\x12*\n\tprincipal\x18\x01 \x01(\x0b\x32\x17.entremise.v1.Principal\"*\n\x12RevokeTokenRequest\x12\x14\n\x0cprincipal_id\x18\x01 \x01(\t\"A\n\x13RevokeTokenResponse\x12*\n\tprincipal\x18\x01 \x01(\x0b\x32\x17.entremise.v1.Principal\"*\n\x12RotateTokenRequest\x12\x14\n\x0cprincipal_id\x18\x01 \x01(\t\"d\n\x13RotateTokenResponse\x12*\n\tprincipal\x18\x01 \x01(\x0b\x32\x17.entremise.v1.Principal\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\nreinstated\x18\x03 \x01(\x08\x32\xdb\x02\n\x0c\x41\x64minService\x12^\n\x0f\x43reatePrincipal\x12$.entremise.v1.CreatePrincipalRequest\x1a%.entremise.v1.CreatePrincipalResponse\x12\x43\n\x06WhoAmI\x12\x1b.entremise.v1.WhoAmIRequest\x1a\x1c.entremise.v1.WhoAmIResponse\x12R\n\x0bRevokeToken\x12 .entremise.v1.RevokeTokenRequest\x1a!.entremise.v1.RevokeTokenResponse\x12R\n\x0bRotateToken\x12 .entremise.v1.RotateTokenRequest\x1a!.entremise.v1.RotateTokenResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,23 +33,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'entremise.v1.admin_service_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PRINCIPAL']._serialized_start=77
-  _globals['_PRINCIPAL']._serialized_end=158
-  _globals['_CREATEPRINCIPALREQUEST']._serialized_start=160
-  _globals['_CREATEPRINCIPALREQUEST']._serialized_end=232
-  _globals['_CREATEPRINCIPALRESPONSE']._serialized_start=234
-  _globals['_CREATEPRINCIPALRESPONSE']._serialized_end=318
-  _globals['_WHOAMIREQUEST']._serialized_start=320
-  _globals['_WHOAMIREQUEST']._serialized_end=335
-  _globals['_WHOAMIRESPONSE']._serialized_start=337
-  _globals['_WHOAMIRESPONSE']._serialized_end=397
-  _globals['_REVOKETOKENREQUEST']._serialized_start=399
-  _globals['_REVOKETOKENREQUEST']._serialized_end=441
-  _globals['_REVOKETOKENRESPONSE']._serialized_start=443
-  _globals['_REVOKETOKENRESPONSE']._serialized_end=508
-  _globals['_ROTATETOKENREQUEST']._serialized_start=510
-  _globals['_ROTATETOKENREQUEST']._serialized_end=552
-  _globals['_ROTATETOKENRESPONSE']._serialized_start=554
-  _globals['_ROTATETOKENRESPONSE']._serialized_end=654
-  _globals['_ADMINSERVICE']._serialized_start=657
-  _globals['_ADMINSERVICE']._serialized_end=1004
+  _globals['_PRINCIPAL']._serialized_end=184
+  _globals['_CREATEPRINCIPALREQUEST']._serialized_start=186
+  _globals['_CREATEPRINCIPALREQUEST']._serialized_end=284
+  _globals['_CREATEPRINCIPALRESPONSE']._serialized_start=286
+  _globals['_CREATEPRINCIPALRESPONSE']._serialized_end=370
+  _globals['_WHOAMIREQUEST']._serialized_start=372
+  _globals['_WHOAMIREQUEST']._serialized_end=387
+  _globals['_WHOAMIRESPONSE']._serialized_start=389
+  _globals['_WHOAMIRESPONSE']._serialized_end=449
+  _globals['_REVOKETOKENREQUEST']._serialized_start=451
+  _globals['_REVOKETOKENREQUEST']._serialized_end=493
+  _globals['_REVOKETOKENRESPONSE']._serialized_start=495
+  _globals['_REVOKETOKENRESPONSE']._serialized_end=560
+  _globals['_ROTATETOKENREQUEST']._serialized_start=562
+  _globals['_ROTATETOKENREQUEST']._serialized_end=604
+  _globals['_ROTATETOKENRESPONSE']._serialized_start=606
+  _globals['_ROTATETOKENRESPONSE']._serialized_end=706
+  _globals['_ADMINSERVICE']._serialized_start=709
+  _globals['_ADMINSERVICE']._serialized_end=1056
 # @@protoc_insertion_point(module_scope)

@@ -24,19 +24,23 @@ class Principal(_message.Message):
     PRINCIPAL_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
+    SCOPE_PARTNER_ID_FIELD_NUMBER: _builtins.int
     principal_id: _builtins.str
     name: _builtins.str
     role: _common_pb2.Role.ValueType
+    scope_partner_id: _builtins.str
+    """A compliance officer scoped to one partner's view (its DPO); empty = hub-wide."""
     def __init__(
         self,
         *,
         principal_id: _builtins.str = ...,
         name: _builtins.str = ...,
         role: _common_pb2.Role.ValueType = ...,
+        scope_partner_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "principal_id", b"principal_id", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "principal_id", b"principal_id", "role", b"role", "scope_partner_id", b"scope_partner_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -48,17 +52,21 @@ class CreatePrincipalRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
+    SCOPE_PARTNER_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     role: _common_pb2.Role.ValueType
+    scope_partner_id: _builtins.str
+    """Optional, for ROLE_COMPLIANCE only: the partner whose view the officer gets (read-only)."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         role: _common_pb2.Role.ValueType = ...,
+        scope_partner_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "role", b"role", "scope_partner_id", b"scope_partner_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,7 @@ from entremise.v1 import common_pb2 as entremise_dot_v1_dot_common__pb2
 from entremise.v1 import query_service_pb2 as entremise_dot_v1_dot_query__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%entremise/v1/compliance_service.proto\x12\x0c\x65ntremise.v1\x1a\x19\x65ntremise/v1/common.proto\x1a entremise/v1/query_service.proto\"(\n\x10GetBudgetRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\":\n\x11GetBudgetResponse\x12%\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x14.entremise.v1.Budget\")\n\x11ListLedgerRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\"=\n\x12ListLedgerResponse\x12\'\n\x08releases\x18\x01 \x03(\x0b\x32\x15.entremise.v1.Release\"\xaa\x01\n\nAuditEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63tor_id\x18\x03 \x01(\t\x12\x12\n\nsubject_id\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65tail_json\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\t\x12\x11\n\tprev_hash\x18\x07 \x01(\t\x12\x0c\n\x04hash\x18\x08 \x01(\t\x12\x11\n\tsignature\x18\t \x01(\t\"\x18\n\x16ListAuditEventsRequest\"C\n\x17ListAuditEventsResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.entremise.v1.AuditEvent\"\xcd\x01\n\x0f\x43onsentCoverage\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x61taset_name\x18\x03 \x01(\t\x12\x12\n\npartner_id\x18\x04 \x01(\t\x12\x0f\n\x07purpose\x18\x05 \x01(\t\x12\x0c\n\x04rows\x18\x06 \x01(\x03\x12\x17\n\x0f\x63onsenting_rows\x18\x07 \x01(\x03\x12\x14\n\x0c\x65xpired_rows\x18\x08 \x01(\x03\x12\x18\n\x10withdrawn_people\x18\t \x01(\x03\"1\n\x19GetConsentCoverageRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\"M\n\x1aGetConsentCoverageResponse\x12/\n\x08\x63overage\x18\x01 \x03(\x0b\x32\x1d.entremise.v1.ConsentCoverage2\xfb\x02\n\x11\x43omplianceService\x12L\n\tGetBudget\x12\x1e.entremise.v1.GetBudgetRequest\x1a\x1f.entremise.v1.GetBudgetResponse\x12O\n\nListLedger\x12\x1f.entremise.v1.ListLedgerRequest\x1a .entremise.v1.ListLedgerResponse\x12^\n\x0fListAuditEvents\x12$.entremise.v1.ListAuditEventsRequest\x1a%.entremise.v1.ListAuditEventsResponse\x12g\n\x12GetConsentCoverage\x12\'.entremise.v1.GetConsentCoverageRequest\x1a(.entremise.v1.GetConsentCoverageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%entremise/v1/compliance_service.proto\x12\x0c\x65ntremise.v1\x1a\x19\x65ntremise/v1/common.proto\x1a entremise/v1/query_service.proto\"(\n\x10GetBudgetRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\":\n\x11GetBudgetResponse\x12%\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x14.entremise.v1.Budget\")\n\x11ListLedgerRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\"=\n\x12ListLedgerResponse\x12\'\n\x08releases\x18\x01 \x03(\x0b\x32\x15.entremise.v1.Release\"\xaa\x01\n\nAuditEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63tor_id\x18\x03 \x01(\t\x12\x12\n\nsubject_id\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65tail_json\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\t\x12\x11\n\tprev_hash\x18\x07 \x01(\t\x12\x0c\n\x04hash\x18\x08 \x01(\t\x12\x11\n\tsignature\x18\t \x01(\t\"\x18\n\x16ListAuditEventsRequest\"]\n\x17ListAuditEventsResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.entremise.v1.AuditEvent\x12\x18\n\x10\x61udit_public_key\x18\x02 \x01(\x0c\"\xcd\x01\n\x0f\x43onsentCoverage\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x61taset_name\x18\x03 \x01(\t\x12\x12\n\npartner_id\x18\x04 \x01(\t\x12\x0f\n\x07purpose\x18\x05 \x01(\t\x12\x0c\n\x04rows\x18\x06 \x01(\x03\x12\x17\n\x0f\x63onsenting_rows\x18\x07 \x01(\x03\x12\x14\n\x0c\x65xpired_rows\x18\x08 \x01(\x03\x12\x18\n\x10withdrawn_people\x18\t \x01(\x03\"1\n\x19GetConsentCoverageRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\"M\n\x1aGetConsentCoverageResponse\x12/\n\x08\x63overage\x18\x01 \x03(\x0b\x32\x1d.entremise.v1.ConsentCoverage2\xfb\x02\n\x11\x43omplianceService\x12L\n\tGetBudget\x12\x1e.entremise.v1.GetBudgetRequest\x1a\x1f.entremise.v1.GetBudgetResponse\x12O\n\nListLedger\x12\x1f.entremise.v1.ListLedgerRequest\x1a .entremise.v1.ListLedgerResponse\x12^\n\x0fListAuditEvents\x12$.entremise.v1.ListAuditEventsRequest\x1a%.entremise.v1.ListAuditEventsResponse\x12g\n\x12GetConsentCoverage\x12\'.entremise.v1.GetConsentCoverageRequest\x1a(.entremise.v1.GetConsentCoverageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,13 +46,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=497
   _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=521
   _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=523
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=590
-  _globals['_CONSENTCOVERAGE']._serialized_start=593
-  _globals['_CONSENTCOVERAGE']._serialized_end=798
-  _globals['_GETCONSENTCOVERAGEREQUEST']._serialized_start=800
-  _globals['_GETCONSENTCOVERAGEREQUEST']._serialized_end=849
-  _globals['_GETCONSENTCOVERAGERESPONSE']._serialized_start=851
-  _globals['_GETCONSENTCOVERAGERESPONSE']._serialized_end=928
-  _globals['_COMPLIANCESERVICE']._serialized_start=931
-  _globals['_COMPLIANCESERVICE']._serialized_end=1310
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=616
+  _globals['_CONSENTCOVERAGE']._serialized_start=619
+  _globals['_CONSENTCOVERAGE']._serialized_end=824
+  _globals['_GETCONSENTCOVERAGEREQUEST']._serialized_start=826
+  _globals['_GETCONSENTCOVERAGEREQUEST']._serialized_end=875
+  _globals['_GETCONSENTCOVERAGERESPONSE']._serialized_start=877
+  _globals['_GETCONSENTCOVERAGERESPONSE']._serialized_end=954
+  _globals['_COMPLIANCESERVICE']._serialized_start=957
+  _globals['_COMPLIANCESERVICE']._serialized_end=1336
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class ComplianceServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Admins and hub-wide compliance officers see every agreement. A partner, and a compliance
+    officer scoped to a partner, see that partner's view: its agreements (budgets, releases),
+    the audit entries that concern it, and consent coverage of its own datasets.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -57,7 +60,10 @@ class ComplianceServiceStub:
 
 
 class ComplianceServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Admins and hub-wide compliance officers see every agreement. A partner, and a compliance
+    officer scoped to a partner, see that partner's view: its agreements (budgets, releases),
+    the audit entries that concern it, and consent coverage of its own datasets.
+    """
 
     def GetBudget(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -117,7 +123,10 @@ def add_ComplianceServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ComplianceService:
-    """Missing associated documentation comment in .proto file."""
+    """Admins and hub-wide compliance officers see every agreement. A partner, and a compliance
+    officer scoped to a partner, see that partner's view: its agreements (budgets, releases),
+    the audit entries that concern it, and consent coverage of its own datasets.
+    """
 
     @staticmethod
     def GetBudget(request,

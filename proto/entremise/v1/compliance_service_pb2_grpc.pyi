@@ -27,6 +27,11 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ComplianceServiceStub:
+    """Admins and hub-wide compliance officers see every agreement. A partner, and a compliance
+    officer scoped to a partner, see that partner's view: its agreements (budgets, releases),
+    the audit entries that concern it, and consent coverage of its own datasets.
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -40,6 +45,11 @@ class ComplianceServiceStub:
 
 @_typing.type_check_only
 class ComplianceServiceAsyncStub(ComplianceServiceStub):
+    """Admins and hub-wide compliance officers see every agreement. A partner, and a compliance
+    officer scoped to a partner, see that partner's view: its agreements (budgets, releases),
+    the audit entries that concern it, and consent coverage of its own datasets.
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetBudget: _aio.UnaryUnaryMultiCallable[_compliance_service_pb2.GetBudgetRequest, _compliance_service_pb2.GetBudgetResponse]  # type: ignore[assignment]
     ListLedger: _aio.UnaryUnaryMultiCallable[_compliance_service_pb2.ListLedgerRequest, _compliance_service_pb2.ListLedgerResponse]  # type: ignore[assignment]
@@ -49,6 +59,11 @@ class ComplianceServiceAsyncStub(ComplianceServiceStub):
     """Per dataset and purpose: rows, consenting rows, expired consents, withdrawals."""
 
 class ComplianceServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Admins and hub-wide compliance officers see every agreement. A partner, and a compliance
+    officer scoped to a partner, see that partner's view: its agreements (budgets, releases),
+    the audit entries that concern it, and consent coverage of its own datasets.
+    """
+
     @_abc_1.abstractmethod
     def GetBudget(
         self,
