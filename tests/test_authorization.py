@@ -363,37 +363,44 @@ def test_authorization_matrix(scenario: Scenario) -> None:
 
     bank_role = "leader" if bank_is_leader else "partner"
     outcomes: dict[tuple[str, str], grpc.StatusCode] = {}
+
+    def check(rpc: str, entry: tuple[type, str, Callable[[], Any], set[str]]) -> None:
+        stub_class, method, build, allowed = entry
+        allowed = {bank_role if a == "bank" else a for a in allowed}
+        # Denied identities first, so that an allowed destructive call comes last.
+        for identity in sorted(IDENTITIES, key=lambda i: i in allowed):
+            token = tokens[identity]
+            caller[0] = identity
+            metadata = (("authorization", f"Bearer {token}"),) if token else ()
+            call = getattr(stub_class(channel), method)
+            try:
+                response = call(build(), metadata=metadata, timeout=30)
+                outcomes[(rpc, identity)] = grpc.StatusCode.OK
+            except grpc.RpcError as err:
+                outcomes[(rpc, identity)] = err.code()
+                response = None
+                assert err.code() in DENIED, (rpc, identity, err.code(), err.details())
+                assert "Traceback" not in (err.details() or "")
+            if identity in allowed:
+                assert outcomes[(rpc, identity)] is grpc.StatusCode.OK, (rpc, identity)
+            else:
+                assert response is None, (rpc, identity)
+            if (
+                rpc == "ListAgreements"
+                and response is not None
+                and identity in ("outsider", "other_analyst")
+            ):
+                assert ag not in {a.agreement_id for a in response.agreements}
+            if response is not None and identity in ("outsider", "outsider_officer"):
+                # A partner outside the agreement (and its DPO) learns nothing of it.
+                assert ag not in str(response), (rpc, identity)
+                assert s.bank_id not in str(response), (rpc, identity)
+
+    # RotateToken changes every caller's token, so it runs after everything else.
     with grpc.insecure_channel(s.hub.target) as channel:
-        for rpc, (stub_class, method, build, allowed) in matrix.items():
-            allowed = {bank_role if a == "bank" else a for a in allowed}
-            # Denied identities first, so that an allowed destructive call comes last.
-            for identity in sorted(IDENTITIES, key=lambda i: i in allowed):
-                token = tokens[identity]
-                caller[0] = identity
-                metadata = (("authorization", f"Bearer {token}"),) if token else ()
-                call = getattr(stub_class(channel), method)
-                try:
-                    response = call(build(), metadata=metadata, timeout=30)
-                    outcomes[(rpc, identity)] = grpc.StatusCode.OK
-                except grpc.RpcError as err:
-                    outcomes[(rpc, identity)] = err.code()
-                    response = None
-                    assert err.code() in DENIED, (rpc, identity, err.code(), err.details())
-                    assert "Traceback" not in (err.details() or "")
-                if identity in allowed:
-                    assert outcomes[(rpc, identity)] is grpc.StatusCode.OK, (rpc, identity)
-                else:
-                    assert response is None, (rpc, identity)
-                if (
-                    rpc == "ListAgreements"
-                    and response is not None
-                    and identity in ("outsider", "other_analyst")
-                ):
-                    assert ag not in {a.agreement_id for a in response.agreements}
-                if response is not None and identity in ("outsider", "outsider_officer"):
-                    # A partner outside the agreement (and its DPO) learns nothing of it.
-                    assert ag not in str(response), (rpc, identity)
-                    assert s.bank_id not in str(response), (rpc, identity)
+        for rpc, entry in matrix.items():
+            if rpc != "RotateToken":
+                check(rpc, entry)
         # One agreement's compliance reads: its partners and the bank's DPO, not the outsider's.
         for rpc, (build_one, allowed_one) in {
             "GetBudget": (
@@ -421,6 +428,7 @@ def test_authorization_matrix(scenario: Scenario) -> None:
                     assert code in DENIED, (rpc, identity, code)
                 expected = identity in allowed_one
                 assert (code is grpc.StatusCode.OK) is expected, (rpc, identity, code)
+        check("RotateToken", matrix["RotateToken"])
     unexpected = [
         k
         for k, v in outcomes.items()

@@ -77,7 +77,7 @@ def build_three(hub: Hub) -> Three:
         ("panel", b, other.panel, PANEL_SCHEMA, "panel"),
     ):
         up = clients[partner].upload_dataset(
-            agreement, slot, frame, schema, private_key=keys[partner]
+            agreement, slot, frame, schema, keys=keys[partner]
         )
         datasets[(partner, agreement)] = up.dataset.dataset_id
     releases = {
@@ -88,12 +88,12 @@ def build_three(hub: Hub) -> Three:
     }
     # Operations whose audit entries count another partner's people or rows.
     emails = list(data.panel["email"].head(12))
-    clients["panel"].withdraw_consent(a, emails, "email", private_key=keys["panel"])
+    clients["panel"].withdraw_consent(a, emails, "email", keys=keys["panel"])
     clients["insurer"].erase_records(
-        b, list(other.bank["email"].head(12)), "email", private_key=keys["insurer"]
+        b, list(other.bank["email"].head(12)), "email", keys=keys["insurer"]
     )
     clients["bank"].withdraw_consent(
-        a, list(data.bank["email"].head(11)), "email", private_key=keys["bank"]
+        a, list(data.bank["email"].head(11)), "email", keys=keys["bank"]
     )
     return Three(hub, a, b, ids, clients, tokens, datasets, releases)
 
