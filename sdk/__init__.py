@@ -33,6 +33,8 @@ from entremise.sdk.client import (
 from entremise.sdk.errors import (
     EntremiseError,
     EntremiseRPCError,
+    HistoryChangedError,
+    HubKeyChangedError,
     IdentifierError,
     InvalidArgumentError,
     MatchingKeyError,
@@ -40,6 +42,7 @@ from entremise.sdk.errors import (
     RPCError,
     SchemaError,
     Status,
+    WitnessError,
 )
 from entremise.sdk.query import (
     Query,
@@ -99,6 +102,8 @@ __all__ = [
     "EntremiseError",
     "EntremiseRPCError",
     "Erasure",
+    "HistoryChangedError",
+    "HubKeyChangedError",
     "IdentifierError",
     "InvalidArgumentError",
     "KeyDiscovery",
@@ -122,6 +127,7 @@ __all__ = [
     "TLSConfig",
     "UploadResult",
     "Withdrawal",
+    "WitnessError",
     "aggregate",
     "parse_aggregate",
     "parse_filter",
