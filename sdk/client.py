@@ -49,12 +49,6 @@ from entremise.sdk.errors import (
     partner_side_errors,
 )
 from entremise.sdk.query import Query
-from entremise.sdk.witness import (
-    WitnessedHead,
-    auto_witness_default,
-    default_witness_dir,
-    witness_once,
-)
 from entremise.sdk.results import (
     Agreement,
     AuditEvent,
@@ -69,6 +63,12 @@ from entremise.sdk.results import (
     Release,
     Role,
     Withdrawal,
+)
+from entremise.sdk.witness import (
+    WitnessedHead,
+    auto_witness_default,
+    default_witness_dir,
+    witness_once,
 )
 from entremise.v1 import (
     admin_service_pb2,

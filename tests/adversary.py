@@ -237,7 +237,12 @@ def rewrite_audit_log(
                     continue
                 seq += 1
                 digest = entry_hash(
-                    seq, prev, entry.kind, entry.actor_id, entry.subject_id, detail,
+                    seq,
+                    prev,
+                    entry.kind,
+                    entry.actor_id,
+                    entry.subject_id,
+                    detail,
                     entry.created_at,
                 )
                 signature = signer.sign(digest)

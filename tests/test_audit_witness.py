@@ -89,7 +89,9 @@ def witnessed(tmp_path: Path) -> Witnessed:
     )
     analyst = clients["analyst"]
     analyst.run(query(agreement.agreement_id, "0.5", [aggregate("count")]))
-    analyst.run(query(agreement.agreement_id, "0.5", [aggregate("count")], group_by=["bank.segment"]))
+    analyst.run(
+        query(agreement.agreement_id, "0.5", [aggregate("count")], group_by=["bank.segment"])
+    )
     # A partner's DPO witnesses after the releases too (a witness pins history up to its head).
     clients["bank"].witness_head()
     for client in clients.values():
@@ -125,7 +127,12 @@ def test_clients_witness_after_uploads_and_queries(witnessed: Witnessed) -> None
     key = witnessed.dirs["bank"] / "witness.key"
     assert key.stat().st_mode & 0o777 == 0o600
     assert set(saved) >= {
-        "seq", "hash", "hub_signature", "hub_public_key", "witness_public_key", "countersignature"
+        "seq",
+        "hash",
+        "hub_signature",
+        "hub_public_key",
+        "witness_public_key",
+        "countersignature",
     }
     ok = _verify_cli(hub, witnessed.db_url, *(witnessed.witness(w) for w in witnessed.dirs))
     assert ok.returncode == 0, ok.stderr
