@@ -10,8 +10,10 @@ entry, and a client witnessing again against the rewritten hub raises HistoryCha
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +24,11 @@ from entremise.partners import aggregate, generate_private_key, query
 from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE, generate
 from entremise.sdk import Client, HistoryChangedError, HubKeyChangedError, QueryResult
 from entremise.sdk.witness import witness_file
-from entremise.server.app import AUDIT_KEY_FILE
+from entremise.server.app import AUDIT_KEY_FILE, HubStartError
 from entremise.server.domain.audit import AuditSigner, ChainedEntry
-from entremise.server.operations import verify_audit_log
+from entremise.server.operations import OperationError, rotate_master_key, verify_audit_log
 from tests.adversary import rewrite_audit_log
-from tests.conftest import ADMIN_TOKEN, Hub, start_hub
+from tests.conftest import ADMIN_TOKEN, Hub, build_scenario, start_hub
 
 
 @dataclass
@@ -250,3 +252,85 @@ def test_the_hub_refuses_a_bad_countersignature(sqlite_hub: Hub) -> None:
         )
     assert caught.value.status is Status.INVALID_ARGUMENT
     assert ADMIN_TOKEN  # the admin is an authenticated principal like any other
+
+
+def test_keys_live_outside_the_data_dir_with_keys_dir(tmp_path: Path) -> None:
+    keys, data = tmp_path / "keys", tmp_path / "hub"
+    db_url = f"sqlite:///{tmp_path / 'hub.db'}"
+    hub = start_hub(data, db_url, keys_dir=keys)
+    hub.admin.create_principal("someone", "analyst")
+    hub.admin.close()
+    hub.running.stop(grace=None)
+    for name in (AUDIT_KEY_FILE, "master.keys"):
+        assert (keys / name).exists() and not (data / name).exists()
+    assert verify_audit_log(data, db_url, keys_dir=keys).ok
+    with pytest.raises(OperationError, match="no audit public key"):
+        verify_audit_log(data, db_url)  # the data dir alone holds no key
+    assert rotate_master_key(data, keys).master_key.startswith("mk-")
+    with pytest.raises(HubStartError, match="inside the data dir"):
+        start_hub(data, db_url, keys_dir=data / "keys")
+    with pytest.raises(OperationError, match="inside the data dir"):
+        verify_audit_log(data, db_url, keys_dir=data)
+
+
+def test_serve_says_when_keys_are_kept_in_the_data_dir(tmp_path: Path) -> None:
+    def serve(*extra: str) -> str:
+        port_file = tmp_path / "port"
+        port_file.unlink(missing_ok=True)
+        args = [sys.executable, "-m", "entremise.cli", "serve", "--listen", "127.0.0.1:0"]
+        args += ["--port-file", str(port_file), *extra]
+        process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not port_file.exists() and process.poll() is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=30)
+        return stderr
+
+    plain = serve("--data-dir", str(tmp_path / "one"))
+    assert "kept in the data dir" in plain and "re-sign the audit log" in plain
+    apart = serve("--data-dir", str(tmp_path / "two"), "--keys-dir", str(tmp_path / "keys"))
+    assert "kept in the data dir" not in apart
+    refused = subprocess.run(
+        [sys.executable, "-m", "entremise.cli", "serve", "--data-dir", str(tmp_path / "three")]
+        + ["--keys-dir", str(tmp_path / "three" / "k"), "--listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: --keys-dir")
+    assert "Traceback" not in refused.stderr
+
+
+def test_a_witness_that_cannot_be_saved_does_not_fail_the_query(
+    sqlite_hub: Hub, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    scenario = build_scenario(sqlite_hub, n_bank=600, n_panel=300, overlap=200)
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with Client.connect(
+        sqlite_hub.target, token=scenario.analyst.token, witness_dir=not_a_dir, auto_witness=True
+    ) as analyst:
+        result = analyst.run(query(scenario.agreement_id, "0.5", [aggregate("count")]))
+    assert isinstance(result, QueryResult)
+    assert "audit head not witnessed" in caplog.text
+
+
+def test_cli_audit_witness_saves_a_countersigned_head(sqlite_hub: Hub, tmp_path: Path) -> None:
+    _, token = sqlite_hub.admin.create_principal("officer", "compliance")
+    args = [sys.executable, "-m", "entremise.cli", "audit", "witness", "--target"]
+    args += [sqlite_hub.target, "--token", token, "--witness-dir", str(tmp_path / "w")]
+    first = subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    saved = json.loads(first.stdout)
+    assert Path(saved["file"]) == witness_file(tmp_path / "w", sqlite_hub.target)
+    again = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith(f"witnessed audit head: entry {saved['seq'] + 1} ")
+    kinds = [e.kind for e in sqlite_hub.admin.audit_events()]
+    assert kinds[-2:] == ["head_witnessed", "head_witnessed"]
