@@ -295,8 +295,17 @@ def test_serve_says_when_keys_are_kept_in_the_data_dir(tmp_path: Path) -> None:
     apart = serve("--data-dir", str(tmp_path / "two"), "--keys-dir", str(tmp_path / "keys"))
     assert "kept in the data dir" not in apart
     refused = subprocess.run(
-        [sys.executable, "-m", "entremise.cli", "serve", "--data-dir", str(tmp_path / "three")]
-        + ["--keys-dir", str(tmp_path / "three" / "k"), "--listen", "127.0.0.1:0"],
+        [
+            *[
+                sys.executable,
+                "-m",
+                "entremise.cli",
+                "serve",
+                "--data-dir",
+                str(tmp_path / "three"),
+            ],
+            *["--keys-dir", str(tmp_path / "three" / "k"), "--listen", "127.0.0.1:0"],
+        ],
         capture_output=True,
         text=True,
         timeout=60,
