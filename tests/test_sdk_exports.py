@@ -31,6 +31,8 @@ PUBLIC = [
     "EntremiseError",
     "EntremiseRPCError",
     "Erasure",
+    "HistoryChangedError",
+    "HubKeyChangedError",
     "IdentifierError",
     "InvalidArgumentError",
     "KeyDiscovery",
@@ -54,6 +56,7 @@ PUBLIC = [
     "TLSConfig",
     "UploadResult",
     "Withdrawal",
+    "WitnessError",
     "aggregate",
     "parse_aggregate",
     "parse_filter",
@@ -91,5 +94,5 @@ def test_every_error_derives_from_the_one_base() -> None:
         if inspect.isclass(getattr(entremise.sdk, name))
         and issubclass(getattr(entremise.sdk, name), BaseException)
     ]
-    assert len(errors) == 10  # EntremiseRPCError is RPCError
+    assert len(errors) == 13  # EntremiseRPCError is RPCError
     assert all(issubclass(e, entremise.sdk.EntremiseError) for e in errors)
