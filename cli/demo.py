@@ -259,6 +259,11 @@ def run_demo(
     try:
         console.rule("[bold]Entremise demo")
         console.print(f"hub on SQLite at {hub.target} (workdir {root})")
+        console.print(
+            "demo layout: the hub's audit signing key and master keyring sit in its data dir "
+            "(production: serve --keys-dir elsewhere)",
+            markup=False,
+        )
         with Client.connect(hub.target, token=admin_token) as admin:
             bank_p, bank_token = admin.create_principal("Banque Exemple", "partner")
             panel_p, panel_token = admin.create_principal("Panel Conso Exemple", "partner")
