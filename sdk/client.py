@@ -474,6 +474,7 @@ class Client:
             )
         )
         return self._witnessed(
+            "upload",
             UploadResult(
                 Dataset.from_proto(response.dataset),
                 encoded.rows,
@@ -481,7 +482,7 @@ class Client:
                 prepared.dropped_columns,
                 prepared.placeholders,
                 prepared.rows_dropped,
-            )
+            ),
         )
 
     def list_datasets(self) -> list[Dataset]:
@@ -664,7 +665,7 @@ class Client:
             self._queries.RunQuery,
             query_service_pb2.RunQueryRequest(query=_message(q)),
         )
-        return self._witnessed(QueryResult.from_proto(response))
+        return self._witnessed("query run", QueryResult.from_proto(response))
 
     # -- witnessing the audit log (see entremise.sdk.witness) ---------------------------------
 
@@ -686,7 +687,7 @@ class Client:
             lambda request: self._unary(self._compliance.WitnessHead, request),
         )
 
-    def _witnessed(self, result: T) -> T:
+    def _witnessed(self, what: str, result: T) -> T:
         """After an operation that succeeded: witness the head, unless turned off.
 
         A hub that cannot be asked (or a witness dir that cannot be written) only logs a
@@ -701,8 +702,7 @@ class Client:
             if type(exc) is WitnessError:  # e.g. an empty log: nothing was rewritten
                 log.warning("audit head not witnessed: %s", exc.message)
                 return result
-            exc.result = result
-            raise
+            raise type(exc)(f"{exc.message} (the {what} itself was done)", result) from exc
         except (RPCError, OSError) as exc:
             log.warning("audit head not witnessed (the operation itself succeeded): %s", exc)
         return result

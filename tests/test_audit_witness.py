@@ -170,7 +170,7 @@ def test_a_log_rewritten_and_resigned_with_the_hubs_key_is_caught_by_witnesses(
             with pytest.raises(HistoryChangedError, match=f"changed since seq {seen}"):
                 bank.witness_head()
         with witnessed.client("analyst", again.target) as analyst:
-            with pytest.raises(HistoryChangedError) as caught:
+            with pytest.raises(HistoryChangedError, match="query run itself was done") as caught:
                 analyst.run(query(witnessed.agreement_id, "0.5", [aggregate("count")]))
             # The release happened: its result comes with the error.
             assert isinstance(caught.value.result, QueryResult)
