@@ -311,6 +311,13 @@ def _build(config: HubConfig, locks: list[HubLock]) -> RunningHub:
         keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise HubStartError(f"keys dir {keys_dir}: cannot create it ({exc.strerror})") from None
+    if keys_dir != config.data_dir:
+        for name in (AUDIT_KEY_FILE, MASTER_KEYS):
+            if (config.data_dir / name).exists() and not (keys_dir / name).exists():
+                raise HubStartError(
+                    f"{config.data_dir / name} is in the data dir, not in --keys-dir {keys_dir}: "
+                    "move it there (with audit_signing.pub) before starting with --keys-dir"
+                )
     store = _open_store(config.db_url)
     signer = AuditSigner.load_or_create(keys_dir / AUDIT_KEY_FILE)
     keyring = Keyring.load(config.master_key_file or keys_dir / MASTER_KEYS)

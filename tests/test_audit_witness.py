@@ -269,6 +269,13 @@ def test_keys_live_outside_the_data_dir_with_keys_dir(tmp_path: Path) -> None:
     assert rotate_master_key(data, keys).master_key.startswith("mk-")
     with pytest.raises(HubStartError, match="inside the data dir"):
         start_hub(data, db_url, keys_dir=data / "keys")
+    # Moving an existing hub to a keys dir: the keys must move too (else a new audit key).
+    old_url = db_url.replace("hub.db", "old.db")
+    old = start_hub(tmp_path / "old", old_url)
+    old.admin.close()
+    old.running.stop(grace=None)
+    with pytest.raises(HubStartError, match="move it there"):
+        start_hub(tmp_path / "old", old_url, keys_dir=tmp_path / "new-keys")
     with pytest.raises(OperationError, match="inside the data dir"):
         verify_audit_log(data, db_url, keys_dir=data)
 
