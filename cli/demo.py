@@ -307,7 +307,11 @@ def run_demo(
             with Client.connect(hub.target, token=token) as partner:
                 partner.publish_public_key(key)
         for who, token, schema, source in partners:
-            with Client.connect(hub.target, token=token) as partner:
+            # Each partner witnesses the signed audit head after its upload, into its own
+            # witness dir (partner-side too; a real partner's default: ~/.entremise/witness).
+            with Client.connect(
+                hub.target, token=token, witness_dir=partner_dir / f"{who}-witness"
+            ) as partner:
                 up = partner.upload_dataset(
                     agreement.agreement_id,
                     who,
@@ -325,7 +329,9 @@ def run_demo(
         joined = consented_join(data.bank, data.panel)
 
         t = time.perf_counter()
-        with Client.connect(hub.target, token=analyst_token) as analyst:
+        with Client.connect(
+            hub.target, token=analyst_token, witness_dir=partner_dir / "analyst-witness"
+        ) as analyst:
             for dq in demo_queries(agreement.agreement_id):
                 plan = analyst.preview(dq.query)
                 response = analyst.run(dq.query)

@@ -136,7 +136,8 @@ def witness_once(
         raise HubKeyChangedError(
             f"the hub at {hub} now signs its audit log with key {key_fingerprint(hub_key)}, not "
             f"the key {key_fingerprint(bytes.fromhex(last.hub_public_key))} witnessed in {path}: "
-            "its log cannot be trusted to continue the witnessed history"
+            "its log cannot be trusted to continue the witnessed history (if this is a new hub "
+            "at that address on purpose, move that file away)"
         )
     if response.seq < 1:
         raise WitnessError(f"the hub at {hub} has an empty audit log: nothing to witness")
