@@ -62,6 +62,13 @@ QuietOption = Annotated[
 ]
 #: Set to 1 to draw progress bars even when stderr is not a terminal (tests, recordings).
 FORCE_PROGRESS_ENV = "ENTREMISE_FORCE_PROGRESS"
+KeysDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="ENTREMISE_KEYS_DIR",
+        help="The hub's keys dir, if it runs with --keys-dir (default: the data dir).",
+    ),
+]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 #: How long a command waits for the hub before saying none answers.

@@ -66,6 +66,7 @@ ledger_app.command("list")(compliance.ledger_list)
 audit_app = _group("audit", "Compliance: the tamper-evident audit log.")
 audit_app.command("list")(compliance.audit_list)
 audit_app.command("verify")(compliance.audit_verify)
+audit_app.command("witness")(compliance.audit_witness)
 
 compliance_app = _group(
     "compliance",

@@ -17,6 +17,7 @@ from rich.text import Text
 from entremise.cli._common import (
     DEFAULT_TARGET,
     JsonOption,
+    KeysDirOption,
     TargetOption,
     TokenOption,
     connect,
@@ -230,13 +231,25 @@ def _detail(detail_json: str) -> str:
 def audit_verify(
     data_dir: Annotated[Path, typer.Option(help="The hub's data dir (public key, head file).")],
     db: Annotated[str, typer.Option(help="SQLAlchemy URL (default: SQLite in the data dir).")] = "",
+    keys_dir: KeysDirOption = None,
+    witness: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A head witnessed by a partner's or officer's client (its witness JSON file); "
+            "repeatable. Catches a history rewritten and re-signed with the hub's own key.",
+        ),
+    ] = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Recompute the audit chain offline; report the first tampered entry (exit 1 if any)."""
+    """Recompute the audit chain offline; report the first tampered entry (exit 1 if any).
+
+    Without --witness this cannot tell a log rewritten and re-signed by whoever holds the
+    hub's signing key; each --witness file pins an entry the hub cannot change unnoticed.
+    """
     from entremise.server.operations import verify_audit_log
 
     with friendly_errors():
-        result = verify_audit_log(data_dir, db)
+        result = verify_audit_log(data_dir, db, keys_dir=keys_dir, witnesses=witness or [])
     if json_out:
         print_json(
             {
@@ -247,7 +260,8 @@ def audit_verify(
             }
         )
     elif result.ok:
-        console.print(f"audit log intact: {result.checked} entries verified")
+        checked = f" and {len(witness)} witnessed heads" if witness else ""
+        console.print(f"audit log intact: {result.checked} entries{checked} verified")
     if not result.ok:
         fail(f"audit log tampered at entry {result.first_bad_seq}: {result.reason}")
 
@@ -320,3 +334,41 @@ def verify(
         console.print(f"cannot prove: {note}", markup=False, soft_wrap=True)
     if not result.ok:
         raise typer.Exit(1)
+
+
+def audit_witness(
+    target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = "",
+    witness_dir: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="ENTREMISE_WITNESS_DIR",
+            help="Where witnessed heads and the witness key are kept (default: "
+            "~/.entremise/witness).",
+        ),
+    ] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Witness the hub's signed audit head: check it against the last one, countersign, save.
+
+    Exit 1 if the hub's history changed since the head witnessed last, or its audit key did.
+    The saved file (printed) is what `entremise audit verify --witness FILE` checks.
+    """
+    from entremise.sdk import WitnessError
+    from entremise.sdk.witness import default_witness_dir, witness_file
+
+    directory = witness_dir or default_witness_dir()
+    with connect(target, token) as client, friendly_errors():
+        client.witness_dir = directory
+        try:
+            head = client.witness_head()
+        except WitnessError as exc:
+            fail(exc.message)
+    path = witness_file(directory, target)
+    if json_out:
+        print_json({**head.to_json(), "file": str(path)})
+    else:
+        console.print(
+            f"witnessed audit head: entry {head.seq} ({head.hash[:16]}...) saved in {path}",
+            markup=False,
+        )

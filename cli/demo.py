@@ -259,6 +259,11 @@ def run_demo(
     try:
         console.rule("[bold]Entremise demo")
         console.print(f"hub on SQLite at {hub.target} (workdir {root})")
+        console.print(
+            "demo layout: the hub's audit signing key and master keyring sit in its data dir "
+            "(production: serve --keys-dir elsewhere)",
+            markup=False,
+        )
         with Client.connect(hub.target, token=admin_token) as admin:
             bank_p, bank_token = admin.create_principal("Banque Exemple", "partner")
             panel_p, panel_token = admin.create_principal("Panel Conso Exemple", "partner")
@@ -314,7 +319,11 @@ def run_demo(
         console.print(f"safety code, the same on both partners' screens: {codes['bank']}")
         for who, token, schema, source in partners:
             keys = PartnerKeys.load(partner_dir / f"{who}.key")
-            with Client.connect(hub.target, token=token) as partner:
+            # Each partner witnesses the signed audit head after its upload, into its own
+            # witness dir (partner-side too; a real partner's default: ~/.entremise/witness).
+            with Client.connect(
+                hub.target, token=token, witness_dir=partner_dir / f"{who}-witness"
+            ) as partner:
                 partner.confirm_keys(agreement.agreement_id, codes[who], keys)
                 up = partner.upload_dataset(agreement.agreement_id, who, source, schema, keys=keys)
             dups = sum(d.duplicated_pseudonyms for d in up.dataset.duplicates)
@@ -327,7 +336,9 @@ def run_demo(
         joined = consented_join(data.bank, data.panel)
 
         t = time.perf_counter()
-        with Client.connect(hub.target, token=analyst_token) as analyst:
+        with Client.connect(
+            hub.target, token=analyst_token, witness_dir=partner_dir / "analyst-witness"
+        ) as analyst:
             for dq in demo_queries(agreement.agreement_id):
                 plan = analyst.preview(dq.query)
                 response = analyst.run(dq.query)

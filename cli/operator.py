@@ -16,6 +16,7 @@ import typer
 from entremise.cli._common import (
     DEFAULT_TARGET,
     JsonOption,
+    KeysDirOption,
     QuietOption,
     TargetOption,
     TokenOption,
@@ -50,7 +51,15 @@ def serve(
         Path | None, typer.Option(help="CA of client certificates: mutual TLS (CN = principal).")
     ] = None,
     master_key_file: Annotated[
-        Path | None, typer.Option(help="Master keyring (default: DATA_DIR/master.keys).")
+        Path | None, typer.Option(help="Master keyring (default: KEYS_DIR/master.keys).")
+    ] = None,
+    keys_dir: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="ENTREMISE_KEYS_DIR",
+            help="Audit signing key and master keyring, outside the data dir (production). "
+            "Default: the data dir (demo/dev only: whoever holds that disk can re-sign the log).",
+        ),
     ] = None,
     table_cache_mb: Annotated[
         int,
@@ -132,6 +141,7 @@ def serve(
             tls_key=tls_key,
             tls_client_ca=tls_client_ca,
             master_key_file=master_key_file,
+            keys_dir=keys_dir,
             table_cache_bytes=table_cache_mb * 1024**2,
             memory_upload_bytes=upload_memory_mb * 1024**2,
             insecure=insecure,
@@ -241,13 +251,14 @@ def create_principal(
 
 def rotate_master_key(
     data_dir: Annotated[Path, typer.Option(help="The hub's data dir (stop the hub first).")],
+    keys_dir: KeysDirOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Re-wrap every dataset key under a new master key and retire the old one."""
     from entremise.server.operations import rotate_master_key as rotate
 
     with friendly_errors():
-        rotation = rotate(data_dir)
+        rotation = rotate(data_dir, keys_dir)
     if json_out:
         print_json({"rewrapped_keys": rotation.rewrapped_keys, "master_key": rotation.master_key})
     else:

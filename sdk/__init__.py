@@ -35,6 +35,8 @@ from entremise.sdk.client import (
 from entremise.sdk.errors import (
     EntremiseError,
     EntremiseRPCError,
+    HistoryChangedError,
+    HubKeyChangedError,
     IdentifierError,
     InvalidArgumentError,
     MatchingKeyError,
@@ -42,6 +44,7 @@ from entremise.sdk.errors import (
     RPCError,
     SchemaError,
     Status,
+    WitnessError,
 )
 from entremise.sdk.query import (
     Query,
@@ -105,6 +108,8 @@ __all__ = [
     "EntremiseError",
     "EntremiseRPCError",
     "Erasure",
+    "HistoryChangedError",
+    "HubKeyChangedError",
     "IdentifierError",
     "InvalidArgumentError",
     "KeyDiscovery",
@@ -135,6 +140,7 @@ __all__ = [
     "VerifiedKeys",
     "ViewCheck",
     "Withdrawal",
+    "WitnessError",
     "aggregate",
     "parse_aggregate",
     "parse_filter",

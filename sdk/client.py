@@ -9,6 +9,7 @@ raises `RPCError` with the hub's reason.
 
 from __future__ import annotations
 
+import logging
 import socket
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -51,6 +52,7 @@ from entremise.sdk.errors import (
     MatchingKeyError,
     RPCError,
     Status,
+    WitnessError,
     partner_side_errors,
 )
 from entremise.sdk.query import Query
@@ -71,6 +73,12 @@ from entremise.sdk.results import (
     Withdrawal,
 )
 from entremise.sdk.subject import SubjectReport, build_subject_report
+from entremise.sdk.witness import (
+    WitnessedHead,
+    auto_witness_default,
+    default_witness_dir,
+    witness_once,
+)
 from entremise.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -86,6 +94,7 @@ from entremise.v1 import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 ROLES = {
     "admin": common_pb2.ROLE_ADMIN,
@@ -193,8 +202,20 @@ class Client:
     block.
     """
 
-    def __init__(self, channel: grpc.Channel, *, token: str | None, timeout: float) -> None:
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        *,
+        token: str | None,
+        timeout: float,
+        target: str = "",
+        witness_dir: Path | None = None,
+        auto_witness: bool | None = None,
+    ) -> None:
         self._channel = channel
+        self.target = target
+        self.witness_dir = witness_dir or default_witness_dir()
+        self.auto_witness = auto_witness_default() if auto_witness is None else auto_witness
         self.token = token  # the caller's own credential, kept to hand to other tools
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
@@ -213,13 +234,18 @@ class Client:
         timeout: float = 300.0,
         wait_ready: float | None = 10.0,
         tls: TLSConfig | None = None,
+        witness_dir: Path | str | None = None,
+        auto_witness: bool | None = None,
     ) -> Client:
         """Open a channel to `target` (host:port) and wait until it is ready.
 
         `token` is the caller's API token (None with mutual TLS, whose certificate names the
         caller); `timeout` bounds each call, in seconds; `wait_ready` is how long to wait for
         the hub to answer (None or 0: do not wait), else `RPCError` UNAVAILABLE; `tls` gives
-        the hub's CA, and the client's certificate for mutual TLS.
+        the hub's CA, and the client's certificate for mutual TLS. `witness_dir` is where
+        heads of the audit log witnessed at this hub are kept (default: ENTREMISE_WITNESS_DIR,
+        else ~/.entremise/witness); `auto_witness` (default: on unless ENTREMISE_WITNESS=0)
+        witnesses the head after every upload and query run (see `witness_head`).
         """
         options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -250,7 +276,14 @@ class Client:
                     Status.UNAVAILABLE,
                     f"no hub answering at {target} within {wait_ready:g} s: {hint}",
                 ) from None
-        return cls(channel, token=token, timeout=timeout)
+        return cls(
+            channel,
+            token=token,
+            timeout=timeout,
+            target=target,
+            witness_dir=Path(witness_dir) if witness_dir else None,
+            auto_witness=auto_witness,
+        )
 
     def close(self) -> None:
         """Close the channel."""
@@ -588,13 +621,16 @@ class Client:
                 requests(), metadata=self._metadata, timeout=self.timeout
             )
         )
-        return UploadResult(
-            Dataset.from_proto(response.dataset),
-            encoded.rows,
-            size,
-            prepared.dropped_columns,
-            prepared.placeholders,
-            prepared.rows_dropped,
+        return self._witnessed(
+            "upload",
+            UploadResult(
+                Dataset.from_proto(response.dataset),
+                encoded.rows,
+                size,
+                prepared.dropped_columns,
+                prepared.placeholders,
+                prepared.rows_dropped,
+            ),
         )
 
     def list_datasets(self) -> list[Dataset]:
@@ -798,7 +834,47 @@ class Client:
             self._queries.RunQuery,
             query_service_pb2.RunQueryRequest(query=_message(q)),
         )
-        return QueryResult.from_proto(response)
+        return self._witnessed("query run", QueryResult.from_proto(response))
+
+    # -- witnessing the audit log (see entremise.sdk.witness) ---------------------------------
+
+    def witness_head(self) -> WitnessedHead:
+        """Check the hub's signed audit head against the one witnessed last, countersign it.
+
+        Saves it in `witness_dir` (one JSON file per hub address) and returns it. Raises
+        `HubKeyChangedError` when the hub's audit key changed or its signature does not
+        verify, `HistoryChangedError` when its log no longer holds the head witnessed last
+        (rewritten), `RPCError` when the hub cannot be asked.
+        """
+        return witness_once(
+            self.witness_dir,
+            self.target,
+            lambda since: self._unary(
+                self._compliance.GetAuditHead,
+                compliance_service_pb2.GetAuditHeadRequest(since_seq=since),
+            ),
+            lambda request: self._unary(self._compliance.WitnessHead, request),
+        )
+
+    def _witnessed(self, what: str, result: T) -> T:
+        """After an operation that succeeded: witness the head, unless turned off.
+
+        A hub that cannot be asked (or a witness dir that cannot be written) only logs a
+        warning: the operation was done. A rewritten history or replaced key raises its
+        `WitnessError`, carrying the operation's `result`.
+        """
+        if not self.auto_witness:
+            return result
+        try:
+            self.witness_head()
+        except WitnessError as exc:
+            if type(exc) is WitnessError:  # e.g. an empty log: nothing was rewritten
+                log.warning("audit head not witnessed: %s", exc.message)
+                return result
+            raise type(exc)(f"{exc.message} (the {what} itself was done)", result) from exc
+        except (RPCError, OSError) as exc:
+            log.warning("audit head not witnessed (the operation itself succeeded): %s", exc)
+        return result
 
     # -- compliance ---------------------------------------------------------------------------
 

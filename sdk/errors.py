@@ -123,3 +123,25 @@ def partner_side_errors() -> Iterator[None]:
             if isinstance(exc, partner_error):
                 raise sdk_error(*exc.args).with_traceback(exc.__traceback__) from None
         raise  # pragma: no cover (every class caught above is listed)
+
+
+class WitnessError(EntremiseError):
+    """The hub's signed audit head cannot be witnessed: the message says why.
+
+    Raised by `Client.witness_head()`, and after an upload or a query run that otherwise
+    succeeded: the operation's result is then in `result` (the upload's `UploadResult`, the
+    query's `QueryResult`), since the hub did the operation.
+    """
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.result = result
+
+
+class HistoryChangedError(WitnessError):
+    """The hub's audit history changed since a head this client witnessed (a rewrite)."""
+
+
+class HubKeyChangedError(WitnessError):
+    """The hub's audit key is not the one this client witnessed before, or does not verify."""

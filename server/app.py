@@ -11,6 +11,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -87,6 +88,9 @@ class HubConfig:
     workers: int = 8
     max_message_bytes: int = MAX_MESSAGE_BYTES
     master_key_file: Path | None = None
+    # Where the audit signing key and the master keyring live (production: outside data_dir,
+    # so that whoever holds the data disk cannot re-sign the audit log); None: in data_dir.
+    keys_dir: Path | None = None
     # TLS: server certificate and key (PEM); with a client CA, clients must present a
     # certificate signed by it, whose common name is their principal id (mutual TLS).
     tls_cert: Path | None = None
@@ -126,6 +130,30 @@ class HubConfig:
             listen=listen,
             admin_token=admin_token,
         )
+
+
+KEYS_IN_DATA_DIR_WARNING = (
+    "the audit signing key and master keyring are kept in the data dir {data_dir}: fine for a "
+    "demo or development, but whoever holds that disk can re-sign the audit log "
+    "(production: --keys-dir or ENTREMISE_KEYS_DIR outside the data dir)"
+)
+
+
+def check_keys_dir(data_dir: Path, keys_dir: Path | None) -> Path:
+    """The dir holding the audit signing key and master keyring: `keys_dir`, else `data_dir`.
+
+    A keys dir inside the data dir (or the data dir itself) is refused: it would sit on the
+    same disk as the log it protects.
+    """
+    if keys_dir is None:
+        return data_dir
+    keys, data = keys_dir.resolve(), data_dir.resolve()
+    if keys == data or data in keys.parents:
+        raise HubStartError(
+            f"--keys-dir {keys_dir}: it is inside the data dir {data_dir}; keep the keys on "
+            "another disk or mount (or omit --keys-dir for a demo)"
+        )
+    return keys_dir
 
 
 def resolve_admin_token(config: HubConfig) -> str:
@@ -337,9 +365,21 @@ def build_server(config: HubConfig) -> RunningHub:
 
 
 def _build(config: HubConfig, locks: list[HubLock]) -> RunningHub:
+    keys_dir = check_keys_dir(config.data_dir, config.keys_dir)
+    try:
+        keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise HubStartError(f"keys dir {keys_dir}: cannot create it ({exc.strerror})") from None
+    if keys_dir != config.data_dir:
+        for name in (AUDIT_KEY_FILE, MASTER_KEYS):
+            if (config.data_dir / name).exists() and not (keys_dir / name).exists():
+                raise HubStartError(
+                    f"{config.data_dir / name} is in the data dir, not in --keys-dir {keys_dir}: "
+                    "move it there (with audit_signing.pub) before starting with --keys-dir"
+                )
     store = _open_store(config.db_url)
-    signer = AuditSigner.load_or_create(config.data_dir / AUDIT_KEY_FILE)
-    keyring = Keyring.load(config.master_key_file or config.data_dir / MASTER_KEYS)
+    signer = AuditSigner.load_or_create(keys_dir / AUDIT_KEY_FILE)
+    keyring = Keyring.load(config.master_key_file or keys_dir / MASTER_KEYS)
     cipher = DatasetCipher(keyring, config.data_dir / "keys")
     hub = Hub(
         store,
@@ -429,6 +469,12 @@ def _redacted(url: str) -> str:
 def serve(config: HubConfig, *, port_file: Path | None = None, announce_json: bool = False) -> None:
     """Run a hub until SIGINT/SIGTERM."""
     running = build_server(config)
+    if config.keys_dir is None:
+        print(
+            "warning: " + KEYS_IN_DATA_DIR_WARNING.format(data_dir=config.data_dir),
+            file=sys.stderr,
+            flush=True,
+        )
     running.server.start()
     host = config.listen.rsplit(":", 1)[0]
     log.info(

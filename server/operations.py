@@ -11,12 +11,28 @@ data dir is not what it expects; database errors come from SQLAlchemy as they ar
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from entremise.server.app import AUDIT_HEAD_FILE, AUDIT_KEY_FILE, MASTER_KEYS, default_db_url
+from entremise.server.app import (
+    AUDIT_HEAD_FILE,
+    AUDIT_KEY_FILE,
+    MASTER_KEYS,
+    HubStartError,
+    check_keys_dir,
+    default_db_url,
+)
 from entremise.server.crypto import DatasetCipher, Keyring
-from entremise.server.domain.audit import Head, Verification, load_public_key, verify_chain
+from entremise.server.domain.audit import (
+    Head,
+    Verification,
+    WitnessedHead,
+    load_public_key,
+    raw_public_key,
+    verify_chain,
+)
 from entremise.server.store.sql import SqlStore
 
 __all__ = [
@@ -57,40 +73,87 @@ def upgrade_database(url: str) -> str:
         store.close()
 
 
-def rotate_master_key(data_dir: Path) -> Rotation:
+def _keys_dir(data_dir: Path, keys_dir: Path | None) -> Path:
+    try:
+        return check_keys_dir(data_dir, keys_dir)
+    except HubStartError as exc:
+        raise OperationError(str(exc)) from None
+
+
+def rotate_master_key(data_dir: Path, keys_dir: Path | None = None) -> Rotation:
     """Re-wrap every dataset key of the hub at `data_dir` under a new master key.
 
     The old master keys are retired once every dataset key is re-wrapped. Stop the hub first.
-    Refused (`OperationError`) when `data_dir` holds no master keyring; a master key given by
+    The keyring is in `keys_dir` when the hub runs with one (`--keys-dir`), else in `data_dir`.
+    Refused (`OperationError`) when there is no master keyring there; a master key given by
     ENTREMISE_MASTER_KEY must be rotated there (`ValueError`).
     """
-    keyring_path = data_dir / MASTER_KEYS
+    keyring_path = _keys_dir(data_dir, keys_dir) / MASTER_KEYS
     if not keyring_path.exists():
-        raise OperationError(f"{keyring_path}: no master keyring (is {data_dir} a hub data dir?)")
+        raise OperationError(
+            f"{keyring_path}: no master keyring (is {keyring_path.parent} the hub's "
+            "--keys-dir, or its data dir?)"
+        )
     cipher = DatasetCipher(Keyring.load(keyring_path), data_dir / "keys")
     count = cipher.rotate_master()
     return Rotation(rewrapped_keys=count, master_key=cipher.keyring.current)
 
 
-def audit_public_key_path(data_dir: Path) -> Path:
-    """Where the hub keeps the public half of its audit signing key."""
-    return data_dir / AUDIT_KEY_FILE.replace(".key", ".pub")
+def audit_public_key_path(data_dir: Path, keys_dir: Path | None = None) -> Path:
+    """Where the hub keeps the public half of its audit signing key (keys dir, else data dir)."""
+    return (keys_dir or data_dir) / AUDIT_KEY_FILE.replace(".key", ".pub")
 
 
-def verify_audit_log(data_dir: Path, db_url: str = "") -> Verification:
+def load_witness(path: Path) -> WitnessedHead:
+    """A witness file saved by a client (`OperationError`: one line naming what is wrong)."""
+    try:
+        return WitnessedHead.from_json(json.loads(path.read_text()))
+    except OSError as exc:
+        raise OperationError(f"--witness {path}: cannot read it ({exc.strerror})") from None
+    except json.JSONDecodeError:
+        raise OperationError(f"--witness {path}: not JSON (expected a witness file)") from None
+    except ValueError as exc:
+        raise OperationError(f"--witness {path}: not a witness file: {exc}") from None
+
+
+def verify_audit_log(
+    data_dir: Path,
+    db_url: str = "",
+    *,
+    keys_dir: Path | None = None,
+    witnesses: Sequence[Path] = (),
+) -> Verification:
     """Recompute the audit chain offline from the database and the data dir.
 
-    Reads the hub's audit public key and signed head from `data_dir` and every entry from the
-    database (`db_url`, default: the SQLite file in `data_dir`); the result names the first
-    entry that does not verify, if any. Refused (`OperationError`) without the public key.
+    Reads the hub's audit public key (from `keys_dir` when the hub runs with one, else from
+    `data_dir`), its signed head from `data_dir` and every entry from the database (`db_url`,
+    default: the SQLite file in `data_dir`); the result names the first entry that does not
+    verify, if any.
+
+    On its own this cannot catch a history rewritten and re-signed with the hub's own key.
+    Each of `witnesses` (a head witnessed by a partner's or officer's client, as saved by it)
+    is checked too: its countersignature must verify, its hub key must be the hub's current
+    audit key, and the chain must hold the witnessed entry with exactly the witnessed hash.
+    Refused (`OperationError`) without the public key or with an unreadable witness file.
     """
-    public = audit_public_key_path(data_dir)
+    public = audit_public_key_path(data_dir, _keys_dir(data_dir, keys_dir))
     if not public.exists():
-        raise OperationError(f"{public}: no audit public key (is {data_dir} a hub data dir?)")
+        raise OperationError(
+            f"{public}: no audit public key (is {public.parent} the hub's --keys-dir, or its "
+            "data dir?)"
+        )
+    heads = [(path, load_witness(path)) for path in witnesses]
+    key = load_public_key(public)
     store = SqlStore(db_url or default_db_url(data_dir), create=False)
     try:
-        return verify_chain(
-            store.list_audit(), load_public_key(public), Head.load(data_dir / AUDIT_HEAD_FILE)
-        )
+        entries = store.list_audit()
     finally:
         store.close()
+    result = verify_chain(entries, key, Head.load(data_dir / AUDIT_HEAD_FILE))
+    if not result.ok:
+        return result
+    for path, head in heads:
+        problem = head.problem(entries, raw_public_key(key))
+        if problem:
+            return Verification(False, result.checked, head.seq, f"witness {path.name}: {problem}")
+    return result

@@ -10,11 +10,15 @@ careless partner need not use it.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import sqlalchemy as sa
 
 from entremise.partners import (
     Categorical,
@@ -30,7 +34,11 @@ from entremise.partners.pseudonymise import Pseudonymiser
 from entremise.privacy.budget import Epsilon
 from entremise.sdk import PreparedUpload
 from entremise.server import testing
+from entremise.server.app import AUDIT_HEAD_FILE, AUDIT_KEY_FILE
+from entremise.server.domain.audit import GENESIS, AuditSigner, ChainedEntry, Head, entry_hash
 from entremise.server.domain.models import ExactAggregates, QueryPlan, QuerySpec
+from entremise.server.store.rows import audit_from_row
+from entremise.server.store.tables import audit_events, audit_head
 from tests.conftest import Hub, partner_with_key
 
 PURPOSE = "audience_insights"
@@ -206,3 +214,61 @@ def crafted_upload(
         agreement_id, schema, encode(pa.table(arrays)), matching.fingerprint, ()
     )
     client.send_upload(prepared, name)
+
+
+def rewrite_audit_log(
+    db_url: str,
+    data_dir: Path,
+    edit: Callable[[ChainedEntry], dict[str, object] | None],
+    *,
+    signer: AuditSigner | None = None,
+) -> int:
+    """As whoever holds the hub's disk (hub stopped): rewrite the audit log and re-sign it.
+
+    `edit(entry)` gives each entry's new detail, or None to delete the entry. The survivors
+    are renumbered, re-chained and re-signed with the hub's own key from the data dir (or
+    `signer`, a key of the attacker's), and the store's head row and `audit.head` are
+    rewritten: plain verification then finds nothing wrong. Returns the new length.
+    """
+    signer = signer or AuditSigner.load_or_create(data_dir / AUDIT_KEY_FILE)
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            rows = list(conn.execute(sa.select(audit_events).order_by(audit_events.c.seq)))
+            conn.execute(audit_events.delete())
+            prev, seq = GENESIS, 0
+            for row in rows:
+                entry = audit_from_row(row)
+                detail = edit(entry)
+                if detail is None:
+                    continue
+                seq += 1
+                digest = entry_hash(
+                    seq,
+                    prev,
+                    entry.kind,
+                    entry.actor_id,
+                    entry.subject_id,
+                    detail,
+                    entry.created_at,
+                )
+                signature = signer.sign(digest)
+                conn.execute(
+                    audit_events.insert().values(
+                        seq=seq,
+                        kind=entry.kind,
+                        actor_id=entry.actor_id,
+                        subject_id=entry.subject_id,
+                        detail_json=json.dumps(detail, sort_keys=True),
+                        created_at=entry.created_at,
+                        prev_hash=prev,
+                        hash=digest,
+                        signature=signature,
+                    )
+                )
+                prev = digest
+            conn.execute(audit_head.update().values(seq=seq, hash=prev))
+    finally:
+        engine.dispose()
+    Head(seq, prev, signer.sign(prev)).save(data_dir / AUDIT_HEAD_FILE)
+    return seq

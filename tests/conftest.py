@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -19,6 +20,12 @@ from entremise.partners.synthetic import BANK_SCHEMA, PANEL_SCHEMA, PURPOSE, gen
 from entremise.server.app import HubConfig, RunningHub, build_server
 
 ADMIN_TOKEN = "ent_test_admin_token"
+
+# Clients witness the audit head after uploads and queries into ~/.entremise/witness by
+# default: tests never write there, and witness only where they ask to (auto_witness=True,
+# with their own tmp witness dir), so that audit logs elsewhere hold exactly what they test.
+os.environ["ENTREMISE_WITNESS"] = "0"
+os.environ["ENTREMISE_WITNESS_DIR"] = tempfile.mkdtemp(prefix="entremise-witness-")
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 

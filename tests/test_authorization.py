@@ -307,6 +307,18 @@ def test_authorization_matrix(scenario: Scenario) -> None:
             compliance_pb.GetConsentCoverageRequest,
             READERS,
         ),
+        "GetAuditHead": (
+            ComplianceServiceStub,
+            "GetAuditHead",
+            lambda: compliance_pb.GetAuditHeadRequest(since_seq=1),
+            set(IDENTITIES) - {"anonymous", "forged"},
+        ),
+        "WitnessHead": (
+            ComplianceServiceStub,
+            "WitnessHead",
+            lambda: _witness_request(s),
+            set(IDENTITIES) - {"anonymous", "forged"},
+        ),
         # Any partner may publish (rotate) its own key; late, since it changes the key context.
         "PublishPublicKey": (
             PartnerServiceStub,
@@ -437,6 +449,24 @@ def test_authorization_matrix(scenario: Scenario) -> None:
     ]
     assert unexpected == []
     assert len(outcomes) == len(matrix) * len(IDENTITIES)
+
+
+def _witness_request(s: Scenario) -> Any:
+    """A valid countersignature over the hub's current head, by a fresh witness key."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from entremise.server.domain.audit import raw_public_key, witness_statement
+
+    head = s.hub.running.store.find_audit(0)
+    assert head is not None
+    hub_key = s.hub.running.hub.witnessing.public_key
+    key = Ed25519PrivateKey.generate()
+    return compliance_pb.WitnessHeadRequest(
+        seq=head.seq,
+        hash=head.hash,
+        witness_public_key=raw_public_key(key.public_key()),
+        signature=key.sign(witness_statement(hub_key, head.seq, head.hash)),
+    )
 
 
 @pytest.mark.parametrize(

@@ -76,9 +76,7 @@ def build_three(hub: Hub) -> Three:
         ("insurer", b, other.bank, BANK_SCHEMA, "bank"),
         ("panel", b, other.panel, PANEL_SCHEMA, "panel"),
     ):
-        up = clients[partner].upload_dataset(
-            agreement, slot, frame, schema, keys=keys[partner]
-        )
+        up = clients[partner].upload_dataset(agreement, slot, frame, schema, keys=keys[partner])
         datasets[(partner, agreement)] = up.dataset.dataset_id
     releases = {
         agreement: clients["analyst"]

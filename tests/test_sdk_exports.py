@@ -32,6 +32,8 @@ PUBLIC = [
     "EntremiseError",
     "EntremiseRPCError",
     "Erasure",
+    "HistoryChangedError",
+    "HubKeyChangedError",
     "IdentifierError",
     "InvalidArgumentError",
     "KeyDiscovery",
@@ -62,6 +64,7 @@ PUBLIC = [
     "VerifiedKeys",
     "ViewCheck",
     "Withdrawal",
+    "WitnessError",
     "aggregate",
     "parse_aggregate",
     "parse_filter",
@@ -100,5 +103,5 @@ def test_every_error_derives_from_the_one_base() -> None:
         if inspect.isclass(getattr(entremise.sdk, name))
         and issubclass(getattr(entremise.sdk, name), BaseException)
     ]
-    assert len(errors) == 10  # EntremiseRPCError is RPCError
+    assert len(errors) == 13  # EntremiseRPCError is RPCError
     assert all(issubclass(e, entremise.sdk.EntremiseError) for e in errors)

@@ -973,6 +973,15 @@ def test_the_audit_chain_numbers_entries_and_links_each_to_its_predecessor(store
     assert [e.prev_hash for e in store.list_audit()] == [GENESIS, first.hash, second.hash]
 
 
+def test_find_audit_gives_one_entry_or_the_latest(store: Store) -> None:
+    assert store.find_audit(0) is None and store.find_audit(1) is None
+    first = store.append_audit(event("a", {"rows": 3}), seal_for("a"))
+    second = store.append_audit(event("b", {}), seal_for("b"))
+    assert store.find_audit(1) == first
+    assert store.find_audit(2) == store.find_audit(0) == second
+    assert store.find_audit(3) is None
+
+
 def test_a_seal_that_fails_appends_nothing(store: Store) -> None:
     store.append_audit(event("a"), seal_for("a"))
 

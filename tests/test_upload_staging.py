@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -114,3 +115,30 @@ def test_sweeping_removes_unreferenced_versions_and_interrupted_writes(tmp_path:
     assert not partial.exists() and not Path(files.path("stale", 1)).exists()
     assert files.cache.get("stale", 1) is None
     assert files.read("kept", 1).num_rows == 1_000
+
+
+def test_a_staged_upload_is_sealed_on_disk_while_in_flight(tmp_path: Path) -> None:
+    """Above the memory limit an upload is staged on disk: never a plaintext byte of it there.
+
+    What the staging dir holds mid-stream is what a crash (or a copy of the disk) leaves.
+    """
+    table = _table(20_000)
+    payload = _payload(table)
+    values = [v.encode() for v in table.column("k").to_pylist()]
+    files = _files(tmp_path, memory_upload_bytes=64 * 1024)
+    seen: list[bytes] = []
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(payload), 64 * 1024):
+            yield payload[i : i + 64 * 1024]
+            if i > len(payload) // 2 and not seen:  # in flight: well past the memory limit
+                seen.extend(p.read_bytes() for p in _staged(tmp_path))
+        seen.extend(p.read_bytes() for p in _staged(tmp_path))  # every chunk in, not yet read
+
+    files.ingest("d", 1, SCHEMA, chunks(), hashlib.sha256(payload).hexdigest())
+    assert seen and sum(len(s) for s in seen) >= len(payload) // 2
+    for staged in seen:
+        assert not any(value[:16] in staged for value in values)
+        assert payload[:4096] not in staged
+    assert _staged(tmp_path) == []
+    assert files.read("d", 1).equals(table)

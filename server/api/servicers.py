@@ -335,6 +335,33 @@ class ComplianceServicer(_Base, compliance_service_pb2_grpc.ComplianceServiceSer
         )
 
     @rpc
+    def GetAuditHead(
+        self, request: compliance_service_pb2.GetAuditHeadRequest, context: grpc.ServicerContext
+    ) -> compliance_service_pb2.GetAuditHeadResponse:
+        head = self.hub.witnessing.head(self.caller(context), request.since_seq)
+        return compliance_service_pb2.GetAuditHeadResponse(
+            seq=head.seq,
+            hash=head.hash,
+            signature=head.signature,
+            audit_public_key=head.public_key,
+            since_seq=head.since_seq,
+            since_hash=head.since_hash,
+        )
+
+    @rpc
+    def WitnessHead(
+        self, request: compliance_service_pb2.WitnessHeadRequest, context: grpc.ServicerContext
+    ) -> compliance_service_pb2.WitnessHeadResponse:
+        entry_seq = self.hub.witnessing.witness(
+            self.caller(context),
+            request.seq,
+            request.hash,
+            bytes(request.witness_public_key),
+            bytes(request.signature),
+        )
+        return compliance_service_pb2.WitnessHeadResponse(entry_seq=entry_seq)
+
+    @rpc
     def ListLedger(
         self, request: compliance_service_pb2.ListLedgerRequest, context: grpc.ServicerContext
     ) -> compliance_service_pb2.ListLedgerResponse:

@@ -100,6 +100,39 @@ class AuditSigner:
         return self._key.sign(bytes.fromhex(digest)).hex()
 
 
+WITNESS_CONTEXT = b"entremise audit head witness v1"
+
+
+def witness_statement(hub_public_key: bytes, seq: int, digest: str) -> bytes:
+    """What a witness signs: the hub's raw audit public key, a head's seq and its hash.
+
+    A countersignature over this says "I saw the hub holding key K sign entry `seq` with hash
+    `digest`": the chain must keep that very entry forever.
+    """
+    return b"\n".join(
+        [WITNESS_CONTEXT, hub_public_key.hex().encode(), str(seq).encode(), digest.encode()]
+    )
+
+
+def raw_public_key(key: Ed25519PublicKey) -> bytes:
+    """The 32 raw bytes of an Ed25519 public key."""
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_fingerprint(raw: bytes) -> str:
+    """A short, stable name for a raw public key: the first 32 hex digits of its SHA-256."""
+    return hashlib.sha256(raw).hexdigest()[:32]
+
+
+def verify_signature(raw_public_key: bytes, signature: bytes, message: bytes) -> bool:
+    """Whether `signature` is a valid Ed25519 signature of `message` by that raw key."""
+    try:
+        Ed25519PublicKey.from_public_bytes(raw_public_key).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """The audit log's verification key."""
     key = serialization.load_pem_public_key(path.read_bytes())
@@ -204,3 +237,96 @@ def verify_chain(
                 False, len(entries), head.seq, f"entry {head.seq} differs from the signed head"
             )
     return Verification(True, len(entries))
+
+
+@dataclass(frozen=True)
+class WitnessedHead:
+    """A head as a witness (a partner's or officer's client) saved it: its own copy.
+
+    Keys of the JSON file: seq, hash, hub_signature, hub_public_key, witness_public_key,
+    countersignature (hex strings, seq an integer), witnessed_at, and optionally hub (the
+    address it was witnessed at).
+    """
+
+    seq: int
+    hash: str
+    hub_signature: str
+    hub_public_key: str
+    witness_public_key: str
+    countersignature: str
+    witnessed_at: str = ""
+    hub: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        """The JSON object saved in a witness file."""
+        return {
+            "hub": self.hub,
+            "seq": self.seq,
+            "hash": self.hash,
+            "hub_signature": self.hub_signature,
+            "hub_public_key": self.hub_public_key,
+            "witness_public_key": self.witness_public_key,
+            "countersignature": self.countersignature,
+            "witnessed_at": self.witnessed_at,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> WitnessedHead:
+        """Parse a witness file's object; ValueError names the first missing or bad field."""
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        seq = data.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+            raise ValueError("field 'seq' must be a positive integer")
+        fields: dict[str, str] = {}
+        for name in (
+            "hash",
+            "hub_signature",
+            "hub_public_key",
+            "witness_public_key",
+            "countersignature",
+        ):
+            value = data.get(name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"field {name!r} must be a non-empty hex string")
+            try:
+                bytes.fromhex(value)
+            except ValueError:
+                raise ValueError(f"field {name!r} is not hex") from None
+            fields[name] = value
+        return cls(
+            seq=seq,
+            witnessed_at=str(data.get("witnessed_at", "")),
+            hub=str(data.get("hub", "")),
+            **fields,
+        )
+
+    def problem(self, entries: list[ChainedEntry], hub_public_key: bytes) -> str:
+        """Why this witnessed head does not hold for `entries` under that key ('' if it holds).
+
+        The witness's countersignature and the hub's signature must verify, the hub's key must
+        be the one witnessed, and the chain must hold entry `seq` with exactly the witnessed
+        hash: a history rewritten and re-signed with the hub's own key fails the last check.
+        """
+        witness_key = bytes.fromhex(self.witness_public_key)
+        witnessed_key = bytes.fromhex(self.hub_public_key)
+        statement = witness_statement(witnessed_key, self.seq, self.hash)
+        if not verify_signature(witness_key, bytes.fromhex(self.countersignature), statement):
+            return "the witness's countersignature does not verify (not a genuine witness file)"
+        if witnessed_key != hub_public_key:
+            return (
+                f"the hub's audit key {key_fingerprint(hub_public_key)} is not the key "
+                f"{key_fingerprint(witnessed_key)} the witness saw (the key was replaced)"
+            )
+        if not verify_signature(
+            witnessed_key, bytes.fromhex(self.hub_signature), bytes.fromhex(self.hash)
+        ):
+            return "the hub's signature in the witness file does not verify"
+        if self.seq > len(entries) or entries[self.seq - 1].seq != self.seq:
+            return (
+                f"entry {self.seq}, witnessed, is missing (the log stops at {len(entries)}): "
+                "the history was rewritten"
+            )
+        if entries[self.seq - 1].hash != self.hash:
+            return f"entry {self.seq} differs from the witnessed head: the history was rewritten"
+        return ""

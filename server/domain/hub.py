@@ -19,6 +19,7 @@ from entremise.server.domain.ports import AggregationEngine, DatasetFiles, Store
 from entremise.server.domain.principals import Principals
 from entremise.server.domain.queries import Queries
 from entremise.server.domain.trail import AuditTrail
+from entremise.server.domain.witness import Witnessing
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Hub:
         self.consent = Consent(store, files, trail, self.datasets)
         self.queries = Queries(store, files, engine, trail)
         self.compliance = Compliance(store, files, signer.public_key_raw())
+        self.witnessing = Witnessing(store, trail, signer)
 
     def recover(self) -> int:
         """After a crash: fail releases left running, drop files no metadata refers to.

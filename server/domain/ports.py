@@ -269,6 +269,10 @@ class Store(ABC):
     def list_audit(self) -> list[ChainedEntry]:
         """The audit log, oldest first."""
 
+    @abstractmethod
+    def find_audit(self, seq: int) -> ChainedEntry | None:
+        """The audit entry at `seq`, or None; seq <= 0 means the latest entry (None if empty)."""
+
 
 @dataclass(frozen=True)
 class IngestResult:

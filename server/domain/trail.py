@@ -24,8 +24,11 @@ class AuditTrail:
         self.head_path = head_path
         self._head_lock = threading.Lock()
 
-    def record(self, kind: str, caller: Principal, subject: str, detail: dict[str, object]) -> None:
-        """Append one event done by `caller` on `subject` (ids and counts only, never data)."""
+    def record(self, kind: str, caller: Principal, subject: str, detail: dict[str, object]) -> int:
+        """Append one event done by `caller` on `subject` (ids and counts only, never data).
+
+        Returns the new entry's seq.
+        """
         event = AuditEvent(kind, caller.principal_id, subject, detail, now())
 
         def seal(seq: int, prev_hash: str) -> tuple[str, str]:
@@ -46,3 +49,4 @@ class AuditTrail:
                 current = Head.load(self.head_path)
                 if current is None or current.seq < entry.seq:
                     Head(entry.seq, entry.hash, entry.signature).save(self.head_path)
+        return entry.seq

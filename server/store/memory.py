@@ -497,3 +497,10 @@ class MemoryStore(Store):
         with self._lock:
             stored = list(self._audit)
         return [replace(entry, detail=json.loads(detail)) for entry, detail in stored]
+
+    def find_audit(self, seq: int) -> ChainedEntry | None:  # noqa: D102
+        with self._lock:
+            if not self._audit or seq > len(self._audit):
+                return None
+            entry, detail = self._audit[seq - 1 if seq > 0 else -1]
+        return replace(entry, detail=json.loads(detail))

@@ -623,6 +623,16 @@ class SqlStore(Store):
                 for r in conn.execute(sa.select(audit_events).order_by(audit_events.c.seq))
             ]
 
+    def find_audit(self, seq: int) -> ChainedEntry | None:  # noqa: D102
+        query = (
+            sa.select(audit_events).where(audit_events.c.seq == seq)
+            if seq > 0
+            else sa.select(audit_events).order_by(audit_events.c.seq.desc()).limit(1)
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return audit_from_row(row) if row is not None else None
+
 
 __all__ = [
     "MIGRATIONS",

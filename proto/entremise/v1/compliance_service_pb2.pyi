@@ -265,3 +265,111 @@ class GetConsentCoverageResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetConsentCoverageResponse: _TypeAlias = GetConsentCoverageResponse  # noqa: Y015
+
+@_typing.final
+class GetAuditHeadRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_SEQ_FIELD_NUMBER: _builtins.int
+    since_seq: _builtins.int
+    """When > 0: also return the hash of the entry at this seq (a head witnessed before)."""
+    def __init__(
+        self,
+        *,
+        since_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["since_seq", b"since_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAuditHeadRequest: _TypeAlias = GetAuditHeadRequest  # noqa: Y015
+
+@_typing.final
+class GetAuditHeadResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    AUDIT_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SINCE_SEQ_FIELD_NUMBER: _builtins.int
+    SINCE_HASH_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """The latest entry of the chain (0 and empty when the log is empty)."""
+    hash: _builtins.str
+    signature: _builtins.str
+    """The hub's Ed25519 signature of the hash (hex), as stored with the entry."""
+    audit_public_key: _builtins.bytes
+    """The hub's raw (32-byte) Ed25519 audit public key."""
+    since_seq: _builtins.int
+    """The request's since_seq, and the hash of the entry there (empty: no such entry)."""
+    since_hash: _builtins.str
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        hash: _builtins.str = ...,
+        signature: _builtins.str = ...,
+        audit_public_key: _builtins.bytes = ...,
+        since_seq: _builtins.int = ...,
+        since_hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_public_key", b"audit_public_key", "hash", b"hash", "seq", b"seq", "signature", b"signature", "since_hash", b"since_hash", "since_seq", b"since_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAuditHeadResponse: _TypeAlias = GetAuditHeadResponse  # noqa: Y015
+
+@_typing.final
+class WitnessHeadRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    WITNESS_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    hash: _builtins.str
+    witness_public_key: _builtins.bytes
+    """The client's raw (32-byte) Ed25519 witness public key."""
+    signature: _builtins.bytes
+    """Its signature of the witness statement (see entremise.server.domain.audit.witness_statement)."""
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        hash: _builtins.str = ...,
+        witness_public_key: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hash", b"hash", "seq", b"seq", "signature", b"signature", "witness_public_key", b"witness_public_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WitnessHeadRequest: _TypeAlias = WitnessHeadRequest  # noqa: Y015
+
+@_typing.final
+class WitnessHeadResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_SEQ_FIELD_NUMBER: _builtins.int
+    entry_seq: _builtins.int
+    """The seq of the head_witnessed entry that records it."""
+    def __init__(
+        self,
+        *,
+        entry_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_seq", b"entry_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WitnessHeadResponse: _TypeAlias = WitnessHeadResponse  # noqa: Y015

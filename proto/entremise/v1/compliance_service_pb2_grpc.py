@@ -57,6 +57,16 @@ class ComplianceServiceStub:
                 request_serializer=entremise_dot_v1_dot_compliance__service__pb2.GetConsentCoverageRequest.SerializeToString,
                 response_deserializer=entremise_dot_v1_dot_compliance__service__pb2.GetConsentCoverageResponse.FromString,
                 _registered_method=True)
+        self.GetAuditHead = channel.unary_unary(
+                '/entremise.v1.ComplianceService/GetAuditHead',
+                request_serializer=entremise_dot_v1_dot_compliance__service__pb2.GetAuditHeadRequest.SerializeToString,
+                response_deserializer=entremise_dot_v1_dot_compliance__service__pb2.GetAuditHeadResponse.FromString,
+                _registered_method=True)
+        self.WitnessHead = channel.unary_unary(
+                '/entremise.v1.ComplianceService/WitnessHead',
+                request_serializer=entremise_dot_v1_dot_compliance__service__pb2.WitnessHeadRequest.SerializeToString,
+                response_deserializer=entremise_dot_v1_dot_compliance__service__pb2.WitnessHeadResponse.FromString,
+                _registered_method=True)
 
 
 class ComplianceServiceServicer:
@@ -91,6 +101,21 @@ class ComplianceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAuditHead(self, request, context):
+        """Any authenticated principal: the audit chain's signed head and the hub's audit public key,
+        so that clients can keep (witness) their own copy of it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WitnessHead(self, request, context):
+        """Any authenticated principal: record a client's countersignature over a head in the chain.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ComplianceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +138,16 @@ def add_ComplianceServiceServicer_to_server(servicer, server):
                     servicer.GetConsentCoverage,
                     request_deserializer=entremise_dot_v1_dot_compliance__service__pb2.GetConsentCoverageRequest.FromString,
                     response_serializer=entremise_dot_v1_dot_compliance__service__pb2.GetConsentCoverageResponse.SerializeToString,
+            ),
+            'GetAuditHead': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAuditHead,
+                    request_deserializer=entremise_dot_v1_dot_compliance__service__pb2.GetAuditHeadRequest.FromString,
+                    response_serializer=entremise_dot_v1_dot_compliance__service__pb2.GetAuditHeadResponse.SerializeToString,
+            ),
+            'WitnessHead': grpc.unary_unary_rpc_method_handler(
+                    servicer.WitnessHead,
+                    request_deserializer=entremise_dot_v1_dot_compliance__service__pb2.WitnessHeadRequest.FromString,
+                    response_serializer=entremise_dot_v1_dot_compliance__service__pb2.WitnessHeadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +261,60 @@ class ComplianceService:
             '/entremise.v1.ComplianceService/GetConsentCoverage',
             entremise_dot_v1_dot_compliance__service__pb2.GetConsentCoverageRequest.SerializeToString,
             entremise_dot_v1_dot_compliance__service__pb2.GetConsentCoverageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAuditHead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entremise.v1.ComplianceService/GetAuditHead',
+            entremise_dot_v1_dot_compliance__service__pb2.GetAuditHeadRequest.SerializeToString,
+            entremise_dot_v1_dot_compliance__service__pb2.GetAuditHeadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WitnessHead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entremise.v1.ComplianceService/WitnessHead',
+            entremise_dot_v1_dot_compliance__service__pb2.WitnessHeadRequest.SerializeToString,
+            entremise_dot_v1_dot_compliance__service__pb2.WitnessHeadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,12 @@ class ComplianceServiceStub:
     """The hash-chained, signed audit log (state changes and releases, counts only)."""
     GetConsentCoverage: _grpc.UnaryUnaryMultiCallable[_compliance_service_pb2.GetConsentCoverageRequest, _compliance_service_pb2.GetConsentCoverageResponse]
     """Per dataset and purpose: rows, consenting rows, expired consents, withdrawals."""
+    GetAuditHead: _grpc.UnaryUnaryMultiCallable[_compliance_service_pb2.GetAuditHeadRequest, _compliance_service_pb2.GetAuditHeadResponse]
+    """Any authenticated principal: the audit chain's signed head and the hub's audit public key,
+    so that clients can keep (witness) their own copy of it.
+    """
+    WitnessHead: _grpc.UnaryUnaryMultiCallable[_compliance_service_pb2.WitnessHeadRequest, _compliance_service_pb2.WitnessHeadResponse]
+    """Any authenticated principal: record a client's countersignature over a head in the chain."""
 
 @_typing.type_check_only
 class ComplianceServiceAsyncStub(ComplianceServiceStub):
@@ -57,6 +63,12 @@ class ComplianceServiceAsyncStub(ComplianceServiceStub):
     """The hash-chained, signed audit log (state changes and releases, counts only)."""
     GetConsentCoverage: _aio.UnaryUnaryMultiCallable[_compliance_service_pb2.GetConsentCoverageRequest, _compliance_service_pb2.GetConsentCoverageResponse]  # type: ignore[assignment]
     """Per dataset and purpose: rows, consenting rows, expired consents, withdrawals."""
+    GetAuditHead: _aio.UnaryUnaryMultiCallable[_compliance_service_pb2.GetAuditHeadRequest, _compliance_service_pb2.GetAuditHeadResponse]  # type: ignore[assignment]
+    """Any authenticated principal: the audit chain's signed head and the hub's audit public key,
+    so that clients can keep (witness) their own copy of it.
+    """
+    WitnessHead: _aio.UnaryUnaryMultiCallable[_compliance_service_pb2.WitnessHeadRequest, _compliance_service_pb2.WitnessHeadResponse]  # type: ignore[assignment]
+    """Any authenticated principal: record a client's countersignature over a head in the chain."""
 
 class ComplianceServiceServicer(metaclass=_abc_1.ABCMeta):
     """Admins and hub-wide compliance officers see every agreement. A partner, and a compliance
@@ -93,5 +105,23 @@ class ComplianceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_compliance_service_pb2.GetConsentCoverageResponse, _abc.Awaitable[_compliance_service_pb2.GetConsentCoverageResponse]]:
         """Per dataset and purpose: rows, consenting rows, expired consents, withdrawals."""
+
+    @_abc_1.abstractmethod
+    def GetAuditHead(
+        self,
+        request: _compliance_service_pb2.GetAuditHeadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_compliance_service_pb2.GetAuditHeadResponse, _abc.Awaitable[_compliance_service_pb2.GetAuditHeadResponse]]:
+        """Any authenticated principal: the audit chain's signed head and the hub's audit public key,
+        so that clients can keep (witness) their own copy of it.
+        """
+
+    @_abc_1.abstractmethod
+    def WitnessHead(
+        self,
+        request: _compliance_service_pb2.WitnessHeadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_compliance_service_pb2.WitnessHeadResponse, _abc.Awaitable[_compliance_service_pb2.WitnessHeadResponse]]:
+        """Any authenticated principal: record a client's countersignature over a head in the chain."""
 
 def add_ComplianceServiceServicer_to_server(servicer: ComplianceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
