@@ -189,7 +189,7 @@ def test_key_rotation_requires_a_reupload_and_changes_every_pseudonym(
         s.analyst.run(q)
     assert stale.value.status is Status.FAILED_PRECONDITION
     assert "previous key context" in stale.value.message
-    with pytest.raises(MatchingKeyError, match="not the one you published"):
+    with pytest.raises(MatchingKeyError, match="not this key file's: if you rotated"):
         s.bank_client.upload_dataset(s.agreement_id, "bank", s.bank, BANK_SCHEMA, keys=s.bank_key)
     s.bank_client.upload_dataset(s.agreement_id, "bank", s.bank, BANK_SCHEMA, keys=new_key)
     with pytest.raises(EntremiseRPCError):  # the panel is still on the old context
