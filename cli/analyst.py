@@ -50,6 +50,9 @@ _AGG_WORDS = {
     AggregateKind.VARIANCE: "variance",
 }
 _WHOLE_KINDS = (AggregateKind.COUNT, AggregateKind.COUNT_ROWS)
+#: Averages and order statistics keep their decimals even when a released value is whole (a
+#: mean clamped to its lower bound 0 is "0.00", like its neighbours, not "0").
+_DECIMAL_KINDS = (AggregateKind.MEAN, AggregateKind.VARIANCE, AggregateKind.QUANTILE)
 
 
 def _level(msg: query_service_pb2.Aggregate) -> float | None:
@@ -304,9 +307,11 @@ def run(options: QueryOptions) -> None:
 
 
 def _result_table(result: AggregateResult, levels: dict[str, float | None]) -> Table:
-    """One released aggregate: a row per group; counts (and any all-whole result) as 1,851."""
+    """One released aggregate: a row per group; counts (and all-whole sums) as 1,851."""
     values = [c.value for c in result.cells if c.value is not None]
-    whole_values = result.kind in _WHOLE_KINDS or all(is_whole(v) for v in values)
+    whole_values = result.kind in _WHOLE_KINDS or (
+        result.kind not in _DECIMAL_KINDS and all(is_whole(v) for v in values)
+    )
     out = table(
         text_column("group"),
         number_column("released"),

@@ -521,3 +521,28 @@ def test_the_report_header_says_whether_postgresql_runs(request: pytest.FixtureR
         assert header.endswith("reachable: suites run on SQLite and PostgreSQL"), header
     else:
         assert "not reachable" in header and header.split(": SQLite only")[1], header
+
+
+def test_a_mean_keeps_its_decimals_even_when_every_released_value_is_whole() -> None:
+    """A noisy mean clamped to its bound 0 reads 0.00 like any mean; a whole sum stays whole."""
+    from rich.console import Console
+
+    from entremise.cli.analyst import _result_table
+    from entremise.sdk import AggregateResult
+    from entremise.v1 import query_service_pb2 as q
+
+    def rendered(kind: int, values: list[float]) -> str:
+        message = q.AggregateResult(
+            name="x",
+            kind=kind,  # type: ignore[arg-type]
+            column="panel.amount",
+            cells=[q.Cell(group=[g], value=v) for g, v in zip(("a", "b"), values, strict=True)],
+        )
+        screen = Console(width=120, record=True)
+        screen.print(_result_table(AggregateResult.from_proto(message), {}))
+        return screen.export_text()
+
+    assert "0.00" in rendered(q.AGGREGATE_KIND_MEAN, [0.0, 0.0])
+    assert "12.00" in rendered(q.AGGREGATE_KIND_QUANTILE, [12.0, 0.0])
+    assert "1,200" in rendered(q.AGGREGATE_KIND_SUM, [1200.0, 3.0])
+    assert "1,200.00" not in rendered(q.AGGREGATE_KIND_SUM, [1200.0, 3.0])
