@@ -35,7 +35,9 @@ from entremise.partners.keys import (
     generate_private_key,
     load_private_key,
     public_bytes,
+    read_pem_private_key,
     save_private_key,
+    write_pem_private_key,
 )
 
 PUBLIC_KEY_LABEL = b"entremise/v1/public-key"
@@ -358,22 +360,12 @@ def trust_path(key_file: Path) -> Path:
 
 def save_identity_key(key: Ed25519PrivateKey, path: Path) -> None:
     """PKCS#8 PEM, readable by its owner only; never overwrites."""
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
+    write_pem_private_key(key, path)
 
 
 def load_identity_key(path: Path) -> Ed25519PrivateKey:
     """Read an identity key written by save_identity_key."""
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except FileNotFoundError:
-        raise MatchingKeyError(f"{path}: no such identity key file") from None
-    except ValueError:
-        raise MatchingKeyError(f"{path} does not hold a PEM private key") from None
+    key = read_pem_private_key(path, "identity key")
     if not isinstance(key, Ed25519PrivateKey):
         raise MatchingKeyError(f"{path} is not an Ed25519 identity key")
     return key

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -38,7 +39,7 @@ def generate_private_key() -> X25519PrivateKey:
     return X25519PrivateKey.generate()
 
 
-def save_private_key(key: X25519PrivateKey, path: Path) -> None:
+def write_pem_private_key(key: X25519PrivateKey | Ed25519PrivateKey, path: Path) -> None:
     """PKCS#8 PEM, readable by its owner only; never overwrites."""
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -48,14 +49,24 @@ def save_private_key(key: X25519PrivateKey, path: Path) -> None:
         handle.write(pem)
 
 
-def load_private_key(path: Path) -> X25519PrivateKey:
-    """Read a key written by save_private_key."""
+def read_pem_private_key(path: Path, file_kind: str) -> object:
+    """The private key in a PEM file (`file_kind` names the file in the missing-file error)."""
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        return serialization.load_pem_private_key(path.read_bytes(), password=None)
     except FileNotFoundError:
-        raise MatchingKeyError(f"{path}: no such key file") from None
+        raise MatchingKeyError(f"{path}: no such {file_kind} file") from None
     except ValueError:
         raise MatchingKeyError(f"{path} does not hold a PEM private key") from None
+
+
+def save_private_key(key: X25519PrivateKey, path: Path) -> None:
+    """PKCS#8 PEM, readable by its owner only; never overwrites."""
+    write_pem_private_key(key, path)
+
+
+def load_private_key(path: Path) -> X25519PrivateKey:
+    """Read a key written by save_private_key."""
+    key = read_pem_private_key(path, "key")
     if not isinstance(key, X25519PrivateKey):
         raise MatchingKeyError(f"{path} is not an X25519 private key")
     return key
