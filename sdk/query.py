@@ -30,6 +30,7 @@ AGGREGATES = {
     "mean": query_service_pb2.AGGREGATE_KIND_MEAN,
     "variance": query_service_pb2.AGGREGATE_KIND_VARIANCE,
     "quantile": query_service_pb2.AGGREGATE_KIND_QUANTILE,
+    "stddev": query_service_pb2.AGGREGATE_KIND_STDDEV,
 }
 #: The mini-language of one aggregate: KIND[:COLUMN][@EPSILON|~TARGET].
 AGGREGATE_SYNTAX = "KIND[:COLUMN][@EPSILON|~TARGET]"

@@ -100,6 +100,7 @@ class AggregateKind(_ApiEnum):
     MEAN = 4
     VARIANCE = 5
     QUANTILE = 6
+    STDDEV = 7
 
 
 # -- principals and keys ---------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import re
 from dataclasses import dataclass, field
@@ -152,7 +153,46 @@ class TextColumn:
             raise InvalidArgumentError(f"column {self.name!r}: max_length must be in [1, 1000]")
 
 
-Column = NumericColumn | CategoricalColumn | TextColumn
+@dataclass(frozen=True)
+class DateColumn:
+    """A date (or UTC timestamp) attribute with public, inclusive ISO bounds.
+
+    Grouped by DATE_TRUNC('month'|'week'|'day'), its periods between the bounds are the public
+    cells; values outside the bounds (and missing values) are left out of such groupings.
+    """
+
+    name: str
+    lower: str
+    upper: str
+    timestamp: bool = False
+
+    def validate(self) -> None:
+        """Bounds must be ISO dates, in order."""
+        check_name(self.name, "column")
+        try:
+            low, high = self.lower_date, self.upper_date
+        except ValueError:
+            raise InvalidArgumentError(
+                f"column {self.name!r}: bounds must be ISO dates (YYYY-MM-DD), "
+                f"got {self.lower!r} and {self.upper!r}"
+            ) from None
+        if low > high:
+            raise InvalidArgumentError(
+                f"column {self.name!r}: lower bound {self.lower} is after upper bound {self.upper}"
+            )
+
+    @property
+    def lower_date(self) -> dt.date:
+        """The first day inside the bounds."""
+        return dt.date.fromisoformat(self.lower[:10])
+
+    @property
+    def upper_date(self) -> dt.date:
+        """The last day inside the bounds."""
+        return dt.date.fromisoformat(self.upper[:10])
+
+
+Column = NumericColumn | CategoricalColumn | TextColumn | DateColumn
 
 
 @dataclass(frozen=True)
@@ -436,6 +476,7 @@ class AggregateKind(StrEnum):
     MEAN = "mean"
     VARIANCE = "variance"
     QUANTILE = "quantile"
+    STDDEV = "stddev"  # sqrt of the variance: same measurements, same cost
 
 
 class FilterOp(StrEnum):
@@ -445,6 +486,8 @@ class FilterOp(StrEnum):
     NOT_IN = "not_in"
     GE = "ge"
     LE = "le"
+    LT = "lt"
+    GT = "gt"
 
 
 @dataclass(frozen=True)
@@ -461,11 +504,17 @@ class AggregateSpec:
 
 @dataclass(frozen=True)
 class FilterSpec:
-    """One requested row filter."""
+    """One requested row filter: a comparison (leaf), or an OR / AND of other filters.
+
+    A leaf has a column, an op and its values; a node has `any_of` (OR) or `all_of` (AND) and
+    no column. NOT is expressed by the complementary leaf, exact under SQL's three-valued logic.
+    """
 
     column: str
     op: FilterOp
     values: tuple[str, ...]
+    any_of: tuple[FilterSpec, ...] = ()
+    all_of: tuple[FilterSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -484,27 +533,70 @@ class QuerySpec:
 
 
 @dataclass(frozen=True)
+class Derivation:
+    """A public domain derived from a column: its date's period, or its numeric value's bin.
+
+    `kind` is "month", "week" or "day" (a date column), or "bins" (a numeric column cut at
+    `edges`: the intervals (<E1), [E1, E2), ..., [Ek, >), named by `labels` or by the interval).
+    """
+
+    kind: str
+    edges: tuple[float, ...] = ()
+    labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ColumnRef:
     """A column resolved to its dataset (by position in the agreement) and declared domain."""
 
     dataset_index: int
     dataset_name: str
     column: Column
+    derivation: Derivation | None = None  # only for group-by columns
 
     @property
     def qualified(self) -> str:
         """`dataset.column`, the name shown to analysts."""
         return f"{self.dataset_name}.{self.column.name}"
 
+    @property
+    def label(self) -> str:
+        """The grouping as written in a query: `dataset.column` or `month:dataset.column`."""
+        d = self.derivation
+        if d is None:
+            return self.qualified
+        if d.kind != "bins":
+            return f"{d.kind}:{self.qualified}"
+        edges = ",".join(format(e, "g") for e in d.edges)
+        labels = ":" + "|".join(d.labels) if d.labels else ""
+        return f"bins:{self.qualified}:{edges}{labels}"
+
+
+Literal = str | float | dt.date | dt.datetime
+
 
 @dataclass(frozen=True)
 class ResolvedFilter:
-    """A filter whose column and values were checked against the public domain."""
+    """A filter whose column and values were checked against the public domain.
+
+    A node (`any_of` / `all_of` set) combines resolved filters of one dataset; `ref` is then
+    the first leaf's column (it names the dataset).
+    """
 
     ref: ColumnRef
     op: FilterOp
     categories: tuple[str, ...] = ()
     threshold: float = 0.0
+    literals: tuple[Literal, ...] = ()  # the values as the engine compares them
+    any_of: tuple[ResolvedFilter, ...] = ()
+    all_of: tuple[ResolvedFilter, ...] = ()
+
+    @property
+    def leaves(self) -> tuple[ResolvedFilter, ...]:
+        """Every comparison in this filter."""
+        if not (self.any_of or self.all_of):
+            return (self,)
+        return tuple(leaf for term in (*self.any_of, *self.all_of) for leaf in term.leaves)
 
 
 @dataclass(frozen=True)

@@ -24,39 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65ntremise/v1/common.proto\x12\x0c\x65ntremise.v1\"A\n\rNumericColumn\x12\r\n\x05lower\x18\x01 \x01(\x01\x12\r\n\x05upper\x18\x02 \x01(\x01\x12\x12\n\nresolution\x18\x03 \x01(\x01\"\'\n\x11\x43\x61tegoricalColumn\x12\x12\n\ncategories\x18\x01 \x03(\t\" \n\nTextColumn\x12\x12\n\nmax_length\x18\x01 \x01(\x05\"\xb6\x01\n\x0c\x43olumnSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x07numeric\x18\x02 \x01(\x0b\x32\x1b.entremise.v1.NumericColumnH\x00\x12\x36\n\x0b\x63\x61tegorical\x18\x03 \x01(\x0b\x32\x1f.entremise.v1.CategoricalColumnH\x00\x12(\n\x04text\x18\x05 \x01(\x0b\x32\x18.entremise.v1.TextColumnH\x00\x42\x06\n\x04kind\"G\n\rConsentColumn\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\x0e\n\x06\x63olumn\x18\x02 \x01(\t\x12\x15\n\rexpiry_column\x18\x03 \x01(\t\"G\n\tKeyColumn\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12*\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.entremise.v1.IdentifierKind\"\x92\x01\n\rDatasetSchema\x12%\n\x04keys\x18\x01 \x03(\x0b\x32\x17.entremise.v1.KeyColumn\x12-\n\x08\x63onsents\x18\x03 \x03(\x0b\x32\x1b.entremise.v1.ConsentColumn\x12+\n\x07\x63olumns\x18\x04 \x03(\x0b\x32\x1a.entremise.v1.ColumnSchema\"\xb4\x01\n\x12\x44uplicateKeyReport\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\x1d\n\x15\x64uplicated_pseudonyms\x18\x02 \x01(\x03\x12\x15\n\rrows_involved\x18\x03 \x01(\x03\x12\x1e\n\x16max_rows_per_pseudonym\x18\x04 \x01(\x03\x12\x19\n\x11shared_pseudonyms\x18\x05 \x01(\x03\x12\x1d\n\x15max_other_identifiers\x18\x06 \x01(\x03\"\xb8\x02\n\x07\x44\x61taset\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\npartner_id\x18\x03 \x01(\t\x12+\n\x06schema\x18\x04 \x01(\x0b\x32\x1b.entremise.v1.DatasetSchema\x12\x11\n\trow_count\x18\x05 \x01(\x03\x12\x15\n\rdistinct_keys\x18\x06 \x01(\x03\x12\x0f\n\x07version\x18\x07 \x01(\x05\x12\x16\n\x0e\x63ontent_sha256\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\t\x12\x14\n\x0c\x61greement_id\x18\n \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\x0b \x01(\t\x12\x34\n\nduplicates\x18\x0c \x03(\x0b\x32 .entremise.v1.DuplicateKeyReport\"R\n\rAnalystBudget\x12\x12\n\nanalyst_id\x18\x01 \x01(\t\x12\r\n\x05spent\x18\x02 \x01(\t\x12\x0b\n\x03\x63\x61p\x18\x03 \x01(\t\x12\x11\n\tremaining\x18\x04 \x01(\t\"\xc9\x02\n\x06\x42udget\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\x12\x15\n\rtotal_epsilon\x18\x02 \x01(\t\x12\x15\n\rspent_epsilon\x18\x03 \x01(\t\x12\x19\n\x11remaining_epsilon\x18\x04 \x01(\t\x12\x15\n\rrelease_count\x18\x05 \x01(\x03\x12&\n\x04kind\x18\x06 \x01(\x0e\x32\x18.entremise.v1.BudgetKind\x12\x13\n\x0btotal_delta\x18\x07 \x01(\t\x12\x13\n\x0bspent_delta\x18\x08 \x01(\t\x12-\n\x08\x61nalysts\x18\t \x03(\x0b\x32\x1b.entremise.v1.AnalystBudget\x12\x17\n\x0fimplied_epsilon\x18\n \x01(\t\x12\x15\n\rimplied_delta\x18\x0b \x01(\t\x12\x18\n\x10\x63onversion_delta\x18\x0c \x01(\t*e\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_ADMIN\x10\x01\x12\x10\n\x0cROLE_PARTNER\x10\x02\x12\x10\n\x0cROLE_ANALYST\x10\x03\x12\x13\n\x0fROLE_COMPLIANCE\x10\x04*g\n\x0eIdentifierKind\x12\x1f\n\x1bIDENTIFIER_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15IDENTIFIER_KIND_EMAIL\x10\x01\x12\x19\n\x15IDENTIFIER_KIND_PHONE\x10\x02*U\n\nBudgetKind\x12\x1b\n\x17\x42UDGET_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x42UDGET_KIND_PURE\x10\x01\x12\x14\n\x10\x42UDGET_KIND_ZCDP\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65ntremise/v1/common.proto\x12\x0c\x65ntremise.v1\"A\n\rNumericColumn\x12\r\n\x05lower\x18\x01 \x01(\x01\x12\r\n\x05upper\x18\x02 \x01(\x01\x12\x12\n\nresolution\x18\x03 \x01(\x01\"\'\n\x11\x43\x61tegoricalColumn\x12\x12\n\ncategories\x18\x01 \x03(\t\" \n\nTextColumn\x12\x12\n\nmax_length\x18\x01 \x01(\x05\"=\n\nDateColumn\x12\r\n\x05lower\x18\x01 \x01(\t\x12\r\n\x05upper\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x08\"\xe0\x01\n\x0c\x43olumnSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x07numeric\x18\x02 \x01(\x0b\x32\x1b.entremise.v1.NumericColumnH\x00\x12\x36\n\x0b\x63\x61tegorical\x18\x03 \x01(\x0b\x32\x1f.entremise.v1.CategoricalColumnH\x00\x12(\n\x04text\x18\x05 \x01(\x0b\x32\x18.entremise.v1.TextColumnH\x00\x12(\n\x04\x64\x61te\x18\x06 \x01(\x0b\x32\x18.entremise.v1.DateColumnH\x00\x42\x06\n\x04kind\"G\n\rConsentColumn\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\x0e\n\x06\x63olumn\x18\x02 \x01(\t\x12\x15\n\rexpiry_column\x18\x03 \x01(\t\"G\n\tKeyColumn\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12*\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.entremise.v1.IdentifierKind\"\x92\x01\n\rDatasetSchema\x12%\n\x04keys\x18\x01 \x03(\x0b\x32\x17.entremise.v1.KeyColumn\x12-\n\x08\x63onsents\x18\x03 \x03(\x0b\x32\x1b.entremise.v1.ConsentColumn\x12+\n\x07\x63olumns\x18\x04 \x03(\x0b\x32\x1a.entremise.v1.ColumnSchema\"\xb4\x01\n\x12\x44uplicateKeyReport\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\x1d\n\x15\x64uplicated_pseudonyms\x18\x02 \x01(\x03\x12\x15\n\rrows_involved\x18\x03 \x01(\x03\x12\x1e\n\x16max_rows_per_pseudonym\x18\x04 \x01(\x03\x12\x19\n\x11shared_pseudonyms\x18\x05 \x01(\x03\x12\x1d\n\x15max_other_identifiers\x18\x06 \x01(\x03\"\xb8\x02\n\x07\x44\x61taset\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\npartner_id\x18\x03 \x01(\t\x12+\n\x06schema\x18\x04 \x01(\x0b\x32\x1b.entremise.v1.DatasetSchema\x12\x11\n\trow_count\x18\x05 \x01(\x03\x12\x15\n\rdistinct_keys\x18\x06 \x01(\x03\x12\x0f\n\x07version\x18\x07 \x01(\x05\x12\x16\n\x0e\x63ontent_sha256\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\t\x12\x14\n\x0c\x61greement_id\x18\n \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\x0b \x01(\t\x12\x34\n\nduplicates\x18\x0c \x03(\x0b\x32 .entremise.v1.DuplicateKeyReport\"R\n\rAnalystBudget\x12\x12\n\nanalyst_id\x18\x01 \x01(\t\x12\r\n\x05spent\x18\x02 \x01(\t\x12\x0b\n\x03\x63\x61p\x18\x03 \x01(\t\x12\x11\n\tremaining\x18\x04 \x01(\t\"\xc9\x02\n\x06\x42udget\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\x12\x15\n\rtotal_epsilon\x18\x02 \x01(\t\x12\x15\n\rspent_epsilon\x18\x03 \x01(\t\x12\x19\n\x11remaining_epsilon\x18\x04 \x01(\t\x12\x15\n\rrelease_count\x18\x05 \x01(\x03\x12&\n\x04kind\x18\x06 \x01(\x0e\x32\x18.entremise.v1.BudgetKind\x12\x13\n\x0btotal_delta\x18\x07 \x01(\t\x12\x13\n\x0bspent_delta\x18\x08 \x01(\t\x12-\n\x08\x61nalysts\x18\t \x03(\x0b\x32\x1b.entremise.v1.AnalystBudget\x12\x17\n\x0fimplied_epsilon\x18\n \x01(\t\x12\x15\n\rimplied_delta\x18\x0b \x01(\t\x12\x18\n\x10\x63onversion_delta\x18\x0c \x01(\t*e\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_ADMIN\x10\x01\x12\x10\n\x0cROLE_PARTNER\x10\x02\x12\x10\n\x0cROLE_ANALYST\x10\x03\x12\x13\n\x0fROLE_COMPLIANCE\x10\x04*g\n\x0eIdentifierKind\x12\x1f\n\x1bIDENTIFIER_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15IDENTIFIER_KIND_EMAIL\x10\x01\x12\x19\n\x15IDENTIFIER_KIND_PHONE\x10\x02*U\n\nBudgetKind\x12\x1b\n\x17\x42UDGET_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x42UDGET_KIND_PURE\x10\x01\x12\x14\n\x10\x42UDGET_KIND_ZCDP\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'entremise.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1579
-  _globals['_ROLE']._serialized_end=1680
-  _globals['_IDENTIFIERKIND']._serialized_start=1682
-  _globals['_IDENTIFIERKIND']._serialized_end=1785
-  _globals['_BUDGETKIND']._serialized_start=1787
-  _globals['_BUDGETKIND']._serialized_end=1872
+  _globals['_ROLE']._serialized_start=1684
+  _globals['_ROLE']._serialized_end=1785
+  _globals['_IDENTIFIERKIND']._serialized_start=1787
+  _globals['_IDENTIFIERKIND']._serialized_end=1890
+  _globals['_BUDGETKIND']._serialized_start=1892
+  _globals['_BUDGETKIND']._serialized_end=1977
   _globals['_NUMERICCOLUMN']._serialized_start=43
   _globals['_NUMERICCOLUMN']._serialized_end=108
   _globals['_CATEGORICALCOLUMN']._serialized_start=110
   _globals['_CATEGORICALCOLUMN']._serialized_end=149
   _globals['_TEXTCOLUMN']._serialized_start=151
   _globals['_TEXTCOLUMN']._serialized_end=183
-  _globals['_COLUMNSCHEMA']._serialized_start=186
-  _globals['_COLUMNSCHEMA']._serialized_end=368
-  _globals['_CONSENTCOLUMN']._serialized_start=370
-  _globals['_CONSENTCOLUMN']._serialized_end=441
-  _globals['_KEYCOLUMN']._serialized_start=443
-  _globals['_KEYCOLUMN']._serialized_end=514
-  _globals['_DATASETSCHEMA']._serialized_start=517
-  _globals['_DATASETSCHEMA']._serialized_end=663
-  _globals['_DUPLICATEKEYREPORT']._serialized_start=666
-  _globals['_DUPLICATEKEYREPORT']._serialized_end=846
-  _globals['_DATASET']._serialized_start=849
-  _globals['_DATASET']._serialized_end=1161
-  _globals['_ANALYSTBUDGET']._serialized_start=1163
-  _globals['_ANALYSTBUDGET']._serialized_end=1245
-  _globals['_BUDGET']._serialized_start=1248
-  _globals['_BUDGET']._serialized_end=1577
+  _globals['_DATECOLUMN']._serialized_start=185
+  _globals['_DATECOLUMN']._serialized_end=246
+  _globals['_COLUMNSCHEMA']._serialized_start=249
+  _globals['_COLUMNSCHEMA']._serialized_end=473
+  _globals['_CONSENTCOLUMN']._serialized_start=475
+  _globals['_CONSENTCOLUMN']._serialized_end=546
+  _globals['_KEYCOLUMN']._serialized_start=548
+  _globals['_KEYCOLUMN']._serialized_end=619
+  _globals['_DATASETSCHEMA']._serialized_start=622
+  _globals['_DATASETSCHEMA']._serialized_end=768
+  _globals['_DUPLICATEKEYREPORT']._serialized_start=771
+  _globals['_DUPLICATEKEYREPORT']._serialized_end=951
+  _globals['_DATASET']._serialized_start=954
+  _globals['_DATASET']._serialized_end=1266
+  _globals['_ANALYSTBUDGET']._serialized_start=1268
+  _globals['_ANALYSTBUDGET']._serialized_end=1350
+  _globals['_BUDGET']._serialized_start=1353
+  _globals['_BUDGET']._serialized_end=1682
 # @@protoc_insertion_point(module_scope)

@@ -156,6 +156,36 @@ class TextColumn(_message.Message):
 Global___TextColumn: _TypeAlias = TextColumn  # noqa: Y015
 
 @_typing.final
+class DateColumn(_message.Message):
+    """A date or timestamp attribute with public bounds (ISO 8601, inclusive). Queries group it by
+    DATE_TRUNC('month'|'week'|'day'): every period between the bounds is a public cell. Values
+    outside the bounds are left out of such groupings. Timestamps are stored in UTC.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOWER_FIELD_NUMBER: _builtins.int
+    UPPER_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_FIELD_NUMBER: _builtins.int
+    lower: _builtins.str
+    upper: _builtins.str
+    timestamp: _builtins.bool
+    def __init__(
+        self,
+        *,
+        lower: _builtins.str = ...,
+        upper: _builtins.str = ...,
+        timestamp: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lower", b"lower", "timestamp", b"timestamp", "upper", b"upper"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DateColumn: _TypeAlias = DateColumn  # noqa: Y015
+
+@_typing.final
 class ColumnSchema(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -163,6 +193,7 @@ class ColumnSchema(_message.Message):
     NUMERIC_FIELD_NUMBER: _builtins.int
     CATEGORICAL_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    DATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     @_builtins.property
     def numeric(self) -> Global___NumericColumn: ...
@@ -170,6 +201,8 @@ class ColumnSchema(_message.Message):
     def categorical(self) -> Global___CategoricalColumn: ...
     @_builtins.property
     def text(self) -> Global___TextColumn: ...
+    @_builtins.property
+    def date(self) -> Global___DateColumn: ...
     def __init__(
         self,
         *,
@@ -177,12 +210,13 @@ class ColumnSchema(_message.Message):
         numeric: Global___NumericColumn | None = ...,
         categorical: Global___CategoricalColumn | None = ...,
         text: Global___TextColumn | None = ...,
+        date: Global___DateColumn | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["categorical", b"categorical", "kind", b"kind", "numeric", b"numeric", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["categorical", b"categorical", "date", b"date", "kind", b"kind", "numeric", b"numeric", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["categorical", b"categorical", "kind", b"kind", "name", b"name", "numeric", b"numeric", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["categorical", b"categorical", "date", b"date", "kind", b"kind", "name", b"name", "numeric", b"numeric", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["numeric", "categorical", "text"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["numeric", "categorical", "text", "date"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

@@ -35,6 +35,10 @@ class _AggregateKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Aggrega
     AGGREGATE_KIND_VARIANCE: _AggregateKind.ValueType  # 5
     AGGREGATE_KIND_QUANTILE: _AggregateKind.ValueType  # 6
     """A quantile (median = 0.5) chosen by report-noisy-min over public candidate values."""
+    AGGREGATE_KIND_STDDEV: _AggregateKind.ValueType  # 7
+    """The square root of VARIANCE (same measurements, same cost); its interval is the square
+    root of the variance's.
+    """
 
 class AggregateKind(_AggregateKind, metaclass=_AggregateKindEnumTypeWrapper): ...
 
@@ -48,6 +52,10 @@ AGGREGATE_KIND_MEAN: AggregateKind.ValueType  # 4
 AGGREGATE_KIND_VARIANCE: AggregateKind.ValueType  # 5
 AGGREGATE_KIND_QUANTILE: AggregateKind.ValueType  # 6
 """A quantile (median = 0.5) chosen by report-noisy-min over public candidate values."""
+AGGREGATE_KIND_STDDEV: AggregateKind.ValueType  # 7
+"""The square root of VARIANCE (same measurements, same cost); its interval is the square
+root of the variance's.
+"""
 Global___AggregateKind: _TypeAlias = AggregateKind  # noqa: Y015
 
 class _FilterOp:
@@ -61,6 +69,8 @@ class _FilterOpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FilterOp.Val
     FILTER_OP_NOT_IN: _FilterOp.ValueType  # 2
     FILTER_OP_GE: _FilterOp.ValueType  # 3
     FILTER_OP_LE: _FilterOp.ValueType  # 4
+    FILTER_OP_LT: _FilterOp.ValueType  # 5
+    FILTER_OP_GT: _FilterOp.ValueType  # 6
 
 class FilterOp(_FilterOp, metaclass=_FilterOpEnumTypeWrapper): ...
 
@@ -69,6 +79,8 @@ FILTER_OP_IN: FilterOp.ValueType  # 1
 FILTER_OP_NOT_IN: FilterOp.ValueType  # 2
 FILTER_OP_GE: FilterOp.ValueType  # 3
 FILTER_OP_LE: FilterOp.ValueType  # 4
+FILTER_OP_LT: FilterOp.ValueType  # 5
+FILTER_OP_GT: FilterOp.ValueType  # 6
 Global___FilterOp: _TypeAlias = FilterOp  # noqa: Y015
 
 @_typing.final
@@ -113,27 +125,44 @@ Global___Aggregate: _TypeAlias = Aggregate  # noqa: Y015
 
 @_typing.final
 class Filter(_message.Message):
+    """A row condition. A leaf compares `column` with `values`; a node with `any_of` (OR) or
+    `all_of` (AND) combines other conditions and has no column. NOT is expressed by the
+    complementary leaf (NOT IN, <, ...), which SQL's three-valued logic makes exact. Every
+    condition of one top-level filter must name columns of a single dataset: filters apply to
+    each dataset's rows before the join.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     COLUMN_FIELD_NUMBER: _builtins.int
     OP_FIELD_NUMBER: _builtins.int
     VALUES_FIELD_NUMBER: _builtins.int
+    ANY_OF_FIELD_NUMBER: _builtins.int
+    ALL_OF_FIELD_NUMBER: _builtins.int
     column: _builtins.str
     op: Global___FilterOp.ValueType
     @_builtins.property
     def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Categories for IN / NOT_IN; a single number for GE / LE."""
+        """Categories (or numbers, or ISO dates) for IN / NOT_IN; one number or ISO date for
+        GE / LE / LT / GT.
+        """
 
+    @_builtins.property
+    def any_of(self) -> _containers.RepeatedCompositeFieldContainer[Global___Filter]: ...
+    @_builtins.property
+    def all_of(self) -> _containers.RepeatedCompositeFieldContainer[Global___Filter]: ...
     def __init__(
         self,
         *,
         column: _builtins.str = ...,
         op: Global___FilterOp.ValueType = ...,
         values: _abc.Iterable[_builtins.str] | None = ...,
+        any_of: _abc.Iterable[Global___Filter] | None = ...,
+        all_of: _abc.Iterable[Global___Filter] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["column", b"column", "op", b"op", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_of", b"all_of", "any_of", b"any_of", "column", b"column", "op", b"op", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -167,7 +196,13 @@ class Query(_message.Message):
     @_builtins.property
     def aggregates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Aggregate]: ...
     @_builtins.property
-    def group_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def group_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Group columns: "dataset.column", or a derived public domain: "month:dataset.column",
+        "week:...", "day:..." (a date column's periods between its public bounds), or
+        "bins:dataset.column:E1,E2,...[:LABEL0|LABEL1|...]" (a numeric column's clamped value in
+        the intervals (<E1), [E1,E2), ..., [Ek,>) that its public bounds can reach).
+        """
+
     @_builtins.property
     def filters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Filter]: ...
     def __init__(
