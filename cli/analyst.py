@@ -48,11 +48,17 @@ _AGG_WORDS = {
     AggregateKind.SUM: "sum",
     AggregateKind.MEAN: "mean",
     AggregateKind.VARIANCE: "variance",
+    AggregateKind.STDDEV: "standard deviation",
 }
 _WHOLE_KINDS = (AggregateKind.COUNT, AggregateKind.COUNT_ROWS)
 #: Averages and order statistics keep their decimals even when a released value is whole (a
 #: mean clamped to its lower bound 0 is "0.00", like its neighbours, not "0").
-_DECIMAL_KINDS = (AggregateKind.MEAN, AggregateKind.VARIANCE, AggregateKind.QUANTILE)
+_DECIMAL_KINDS = (
+    AggregateKind.MEAN,
+    AggregateKind.VARIANCE,
+    AggregateKind.STDDEV,
+    AggregateKind.QUANTILE,
+)
 
 
 def _level(msg: query_service_pb2.Aggregate) -> float | None:

@@ -35,11 +35,13 @@ import pyarrow as pa
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from entremise.server.domain.derived import bin_labels
 from entremise.server.domain.models import (
     QUANTILE_CANDIDATES,
     AggregateKind,
     ColumnRef,
     Dataset,
+    DateColumn,
     ExactAggregates,
     FilterOp,
     NumericColumn,
@@ -51,7 +53,40 @@ from entremise.server.domain.ports import AggregationEngine
 
 
 def _alias(ref: ColumnRef) -> str:
-    return f"d{ref.dataset_index}_{ref.column.name}"
+    return f"d{ref.dataset_index}_{_suffix(ref)}"
+
+
+def _suffix(ref: ColumnRef) -> str:
+    """A column's name in the query's tables; a derived grouping gets its own."""
+    if ref.derivation is None:
+        return ref.column.name
+    return f"{ref.column.name}__{ref.derivation.kind}"
+
+
+def _derived_sql(ref: ColumnRef, column: str) -> str:
+    """The public cell a row falls in (NULL: none), computed from the raw `column`."""
+    d = ref.derivation
+    assert d is not None
+    col = ref.column
+    if isinstance(col, DateColumn):
+        day = f"CAST({column} AS DATE)"
+        inside = f"{day} BETWEEN DATE {_literal(col.lower_date.isoformat())} AND DATE " + _literal(
+            col.upper_date.isoformat()
+        )
+        return (
+            f"CASE WHEN {inside} THEN strftime(CAST(date_trunc({_literal(d.kind)}, {day}) AS DATE)"
+            ", '%Y-%m-%d') END"
+        )
+    assert isinstance(col, NumericColumn)
+    # The value is clamped to its public bounds first, like every aggregate: bins the
+    # bounds cannot reach are not cells (see `derived.reachable_bins`).
+    clamped = f"least(greatest({column}, {col.lower!r}), {col.upper!r})"
+    labels = bin_labels(d)
+    branches = "".join(
+        f" WHEN {clamped} < {edge!r} THEN {_literal(label)}"
+        for edge, label in zip(d.edges, labels, strict=False)
+    )
+    return f"CASE WHEN {column} IS NULL THEN NULL{branches} ELSE {_literal(labels[-1])} END"
 
 
 def _literal(text: str) -> str:
@@ -136,7 +171,7 @@ def build_sql(
     after the join; the aggregates per cell.
     """
     params: list[Any] = []
-    needed = _needed_columns(plan)
+    needed = _needed_columns(plan)  # per dataset: name in the query's tables -> source column
     ctes = [_withdrawn_cte(person_table)]
     for i, (dataset, source) in enumerate(zip(plan.datasets, sources, strict=True)):
         rows = _dataset_rows(plan, i, dataset, source, needed[i], params, now, person_table)
@@ -158,16 +193,19 @@ def build_sql(
     return sql, params
 
 
-def _needed_columns(plan: QueryPlan) -> dict[int, set[str]]:
-    """Per dataset (by position), the columns the query groups, filters or aggregates on."""
-    needed: dict[int, set[str]] = {i: set() for i in range(len(plan.datasets))}
+def _needed_columns(plan: QueryPlan) -> dict[int, dict[str, ColumnRef]]:
+    """Per dataset (by position), the columns the query groups, filters or aggregates on.
+
+    Keyed by the name each takes in the query's tables (a derived grouping has its own).
+    """
+    needed: dict[int, dict[str, ColumnRef]] = {i: {} for i in range(len(plan.datasets))}
     refs = [
         *plan.group_by,
-        *(f.ref for f in plan.filters),
+        *(leaf.ref for f in plan.filters for leaf in f.leaves),
         *(a.ref for a in plan.aggregates if a.ref is not None),
     ]
     for ref in refs:
-        needed[ref.dataset_index].add(ref.column.name)
+        needed[ref.dataset_index].setdefault(_suffix(ref), ref)
     return needed
 
 
@@ -186,14 +224,14 @@ def _dataset_rows(
     i: int,
     dataset: Dataset,
     source: str,
-    needed: set[str],
+    needed: dict[str, ColumnRef],
     params: list[Any],
     now: str,
     person_table: bool,
 ) -> str:
     """One dataset's consented rows passing the query's filters, capped per person."""
     keys = dataset.schema.key_columns
-    cols = "".join(f', t."{c}" AS d{i}_{c}' for c in sorted(needed))
+    cols = "".join(f", {_source(needed[c])} AS d{i}_{c}" for c in sorted(needed))
     joins = ""
     if person_table:
         parts = []
@@ -206,10 +244,13 @@ def _dataset_rows(
     # The analyst's filters on this dataset apply before its row cap, so the cap chooses
     # among the rows the query is about (a filter applied after it would miss kept rows).
     conditions = [_consent_filter(dataset, plan.agreement.purpose, now, "t.")]
+    conditions += [_filter_sql(f, params) for f in plan.filters if f.ref.dataset_index == i]
+    # Rows in no public cell of a derived grouping (a date outside its bounds, a missing
+    # value) leave before the caps, so they never take the place of a row that counts.
     conditions += [
-        _filter_sql(f, f't."{f.ref.column.name}"', params)
-        for f in plan.filters
-        if f.ref.dataset_index == i
+        f"{_source(r)} IS NOT NULL"
+        for r in plan.group_by
+        if r.dataset_index == i and r.derivation is not None
     ]
     rows = f"SELECT {pid} AS pid{cols} FROM {source} t{joins} WHERE {' AND '.join(conditions)}"
     most = dataset.max_rows_per_key
@@ -308,7 +349,7 @@ def _aggregate_columns(plan: QueryPlan, person: str) -> list[str]:
         )
         aggregates.append(f"CAST(coalesce(sum({units}), 0) AS HUGEINT) AS sum_{alias}")
         aggregates.append(f"count({alias}) AS rows_{alias}")
-        if AggregateKind.VARIANCE in kinds:
+        if kinds & _SQUARED:
             q = square_divisor(column)
             aggregates.append(
                 f"CAST(coalesce(sum((CAST({units} AS HUGEINT) * {units} + {q // 2}) // {q}), 0) "
@@ -365,6 +406,10 @@ def numeric_columns(plan: QueryPlan) -> dict[str, tuple[NumericColumn, str, set[
     return out
 
 
+#: Kinds that need the sum of squares.
+_SQUARED = {AggregateKind.VARIANCE, AggregateKind.STDDEV}
+
+
 def _collect(plan: QueryPlan, rows: list[tuple[Any, ...]]) -> ExactAggregates:
     n_groups = len(plan.group_by)
     columns = numeric_columns(plan)
@@ -377,7 +422,7 @@ def _collect(plan: QueryPlan, rows: list[tuple[Any, ...]]) -> ExactAggregates:
     people, n_rows = [0] * size, [0] * size
     sums = {n: [0] * size for n in columns}
     value_rows = {n: [0] * size for n in columns}
-    sq_sums = {n: [0] * size for n, c in columns.items() if AggregateKind.VARIANCE in c[2]}
+    sq_sums = {n: [0] * size for n, c in columns.items() if c[2] & _SQUARED}
     buckets = {
         n: [[0] * QUANTILE_CANDIDATES for _ in range(size)]
         for n, c in columns.items()
@@ -393,7 +438,7 @@ def _collect(plan: QueryPlan, rows: list[tuple[Any, ...]]) -> ExactAggregates:
             sums[name][cell] = int(row[position])
             value_rows[name][cell] = int(row[position + 1])
             position += 2
-            if AggregateKind.VARIANCE in kinds:
+            if kinds & _SQUARED:
                 sq_sums[name][cell] = int(row[position])
                 position += 1
             if AggregateKind.QUANTILE in kinds:
@@ -411,11 +456,28 @@ def _collect(plan: QueryPlan, rows: list[tuple[Any, ...]]) -> ExactAggregates:
     )
 
 
-def _filter_sql(f: ResolvedFilter, column: str, params: list[Any]) -> str:
-    """One analyst filter as SQL over `column`, its values appended to `params` in order."""
+_COMPARISONS = {FilterOp.GE: ">=", FilterOp.LE: "<=", FilterOp.LT: "<", FilterOp.GT: ">"}
+
+
+def _source(ref: ColumnRef) -> str:
+    """The SQL of a needed column over the dataset's rows `t`: raw, or its derived cell."""
+    raw = f't."{ref.column.name}"'
+    return _derived_sql(ref, raw) if ref.derivation is not None else raw
+
+
+def _filter_sql(f: ResolvedFilter, params: list[Any]) -> str:
+    """One analyst filter (a leaf, or an OR / AND of filters) as SQL over the rows `t`.
+
+    Its values are appended to `params` in order; SQL's three-valued logic applies (a missing
+    value satisfies no comparison, and neither does its negation).
+    """
+    if f.any_of or f.all_of:
+        word = " OR " if f.any_of else " AND "
+        return "(" + word.join(_filter_sql(t, params) for t in (*f.any_of, *f.all_of)) + ")"
+    column = f't."{f.ref.column.name}"'
     if f.op in (FilterOp.IN, FilterOp.NOT_IN):
-        marks = ", ".join("?" for _ in f.categories)
-        params.extend(f.categories)
+        marks = ", ".join("?" for _ in f.literals)
+        params.extend(f.literals)
         return f"{column} {'IN' if f.op is FilterOp.IN else 'NOT IN'} ({marks})"
-    params.append(f.threshold)
-    return f"{column} {'>=' if f.op is FilterOp.GE else '<='} ?"
+    params.append(f.literals[0])
+    return f"{column} {_COMPARISONS[f.op]} ?"

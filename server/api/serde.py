@@ -79,6 +79,7 @@ AGG_TO_PROTO = {
     AggregateKind.MEAN: query_service_pb2.AGGREGATE_KIND_MEAN,
     AggregateKind.VARIANCE: query_service_pb2.AGGREGATE_KIND_VARIANCE,
     AggregateKind.QUANTILE: query_service_pb2.AGGREGATE_KIND_QUANTILE,
+    AggregateKind.STDDEV: query_service_pb2.AGGREGATE_KIND_STDDEV,
 }
 AGG_FROM_PROTO = {v: k for k, v in AGG_TO_PROTO.items()}
 OP_TO_PROTO = {
@@ -86,7 +87,11 @@ OP_TO_PROTO = {
     FilterOp.NOT_IN: query_service_pb2.FILTER_OP_NOT_IN,
     FilterOp.GE: query_service_pb2.FILTER_OP_GE,
     FilterOp.LE: query_service_pb2.FILTER_OP_LE,
+    FilterOp.LT: query_service_pb2.FILTER_OP_LT,
+    FilterOp.GT: query_service_pb2.FILTER_OP_GT,
 }
+#: Nesting of OR / AND nodes accepted in one filter (a bound on work, not on expressiveness).
+MAX_FILTER_DEPTH = 8
 OP_FROM_PROTO = {v: k for k, v in OP_TO_PROTO.items()}
 
 
@@ -455,7 +460,7 @@ def query_from_proto(msg: query_service_pb2.Query) -> QuerySpec:
     for a in msg.aggregates:
         if a.kind not in AGG_FROM_PROTO:
             raise InvalidArgumentError(
-                "aggregate kind must be count, count_rows, sum, mean, variance or quantile"
+                "aggregate kind must be count, count_rows, sum, mean, variance, stddev or quantile"
             )
         share = (
             epsilon_from_text(a.epsilon, f"epsilon of aggregate {a.name!r}") if a.epsilon else None
@@ -473,11 +478,7 @@ def query_from_proto(msg: query_service_pb2.Query) -> QuerySpec:
                 target_ci95=target,
             )
         )
-    filters = []
-    for f in msg.filters:
-        if f.op not in OP_FROM_PROTO:
-            raise InvalidArgumentError("filter op must be in, not_in, ge or le")
-        filters.append(FilterSpec(f.column, OP_FROM_PROTO[f.op], tuple(f.values)))  # type: ignore[index]
+    filters = [_filter_from_proto(f, 1) for f in msg.filters]
     if msg.max_rows_per_person < 0 or msg.max_groups_per_person < 0:
         raise InvalidArgumentError("contribution bounds must be positive")
     return QuerySpec(
@@ -491,6 +492,24 @@ def query_from_proto(msg: query_service_pb2.Query) -> QuerySpec:
         rho=amount_from_text(msg.rho, "query rho", Rho) if msg.rho else None,
         delta_units=delta_units(msg.delta, "query delta"),
     )
+
+
+def _filter_from_proto(f: query_service_pb2.Filter, depth: int) -> FilterSpec:
+    """A filter leaf, or an OR / AND node of filters (bounded depth)."""
+    if depth > MAX_FILTER_DEPTH:
+        raise InvalidArgumentError(f"filters nest at most {MAX_FILTER_DEPTH} levels deep")
+    if f.any_of and f.all_of:
+        raise InvalidArgumentError("a filter node is either any_of (OR) or all_of (AND)")
+    if f.any_of or f.all_of:
+        if f.column or f.values:
+            raise InvalidArgumentError("a filter node (any_of / all_of) takes no column or values")
+        terms = tuple(_filter_from_proto(t, depth + 1) for t in (*f.any_of, *f.all_of))
+        if f.any_of:
+            return FilterSpec("", FilterOp.IN, (), any_of=terms)
+        return FilterSpec("", FilterOp.IN, (), all_of=terms)
+    if f.op not in OP_FROM_PROTO:
+        raise InvalidArgumentError("filter op must be in, not_in, ge, le, lt or gt")
+    return FilterSpec(f.column, OP_FROM_PROTO[f.op], tuple(f.values))  # type: ignore[index]
 
 
 def _preview_to_proto(p: AggregatePreview) -> query_service_pb2.AggregatePlan:

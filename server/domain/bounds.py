@@ -18,6 +18,7 @@ _ROW_KINDS = {
     AggregateKind.SUM: "sums",
     AggregateKind.MEAN: "means",
     AggregateKind.VARIANCE: "variances",
+    AggregateKind.STDDEV: "standard deviations",
     AggregateKind.QUANTILE: "quantiles",
 }
 #: Aggregates that make the planner cap the groups a person counts in.
@@ -30,7 +31,7 @@ def bounds_notes(plan: QueryPlan) -> tuple[str, ...]:
     kinds = {a.spec.kind for a in plan.aggregates}
     groups = plan.max_groups_per_person
     rows = plan.max_rows_per_person
-    grouping = ", ".join(r.qualified for r in plan.group_by)
+    grouping = ", ".join(r.label for r in plan.group_by)
     capped = bool(kinds & set(_GROUP_CAPPED))
     if plan.discovery is not None:
         notes.append(

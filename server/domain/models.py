@@ -532,6 +532,13 @@ class QuerySpec:
     delta_units: int = 0  # delta for key discovery, exact units of 1e-15
 
 
+def format_number(value: float) -> str:
+    """A number as an analyst writes it: 50 rather than 50.0, every digit kept otherwise."""
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
 @dataclass(frozen=True)
 class Derivation:
     """A public domain derived from a column: its date's period, or its numeric value's bin.
@@ -567,7 +574,7 @@ class ColumnRef:
             return self.qualified
         if d.kind != "bins":
             return f"{d.kind}:{self.qualified}"
-        edges = ",".join(format(e, "g") for e in d.edges)
+        edges = ",".join(format_number(e) for e in d.edges)
         labels = ":" + "|".join(d.labels) if d.labels else ""
         return f"bins:{self.qualified}:{edges}{labels}"
 

@@ -8,6 +8,7 @@ the join each unit keeps at most `max_rows_per_person` rows in at most
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import math
 from dataclasses import dataclass, replace
@@ -15,6 +16,7 @@ from fractions import Fraction
 
 from entremise.privacy.budget import PrivacyLoss, Rho
 from entremise.privacy.mechanisms import MechanismError, share_for_accuracy
+from entremise.server.domain import derived
 from entremise.server.domain.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -31,8 +33,11 @@ from entremise.server.domain.models import (
     CategoricalColumn,
     ColumnRef,
     Dataset,
+    DateColumn,
     Discovery,
     FilterOp,
+    FilterSpec,
+    Literal,
     Measurement,
     NumericColumn,
     QueryPlan,
@@ -104,52 +109,96 @@ def _resolve(name: str, datasets: tuple[Dataset, ...]) -> ColumnRef:
 
 
 def _resolve_filter(
+    spec: FilterSpec, datasets: tuple[Dataset, ...], depth: int = 0
+) -> ResolvedFilter:
+    """A leaf checked against its column's public domain, or an OR / AND node of one dataset."""
+    if spec.any_of or spec.all_of:
+        terms = tuple(_resolve_filter(t, datasets, depth + 1) for t in (*spec.any_of, *spec.all_of))
+        if not terms:
+            raise InvalidArgumentError("an OR / AND filter needs at least one condition")
+        names = sorted({leaf.ref.dataset_name for t in terms for leaf in t.leaves})
+        if len(names) > 1:
+            word = "OR" if spec.any_of else "AND"
+            raise InvalidArgumentError(
+                f"a filter's {word} mixes datasets {names}: each condition may only combine "
+                "columns of one dataset (filters apply to each dataset's rows before the join)"
+            )
+        if spec.any_of:
+            return ResolvedFilter(terms[0].leaves[0].ref, FilterOp.IN, any_of=terms)
+        return ResolvedFilter(terms[0].leaves[0].ref, FilterOp.IN, all_of=terms)
+    return _resolve_leaf(spec.column, spec.op, spec.values, datasets)
+
+
+def _resolve_leaf(
     spec_column: str, op: FilterOp, values: tuple[str, ...], datasets: tuple[Dataset, ...]
 ) -> ResolvedFilter:
     ref = _resolve(spec_column, datasets)
-    if op in (FilterOp.IN, FilterOp.NOT_IN) and isinstance(ref.column, TextColumn):
+    listed = op in (FilterOp.IN, FilterOp.NOT_IN)
+    if isinstance(ref.column, TextColumn | CategoricalColumn):
+        if not listed:
+            raise InvalidArgumentError(
+                f"filter {op} needs a numeric or date column, {ref.qualified} is categorical"
+            )
         if not values:
             raise InvalidArgumentError(f"filter on {ref.qualified} needs at least one value")
-        return ResolvedFilter(ref, op, categories=tuple(dict.fromkeys(values)))
-    if op in (FilterOp.IN, FilterOp.NOT_IN):
-        if not isinstance(ref.column, CategoricalColumn):
+        if isinstance(ref.column, CategoricalColumn):
+            unknown = [v for v in values if v not in ref.column.categories]
+            if unknown:
+                raise InvalidArgumentError(
+                    f"filter on {ref.qualified}: {unknown} not among its declared categories"
+                )
+        categories = tuple(dict.fromkeys(values))
+        return ResolvedFilter(ref, op, categories=categories, literals=categories)
+    if listed and not values:
+        raise InvalidArgumentError(f"filter on {ref.qualified} needs at least one value")
+    if not listed and len(values) != 1:
+        what = "date" if isinstance(ref.column, DateColumn) else "number"
+        raise InvalidArgumentError(f"filter {op} on {ref.qualified} takes exactly one {what}")
+    literals = tuple(dict.fromkeys(_literal(ref, op, v) for v in values))
+    threshold = literals[0] if isinstance(literals[0], float) and not listed else 0.0
+    return ResolvedFilter(ref, op, threshold=threshold, literals=literals)
+
+
+def _literal(ref: ColumnRef, op: FilterOp, value: str) -> Literal:
+    """A filter value as the engine compares it: a finite number, a date or a UTC timestamp."""
+    column = ref.column
+    if isinstance(column, DateColumn):
+        try:
+            if column.timestamp:
+                moment = dt.datetime.fromisoformat(value)
+                if moment.tzinfo is not None:
+                    moment = moment.astimezone(dt.UTC).replace(tzinfo=None)
+                return moment
+            return dt.date.fromisoformat(value)
+        except ValueError:
             raise InvalidArgumentError(
-                f"filter {op} needs a categorical column, {ref.qualified} is numeric"
-            )
-        if not values:
-            raise InvalidArgumentError(f"filter on {ref.qualified} needs at least one category")
-        unknown = [v for v in values if v not in ref.column.categories]
-        if unknown:
-            raise InvalidArgumentError(
-                f"filter on {ref.qualified}: {unknown} not among its declared categories"
-            )
-        return ResolvedFilter(ref, op, categories=tuple(dict.fromkeys(values)))
-    if not isinstance(ref.column, NumericColumn):
-        raise InvalidArgumentError(
-            f"filter {op} needs a numeric column, {ref.qualified} is categorical"
-        )
-    if len(values) != 1:
-        raise InvalidArgumentError(f"filter {op} on {ref.qualified} takes exactly one number")
+                f"filter {op} on {ref.qualified}: {value!r} is not an ISO date (YYYY-MM-DD)"
+            ) from None
     try:
-        threshold = float(values[0])
+        number = float(value)
     except ValueError:
         raise InvalidArgumentError(
-            f"filter {op} on {ref.qualified}: {values[0]!r} is not a number"
+            f"filter {op} on {ref.qualified}: {value!r} is not a number"
         ) from None
-    if not math.isfinite(threshold):
-        raise InvalidArgumentError(f"filter {op} on {ref.qualified}: threshold must be finite")
-    return ResolvedFilter(ref, op, threshold=threshold)
+    if not math.isfinite(number):
+        raise InvalidArgumentError(f"filter {op} on {ref.qualified}: values must be finite")
+    return number
 
 
 def _group_keys(
     group_by: tuple[ColumnRef, ...], filters: tuple[ResolvedFilter, ...]
 ) -> list[tuple[str, ...]]:
-    """Cartesian product of the public categories, narrowed by categorical filters."""
+    """Cartesian product of the public cells, categories narrowed by top-level filters."""
     domains: list[list[str]] = []
     for ref in group_by:
+        if ref.derivation is not None:
+            domains.append(derived.domain(ref.column, ref.derivation))
+            continue
         assert isinstance(ref.column, CategoricalColumn)
         allowed = list(ref.column.categories)
         for f in filters:
+            if f.any_of or f.all_of:
+                continue
             if f.ref == ref and f.op is FilterOp.IN:
                 allowed = [c for c in allowed if c in f.categories]
             elif f.ref == ref and f.op is FilterOp.NOT_IN:
@@ -214,7 +263,7 @@ def plan_query(spec: QuerySpec, agreement: Agreement, datasets: tuple[Dataset, .
     Every step reads public inputs only: the query, the agreement's terms and the schemas.
     """
     total, measure_name = _check_shape(spec, agreement, datasets)
-    filters = tuple(_resolve_filter(f.column, f.op, f.values, datasets) for f in spec.filters)
+    filters = tuple(_resolve_filter(f, datasets) for f in spec.filters)
     group_by, private = _resolve_grouping(spec, datasets)
     keys = [] if private else _group_keys(tuple(group_by), filters)
     rows, groups = _contribution_bounds(spec, agreement, keys, bool(private))
@@ -277,11 +326,22 @@ def _resolve_grouping(
 ) -> tuple[list[ColumnRef], list[ColumnRef]]:
     """The group-by columns, and those among them whose categories are private (discovered)."""
     group_by: list[ColumnRef] = []
-    for name in spec.group_by:
+    for text in spec.group_by:
+        kind, name, rest = derived.split_grouping(text)
         ref = _resolve(name, datasets)
-        if isinstance(ref.column, NumericColumn):
-            raise InvalidArgumentError(f"cannot group by numeric column {ref.qualified}")
-        if ref in group_by:
+        if kind:
+            ref = replace(ref, derivation=derived.derivation(kind, rest, ref.column, ref.qualified))
+        elif isinstance(ref.column, NumericColumn):
+            raise InvalidArgumentError(
+                f"cannot group by numeric column {ref.qualified}; group by its bins, e.g. "
+                f"bins:{ref.qualified}:0,50,100"
+            )
+        elif isinstance(ref.column, DateColumn):
+            raise InvalidArgumentError(
+                f"cannot group by date column {ref.qualified} itself; group by month:, week: "
+                f"or day:{ref.qualified}"
+            )
+        if any(r.qualified == ref.qualified for r in group_by):
             raise InvalidArgumentError(f"column {ref.qualified} appears twice in group_by")
         group_by.append(ref)
     private = [r for r in group_by if isinstance(r.column, TextColumn)]
@@ -362,7 +422,10 @@ def _check_scope(
     """Columns and aggregations outside the agreement are refused; small groups need a count."""
     if agreement.allowed_aggregations:
         for d in drafts:
-            if d.spec.kind.value not in agreement.allowed_aggregations:
+            kind = d.spec.kind
+            if kind is AggregateKind.STDDEV and "variance" in agreement.allowed_aggregations:
+                continue  # the square root of an allowed variance: post-processing
+            if kind.value not in agreement.allowed_aggregations:
                 raise PermissionDeniedError(
                     f"aggregation {d.spec.kind.value!r} is outside this agreement (allowed: "
                     f"{list(agreement.allowed_aggregations)})"
@@ -370,7 +433,7 @@ def _check_scope(
     if agreement.allowed_columns:
         used = (
             {r.qualified for r in group_by}
-            | {f.ref.qualified for f in filters}
+            | {leaf.ref.qualified for f in filters for leaf in f.leaves}
             | {d.ref.qualified for d in drafts if d.ref is not None}
         )
         outside = sorted(used - set(agreement.allowed_columns))
@@ -429,7 +492,7 @@ def _draft(
         return _Draft(spec, ref, (total,))
     if agg.kind is AggregateKind.MEAN:
         return _Draft(spec, ref, (total, value_rows))
-    if agg.kind is AggregateKind.VARIANCE:
+    if agg.kind in (AggregateKind.VARIANCE, AggregateKind.STDDEV):
         squares = component("sum_sq", sum_unit(rows, 0, square_units_max(column)))
         return _Draft(spec, ref, (total, squares, value_rows))
     quantile = agg.quantile if agg.quantile is not None else 0.5

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict, replace
+from typing import Any
 
 from entremise.server.domain.access import require
 from entremise.server.domain.errors import (
@@ -232,8 +233,21 @@ def exact_aggregates(
 
 def query_fingerprint(spec: QuerySpec) -> str:
     """Canonical hash of a query, for the ledger and for replays."""
-    canonical = json.dumps(asdict(spec), sort_keys=True, default=str)
+    document = asdict(spec)
+    document["filters"] = [_canonical_filter(f) for f in document["filters"]]
+    canonical = json.dumps(document, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _canonical_filter(f: dict[str, Any]) -> dict[str, Any]:
+    """A filter as hashed: a leaf without its empty tree fields (older fingerprints stay valid)."""
+    if not (f["any_of"] or f["all_of"]):
+        return {k: v for k, v in f.items() if k not in ("any_of", "all_of")}
+    return {
+        **f,
+        "any_of": [_canonical_filter(t) for t in f["any_of"]],
+        "all_of": [_canonical_filter(t) for t in f["all_of"]],
+    }
 
 
 def replay_key(spec: QuerySpec, plan: QueryPlan, withdrawals: int, day: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from entremise.privacy.budget import Measure, PrivacyLoss
@@ -93,7 +94,7 @@ def preview_aggregate(agg: AggregatePlan, plan: QueryPlan) -> AggregatePreview:
         )
     infos = [measurement_info(m, measure) for m in agg.measurements]
     main = infos[0]
-    if agg.spec.kind in (AggregateKind.MEAN, AggregateKind.VARIANCE):
+    if agg.spec.kind in (AggregateKind.MEAN, AggregateKind.VARIANCE, AggregateKind.STDDEV):
         count = infos[-1]
         note = (
             f"{agg.spec.kind} = post-processing of noisy sums over a noisy row count; the 95% "
@@ -158,7 +159,7 @@ def summarize(plan: QueryPlan, remaining: PrivacyLoss) -> PlanSummary:
     """What the analyst sees before spending, and what is stored with the release."""
     return PlanSummary(
         aggregates=tuple(preview_aggregate(a, plan) for a in plan.aggregates),
-        group_by=tuple(r.qualified for r in plan.group_by),
+        group_by=tuple(r.label for r in plan.group_by),
         cell_count=len(plan.group_keys),
         max_rows_per_person=plan.max_rows_per_person,
         max_groups_per_person=plan.max_groups_per_person,
@@ -248,6 +249,19 @@ def _variance_cell(
     return variance, max(variance - low, high - variance, 0.0)
 
 
+def _root(variance: float | None, ci: float | None) -> tuple[float | None, float | None]:
+    """Standard deviation from a variance and its 95% interval.
+
+    The square root is monotone, so it maps the variance's interval onto one of the same
+    coverage; it is reported by its larger half-width.
+    """
+    if variance is None or ci is None:
+        return None, None
+    value = math.sqrt(variance)
+    low, high = math.sqrt(max(variance - ci, 0.0)), math.sqrt(variance + ci)
+    return value, max(value - low, high - value)
+
+
 def _quantile_cells(
     agg: AggregatePlan, exact: ExactAggregates, plan: QueryPlan, keys: list[tuple[str, ...]]
 ) -> list[CellResult]:
@@ -295,11 +309,13 @@ def release(plan: QueryPlan, exact: ExactAggregates) -> tuple[AggregateResult, .
             if agg.spec.kind is AggregateKind.MEAN:
                 assert agg.ref is not None and isinstance(agg.ref.column, NumericColumn)
                 value, ci = _mean_cell(noisy[0][i], noisy[1][i], mechs[0], mechs[1], agg.ref.column)
-            elif agg.spec.kind is AggregateKind.VARIANCE:
+            elif agg.spec.kind in (AggregateKind.VARIANCE, AggregateKind.STDDEV):
                 assert agg.ref is not None and isinstance(agg.ref.column, NumericColumn)
                 value, ci = _variance_cell(
                     (noisy[0][i], noisy[1][i], noisy[2][i]), mechs, agg.ref.column
                 )
+                if agg.spec.kind is AggregateKind.STDDEV:
+                    value, ci = _root(value, ci)
             elif agg.spec.kind is AggregateKind.SUM:
                 value, ci = noisy[0][i] * unit, mechs[0].ci_halfwidth(ALPHA) * unit
             else:
