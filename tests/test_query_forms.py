@@ -352,3 +352,29 @@ def test_grouping_labels_are_written_back_as_the_query_wrote_them() -> None:
         "[50.5, 1e+20)",
         ">= 1e+20",
     ]
+
+
+def test_a_date_range_in_the_query_narrows_the_periods_it_releases(world) -> None:  # type: ignore[no-untyped-def]
+    since_march = leaf("panel.bought_on", FilterOp.GE, "2026-03-01")
+    before_may = leaf("panel.bought_on", FilterOp.LT, "2026-05-01")
+    plan, exact = _run(
+        world,
+        (_count_rows(),),
+        group_by=("month:panel.bought_on",),
+        filters=(since_march, before_may),
+    )
+    assert [k[0] for k in plan.group_keys] == ["2026-03-01", "2026-04-01"]
+    joined = _joined(world)
+    march, may = dt.date(2026, 3, 1), dt.date(2026, 5, 1)
+    kept = joined[(joined.bought_on >= march) & (joined.bought_on < may)]
+    assert exact.rows == [
+        int((kept.bought_on < dt.date(2026, 4, 1)).sum()),
+        int((kept.bought_on >= dt.date(2026, 4, 1)).sum()),
+    ]
+    # A range inside an OR narrows nothing (it is not a condition on every row).
+    either = any_of(since_march, leaf("panel.category", FilterOp.IN, "food"))
+    plan, _ = _run(world, (_count_rows(),), group_by=("month:panel.bought_on",), filters=(either,))
+    assert len(plan.group_keys) == 6
+    after_june = leaf("panel.bought_on", FilterOp.GT, "2026-06-30")
+    with pytest.raises(InvalidArgumentError, match="filters leave no period"):
+        _run(world, (_count_rows(),), group_by=("week:panel.bought_on",), filters=(after_june,))

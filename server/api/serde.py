@@ -90,8 +90,9 @@ OP_TO_PROTO = {
     FilterOp.LT: query_service_pb2.FILTER_OP_LT,
     FilterOp.GT: query_service_pb2.FILTER_OP_GT,
 }
-#: Nesting of OR / AND nodes accepted in one filter (a bound on work, not on expressiveness).
+#: Nesting of OR / AND nodes and comparisons accepted in one query (bounds on work).
 MAX_FILTER_DEPTH = 8
+MAX_FILTER_TERMS = 256
 OP_FROM_PROTO = {v: k for k, v in OP_TO_PROTO.items()}
 
 
@@ -479,6 +480,8 @@ def query_from_proto(msg: query_service_pb2.Query) -> QuerySpec:
             )
         )
     filters = [_filter_from_proto(f, 1) for f in msg.filters]
+    if sum(_terms(f) for f in filters) > MAX_FILTER_TERMS:
+        raise InvalidArgumentError(f"a query may hold at most {MAX_FILTER_TERMS} comparisons")
     if msg.max_rows_per_person < 0 or msg.max_groups_per_person < 0:
         raise InvalidArgumentError("contribution bounds must be positive")
     return QuerySpec(
@@ -510,6 +513,10 @@ def _filter_from_proto(f: query_service_pb2.Filter, depth: int) -> FilterSpec:
     if f.op not in OP_FROM_PROTO:
         raise InvalidArgumentError("filter op must be in, not_in, ge, le, lt or gt")
     return FilterSpec(f.column, OP_FROM_PROTO[f.op], tuple(f.values))  # type: ignore[index]
+
+
+def _terms(f: FilterSpec) -> int:
+    return sum(_terms(t) for t in (*f.any_of, *f.all_of)) if f.any_of or f.all_of else 1
 
 
 def _preview_to_proto(p: AggregatePreview) -> query_service_pb2.AggregatePlan:

@@ -12,12 +12,15 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import math
+from collections.abc import Sequence
 
 from entremise.server.domain.errors import InvalidArgumentError
 from entremise.server.domain.models import (
     Column,
     DateColumn,
     Derivation,
+    FilterOp,
+    Literal,
     NumericColumn,
     format_number,
 )
@@ -62,8 +65,10 @@ def derivation(kind: str, rest: str, column: Column, qualified: str) -> Derivati
             f"group-by bins:{qualified}: {len(edges)} edges make {len(edges) + 1} bins, "
             f"but {len(labels)} labels were given"
         )
-    if any(not 1 <= len(label) <= MAX_LABEL for label in labels):
-        raise InvalidArgumentError(f"group-by bins:{qualified}: labels must be 1-200 characters")
+    if any(not 1 <= len(label) <= MAX_LABEL or not label.isprintable() for label in labels):
+        raise InvalidArgumentError(
+            f"group-by bins:{qualified}: labels must be 1-200 printable characters"
+        )
     if len(set(labels)) != len(labels):
         raise InvalidArgumentError(f"group-by bins:{qualified}: labels must be distinct")
     return Derivation("bins", edges, labels)
@@ -85,14 +90,48 @@ def _edges(text: str, qualified: str) -> tuple[float, ...]:
     return edges
 
 
-def domain(column: Column, d: Derivation) -> list[str]:
-    """Every public cell of a derived grouping, in order."""
+def domain(
+    column: Column, d: Derivation, comparisons: Sequence[tuple[FilterOp, Literal]] = ()
+) -> list[str]:
+    """Every public cell of a derived grouping, in order.
+
+    A date's periods run between its bounds, narrowed by the query's own top-level
+    comparisons on that column (`comparisons`), so `>= 2026-03-01` grouped by month does not
+    release January and February: both inputs are public, the cells still say nothing.
+    """
     if d.kind == "bins":
         assert isinstance(column, NumericColumn)
         return [label for label, _ in reachable_bins(column, d)]
     assert isinstance(column, DateColumn)
     low, high = column.lower_date, column.upper_date
+    for op, value in comparisons:
+        first, last = _days_allowed(op, value, column.timestamp)
+        low, high = max(low, first), min(high, last)
+    if low > high:
+        return []
     return [p.isoformat() for p in _periods(d.kind, low, high)]
+
+
+def _days_allowed(op: FilterOp, value: Literal, timestamp: bool) -> tuple[dt.date, dt.date]:
+    """The days a comparison with `value` can keep (conservatively, for timestamps)."""
+    never, ever = dt.date.min, dt.date.max
+    if isinstance(value, dt.datetime):
+        day = value.date()
+        midnight = value.time() == dt.time()
+        after = day + dt.timedelta(days=1) if not timestamp else day
+        before = day - dt.timedelta(days=1) if midnight else day
+    elif isinstance(value, dt.date):
+        day, after, before = value, value + dt.timedelta(days=1), value - dt.timedelta(days=1)
+        if timestamp:  # a date compared with a timestamp means its midnight
+            after = value
+    else:
+        return never, ever
+    return {
+        FilterOp.GE: (day, ever),
+        FilterOp.GT: (after, ever),
+        FilterOp.LE: (never, day),
+        FilterOp.LT: (never, before),
+    }.get(op, (never, ever))
 
 
 def _periods(kind: str, low: dt.date, high: dt.date) -> list[dt.date]:

@@ -192,7 +192,17 @@ def _group_keys(
     domains: list[list[str]] = []
     for ref in group_by:
         if ref.derivation is not None:
-            domains.append(derived.domain(ref.column, ref.derivation))
+            comparisons = [
+                (f.op, f.literals[0])
+                for f in filters
+                if not (f.any_of or f.all_of)
+                and f.ref.qualified == ref.qualified
+                and f.op not in (FilterOp.IN, FilterOp.NOT_IN)
+            ]
+            cells = derived.domain(ref.column, ref.derivation, comparisons)
+            if not cells:
+                raise InvalidArgumentError(f"filters leave no period of {ref.label} to group by")
+            domains.append(cells)
             continue
         assert isinstance(ref.column, CategoricalColumn)
         allowed = list(ref.column.categories)
