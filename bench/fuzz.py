@@ -53,6 +53,20 @@ names = st.one_of(
         ["", "bank", "panel", "bank.segment", "panel.amount", "a" * 300, "drop table", "é", "\x00"]
     ),
 )
+#: Group-by texts, derived public domains included (months of a date, bins of a number).
+groupings = st.one_of(
+    names,
+    st.builds(
+        lambda kind, column, rest: f"{kind}:{column}{rest}",
+        st.sampled_from(["month", "week", "day", "bins", "quarter", ""]),
+        st.sampled_from(["panel.purchased_on", "panel.amount", "bank.segment", "x", ""]),
+        st.one_of(
+            st.just(""),
+            st.builds(lambda t: ":" + t, text),
+            st.sampled_from([":0,50,100", ":50,20", ":1e308,inf", ":0:a|b", ":1,2:a|b|c", ":0,0"]),
+        ),
+    ),
+)
 numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-(10**9), 10**9))
 decimals = st.one_of(
     text,
@@ -78,9 +92,13 @@ def _schema() -> st.SearchStrategy[common_pb2.DatasetSchema]:
             )
             if kind == 1
             else common_pb2.ColumnSchema(name=name, text=common_pb2.TextColumn(max_length=length))
+            if kind == 2
+            else common_pb2.ColumnSchema(
+                name=name, date=common_pb2.DateColumn(lower=cats[0] if cats else "", upper=str(lo))
+            )
         ),
         names,
-        st.integers(0, 3),
+        st.integers(0, 4),
         numbers,
         numbers,
         numbers,
@@ -109,17 +127,31 @@ def _query(agreement_ids: list[str]) -> st.SearchStrategy[query_service_pb2.Quer
         epsilon=decimals,
         quantile=decimals,
     )
-    flt = st.builds(
+    leaf = st.builds(
         query_service_pb2.Filter,
         column=names,
-        op=st.integers(0, 6),
-        values=st.lists(text, max_size=4),
+        op=st.integers(0, 8),
+        values=st.lists(
+            st.one_of(text, st.sampled_from(["2026-03-01", "1.5", "-0", "nan"])), max_size=4
+        ),
+    )
+    flt = st.recursive(
+        leaf,
+        lambda inner: st.one_of(
+            st.builds(
+                lambda terms: query_service_pb2.Filter(any_of=terms), st.lists(inner, max_size=3)
+            ),
+            st.builds(
+                lambda terms: query_service_pb2.Filter(all_of=terms), st.lists(inner, max_size=3)
+            ),
+        ),
+        max_leaves=12,
     )
     return st.builds(
         query_service_pb2.Query,
         agreement_id=st.one_of(st.sampled_from(agreement_ids), text),
         aggregates=st.lists(aggregate, max_size=20),
-        group_by=st.lists(names, max_size=4),
+        group_by=st.lists(groupings, max_size=4),
         filters=st.lists(flt, max_size=3),
         epsilon=decimals,
         rho=decimals,
@@ -250,6 +282,30 @@ def request_strategies(
             "ListAuditEventsResponse",
             st.just(compliance_service_pb2.ListAuditEventsRequest()),
         ),
+        "/entremise.v1.ComplianceService/GetAuditHead": (
+            "GetAuditHeadResponse",
+            st.builds(compliance_service_pb2.GetAuditHeadRequest, since_seq=st.integers(-5, 2**62)),
+        ),
+        "/entremise.v1.ComplianceService/WitnessHead": (
+            "WitnessHeadResponse",
+            st.builds(
+                compliance_service_pb2.WitnessHeadRequest,
+                seq=st.integers(-5, 2**62),
+                hash=text,
+                witness_public_key=st.binary(max_size=40),
+                signature=st.binary(max_size=80),
+            ),
+        ),
+        # Tokens are revoked or rotated by random ids only (never empty = the caller's own), so
+        # the fuzzer keeps its identities.
+        "/entremise.v1.AdminService/RevokeToken": (
+            "RevokeTokenResponse",
+            st.builds(admin_service_pb2.RevokeTokenRequest, principal_id=st.text(min_size=1)),
+        ),
+        "/entremise.v1.AdminService/RotateToken": (
+            "RotateTokenResponse",
+            st.builds(admin_service_pb2.RotateTokenRequest, principal_id=st.text(min_size=1)),
+        ),
         # Suspend/Revoke are fuzzed with random ids only, so the shared agreement survives.
         "/entremise.v1.AgreementService/SuspendAgreement": (
             "SuspendAgreementResponse",
@@ -359,6 +415,13 @@ class Fuzzer:
         )
 
 
+#: RPCs that revoke or rotate the caller's own token when the id is empty.
+_OWN_TOKEN_PATHS = {
+    "/entremise.v1.AdminService/RevokeToken",
+    "/entremise.v1.AdminService/RotateToken",
+}
+
+
 def fuzz_hub(
     target: str, tokens: list[str], agreement_ids: list[str], dataset_ids: list[str], examples: int
 ) -> dict[str, Any]:
@@ -385,6 +448,8 @@ def fuzz_hub(
             fuzzer.unary(path, request, who)  # noqa: B023 - each loop runs its test at once
 
         run()
+        if path in _OWN_TOKEN_PATHS:
+            continue  # raw bytes often decode to an empty id, i.e. the fuzzer's own token
 
         @config
         @given(st.binary(max_size=512), st.integers(0, 9))

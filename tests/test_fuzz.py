@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from bench.fuzz import Fuzzer, fuzz_hub, fuzz_readers
-from entremise.v1 import agreement_service_pb2
+from bench.fuzz import Fuzzer, fuzz_hub, fuzz_readers, request_strategies
+from entremise.v1 import (
+    admin_service_pb2,
+    agreement_service_pb2,
+    compliance_service_pb2,
+    partner_service_pb2,
+    query_service_pb2,
+)
 from tests.conftest import Scenario
 
 
@@ -13,8 +19,23 @@ def test_every_rpc_survives_hostile_input(scenario: Scenario) -> None:
         c.token or "" for c in (s.hub.admin, s.bank_client, s.panel_client, s.analyst, s.officer)
     ] + ["", "ent_forged"]
     result = fuzz_hub(s.hub.target, tokens, [s.agreement_id], [s.bank_id, s.panel_id], examples=40)
-    assert result["rpcs"] == 22
-    assert result["inputs"] >= 22 * 40
+    # Every RPC the hub serves is fuzzed (the upload stream under its own name).
+    served = {
+        f"/{service.full_name}/{method.name}"
+        for module in (
+            admin_service_pb2,
+            agreement_service_pb2,
+            compliance_service_pb2,
+            partner_service_pb2,
+            query_service_pb2,
+        )
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    }
+    fuzzed = set(request_strategies([s.agreement_id], [])) - {"upload"}
+    assert served - fuzzed == {"/entremise.v1.PartnerService/UploadDataset"}
+    assert result["rpcs"] == len(served)
+    assert result["inputs"] >= len(served) * 40
     assert result["crashes"] == 0, result["crash_samples"]
     assert result["statuses"].get("INVALID_ARGUMENT", 0) > 0  # the inputs do reach validation
     # The scenario's data and budget came through unharmed.

@@ -54,7 +54,8 @@ class Witnessing:
             raise InvalidArgumentError("since_seq must be >= 0")
         last = self.store.find_audit(0)
         since_hash = ""
-        if since_seq > 0:
+        # A seq past the head has no entry (and may not fit the database's integer column).
+        if 0 < since_seq <= (last.seq if last is not None else 0):
             earlier = self.store.find_audit(since_seq)
             since_hash = earlier.hash if earlier is not None else ""
         if last is None:
@@ -73,7 +74,8 @@ class Witnessing:
             raise InvalidArgumentError("hash must be 64 lowercase hex digits")
         if len(witness_key) != 32:
             raise InvalidArgumentError("witness_public_key must be a raw 32-byte Ed25519 key")
-        entry = self.store.find_audit(seq)
+        last = self.store.find_audit(0)
+        entry = self.store.find_audit(seq) if last is not None and seq <= last.seq else None
         if entry is None or entry.hash != digest:
             raise FailedPreconditionError(
                 f"entry {seq} of the audit log does not have the hash you witnessed"
