@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -32,11 +33,13 @@ from entremise.server.domain.models import (
     DatasetSlot,
     DateColumn,
     Derivation,
+    ExactAggregates,
     FilterOp,
     FilterSpec,
     IdentifierKind,
     KeyColumn,
     NumericColumn,
+    QueryPlan,
     QuerySpec,
 )
 from entremise.server.domain.planner import plan_query
@@ -63,8 +66,11 @@ def _dataset(index: int, name: str, schema: DatasetSchema, rows: int) -> Dataset
     return Dataset(f"ds{index}", name, f"p{index}", "ag", schema, rows, rows, 1, "", NOW, "", 0)
 
 
+World = tuple[pd.DataFrame, pd.DataFrame]
+
+
 @pytest.fixture(scope="module")
-def world() -> tuple[pd.DataFrame, pd.DataFrame]:
+def world() -> World:
     """600 bank customers (one row each) and their purchases (0-6 each), some not consenting."""
     rng = np.random.default_rng(16)
     people = [f"{i:064x}" for i in range(600)]
@@ -96,12 +102,12 @@ def world() -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _run(
-    world: tuple[pd.DataFrame, pd.DataFrame],
+    world: World,
     aggregates: tuple[AggregateSpec, ...],
     *,
     group_by: tuple[str, ...] = (),
     filters: tuple[FilterSpec, ...] = (),
-) -> tuple[object, object]:
+) -> tuple[QueryPlan, ExactAggregates]:
     bank, panel = world
     datasets = (
         _dataset(
@@ -139,7 +145,7 @@ def _run(
     return plan, exact
 
 
-def _joined(world: tuple[pd.DataFrame, pd.DataFrame]) -> pd.DataFrame:
+def _joined(world: World) -> pd.DataFrame:
     bank, panel = world
     consent = f"consent_{PURPOSE}"
     return (
@@ -211,8 +217,10 @@ FILTER_CASES = [
 @pytest.mark.parametrize(
     ("name", "condition", "truth"), FILTER_CASES, ids=[c[0] for c in FILTER_CASES]
 )
-def test_filters_match_the_ground_truth(world, name, condition, truth) -> None:  # type: ignore[no-untyped-def]
-    plan, exact = _run(world, (_count_rows(), _people()), filters=(condition,))
+def test_filters_match_the_ground_truth(
+    world: World, name: str, condition: FilterSpec, truth: Callable[[pd.DataFrame], pd.Series]
+) -> None:
+    _, exact = _run(world, (_count_rows(), _people()), filters=(condition,))
     joined = _joined(world)
     # SQL's three-valued logic: a missing amount satisfies no comparison (pandas: NaN < x False).
     kept = joined[truth(joined).fillna(False).astype(bool)]
@@ -220,7 +228,7 @@ def test_filters_match_the_ground_truth(world, name, condition, truth) -> None: 
     assert exact.people == [kept.email.nunique()]
 
 
-def test_an_or_across_datasets_is_refused_naming_them(world) -> None:  # type: ignore[no-untyped-def]
+def test_an_or_across_datasets_is_refused_naming_them(world: World) -> None:
     condition = any_of(
         leaf("bank.segment", FilterOp.IN, "mass"), leaf("panel.category", FilterOp.IN, "food")
     )
@@ -229,7 +237,9 @@ def test_an_or_across_datasets_is_refused_naming_them(world) -> None:  # type: i
 
 
 @pytest.mark.parametrize("period", ["month", "week", "day"])
-def test_date_groupings_release_every_period_and_match_the_ground_truth(world, period) -> None:  # type: ignore[no-untyped-def]
+def test_date_groupings_release_every_period_and_match_the_ground_truth(
+    world: World, period: str
+) -> None:
     plan, exact = _run(world, (_count_rows(), _people()), group_by=(f"{period}:panel.bought_on",))
     joined = _joined(world)
     inside = joined[
@@ -247,7 +257,7 @@ def test_date_groupings_release_every_period_and_match_the_ground_truth(world, p
     assert exact.people == [int(people.get(k, 0)) for k in keys]
 
 
-def test_bins_clamp_values_and_release_only_reachable_cells(world) -> None:  # type: ignore[no-untyped-def]
+def test_bins_clamp_values_and_release_only_reachable_cells(world: World) -> None:
     spec = AggregateSpec("total", AggregateKind.SUM, "panel.amount")
     plan, exact = _run(
         world, (_count_rows(), spec), group_by=("bins:panel.amount:0,100,250,500,600",)
@@ -270,7 +280,7 @@ def test_bins_clamp_values_and_release_only_reachable_cells(world) -> None:  # t
     assert exact.sums["panel.amount"] == [int(truth.units[truth.cell == k].sum()) for k in keys]
 
 
-def test_bins_take_labels_like_a_case_expression(world) -> None:  # type: ignore[no-untyped-def]
+def test_bins_take_labels_like_a_case_expression(world: World) -> None:
     plan, exact = _run(
         world, (_count_rows(),), group_by=("bins:panel.amount:50,200:small|medium|large",)
     )
@@ -284,7 +294,7 @@ def test_bins_take_labels_like_a_case_expression(world) -> None:  # type: ignore
     ]
 
 
-def test_a_date_grouping_crossed_with_a_category(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_date_grouping_crossed_with_a_category(world: World) -> None:
     plan, exact = _run(world, (_count_rows(),), group_by=("bank.segment", "month:panel.bought_on"))
     assert len(plan.group_keys) == 3 * 6
     joined = _joined(world)
@@ -296,7 +306,7 @@ def test_a_date_grouping_crossed_with_a_category(world) -> None:  # type: ignore
     assert exact.rows == [int(rows.get(k, 0)) for k in plan.group_keys]
 
 
-def test_stddev_costs_what_variance_costs_and_is_its_square_root(world) -> None:  # type: ignore[no-untyped-def]
+def test_stddev_costs_what_variance_costs_and_is_its_square_root(world: World) -> None:
     variance = AggregateSpec("v", AggregateKind.VARIANCE, "panel.amount", Epsilon.parse("0.5"))
     stddev = AggregateSpec("s", AggregateKind.STDDEV, "panel.amount", Epsilon.parse("0.5"))
     plan, exact = _run(world, (variance, stddev))
@@ -326,7 +336,9 @@ def test_stddev_costs_what_variance_costs_and_is_its_square_root(world) -> None:
         ("quarter:panel.bought_on", "unknown derivation 'quarter'"),
     ],
 )
-def test_derived_groupings_refuse_what_they_cannot_mean(world, group_by, message) -> None:  # type: ignore[no-untyped-def]
+def test_derived_groupings_refuse_what_they_cannot_mean(
+    world: World, group_by: str, message: str
+) -> None:
     with pytest.raises(InvalidArgumentError, match=message):
         _run(world, (_count_rows(),), group_by=(group_by,))
 
@@ -340,7 +352,9 @@ def test_derived_groupings_refuse_what_they_cannot_mean(world, group_by, message
         (leaf("panel.amount", FilterOp.GT, "1", "2"), "takes exactly one number"),
     ],
 )
-def test_filters_refuse_values_outside_their_column_kind(world, condition, message) -> None:  # type: ignore[no-untyped-def]
+def test_filters_refuse_values_outside_their_column_kind(
+    world: World, condition: FilterSpec, message: str
+) -> None:
     with pytest.raises(InvalidArgumentError, match=message):
         _run(world, (_count_rows(),), filters=(condition,))
 
@@ -354,7 +368,7 @@ def test_grouping_labels_are_written_back_as_the_query_wrote_them() -> None:
     ]
 
 
-def test_a_date_range_in_the_query_narrows_the_periods_it_releases(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_date_range_in_the_query_narrows_the_periods_it_releases(world: World) -> None:
     since_march = leaf("panel.bought_on", FilterOp.GE, "2026-03-01")
     before_may = leaf("panel.bought_on", FilterOp.LT, "2026-05-01")
     plan, exact = _run(
