@@ -252,11 +252,11 @@ def released_frame(sql: SqlQuery, result: QueryResult) -> pd.DataFrame:
                 row[out.name] = key[out.group] if out.group < len(key) else None
                 continue
             assert out.aggregate is not None
-            cell = cells[out.aggregate].get(key)
-            value = cell.value if cell is not None and cell.HasField("value") else math.nan
+            found = cells[out.aggregate].get(key)
+            value = found.value if found is not None and found.HasField("value") else math.nan
             half = (
-                cell.ci95_halfwidth
-                if cell is not None and cell.HasField("ci95_halfwidth")
+                found.ci95_halfwidth
+                if found is not None and found.HasField("ci95_halfwidth")
                 else math.nan
             )
             row[out.name] = value

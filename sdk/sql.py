@@ -42,6 +42,7 @@ _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _COMMENT = re.compile(
     r"^\s*(?P<word>accuracy|epsilon|rho|share)\s*[:=]?\s*(?P<value>[0-9.eE+-]+)\s*$", re.I
 )
+_BUDGET_WORD = re.compile(r"^\s*(accuracy|epsilon|rho|share)\b", re.I)
 _TRUNC_UNITS = {"MONTH": "month", "WEEK": "week", "DAY": "day"}
 
 
@@ -684,11 +685,17 @@ def _aggregate(t: _Translator, node: exp.Expression) -> _Agg:
 
 
 def _budget_comment(node: exp.Expression) -> tuple[str, float | None]:
-    """(share, target) from /* epsilon 0.2 */ or /* accuracy 20 */ comments in a select item."""
+    """(share, target) from /* epsilon 0.2 */ or /* accuracy 20 */ comments in a select item.
+
+    Other comments are left alone; one starting with accuracy, epsilon, rho or share must be
+    one of these.
+    """
     share, target = "", None
     for part in node.walk():
         for comment in part.comments or []:
             m = _COMMENT.match(comment)
+            if not m and not _BUDGET_WORD.match(comment):
+                continue  # an ordinary comment
             if not m:
                 raise _refuse(
                     f"/*{comment}*/",

@@ -47,7 +47,7 @@ def message(sql: str, **budget: str) -> q.Query:
 
 BUILDER_FORMS = [
     (f"SELECT COUNT(*) AS n {JOIN}", Query(AG, "1").count_rows(name="n")),
-    (f"SELECT COUNT(*) {JOIN}", Query(AG, "1").count_rows(name="count")),
+    (f"SELECT COUNT(*) -- rows\n{JOIN}", Query(AG, "1").count_rows(name="count")),
     (
         "SELECT COUNT(DISTINCT person) AS people, AVG(panel.amount) AS spend "
         "FROM bank JOIN panel USING (person)",
@@ -440,7 +440,7 @@ REFUSALS = [
     (f"SELECT COUNT(*) AS n {JOIN} ORDER BY 3", "ORDER BY position 3 is not in the select list"),
     (f"SELECT COUNT(*), COUNT(DISTINCT person) {JOIN}", "two output columns named 'count'"),
     (f'SELECT COUNT(*) AS "Total" {JOIN}', "aggregate name 'Total'"),
-    (f"SELECT COUNT(*) /* please */ AS n {JOIN}", "/* accuracy N */ or /* epsilon E */"),
+    (f"SELECT COUNT(*) /* accuracy twenty */ AS n {JOIN}", "/* accuracy N */ or /* epsilon E */"),
     (f"SELECT VAR_SAMP(panel.amount) AS v, person {JOIN}", "would release the person"),
     (
         f"SELECT PERCENTILE_DISC(0.5) WITHIN GROUP (ORDER BY panel.amount) {JOIN}",
