@@ -178,8 +178,8 @@ NEW_FORMS = [
         ),
     ),
     (
-        f"SELECT COUNT(*) AS n {JOIN} WHERE (panel.category = 'a' AND panel.amount < 3) "
-        "OR (panel.category = 'b' OR panel.category = 'c')",
+        f"SELECT COUNT(*) AS n {JOIN} WHERE (panel.category = 'travel' AND panel.amount < 3) "
+        "OR (panel.category = 'beauty' OR panel.category = 'fashion')",
         q.Query(
             aggregates=[q.Aggregate(name="n", kind=q.AGGREGATE_KIND_COUNT_ROWS)],
             filters=[
@@ -187,12 +187,12 @@ NEW_FORMS = [
                     any_of=[
                         q.Filter(
                             all_of=[
-                                _leaf("panel.category", q.FILTER_OP_IN, "a"),
+                                _leaf("panel.category", q.FILTER_OP_IN, "travel"),
                                 _leaf("panel.amount", q.FILTER_OP_LT, "3.0"),
                             ]
                         ),
-                        _leaf("panel.category", q.FILTER_OP_IN, "b"),
-                        _leaf("panel.category", q.FILTER_OP_IN, "c"),
+                        _leaf("panel.category", q.FILTER_OP_IN, "beauty"),
+                        _leaf("panel.category", q.FILTER_OP_IN, "fashion"),
                     ]
                 )
             ],
