@@ -1208,12 +1208,12 @@ def grouping_words(group: str) -> str:
         column, _, tail = rest.partition(":")
         edges, _, labels = tail.partition(":")
         bounds = edges.split(",")
-        intervals = [f"(<{bounds[0]})"]
-        intervals += [f"[{a},{b})" for a, b in pairwise(bounds)]
-        intervals.append(f"[{bounds[-1]},>)")
+        intervals = [f"< {bounds[0]}"]  # the hub's labels of unlabelled bins
+        intervals += [f"[{a}, {b})" for a, b in pairwise(bounds)]
+        intervals.append(f">= {bounds[-1]}")
         if labels:
             intervals = [
-                f"{name} {interval}"
+                f"{name} ({interval})"
                 for name, interval in zip(labels.split("|"), intervals, strict=False)
             ]
         return f"{column} in bins {', '.join(intervals)}"
