@@ -121,7 +121,9 @@ def sql(
     release = response.release
     levels = _levels(request.message, release.plan)
     for result in processed.release.results:
-        print_table(_result_table(AggregateResult.from_proto(result), levels))
+        shown = _result_table(AggregateResult.from_proto(result), levels)
+        shown.title = Text(f"{result.name}: {shown.title}")  # the SQL's alias first
+        print_table(shown)
     _print_bounds(release.plan)
     measure = release.plan.measure.unit
     if response.replayed:
