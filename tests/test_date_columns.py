@@ -21,7 +21,7 @@ import pytest
 from entremise.partners import Client, PartnerKeys
 from entremise.partners.prepare import PrepareError, prepare_table, read_table
 from entremise.partners.schema import Consent, Date, Numeric, UploadSchema
-from entremise.partners.synthetic import PURPOSE
+from entremise.partners.synthetic import PANEL_SCHEMA, PURPOSE, SEASONS, generate
 from entremise.server.api.serde import schema_from_proto, schema_to_proto
 from entremise.server.domain.codec import schema_from_dict, schema_to_dict
 from entremise.server.domain.models import DateColumn
@@ -136,6 +136,22 @@ def test_a_date_column_survives_the_wire_and_the_stored_schema() -> None:
     )
     assert schema_from_dict(json.loads(json.dumps(schema_to_dict(stored)))) == stored
     assert schema_to_proto(stored) == SCHEMA.to_proto()
+
+
+# -- the demo's panel ---------------------------------------------------------------------------
+
+
+def test_the_demo_panel_dates_its_purchases_with_seasons() -> None:
+    assert PANEL_SCHEMA.columns["purchased_on"] == Date("2026-01-01", "2026-12-31")
+    panel = generate(3000, 1500, 900, seed=3).panel
+    assert generate(3000, 1500, 900, seed=3).panel.equals(panel)  # deterministic
+    days = pd.to_datetime(panel["purchased_on"], format="%Y-%m-%d")
+    assert days.min() >= pd.Timestamp("2026-01-01") and days.max() <= pd.Timestamp("2026-12-31")
+    month = days.dt.month
+    share = pd.crosstab(panel["category"], month, normalize="index")
+    assert set(share.index) == set(SEASONS)
+    assert share.loc["travel", [7, 8]].sum() > 2 * share.loc["travel", [1, 2]].sum()
+    assert share.loc["electronics", [11, 12]].sum() > 0.3
 
 
 # -- end to end, through gRPC -------------------------------------------------------------------
