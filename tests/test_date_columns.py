@@ -22,11 +22,13 @@ from entremise.partners import Client, PartnerKeys
 from entremise.partners.prepare import PrepareError, prepare_table, read_table
 from entremise.partners.schema import Consent, Date, Numeric, UploadSchema
 from entremise.partners.synthetic import PANEL_SCHEMA, PURPOSE, SEASONS, generate
-from entremise.server.api.serde import schema_from_proto, schema_to_proto
+from entremise.sdk.query import aggregate, query
+from entremise.server.api.serde import query_from_proto, schema_from_proto, schema_to_proto
 from entremise.server.domain.codec import schema_from_dict, schema_to_dict
 from entremise.server.domain.models import DateColumn
 from entremise.server.schema_check import schema_document
-from tests.conftest import Hub, cli_bank
+from entremise.server.testing import exact_aggregates, plan
+from tests.conftest import Hub, build_scenario, cli_bank
 
 KEY = b"k" * 32
 SCHEMA = UploadSchema(
@@ -221,3 +223,23 @@ def test_a_date_column_is_uploaded_stored_and_listed_with_its_bounds(
         "upper": "2026-12-31",
         "timestamp": True,
     }
+
+
+def test_the_demo_panel_is_grouped_by_month_of_its_purchase_dates(sqlite_hub: Hub) -> None:
+    s = build_scenario(sqlite_hub, n_bank=600, n_panel=300, overlap=200)
+    by_month = query(
+        s.agreement_id,
+        "1",
+        [aggregate("count_rows", name="rows")],
+        group_by=["month:panel.purchased_on"],
+    )
+    released = s.analyst.run(by_month).release.results[0]
+    assert [c.group[0][:7] for c in released.cells] == [f"2026-{m:02d}" for m in range(1, 13)]
+    # Every demo date is inside the bounds: before noise, the months hold every joined row.
+    hub = sqlite_hub.running.hub
+    whole = query(s.agreement_id, "1", [aggregate("count_rows", name="rows")])
+    monthly, total = (
+        exact_aggregates(hub, plan(hub, query_from_proto(q))).rows for q in (by_month, whole)
+    )
+    assert len(monthly) == 12 and all(n > 0 for n in monthly)
+    assert sum(monthly) == total[0] > 0
