@@ -37,12 +37,18 @@ from entremise.partners.synthetic import (
 )
 from entremise.sdk import Cell, Client, RPCError
 from entremise.sdk.query import aggregate, query, where_in
+from entremise.sdk.sql import translate
 from entremise.v1 import query_service_pb2
 
 SIZES = {"small": (20_000, 8_000, 5_000), "default": (200_000, 50_000, 30_000)}
 TOTAL_EPSILON = "4"
 MAX_ROWS_PER_PERSON = 12
 MAX_PRINTED_CELLS = 12
+#: The demo's SQL question: every month of the panel's declared year is a public cell.
+MONTHLY_SQL = (
+    "SELECT bank.segment, DATE_TRUNC('month', panel.purchased_on) AS month, "
+    "SUM(panel.amount) AS total_amount FROM bank JOIN panel GROUP BY 1, 2"
+)
 
 
 @dataclass
@@ -53,6 +59,7 @@ class DemoQuery:
     description: str
     query: query_service_pb2.Query
     truth: Callable[[pd.DataFrame], dict[tuple[str, ...], float]]
+    sql: str = ""  # when the analyst asked in SQL
 
 
 @dataclass
@@ -74,7 +81,9 @@ def consented_join(bank: pd.DataFrame, panel: pd.DataFrame) -> pd.DataFrame:
     b = b[b["consent_analytics"]][["email", "segment"]]
     until = pd.to_datetime(p["consent_until"].replace("", None), utc=True)
     valid = until.isna() | (until > pd.Timestamp.now(tz="UTC"))  # expired consent is no consent
-    p = p[p["consent_analytics"] & valid][["email", "week", "category", "amount"]]
+    p = p[p["consent_analytics"] & valid][["email", "week", "category", "amount", "purchased_on"]]
+    # DATE_TRUNC('month', ...) as the hub labels it: the period's first day.
+    p = p.assign(month=p["purchased_on"].str[:7] + "-01")
     joined = p.merge(b, on="email", how="inner")
     # The hub clamps to the public bounds and counts in cents: the truth of the bounded query.
     joined["amount"] = joined["amount"].clip(0.0, AMOUNT_UPPER).round(2)
@@ -93,7 +102,8 @@ def _by(
 
 
 def demo_queries(agreement_id: str) -> list[DemoQuery]:
-    """The analyst's questions (3.1 epsilon in all)."""
+    """The analyst's questions (3.6 epsilon in all), one of them asked in SQL."""
+    monthly = translate(MONTHLY_SQL)
     return [
         DemoQuery(
             "joined_people",
@@ -167,6 +177,13 @@ def demo_queries(agreement_id: str) -> list[DemoQuery]:
                 group_by=["panel.week", "panel.category"],
             ),
             lambda j: _by(j, ["week", "category"], lambda g: g["amount"].sum()),
+        ),
+        DemoQuery(
+            "monthly_spend_per_segment",
+            "total purchases per month and bank segment, asked in SQL",
+            monthly.message(agreement_id, epsilon="0.5"),
+            lambda j: _by(j, ["segment", "month"], lambda g: g["amount"].sum()),
+            MONTHLY_SQL,
         ),
         DemoQuery(
             "shoppers_per_week",
@@ -342,6 +359,8 @@ def run_demo(
             for dq in demo_queries(agreement.agreement_id):
                 plan = analyst.preview(dq.query)
                 response = analyst.run(dq.query)
+                if dq.sql:
+                    console.print(f"[dim]$ entremise query sql {escape(repr(dq.sql))}[/]")
                 truth = dq.truth(joined)
                 table = Table(
                     "cell",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from collections.abc import Collection
 from typing import Any
 
@@ -60,7 +61,8 @@ def _suffix(ref: ColumnRef) -> str:
     """A column's name in the query's tables; a derived grouping gets its own."""
     if ref.derivation is None:
         return ref.column.name
-    return f"{ref.column.name}__{ref.derivation.kind}"
+    # Two groupings may derive from one column (its month and its day, two sets of bins).
+    return f"{ref.column.name}__{ref.derivation.kind}_{zlib.crc32(ref.label.encode()):08x}"
 
 
 def _derived_sql(ref: ColumnRef, column: str) -> str:

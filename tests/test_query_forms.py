@@ -401,3 +401,20 @@ def test_a_date_range_in_the_query_narrows_the_periods_it_releases(world: World)
     after_june = leaf("panel.bought_on", FilterOp.GT, "2026-06-30")
     with pytest.raises(InvalidArgumentError, match="filters leave no period"):
         _run(world, (_count_rows(),), group_by=("week:panel.bought_on",), filters=(after_june,))
+
+
+def test_one_date_grouped_by_its_month_and_its_week(world: World) -> None:
+    plan, exact = _run(
+        world, (_count_rows(),), group_by=("month:panel.bought_on", "week:panel.bought_on")
+    )
+    assert len(plan.group_keys) == 6 * 27  # public cells: every pair, possible or not
+    joined = _joined(world)
+    inside = joined[
+        (joined.bought_on >= BOUGHT.lower_date) & (joined.bought_on <= BOUGHT.upper_date)
+    ]
+    month = inside.bought_on.map(lambda d: derived.period_start("month", d).isoformat())
+    week = inside.bought_on.map(lambda d: derived.period_start("week", d).isoformat())
+    rows = inside.groupby([month, week]).size()
+    assert exact.rows == [int(rows.get(k, 0)) for k in plan.group_keys]
+    with pytest.raises(InvalidArgumentError, match=r"month:panel\.bought_on appears twice"):
+        _run(world, (_count_rows(),), group_by=("month:panel.bought_on",) * 2)

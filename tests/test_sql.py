@@ -637,14 +637,14 @@ def test_query_sql_human_output_and_one_line_errors(hub_data: Scenario) -> None:
 
 # -- the hub's newer query model (pass once server/ implements it) -------------------------------
 
-HUB_FORMS = [f for f in NEW_FORMS if "purchased_on" not in f[0]]
+HUB_FORMS = NEW_FORMS
 
 
 @pytest.mark.parametrize(("sql", "expected"), HUB_FORMS, ids=[f[0][:60] for f in HUB_FORMS])
 def test_the_hub_plans_and_releases_the_new_forms(
     hub_data: Scenario, sql: str, expected: q.Query
 ) -> None:
-    """hub: OR trees, < and >, NOT BETWEEN, STDDEV, WIDTH_BUCKET and CASE bins."""
+    """hub: OR trees, < and >, NOT BETWEEN, STDDEV, WIDTH_BUCKET, CASE bins, dates."""
     analyst = hub_data.analyst
     expected.agreement_id, expected.epsilon = hub_data.agreement_id, "0.5"
     assert analyst.sql_preview(sql, epsilon="0.5").raw == analyst.preview(expected).raw

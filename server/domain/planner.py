@@ -351,8 +351,8 @@ def _resolve_grouping(
                 f"cannot group by date column {ref.qualified} itself; group by month:, week: "
                 f"or day:{ref.qualified}"
             )
-        if any(r.qualified == ref.qualified for r in group_by):
-            raise InvalidArgumentError(f"column {ref.qualified} appears twice in group_by")
+        if any(r.label == ref.label for r in group_by):
+            raise InvalidArgumentError(f"{ref.label} appears twice in group_by")
         group_by.append(ref)
     private = [r for r in group_by if isinstance(r.column, TextColumn)]
     if private and len(group_by) > 1:
