@@ -50,6 +50,7 @@ PUBLIC = [
     "QueryPlan",
     "QueryResult",
     "QuerySyntaxError",
+    "Quote",
     "RPCError",
     "Release",
     "Role",

@@ -1,0 +1,141 @@
+"""Quoted workloads through real gRPC (SQLite and PostgreSQL): price, then one debit or none."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+
+from entremise.partners import aggregate, query
+from entremise.partners.synthetic import BANK_SCHEMA
+from entremise.sdk import RPCError, Status
+from entremise.v1 import query_service_pb2
+from tests.conftest import Scenario
+
+
+def _workload(ag: str) -> list[query_service_pb2.Query]:
+    """Three queries costing 0.5 + 1 + 0.5 = 2."""
+    return [
+        query(ag, "0.5", [aggregate("count")]),
+        query(ag, "1", [aggregate("mean", "panel.amount")], group_by=["panel.category"]),
+        query(ag, "0.5", [aggregate("sum", "panel.amount")]),
+    ]
+
+
+def _spent(s: Scenario) -> Decimal:
+    return Decimal(s.officer.budgets(s.agreement_id)[0].spent_epsilon)
+
+
+def test_a_quote_is_free_and_its_run_debits_the_quoted_total_once(scenario: Scenario) -> None:
+    s = scenario
+    quoted = s.analyst.quote(_workload(s.agreement_id))
+    assert quoted.costs == ("0.5", "1", "0.5") and quoted.total == "2"
+    assert (quoted.remaining_before, quoted.remaining_after) == ("5", "3")
+    assert quoted.replayed == (False, False, False) and len(quoted.plans) == 3
+    assert quoted.expires_at > quoted.created_at
+    assert _spent(s) == 0
+    results = s.analyst.run_quote(quoted.quote_id)
+    assert [r.release.status for r in results] == ["released"] * 3
+    assert [r.release.epsilon_spent for r in results] == ["0.5", "1", "0.5"]
+    assert _spent(s) == 2 and results[-1].remaining_epsilon == "3"
+    ledger = s.officer.ledger(s.agreement_id)
+    assert [r.release_id for r in ledger] == [r.release.release_id for r in results]
+    kinds = [e.kind for e in s.officer.audit_log().events]
+    assert kinds.count("quote") == 1 and kinds.count("quote_run") == 1
+    assert kinds.count("release") == 3
+    # Cells come as a single run gives them: a mean per category, with its interval.
+    mean = results[1].release.results[0]
+    assert len(mean.cells) == 6 and all(c.ci95_halfwidth for c in mean.cells if c.value)
+
+
+def test_a_quote_runs_once(scenario: Scenario) -> None:
+    s = scenario
+    quoted = s.analyst.quote(_workload(s.agreement_id))
+    s.analyst.run_quote(quoted.quote_id)
+    with pytest.raises(RPCError) as again:
+        s.analyst.run_quote(quoted.quote_id)
+    assert again.value.status is Status.FAILED_PRECONDITION
+    assert "was already run" in again.value.message
+    assert _spent(s) == 2
+
+
+def test_a_short_budget_refuses_the_whole_workload(scenario: Scenario) -> None:
+    s = scenario
+    quoted = s.analyst.quote(_workload(s.agreement_id))
+    s.analyst.run(query(s.agreement_id, "4", [aggregate("count_rows")]))
+    with pytest.raises(RPCError) as short:
+        s.analyst.run_quote(quoted.quote_id)
+    assert short.value.status is Status.RESOURCE_EXHAUSTED
+    assert "short by 1" in short.value.message and "nothing was spent" in short.value.message
+    assert _spent(s) == 4
+    assert len(s.officer.ledger(s.agreement_id)) == 1
+
+
+@pytest.mark.parametrize("change", ["withdrawal", "upload"])
+def test_a_change_of_the_data_after_the_quote_refuses_its_run(
+    scenario: Scenario, change: str
+) -> None:
+    s = scenario
+    quoted = s.analyst.quote(_workload(s.agreement_id))
+    if change == "withdrawal":
+        emails = sorted(set(s.panel["email"]))[:5]
+        s.panel_client.withdraw_consent(s.agreement_id, emails, "email", keys=s.panel_key)
+        expected = "consent withdrawals: 5 now, 0 when quoted"
+    else:
+        s.bank_client.upload_dataset(
+            s.agreement_id, "bank", s.bank.iloc[:-10], BANK_SCHEMA, keys=s.bank_key
+        )
+        expected = "dataset 'bank' is at version 2, the quote priced version 1"
+    with pytest.raises(RPCError) as refused:
+        s.analyst.run_quote(quoted.quote_id)
+    assert refused.value.status is Status.FAILED_PRECONDITION
+    assert expected in refused.value.message and "\n" not in refused.value.message
+    assert _spent(s) == 0 and s.officer.ledger(s.agreement_id) == []
+    # A new quote on the new state runs.
+    requoted = s.analyst.quote(_workload(s.agreement_id))
+    assert len(s.analyst.run_quote(requoted.quote_id)) == 3
+    assert _spent(s) == 2
+
+
+def test_another_analysts_quote_is_not_found_like_an_unknown_one(scenario: Scenario) -> None:
+    s = scenario
+    quoted = s.analyst.quote(_workload(s.agreement_id))
+    _, other = s.hub.principal("other analyst", "analyst")
+    with pytest.raises(RPCError) as hidden:
+        other.run_quote(quoted.quote_id)
+    with pytest.raises(RPCError) as unknown:
+        other.run_quote("qt_0123456789abcdef")
+    assert hidden.value.status is unknown.value.status is Status.NOT_FOUND
+    assert hidden.value.message.replace(quoted.quote_id, "?") == unknown.value.message.replace(
+        "qt_0123456789abcdef", "?"
+    )
+    with pytest.raises(RPCError) as partner:
+        s.bank_client.run_quote(quoted.quote_id)
+    assert partner.value.status is Status.PERMISSION_DENIED
+    assert _spent(s) == 0
+    assert len(s.analyst.run_quote(quoted.quote_id)) == 3  # still hers to run
+
+
+def test_an_expired_quote_is_refused(scenario: Scenario) -> None:
+    s = scenario
+    s.hub.running.hub.quotes.lifetime = timedelta(seconds=-1)
+    quoted = s.analyst.quote(_workload(s.agreement_id))
+    with pytest.raises(RPCError) as expired:
+        s.analyst.run_quote(quoted.quote_id)
+    assert expired.value.status is Status.FAILED_PRECONDITION
+    assert f"expired at {quoted.expires_at}" in expired.value.message
+    assert _spent(s) == 0
+
+
+def test_a_workload_spans_one_agreement(scenario: Scenario) -> None:
+    s = scenario
+    with pytest.raises(RPCError) as mixed:
+        s.analyst.quote(
+            [*_workload(s.agreement_id), query("ag_other", "0.1", [aggregate("count")])]
+        )
+    assert mixed.value.status is Status.INVALID_ARGUMENT
+    assert "one agreement" in mixed.value.message
+    # Queries may leave the agreement to the request.
+    quoted = s.analyst.quote(_workload(""), agreement_id=s.agreement_id)
+    assert quoted.agreement_id == s.agreement_id and quoted.total == "2"
