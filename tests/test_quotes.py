@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
+from google.protobuf.json_format import MessageToDict
 
 from entremise.partners import aggregate, query
 from entremise.partners.synthetic import BANK_SCHEMA
 from entremise.sdk import RPCError, Status
 from entremise.v1 import query_service_pb2
 from tests.conftest import Scenario
+from tests.test_cli import ok_json, one_line_error, run_cli
 
 
 def _workload(ag: str) -> list[query_service_pb2.Query]:
@@ -139,3 +143,87 @@ def test_a_workload_spans_one_agreement(scenario: Scenario) -> None:
     # Queries may leave the agreement to the request.
     quoted = s.analyst.quote(_workload(""), agreement_id=s.agreement_id)
     assert quoted.agreement_id == s.agreement_id and quoted.total == "2"
+
+
+def test_the_cli_quotes_a_json_workload_and_runs_it(scenario: Scenario, tmp_path: Path) -> None:
+    s = scenario
+    workload = tmp_path / "workload.json"
+    workload.write_text(
+        json.dumps([MessageToDict(q, preserving_proto_field_name=True) for q in _workload("")])
+    )
+    token, target = s.analyst.token or "", s.hub.target
+    quoted = ok_json(
+        run_cli(
+            "query",
+            "quote",
+            str(workload),
+            "--agreement",
+            s.agreement_id,
+            "--json",
+            token=token,
+            target=target,
+        )
+    )
+    assert (quoted["costs"], quoted["total"]) == (["0.5", "1", "0.5"], "2")
+    assert len(quoted["plans"]) == 3 and quoted["agreement_id"] == s.agreement_id
+    human = run_cli(
+        "query", "quote", str(workload), "--agreement", s.agreement_id, token=token, target=target
+    )
+    assert human.returncode == 0, human.stderr
+    assert "budget: 5 -> 3" in human.stdout and "query run --quote qt_" in human.stdout
+    ran = ok_json(
+        run_cli("query", "run", "--quote", quoted["quote_id"], "--json", token=token, target=target)
+    )
+    assert [r["release"]["epsilon_spent"] for r in ran["results"]] == ["0.5", "1", "0.5"]
+    assert ran["remaining_epsilon"] == "3" and _spent(s) == 2
+    again = run_cli("query", "run", "--quote", quoted["quote_id"], token=token, target=target)
+    assert "was already run" in one_line_error(again, 2)
+    # The other quote, in human form, then a single query still runs as before.
+    other = ok_json(
+        run_cli(
+            "query",
+            "quote",
+            str(workload),
+            "--agreement",
+            s.agreement_id,
+            "--json",
+            token=token,
+            target=target,
+        )
+    )
+    assert other["replayed"] == [True, True, True] and other["total"] == "0"
+    shown = run_cli("query", "run", "--quote", other["quote_id"], token=token, target=target)
+    assert shown.returncode == 0, shown.stderr
+    assert "3 queries released with one debit" in shown.stdout
+    single = ok_json(
+        run_cli(
+            "query",
+            "run",
+            "--agreement",
+            s.agreement_id,
+            "--agg",
+            "count",
+            "--epsilon",
+            "0.5",
+            "--json",
+            token=token,
+            target=target,
+        )
+    )
+    assert single["release"]["epsilon_spent"] == "0.5"
+
+
+def test_the_cli_refuses_bad_workload_files(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"not": "a list"}')
+    assert "expected a JSON list" in one_line_error(run_cli("query", "quote", str(bad)), 1)
+    sql = tmp_path / "w.sql"
+    sql.write_text("SELECT COUNT(*) FROM panel;")
+    try:
+        import entremise.sdk.sql  # noqa: F401
+    except ImportError:
+        assert "SQL workloads need entremise.sdk.sql" in one_line_error(
+            run_cli("query", "quote", str(sql)), 1
+        )
+    neither = run_cli("query", "run")
+    assert "needs --agreement and --agg (or --quote ID)" in one_line_error(neither, 1)
