@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 from decimal import Decimal
+from itertools import product
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,21 @@ from google.protobuf.json_format import MessageToDict
 
 from entremise.partners import aggregate, query
 from entremise.partners.synthetic import BANK_SCHEMA
+from entremise.privacy.budget import Measure
+from entremise.privacy.mechanisms import mechanism_for
 from entremise.sdk import RPCError, Status
+from entremise.server import testing
+from entremise.server.domain.codec import spec_from_dict
+from entremise.server.domain.models import AggregateKind, NumericColumn, QuerySpec
+from entremise.server.domain.planner import square_divisor
+from entremise.server.domain.releasing import (
+    ALPHA,
+    _mean_cell,
+    _root,
+    _variance_cell,
+    ratio_halfwidth_bound,
+    rows_for,
+)
 from entremise.v1 import query_service_pb2
 from tests.conftest import Scenario
 from tests.test_cli import ok_json, one_line_error, run_cli
@@ -227,3 +242,109 @@ def test_the_cli_refuses_bad_workload_files(tmp_path: Path) -> None:
         )
     neither = run_cli("query", "run")
     assert "needs --agreement and --agg (or --quote ID)" in one_line_error(neither, 1)
+
+
+# -- half-widths of means and variances before release -----------------------------------------
+
+
+@pytest.mark.parametrize("measure", [Measure.PURE, Measure.ZCDP])
+def test_the_preview_bound_holds_for_every_cell_the_release_could_give(measure: Measure) -> None:
+    """Within the release's own 95% event, no data within the bounds exceeds the bound.
+
+    Every noisy total is pushed to the edges of its union-bound interval (and the middle), for
+    cells of all-lower, all-upper and mixed values at each previewed row count.
+    """
+    column = NumericColumn("amount", -50.0, 300.0, 0.01)
+    share = measure.loss_type.parse("0.3")
+    rows_l1 = 12
+    mean_mechs = [
+        mechanism_for(
+            measure, rows_l1 * column.max_units, float(rows_l1 * column.max_units), share
+        ),
+        mechanism_for(measure, rows_l1, float(rows_l1), share),
+    ]
+    q = square_divisor(column)
+    sq_units = column.max_units**2 // q
+    var_mechs = [
+        mean_mechs[0],
+        mechanism_for(measure, rows_l1 * sq_units, float(rows_l1 * sq_units), share),
+        mean_mechs[1],
+    ]
+    mean_bound = ratio_halfwidth_bound(AggregateKind.MEAN, mean_mechs, column)
+    var_bound = ratio_halfwidth_bound(AggregateKind.VARIANCE, var_mechs, column)
+    sd_bound = ratio_halfwidth_bound(AggregateKind.STDDEV, var_mechs, column)
+    a_mean = [m.ci_halfwidth(ALPHA / 2) for m in mean_mechs]
+    a_var = [m.ci_halfwidth(ALPHA / 3) for m in var_mechs]
+    res = column.resolution
+    for rows in (100, 1_000, 10_000, 100_000):
+        assert mean_bound(rows) >= mean_bound(rows * 10)  # decreasing in the row count
+        for upper_share in (0.0, 0.3, 0.5, 1.0):
+            uppers = round(rows * upper_share)
+            values = [column.upper] * uppers + [column.lower] * (rows - uppers)
+            total = round(sum(values) / res)
+            squares = round(sum(v * v for v in values) / (res * res * q))
+            for e_sum, e_rows in product((-1, 0, 1), repeat=2):
+                _, width = _mean_cell(
+                    total + int(e_sum * a_mean[0]),
+                    rows + int(e_rows * a_mean[1]),
+                    mean_mechs[0],
+                    mean_mechs[1],
+                    column,
+                )
+                assert width is None or width <= mean_bound(rows), (rows, upper_share)
+            for e_sum, e_sq, e_rows in product((-1, 0, 1), repeat=3):
+                variance, width = _variance_cell(
+                    (
+                        total + int(e_sum * a_var[0]),
+                        squares + int(e_sq * a_var[1]),
+                        rows + int(e_rows * a_var[2]),
+                    ),
+                    var_mechs,
+                    column,
+                )
+                assert width is None or width <= var_bound(rows), (rows, upper_share)
+                _, root_width = _root(variance, width)
+                assert root_width is None or root_width <= sd_bound(rows), (rows, upper_share)
+    target = mean_bound(1_000)
+    needed = rows_for(mean_bound, target)
+    assert needed <= 1_000 and mean_bound(needed) <= target < mean_bound(needed - 1)
+
+
+def test_a_quote_states_the_half_width_of_a_mean_at_each_row_count(scenario: Scenario) -> None:
+    """The quote's figure at r rows bounds the released half-width of every cell of >= 2r rows.
+
+    The bound decreases with the rows (it roughly halves when they double), so a cell of n >= 2r
+    rows can exceed the figure at r only if its noise falls far outside the release's 95% event.
+    """
+    s = scenario
+    mean = query(
+        s.agreement_id,
+        "1",
+        [aggregate("mean", "panel.amount")],
+        group_by=["panel.category"],
+    )
+    quoted = s.analyst.quote([mean])
+    plan = quoted.plans[0].aggregates[0]
+    at_rows = dict(plan.ci95_at_rows)
+    assert sorted(at_rows) == [100, 1_000, 10_000, 100_000]
+    assert at_rows[100] > at_rows[1_000] > at_rows[10_000] > at_rows[100_000] > 0
+    assert plan.ci95_halfwidth is None and "at most" in plan.accuracy_note
+    domain = s.hub.running.hub
+    spec = domain.quotes.store.find_quote(quoted.quote_id)
+    assert spec is not None
+    [released] = s.analyst.run_quote(quoted.quote_id)
+    exact_plan = testing.plan(domain, _domain_spec(spec.document))
+    value_rows = testing.exact_aggregates(domain, exact_plan).value_rows["panel.amount"]
+    cells = released.release.results[0].cells
+    checked = 0
+    for cell, rows in zip(cells, value_rows, strict=True):
+        grid = [r for r in at_rows if 2 * r <= rows]
+        if cell.ci95_halfwidth is None or not grid:
+            continue
+        assert cell.ci95_halfwidth <= at_rows[max(grid)], (rows, cell)
+        checked += 1
+    assert checked >= 3
+
+
+def _domain_spec(document: str) -> QuerySpec:
+    return spec_from_dict(json.loads(document)["queries"][0])

@@ -532,6 +532,11 @@ def _preview_to_proto(p: AggregatePreview) -> query_service_pb2.AggregatePlan:
         sensitivity=p.sensitivity,
         count_noise_scale=p.count_noise_scale,
         accuracy_note=p.accuracy_note,
+        ci95_at_rows=[
+            query_service_pb2.HalfwidthAtRows(rows=rows, ci95_halfwidth=width)
+            for rows, width in p.ci95_at_rows
+        ],
+        rows_for_target=p.rows_for_target,
     )
     if p.ci95_halfwidth is not None:
         msg.ci95_halfwidth = p.ci95_halfwidth

@@ -97,6 +97,8 @@ def _preview_to_dict(p: AggregatePreview) -> dict[str, Any]:
         "ci95_halfwidth": p.ci95_halfwidth,
         "count_noise_scale": p.count_noise_scale,
         "accuracy_note": p.accuracy_note,
+        "ci95_at_rows": [[rows, width] for rows, width in p.ci95_at_rows],
+        "rows_for_target": p.rows_for_target,
     }
 
 
@@ -138,6 +140,8 @@ def summary_from_dict(d: dict[str, Any]) -> PlanSummary:
                 a["ci95_halfwidth"],
                 a["count_noise_scale"],
                 a["accuracy_note"],
+                tuple((int(r), float(w)) for r, w in a.get("ci95_at_rows", ())),
+                int(a.get("rows_for_target", 0)),
             )
             for a in d["aggregates"]
         ),

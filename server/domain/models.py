@@ -742,6 +742,10 @@ class AggregatePreview:
     ci95_halfwidth: float | None
     count_noise_scale: float
     accuracy_note: str
+    # Means, variances, stddevs: (rows, upper bound on the 95% half-width of a cell of that many
+    # rows), from public inputs only; and the fewest rows meeting the target (0: no target).
+    ci95_at_rows: tuple[tuple[int, float], ...] = ()
+    rows_for_target: int = 0
 
 
 @dataclass(frozen=True)
