@@ -22,12 +22,14 @@ from entremise.cli import analyst
 from entremise.cli._common import (
     DEFAULT_TARGET,
     JsonOption,
+    QuietOption,
     TargetOption,
     TokenOption,
     connect,
     fail,
     friendly_errors,
     print_json,
+    quiet_or_json,
     to_dict,
 )
 from entremise.cli.output import approx, console, print_table, table, text_column
@@ -113,14 +115,23 @@ def quote(
     target: TargetOption = DEFAULT_TARGET,
     token: TokenOption = "",
     json_out: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
-    """Price a workload of several queries (cost, 95% half-widths); spends nothing."""
+    """Price a workload of several queries (cost, 95% half-widths); spends nothing.
+
+    With --quiet, prints only the quote's id, for scripts:
+    QUOTE=$(entremise query quote workload.json --agreement AG -q)
+    """
+    quiet_or_json(quiet, json_out)
     with friendly_errors():
         queries = load_workload(file)
     with connect(target, token) as client, friendly_errors():
         quoted = client.quote(queries, agreement_id=agreement)
     if json_out:
         print_json(to_dict(quoted.raw))
+        return
+    if quiet:
+        print(quoted.quote_id)
         return
     _print_quote(quoted)
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import timedelta
 from decimal import Decimal
 from itertools import product
@@ -30,7 +33,7 @@ from entremise.server.domain.releasing import (
 )
 from entremise.v1 import query_service_pb2
 from tests.conftest import Scenario
-from tests.test_cli import ok_json, one_line_error, run_cli
+from tests.test_cli import _clean_env, ok_json, one_line_error, run_cli
 
 
 def _workload(ag: str) -> list[query_service_pb2.Query]:
@@ -348,3 +351,31 @@ def test_a_quote_states_the_half_width_of_a_mean_at_each_row_count(scenario: Sce
 
 def _domain_spec(document: str) -> QuerySpec:
     return spec_from_dict(json.loads(document)["queries"][0])
+
+
+def test_the_readme_quote_block_runs_as_written(scenario: Scenario, tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n### Quoted workloads\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    env = {
+        "AG": scenario.agreement_id,
+        "ANALYST": scenario.analyst.token or "",
+        "ENTREMISE_TARGET": scenario.hub.target,
+        "ENTREMISE_WITNESS_DIR": str(tmp_path / "witness"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block],
+        cwd=tmp_path,
+        env={**_clean_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    flat = " ".join(done.stdout.split())
+    assert "total: epsilon 1" in flat and "budget: 5 -> 4" in flat, flat
+    assert "at 1,000 rows" in flat, flat
+    assert "3 queries released with one debit; remaining 4" in flat, flat
+    assert _spent(scenario) == 1
