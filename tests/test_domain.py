@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -44,6 +44,7 @@ from entremise.server.domain.models import (
     QuerySpec,
     Role,
 )
+from entremise.server.domain.quotes import _available
 from entremise.server.engine import DuckDBEngine
 from entremise.server.files import SealedDatasetFiles
 from entremise.server.store.memory import MemoryStore
@@ -514,3 +515,18 @@ def test_a_quote_is_its_analysts_alone_and_expires(active: Parties) -> None:
     with pytest.raises(FailedPreconditionError, match="expired at"):
         hub.quotes.run(active.analyst, expired.quote_id)
     assert hub.agreements.budget(ag).spent == Epsilon.zero()
+
+
+def test_what_an_analyst_may_spend_counts_her_cap_before_her_first_release(
+    active: Parties,
+) -> None:
+    hub, ag = active.hub, active.agreement_id
+    context = hub.store.query_context(ag)
+    capped = replace(context.agreement, analyst_budget=Epsilon.parse("0.2"))
+    me = active.analyst.principal_id
+    assert _available(context.budget, capped, me) == Epsilon.parse("0.2")  # nothing spent yet
+    assert _available(context.budget, context.agreement, me) == Epsilon.parse("1")
+    hub.queries.run(active.analyst, _count(ag, "0.15"))
+    budget = hub.store.query_context(ag).budget
+    assert _available(budget, capped, me) == Epsilon.parse("0.05")
+    assert _available(budget, context.agreement, me) == Epsilon.parse("0.85")

@@ -29,6 +29,7 @@ from entremise.server.domain.errors import (
 )
 from entremise.server.domain.ids import new_id, now
 from entremise.server.domain.models import (
+    Agreement,
     BudgetState,
     PlanSummary,
     Principal,
@@ -128,7 +129,7 @@ class Quotes:
         costs = tuple(zero if r else p.epsilon for p, r in zip(plans, replayed, strict=True))
         total = sum(costs, start=zero)
         delta = sum(p.delta_units for p, r in zip(plans, replayed, strict=True) if not r)
-        available = _available(context.budget, caller.principal_id)
+        available = _available(context.budget, context.agreement, caller.principal_id)
         if total > available:
             self._refused(caller, context.agreement.agreement_id, "budget_exhausted", total, delta)
             raise _short(total, available, len(specs))
@@ -229,7 +230,7 @@ class Quotes:
                 f"quote {quote_id!r} no longer holds: {'; '.join(changed)}; nothing was spent, "
                 "ask for a new quote"
             )
-        reserved, after, paid = self._reserve(caller, quote, specs, plans, previous, context.budget)
+        reserved, after, paid = self._reserve(caller, quote, specs, plans, previous, context)
         releases: list[Release] = []
         for plan, key, earlier, held in zip(plans, keys, previous, reserved, strict=True):
             if earlier is not None:
@@ -257,11 +258,12 @@ class Quotes:
         specs: list[QuerySpec],
         plans: list[QueryPlan],
         previous: list[Release | None],
-        budget: BudgetState,
+        context: QueryContext,
     ) -> tuple[list[Release | None], BudgetState, PrivacyLoss]:
         """One all-or-nothing debit of every release the workload still has to pay for."""
+        budget, agreement = context.budget, context.agreement
         created = now()
-        remaining = _available(budget, caller.principal_id)
+        remaining = _available(budget, agreement, caller.principal_id)
         reserved: list[Release | None] = []
         for spec, plan, earlier in zip(specs, plans, previous, strict=True):
             if earlier is not None:
@@ -293,8 +295,12 @@ class Quotes:
             self._refused(
                 caller, quote.agreement_id, "budget_exhausted", total, delta, quote.quote_id
             )
-            now_budget = self.store.get_budget(quote.agreement_id)
-            raise _short(total, _available(now_budget, caller.principal_id), len(specs)) from None
+            left = _available(
+                self.store.get_budget(quote.agreement_id), agreement, caller.principal_id
+            )
+            if total <= left:  # the delta is what is short: the store's message says so
+                raise
+            raise _short(total, left, len(specs)) from None
         # State the budget as it was just before this transaction, then each query's share.
         left = after.remaining + total
         for i, held in enumerate(reserved):
@@ -382,13 +388,15 @@ def _plans(context: QueryContext, specs: list[QuerySpec]) -> list[QueryPlan]:
     return plans
 
 
-def _available(budget: BudgetState, analyst_id: str) -> PrivacyLoss:
-    """What this analyst may still spend: the agreement's remainder, within the analyst's cap."""
-    remaining = budget.remaining
-    for spend in budget.analysts:
-        if spend.analyst_id == analyst_id and spend.cap - spend.spent < remaining:
-            return spend.cap - spend.spent
-    return remaining
+def _available(budget: BudgetState, agreement: Agreement, analyst_id: str) -> PrivacyLoss:
+    """What this analyst may still spend: the agreement's remainder, within the analyst's cap.
+
+    An analyst who has spent nothing yet is not among the budget's analysts: her cap is whole.
+    """
+    loss = type(budget.total)
+    spent = next((a.spent.micros for a in budget.analysts if a.analyst_id == analyst_id), 0)
+    own = loss(max(agreement.analyst_cap.micros - spent, 0))
+    return min(budget.remaining, own)
 
 
 def _short(total: PrivacyLoss, available: PrivacyLoss, queries: int) -> BudgetExhaustedError:
