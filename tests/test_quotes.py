@@ -66,6 +66,9 @@ def test_a_quote_is_free_and_its_run_debits_the_quoted_total_once(scenario: Scen
     kinds = [e.kind for e in s.officer.audit_log().events]
     assert kinds.count("quote") == 1 and kinds.count("quote_run") == 1
     assert kinds.count("release") == 3
+    # The agreement's partners see the quote and its run in their own view of the log.
+    seen = [e.kind for e in s.bank_client.audit_log().events if e.subject_id == s.agreement_id]
+    assert {"quote", "quote_run", "release"} <= set(seen)
     # Cells come as a single run gives them: a mean per category, with its interval.
     mean = results[1].release.results[0]
     assert len(mean.cells) == 6 and all(c.ci95_halfwidth for c in mean.cells if c.value)
