@@ -11,6 +11,7 @@ hang (deadline), or a message leaking a stack trace. Prints one JSON document.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import tempfile
 import time
@@ -24,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from entremise.partners.prepare import PrepareError, build_upload_table, read_table
-from entremise.partners.schema import Categorical, Consent, Numeric, UploadSchema
+from entremise.partners.schema import Categorical, Consent, Date, Numeric, UploadSchema
 from entremise.v1 import (
     admin_service_pb2,
     agreement_service_pb2,
@@ -77,26 +78,26 @@ decimals = st.one_of(
 small = st.integers(min_value=-5, max_value=2**31 - 1)
 
 
+def _column(
+    name: str, kind: int, lo: float, hi: float, res: float, cats: list[str], length: int
+) -> common_pb2.ColumnSchema:
+    if kind == 0:
+        numeric = common_pb2.NumericColumn(lower=float(lo), upper=float(hi), resolution=float(res))
+        return common_pb2.ColumnSchema(name=name, numeric=numeric)
+    if kind == 1:
+        return common_pb2.ColumnSchema(
+            name=name, categorical=common_pb2.CategoricalColumn(categories=cats)
+        )
+    if kind == 2:
+        return common_pb2.ColumnSchema(name=name, text=common_pb2.TextColumn(max_length=length))
+    bounds = [*cats, "2026-01-01", "2026-12-31"][:2]  # hostile text, or a sound pair
+    date = common_pb2.DateColumn(lower=bounds[0], upper=bounds[-1], timestamp=length % 2 == 0)
+    return common_pb2.ColumnSchema(name=name, date=date)
+
+
 def _schema() -> st.SearchStrategy[common_pb2.DatasetSchema]:
     column = st.builds(
-        lambda name, kind, lo, hi, res, cats, length: (
-            common_pb2.ColumnSchema(
-                name=name,
-                numeric=common_pb2.NumericColumn(
-                    lower=float(lo), upper=float(hi), resolution=float(res)
-                ),
-            )
-            if kind == 0
-            else common_pb2.ColumnSchema(
-                name=name, categorical=common_pb2.CategoricalColumn(categories=cats)
-            )
-            if kind == 1
-            else common_pb2.ColumnSchema(name=name, text=common_pb2.TextColumn(max_length=length))
-            if kind == 2
-            else common_pb2.ColumnSchema(
-                name=name, date=common_pb2.DateColumn(lower=cats[0] if cats else "", upper=str(lo))
-            )
-        ),
+        _column,
         names,
         st.integers(0, 4),
         numbers,
@@ -483,7 +484,21 @@ def fuzz_hub(
 
 
 SCHEMA = UploadSchema(
-    {"email": "email"}, {"p": Consent("ok")}, {"c": Categorical(("a", "b")), "x": Numeric(0, 10, 1)}
+    {"email": "email"},
+    {"p": Consent("ok")},
+    {
+        "c": Categorical(("a", "b")),
+        "x": Numeric(0, 10, 1),
+        "d": Date("2026-01-01", "2026-12-31", timestamp=True),
+    },
+)
+#: Date cells: text, ISO dates and date-times (naive or in UTC), missing values.
+dates = st.one_of(
+    text,
+    st.dates().map(str),
+    st.datetimes().map(lambda d: d.isoformat()),
+    st.datetimes(timezones=st.just(dt.UTC)),
+    st.none(),
 )
 
 
@@ -511,12 +526,13 @@ def fuzz_readers(examples: int) -> dict[str, Any]:
                     st.one_of(text, st.booleans()),
                     text,
                     st.one_of(numbers, text),
+                    dates,
                 ),
                 max_size=30,
             )
         )
-        def frames(rows: list[tuple[Any, Any, Any, Any]]) -> None:
-            frame = pd.DataFrame(rows, columns=["email", "ok", "c", "x"])
+        def frames(rows: list[tuple[Any, Any, Any, Any, Any]]) -> None:
+            frame = pd.DataFrame(rows, columns=["email", "ok", "c", "x", "d"])
             _read(lambda: build_upload_table(frame, SCHEMA, b"k" * 32), counts, crashes)
 
         @config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from entremise.cli import agreement, analyst, compliance, operator, partner, quotes
+from entremise.cli import agreement, analyst, compliance, operator, partner, quotes, sql
 
 # Each command lives in the module of the persona who runs it: the hub operator (operator), a
 # partner (partner), an analyst (analyst), a compliance officer (compliance); agreements
@@ -57,6 +57,7 @@ query_app = _group("query", "Analysts: preview and run private aggregates.")
 query_app.command("preview")(analyst.preview)
 query_app.command("run")(quotes.run)  # a query, or a quoted workload (--quote)
 query_app.command("quote")(quotes.quote)
+query_app.command("sql")(sql.sql)
 
 budget_app = _group("budget", "Compliance: privacy budgets.")
 budget_app.command("show")(compliance.budget_show)

@@ -3,15 +3,15 @@
 The quote is free; the run is one all-or-nothing debit of the quoted total.
 
 FILE is a JSON list of queries in the API's JSON form (the `Query` message of
-proto/entremise/v1/query_service.proto, as `--json` prints plans), or a `.sql` file of SQL
-statements separated by `;` (translated by `entremise.sdk.sql`).
+proto/entremise/v1/query_service.proto), or a `.sql` file of SELECTs separated by `;`, each
+translated by `entremise.sdk.sql` and given `--epsilon` (or `--rho`).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from google.protobuf import json_format
@@ -33,18 +33,22 @@ from entremise.cli._common import (
     to_dict,
 )
 from entremise.cli.output import approx, console, print_table, table, text_column
-from entremise.sdk import AggregatePlan, QueryPlan, QueryResult, Quote
+from entremise.sdk import AggregatePlan, Client, QueryPlan, QueryResult, Quote
+from entremise.sdk.query import QueryError
 from entremise.v1 import query_service_pb2
 
 #: The row count at which a mean's (or variance's) half-width is shown in the quote's table.
 SHOWN_ROWS = 1000
 
 
-def load_workload(path: Path) -> list[query_service_pb2.Query]:
-    """The queries of a workload file: JSON (a list, or {"queries": [...]}) or `.sql`."""
+def load_workload(path: Path) -> list[query_service_pb2.Query] | list[str]:
+    """A workload file: queries from JSON (a list, or {"queries": [...]}), or SQL statements."""
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".sql":
-        return _sql_workload(text)
+        statements = [s.strip() for s in text.split(";") if s.strip()]
+        if not statements:
+            raise ValueError(f"{path}: holds no SQL statement")
+        return statements
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -62,19 +66,27 @@ def load_workload(path: Path) -> list[query_service_pb2.Query]:
     return queries
 
 
-def _sql_workload(text: str) -> list[query_service_pb2.Query]:
+def _sql_queries(
+    client: Client, statements: list[str], agreement: str, epsilon: str, rho: str, delta: str
+) -> list[query_service_pb2.Query]:
+    """Each SELECT translated (entremise.sdk.sql) and bound to the agreement and its budget."""
     try:
-        from entremise.sdk.sql import translate  # type: ignore[import-not-found,unused-ignore]
+        import entremise.sdk.sql  # noqa: F401  (the translator: sqlglot, loaded only for SQL)
     except ImportError:
         raise ValueError("SQL workloads need entremise.sdk.sql") from None
-    queries: list[query_service_pb2.Query] = []
-    for statement in (s.strip() for s in text.split(";")):
-        if statement:
-            translated: Any = translate(statement)
-            for q in translated if isinstance(translated, (list, tuple)) else [translated]:
-                queries.append(q.build() if hasattr(q, "build") else q)
-    if not queries:
-        raise ValueError("the SQL file holds no statement")
+    queries = []
+    for i, statement in enumerate(statements, 1):
+        try:
+            request = client.sql_request(
+                statement,
+                epsilon=epsilon or None,
+                rho=rho or None,
+                delta=delta or None,
+                agreement_id=agreement,
+            )
+        except QueryError as exc:
+            raise ValueError(f"statement {i}: {exc}") from None
+        queries.append(request.message)
     return queries
 
 
@@ -112,6 +124,11 @@ def quote(
     agreement: Annotated[
         str, typer.Option("--agreement", help="Agreement id, for queries that name none.")
     ] = "",
+    epsilon: Annotated[
+        str, typer.Option(help="Epsilon of each SQL statement (a .sql workload only).")
+    ] = "",
+    rho: Annotated[str, typer.Option(help="Rho of each SQL statement (zCDP agreements).")] = "",
+    delta: analyst.DeltaOpt = "",
     target: TargetOption = DEFAULT_TARGET,
     token: TokenOption = "",
     json_out: JsonOption = False,
@@ -119,13 +136,24 @@ def quote(
 ) -> None:
     """Price a workload of several queries (cost, 95% half-widths); spends nothing.
 
-    With --quiet, prints only the quote's id, for scripts:
+    FILE is a JSON list of queries in the API's form, or a .sql file of SELECTs separated by
+    `;` (each given --epsilon, or --rho). With --quiet, prints only the quote's id, for scripts:
     QUOTE=$(entremise query quote workload.json --agreement AG -q)
     """
     quiet_or_json(quiet, json_out)
     with friendly_errors():
-        queries = load_workload(file)
+        workload = load_workload(file)
+        sql = all(isinstance(w, str) for w in workload)
+        if (epsilon or rho or delta) and not sql:
+            raise ValueError("--epsilon, --rho and --delta apply to .sql workloads only")
+        if sql and not epsilon and not rho:
+            raise ValueError("a .sql workload needs --epsilon (or --rho): each statement's budget")
     with connect(target, token) as client, friendly_errors():
+        if sql:
+            statements = [w for w in workload if isinstance(w, str)]
+            queries = _sql_queries(client, statements, agreement, epsilon, rho, delta)
+        else:
+            queries = [w for w in workload if not isinstance(w, str)]
         quoted = client.quote(queries, agreement_id=agreement)
     if json_out:
         print_json(to_dict(quoted.raw))

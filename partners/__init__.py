@@ -19,7 +19,7 @@ from entremise.partners.keys import (
 )
 from entremise.partners.prepare import PlaceholderReport
 from entremise.partners.pseudonymise import Pseudonymiser
-from entremise.partners.schema import Categorical, Consent, Numeric, Text, UploadSchema
+from entremise.partners.schema import Categorical, Consent, Date, Numeric, Text, UploadSchema
 
 if TYPE_CHECKING:
     from entremise.sdk.client import Client, PreparedUpload, TLSConfig, UploadResult
@@ -44,6 +44,7 @@ __all__ = [
     "Categorical",
     "Client",
     "Consent",
+    "Date",
     "EntremiseRPCError",
     "MatchingKeyError",
     "Numeric",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import io
 from collections import Counter
@@ -21,7 +22,7 @@ from entremise.partners.pseudonymise import (
     ScreenedColumn,
     looks_like_raw_identifier,
 )
-from entremise.partners.schema import Categorical, Numeric, Text, UploadSchema
+from entremise.partners.schema import ColumnSpec, Date, Numeric, UploadSchema
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -33,6 +34,12 @@ PROGRESS_ROWS = 100_000
 RAW_IDENTIFIER_SAMPLE = 10_000
 _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f"}
+#: An ISO 8601 date, optionally with a time and a zone ("2026-03" or "20260314" are not dates).
+_ISO_INSTANT = (
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
+    r"([T ][0-9]{2}(:[0-9]{2}(:[0-9]{2}([.,][0-9]{1,9})?)?)?)?"
+    r"(Z|[+-][0-9]{2}(:?[0-9]{2})?)?"
+)
 
 
 #: A progress report: (step, done, total). `step` names the work in plain words ("reading
@@ -162,6 +169,49 @@ def _expiry(series: pd.Series, column: str) -> pa.Array:
     return pa.array(parsed, pa.timestamp("us", tz="UTC"), from_pandas=True)
 
 
+def _dates(series: pd.Series, column: str, spec: Date) -> pa.Array:
+    """A date column as date32, or a timestamp column as naive UTC timestamp[us].
+
+    Read from ISO 8601 text (a date, optionally a time and a zone), dates or timestamps: a zoned
+    value is converted to UTC, a naive one is taken as UTC, and a date column keeps the UTC day.
+    Empty cells are missing values; values outside the declared bounds are sent (the hub leaves
+    them out of date groupings). A value that is none of these is refused, naming its rows.
+    """
+    if isinstance(series.dtype, pd.DatetimeTZDtype):
+        parsed = series.dt.tz_convert("UTC")
+    elif pd.api.types.is_datetime64_dtype(series.dtype):
+        parsed = series.dt.tz_localize("UTC")
+    else:
+        if series.dtype == object:  # a Parquet file's dates, or mixed values
+            series = series.map(_iso_text, na_action="ignore")
+        text = series.astype("string").str.strip()
+        text = text.where(text != "", None)
+        shaped = text.str.fullmatch(_ISO_INSTANT).fillna(False).astype(bool)
+        parsed = pd.to_datetime(
+            text.where(shaped, None), utc=True, errors="coerce", format="ISO8601"
+        )
+        bad = parsed.isna().to_numpy() & text.notna().to_numpy()
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            shown = ", ".join(str(r + 1) for r in rows[:5])
+            what = "dates or timestamps" if spec.timestamp else "dates"
+            raise PrepareError(
+                f"date column {column!r} has {len(rows)} values that are not ISO 8601 {what} "
+                f"(data rows {shown}{', ...' if len(rows) > 5 else ''})"
+            )
+    instants = pa.array(parsed.dt.tz_localize(None), pa.timestamp("us"), from_pandas=True)
+    if spec.timestamp:
+        return instants
+    return pc.cast(instants, options=pc.CastOptions(pa.date32(), allow_time_truncate=True))
+
+
+def _iso_text(value: object) -> object:
+    """Dates and datetimes (a Parquet file's) as ISO text, so that one parser reads them all."""
+    if isinstance(value, dt.date):  # datetime included, with its offset if it has one
+        return value.isoformat()
+    return value
+
+
 def build_upload_table(
     frame: pd.DataFrame, schema: UploadSchema, key: bytes, *, default_region: str = "FR"
 ) -> pa.Table:
@@ -286,10 +336,10 @@ def _key_columns(
     return arrays, reports
 
 
-def _declared_column(series: pd.Series, name: str, spec: Numeric | Categorical | Text) -> pa.Array:
+def _declared_column(series: pd.Series, name: str, spec: ColumnSpec) -> pa.Array:
     """A declared column as sent, refused if it still looks like raw identifiers."""
-    raw = looks_like_raw_identifier(
-        series.head(RAW_IDENTIFIER_SAMPLE).tolist(), numeric=isinstance(spec, Numeric)
+    raw = looks_like_raw_identifier(  # digits and dashes: only dialling prefixes tell a phone
+        series.head(RAW_IDENTIFIER_SAMPLE).tolist(), numeric=isinstance(spec, Numeric | Date)
     )
     if raw:
         raise PrepareError(
@@ -298,6 +348,8 @@ def _declared_column(series: pd.Series, name: str, spec: Numeric | Categorical |
         )
     if isinstance(spec, Numeric):
         return _numbers(series, name)
+    if isinstance(spec, Date):
+        return _dates(series, name, spec)
     if series.isna().any():
         raise PrepareError(
             f"categorical column {name!r} has {int(series.isna().sum())} empty values"

@@ -9,7 +9,8 @@ Example::
       "columns": {
         "segment": {"categories": ["mass", "affluent", "private"]},
         "investable_assets": {"lower": 0, "upper": 2000000, "resolution": 1},
-        "shop": {"kind": "text", "max_length": 40}
+        "shop": {"kind": "text", "max_length": 40},
+        "opened_on": {"kind": "date", "lower": "2000-01-01", "upper": "2026-12-31"}
       }
     }
 
@@ -20,6 +21,7 @@ both sides report a problem as the same line naming its JSON path and column.
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import functools
 import json
@@ -75,6 +77,21 @@ class Text:
 
 
 @dataclass(frozen=True)
+class Date:
+    """Public, inclusive bounds (ISO dates, YYYY-MM-DD) of a date or UTC timestamp column.
+
+    Values outside the bounds are kept, and left out of date groupings by the hub.
+    """
+
+    lower: str
+    upper: str
+    timestamp: bool = False
+
+
+ColumnSpec = Numeric | Categorical | Text | Date
+
+
+@dataclass(frozen=True)
 class Consent:
     """Consent column of one purpose, with an optional expiry (date/timestamp) column."""
 
@@ -88,7 +105,7 @@ class UploadSchema:
 
     keys: dict[str, str]  # column -> "email" | "phone"
     consents: dict[str, Consent]  # purpose -> consent column(s)
-    columns: dict[str, Numeric | Categorical | Text] = field(default_factory=dict)
+    columns: dict[str, ColumnSpec] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.keys:
@@ -113,10 +130,14 @@ class UploadSchema:
                 consents[purpose] = Consent(spec)
             else:
                 consents[purpose] = Consent(spec["column"], spec.get("expiry", ""))
-        columns: dict[str, Numeric | Categorical | Text] = {}
+        columns: dict[str, ColumnSpec] = {}
         for name, spec in data.get("columns", {}).items():
             kind = _column_kind(spec)
-            if kind == "text":
+            if kind == "date":
+                columns[name] = Date(
+                    str(spec["lower"]), str(spec["upper"]), bool(spec.get("timestamp", False))
+                )
+            elif kind == "text":
                 columns[name] = Text(int(spec.get("max_length", DEFAULT_MAX_LENGTH)))
             elif kind == "categorical":
                 columns[name] = Categorical(tuple(spec["categories"]))
@@ -147,7 +168,11 @@ class UploadSchema:
         """The JSON form."""
         columns: dict[str, Any] = {}
         for name, spec in self.columns.items():
-            if isinstance(spec, Text):
+            if isinstance(spec, Date):
+                columns[name] = {"kind": "date", "lower": spec.lower, "upper": spec.upper}
+                if spec.timestamp:
+                    columns[name]["timestamp"] = True
+            elif isinstance(spec, Text):
                 columns[name] = {"kind": "text", "max_length": spec.max_length}
             elif isinstance(spec, Categorical):
                 columns[name] = {"categories": list(spec.categories)}
@@ -183,7 +208,14 @@ class UploadSchema:
                 purpose=purpose, column=consent.column, expiry_column=consent.expiry_column
             )
         for name, spec in self.columns.items():
-            if isinstance(spec, Text):
+            if isinstance(spec, Date):
+                msg.columns.add(
+                    name=name,
+                    date=common_pb2.DateColumn(
+                        lower=spec.lower, upper=spec.upper, timestamp=spec.timestamp
+                    ),
+                )
+            elif isinstance(spec, Text):
                 msg.columns.add(name=name, text=common_pb2.TextColumn(max_length=spec.max_length))
             elif isinstance(spec, Categorical):
                 msg.columns.add(
@@ -217,7 +249,8 @@ class UploadSchema:
 
 # -- checking schema documents against the published JSON Schema ------------------------------
 
-COLUMN_KINDS = ("numeric", "categorical", "text")
+COLUMN_KINDS = ("numeric", "categorical", "text", "date")
+_ISO_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TYPE_NAMES = {
     "object": "an object",
@@ -244,6 +277,8 @@ _REQUIRED_HINTS = {
     ("consents", "column"): "the consent column",
     ("columns", "lower"): "numeric columns declare lower and upper",
     ("columns", "upper"): "numeric columns declare lower and upper",
+    ("date", "lower"): "date columns declare lower and upper, as YYYY-MM-DD",
+    ("date", "upper"): "date columns declare lower and upper, as YYYY-MM-DD",
 }
 _MAX_DEPTH = 8  # deeper than any valid schema file: no need to look for repeated keys there
 
@@ -423,7 +458,7 @@ def _must_be_one_of(value: object, options: Sequence[object]) -> str:
 
 #: Every key a column may hold, whatever its kind: a typo in the key that picks the kind
 #: ("categores") makes the column read as numeric, so suggestions look at all of them.
-_COLUMN_KEYS = ("kind", "lower", "upper", "resolution", "categories", "max_length")
+_COLUMN_KEYS = ("kind", "lower", "upper", "resolution", "categories", "max_length", "timestamp")
 
 
 def _unknown_keys(instance: dict[str, Any], schema: dict[str, Any], also: Sequence[str]) -> str:
@@ -447,9 +482,11 @@ def _missing(path: JsonPath, name: str, instance: dict[str, Any]) -> str:
     section = path[0] if path else ""
     if section == "columns" and not instance:
         return (
-            "empty column: declare 'lower' and 'upper' (numeric), 'categories' (categorical) "
-            "or 'kind': 'text'"
+            "empty column: declare 'lower' and 'upper' (numeric), 'categories' (categorical), "
+            "'kind': 'text' or 'kind': 'date'"
         )
+    if section == "columns" and instance.get("kind") == "date":
+        section = "date"
     hint = _REQUIRED_HINTS.get((str(section), name))
     return f"{_show(name)} is required{f' ({hint})' if hint else ''}"
 
@@ -473,6 +510,8 @@ def _explain(error: ValidationError) -> str:
             error.schema if isinstance(error.schema, dict) else {},
             _COLUMN_KEYS if column else (),
         )
+    if keyword == "pattern" and _is_date_bound(path):
+        return _not_a_date(value)
     if keyword == "pattern":
         return f"{_show(value)} is not a valid name ({NAME_RULE})"
     if keyword == "const" and last == "kind":
@@ -482,7 +521,10 @@ def _explain(error: ValidationError) -> str:
     if keyword == "type":
         if len(path) == 2 and path[0] == "consents":
             return f'must be a column name or {{"column": ..., "expiry": ...}} (got {_show(value)})'
-        return f"must be {_TYPE_NAMES.get(str(expected), str(expected))} (got {_show(value)})"
+        hint = ""
+        if _is_date_bound(path) and isinstance(value, str) and _ISO_DAY.match(value):
+            hint = '; a date column declares "kind": "date"'
+        return f"must be {_TYPE_NAMES.get(str(expected), str(expected))} (got {_show(value)}){hint}"
     if keyword == "required":
         missing = next(str(name) for name in expected if name not in value)
         return _missing(path, missing, value)
@@ -517,6 +559,14 @@ def _finite(value: float) -> bool:
         return False
 
 
+def _is_date_bound(path: JsonPath) -> bool:
+    return len(path) == 3 and path[0] == "columns" and path[2] in ("lower", "upper")
+
+
+def _not_a_date(value: object) -> str:
+    return f"must be an ISO date, YYYY-MM-DD (got {_show(value)})"
+
+
 def _semantic_problem(document: dict[str, Any]) -> str | None:
     """What the JSON Schema cannot express, on a document that satisfies it."""
     declared: dict[str, JsonPath] = {}
@@ -546,11 +596,15 @@ def _semantic_problem(document: dict[str, Any]) -> str | None:
                 document, path, f"column {_show(name)} is declared twice (also at {where})"
             )
     for name, spec in columns.items():
-        if _column_kind(spec) == "numeric":
+        kind = _column_kind(spec)
+        problem = None
+        if kind == "numeric":
             problem = _numeric_problem(spec)
-            if problem is not None:
-                field_, text = problem
-                return _line(document, ("columns", name, *field_), text)
+        elif kind == "date":
+            problem = _date_problem(spec)
+        if problem is not None:
+            field_, text = problem
+            return _line(document, ("columns", name, *field_), text)
     return None
 
 
@@ -566,4 +620,17 @@ def _numeric_problem(spec: dict[str, Any]) -> tuple[tuple[str, ...], str] | None
     units = max(abs(lower), abs(upper)) / resolution
     if not math.isfinite(units) or round(units) > MAX_UNITS:
         return (), "bounds / resolution exceed 10^12 units; use a coarser resolution"
+    return None
+
+
+def _date_problem(spec: dict[str, Any]) -> tuple[tuple[str, ...], str] | None:
+    """A real calendar day for each bound (the pattern only checks the form), in order."""
+    days: list[dt.date] = []
+    for name in ("lower", "upper"):
+        try:
+            days.append(dt.date.fromisoformat(spec[name]))
+        except ValueError:
+            return (name,), _not_a_date(spec[name])
+    if days[0] > days[1]:
+        return (), f"lower bound {spec['lower']} is after upper bound {spec['upper']}"
     return None

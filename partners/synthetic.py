@@ -1,5 +1,8 @@
 """Synthetic demo data: a retail bank's clients and a consumer panel's weekly purchases.
 
+Each purchase is also dated within 2026 (`purchased_on`), with a seasonal pattern: travel in
+summer, electronics in November and December, fashion at the January and July sales.
+
 The two files overlap partially (the same people under differently formatted emails), some
 people refused consent or let it expire, the bank knows an email and a phone per client, and
 the panel has several rows per person, so the demo exercises normalisation, identity linking,
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from entremise.partners.schema import Categorical, Consent, Numeric, UploadSchema
+from entremise.partners.schema import Categorical, Consent, Date, Numeric, UploadSchema
 
 PURPOSE = "audience_insights"
 SEGMENTS = ("mass", "affluent", "private")
@@ -22,6 +25,16 @@ WEEKS = 12
 MAX_ROWS_PER_PANELIST = 12
 ASSETS_UPPER = 2_000_000.0
 AMOUNT_UPPER = 300.0
+YEAR = 2026
+#: Relative weight of each month (January first) in each category's purchases, by CATEGORIES.
+SEASONS = {
+    "grocery": (10, 9, 10, 10, 10, 10, 10, 9, 10, 10, 10, 13),
+    "beauty": (8, 12, 9, 9, 10, 9, 9, 8, 9, 9, 11, 16),
+    "electronics": (9, 6, 6, 6, 6, 6, 7, 7, 9, 9, 20, 24),
+    "fashion": (16, 7, 9, 10, 10, 11, 16, 8, 11, 9, 9, 12),
+    "travel": (5, 5, 6, 8, 10, 15, 22, 24, 10, 7, 4, 8),
+    "leisure": (6, 6, 8, 10, 12, 14, 13, 10, 9, 8, 6, 7),
+}
 
 BANK_SCHEMA = UploadSchema(
     keys={"email": "email", "phone": "phone"},
@@ -39,6 +52,7 @@ PANEL_SCHEMA = UploadSchema(
         "week": Categorical(tuple(f"w{w:02d}" for w in range(1, WEEKS + 1))),
         "category": Categorical(CATEGORIES),
         "amount": Numeric(0.0, AMOUNT_UPPER, 0.01),
+        "purchased_on": Date(f"{YEAR}-01-01", f"{YEAR}-12-31"),
     },
 )
 
@@ -112,6 +126,24 @@ def _phones(ids: np.ndarray) -> np.ndarray:
     return np.array(out)
 
 
+def _purchase_dates(categories: np.ndarray, seed: int) -> np.ndarray:
+    """An ISO day of YEAR per purchase, its month drawn from its category's SEASONS.
+
+    A generator of its own (from `seed`), so the other columns are the same as without dates.
+    """
+    rng = np.random.default_rng([seed, YEAR])
+    months = np.zeros(len(categories), dtype=np.int64)
+    for name, weights in SEASONS.items():
+        rows = np.flatnonzero(categories == name)
+        p = np.array(weights, dtype=float) / sum(weights)
+        months[rows] = rng.choice(12, size=len(rows), p=p)
+    starts = np.datetime64(f"{YEAR}-01", "M") + months
+    lengths = ((starts + 1).astype("datetime64[D]") - starts.astype("datetime64[D]")).astype(int)
+    days = starts.astype("datetime64[D]") + (rng.random(len(categories)) * lengths).astype(int)
+    iso: np.ndarray = np.datetime_as_string(days, unit="D")
+    return iso
+
+
 def generate(
     n_bank: int = 200_000, n_panel: int = 50_000, overlap: int = 30_000, seed: int = 7
 ) -> SyntheticData:
@@ -173,6 +205,7 @@ def generate(
             "week": frame["week"],
             "category": frame["category"],
             "amount": frame["amount"],
+            "purchased_on": _purchase_dates(frame["category"].to_numpy(), seed),
             "consent_analytics": frame["consent_analytics"],
             "consent_until": frame["person"].map(until_by_person),
         }

@@ -18,8 +18,10 @@ Calls return frozen dataclasses (`Agreement`, `Budget`, `QueryPlan`, `QueryResul
 `AggregateKind`), each keeping the protobuf message it was read from in `.raw`. Every error it
 raises derives from `EntremiseError`; a refused call is an `RPCError` whose `status` is a
 `Status`. The query builder and the command line's query mini-language live in
-`entremise.sdk.query`. Partner-side tools (schemas, keys, pseudonymisation, synthetic data)
-live in `entremise.partners`.
+`entremise.sdk.query`; one SQL SELECT is translated by `translate` (`entremise.sdk.sql`,
+`Client.sql_preview`, `Client.sql_run`), and `connect` gives a notebook's `Hub`, whose queries
+return pandas DataFrames (`entremise.sdk.notebook`). Partner-side tools (schemas, keys,
+pseudonymisation, synthetic data) live in `entremise.partners`.
 """
 
 from entremise.partners.identity import PartnerKeys, TrustStore
@@ -46,6 +48,7 @@ from entremise.sdk.errors import (
     Status,
     WitnessError,
 )
+from entremise.sdk.notebook import Hub, connect
 from entremise.sdk.query import (
     Query,
     QueryError,
@@ -85,6 +88,7 @@ from entremise.sdk.results import (
     Role,
     Withdrawal,
 )
+from entremise.sdk.sql import PostProcessing, SqlQuery, SqlRefusal, SqlRequest, translate
 from entremise.sdk.subject import SubjectAgreement, SubjectRelease, SubjectReport
 from entremise.sdk.view import ViewCheck, verify_view
 
@@ -110,6 +114,7 @@ __all__ = [
     "EntremiseRPCError",
     "Erasure",
     "HistoryChangedError",
+    "Hub",
     "HubKeyChangedError",
     "IdentifierError",
     "InvalidArgumentError",
@@ -118,6 +123,7 @@ __all__ = [
     "MatchingKeyError",
     "Measure",
     "PartnerKeys",
+    "PostProcessing",
     "PrepareError",
     "PreparedUpload",
     "Principal",
@@ -132,6 +138,9 @@ __all__ = [
     "Release",
     "Role",
     "SchemaError",
+    "SqlQuery",
+    "SqlRefusal",
+    "SqlRequest",
     "Status",
     "SubjectAgreement",
     "SubjectRelease",
@@ -144,8 +153,10 @@ __all__ = [
     "Withdrawal",
     "WitnessError",
     "aggregate",
+    "connect",
     "parse_aggregate",
     "parse_filter",
+    "translate",
     "verify_view",
     "where_in",
     "where_not_in",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -73,6 +73,7 @@ from entremise.sdk.results import (
     Role,
     Withdrawal,
 )
+from entremise.sdk.sql import SqlRequest, bind, processed_result, translate
 from entremise.sdk.subject import SubjectReport, build_subject_report
 from entremise.sdk.witness import (
     WitnessedHead,
@@ -875,6 +876,85 @@ class Client:
             for release, replayed in zip(response.releases, response.replayed, strict=True)
         ]
         return self._witnessed("quote run", results)
+
+    # -- SQL (see entremise.sdk.sql) ----------------------------------------------------------
+
+    def sql_request(
+        self,
+        text: str,
+        *,
+        epsilon: str | float | None = None,
+        rho: str | float | None = None,
+        delta: str | float | None = None,
+        agreement_id: str = "",
+        accuracy: Mapping[str, float] | None = None,
+    ) -> SqlRequest:
+        """Translate one SELECT and bind it to its agreement and budget; nothing is sent yet.
+
+        Without `agreement_id`, the agreement is the caller's one active agreement whose
+        datasets are exactly those named in FROM. `accuracy` maps aggregate names (aliases) to
+        a wanted 95% half-width. Raises `SqlRefusal` (a `QueryError`) in one line.
+        """
+        sql = translate(text)
+        if agreement_id:
+            return bind(
+                sql,
+                (),
+                agreement=self.get_agreement(agreement_id),
+                epsilon=epsilon,
+                rho=rho,
+                delta=delta,
+                accuracy=accuracy,
+            )
+        return bind(
+            sql, self.list_agreements(), epsilon=epsilon, rho=rho, delta=delta, accuracy=accuracy
+        )
+
+    def sql_preview(
+        self,
+        text: str,
+        *,
+        epsilon: str | float | None = None,
+        rho: str | float | None = None,
+        delta: str | float | None = None,
+        agreement_id: str = "",
+        accuracy: Mapping[str, float] | None = None,
+    ) -> QueryPlan:
+        """Cost and expected accuracy of a SELECT (see `sql_request`); spends nothing."""
+        request = self.sql_request(
+            text,
+            epsilon=epsilon,
+            rho=rho,
+            delta=delta,
+            agreement_id=agreement_id,
+            accuracy=accuracy,
+        )
+        return self.preview(request.message)
+
+    def sql_run(
+        self,
+        text: str,
+        *,
+        epsilon: str | float | None = None,
+        rho: str | float | None = None,
+        delta: str | float | None = None,
+        agreement_id: str = "",
+        accuracy: Mapping[str, float] | None = None,
+    ) -> QueryResult:
+        """Run a SELECT (see `sql_request`): its HAVING, ORDER BY and LIMIT act on the cells.
+
+        The result's `results` hold the post-processed cells; its `raw` (and its release's
+        `raw`) keep the full release as the hub gave it.
+        """
+        request = self.sql_request(
+            text,
+            epsilon=epsilon,
+            rho=rho,
+            delta=delta,
+            agreement_id=agreement_id,
+            accuracy=accuracy,
+        )
+        return processed_result(request.sql, self.run(request.message))
 
     # -- witnessing the audit log (see entremise.sdk.witness) ---------------------------------
 

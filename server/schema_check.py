@@ -54,6 +54,11 @@ def _column(col: common_pb2.ColumnSchema) -> dict[str, Any]:
         if col.text.max_length:
             text["max_length"] = col.text.max_length
         return text
+    if which == "date":
+        date: dict[str, Any] = {"kind": "date", "lower": col.date.lower, "upper": col.date.upper}
+        if col.date.timestamp:
+            date["timestamp"] = True
+        return date
     return {}  # no kind at all: reported as an empty column declaration
 
 

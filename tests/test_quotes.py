@@ -239,13 +239,13 @@ def test_the_cli_refuses_bad_workload_files(tmp_path: Path) -> None:
     bad.write_text('{"not": "a list"}')
     assert "expected a JSON list" in one_line_error(run_cli("query", "quote", str(bad)), 1)
     sql = tmp_path / "w.sql"
-    sql.write_text("SELECT COUNT(*) FROM panel;")
-    try:
-        import entremise.sdk.sql  # noqa: F401
-    except ImportError:
-        assert "SQL workloads need entremise.sdk.sql" in one_line_error(
-            run_cli("query", "quote", str(sql)), 1
-        )
+    sql.write_text("SELECT COUNT(*) FROM bank JOIN panel;")
+    assert "needs --epsilon (or --rho)" in one_line_error(run_cli("query", "quote", str(sql)), 1)
+    good = tmp_path / "good.json"
+    good.write_text('[{"aggregates": [{"kind": "AGGREGATE_KIND_COUNT"}], "epsilon": "1"}]')
+    assert "apply to .sql workloads only" in one_line_error(
+        run_cli("query", "quote", str(good), "--epsilon", "1"), 1
+    )
     neither = run_cli("query", "run")
     assert "needs --agreement and --agg (or --quote ID)" in one_line_error(neither, 1)
 
@@ -382,3 +382,33 @@ def test_the_readme_quote_block_runs_as_written(scenario: Scenario, tmp_path: Pa
     assert "at 1,000 rows" in flat, flat
     assert "3 queries released with one debit; remaining 4" in flat, flat
     assert _spent(scenario) == 1
+
+
+def test_the_cli_quotes_a_sql_workload(scenario: Scenario, tmp_path: Path) -> None:
+    s = scenario
+    workload = tmp_path / "workload.sql"
+    workload.write_text(
+        "SELECT bank.segment, COUNT(DISTINCT person) AS people FROM bank JOIN panel\n"
+        "GROUP BY bank.segment;\n"
+        "SELECT panel.category, AVG(panel.amount) AS spend FROM bank JOIN panel GROUP BY 1;\n"
+    )
+    token, target = s.analyst.token or "", s.hub.target
+    quoted = ok_json(
+        run_cli(
+            "query", "quote", str(workload), "--epsilon", "0.5", "--json",
+            token=token, target=target,
+        )
+    )  # fmt: skip
+    assert (quoted["costs"], quoted["total"]) == (["0.5", "0.5"], "1")
+    assert quoted["agreement_id"] == s.agreement_id  # the one agreement joining bank and panel
+    mean = quoted["plans"][1]["aggregates"][0]
+    assert [int(h["rows"]) for h in mean["ci95_at_rows"]] == [100, 1000, 10000, 100000]
+    ran = ok_json(
+        run_cli("query", "run", "--quote", quoted["quote_id"], "--json", token=token, target=target)
+    )
+    assert [r["release"]["status"] for r in ran["results"]] == ["released", "released"]
+    assert _spent(s) == 1
+    broken = tmp_path / "broken.sql"
+    broken.write_text("SELECT COUNT(*) FROM bank JOIN panel; SELECT * FROM bank JOIN panel")
+    refused = run_cli("query", "quote", str(broken), "--epsilon", "0.5", token=token, target=target)
+    assert "statement 2: SELECT *" in one_line_error(refused, 1)

@@ -30,6 +30,7 @@ from entremise.partners.prepare import encode
 from entremise.partners.schema import (
     Categorical,
     Consent,
+    Date,
     Numeric,
     SchemaError,
     Text,
@@ -54,6 +55,7 @@ GOOD: dict[str, Any] = {
         "segment": {"categories": ["mass", "affluent", "private"]},
         "investable_assets": {"lower": 0, "upper": 2000000, "resolution": 1},
         "shop": {"kind": "text", "max_length": 40},
+        "opened_on": {"kind": "date", "lower": "2000-01-01", "upper": "2026-12-31"},
     },
 }
 
@@ -108,8 +110,8 @@ def test_published_schema_is_draft_2020_12_and_closed_everywhere() -> None:
                 walk(child, f"{where}/{i}")
 
     walk(schema, "#")
-    # root, consents, columns, key, consent object, the three column forms
-    assert len(shapes) == 8, shapes
+    # root, consents, columns, key, consent object, the four column forms
+    assert len(shapes) == 9, shapes
     assert schema["$defs"]["name"]["pattern"] == "^[a-z][a-z0-9_]{0,62}$"
     assert schema["$defs"]["key"]["required"] == ["column", "kind"]
 
@@ -248,12 +250,67 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "empty-column",
         _set("columns/nothing", {}),
         "schema columns.nothing: empty column: declare 'lower' and 'upper' (numeric), "
-        "'categories' (categorical) or 'kind': 'text'",
+        "'categories' (categorical), 'kind': 'text' or 'kind': 'date'",
     ),
     (
         "numeric-with-categories",
         _set("columns/x", {"kind": "numeric", "lower": 0, "upper": 1, "categories": ["a"]}),
         "schema columns.x: unknown key 'categories'; allowed: kind, lower, upper, resolution",
+    ),
+    # date domains
+    (
+        "reversed-date-bounds",
+        _set("columns/opened_on/lower", "2027-01-01"),
+        "schema columns.opened_on: lower bound 2027-01-01 is after upper bound 2026-12-31",
+    ),
+    (
+        "date-bound-not-a-calendar-day",
+        _set("columns/opened_on/upper", "2026-02-30"),
+        "schema columns.opened_on.upper: must be an ISO date, YYYY-MM-DD (got '2026-02-30')",
+    ),
+    (
+        "date-bound-in-another-format",
+        _set("columns/opened_on/lower", "01/01/2000"),
+        "schema columns.opened_on.lower: must be an ISO date, YYYY-MM-DD (got '01/01/2000')",
+    ),
+    (
+        "date-bound-with-a-time",
+        _set("columns/opened_on/lower", "2000-01-01T00:00:00"),
+        "schema columns.opened_on.lower: must be an ISO date, YYYY-MM-DD "
+        "(got '2000-01-01T00:00:00')",
+    ),
+    (
+        "date-bound-as-number",
+        _set("columns/opened_on/upper", 2026),
+        "schema columns.opened_on.upper: must be a string (got 2026)",
+    ),
+    (
+        "date-without-upper",
+        _drop("columns/opened_on/upper"),
+        "schema columns.opened_on: 'upper' is required "
+        "(date columns declare lower and upper, as YYYY-MM-DD)",
+    ),
+    (
+        "date-timestamp-not-boolean",
+        _set("columns/opened_on/timestamp", "yes"),
+        "schema columns.opened_on.timestamp: must be true or false (got 'yes')",
+    ),
+    (
+        "misspelt-timestamp",
+        _set("columns/opened_on/timestmp", True),
+        "schema columns.opened_on: unknown key 'timestmp' (did you mean 'timestamp'?)",
+    ),
+    (
+        "date-bounds-without-kind",
+        _set("columns/x", {"lower": "2025-01-01", "upper": "2025-12-31"}),
+        "schema columns.x.lower: must be a number (got '2025-01-01'); "
+        'a date column declares "kind": "date"',
+    ),
+    (
+        "misspelt-date-kind",
+        _set("columns/opened_on/kind", "datetime"),
+        "schema columns.opened_on.kind: must be 'numeric', 'categorical', 'text' or 'date' "
+        "(got 'datetime'; did you mean 'date'?)",
     ),
     # categorical and text domains
     (
@@ -301,7 +358,7 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     (
         "unknown-column-kind",
         _set("columns/shop/kind", "txt"),
-        "schema columns.shop.kind: must be 'numeric', 'categorical' or 'text' "
+        "schema columns.shop.kind: must be 'numeric', 'categorical', 'text' or 'date' "
         "(got 'txt'; did you mean 'text'?)",
     ),
     (
@@ -436,6 +493,7 @@ def test_good_schema_and_shorthands_parse() -> None:
             "segment": Categorical(("mass", "affluent", "private")),
             "investable_assets": Numeric(0, 2000000, 1),
             "shop": Text(40),
+            "opened_on": Date("2000-01-01", "2026-12-31"),
         },
     )
     # "key" for a single key, explicit column kinds, defaults for resolution and max_length.
@@ -447,6 +505,12 @@ def test_good_schema_and_shorthands_parse() -> None:
                 "amount": {"kind": "numeric", "lower": 0, "upper": 10},
                 "week": {"kind": "categorical", "categories": ["w01"]},
                 "shop": {"kind": "text"},
+                "seen_at": {
+                    "kind": "date",
+                    "lower": "2026-01-01",
+                    "upper": "2026-01-01",
+                    "timestamp": True,
+                },
             },
         }
     )
@@ -456,7 +520,21 @@ def test_good_schema_and_shorthands_parse() -> None:
         "amount": Numeric(0, 10, 0.01),
         "week": Categorical(("w01",)),
         "shop": Text(200),
+        "seen_at": Date("2026-01-01", "2026-01-01", timestamp=True),
     }
+    assert short.to_dict()["columns"]["seen_at"] == {
+        "kind": "date",
+        "lower": "2026-01-01",
+        "upper": "2026-01-01",
+        "timestamp": True,
+    }
+    seen_at = short.to_proto().columns[-1]
+    assert (seen_at.name, seen_at.WhichOneof("kind")) == ("seen_at", "date")
+    assert (seen_at.date.lower, seen_at.date.upper, seen_at.date.timestamp) == (
+        "2026-01-01",
+        "2026-01-01",
+        True,
+    )
     for schema in (parsed, short, BANK_SCHEMA, PANEL_SCHEMA):
         assert UploadSchema.from_dict(json.loads(json.dumps(schema.to_dict()))) == schema
 
@@ -575,6 +653,12 @@ def _numeric(name: str, lower: float, upper: float, resolution: float = 1.0) -> 
     )
 
 
+def _date(name: str, lower: str, upper: str, timestamp: bool = False) -> Any:
+    return common_pb2.ColumnSchema(
+        name=name, date=common_pb2.DateColumn(lower=lower, upper=upper, timestamp=timestamp)
+    )
+
+
 def _proto(
     keys: list[common_pb2.KeyColumn] | None = None,
     columns: list[common_pb2.ColumnSchema] | None = None,
@@ -627,6 +711,24 @@ HUB_CASES: list[tuple[str, common_pb2.DatasetSchema, dict[str, Any] | None, str]
         "schema columns.x.upper: must be a finite number (got inf)",
     ),
     (
+        "reversed-date-bounds",
+        _proto(columns=[_date("d", "2026-12-31", "2026-01-01")]),
+        _file(d={"kind": "date", "lower": "2026-12-31", "upper": "2026-01-01"}),
+        "schema columns.d: lower bound 2026-12-31 is after upper bound 2026-01-01",
+    ),
+    (
+        "date-bound-not-a-date",
+        _proto(columns=[_date("d", "2026-01-01", "next year")]),
+        _file(d={"kind": "date", "lower": "2026-01-01", "upper": "next year"}),
+        "schema columns.d.upper: must be an ISO date, YYYY-MM-DD (got 'next year')",
+    ),
+    (
+        "date-bound-missing",
+        _proto(columns=[_date("d", "", "2026-12-31")]),
+        _file(d={"kind": "date", "lower": "", "upper": "2026-12-31"}),
+        "schema columns.d.lower: must be an ISO date, YYYY-MM-DD (got '')",
+    ),
+    (
         "column-twice",
         _proto(columns=[_numeric("x", 0, 10), _numeric("x", 0, 5)]),
         None,  # json.loads keeps one of two equal keys; UploadSchema.load refuses the file
@@ -643,7 +745,7 @@ HUB_CASES: list[tuple[str, common_pb2.DatasetSchema, dict[str, Any] | None, str]
         _proto(columns=[common_pb2.ColumnSchema(name="x")]),
         _file(x={}),
         "schema columns.x: empty column: declare 'lower' and 'upper' (numeric), "
-        "'categories' (categorical) or 'kind': 'text'",
+        "'categories' (categorical), 'kind': 'text' or 'kind': 'date'",
     ),
     (
         "repeated-category",

@@ -33,6 +33,7 @@ PUBLIC = [
     "EntremiseRPCError",
     "Erasure",
     "HistoryChangedError",
+    "Hub",
     "HubKeyChangedError",
     "IdentifierError",
     "InvalidArgumentError",
@@ -41,6 +42,7 @@ PUBLIC = [
     "MatchingKeyError",
     "Measure",
     "PartnerKeys",
+    "PostProcessing",
     "PrepareError",
     "PreparedUpload",
     "Principal",
@@ -55,6 +57,9 @@ PUBLIC = [
     "Release",
     "Role",
     "SchemaError",
+    "SqlQuery",
+    "SqlRefusal",
+    "SqlRequest",
     "Status",
     "SubjectAgreement",
     "SubjectRelease",
@@ -67,8 +72,10 @@ PUBLIC = [
     "Withdrawal",
     "WitnessError",
     "aggregate",
+    "connect",
     "parse_aggregate",
     "parse_filter",
+    "translate",
     "verify_view",
     "where_in",
     "where_not_in",
@@ -104,5 +111,5 @@ def test_every_error_derives_from_the_one_base() -> None:
         if inspect.isclass(getattr(entremise.sdk, name))
         and issubclass(getattr(entremise.sdk, name), BaseException)
     ]
-    assert len(errors) == 13  # EntremiseRPCError is RPCError
+    assert len(errors) == 14  # EntremiseRPCError is RPCError
     assert all(issubclass(e, entremise.sdk.EntremiseError) for e in errors)

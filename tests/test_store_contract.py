@@ -41,6 +41,7 @@ from entremise.server.domain.models import (
     Dataset,
     DatasetSchema,
     DatasetSlot,
+    DateColumn,
     DuplicateReport,
     IdentifierKind,
     KeyColumn,
@@ -105,6 +106,8 @@ SCHEMA = DatasetSchema(
         NumericColumn("spend", 0.0, 500.0, 0.5),
         CategoricalColumn("segment", ("young", "old")),
         TextColumn("city", 40),
+        DateColumn("joined_on", "2020-01-01", "2026-12-31"),
+        DateColumn("seen_at", "2026-01-01", "2026-12-31", timestamp=True),
     ),
 )
 

@@ -33,6 +33,7 @@ from entremise.server.domain.models import (
     Dataset,
     DatasetSchema,
     DatasetSlot,
+    DateColumn,
     FilterOp,
     FilterSpec,
     IdentifierKind,
@@ -140,8 +141,12 @@ def schema_from_proto(msg: common_pb2.DatasetSchema) -> DatasetSchema:
             columns.append(CategoricalColumn(col.name, tuple(col.categorical.categories)))
         elif which == "text":
             columns.append(TextColumn(col.name, col.text.max_length or 200))
+        elif which == "date":
+            columns.append(DateColumn(col.name, col.date.lower, col.date.upper, col.date.timestamp))
         else:
-            raise InvalidArgumentError(f"column {col.name!r} must be numeric or categorical")
+            raise InvalidArgumentError(
+                f"column {col.name!r} must be numeric, categorical, text or date"
+            )
     return DatasetSchema(
         keys=tuple(keys),
         consents=tuple(ConsentSpec(c.purpose, c.column, c.expiry_column) for c in msg.consents),
@@ -161,6 +166,13 @@ def schema_to_proto(schema: DatasetSchema) -> common_pb2.DatasetSchema:
     for col in schema.columns:
         if isinstance(col, TextColumn):
             msg.columns.add(name=col.name, text=common_pb2.TextColumn(max_length=col.max_length))
+        elif isinstance(col, DateColumn):
+            msg.columns.add(
+                name=col.name,
+                date=common_pb2.DateColumn(
+                    lower=col.lower, upper=col.upper, timestamp=col.timestamp
+                ),
+            )
         elif isinstance(col, NumericColumn):
             msg.columns.add(
                 name=col.name,

@@ -16,6 +16,7 @@ from entremise.server.domain.models import (
     Column,
     ConsentSpec,
     DatasetSchema,
+    DateColumn,
     FilterOp,
     FilterSpec,
     IdentifierKind,
@@ -34,6 +35,9 @@ def schema_to_dict(schema: DatasetSchema) -> dict[str, Any]:
     for col in schema.columns:
         if isinstance(col, TextColumn):
             columns.append({"name": col.name, "text": {"max_length": col.max_length}})
+        elif isinstance(col, DateColumn):
+            date = {"lower": col.lower, "upper": col.upper, "timestamp": col.timestamp}
+            columns.append({"name": col.name, "date": date})
         elif isinstance(col, NumericColumn):
             columns.append(
                 {
@@ -63,6 +67,11 @@ def schema_from_dict(data: dict[str, Any]) -> DatasetSchema:
     for col in data["columns"]:
         if "text" in col:
             columns.append(TextColumn(col["name"], int(col["text"].get("max_length", 200))))
+        elif "date" in col:
+            d = col["date"]
+            columns.append(
+                DateColumn(col["name"], d["lower"], d["upper"], bool(d.get("timestamp", False)))
+            )
         elif "numeric" in col:
             n = col["numeric"]
             columns.append(

@@ -7,6 +7,9 @@ value may be a raw email or phone number that must not reach a log.
 
 from __future__ import annotations
 
+import datetime as dt
+import re
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -16,6 +19,7 @@ from entremise.server.domain.models import (
     Column,
     ConsentSpec,
     DatasetSchema,
+    DateColumn,
     NumericColumn,
     TextColumn,
 )
@@ -28,7 +32,8 @@ def validate_table(table: pa.Table, schema: DatasetSchema, *, max_rows: int) -> 
     """Check an uploaded table against its declared schema; never echo a value in an error.
 
     The result holds the declared columns in declaration order (keys, consents, attributes),
-    dictionary encodings decoded and types normalised (strings, float64 numbers, UTC expiry).
+    dictionary encodings decoded and types normalised (strings, float64 numbers, UTC expiry,
+    date32 dates and naive UTC microsecond timestamps).
     """
     check_declared_columns(table, schema)
     check_row_count(table, max_rows)
@@ -166,6 +171,8 @@ def attribute_column(col: Column, values: pa.ChunkedArray) -> pa.ChunkedArray:
         return numeric_column(col, values)
     if isinstance(col, TextColumn):
         return text_column(col, values)
+    if isinstance(col, DateColumn):
+        return date_column(col, values)
     assert isinstance(col, CategoricalColumn)
     return categorical_column(col, values)
 
@@ -219,3 +226,81 @@ def categorical_column(col: CategoricalColumn, values: pa.ChunkedArray) -> pa.Ch
             "its declared categories"
         )
     return values.cast(pa.string())
+
+
+#: An ISO 8601 date, optionally with a time of day and a zone: what string values may hold.
+_ISO_INSTANT = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}"
+    r"([T ][0-9]{2}(:[0-9]{2}(:[0-9]{2}([.,][0-9]{1,9})?)?)?)?"
+    r"(Z|[+-][0-9]{2}(:?[0-9]{2})?)?$"
+)
+_ZONED = r"(Z|[+-][0-9]{2}(:?[0-9]{2})?)$"
+_UTC_US = pa.timestamp("us")
+
+
+def date_column(col: DateColumn, values: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Dates as date32, or (`timestamp` columns) UTC instants as naive timestamp[us]; nulls kept.
+
+    Accepted: date32/date64, timestamps of any unit (a zoned one is converted to UTC, then its
+    zone dropped; a naive one is taken as UTC) and ISO 8601 strings (a date, optionally a time
+    and a zone). A date column keeps the UTC day of a timestamp. Values outside the declared
+    bounds are not refused: they stay stored, and queries leave them out of date groupings.
+    """
+    if not col.timestamp and pa.types.is_date32(values.type):
+        return values  # already in stored form
+    if _is_string(values.type):
+        instants = _parse_iso(col, values)
+    elif pa.types.is_timestamp(values.type) or pa.types.is_date(values.type):
+        instants = _cast(col, values, _UTC_US)  # a zoned timestamp casts to its UTC wall time
+    else:
+        raise InvalidArgumentError(
+            f"date column {col.name!r} holds {values.type}, not dates, timestamps or ISO strings"
+        )
+    return instants if col.timestamp else _cast(col, instants, pa.date32())
+
+
+def _cast(col: DateColumn, values: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
+    """Cast dropping what is finer than the target (nanoseconds, time of day), never overflowing."""
+    options = pc.CastOptions(target, allow_time_truncate=True)
+    try:
+        return pc.cast(values, options=options)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise InvalidArgumentError(
+            f"date column {col.name!r} has values outside the representable range of {target}"
+        ) from None
+
+
+def _parse_iso(col: DateColumn, values: pa.ChunkedArray) -> pa.ChunkedArray:
+    """ISO 8601 strings as naive UTC timestamp[us]; bad ones counted, never echoed."""
+    values = values.cast(pa.string())
+    shaped = _count(pc.match_substring_regex(values, _ISO_INSTANT))
+    if shaped == len(values) - values.null_count:
+        zoned = pc.fill_null(pc.match_substring_regex(values, _ZONED), False)
+        try:  # Arrow parses zoned and naive strings apart: one cast for each, then merged
+            as_utc = pc.cast(pc.if_else(zoned, values, None), pa.timestamp("us", tz="UTC"))
+            naive = pc.cast(pc.if_else(zoned, None, values), _UTC_US)
+            return pc.if_else(zoned, as_utc.cast(_UTC_US), naive)
+        except pa.ArrowInvalid:  # a form Arrow does not read, or no such day: see below
+            pass
+    # Value by value (only when the bulk path failed): the exact count of what is wrong.
+    texts = values.to_pylist()
+    parsed = [_iso_instant(v) for v in texts]
+    bad = sum(1 for v, p in zip(texts, parsed, strict=True) if v is not None and p is None)
+    if bad:
+        raise InvalidArgumentError(
+            f"date column {col.name!r}: {bad} values are not ISO 8601 dates or timestamps"
+        )
+    return pa.chunked_array([pa.array(parsed, _UTC_US)], _UTC_US)
+
+
+def _iso_instant(text: str | None) -> dt.datetime | None:
+    """One ISO 8601 date or timestamp as a naive UTC datetime, or None if it is not one."""
+    if text is None or not re.match(_ISO_INSTANT, text):
+        return None
+    try:
+        instant = dt.datetime.fromisoformat(text.replace(",", "."))
+    except ValueError:
+        return None
+    if instant.tzinfo is not None:
+        instant = instant.astimezone(dt.UTC).replace(tzinfo=None)
+    return instant
