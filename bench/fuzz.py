@@ -267,6 +267,21 @@ def request_strategies(
             "RunQueryResponse",
             st.builds(query_service_pb2.RunQueryRequest, query=_query(agreement_ids)),
         ),
+        "/entremise.v1.QueryService/QuoteWorkload": (
+            "QuoteWorkloadResponse",
+            st.builds(
+                query_service_pb2.QuoteWorkloadRequest,
+                agreement_id=ag,
+                queries=st.lists(_query(agreement_ids), max_size=4),
+            ),
+        ),
+        "/entremise.v1.QueryService/RunQuote": (
+            "RunQuoteResponse",
+            st.builds(
+                query_service_pb2.RunQuoteRequest,
+                quote_id=st.one_of(st.text(max_size=40), st.just("qt_0123456789abcdef")),
+            ),
+        ),
         "/entremise.v1.ComplianceService/GetBudget": (
             "GetBudgetResponse",
             st.builds(compliance_service_pb2.GetBudgetRequest, agreement_id=ag),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from entremise.cli import agreement, analyst, compliance, operator, partner, sql
+from entremise.cli import agreement, analyst, compliance, operator, partner, quotes, sql
 
 # Each command lives in the module of the persona who runs it: the hub operator (operator), a
 # partner (partner), an analyst (analyst), a compliance officer (compliance); agreements
@@ -55,7 +55,8 @@ agreement_app.command("show")(agreement.show_agreement)
 
 query_app = _group("query", "Analysts: preview and run private aggregates.")
 query_app.command("preview")(analyst.preview)
-query_app.command("run")(analyst.run)
+query_app.command("run")(quotes.run)  # a query, or a quoted workload (--quote)
+query_app.command("quote")(quotes.quote)
 query_app.command("sql")(sql.sql)
 
 budget_app = _group("budget", "Compliance: privacy budgets.")

@@ -68,6 +68,7 @@ from entremise.sdk.results import (
     PublicKey,
     QueryPlan,
     QueryResult,
+    Quote,
     Release,
     Role,
     Withdrawal,
@@ -836,6 +837,45 @@ class Client:
             query_service_pb2.RunQueryRequest(query=_message(q)),
         )
         return self._witnessed("query run", QueryResult.from_proto(response))
+
+    def quote(
+        self,
+        queries: Sequence[Query | query_service_pb2.Query],
+        agreement_id: str = "",
+    ) -> Quote:
+        """Price a workload (several queries of one agreement); spends nothing.
+
+        Queries without an agreement take `agreement_id`. The quote holds each query's plan
+        and cost, the total, and its expiry; `run_quote` runs it.
+        """
+        response = self._unary(
+            self._queries.QuoteWorkload,
+            query_service_pb2.QuoteWorkloadRequest(
+                agreement_id=agreement_id, queries=[_message(q) for q in queries]
+            ),
+        )
+        return Quote.from_proto(response)
+
+    def run_quote(self, quote_id: str) -> list[QueryResult]:
+        """Run a quote once: one debit of its total (or none), then every release, in order.
+
+        Refused (FAILED_PRECONDITION) if the data changed since the quote, if it expired or was
+        run already; (BUDGET_EXHAUSTED) if the budget is short, saying by how much.
+        """
+        response = self._unary(
+            self._queries.RunQuote, query_service_pb2.RunQuoteRequest(quote_id=quote_id)
+        )
+        results = [
+            QueryResult.from_proto(
+                query_service_pb2.RunQueryResponse(
+                    release=release,
+                    remaining_epsilon=response.remaining_epsilon,
+                    replayed=replayed,
+                )
+            )
+            for release, replayed in zip(response.releases, response.replayed, strict=True)
+        ]
+        return self._witnessed("quote run", results)
 
     # -- SQL (see entremise.sdk.sql) ----------------------------------------------------------
 

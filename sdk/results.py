@@ -441,6 +441,10 @@ class AggregatePlan:
     count_noise_scale: float
     accuracy_note: str
     raw: query_service_pb2.AggregatePlan = field(repr=False, compare=False)
+    # For means, variances and standard deviations: (rows, upper bound on the 95% half-width
+    # of a cell of that many rows), and the fewest rows meeting the aggregate's target (0: none).
+    ci95_at_rows: tuple[tuple[int, float], ...] = ()
+    rows_for_target: int = 0
 
     @classmethod
     def from_proto(cls, msg: query_service_pb2.AggregatePlan) -> AggregatePlan:
@@ -457,6 +461,8 @@ class AggregatePlan:
             msg.count_noise_scale,
             msg.accuracy_note,
             msg,
+            tuple((h.rows, h.ci95_halfwidth) for h in msg.ci95_at_rows),
+            msg.rows_for_target,
         )
 
 
@@ -647,6 +653,49 @@ class QueryResult:
     def from_proto(cls, msg: query_service_pb2.RunQueryResponse) -> QueryResult:
         """Read the message."""
         return cls(Release.from_proto(msg.release), msg.remaining_epsilon, msg.replayed, msg)
+
+
+@dataclass(frozen=True)
+class Quote:
+    """A priced workload: each query's plan and cost, the total, and until when it can run.
+
+    Nothing is spent until `Client.run_quote(quote_id)`, which runs the whole workload with
+    one debit of `total` (or none), refused if the data changed since the quote. `replayed`
+    marks queries already released on the same data: free, answered from the ledger.
+    """
+
+    quote_id: str
+    agreement_id: str
+    plans: tuple[QueryPlan, ...]
+    costs: tuple[str, ...]
+    total: str
+    total_delta: str
+    measure: Measure
+    remaining_before: str
+    remaining_after: str
+    created_at: str
+    expires_at: str
+    replayed: tuple[bool, ...]
+    raw: query_service_pb2.QuoteWorkloadResponse = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, msg: query_service_pb2.QuoteWorkloadResponse) -> Quote:
+        """Read the message."""
+        return cls(
+            msg.quote_id,
+            msg.agreement_id,
+            tuple(QueryPlan.from_proto(p) for p in msg.plans),
+            tuple(msg.costs),
+            msg.total,
+            msg.total_delta,
+            Measure.parse(msg.measure),
+            msg.remaining_before,
+            msg.remaining_after,
+            msg.created_at,
+            msg.expires_at,
+            tuple(msg.replayed),
+            msg,
+        )
 
 
 # -- audit -------------------------------------------------------------------------------------

@@ -174,6 +174,15 @@ def test_authorization_matrix(scenario: Scenario) -> None:
             signature=keys.sign_public_key(principal_ids.get(caller[0], "pr_nobody")),
         )
 
+    def analysts_quote() -> str:
+        with grpc.insecure_channel(s.hub.target) as own:
+            quoted = QueryServiceStub(own).QuoteWorkload(
+                query_pb.QuoteWorkloadRequest(queries=[count]),
+                metadata=(("authorization", f"Bearer {tokens['analyst']}"),),
+                timeout=30,
+            )
+        return str(quoted.quote_id)
+
     # rpc name -> (stub class, method, request builder, identities allowed)
     matrix: dict[str, tuple[type, str, Callable[[], Any], set[str]]] = {
         "CreatePrincipal": (
@@ -281,6 +290,19 @@ def test_authorization_matrix(scenario: Scenario) -> None:
             QueryServiceStub,
             "RunQuery",
             lambda: query_pb.RunQueryRequest(query=count),
+            {"analyst"},
+        ),
+        "QuoteWorkload": (
+            QueryServiceStub,
+            "QuoteWorkload",
+            lambda: query_pb.QuoteWorkloadRequest(queries=[count]),
+            {"analyst"},
+        ),
+        # A fresh quote of the scenario's analyst for each caller: only she may run it.
+        "RunQuote": (
+            QueryServiceStub,
+            "RunQuote",
+            lambda: query_pb.RunQuoteRequest(quote_id=analysts_quote()),
             {"analyst"},
         ),
         "GetBudget": (

@@ -10,7 +10,8 @@ from __future__ import annotations
 import secrets
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,7 @@ from entremise.server.domain.models import (
     QuerySpec,
     Role,
 )
+from entremise.server.domain.quotes import _available
 from entremise.server.engine import DuckDBEngine
 from entremise.server.files import SealedDatasetFiles
 from entremise.server.store.memory import MemoryStore
@@ -416,3 +418,115 @@ def test_a_partners_view_leaves_out_the_other_partners_data(active: Parties) -> 
             hub.compliance.ledger(reader, ag)
     with pytest.raises(InvalidArgumentError):
         hub.principals.create(p.admin, "x", Role.ANALYST, p.bank.principal_id)
+
+
+# -- quoted workloads -------------------------------------------------------------------------
+
+
+def _workload(ag: str) -> list[QuerySpec]:
+    return [
+        _count(ag, "0.1"),
+        QuerySpec(
+            ag,
+            (AggregateSpec("spend", AggregateKind.MEAN, "bank.investable_assets"),),
+            Epsilon.parse("0.2"),
+            group_by=("bank.segment",),
+        ),
+    ]
+
+
+def test_a_quoted_workload_is_free_then_debited_once_in_total(active: Parties) -> None:
+    hub, ag = active.hub, active.agreement_id
+    quoted = hub.quotes.quote(active.analyst, _workload(ag))
+    assert quoted.total == Epsilon.parse("0.3") and quoted.costs == (
+        Epsilon.parse("0.1"),
+        Epsilon.parse("0.2"),
+    )
+    assert (quoted.remaining_before, quoted.remaining_after) == (
+        Epsilon.parse("1"),
+        Epsilon.parse("0.7"),
+    )
+    assert hub.agreements.budget(ag).spent == Epsilon.zero()
+    run = hub.quotes.run(active.analyst, quoted.quote_id)
+    assert [r.status for r in run.releases] == ["released", "released"]
+    assert run.budget.spent == Epsilon.parse("0.3") == hub.agreements.budget(ag).spent
+    assert run.budget.release_count == 2
+    with pytest.raises(FailedPreconditionError, match="was already run"):
+        hub.quotes.run(active.analyst, quoted.quote_id)
+    kinds = [e.kind for e in hub.compliance.audit_log(active.officer)]
+    assert kinds.count("quote") == 1 and kinds.count("release") == 2 and "quote_run" in kinds
+    # The same workload again is answered from the ledger: free, noted as replayed.
+    again = hub.quotes.quote(active.analyst, _workload(ag))
+    assert again.replayed == (True, True) and again.total == Epsilon.zero()
+    replay = hub.quotes.run(active.analyst, again.quote_id)
+    assert replay.replayed == (True, True)
+    assert [r.release_id for r in replay.releases] == [r.release_id for r in run.releases]
+    assert hub.agreements.budget(ag).spent == Epsilon.parse("0.3")
+
+
+def test_a_quote_is_refused_once_the_data_changed_and_nothing_is_spent(active: Parties) -> None:
+    hub, ag = active.hub, active.agreement_id
+    quoted = hub.quotes.quote(active.analyst, _workload(ag))
+    plan = testing.plan(hub, _count(ag))
+    panel = hub.files.read(
+        *next((d.dataset_id, d.version) for d in plan.datasets if d.name == "panel")
+    )
+    hub.consent.withdraw(active.panel, ag, sorted(set(panel.column("email").to_pylist()))[:3])
+    with pytest.raises(FailedPreconditionError, match="consent withdrawals: 3 now, 0 when"):
+        hub.quotes.run(active.analyst, quoted.quote_id)
+    assert hub.agreements.budget(ag).spent == Epsilon.zero()
+    assert hub.compliance.ledger(active.officer) == []
+    requoted = hub.quotes.quote(active.analyst, _workload(ag))
+    _upload(active)  # new versions of both datasets
+    with pytest.raises(FailedPreconditionError, match="at version 2, the quote priced version 1"):
+        hub.quotes.run(active.analyst, requoted.quote_id)
+    assert hub.agreements.budget(ag).spent == Epsilon.zero()
+
+
+def test_a_short_budget_refuses_the_whole_workload_saying_by_how_much(active: Parties) -> None:
+    hub, ag = active.hub, active.agreement_id
+    quoted = hub.quotes.quote(active.analyst, _workload(ag))
+    hub.queries.run(active.analyst, _count(ag, "0.8"))
+    with pytest.raises(BudgetExhaustedError, match=r"0.3 for the workload .* \(short by 0.1\)"):
+        hub.quotes.run(active.analyst, quoted.quote_id)
+    assert hub.agreements.budget(ag).spent == Epsilon.parse("0.8")
+    assert len(hub.compliance.ledger(active.officer)) == 1
+    with pytest.raises(BudgetExhaustedError, match=r"short by 0\.1"):
+        hub.quotes.quote(active.analyst, _workload(ag))
+
+
+def test_a_quote_is_its_analysts_alone_and_expires(active: Parties) -> None:
+    hub, ag = active.hub, active.agreement_id
+    quoted = hub.quotes.quote(active.analyst, _workload(ag))
+    other, _ = hub.principals.create(active.admin, "Other", Role.ANALYST)
+    with pytest.raises(NotFoundError) as hidden:
+        hub.quotes.run(other, quoted.quote_id)
+    with pytest.raises(NotFoundError) as unknown:
+        hub.quotes.run(other, "qt_0000000000000000")
+    assert hidden.value.message.replace(quoted.quote_id, "X") == unknown.value.message.replace(
+        "qt_0000000000000000", "X"
+    )
+    with pytest.raises(PermissionDeniedError):
+        hub.quotes.run(active.bank, quoted.quote_id)
+    with pytest.raises(InvalidArgumentError, match="one agreement"):
+        hub.quotes.quote(active.analyst, [_count(ag), _count("ag_other")])
+    hub.quotes.lifetime = timedelta(seconds=-1)
+    expired = hub.quotes.quote(active.analyst, _workload(ag))
+    with pytest.raises(FailedPreconditionError, match="expired at"):
+        hub.quotes.run(active.analyst, expired.quote_id)
+    assert hub.agreements.budget(ag).spent == Epsilon.zero()
+
+
+def test_what_an_analyst_may_spend_counts_her_cap_before_her_first_release(
+    active: Parties,
+) -> None:
+    hub, ag = active.hub, active.agreement_id
+    context = hub.store.query_context(ag)
+    capped = replace(context.agreement, analyst_budget=Epsilon.parse("0.2"))
+    me = active.analyst.principal_id
+    assert _available(context.budget, capped, me) == Epsilon.parse("0.2")  # nothing spent yet
+    assert _available(context.budget, context.agreement, me) == Epsilon.parse("1")
+    hub.queries.run(active.analyst, _count(ag, "0.15"))
+    budget = hub.store.query_context(ag).budget
+    assert _available(budget, capped, me) == Epsilon.parse("0.05")
+    assert _available(budget, context.agreement, me) == Epsilon.parse("0.85")

@@ -52,6 +52,7 @@ PUBLIC = [
     "QueryPlan",
     "QueryResult",
     "QuerySyntaxError",
+    "Quote",
     "RPCError",
     "Release",
     "Role",

@@ -21,6 +21,7 @@ from entremise.server.domain.errors import (
     AlreadyExistsError,
     BudgetExhaustedError,
     EntremiseError,
+    FailedPreconditionError,
     NotFoundError,
 )
 from entremise.server.domain.models import (
@@ -48,6 +49,7 @@ from entremise.server.domain.models import (
     PlanSummary,
     Principal,
     PublicKeyRecord,
+    Quote,
     Release,
     Role,
     TextColumn,
@@ -803,6 +805,115 @@ def test_releases_list_in_commit_order_per_agreement(store: Store) -> None:
 
 
 # -- keys -------------------------------------------------------------------------------------
+
+
+def quote(quote_id: str = "qt_1", *, analyst_id: str = ALICE, total: str = "0.3") -> Quote:
+    return Quote(
+        quote_id=quote_id,
+        agreement_id=AG,
+        analyst_id=analyst_id,
+        total=eps(total),
+        delta_units=0,
+        created_at=T0,
+        expires_at="2025-03-01T11:00:00+00:00",
+        document='{"queries": []}',
+    )
+
+
+def test_a_quote_is_stored_unused_and_found_by_id(store: Store) -> None:
+    seed(store)
+    store.create_quote(quote())
+    assert store.find_quote("qt_1") == quote()
+    assert store.find_quote("qt_none") is None
+    with pytest.raises(AlreadyExistsError):
+        store.create_quote(quote())
+    with pytest.raises(NotFoundError):
+        store.create_quote(replace(quote("qt_2"), agreement_id="ag_nothing"))
+    assert store.get_budget(AG).spent == eps("0")  # a quote spends nothing
+
+
+def test_a_workload_is_debited_whole_in_one_reservation(store: Store) -> None:
+    seed(store)
+    store.create_quote(quote())
+    workload = [release("rel_1", cost="0.1"), release("rel_2", cost="0.2")]
+    after = store.reserve_workload("qt_1", workload, T0)
+    assert (after.spent, after.release_count) == (eps("0.3"), 2)
+    assert after.analysts == (AnalystSpend(ALICE, eps("0.3"), eps("1")),)
+    assert store.get_budget(AG) == after
+    assert store.list_releases(AG) == workload
+    assert store.find_quote("qt_1") == replace(quote(), used_at=T0)
+
+
+def test_a_short_budget_reserves_nothing_of_a_workload(store: Store) -> None:
+    seed(store, agreement(total="1", analyst_budget="0.5"))
+    store.reserve_release(release("rel_0", cost="0.3", analyst_id=BOB))
+    store.create_quote(quote())
+    before = store.get_budget(AG)
+    # 0.4 + 0.4 fits neither the agreement (0.7 left) nor ALICE's cap (0.5): refused on the total
+    with pytest.raises(BudgetExhaustedError) as refused:
+        store.reserve_workload(
+            "qt_1", [release("rel_1", cost="0.4"), release("rel_2", cost="0.4")], T0
+        )
+    assert refused.value.requested == "0.8"
+    with pytest.raises(BudgetExhaustedError) as capped:
+        store.reserve_workload(
+            "qt_1", [release("rel_1", cost="0.3"), release("rel_2", cost="0.3")], T0
+        )
+    assert (capped.value.requested, capped.value.remaining) == ("0.6", "0.5 for this analyst")
+    assert store.get_budget(AG) == before
+    assert [r.release_id for r in store.list_releases(AG)] == ["rel_0"]
+    assert store.find_quote("qt_1") == quote()  # still unused
+    store.reserve_workload("qt_1", [release("rel_1", cost="0.5")], T0)  # what fits, fits
+
+
+def test_a_quote_runs_once_and_an_unknown_quote_is_not_found(store: Store) -> None:
+    seed(store)
+    store.create_quote(quote())
+    store.reserve_workload("qt_1", [release("rel_1")], T0)
+    with pytest.raises(FailedPreconditionError) as again:
+        store.reserve_workload("qt_1", [release("rel_2")], T0)
+    assert again.value.message == "quote 'qt_1' was already run"
+    with pytest.raises(NotFoundError):
+        store.reserve_workload("qt_none", [release("rel_3")], T0)
+    budget = store.get_budget(AG)
+    assert (budget.spent, budget.release_count) == (eps("0.1"), 1)
+    # A workload answered wholly from the ledger still uses its quote, and spends nothing.
+    store.create_quote(quote("qt_2"))
+    assert store.reserve_workload("qt_2", [], T0) == budget
+    assert store.find_quote("qt_2").used_at == T0  # type: ignore[union-attr]
+
+
+def test_a_workload_with_a_reused_release_id_is_refused_whole(store: Store) -> None:
+    seed(store)
+    store.reserve_release(release("rel_1"))
+    store.create_quote(quote())
+    with pytest.raises(AlreadyExistsError):
+        store.reserve_workload("qt_1", [release("rel_2"), release("rel_1")], T0)
+    budget = store.get_budget(AG)
+    assert (budget.spent, budget.release_count) == (eps("0.1"), 1)
+    assert store.find_quote("qt_1") == quote()
+
+
+def test_racing_quotes_with_budget_for_one_debit_exactly_one(store: Store) -> None:
+    seed(store, agreement(total="0.5"))
+    store.create_quote(quote("qt_a"))
+    store.create_quote(quote("qt_b", analyst_id=BOB))
+
+    def run(i: int) -> BudgetState:
+        quote_id, analyst = (("qt_a", ALICE), ("qt_b", BOB))[i % 2]
+        workload = [release(f"rel_{i:02d}_{j}", cost="0.15", analyst_id=analyst) for j in range(2)]
+        return store.reserve_workload(quote_id, workload, T0)
+
+    outcomes = run_threads(8, run)
+    won = [o for o in outcomes if isinstance(o, BudgetState)]
+    refused = [o for o in outcomes if isinstance(o, EntremiseError)]
+    assert (len(won), len(refused)) == (1, 7), outcomes
+    assert all(isinstance(o, (BudgetExhaustedError, FailedPreconditionError)) for o in refused)
+    budget = store.get_budget(AG)
+    assert (budget.spent, budget.release_count) == (eps("0.3"), 2)
+    assert len(store.list_releases(AG)) == 2
+    used = [q for q in ("qt_a", "qt_b") if store.find_quote(q).used_at]  # type: ignore[union-attr]
+    assert len(used) == 1
 
 
 def test_public_keys_are_versioned_and_the_latest_is_current(store: Store) -> None:

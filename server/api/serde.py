@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import TypeVar
@@ -48,6 +49,7 @@ from entremise.server.domain.models import (
     WrappedKey,
 )
 from entremise.server.domain.planner import DEFAULT_MAX_ROWS_PER_PERSON
+from entremise.server.domain.quotes import QuotedWorkload
 from entremise.server.domain.sensitivity import DEFAULT_SHARED_IDENTIFIERS
 from entremise.server.schema_check import check_received_schema
 from entremise.v1 import (
@@ -542,6 +544,11 @@ def _preview_to_proto(p: AggregatePreview) -> query_service_pb2.AggregatePlan:
         sensitivity=p.sensitivity,
         count_noise_scale=p.count_noise_scale,
         accuracy_note=p.accuracy_note,
+        ci95_at_rows=[
+            query_service_pb2.HalfwidthAtRows(rows=rows, ci95_halfwidth=width)
+            for rows, width in p.ci95_at_rows
+        ],
+        rows_for_target=p.rows_for_target,
     )
     if p.ci95_halfwidth is not None:
         msg.ci95_halfwidth = p.ci95_halfwidth
@@ -610,4 +617,40 @@ def release_to_proto(r: Release) -> query_service_pb2.Release:
         created_at=r.created_at,
         data_versions=list(r.data_versions),
         status=r.status,
+    )
+
+
+def workload_from_proto(msg: query_service_pb2.QuoteWorkloadRequest) -> list[QuerySpec]:
+    """The queries of a workload; one without an agreement takes the request's."""
+    specs = []
+    for i, query in enumerate(msg.queries, 1):
+        spec = query_from_proto(query)
+        if not spec.agreement_id:
+            if not msg.agreement_id:
+                raise InvalidArgumentError(f"query {i} names no agreement")
+            spec = replace(spec, agreement_id=msg.agreement_id)
+        elif msg.agreement_id and spec.agreement_id != msg.agreement_id:
+            raise InvalidArgumentError(
+                "all queries of a workload must belong to one agreement "
+                f"(query {i} names {spec.agreement_id!r})"
+            )
+        specs.append(spec)
+    return specs
+
+
+def quote_to_proto(q: QuotedWorkload) -> query_service_pb2.QuoteWorkloadResponse:
+    """A quote: each query's plan and cost, the total, the budget before and after, the expiry."""
+    return query_service_pb2.QuoteWorkloadResponse(
+        quote_id=q.quote_id,
+        agreement_id=q.agreement_id,
+        plans=[summary_to_proto(p) for p in q.plans],
+        costs=[str(c) for c in q.costs],
+        total=str(q.total),
+        total_delta=delta_text(q.delta_units),
+        measure=q.total.measure.value,
+        remaining_before=str(q.remaining_before),
+        remaining_after=str(q.remaining_after),
+        created_at=q.created_at,
+        expires_at=q.expires_at,
+        replayed=list(q.replayed),
     )

@@ -21,10 +21,12 @@ from entremise.server.api.serde import (
     principal_to_proto,
     public_key_to_proto,
     query_from_proto,
+    quote_to_proto,
     release_to_proto,
     role_from_proto,
     schema_from_proto,
     summary_to_proto,
+    workload_from_proto,
     wrapped_key_from_proto,
 )
 from entremise.server.domain.errors import InvalidArgumentError
@@ -298,6 +300,25 @@ class QueryServicer(_Base, query_service_pb2_grpc.QueryServiceServicer):
             release=release_to_proto(release),
             remaining_epsilon=str(budget.remaining),
             replayed=replayed,
+        )
+
+    @rpc
+    def QuoteWorkload(
+        self, request: query_service_pb2.QuoteWorkloadRequest, context: grpc.ServicerContext
+    ) -> query_service_pb2.QuoteWorkloadResponse:
+        caller = self.caller(context)
+        quoted = self.hub.quotes.quote(caller, workload_from_proto(request))
+        return quote_to_proto(quoted)
+
+    @rpc
+    def RunQuote(
+        self, request: query_service_pb2.RunQuoteRequest, context: grpc.ServicerContext
+    ) -> query_service_pb2.RunQuoteResponse:
+        run = self.hub.quotes.run(self.caller(context), request.quote_id)
+        return query_service_pb2.RunQuoteResponse(
+            releases=[release_to_proto(r) for r in run.releases],
+            remaining_epsilon=str(run.budget.remaining),
+            replayed=list(run.replayed),
         )
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from entremise.privacy.budget import Epsilon, PrivacyLoss, Rho
 from entremise.server.domain.models import (
     AggregateKind,
     AggregatePreview,
     AggregateResult,
+    AggregateSpec,
     BudgetKind,
     CategoricalColumn,
     CellResult,
@@ -15,10 +17,13 @@ from entremise.server.domain.models import (
     ConsentSpec,
     DatasetSchema,
     DateColumn,
+    FilterOp,
+    FilterSpec,
     IdentifierKind,
     KeyColumn,
     NumericColumn,
     PlanSummary,
+    QuerySpec,
     Release,
     TextColumn,
 )
@@ -101,6 +106,8 @@ def _preview_to_dict(p: AggregatePreview) -> dict[str, Any]:
         "ci95_halfwidth": p.ci95_halfwidth,
         "count_noise_scale": p.count_noise_scale,
         "accuracy_note": p.accuracy_note,
+        "ci95_at_rows": [[rows, width] for rows, width in p.ci95_at_rows],
+        "rows_for_target": p.rows_for_target,
     }
 
 
@@ -142,6 +149,8 @@ def summary_from_dict(d: dict[str, Any]) -> PlanSummary:
                 a["ci95_halfwidth"],
                 a["count_noise_scale"],
                 a["accuracy_note"],
+                tuple((int(r), float(w)) for r, w in a.get("ci95_at_rows", ())),
+                int(a.get("rows_for_target", 0)),
             )
             for a in d["aggregates"]
         ),
@@ -200,3 +209,81 @@ def release_payload(release: Release) -> dict[str, Any]:
         "summary": summary_to_dict(release.summary),
         "results": results_to_list(release.results),
     }
+
+
+def _loss_to_dict(loss: PrivacyLoss | None) -> dict[str, Any] | None:
+    return None if loss is None else {"measure": loss.measure.value, "micros": loss.micros}
+
+
+def _loss_from_dict(data: dict[str, Any] | None) -> PrivacyLoss | None:
+    return None if data is None else BudgetKind(data["measure"]).loss_type(int(data["micros"]))
+
+
+def _filter_to_dict(f: FilterSpec) -> dict[str, Any]:
+    return {
+        "column": f.column,
+        "op": f.op.value,
+        "values": list(f.values),
+        "any_of": [_filter_to_dict(g) for g in f.any_of],
+        "all_of": [_filter_to_dict(g) for g in f.all_of],
+    }
+
+
+def _filter_from_dict(d: dict[str, Any]) -> FilterSpec:
+    return FilterSpec(
+        d["column"],
+        FilterOp(d["op"]),
+        tuple(d["values"]),
+        tuple(_filter_from_dict(g) for g in d["any_of"]),
+        tuple(_filter_from_dict(g) for g in d["all_of"]),
+    )
+
+
+def spec_to_dict(spec: QuerySpec) -> dict[str, Any]:
+    """A query as received, as a plain dictionary (amounts exact, in micro-units)."""
+    return {
+        "agreement_id": spec.agreement_id,
+        "aggregates": [
+            {
+                "name": a.name,
+                "kind": a.kind.value,
+                "column": a.column,
+                "epsilon": _loss_to_dict(a.epsilon),
+                "quantile": a.quantile,
+                "target_ci95": a.target_ci95,
+            }
+            for a in spec.aggregates
+        ],
+        "epsilon": spec.epsilon.micros,
+        "group_by": list(spec.group_by),
+        "filters": [_filter_to_dict(f) for f in spec.filters],
+        "max_rows_per_person": spec.max_rows_per_person,
+        "max_groups_per_person": spec.max_groups_per_person,
+        "rho": None if spec.rho is None else spec.rho.micros,
+        "delta_units": spec.delta_units,
+    }
+
+
+def spec_from_dict(d: dict[str, Any]) -> QuerySpec:
+    """Inverse of spec_to_dict."""
+    return QuerySpec(
+        agreement_id=d["agreement_id"],
+        aggregates=tuple(
+            AggregateSpec(
+                a["name"],
+                AggregateKind(a["kind"]),
+                a["column"],
+                _loss_from_dict(a["epsilon"]),
+                a["quantile"],
+                a["target_ci95"],
+            )
+            for a in d["aggregates"]
+        ),
+        epsilon=Epsilon(int(d["epsilon"])),
+        group_by=tuple(d["group_by"]),
+        filters=tuple(_filter_from_dict(f) for f in d["filters"]),
+        max_rows_per_person=int(d["max_rows_per_person"]),
+        max_groups_per_person=int(d["max_groups_per_person"]),
+        rho=None if d["rho"] is None else Rho(int(d["rho"])),
+        delta_units=int(d["delta_units"]),
+    )

@@ -42,6 +42,10 @@ SHARED_AGREEMENT_KINDS = frozenset(
         "release_failed",
         "release_refused",
         "release_replayed",
+        # Quoted workloads: priced, run (its releases are `release` entries), or refused.
+        "quote",
+        "quote_run",
+        "quote_refused",
     }
 )
 

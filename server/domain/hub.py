@@ -18,6 +18,7 @@ from entremise.server.domain.keys import MatchingKeys
 from entremise.server.domain.ports import AggregationEngine, DatasetFiles, Store
 from entremise.server.domain.principals import Principals
 from entremise.server.domain.queries import Queries
+from entremise.server.domain.quotes import Quotes
 from entremise.server.domain.trail import AuditTrail
 from entremise.server.domain.witness import Witnessing
 
@@ -46,6 +47,7 @@ class Hub:
         self.datasets = Datasets(store, files, trail, self.agreements)
         self.consent = Consent(store, files, trail, self.datasets)
         self.queries = Queries(store, files, engine, trail)
+        self.quotes = Quotes(store, files, engine, trail)
         self.compliance = Compliance(store, files, signer.public_key_raw())
         self.witnessing = Witnessing(store, trail, signer)
 

@@ -742,6 +742,10 @@ class AggregatePreview:
     ci95_halfwidth: float | None
     count_noise_scale: float
     accuracy_note: str
+    # Means, variances, stddevs: (rows, upper bound on the 95% half-width of a cell of that many
+    # rows), from public inputs only; and the fewest rows meeting the target (0: no target).
+    ci95_at_rows: tuple[tuple[int, float], ...] = ()
+    rows_for_target: int = 0
 
 
 @dataclass(frozen=True)
@@ -794,3 +798,23 @@ class ConsentCount:
     rows: int
     consenting_rows: int
     expired_rows: int
+
+
+@dataclass(frozen=True)
+class Quote:
+    """A priced workload: several queries of one agreement, run later with one debit, or none.
+
+    `document` is the workload as JSON (the specs as the codec stores them, each query's cost,
+    and the data state the replay key uses); the store keeps it verbatim and never reads it.
+    `used_at` is empty until the quote is run (once).
+    """
+
+    quote_id: str
+    agreement_id: str
+    analyst_id: str
+    total: PrivacyLoss
+    delta_units: int
+    created_at: str
+    expires_at: str
+    document: str
+    used_at: str = ""

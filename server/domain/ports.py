@@ -23,6 +23,7 @@ from entremise.server.domain.models import (
     PublicKeyRecord,
     QueryContext,
     QueryPlan,
+    Quote,
     Release,
     Role,
     WrappedKey,
@@ -209,6 +210,29 @@ class Store(ABC):
         """Lookup: the first release of the same canonical query on the same data state.
 
         Only released ones count: a running or failed release answers nothing.
+        """
+
+    # -- quoted workloads -------------------------------------------------------------------
+
+    @abstractmethod
+    def create_quote(self, quote: Quote) -> None:
+        """Store a quote, unused (AlreadyExists if its id is; NotFound if its agreement isn't)."""
+
+    @abstractmethod
+    def find_quote(self, quote_id: str) -> Quote | None:
+        """Lookup: a quote by id, with `used_at` set once it was run."""
+
+    @abstractmethod
+    def reserve_workload(self, quote_id: str, releases: list[Release], used_at: str) -> BudgetState:
+        """Run a quote: mark it used and reserve every release of its workload, atomically.
+
+        One transaction: the quote must exist and be unused (else NotFoundError, or
+        FailedPreconditionError "quote ... was already run"); the agreement is debited the
+        releases' total epsilon (or rho) and delta and the analyst the total epsilon, each
+        checked on the total (BudgetExhaustedError naming the total); every release is stored
+        as running. On any refusal nothing changes: no debit, no release, the quote unused.
+        The releases are all of the quote's agreement and analyst; there may be none (a
+        workload answered wholly from the ledger). Returns the budget just after.
         """
 
     # -- keys -------------------------------------------------------------------------------

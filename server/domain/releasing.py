@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 
 from entremise.privacy.budget import Measure, PrivacyLoss
@@ -96,10 +97,20 @@ def preview_aggregate(agg: AggregatePlan, plan: QueryPlan) -> AggregatePreview:
     main = infos[0]
     if agg.spec.kind in (AggregateKind.MEAN, AggregateKind.VARIANCE, AggregateKind.STDDEV):
         count = infos[-1]
+        assert agg.ref is not None and isinstance(agg.ref.column, NumericColumn)
+        mechs = [mechanism(m, measure) for m in agg.measurements]
+        bound = ratio_halfwidth_bound(agg.spec.kind, mechs, agg.ref.column)
+        at_rows = tuple((rows, bound(rows)) for rows in PREVIEW_ROWS)
+        target = agg.spec.target_ci95
+        needed = rows_for(bound, target) if target else 0
+        shown = ", ".join(f"{width:.4g} at {rows:,} rows" for rows, width in at_rows)
         note = (
-            f"{agg.spec.kind} = post-processing of noisy sums over a noisy row count; the 95% "
-            f"interval is computed after release (sum +/- {main.ci95_units * unit:.4g}, "
-            f"rows +/- {count.ci95_units:.4g})"
+            f"{agg.spec.kind} = post-processing of noisy sums over a noisy row count; its 95% "
+            "interval is computed after release and depends on the cell's row count: it is "
+            f"at most {shown} (worst case over values within the public bounds, whenever "
+            "the noise stays inside the interval's own 95% event)"
+            + (f"; under the target {target:g} from {needed:,} rows" if needed else "")
+            + f" (sum +/- {main.ci95_units * unit:.4g}, rows +/- {count.ci95_units:.4g})"
         )
         return AggregatePreview(
             agg.spec.name,
@@ -112,6 +123,8 @@ def preview_aggregate(agg: AggregatePlan, plan: QueryPlan) -> AggregatePreview:
             None,
             count.scale_units,
             note,
+            at_rows,
+            needed,
         )
     note = f"95% of releases fall within +/- {main.ci95_units * unit:.4g} of the bounded true value"
     return AggregatePreview(
@@ -126,6 +139,85 @@ def preview_aggregate(agg: AggregatePlan, plan: QueryPlan) -> AggregatePreview:
         0.0,
         note,
     )
+
+
+#: Row counts at which a preview states the half-width of a mean's, variance's or stddev's cell.
+PREVIEW_ROWS = (100, 1_000, 10_000, 100_000)
+
+
+def _ratio_bound(a_num: float, num_max: float, a_den: float, rows: int) -> float:
+    """Bound on half the width of `_ratio_box` for a cell of `rows` true rows, or inf.
+
+    Under the union-bound event (|noise| <= a_num on the numerator, <= a_den on the row
+    count), the noisy count N >= rows - a_den and |numerator| <= num_max + a_num, and each
+    corner of the box differs from num/N by at most (a_num + a_den |num/N|) / (N - a_den).
+    """
+    noisy_rows = rows - a_den
+    if noisy_rows - a_den < 1:
+        return math.inf
+    ratio_max = (num_max + a_num) / noisy_rows
+    return (a_num + a_den * ratio_max) / (noisy_rows - a_den)
+
+
+def ratio_halfwidth_bound(
+    kind: AggregateKind, mechs: list[NoiseMechanism], column: NumericColumn
+) -> Callable[[int], float]:
+    """Rows -> an upper bound on the 95% half-width of a released mean, variance or stddev.
+
+    Data-independent: the worst case over every value within the column's public bounds,
+    with the same union-bound arithmetic as the release (each of the k noisy totals within
+    its 1 - 0.05/k interval), for a cell with `rows` true rows; capped by what clipping to the
+    bounds allows. It bounds the released half-width whenever the release's own 95% event
+    holds. A decreasing function of `rows`.
+    """
+    res = column.resolution
+    top = max(abs(column.lower), abs(column.upper))
+    if kind is AggregateKind.MEAN:
+        a_sum = mechs[0].ci_halfwidth(ALPHA / 2) * res
+        a_rows = mechs[1].ci_halfwidth(ALPHA / 2)
+        cap = column.upper - column.lower
+
+        def mean(rows: int) -> float:
+            # Clipping is a contraction: the half-width is at most the box's, and the bounds'.
+            return min(cap, _ratio_bound(a_sum, top * rows, a_rows, rows))
+
+        return mean
+    q = square_divisor(column)
+    a = [m.ci_halfwidth(ALPHA / 3) for m in mechs]
+    a_sum, a_sq, a_rows = a[0] * res, a[1] * q * res * res, a[2]
+    span = (column.upper - column.lower) ** 2 / 4
+
+    def variance(rows: int) -> float:
+        squares = _ratio_bound(a_sq, top * top * rows, a_rows, rows)
+        means = _ratio_bound(a_sum, top * rows, a_rows, rows)
+        if math.isinf(squares) or math.isinf(means):
+            return span
+        # The mean lies within `reach` of 0, so its square moves by at most 2 reach per unit
+        # of the mean's interval (2 means): the variance's interval is within both widths.
+        reach = (top * rows + a_sum) / (rows - a_rows) + means
+        return min(span, 2 * squares + 4 * reach * means)
+
+    def stddev(rows: int) -> float:
+        # `_root` maps the variance's interval [v - c, v + c] through the square root, and
+        # |sqrt(a) - sqrt(b)| <= sqrt(|a - b|): its half-width is at most sqrt(c).
+        return math.sqrt(variance(rows))
+
+    return stddev if kind is AggregateKind.STDDEV else variance
+
+
+def rows_for(bound: Callable[[int], float], target: float) -> int:
+    """The fewest rows at which a decreasing `bound` is at most `target` (0 if none do)."""
+    high = 1 << 40
+    if bound(high) > target:
+        return 0
+    low = 1
+    while low < high:
+        mid = (low + high) // 2
+        if bound(mid) <= target:
+            high = mid
+        else:
+            low = mid + 1
+    return low
 
 
 def discovery_mechanism(plan: QueryPlan) -> KeyDiscovery:

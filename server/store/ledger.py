@@ -9,6 +9,8 @@ both pass when only one fits. A refused step raises, which rolls the whole trans
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
@@ -30,8 +32,30 @@ def reserve(conn: Connection, release: Release) -> BudgetState:
     return budget_in(conn, release.agreement_id)
 
 
-def debit_agreement(conn: Connection, release: Release) -> None:
-    """Add the release's cost (epsilon, delta) and one release, if the agreement can pay."""
+def reserve_all(conn: Connection, releases_: list[Release]) -> None:
+    """A workload: debit the agreement and the analyst the total, record every release.
+
+    Both debits are conditional on the total (one UPDATE each), so a workload is paid whole
+    or refused whole; the caller's transaction also holds whatever else must change with it.
+    """
+    if releases_:
+        first = releases_[0]
+        total = replace(
+            first,
+            epsilon_spent=sum((r.epsilon_spent for r in releases_[1:]), start=first.epsilon_spent),
+            delta_units=sum(r.delta_units for r in releases_),
+        )
+        debit_agreement(conn, total, count=len(releases_))
+        debit_analyst(conn, total)
+        for release in releases_:
+            try:
+                conn.execute(releases.insert().values(**release_values(release)))
+            except sa.exc.IntegrityError:
+                raise already_exists("release", release.release_id) from None
+
+
+def debit_agreement(conn: Connection, release: Release, *, count: int = 1) -> None:
+    """Add the release's cost (epsilon, delta) and `count` releases, if the agreement can pay."""
     cost, delta = release.epsilon_spent.micros, release.delta_units
     debited = conn.execute(
         agreements.update()
@@ -43,7 +67,7 @@ def debit_agreement(conn: Connection, release: Release) -> None:
         .values(
             spent_micros=agreements.c.spent_micros + cost,
             spent_delta_units=agreements.c.spent_delta_units + delta,
-            release_count=agreements.c.release_count + 1,
+            release_count=agreements.c.release_count + count,
         )
     )
     if debited.rowcount != 1:  # NotFoundError if there is no such agreement

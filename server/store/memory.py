@@ -26,6 +26,7 @@ from entremise.server.domain.models import (
     Principal,
     PublicKeyRecord,
     QueryContext,
+    Quote,
     Release,
     Role,
     WrappedKey,
@@ -38,6 +39,7 @@ from entremise.server.store.refusals import (
     changed_meanwhile,
     keys_already_distributed,
     not_found,
+    quote_already_run,
     request_already_published,
     uploaded_concurrently,
 )
@@ -93,6 +95,7 @@ class MemoryStore(Store):
         self._public_keys: dict[str, list[PublicKeyRecord]] = {}  # oldest version first
         self._wrapped: dict[tuple[str, str], dict[str, WrappedKey]] = {}  # (agreement, context)
         self._withdrawals: dict[str, dict[str, dict[str, str]]] = {}  # agreement, partner, pseud.
+        self._quotes: dict[str, Quote] = {}
         self._audit: list[tuple[ChainedEntry, str]] = []  # entry (detail unread), detail JSON
 
     def close(self) -> None:
@@ -335,15 +338,8 @@ class MemoryStore(Store):
             agreement = self._agreement(release.agreement_id)
             spending = self._spending[release.agreement_id]
             cost, delta = release.epsilon_spent.micros, release.delta_units
-            if (
-                spending.micros + cost > agreement.total_epsilon.micros
-                or spending.delta_units + delta > agreement.total_delta_units
-            ):
-                raise agreement_refusal(self._budget(agreement), release)
-            cap = agreement.analyst_cap.micros
+            self._check_debit(agreement, spending, release)
             spent = spending.analysts.get(release.analyst_id, 0)
-            if spent + cost > cap:
-                raise analyst_refusal(release, cap, spent)
             if release.release_id in self._releases:
                 raise already_exists("release", release.release_id)
             spending.micros += cost
@@ -352,6 +348,19 @@ class MemoryStore(Store):
             spending.analysts[release.analyst_id] = spent + cost
             self._releases[release.release_id] = _stored(release)
             return self._budget(agreement)
+
+    def _check_debit(self, agreement: Agreement, spending: _Spending, release: Release) -> None:
+        """Refuse (raise) if the agreement or the analyst cannot pay for `release`."""
+        cost, delta = release.epsilon_spent.micros, release.delta_units
+        if (
+            spending.micros + cost > agreement.total_epsilon.micros
+            or spending.delta_units + delta > agreement.total_delta_units
+        ):
+            raise agreement_refusal(self._budget(agreement), release)
+        cap = agreement.analyst_cap.micros
+        spent = spending.analysts.get(release.analyst_id, 0)
+        if spent + cost > cap:
+            raise analyst_refusal(release, cap, spent)
 
     def finish_release(self, release: Release) -> None:  # noqa: D102
         with self._lock:
@@ -392,6 +401,55 @@ class MemoryStore(Store):
                 ):
                     return stored.decoded()
             return None
+
+    # -- quoted workloads ---------------------------------------------------------------------
+
+    def create_quote(self, quote: Quote) -> None:  # noqa: D102
+        with self._lock:
+            self._agreement(quote.agreement_id)
+            if quote.quote_id in self._quotes:
+                raise already_exists("quote", quote.quote_id)
+            self._quotes[quote.quote_id] = quote
+
+    def find_quote(self, quote_id: str) -> Quote | None:  # noqa: D102
+        with self._lock:
+            return self._quotes.get(quote_id)
+
+    def reserve_workload(  # noqa: D102
+        self, quote_id: str, releases: list[Release], used_at: str
+    ) -> BudgetState:
+        with self._lock:
+            quote = self._quotes.get(quote_id)
+            if quote is None:
+                raise not_found("quote", quote_id)
+            if quote.used_at:
+                raise quote_already_run(quote_id)
+            agreement = self._agreement(quote.agreement_id)
+            if releases:
+                first = releases[0]
+                total = replace(
+                    first,
+                    epsilon_spent=sum(
+                        (r.epsilon_spent for r in releases[1:]), start=first.epsilon_spent
+                    ),
+                    delta_units=sum(r.delta_units for r in releases),
+                )
+                spending = self._spending[agreement.agreement_id]
+                self._check_debit(agreement, spending, total)
+                for release in releases:
+                    if release.release_id in self._releases:
+                        raise already_exists("release", release.release_id)
+                cost = total.epsilon_spent.micros
+                spending.micros += cost
+                spending.delta_units += total.delta_units
+                spending.releases += len(releases)
+                spending.analysts[total.analyst_id] = (
+                    spending.analysts.get(total.analyst_id, 0) + cost
+                )
+                for release in releases:
+                    self._releases[release.release_id] = _stored(release)
+            self._quotes[quote_id] = replace(quote, used_at=used_at)
+            return self._budget(agreement)
 
     # -- keys ---------------------------------------------------------------------------------
 

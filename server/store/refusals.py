@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from entremise.server.domain.errors import AlreadyExistsError, BudgetExhaustedError, NotFoundError
+from entremise.server.domain.errors import (
+    AlreadyExistsError,
+    BudgetExhaustedError,
+    FailedPreconditionError,
+    NotFoundError,
+)
 from entremise.server.domain.models import DELTA_UNITS, BudgetState, Release
 
 
@@ -56,3 +61,8 @@ def analyst_refusal(release: Release, cap_micros: int, spent_micros: int) -> Bud
         requested=str(release.epsilon_spent),
         remaining=f"{type(release.epsilon_spent)(cap_micros - spent_micros)} for this analyst",
     )
+
+
+def quote_already_run(quote_id: str) -> FailedPreconditionError:
+    """A quote runs once."""
+    return FailedPreconditionError(f"quote {quote_id!r} was already run")

@@ -25,6 +25,7 @@ from entremise.server.domain.models import (
     DuplicateReport,
     Principal,
     PublicKeyRecord,
+    Quote,
     Release,
     Role,
     WrappedKey,
@@ -231,4 +232,35 @@ def audit_from_row(row: Any) -> ChainedEntry:
         row.prev_hash,
         row.hash,
         row.signature,
+    )
+
+
+def quote_values(quote: Quote) -> dict[str, Any]:
+    """A `quotes` row."""
+    return {
+        "quote_id": quote.quote_id,
+        "agreement_id": quote.agreement_id,
+        "analyst_id": quote.analyst_id,
+        "measure": quote.total.measure.value,
+        "total_micros": quote.total.micros,
+        "delta_units": quote.delta_units,
+        "created_at": quote.created_at,
+        "expires_at": quote.expires_at,
+        "document_json": quote.document,
+        "used_at": quote.used_at,
+    }
+
+
+def quote_from_row(row: Any) -> Quote:
+    """A `quotes` row."""
+    return Quote(
+        quote_id=row.quote_id,
+        agreement_id=row.agreement_id,
+        analyst_id=row.analyst_id,
+        total=BudgetKind(row.measure).loss_type(row.total_micros),
+        delta_units=row.delta_units,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        document=row.document_json,
+        used_at=row.used_at,
     )

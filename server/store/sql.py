@@ -24,6 +24,7 @@ from entremise.server.domain.models import (
     Principal,
     PublicKeyRecord,
     QueryContext,
+    Quote,
     Release,
     Role,
     WrappedKey,
@@ -36,6 +37,7 @@ from entremise.server.store.refusals import (
     changed_meanwhile,
     keys_already_distributed,
     not_found,
+    quote_already_run,
     request_already_published,
     uploaded_concurrently,
 )
@@ -47,6 +49,8 @@ from entremise.server.store.rows import (
     dataset_values,
     principal_from_row,
     public_key_from_row,
+    quote_from_row,
+    quote_values,
     release_from_row,
     storable,
     wrapped_key_from_row,
@@ -60,6 +64,7 @@ from entremise.server.store.tables import (
     metadata,
     principals,
     public_keys,
+    quotes,
     releases,
     retired_tokens,
     upload_requests,
@@ -458,6 +463,48 @@ class SqlStore(Store):
             query = query.where(releases.c.agreement_id == agreement_id)
         with self.engine.connect() as conn:
             return [release_from_row(row) for row in conn.execute(query)]
+
+    # -- quoted workloads ---------------------------------------------------------------------
+
+    def create_quote(self, quote: Quote) -> None:  # noqa: D102
+        if not storable(quote.agreement_id):
+            raise not_found("agreement", quote.agreement_id)
+        try:
+            with self.writer.begin() as conn:
+                reads.agreement_row(conn, quote.agreement_id)  # NotFound first
+                conn.execute(quotes.insert().values(**quote_values(quote)))
+        except sa.exc.IntegrityError:
+            if not self._exists(quotes.c.quote_id, quote.quote_id):
+                raise
+            raise already_exists("quote", quote.quote_id) from None
+
+    def find_quote(self, quote_id: str) -> Quote | None:  # noqa: D102
+        if not storable(quote_id):
+            return None
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(quotes).where(quotes.c.quote_id == quote_id)).first()
+        return quote_from_row(row) if row else None
+
+    def reserve_workload(  # noqa: D102
+        self, quote_id: str, releases: list[Release], used_at: str
+    ) -> BudgetState:
+        if not storable(quote_id):
+            raise not_found("quote", quote_id)
+        with self.writer.begin() as conn:
+            # Claim the quote first: a concurrent run of the same quote waits on this row and
+            # then finds it used; a refused debit below rolls the claim back with everything.
+            claimed = conn.execute(
+                quotes.update()
+                .where(quotes.c.quote_id == quote_id, quotes.c.used_at == "")
+                .values(used_at=used_at)
+            )
+            row = conn.execute(sa.select(quotes).where(quotes.c.quote_id == quote_id)).first()
+            if row is None:
+                raise not_found("quote", quote_id)
+            if claimed.rowcount != 1:
+                raise quote_already_run(quote_id)
+            ledger.reserve_all(conn, releases)
+            return reads.budget_in(conn, row.agreement_id)
 
     # -- keys ---------------------------------------------------------------------------------
 

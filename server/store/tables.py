@@ -177,6 +177,30 @@ releases = sa.Table(
 )
 
 
+# Priced workloads (`Quote`): spend nothing until run, once, by their analyst.
+quotes = sa.Table(
+    "quotes",
+    metadata,
+    sa.Column("quote_id", sa.String(40), primary_key=True),
+    sa.Column(
+        "agreement_id",
+        sa.String(40),
+        sa.ForeignKey("agreements.agreement_id"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("analyst_id", sa.String(40), nullable=False),
+    sa.Column("measure", sa.String(8), nullable=False),
+    sa.Column("total_micros", sa.BigInteger, nullable=False),
+    sa.Column("delta_units", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("expires_at", sa.String(32), nullable=False),
+    sa.Column("document_json", sa.Text, nullable=False),
+    # Empty until the workload is run; set in the transaction that debits it.
+    sa.Column("used_at", sa.String(32), nullable=False, server_default=""),
+)
+
+
 # One row: the chain's head. Updating it conditionally serialises appends on every database.
 audit_head = sa.Table(
     "audit_head",

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n entremise/v1/query_service.proto\x12\x0c\x65ntremise.v1\"\xa1\x01\n\tAggregate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.entremise.v1.AggregateKind\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x04 \x01(\t\x12\x10\n\x08quantile\x18\x05 \x01(\t\x12\x18\n\x0btarget_ci95\x18\x06 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_target_ci95\"\x98\x01\n\x06\x46ilter\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\"\n\x02op\x18\x02 \x01(\x0e\x32\x16.entremise.v1.FilterOp\x12\x0e\n\x06values\x18\x03 \x03(\t\x12$\n\x06\x61ny_of\x18\x04 \x03(\x0b\x32\x14.entremise.v1.Filter\x12$\n\x06\x61ll_of\x18\x05 \x03(\x0b\x32\x14.entremise.v1.Filter\"\xec\x01\n\x05Query\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\x12+\n\naggregates\x18\x02 \x03(\x0b\x32\x17.entremise.v1.Aggregate\x12\x10\n\x08group_by\x18\x03 \x03(\t\x12%\n\x07\x66ilters\x18\x04 \x03(\x0b\x32\x14.entremise.v1.Filter\x12\x0f\n\x07\x65psilon\x18\x05 \x01(\t\x12\x1b\n\x13max_rows_per_person\x18\x06 \x01(\x05\x12\x1d\n\x15max_groups_per_person\x18\x07 \x01(\x05\x12\x0b\n\x03rho\x18\x08 \x01(\t\x12\r\n\x05\x64\x65lta\x18\t \x01(\t\"\x88\x02\n\rAggregatePlan\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.entremise.v1.AggregateKind\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x04 \x01(\t\x12\x11\n\tmechanism\x18\x05 \x01(\t\x12\x13\n\x0bnoise_scale\x18\x06 \x01(\x01\x12\x13\n\x0bsensitivity\x18\x07 \x01(\x01\x12\x1b\n\x0e\x63i95_halfwidth\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x11\x63ount_noise_scale\x18\t \x01(\x01\x12\x15\n\raccuracy_note\x18\n \x01(\tB\x11\n\x0f_ci95_halfwidth\"\xa6\x01\n\x0cKeyDiscovery\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x02 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\t\x12\x11\n\tthreshold\x18\x04 \x01(\x03\x12\x15\n\rreleased_keys\x18\x05 \x01(\x03\x12\"\n\x15suppressed_keys_noisy\x18\x06 \x01(\x01H\x00\x88\x01\x01\x42\x18\n\x16_suppressed_keys_noisy\"{\n\x08\x42ounding\x12\x1b\n\x13max_rows_per_person\x18\x01 \x01(\x05\x12\x1d\n\x15max_groups_per_person\x18\x02 \x01(\x05\x12\x17\n\x0f\x63lamped_columns\x18\x03 \x03(\t\x12\x1a\n\x12shared_identifiers\x18\x04 \x01(\x05\"\xdb\x02\n\tQueryPlan\x12/\n\naggregates\x18\x01 \x03(\x0b\x32\x1b.entremise.v1.AggregatePlan\x12\x10\n\x08group_by\x18\x02 \x03(\t\x12\x12\n\ncell_count\x18\x03 \x01(\x03\x12(\n\x08\x62ounding\x18\x04 \x01(\x0b\x32\x16.entremise.v1.Bounding\x12\x0f\n\x07\x65psilon\x18\x05 \x01(\t\x12\x14\n\x0cprivacy_unit\x18\x06 \x01(\t\x12 \n\x18remaining_epsilon_before\x18\x07 \x01(\t\x12\x1f\n\x17remaining_epsilon_after\x18\x08 \x01(\t\x12\x0f\n\x07measure\x18\t \x01(\t\x12-\n\tdiscovery\x18\n \x01(\x0b\x32\x1a.entremise.v1.KeyDiscovery\x12\r\n\x05\x64\x65lta\x18\x0b \x01(\t\x12\x14\n\x0c\x62ounds_notes\x18\x0c \x03(\t\"9\n\x13PreviewQueryRequest\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.entremise.v1.Query\"=\n\x14PreviewQueryResponse\x12%\n\x04plan\x18\x01 \x01(\x0b\x32\x17.entremise.v1.QueryPlan\"5\n\x0fRunQueryRequest\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.entremise.v1.Query\"c\n\x04\x43\x65ll\x12\r\n\x05group\x18\x01 \x03(\t\x12\x12\n\x05value\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0e\x63i95_halfwidth\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x08\n\x06_valueB\x11\n\x0f_ci95_halfwidth\"}\n\x0f\x41ggregateResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.entremise.v1.AggregateKind\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\t\x12!\n\x05\x63\x65lls\x18\x04 \x03(\x0b\x32\x12.entremise.v1.Cell\"\x85\x02\n\x07Release\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61greement_id\x18\x02 \x01(\t\x12\x12\n\nanalyst_id\x18\x03 \x01(\t\x12%\n\x04plan\x18\x04 \x01(\x0b\x32\x17.entremise.v1.QueryPlan\x12.\n\x07results\x18\x05 \x03(\x0b\x32\x1d.entremise.v1.AggregateResult\x12\x15\n\repsilon_spent\x18\x06 \x01(\t\x12\x12\n\ncreated_at\x18\x07 \x01(\t\x12\x15\n\rdata_versions\x18\x08 \x03(\x05\x12\x13\n\x0b\x64\x65lta_spent\x18\t \x01(\t\x12\x0e\n\x06status\x18\n \x01(\t\"g\n\x10RunQueryResponse\x12&\n\x07release\x18\x01 \x01(\x0b\x32\x15.entremise.v1.Release\x12\x19\n\x11remaining_epsilon\x18\x02 \x01(\t\x12\x10\n\x08replayed\x18\x03 \x01(\x08*\xee\x01\n\rAggregateKind\x12\x1e\n\x1a\x41GGREGATE_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GGREGATE_KIND_COUNT\x10\x01\x12\x1d\n\x19\x41GGREGATE_KIND_COUNT_ROWS\x10\x02\x12\x16\n\x12\x41GGREGATE_KIND_SUM\x10\x03\x12\x17\n\x13\x41GGREGATE_KIND_MEAN\x10\x04\x12\x1b\n\x17\x41GGREGATE_KIND_VARIANCE\x10\x05\x12\x1b\n\x17\x41GGREGATE_KIND_QUANTILE\x10\x06\x12\x19\n\x15\x41GGREGATE_KIND_STDDEV\x10\x07*\x95\x01\n\x08\x46ilterOp\x12\x19\n\x15\x46ILTER_OP_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x46ILTER_OP_IN\x10\x01\x12\x14\n\x10\x46ILTER_OP_NOT_IN\x10\x02\x12\x10\n\x0c\x46ILTER_OP_GE\x10\x03\x12\x10\n\x0c\x46ILTER_OP_LE\x10\x04\x12\x10\n\x0c\x46ILTER_OP_LT\x10\x05\x12\x10\n\x0c\x46ILTER_OP_GT\x10\x06\x32\xb0\x01\n\x0cQueryService\x12U\n\x0cPreviewQuery\x12!.entremise.v1.PreviewQueryRequest\x1a\".entremise.v1.PreviewQueryResponse\x12I\n\x08RunQuery\x12\x1d.entremise.v1.RunQueryRequest\x1a\x1e.entremise.v1.RunQueryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n entremise/v1/query_service.proto\x12\x0c\x65ntremise.v1\"\xa1\x01\n\tAggregate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.entremise.v1.AggregateKind\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x04 \x01(\t\x12\x10\n\x08quantile\x18\x05 \x01(\t\x12\x18\n\x0btarget_ci95\x18\x06 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_target_ci95\"\x98\x01\n\x06\x46ilter\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\"\n\x02op\x18\x02 \x01(\x0e\x32\x16.entremise.v1.FilterOp\x12\x0e\n\x06values\x18\x03 \x03(\t\x12$\n\x06\x61ny_of\x18\x04 \x03(\x0b\x32\x14.entremise.v1.Filter\x12$\n\x06\x61ll_of\x18\x05 \x03(\x0b\x32\x14.entremise.v1.Filter\"\xec\x01\n\x05Query\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\x12+\n\naggregates\x18\x02 \x03(\x0b\x32\x17.entremise.v1.Aggregate\x12\x10\n\x08group_by\x18\x03 \x03(\t\x12%\n\x07\x66ilters\x18\x04 \x03(\x0b\x32\x14.entremise.v1.Filter\x12\x0f\n\x07\x65psilon\x18\x05 \x01(\t\x12\x1b\n\x13max_rows_per_person\x18\x06 \x01(\x05\x12\x1d\n\x15max_groups_per_person\x18\x07 \x01(\x05\x12\x0b\n\x03rho\x18\x08 \x01(\t\x12\r\n\x05\x64\x65lta\x18\t \x01(\t\"\xd6\x02\n\rAggregatePlan\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.entremise.v1.AggregateKind\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x04 \x01(\t\x12\x11\n\tmechanism\x18\x05 \x01(\t\x12\x13\n\x0bnoise_scale\x18\x06 \x01(\x01\x12\x13\n\x0bsensitivity\x18\x07 \x01(\x01\x12\x1b\n\x0e\x63i95_halfwidth\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x11\x63ount_noise_scale\x18\t \x01(\x01\x12\x15\n\raccuracy_note\x18\n \x01(\t\x12\x33\n\x0c\x63i95_at_rows\x18\x0b \x03(\x0b\x32\x1d.entremise.v1.HalfwidthAtRows\x12\x17\n\x0frows_for_target\x18\x0c \x01(\x03\x42\x11\n\x0f_ci95_halfwidth\"\xa6\x01\n\x0cKeyDiscovery\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x02 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\t\x12\x11\n\tthreshold\x18\x04 \x01(\x03\x12\x15\n\rreleased_keys\x18\x05 \x01(\x03\x12\"\n\x15suppressed_keys_noisy\x18\x06 \x01(\x01H\x00\x88\x01\x01\x42\x18\n\x16_suppressed_keys_noisy\"{\n\x08\x42ounding\x12\x1b\n\x13max_rows_per_person\x18\x01 \x01(\x05\x12\x1d\n\x15max_groups_per_person\x18\x02 \x01(\x05\x12\x17\n\x0f\x63lamped_columns\x18\x03 \x03(\t\x12\x1a\n\x12shared_identifiers\x18\x04 \x01(\x05\"\xdb\x02\n\tQueryPlan\x12/\n\naggregates\x18\x01 \x03(\x0b\x32\x1b.entremise.v1.AggregatePlan\x12\x10\n\x08group_by\x18\x02 \x03(\t\x12\x12\n\ncell_count\x18\x03 \x01(\x03\x12(\n\x08\x62ounding\x18\x04 \x01(\x0b\x32\x16.entremise.v1.Bounding\x12\x0f\n\x07\x65psilon\x18\x05 \x01(\t\x12\x14\n\x0cprivacy_unit\x18\x06 \x01(\t\x12 \n\x18remaining_epsilon_before\x18\x07 \x01(\t\x12\x1f\n\x17remaining_epsilon_after\x18\x08 \x01(\t\x12\x0f\n\x07measure\x18\t \x01(\t\x12-\n\tdiscovery\x18\n \x01(\x0b\x32\x1a.entremise.v1.KeyDiscovery\x12\r\n\x05\x64\x65lta\x18\x0b \x01(\t\x12\x14\n\x0c\x62ounds_notes\x18\x0c \x03(\t\"9\n\x13PreviewQueryRequest\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.entremise.v1.Query\"=\n\x14PreviewQueryResponse\x12%\n\x04plan\x18\x01 \x01(\x0b\x32\x17.entremise.v1.QueryPlan\"5\n\x0fRunQueryRequest\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.entremise.v1.Query\"c\n\x04\x43\x65ll\x12\r\n\x05group\x18\x01 \x03(\t\x12\x12\n\x05value\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0e\x63i95_halfwidth\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x08\n\x06_valueB\x11\n\x0f_ci95_halfwidth\"}\n\x0f\x41ggregateResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.entremise.v1.AggregateKind\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\t\x12!\n\x05\x63\x65lls\x18\x04 \x03(\x0b\x32\x12.entremise.v1.Cell\"\x85\x02\n\x07Release\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61greement_id\x18\x02 \x01(\t\x12\x12\n\nanalyst_id\x18\x03 \x01(\t\x12%\n\x04plan\x18\x04 \x01(\x0b\x32\x17.entremise.v1.QueryPlan\x12.\n\x07results\x18\x05 \x03(\x0b\x32\x1d.entremise.v1.AggregateResult\x12\x15\n\repsilon_spent\x18\x06 \x01(\t\x12\x12\n\ncreated_at\x18\x07 \x01(\t\x12\x15\n\rdata_versions\x18\x08 \x03(\x05\x12\x13\n\x0b\x64\x65lta_spent\x18\t \x01(\t\x12\x0e\n\x06status\x18\n \x01(\t\"g\n\x10RunQueryResponse\x12&\n\x07release\x18\x01 \x01(\x0b\x32\x15.entremise.v1.Release\x12\x19\n\x11remaining_epsilon\x18\x02 \x01(\t\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"7\n\x0fHalfwidthAtRows\x12\x0c\n\x04rows\x18\x01 \x01(\x03\x12\x16\n\x0e\x63i95_halfwidth\x18\x02 \x01(\x01\"R\n\x14QuoteWorkloadRequest\x12\x14\n\x0c\x61greement_id\x18\x01 \x01(\t\x12$\n\x07queries\x18\x02 \x03(\x0b\x32\x13.entremise.v1.Query\"\x98\x02\n\x15QuoteWorkloadResponse\x12\x10\n\x08quote_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61greement_id\x18\x02 \x01(\t\x12&\n\x05plans\x18\x03 \x03(\x0b\x32\x17.entremise.v1.QueryPlan\x12\r\n\x05\x63osts\x18\x04 \x03(\t\x12\r\n\x05total\x18\x05 \x01(\t\x12\x13\n\x0btotal_delta\x18\x06 \x01(\t\x12\x0f\n\x07measure\x18\x07 \x01(\t\x12\x18\n\x10remaining_before\x18\x08 \x01(\t\x12\x17\n\x0fremaining_after\x18\t \x01(\t\x12\x12\n\ncreated_at\x18\n \x01(\t\x12\x12\n\nexpires_at\x18\x0b \x01(\t\x12\x10\n\x08replayed\x18\x0c \x03(\x08\"#\n\x0fRunQuoteRequest\x12\x10\n\x08quote_id\x18\x01 \x01(\t\"h\n\x10RunQuoteResponse\x12\'\n\x08releases\x18\x01 \x03(\x0b\x32\x15.entremise.v1.Release\x12\x19\n\x11remaining_epsilon\x18\x02 \x01(\t\x12\x10\n\x08replayed\x18\x03 \x03(\x08*\xee\x01\n\rAggregateKind\x12\x1e\n\x1a\x41GGREGATE_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GGREGATE_KIND_COUNT\x10\x01\x12\x1d\n\x19\x41GGREGATE_KIND_COUNT_ROWS\x10\x02\x12\x16\n\x12\x41GGREGATE_KIND_SUM\x10\x03\x12\x17\n\x13\x41GGREGATE_KIND_MEAN\x10\x04\x12\x1b\n\x17\x41GGREGATE_KIND_VARIANCE\x10\x05\x12\x1b\n\x17\x41GGREGATE_KIND_QUANTILE\x10\x06\x12\x19\n\x15\x41GGREGATE_KIND_STDDEV\x10\x07*\x95\x01\n\x08\x46ilterOp\x12\x19\n\x15\x46ILTER_OP_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x46ILTER_OP_IN\x10\x01\x12\x14\n\x10\x46ILTER_OP_NOT_IN\x10\x02\x12\x10\n\x0c\x46ILTER_OP_GE\x10\x03\x12\x10\n\x0c\x46ILTER_OP_LE\x10\x04\x12\x10\n\x0c\x46ILTER_OP_LT\x10\x05\x12\x10\n\x0c\x46ILTER_OP_GT\x10\x06\x32\xd5\x02\n\x0cQueryService\x12U\n\x0cPreviewQuery\x12!.entremise.v1.PreviewQueryRequest\x1a\".entremise.v1.PreviewQueryResponse\x12I\n\x08RunQuery\x12\x1d.entremise.v1.RunQueryRequest\x1a\x1e.entremise.v1.RunQueryResponse\x12X\n\rQuoteWorkload\x12\".entremise.v1.QuoteWorkloadRequest\x1a#.entremise.v1.QuoteWorkloadResponse\x12I\n\x08RunQuote\x12\x1d.entremise.v1.RunQuoteRequest\x1a\x1e.entremise.v1.RunQuoteResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'entremise.v1.query_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGGREGATEKIND']._serialized_start=2294
-  _globals['_AGGREGATEKIND']._serialized_end=2532
-  _globals['_FILTEROP']._serialized_start=2535
-  _globals['_FILTEROP']._serialized_end=2684
+  _globals['_AGGREGATEKIND']._serialized_start=2939
+  _globals['_AGGREGATEKIND']._serialized_end=3177
+  _globals['_FILTEROP']._serialized_start=3180
+  _globals['_FILTEROP']._serialized_end=3329
   _globals['_AGGREGATE']._serialized_start=51
   _globals['_AGGREGATE']._serialized_end=212
   _globals['_FILTER']._serialized_start=215
@@ -42,27 +42,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUERY']._serialized_start=370
   _globals['_QUERY']._serialized_end=606
   _globals['_AGGREGATEPLAN']._serialized_start=609
-  _globals['_AGGREGATEPLAN']._serialized_end=873
-  _globals['_KEYDISCOVERY']._serialized_start=876
-  _globals['_KEYDISCOVERY']._serialized_end=1042
-  _globals['_BOUNDING']._serialized_start=1044
-  _globals['_BOUNDING']._serialized_end=1167
-  _globals['_QUERYPLAN']._serialized_start=1170
-  _globals['_QUERYPLAN']._serialized_end=1517
-  _globals['_PREVIEWQUERYREQUEST']._serialized_start=1519
-  _globals['_PREVIEWQUERYREQUEST']._serialized_end=1576
-  _globals['_PREVIEWQUERYRESPONSE']._serialized_start=1578
-  _globals['_PREVIEWQUERYRESPONSE']._serialized_end=1639
-  _globals['_RUNQUERYREQUEST']._serialized_start=1641
-  _globals['_RUNQUERYREQUEST']._serialized_end=1694
-  _globals['_CELL']._serialized_start=1696
-  _globals['_CELL']._serialized_end=1795
-  _globals['_AGGREGATERESULT']._serialized_start=1797
-  _globals['_AGGREGATERESULT']._serialized_end=1922
-  _globals['_RELEASE']._serialized_start=1925
-  _globals['_RELEASE']._serialized_end=2186
-  _globals['_RUNQUERYRESPONSE']._serialized_start=2188
-  _globals['_RUNQUERYRESPONSE']._serialized_end=2291
-  _globals['_QUERYSERVICE']._serialized_start=2687
-  _globals['_QUERYSERVICE']._serialized_end=2863
+  _globals['_AGGREGATEPLAN']._serialized_end=951
+  _globals['_KEYDISCOVERY']._serialized_start=954
+  _globals['_KEYDISCOVERY']._serialized_end=1120
+  _globals['_BOUNDING']._serialized_start=1122
+  _globals['_BOUNDING']._serialized_end=1245
+  _globals['_QUERYPLAN']._serialized_start=1248
+  _globals['_QUERYPLAN']._serialized_end=1595
+  _globals['_PREVIEWQUERYREQUEST']._serialized_start=1597
+  _globals['_PREVIEWQUERYREQUEST']._serialized_end=1654
+  _globals['_PREVIEWQUERYRESPONSE']._serialized_start=1656
+  _globals['_PREVIEWQUERYRESPONSE']._serialized_end=1717
+  _globals['_RUNQUERYREQUEST']._serialized_start=1719
+  _globals['_RUNQUERYREQUEST']._serialized_end=1772
+  _globals['_CELL']._serialized_start=1774
+  _globals['_CELL']._serialized_end=1873
+  _globals['_AGGREGATERESULT']._serialized_start=1875
+  _globals['_AGGREGATERESULT']._serialized_end=2000
+  _globals['_RELEASE']._serialized_start=2003
+  _globals['_RELEASE']._serialized_end=2264
+  _globals['_RUNQUERYRESPONSE']._serialized_start=2266
+  _globals['_RUNQUERYRESPONSE']._serialized_end=2369
+  _globals['_HALFWIDTHATROWS']._serialized_start=2371
+  _globals['_HALFWIDTHATROWS']._serialized_end=2426
+  _globals['_QUOTEWORKLOADREQUEST']._serialized_start=2428
+  _globals['_QUOTEWORKLOADREQUEST']._serialized_end=2510
+  _globals['_QUOTEWORKLOADRESPONSE']._serialized_start=2513
+  _globals['_QUOTEWORKLOADRESPONSE']._serialized_end=2793
+  _globals['_RUNQUOTEREQUEST']._serialized_start=2795
+  _globals['_RUNQUOTEREQUEST']._serialized_end=2830
+  _globals['_RUNQUOTERESPONSE']._serialized_start=2832
+  _globals['_RUNQUOTERESPONSE']._serialized_end=2936
+  _globals['_QUERYSERVICE']._serialized_start=3332
+  _globals['_QUERYSERVICE']._serialized_end=3673
 # @@protoc_insertion_point(module_scope)

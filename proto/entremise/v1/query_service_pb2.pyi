@@ -240,6 +240,8 @@ class AggregatePlan(_message.Message):
     CI95_HALFWIDTH_FIELD_NUMBER: _builtins.int
     COUNT_NOISE_SCALE_FIELD_NUMBER: _builtins.int
     ACCURACY_NOTE_FIELD_NUMBER: _builtins.int
+    CI95_AT_ROWS_FIELD_NUMBER: _builtins.int
+    ROWS_FOR_TARGET_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: Global___AggregateKind.ValueType
     column: _builtins.str
@@ -252,6 +254,17 @@ class AggregatePlan(_message.Message):
     """Data-independent 95% half-width; absent for MEAN (depends on the count)."""
     count_noise_scale: _builtins.float
     accuracy_note: _builtins.str
+    rows_for_target: _builtins.int
+    """With a target_ci95: the smallest row count at which that bound falls under the target
+    (0 if it never does).
+    """
+    @_builtins.property
+    def ci95_at_rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___HalfwidthAtRows]:
+        """For MEAN, VARIANCE and STDDEV, whose half-width depends on the cell's (unknown) row count:
+        an upper bound on the 95% half-width at 100, 1,000, 10,000 and 100,000 rows, from public
+        inputs only (the release's own union-bound arithmetic, worst case within the bounds).
+        """
+
     def __init__(
         self,
         *,
@@ -265,10 +278,12 @@ class AggregatePlan(_message.Message):
         ci95_halfwidth: _builtins.float | None = ...,
         count_noise_scale: _builtins.float = ...,
         accuracy_note: _builtins.str = ...,
+        ci95_at_rows: _abc.Iterable[Global___HalfwidthAtRows] | None = ...,
+        rows_for_target: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_ci95_halfwidth", b"_ci95_halfwidth", "ci95_halfwidth", b"ci95_halfwidth"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ci95_halfwidth", b"_ci95_halfwidth", "accuracy_note", b"accuracy_note", "ci95_halfwidth", b"ci95_halfwidth", "column", b"column", "count_noise_scale", b"count_noise_scale", "epsilon", b"epsilon", "kind", b"kind", "mechanism", b"mechanism", "name", b"name", "noise_scale", b"noise_scale", "sensitivity", b"sensitivity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ci95_halfwidth", b"_ci95_halfwidth", "accuracy_note", b"accuracy_note", "ci95_at_rows", b"ci95_at_rows", "ci95_halfwidth", b"ci95_halfwidth", "column", b"column", "count_noise_scale", b"count_noise_scale", "epsilon", b"epsilon", "kind", b"kind", "mechanism", b"mechanism", "name", b"name", "noise_scale", b"noise_scale", "rows_for_target", b"rows_for_target", "sensitivity", b"sensitivity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__ci95_halfwidth: _TypeAlias = _typing.Literal["ci95_halfwidth"]  # noqa: Y015
     _WhichOneofArgType__ci95_halfwidth: _TypeAlias = _typing.Literal["_ci95_halfwidth", b"_ci95_halfwidth"]  # noqa: Y015
@@ -610,3 +625,161 @@ class RunQueryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunQueryResponse: _TypeAlias = RunQueryResponse  # noqa: Y015
+
+@_typing.final
+class HalfwidthAtRows(_message.Message):
+    """An upper bound on a 95% half-width, for a cell of `rows` rows."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    CI95_HALFWIDTH_FIELD_NUMBER: _builtins.int
+    rows: _builtins.int
+    ci95_halfwidth: _builtins.float
+    def __init__(
+        self,
+        *,
+        rows: _builtins.int = ...,
+        ci95_halfwidth: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ci95_halfwidth", b"ci95_halfwidth", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HalfwidthAtRows: _TypeAlias = HalfwidthAtRows  # noqa: Y015
+
+@_typing.final
+class QuoteWorkloadRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGREEMENT_ID_FIELD_NUMBER: _builtins.int
+    QUERIES_FIELD_NUMBER: _builtins.int
+    agreement_id: _builtins.str
+    """Every query must name the same agreement (or leave it empty to use this one)."""
+    @_builtins.property
+    def queries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Query]: ...
+    def __init__(
+        self,
+        *,
+        agreement_id: _builtins.str = ...,
+        queries: _abc.Iterable[Global___Query] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "queries", b"queries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuoteWorkloadRequest: _TypeAlias = QuoteWorkloadRequest  # noqa: Y015
+
+@_typing.final
+class QuoteWorkloadResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUOTE_ID_FIELD_NUMBER: _builtins.int
+    AGREEMENT_ID_FIELD_NUMBER: _builtins.int
+    PLANS_FIELD_NUMBER: _builtins.int
+    COSTS_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    TOTAL_DELTA_FIELD_NUMBER: _builtins.int
+    MEASURE_FIELD_NUMBER: _builtins.int
+    REMAINING_BEFORE_FIELD_NUMBER: _builtins.int
+    REMAINING_AFTER_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    quote_id: _builtins.str
+    agreement_id: _builtins.str
+    total: _builtins.str
+    total_delta: _builtins.str
+    measure: _builtins.str
+    remaining_before: _builtins.str
+    """What the analyst may still spend of the agreement (within its own cap), before and after."""
+    remaining_after: _builtins.str
+    created_at: _builtins.str
+    expires_at: _builtins.str
+    @_builtins.property
+    def plans(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueryPlan]:
+        """One plan per query, in order; its remaining amounts run down the workload."""
+
+    @_builtins.property
+    def costs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What each query costs (0 for one answered from the ledger), and the total."""
+
+    @_builtins.property
+    def replayed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """True for a query already released on the same data state: it is free and replayed."""
+
+    def __init__(
+        self,
+        *,
+        quote_id: _builtins.str = ...,
+        agreement_id: _builtins.str = ...,
+        plans: _abc.Iterable[Global___QueryPlan] | None = ...,
+        costs: _abc.Iterable[_builtins.str] | None = ...,
+        total: _builtins.str = ...,
+        total_delta: _builtins.str = ...,
+        measure: _builtins.str = ...,
+        remaining_before: _builtins.str = ...,
+        remaining_after: _builtins.str = ...,
+        created_at: _builtins.str = ...,
+        expires_at: _builtins.str = ...,
+        replayed: _abc.Iterable[_builtins.bool] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_id", b"agreement_id", "costs", b"costs", "created_at", b"created_at", "expires_at", b"expires_at", "measure", b"measure", "plans", b"plans", "quote_id", b"quote_id", "remaining_after", b"remaining_after", "remaining_before", b"remaining_before", "replayed", b"replayed", "total", b"total", "total_delta", b"total_delta"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuoteWorkloadResponse: _TypeAlias = QuoteWorkloadResponse  # noqa: Y015
+
+@_typing.final
+class RunQuoteRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUOTE_ID_FIELD_NUMBER: _builtins.int
+    quote_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        quote_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quote_id", b"quote_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunQuoteRequest: _TypeAlias = RunQuoteRequest  # noqa: Y015
+
+@_typing.final
+class RunQuoteResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASES_FIELD_NUMBER: _builtins.int
+    REMAINING_EPSILON_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    remaining_epsilon: _builtins.str
+    @_builtins.property
+    def releases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Release]:
+        """One release per query, in the workload's order."""
+
+    @_builtins.property
+    def replayed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]: ...
+    def __init__(
+        self,
+        *,
+        releases: _abc.Iterable[Global___Release] | None = ...,
+        remaining_epsilon: _builtins.str = ...,
+        replayed: _abc.Iterable[_builtins.bool] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["releases", b"releases", "remaining_epsilon", b"remaining_epsilon", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunQuoteResponse: _TypeAlias = RunQuoteResponse  # noqa: Y015

@@ -44,6 +44,16 @@ class QueryServiceStub:
                 request_serializer=entremise_dot_v1_dot_query__service__pb2.RunQueryRequest.SerializeToString,
                 response_deserializer=entremise_dot_v1_dot_query__service__pb2.RunQueryResponse.FromString,
                 _registered_method=True)
+        self.QuoteWorkload = channel.unary_unary(
+                '/entremise.v1.QueryService/QuoteWorkload',
+                request_serializer=entremise_dot_v1_dot_query__service__pb2.QuoteWorkloadRequest.SerializeToString,
+                response_deserializer=entremise_dot_v1_dot_query__service__pb2.QuoteWorkloadResponse.FromString,
+                _registered_method=True)
+        self.RunQuote = channel.unary_unary(
+                '/entremise.v1.QueryService/RunQuote',
+                request_serializer=entremise_dot_v1_dot_query__service__pb2.RunQuoteRequest.SerializeToString,
+                response_deserializer=entremise_dot_v1_dot_query__service__pb2.RunQuoteResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -63,6 +73,22 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def QuoteWorkload(self, request, context):
+        """Prices a workload (several queries of one agreement) and records it as a quote; spends
+        nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunQuote(self, request, context):
+        """Runs a quote once, by the analyst who asked for it: one all-or-nothing debit of the whole
+        workload, refused if the data state changed since the quote.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +101,16 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.RunQuery,
                     request_deserializer=entremise_dot_v1_dot_query__service__pb2.RunQueryRequest.FromString,
                     response_serializer=entremise_dot_v1_dot_query__service__pb2.RunQueryResponse.SerializeToString,
+            ),
+            'QuoteWorkload': grpc.unary_unary_rpc_method_handler(
+                    servicer.QuoteWorkload,
+                    request_deserializer=entremise_dot_v1_dot_query__service__pb2.QuoteWorkloadRequest.FromString,
+                    response_serializer=entremise_dot_v1_dot_query__service__pb2.QuoteWorkloadResponse.SerializeToString,
+            ),
+            'RunQuote': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunQuote,
+                    request_deserializer=entremise_dot_v1_dot_query__service__pb2.RunQuoteRequest.FromString,
+                    response_serializer=entremise_dot_v1_dot_query__service__pb2.RunQuoteResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +167,60 @@ class QueryService:
             '/entremise.v1.QueryService/RunQuery',
             entremise_dot_v1_dot_query__service__pb2.RunQueryRequest.SerializeToString,
             entremise_dot_v1_dot_query__service__pb2.RunQueryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QuoteWorkload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entremise.v1.QueryService/QuoteWorkload',
+            entremise_dot_v1_dot_query__service__pb2.QuoteWorkloadRequest.SerializeToString,
+            entremise_dot_v1_dot_query__service__pb2.QuoteWorkloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunQuote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entremise.v1.QueryService/RunQuote',
+            entremise_dot_v1_dot_query__service__pb2.RunQuoteRequest.SerializeToString,
+            entremise_dot_v1_dot_query__service__pb2.RunQuoteResponse.FromString,
             options,
             channel_credentials,
             insecure,

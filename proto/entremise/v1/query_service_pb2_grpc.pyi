@@ -35,6 +35,14 @@ class QueryServiceStub:
     """Expected accuracy and cost of a query; spends nothing."""
     RunQuery: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.RunQueryRequest, _query_service_pb2.RunQueryResponse]
     """Debits the budget and releases the noisy answer in one transaction."""
+    QuoteWorkload: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.QuoteWorkloadRequest, _query_service_pb2.QuoteWorkloadResponse]
+    """Prices a workload (several queries of one agreement) and records it as a quote; spends
+    nothing.
+    """
+    RunQuote: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.RunQuoteRequest, _query_service_pb2.RunQuoteResponse]
+    """Runs a quote once, by the analyst who asked for it: one all-or-nothing debit of the whole
+    workload, refused if the data state changed since the quote.
+    """
 
 @_typing.type_check_only
 class QueryServiceAsyncStub(QueryServiceStub):
@@ -43,6 +51,14 @@ class QueryServiceAsyncStub(QueryServiceStub):
     """Expected accuracy and cost of a query; spends nothing."""
     RunQuery: _aio.UnaryUnaryMultiCallable[_query_service_pb2.RunQueryRequest, _query_service_pb2.RunQueryResponse]  # type: ignore[assignment]
     """Debits the budget and releases the noisy answer in one transaction."""
+    QuoteWorkload: _aio.UnaryUnaryMultiCallable[_query_service_pb2.QuoteWorkloadRequest, _query_service_pb2.QuoteWorkloadResponse]  # type: ignore[assignment]
+    """Prices a workload (several queries of one agreement) and records it as a quote; spends
+    nothing.
+    """
+    RunQuote: _aio.UnaryUnaryMultiCallable[_query_service_pb2.RunQuoteRequest, _query_service_pb2.RunQuoteResponse]  # type: ignore[assignment]
+    """Runs a quote once, by the analyst who asked for it: one all-or-nothing debit of the whole
+    workload, refused if the data state changed since the quote.
+    """
 
 class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -60,5 +76,25 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_query_service_pb2.RunQueryResponse, _abc.Awaitable[_query_service_pb2.RunQueryResponse]]:
         """Debits the budget and releases the noisy answer in one transaction."""
+
+    @_abc_1.abstractmethod
+    def QuoteWorkload(
+        self,
+        request: _query_service_pb2.QuoteWorkloadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_service_pb2.QuoteWorkloadResponse, _abc.Awaitable[_query_service_pb2.QuoteWorkloadResponse]]:
+        """Prices a workload (several queries of one agreement) and records it as a quote; spends
+        nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def RunQuote(
+        self,
+        request: _query_service_pb2.RunQuoteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_service_pb2.RunQuoteResponse, _abc.Awaitable[_query_service_pb2.RunQuoteResponse]]:
+        """Runs a quote once, by the analyst who asked for it: one all-or-nothing debit of the whole
+        workload, refused if the data state changed since the quote.
+        """
 
 def add_QueryServiceServicer_to_server(servicer: QueryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
