@@ -36,7 +36,7 @@ from entremise.cli.output import (
     text_column,
     whole,
 )
-from entremise.sdk import AggregateKind, AggregateResult, QueryPlan
+from entremise.sdk import AggregateKind, AggregatePlan, AggregateResult, QueryPlan
 from entremise.sdk.query import Query, QuerySyntaxError
 from entremise.v1 import query_service_pb2
 
@@ -113,15 +113,24 @@ def _plan_table(plan: QueryPlan, levels: dict[str, float | None]) -> Table:
         f"budget {plan.remaining_epsilon_before} -> {plan.remaining_epsilon_after}",
     )
     for a in plan.aggregates:
-        ci = "after release" if a.ci95_halfwidth is None else approx(a.ci95_halfwidth)
         out.add_row(
             Text(_title(a.name, a.kind, a.column, levels)),
             Text(a.epsilon),
             Text(a.mechanism.replace("_", " ")),
             approx(a.noise_scale),
-            ci,
+            _planned_halfwidth(a),
         )
     return out
+
+
+def _planned_halfwidth(a: AggregatePlan) -> str:
+    """The 95% half-width before release: exact, or a bound at 1,000 rows for ratios."""
+    if a.ci95_halfwidth is not None:
+        return approx(a.ci95_halfwidth)
+    at = dict(a.ci95_at_rows)
+    if 1000 in at:
+        return f"<= {approx(at[1000])} at 1k rows"
+    return "after release"
 
 
 def _print_bounds(plan: QueryPlan) -> None:
