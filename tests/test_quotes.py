@@ -106,7 +106,7 @@ def test_a_change_of_the_data_after_the_quote_refuses_its_run(
     if change == "withdrawal":
         emails = sorted(set(s.panel["email"]))[:5]
         s.panel_client.withdraw_consent(s.agreement_id, emails, "email", keys=s.panel_key)
-        expected = "consent withdrawals: 5 now, 0 when quoted"
+        expected = "consent was withdrawn since the quote"
     else:
         s.bank_client.upload_dataset(
             s.agreement_id, "bank", s.bank.iloc[:-10], BANK_SCHEMA, keys=s.bank_key

@@ -455,8 +455,8 @@ def state_change(quoted: dict[str, Any], current: dict[str, Any]) -> list[str]:
         elif now_fingerprint != fingerprint:
             changes.append(f"dataset {name!r} is under a new key context")
     if current["withdrawals"] != quoted["withdrawals"]:
-        changes.append(
-            f"consent withdrawals: {current['withdrawals']} now, {quoted['withdrawals']} "
-            "when quoted"
-        )
+        # Never how many: a count of people who withdrew is about people, and an analyst
+        # sees nothing about people outside a mechanism (that the state changed, replays
+        # already show).
+        changes.append("consent was withdrawn since the quote")
     return changes
