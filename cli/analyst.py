@@ -107,6 +107,7 @@ def _plan_table(plan: QueryPlan, levels: dict[str, float | None]) -> Table:
         text_column("aggregate"),
         text_column(measure),
         text_column("mechanism"),
+        number_column("sensitivity"),
         number_column("noise scale"),
         number_column("95% +/-"),
         title=f"{measure} {plan.epsilon} over {whole(plan.cell_count)} cell(s); "
@@ -117,6 +118,7 @@ def _plan_table(plan: QueryPlan, levels: dict[str, float | None]) -> Table:
             Text(_title(a.name, a.kind, a.column, levels)),
             Text(a.epsilon),
             Text(a.mechanism.replace("_", " ")),
+            approx(a.sensitivity),
             approx(a.noise_scale),
             _planned_halfwidth(a),
         )
