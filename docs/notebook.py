@@ -52,7 +52,9 @@ print(agreements[["agreement_id", "status", "datasets", "measure", "remaining"]]
 # %% [markdown]
 # ## Preview: what a query costs and how accurate it is, for free
 #
-# Means have no interval before release (it depends on the noisy count); counts and sums do.
+# Counts and sums have their 95% half-width before release. A mean's depends on its cell's
+# row count, so the preview bounds it at 1,000 rows (`ci95_at_1000_rows`; the release gives
+# each cell its own).
 
 # %%
 SPEND = """
@@ -63,7 +65,7 @@ FROM bank JOIN panel
 GROUP BY bank.segment
 """
 plan = hub.preview(SPEND, epsilon=0.5)
-print(plan[["name", "kind", "share", "mechanism", "ci95"]])
+print(plan[["name", "kind", "share", "mechanism", "ci95", "ci95_at_1000_rows"]])
 print(
     f"cost {plan.attrs['cost']} over {plan.attrs['cells']} cells; budget "
     f"{plan.attrs['remaining_before']} -> {plan.attrs['remaining_after']}"

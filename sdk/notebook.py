@@ -121,8 +121,12 @@ class Hub:
                     "asked": share_words(asked, unit),
                     "share": float(planned.epsilon) if planned.epsilon else math.nan,
                     "mechanism": planned.mechanism,
+                    "sensitivity": planned.sensitivity,
                     "noise_scale": planned.noise_scale,
                     "ci95": math.nan if planned.ci95_halfwidth is None else planned.ci95_halfwidth,
+                    # A mean's or variance's half-width depends on its cell's row count:
+                    # the bound at 1,000 rows (data-independent) tells what to expect.
+                    "ci95_at_1000_rows": dict(planned.ci95_at_rows).get(1000, math.nan),
                     "note": planned.accuracy_note,
                 }
             )
@@ -135,8 +139,10 @@ class Hub:
                 "asked",
                 "share",
                 "mechanism",
+                "sensitivity",
                 "noise_scale",
                 "ci95",
+                "ci95_at_1000_rows",
                 "note",
             ],
         )

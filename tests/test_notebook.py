@@ -46,6 +46,9 @@ def test_the_notebook_session_runs_and_leaves_its_answers(
     assert list(plan["name"]) == ["people", "spend"]
     assert plan.attrs["cells"] == 3 and plan.attrs["cost"] == "0.5"
     assert names["people_ci95"] > 0
+    # A mean's half-width before release: a bound at 1,000 rows; a count's is exact.
+    spend_plan = plan.set_index("name").loc["spend"]
+    assert spend_plan["ci95_at_1000_rows"] > 0 and pd.isna(spend_plan["ci95"])
 
     spend: pd.DataFrame = names["spend"]
     assert list(spend.columns) == [
