@@ -592,8 +592,6 @@ class ResolvedFilter:
 
     ref: ColumnRef
     op: FilterOp
-    categories: tuple[str, ...] = ()
-    threshold: float = 0.0
     literals: tuple[Literal, ...] = ()  # the values as the engine compares them
     any_of: tuple[ResolvedFilter, ...] = ()
     all_of: tuple[ResolvedFilter, ...] = ()

@@ -147,16 +147,14 @@ def _resolve_leaf(
                 raise InvalidArgumentError(
                     f"filter on {ref.qualified}: {unknown} not among its declared categories"
                 )
-        categories = tuple(dict.fromkeys(values))
-        return ResolvedFilter(ref, op, categories=categories, literals=categories)
+        return ResolvedFilter(ref, op, literals=tuple(dict.fromkeys(values)))
     if listed and not values:
         raise InvalidArgumentError(f"filter on {ref.qualified} needs at least one value")
     if not listed and len(values) != 1:
         what = "date" if isinstance(ref.column, DateColumn) else "number"
         raise InvalidArgumentError(f"filter {op} on {ref.qualified} takes exactly one {what}")
     literals = tuple(dict.fromkeys(_literal(ref, op, v) for v in values))
-    threshold = literals[0] if isinstance(literals[0], float) and not listed else 0.0
-    return ResolvedFilter(ref, op, threshold=threshold, literals=literals)
+    return ResolvedFilter(ref, op, literals=literals)
 
 
 def _literal(ref: ColumnRef, op: FilterOp, value: str) -> Literal:
@@ -188,16 +186,16 @@ def _literal(ref: ColumnRef, op: FilterOp, value: str) -> Literal:
 def _group_keys(
     group_by: tuple[ColumnRef, ...], filters: tuple[ResolvedFilter, ...]
 ) -> list[tuple[str, ...]]:
-    """Cartesian product of the public cells, categories narrowed by top-level filters."""
+    """Cartesian product of the public cells, narrowed by the top-level filters on each."""
     domains: list[list[str]] = []
     for ref in group_by:
+        # Only a comparison every row must pass (not one inside an OR / AND) narrows cells.
+        own = [
+            f for f in filters if not (f.any_of or f.all_of) and f.ref.qualified == ref.qualified
+        ]
         if ref.derivation is not None:
             comparisons = [
-                (f.op, f.literals[0])
-                for f in filters
-                if not (f.any_of or f.all_of)
-                and f.ref.qualified == ref.qualified
-                and f.op not in (FilterOp.IN, FilterOp.NOT_IN)
+                (f.op, f.literals[0]) for f in own if f.op not in (FilterOp.IN, FilterOp.NOT_IN)
             ]
             cells = derived.domain(ref.column, ref.derivation, comparisons)
             if not cells:
@@ -206,13 +204,11 @@ def _group_keys(
             continue
         assert isinstance(ref.column, CategoricalColumn)
         allowed = list(ref.column.categories)
-        for f in filters:
-            if f.any_of or f.all_of:
-                continue
-            if f.ref == ref and f.op is FilterOp.IN:
-                allowed = [c for c in allowed if c in f.categories]
-            elif f.ref == ref and f.op is FilterOp.NOT_IN:
-                allowed = [c for c in allowed if c not in f.categories]
+        for f in own:
+            if f.op is FilterOp.IN:
+                allowed = [c for c in allowed if c in f.literals]
+            elif f.op is FilterOp.NOT_IN:
+                allowed = [c for c in allowed if c not in f.literals]
         if not allowed:
             raise InvalidArgumentError(f"filters leave no category of {ref.qualified} to group by")
         domains.append(allowed)
