@@ -120,18 +120,22 @@ def _plan_table(plan: QueryPlan, levels: dict[str, float | None]) -> Table:
             Text(a.mechanism.replace("_", " ")),
             approx(a.sensitivity),
             approx(a.noise_scale),
-            _planned_halfwidth(a),
+            planned_halfwidth(a),
         )
     return out
 
 
-def _planned_halfwidth(a: AggregatePlan) -> str:
-    """The 95% half-width before release: exact, or a bound at 1,000 rows for ratios."""
+#: The row count at which a mean's (or variance's) half-width bound is shown before release.
+SHOWN_ROWS = 1000
+
+
+def planned_halfwidth(a: AggregatePlan) -> str:
+    """The 95% half-width before release: exact, or (ratios) its bound at SHOWN_ROWS rows."""
     if a.ci95_halfwidth is not None:
         return approx(a.ci95_halfwidth)
     at = dict(a.ci95_at_rows)
-    if 1000 in at:
-        return f"<= {approx(at[1000])} at 1k rows"
+    if SHOWN_ROWS in at:
+        return f"<= {approx(at[SHOWN_ROWS])} at {SHOWN_ROWS:,} rows"
     return "after release"
 
 

@@ -32,13 +32,10 @@ from entremise.cli._common import (
     quiet_or_json,
     to_dict,
 )
-from entremise.cli.output import approx, console, print_table, table, text_column
-from entremise.sdk import AggregatePlan, Client, QueryPlan, QueryResult, Quote
+from entremise.cli.output import console, print_table, table, text_column
+from entremise.sdk import Client, QueryPlan, QueryResult, Quote
 from entremise.sdk.query import QueryError
 from entremise.v1 import query_service_pb2
-
-#: The row count at which a mean's (or variance's) half-width is shown in the quote's table.
-SHOWN_ROWS = 1000
 
 
 def load_workload(path: Path) -> list[query_service_pb2.Query] | list[str]:
@@ -90,16 +87,6 @@ def _sql_queries(
     return queries
 
 
-def _halfwidth(a: AggregatePlan) -> str:
-    """The 95% half-width, or (means, variances) its bound at SHOWN_ROWS rows."""
-    if a.ci95_halfwidth is not None:
-        return approx(a.ci95_halfwidth)
-    at = dict(a.ci95_at_rows)
-    if SHOWN_ROWS in at:
-        return f"{approx(at[SHOWN_ROWS])} at {SHOWN_ROWS:,} rows"
-    return "after release"
-
-
 def _quote_table(i: int, plan: QueryPlan, cost: str, replayed: bool, unit: str) -> Table:
     title = f"query {i}: {unit} {cost} over {plan.cell_count:,} cell(s)"
     if replayed:
@@ -114,7 +101,10 @@ def _quote_table(i: int, plan: QueryPlan, cost: str, replayed: bool, unit: str) 
     for a in plan.aggregates:
         words = f"{a.kind.name.lower()} of {a.column}" if a.column else a.kind.name.lower()
         out.add_row(
-            Text(words), Text(a.epsilon), Text(a.mechanism.replace("_", " ")), _halfwidth(a)
+            Text(words),
+            Text(a.epsilon),
+            Text(a.mechanism.replace("_", " ")),
+            analyst.planned_halfwidth(a),
         )
     return out
 
