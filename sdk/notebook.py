@@ -32,7 +32,6 @@ import pandas as pd
 from entremise.sdk.client import Client, TLSConfig
 from entremise.sdk.results import AggregateKind, QueryResult
 from entremise.sdk.sql import SqlQuery, aggregate_words, post_process, share_words
-from entremise.v1 import query_service_pb2
 
 Budget = str | float | None
 
@@ -234,16 +233,9 @@ class Hub:
 def released_frame(sql: SqlQuery, result: QueryResult) -> pd.DataFrame:
     """The post-processed release of `sql` as a DataFrame (see the module's docstring)."""
     results = post_process(sql, result.raw.release.results)
-    keys: list[tuple[str, ...]] = []
-    cells: list[dict[tuple[str, ...], query_service_pb2.Cell]] = []
-    for r in results:
-        by_key: dict[tuple[str, ...], query_service_pb2.Cell] = {}
-        for cell in r.cells:
-            key = tuple(cell.group)
-            by_key[key] = cell
-            if key not in keys:
-                keys.append(key)
-        cells.append(by_key)
+    cells = [{tuple(cell.group): cell for cell in r.cells} for r in results]
+    # Every key in the order first released (a dict: linear even for 100,000 cells).
+    keys = list(dict.fromkeys(key for by_key in cells for key in by_key))
     columns: list[str] = []
     for out in sql.outputs:
         if out.aggregate is None:
