@@ -9,26 +9,24 @@ both pass when only one fits. A refused step raises, which rolls the whole trans
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from entremise.server.domain.models import BudgetState, Release
 from entremise.server.store.reads import agreement_row, budget_in
-from entremise.server.store.refusals import agreement_refusal, already_exists, analyst_refusal
+from entremise.server.store.refusals import (
+    agreement_refusal,
+    already_exists,
+    analyst_refusal,
+    combined,
+)
 from entremise.server.store.rows import analyst_cap_micros, release_values
 from entremise.server.store.tables import agreements, analyst_spend, releases
 
 
 def reserve(conn: Connection, release: Release) -> BudgetState:
     """Debit the agreement and the analyst and record the running release; the budget after."""
-    debit_agreement(conn, release)
-    debit_analyst(conn, release)
-    try:
-        conn.execute(releases.insert().values(**release_values(release)))
-    except sa.exc.IntegrityError:
-        raise already_exists("release", release.release_id) from None
+    reserve_all(conn, [release])
     return budget_in(conn, release.agreement_id)
 
 
@@ -39,12 +37,7 @@ def reserve_all(conn: Connection, releases_: list[Release]) -> None:
     or refused whole; the caller's transaction also holds whatever else must change with it.
     """
     if releases_:
-        first = releases_[0]
-        total = replace(
-            first,
-            epsilon_spent=sum((r.epsilon_spent for r in releases_[1:]), start=first.epsilon_spent),
-            delta_units=sum(r.delta_units for r in releases_),
-        )
+        total = combined(releases_)
         debit_agreement(conn, total, count=len(releases_))
         debit_analyst(conn, total)
         for release in releases_:

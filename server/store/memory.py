@@ -37,6 +37,7 @@ from entremise.server.store.refusals import (
     already_exists,
     analyst_refusal,
     changed_meanwhile,
+    combined,
     keys_already_distributed,
     not_found,
     quote_already_run,
@@ -336,18 +337,26 @@ class MemoryStore(Store):
     def reserve_release(self, release: Release) -> BudgetState:  # noqa: D102
         with self._lock:
             agreement = self._agreement(release.agreement_id)
-            spending = self._spending[release.agreement_id]
-            cost, delta = release.epsilon_spent.micros, release.delta_units
-            self._check_debit(agreement, spending, release)
-            spent = spending.analysts.get(release.analyst_id, 0)
+            self._reserve_all(agreement, [release])
+            return self._budget(agreement)
+
+    def _reserve_all(self, agreement: Agreement, releases: list[Release]) -> None:
+        """Debit the total of `releases` if it can be paid, and record each as running."""
+        if not releases:
+            return
+        total = combined(releases)
+        spending = self._spending[agreement.agreement_id]
+        self._check_debit(agreement, spending, total)
+        for release in releases:
             if release.release_id in self._releases:
                 raise already_exists("release", release.release_id)
-            spending.micros += cost
-            spending.delta_units += delta
-            spending.releases += 1
-            spending.analysts[release.analyst_id] = spent + cost
+        cost = total.epsilon_spent.micros
+        spending.micros += cost
+        spending.delta_units += total.delta_units
+        spending.releases += len(releases)
+        spending.analysts[total.analyst_id] = spending.analysts.get(total.analyst_id, 0) + cost
+        for release in releases:
             self._releases[release.release_id] = _stored(release)
-            return self._budget(agreement)
 
     def _check_debit(self, agreement: Agreement, spending: _Spending, release: Release) -> None:
         """Refuse (raise) if the agreement or the analyst cannot pay for `release`."""
@@ -425,29 +434,7 @@ class MemoryStore(Store):
             if quote.used_at:
                 raise quote_already_run(quote_id)
             agreement = self._agreement(quote.agreement_id)
-            if releases:
-                first = releases[0]
-                total = replace(
-                    first,
-                    epsilon_spent=sum(
-                        (r.epsilon_spent for r in releases[1:]), start=first.epsilon_spent
-                    ),
-                    delta_units=sum(r.delta_units for r in releases),
-                )
-                spending = self._spending[agreement.agreement_id]
-                self._check_debit(agreement, spending, total)
-                for release in releases:
-                    if release.release_id in self._releases:
-                        raise already_exists("release", release.release_id)
-                cost = total.epsilon_spent.micros
-                spending.micros += cost
-                spending.delta_units += total.delta_units
-                spending.releases += len(releases)
-                spending.analysts[total.analyst_id] = (
-                    spending.analysts.get(total.analyst_id, 0) + cost
-                )
-                for release in releases:
-                    self._releases[release.release_id] = _stored(release)
+            self._reserve_all(agreement, releases)
             self._quotes[quote_id] = replace(quote, used_at=used_at)
             return self._budget(agreement)
 

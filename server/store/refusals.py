@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from entremise.server.domain.errors import (
     AlreadyExistsError,
     BudgetExhaustedError,
@@ -9,6 +11,19 @@ from entremise.server.domain.errors import (
     NotFoundError,
 )
 from entremise.server.domain.models import DELTA_UNITS, BudgetState, Release
+
+
+def combined(releases: list[Release]) -> Release:
+    """A workload as one release: the first, costing their total.
+
+    Its debit is then checked, and refused, in one step and in a single release's words.
+    """
+    first = releases[0]
+    return replace(
+        first,
+        epsilon_spent=sum((r.epsilon_spent for r in releases[1:]), start=first.epsilon_spent),
+        delta_units=sum(r.delta_units for r in releases),
+    )
 
 
 def not_found(kind: str, key: str) -> NotFoundError:
