@@ -203,6 +203,26 @@ def queries(agreement_id: str, budget: str, zcdp: bool) -> list[query_service_pb
             group_by=["panel.shop"],
             delta="1e-6",
         ),
+        # DP SQL's forms: a standard deviation per labelled bin, and people and sums per bin
+        # under an OR of a category and strict comparisons (issue 16).
+        q([aggregate("stddev", amount, name="sd")], group_by=[f"bins:{amount}:10,50:lo|mid|hi"]),
+        q(
+            [aggregate("count", name="people"), aggregate("sum", amount, name="spent")],
+            group_by=[f"bins:{amount}:0,25,50,75"],
+            filters=[
+                query_service_pb2.Filter(
+                    any_of=[
+                        where_in("panel.category", CATEGORIES[0]),
+                        query_service_pb2.Filter(
+                            column=amount, op=query_service_pb2.FILTER_OP_LT, values=["30"]
+                        ),
+                        query_service_pb2.Filter(
+                            column=amount, op=query_service_pb2.FILTER_OP_GT, values=["80"]
+                        ),
+                    ]
+                )
+            ],
+        ),
     ]
 
 
