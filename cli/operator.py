@@ -69,14 +69,29 @@ def serve(
             "(0: decrypt for every query, nothing decrypted outlives a query).",
         ),
     ] = 4096,
-    upload_memory_mb: Annotated[
-        int,
+    memory_limit: Annotated[
+        str | None,
         typer.Option(
-            min=0,
-            help="Receive uploads up to this many MB in memory; larger ones are staged on disk "
-            "(0: stage every upload).",
+            help="Memory budget of the hub, e.g. 6GB: queries get half (spilling to encrypted "
+            "temporary files beyond it), the table cache at most a quarter; uploads are "
+            "streamed whatever their size. Default: no limit beyond DuckDB's (80% of RAM).",
         ),
-    ] = 1024,
+    ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(help="Aggregation engine: duckdb (embedded) or spark (see --spark-master)."),
+    ] = "duckdb",
+    spark_master: Annotated[
+        str,
+        typer.Option(help="With --engine spark: local[N] or spark://HOST:PORT of a cluster."),
+    ] = "local[2]",
+    store: Annotated[
+        str | None,
+        typer.Option(
+            help="Where sealed datasets live: a folder or a pyarrow filesystem URI (shared "
+            "storage a Spark cluster can read). Default: DATA_DIR/data/datasets.",
+        ),
+    ] = None,
     insecure: Annotated[
         bool,
         typer.Option(
@@ -123,7 +138,7 @@ def serve(
     A --listen address other than loopback (127.0.0.1, ::1, localhost) needs TLS (--tls-cert,
     --tls-key) or --insecure.
     """
-    from entremise.server.app import HubConfig, HubStartError, is_loopback
+    from entremise.server.app import HubConfig, HubStartError, is_loopback, parse_size
     from entremise.server.app import serve as run_hub
     from entremise.server.operations import default_db_url
 
@@ -143,7 +158,10 @@ def serve(
             master_key_file=master_key_file,
             keys_dir=keys_dir,
             table_cache_bytes=table_cache_mb * 1024**2,
-            memory_upload_bytes=upload_memory_mb * 1024**2,
+            memory_limit_bytes=parse_size(memory_limit, "--memory-limit") if memory_limit else None,
+            engine=engine,
+            spark_master=spark_master,
+            store_uri=store,
             insecure=insecure,
             peer_rate_per_second=peer_rate,
             peer_rate_burst=peer_burst,

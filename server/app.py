@@ -8,7 +8,9 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -35,10 +37,10 @@ from entremise.server.crypto import DatasetCipher, Keyring
 from entremise.server.domain.audit import AuditSigner
 from entremise.server.domain.hub import Hub
 from entremise.server.domain.limits import PeerThrottle, RateLimiter
+from entremise.server.domain.ports import AggregationEngine
 from entremise.server.engine import DuckDBEngine
 from entremise.server.files import (
     DEFAULT_CACHE_BYTES,
-    DEFAULT_MEMORY_UPLOAD_BYTES,
     SealedDatasetFiles,
 )
 from entremise.server.store.sql import SqlStore
@@ -111,8 +113,15 @@ class HubConfig:
     max_upload_rows: int = 100_000_000
     # Decrypted datasets kept in memory between queries (0: none outlives a query).
     table_cache_bytes: int = DEFAULT_CACHE_BYTES
-    # Uploads up to this size are received in memory; larger ones are staged on disk.
-    memory_upload_bytes: int = DEFAULT_MEMORY_UPLOAD_BYTES
+    # The hub's memory budget (None: DuckDB's default, 80% of RAM). Queries get half of it
+    # (spilling, encrypted, beyond), the table cache at most a quarter, upload statistics the
+    # rest; an upload itself holds about two segments (32 MiB each) whatever its size.
+    memory_limit_bytes: int | None = None
+    # "duckdb" (embedded, the default) or "spark" (`spark_master`: local[N] or spark://host:port).
+    engine: str = "duckdb"
+    spark_master: str = "local[2]"
+    # Where sealed datasets live: a folder or a pyarrow filesystem URI (default: in data_dir).
+    store_uri: str | None = None
 
     @classmethod
     def for_dir(
@@ -130,6 +139,36 @@ class HubConfig:
             listen=listen,
             admin_token=admin_token,
         )
+
+
+_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}
+_UNITS |= {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+
+
+def parse_size(text: str, option: str) -> int:
+    """Bytes from "6GB", "512MiB" or "1073741824" (a ValueError naming `option` otherwise)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"{option}: {text!r} is not a size (e.g. 6GB, 512MiB)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def make_engine(config: HubConfig) -> AggregationEngine:
+    """The configured engine; Spark is imported only when asked for (it starts a JVM)."""
+    limit = config.memory_limit_bytes
+    spill_dir = str(config.data_dir / "spill")
+    shutil.rmtree(spill_dir, ignore_errors=True)  # a crash's spilled pages: their key died too
+    os.makedirs(spill_dir, mode=0o700, exist_ok=True)
+    if config.engine == "spark":
+        from entremise.server.spark import SparkEngine
+
+        return SparkEngine(config.spark_master, spill_dir=spill_dir)
+    if config.engine != "duckdb":
+        raise HubStartError(f"unknown engine {config.engine!r}: use duckdb or spark")
+    return DuckDBEngine(
+        memory_limit=None if limit is None else f"{limit // 2 // 1024**2}MB", temp_dir=spill_dir
+    )
 
 
 KEYS_IN_DATA_DIR_WARNING = (
@@ -381,16 +420,20 @@ def _build(config: HubConfig, locks: list[HubLock]) -> RunningHub:
     signer = AuditSigner.load_or_create(keys_dir / AUDIT_KEY_FILE)
     keyring = Keyring.load(config.master_key_file or keys_dir / MASTER_KEYS)
     cipher = DatasetCipher(keyring, config.data_dir / "keys")
+    limit = config.memory_limit_bytes
+    cache = config.table_cache_bytes if limit is None else min(config.table_cache_bytes, limit // 4)
     hub = Hub(
         store,
         SealedDatasetFiles(
             cipher,
             config.data_dir / "data",
             max_rows=config.max_upload_rows,
-            cache_bytes=config.table_cache_bytes,
-            memory_upload_bytes=config.memory_upload_bytes,
+            cache_bytes=cache,
+            store_uri=config.store_uri,
+            stats_memory=None if limit is None else f"{limit // 4 // 1024**2}MB",
+            tally_bytes=None if limit is None else limit // 8,
         ),
-        DuckDBEngine(),
+        make_engine(config),
         signer=signer,
         head_path=config.data_dir / AUDIT_HEAD_FILE,
     )

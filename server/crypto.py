@@ -1,7 +1,9 @@
 """Encryption at rest: one AES-256-GCM data key per dataset version, wrapped by a master key.
 
-* A dataset file is ``MAGIC | nonce | AES-GCM(data key, Parquet bytes, aad)``, where the
-  associated data binds the dataset id and version, so files cannot be swapped.
+* A dataset version is sealed in segments (`files.segments`), each under the version's data
+  key with its dataset, version and position in the associated data. Versions written before
+  0.3 are one ``MAGIC | nonce | AES-GCM(data key, bytes, aad)`` blob (`seal` / `open`), and
+  stay readable.
 * The data key is stored apart from the data, wrapped (AES-GCM) by the current master key, in
   ``keys/<dataset>/v<version>.key``. Deleting that file destroys the data (crypto-shredding):
   restored data bytes stay unreadable.
@@ -120,13 +122,22 @@ class DatasetCipher:
         except InvalidTag:
             raise DecryptionError(f"dataset {dataset_id!r}: the data key does not open") from None
 
+    def new_data_key(self, dataset_id: str, version: int) -> bytes:
+        """A fresh data key for a version, stored wrapped under the current master key."""
+        data_key = AESGCM.generate_key(bit_length=256)
+        self._wrap(data_key, dataset_id, version)
+        return data_key
+
+    def data_key(self, dataset_id: str, version: int) -> bytes:
+        """The data key of a stored version (DecryptionError once shredded)."""
+        return self._unwrap(dataset_id, version)
+
     def seal(self, dataset_id: str, version: int, plaintext: Plaintext) -> bytearray:
         """A fresh data key for this version; returns the file content to store.
 
         Encrypts into one preallocated buffer: no copy of a (possibly GB-sized) ciphertext.
         """
-        data_key = AESGCM.generate_key(bit_length=256)
-        self._wrap(data_key, dataset_id, version)
+        data_key = self.new_data_key(dataset_id, version)
         nonce = secrets.token_bytes(NONCE_BYTES)
         header = len(MAGIC) + NONCE_BYTES
         sealed = bytearray(header + len(plaintext) + TAG_BYTES)

@@ -1,4 +1,4 @@
-"""Exact, contribution-bounded aggregates of the consented join, computed by DuckDB over Parquet.
+"""Exact, contribution-bounded aggregates of the consented join, computed by DuckDB.
 
 Pipeline:
 1. each dataset keeps only rows whose consent for the agreement's purpose is true and not
@@ -36,6 +36,7 @@ import pyarrow as pa
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from entremise.server import spill
 from entremise.server.domain.derived import bin_labels
 from entremise.server.domain.models import (
     QUANTILE_CANDIDATES,
@@ -368,31 +369,69 @@ def _aggregate_columns(plan: QueryPlan, person: str) -> list[str]:
 
 
 class DuckDBEngine(AggregationEngine):
-    """Runs the bounded join in an in-process DuckDB over the stored Parquet files."""
+    """Runs the bounded join in an in-process DuckDB over decrypted Arrow data.
 
-    def __init__(self, threads: int | None = None, memory_limit: str | None = None) -> None:
+    One database serves every query (a cursor each), so `memory_limit` bounds them together;
+    past it DuckDB spills, encrypted (`spill`). A version the table cache holds is scanned in
+    place; any other is streamed segment by segment. When identifiers are linked the sources
+    are read twice (edges, then rows), so they are first copied into DuckDB's own storage,
+    which spills too.
+    """
+
+    def __init__(
+        self,
+        threads: int | None = None,
+        memory_limit: str | None = None,
+        temp_dir: str | None = None,
+    ) -> None:
         self.threads = threads or max(1, os.cpu_count() or 1)
         self.memory_limit = memory_limit
+        self._db = spill.connect(threads=self.threads, memory_limit=memory_limit, temp_dir=temp_dir)
 
     def compute(  # noqa: D102
-        self, plan: QueryPlan, tables: list[Any], withdrawn: Collection[str], now: str
+        self, plan: QueryPlan, sources: list[Any], withdrawn: Collection[str], now: str
     ) -> ExactAggregates:
-        config: dict[str, Any] = {"threads": self.threads}
-        if self.memory_limit:
-            config["memory_limit"] = self.memory_limit
-        with duckdb.connect(config=config) as conn:
+        with self._db.cursor() as conn:
             gone = pa.table({"pseudonym": pa.array(sorted(withdrawn), pa.string())})
             conn.register("withdrawn", gone)
-            sources = []
-            for i, table in enumerate(tables):
-                conn.register(f"src{i}", table)  # decrypted Arrow tables, zero-copy
-                sources.append(f"src{i}")
             person_table = linked(plan)
+            names = []
+            for i, source in enumerate(sources):
+                name = f"src{i}"
+                columns = source_columns(plan, i)
+                data = source.table(columns) if hasattr(source, "table") else source
+                if data is None:
+                    data = source.reader(columns)
+                    if person_table:  # read twice: copy once into spillable storage
+                        conn.register(f"{name}_stream", data)
+                        conn.execute(f"CREATE TEMP TABLE {name} AS SELECT * FROM {name}_stream")
+                        conn.unregister(f"{name}_stream")
+                        names.append(name)
+                        continue
+                conn.register(name, data)  # zero-copy over Arrow
+                names.append(name)
             if person_table:
-                link_people(conn, plan, sources, now)
-            sql, params = build_sql(plan, sources, now=now, person_table=person_table)
+                link_people(conn, plan, names, now)
+            sql, params = build_sql(plan, names, now=now, person_table=person_table)
             rows = conn.execute(sql, params).fetchall()
         return _collect(plan, rows)
+
+
+def source_columns(plan: QueryPlan, i: int) -> list[str]:
+    """The stored columns dataset `i` contributes: its keys, consent, and what the query uses."""
+    dataset = plan.datasets[i]
+    consent = dataset.schema.consent(plan.agreement.purpose)
+    assert consent is not None
+    wanted = [*dataset.schema.key_columns, consent.column]
+    if consent.expiry_column:
+        wanted.append(consent.expiry_column)
+    refs = [
+        *plan.group_by,
+        *(leaf.ref for f in plan.filters for leaf in f.leaves),
+        *(a.ref for a in plan.aggregates if a.ref is not None),
+    ]
+    wanted += [r.column.name for r in refs if r.dataset_index == i]
+    return list(dict.fromkeys(wanted))
 
 
 def numeric_columns(plan: QueryPlan) -> dict[str, tuple[NumericColumn, str, set[AggregateKind]]]:

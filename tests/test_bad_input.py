@@ -85,7 +85,7 @@ def _table(emails: list[str]) -> pa.Table:
 @pytest.fixture
 def hub(tmp_path: Path, db_url: str) -> Iterator[Hub]:
     """A hub staging every upload on disk (not in memory), so tests see the staging emptied."""
-    h = start_hub(tmp_path / "hub", db_url, memory_upload_bytes=0)
+    h = start_hub(tmp_path / "hub", db_url, )
     yield h
     h.admin.close()
     h.running.stop(grace=None)

@@ -360,6 +360,10 @@ class DatasetFiles(ABC):
         """The decrypted table of a stored version (a pyarrow Table)."""
 
     @abstractmethod
+    def source(self, dataset_id: str, version: int) -> Any:
+        """A stored version as an engine reads it (streamed, never necessarily whole)."""
+
+    @abstractmethod
     def delete(self, dataset_id: str, version: int | None = None) -> None:
         """Remove stored data (one version, or every version)."""
 
@@ -369,7 +373,7 @@ class AggregationEngine(ABC):
 
     @abstractmethod
     def compute(
-        self, plan: QueryPlan, tables: list[Any], withdrawn: Collection[str], now: str
+        self, plan: QueryPlan, sources: list[Any], withdrawn: Collection[str], now: str
     ) -> ExactAggregates:
         """Exact aggregates per group cell, in `plan.group_keys` order.
 

@@ -227,8 +227,8 @@ def exact_aggregates(
     files: DatasetFiles, engine: AggregationEngine, plan: QueryPlan, withdrawn: set[str]
 ) -> ExactAggregates:
     """Read the plan's datasets and compute its contribution-bounded exact aggregates."""
-    tables = [files.read(d.dataset_id, d.version) for d in plan.datasets]
-    return engine.compute(plan, tables, withdrawn, now())
+    sources = [files.source(d.dataset_id, d.version) for d in plan.datasets]
+    return engine.compute(plan, sources, withdrawn, now())
 
 
 def query_fingerprint(spec: QuerySpec) -> str:

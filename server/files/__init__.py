@@ -1,18 +1,17 @@
-"""Dataset files: stage an upload, verify and validate it, then seal it as an Arrow IPC stream.
+"""Dataset files: receive an upload as a stream, validate it batch by batch, seal it in segments.
 
-The validated upload is stored as the very Arrow stream the partner sent (re-encoded only if
-validation had to normalise a type): no Parquet encoding on the upload path, and reads are
-zero-copy. Files written by earlier versions as sealed Parquet remain readable.
-
-The rooms: `staging` (receiving the stream), `validation` (the policy an upload must meet),
-`stats` (what is reported back), `sealed` (encryption at rest), `cache` (decrypted tables).
-`SealedDatasetFiles` composes them behind the domain's `DatasetFiles` port.
+The rooms: `staging` (the chunk stream, its limit and hash), `validation` (the policy an
+upload must meet), `stats` (what is reported back), `segments` and `sealed` (encryption at
+rest), `cache` (decrypted tables). `SealedDatasetFiles` composes them behind the domain's
+`DatasetFiles` port. No upload is held whole: memory per upload is about two segments.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -20,23 +19,104 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from entremise.server.crypto import DatasetCipher
+from entremise.server.domain.errors import InvalidArgumentError, ResourceLimitError
 from entremise.server.domain.models import ConsentCount, DatasetSchema
 from entremise.server.domain.ports import DatasetFiles, IngestResult
 from entremise.server.files.cache import TableCache
 from entremise.server.files.pseudonyms import PSEUDONYM_LENGTH
-from entremise.server.files.sealed import SealedStore
-from entremise.server.files.staging import StagedUpload, Staging
-from entremise.server.files.stats import upload_stats
-from entremise.server.files.validation import validate_table
+from entremise.server.files.sealed import SealedLocation, SealedStore
+from entremise.server.files.segments import DEFAULT_SEGMENT_BYTES, SegmentWriter
+from entremise.server.files.staging import ChunkStream, clear_leftovers
+from entremise.server.files.stats import (
+    DEFAULT_TALLY_BYTES,
+    KeyCounts,
+    KeyTally,
+    count_keys_spilling,
+    upload_stats,
+)
+from entremise.server.files.validation import validate_part, validate_table
 
-DEFAULT_MAX_UPLOAD_BYTES = 4 * 1024**3
-DEFAULT_MAX_ROWS = 100_000_000
+DEFAULT_MAX_UPLOAD_BYTES = 256 * 1024**3
+DEFAULT_MAX_ROWS = 2_000_000_000
 DEFAULT_CACHE_BYTES = 4 * 1024**3
-DEFAULT_MEMORY_UPLOAD_BYTES = 1024**3
+
+
+def _not_arrow() -> InvalidArgumentError:
+    return InvalidArgumentError(
+        "upload is not a valid Arrow IPC stream (use the partner SDK or CLI)"
+    )
+
+
+def _validated_parts(
+    batches: pa.RecordBatchStreamReader, schema: DatasetSchema
+) -> Iterator[pa.Table]:
+    """Each received batch, fully validated (offsets, UTF-8) and checked against the schema."""
+    while True:
+        try:
+            batch = batches.read_next_batch()
+            batch.validate(full=True)  # before any kernel reads it
+        except StopIteration:
+            return
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError):
+            raise _not_arrow() from None
+        if batch.num_rows:
+            yield validate_part(pa.Table.from_batches([batch]), schema)
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    """One stored version as an engine reads it: decrypted batches, or where its segments lie."""
+
+    files: SealedDatasetFiles
+    dataset_id: str
+    version: int
+
+    def table(self, columns: list[str] | None = None) -> pa.Table | None:
+        """The decrypted table from the cache, kept there if it fits; None: stream it instead.
+
+        Decrypting and decoding costs about as much as a query, so a version that fits the
+        cache (half its budget, so that two can share it) is decrypted whole once and kept.
+        """
+        files = self.files
+        table = files.cache.get(self.dataset_id, self.version)
+        if table is None:
+            stored = files.sealed.size(self.dataset_id, self.version)
+            if stored > files.cache.max_bytes // 2:
+                return None
+            table = files.read(self.dataset_id, self.version)
+        return table.select(columns) if columns is not None else table
+
+    def reader(self, columns: list[str]) -> pa.RecordBatchReader:
+        """The version's `columns`, one decrypted segment at a time (a one-pass reader)."""
+        cached = self.table(columns)
+        if cached is not None:
+            return cached.to_reader()
+        parts = self.files.sealed.tables(self.dataset_id, self.version)
+        first = next(parts)
+        schema = first.select(columns).schema
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            for part in _chain(first, parts):
+                yield from part.select(columns).to_batches()
+
+        return pa.RecordBatchReader.from_batches(schema, batches())
+
+    def whole(self) -> pa.Table:
+        """The whole decrypted table, kept in the cache if it fits (small data, repeated use)."""
+        return self.files.read(self.dataset_id, self.version)
+
+    def location(self) -> SealedLocation:
+        """Where the segments lie and the key that opens them, for an engine elsewhere."""
+        return self.files.sealed.location(self.dataset_id, self.version)
+
+
+def _chain(first: pa.Table, rest: Iterator[pa.Table]) -> Iterator[pa.Table]:
+    yield first
+    yield from rest
 
 
 class SealedDatasetFiles(DatasetFiles):
-    """Datasets as sealed Arrow IPC streams: ``<data_dir>/datasets/<id>/v<version>.arrow.enc``."""
+    """Datasets as sealed segments: ``<store>/<id>/v<version>.seg.enc`` (see `sealed`)."""
 
     def __init__(
         self,
@@ -46,21 +126,28 @@ class SealedDatasetFiles(DatasetFiles):
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         max_rows: int = DEFAULT_MAX_ROWS,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
-        memory_upload_bytes: int = DEFAULT_MEMORY_UPLOAD_BYTES,
+        store_uri: str | None = None,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        stats_memory: str | None = None,
+        tally_bytes: int | None = None,
     ) -> None:
         self.root = Path(data_dir)
         self.cipher = cipher
         self.max_rows = max_rows
+        self.max_upload_bytes = max_upload_bytes
+        self.stats_memory = stats_memory
+        self.tally_bytes = tally_bytes or DEFAULT_TALLY_BYTES
         self.cache = TableCache(cache_bytes)
-        self.sealed = SealedStore(cipher, self.root / "datasets", forget=self.cache.drop)
-        self.staging = Staging(
-            self.root / "staging",
-            max_upload_bytes=max_upload_bytes,
-            memory_upload_bytes=memory_upload_bytes,
+        self.sealed = SealedStore(
+            cipher,
+            store_uri or self.root / "datasets",
+            forget=self.cache.drop,
+            segment_bytes=segment_bytes,
         )
+        clear_leftovers(self.root / "staging")
 
     def path(self, dataset_id: str, version: int) -> str:  # noqa: D102
-        return str(self.sealed.path(dataset_id, version))
+        return self.sealed.path(dataset_id, version)
 
     def read(  # noqa: D102
         self, dataset_id: str, version: int, columns: list[str] | None = None
@@ -71,6 +158,9 @@ class SealedDatasetFiles(DatasetFiles):
             self.cache.put(dataset_id, version, table)
         return table.select(columns) if columns is not None else table
 
+    def source(self, dataset_id: str, version: int) -> StoredVersion:  # noqa: D102
+        return StoredVersion(self, dataset_id, version)
+
     def ingest(  # noqa: D102
         self,
         dataset_id: str,
@@ -79,42 +169,67 @@ class SealedDatasetFiles(DatasetFiles):
         chunks: Iterable[bytes],
         expected_sha256: str,
     ) -> IngestResult:
-        with self.staging.receive(chunks, expected_sha256) as upload:
-            return self._validate_and_seal(dataset_id, version, schema, upload)
+        stream = ChunkStream(chunks, self.max_upload_bytes)
+        try:
+            batches = pa.ipc.open_stream(stream)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError):
+            stream.finish(expected_sha256)  # a corrupted upload says so first
+            raise _not_arrow() from None
+        keys = KeyTally(schema.key_columns, self.tally_bytes)
+        with contextlib.ExitStack() as sealing:
+            writer: SegmentWriter | None = None
+            rows = 0
+            for part in _validated_parts(batches, schema):
+                rows += part.num_rows
+                if rows > self.max_rows:
+                    raise ResourceLimitError(
+                        f"the upload has more than {self.max_rows} rows; the limit is "
+                        f"{self.max_rows}"
+                    )
+                if writer is None:
+                    writer = sealing.enter_context(
+                        self.sealed.writer(dataset_id, version, part.schema)
+                    )
+                for batch in part.to_batches():
+                    writer.add(batch)
+                keys.add(part)
+            digest = stream.finish(expected_sha256)
+            if writer is None:
+                raise InvalidArgumentError("the upload has no rows")
+        counted = keys.result() or self._keys_counted_from_disk(dataset_id, version, schema)
+        return upload_stats(counted, schema, digest, stream.size, rows)
 
-    def _validate_and_seal(
-        self, dataset_id: str, version: int, schema: DatasetSchema, upload: StagedUpload
-    ) -> IngestResult:
-        """Validate a complete upload, then seal it: as received if validation changed nothing."""
-        received = upload.read_table()
-        table = validate_table(received, schema, max_rows=self.max_rows)
-        if (
-            table.schema.equals(received.schema, check_metadata=True)
-            and table.num_rows == received.num_rows
-        ):
-            with upload.received_bytes() as plaintext:
-                self.sealed.seal(dataset_id, version, plaintext)
-        else:
-            self.sealed.write(dataset_id, version, table)
-        return upload_stats(table, schema, upload.sha256, upload.size)
+    def _keys_counted_from_disk(
+        self, dataset_id: str, version: int, schema: DatasetSchema
+    ) -> KeyCounts:
+        """Key statistics re-read from the sealed segments (an upload too large to tally)."""
+        parts = (t.select(schema.key_columns) for t in self.sealed.tables(dataset_id, version))
+        return count_keys_spilling(parts, schema.key_columns, self.stats_memory)
 
     def consent_counts(  # noqa: D102
         self, dataset_id: str, version: int, schema: DatasetSchema, now: str
     ) -> list[ConsentCount]:
-        table = self.read(dataset_id, version)
         cutoff = pa.scalar(datetime.fromisoformat(now), pa.timestamp("us", tz="UTC"))
-        out = []
-        for consent in schema.consents:
-            flag = table.column(consent.column)
-            given = int(pc.sum(flag).as_py() or 0)
-            expired = 0
-            if consent.expiry_column:
-                past = pc.fill_null(
-                    pc.less_equal(table.column(consent.expiry_column), cutoff), False
-                )
-                expired = int(pc.sum(pc.and_(flag, past)).as_py() or 0)
-            out.append(ConsentCount(consent.purpose, table.num_rows, given - expired, expired))
-        return out
+        rows, given, expired = 0, [0] * len(schema.consents), [0] * len(schema.consents)
+        for table in self._tables(dataset_id, version):
+            rows += table.num_rows
+            for i, consent in enumerate(schema.consents):
+                flag = table.column(consent.column)
+                given[i] += int(pc.sum(flag).as_py() or 0)
+                if consent.expiry_column:
+                    past = pc.fill_null(
+                        pc.less_equal(table.column(consent.expiry_column), cutoff), False
+                    )
+                    expired[i] += int(pc.sum(pc.and_(flag, past)).as_py() or 0)
+        return [
+            ConsentCount(c.purpose, rows, given[i] - expired[i], expired[i])
+            for i, c in enumerate(schema.consents)
+        ]
+
+    def _tables(self, dataset_id: str, version: int) -> Iterator[pa.Table]:
+        """The cached table, or the segments one at a time."""
+        cached = self.cache.get(dataset_id, version)
+        return iter([cached]) if cached is not None else self.sealed.tables(dataset_id, version)
 
     def sweep(self, keep: set[tuple[str, int]]) -> int:  # noqa: D102
         return self.sealed.sweep(keep)
@@ -122,13 +237,13 @@ class SealedDatasetFiles(DatasetFiles):
     def present(  # noqa: D102
         self, dataset_id: str, version: int, schema: DatasetSchema, pseudonyms: set[str]
     ) -> set[str]:
-        table = self.read(dataset_id, version, columns=schema.key_columns)
         wanted = pa.array(sorted(pseudonyms), pa.string())
         found: set[str] = set()
-        for key in schema.key_columns:
-            column = table.column(key)
-            hits = pc.filter(column, pc.fill_null(pc.is_in(column, value_set=wanted), False))
-            found.update(hits.to_pylist())
+        for table in self._tables(dataset_id, version):
+            for key in schema.key_columns:
+                column = table.column(key)
+                hits = pc.filter(column, pc.fill_null(pc.is_in(column, value_set=wanted), False))
+                found.update(hits.to_pylist())
         return found
 
     def erase(  # noqa: D102
@@ -139,19 +254,34 @@ class SealedDatasetFiles(DatasetFiles):
         schema: DatasetSchema,
         pseudonyms: set[str],
     ) -> IngestResult | None:
-        table = self.read(dataset_id, version)
         wanted = pa.array(sorted(pseudonyms), pa.string())
-        hit = None
-        for key in schema.key_columns:
-            match = pc.fill_null(pc.is_in(table.column(key), value_set=wanted), False)
-            hit = match if hit is None else pc.or_(hit, match)
-        assert hit is not None
-        if not pc.any(hit).as_py():
+
+        def hits(table: pa.Table) -> pa.Array:
+            hit = None
+            for key in schema.key_columns:
+                match = pc.fill_null(pc.is_in(table.column(key), value_set=wanted), False)
+                hit = match if hit is None else pc.or_(hit, match)
+            assert hit is not None
+            return hit
+
+        if not any(pc.any(hits(t)).as_py() for t in self._tables(dataset_id, version)):
             return None
-        kept = table.filter(pc.invert(hit))
-        size = self.sealed.write(dataset_id, new_version, kept)
-        digest = hashlib.sha256(self.sealed.path(dataset_id, new_version).read_bytes()).hexdigest()
-        return upload_stats(kept, schema, digest, size)
+        keys = KeyTally(schema.key_columns, self.tally_bytes)
+        rows = 0
+        # Segment by segment: an erasure re-seals without holding the dataset in memory.
+        with self.sealed.writer(dataset_id, new_version, self._schema_of(dataset_id, version)) as w:
+            for table in self.sealed.tables(dataset_id, version):
+                kept = table.filter(pc.invert(hits(table)))
+                for batch in kept.to_batches():
+                    w.add(batch)
+                keys.add(kept)
+                rows += kept.num_rows
+        digest = hashlib.sha256(self.sealed.read_bytes(dataset_id, new_version)).hexdigest()
+        counted = keys.result() or self._keys_counted_from_disk(dataset_id, new_version, schema)
+        return upload_stats(counted, schema, digest, w.sealed_bytes, rows)
+
+    def _schema_of(self, dataset_id: str, version: int) -> pa.Schema:
+        return next(iter(self.sealed.tables(dataset_id, version))).schema
 
     def delete(self, dataset_id: str, version: int | None = None) -> None:  # noqa: D102
         self.sealed.delete(dataset_id, version)
@@ -161,9 +291,9 @@ __all__ = [
     "DEFAULT_CACHE_BYTES",
     "DEFAULT_MAX_ROWS",
     "DEFAULT_MAX_UPLOAD_BYTES",
-    "DEFAULT_MEMORY_UPLOAD_BYTES",
     "PSEUDONYM_LENGTH",
     "SealedDatasetFiles",
+    "StoredVersion",
     "TableCache",
     "validate_table",
 ]

@@ -1,24 +1,143 @@
 """What the hub learns from an accepted upload: row and pseudonym counts, duplicate keys.
 
-Computed on the validated table after an upload (and after an erasure), and reported to the
-uploading partner: it is their data, and duplicates or shared identifiers usually mean a
-problem on their side (a placeholder phone, a join that repeated rows).
+Computed while an upload streams in (and when an erasure re-seals a version), and reported to
+the uploading partner: it is their data, and duplicates or shared identifiers usually mean a
+problem on their side (a placeholder phone, a join that repeated rows). Key columns are
+tallied in memory up to a budget; past it they are counted again from the sealed segments by
+a DuckDB that spills (encrypted) under the hub's memory limit, so any upload size works.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 
+from entremise.server import spill
 from entremise.server.domain.models import DatasetSchema, DuplicateReport
 from entremise.server.domain.ports import IngestResult
 from entremise.server.files.pseudonyms import key_multiplicities, pseudonym_chars
 
+#: Key-column bytes an upload may tally in memory before its keys are counted from disk.
+DEFAULT_TALLY_BYTES = 1024**3
 
-def shared_pseudonyms(table: pa.Table, keys: list[str]) -> dict[str, tuple[int, int]]:
+
+@dataclass(frozen=True)
+class KeyColumnCounts:
+    """Rows per pseudonym of one key column, summarised."""
+
+    column: str
+    distinct: int
+    duplicated: int  # pseudonyms on more than one row
+    rows_involved: int  # the rows of those
+    max_rows: int
+    shared: int = 0  # pseudonyms seen beside several values of another key column
+    max_other: int = 0  # the most such values beside one pseudonym
+
+
+@dataclass(frozen=True)
+class KeyCounts:
+    """Per key column, and the distinct pseudonyms over all of them (one may be in several)."""
+
+    columns: tuple[KeyColumnCounts, ...]
+    distinct: int
+
+
+class KeyTally:
+    """Key columns of an upload kept as they stream in, while they fit `max_bytes`."""
+
+    def __init__(self, keys: list[str], max_bytes: int = DEFAULT_TALLY_BYTES) -> None:
+        self.keys, self.max_bytes = keys, max_bytes
+        self._parts: list[pa.Table] | None = []
+        self._bytes = 0
+
+    def add(self, table: pa.Table) -> None:  # noqa: D102
+        if self._parts is None:
+            return
+        part = table.select(self.keys)
+        self._bytes += part.nbytes
+        self._parts = None if self._bytes > self.max_bytes else [*self._parts, part]
+
+    def result(self) -> KeyCounts | None:
+        """The counts, or None if the keys outgrew the budget (count them from disk)."""
+        if self._parts is None:
+            return None
+        if not self._parts:
+            return KeyCounts((), 0)
+        return count_keys_in_memory(pa.concat_tables(self._parts), self.keys)
+
+
+def count_keys_in_memory(table: pa.Table, keys: list[str]) -> KeyCounts:
+    """Exact counts with numpy over the pseudonyms' bytes (see `pseudonyms.key_multiplicities`)."""
+    with duckdb.connect(config={"threads": max(1, os.cpu_count() or 1)}) as conn:
+        conn.register("upload", table)
+        shared = _shared_pseudonyms(conn, keys)
+    columns: list[KeyColumnCounts] = []
+    every_key: list[np.ndarray] = []
+    for key in keys:
+        chars = [c for _, c in pseudonym_chars(table.column(key)) if len(c)]
+        if not chars:
+            continue
+        every_key.extend(chars)
+        counts = key_multiplicities(np.concatenate(chars) if len(chars) > 1 else chars[0])
+        repeated = counts[counts > 1]
+        columns.append(
+            KeyColumnCounts(
+                key,
+                len(counts),
+                len(repeated),
+                int(repeated.sum()),
+                int(counts.max()),
+                *shared[key],
+            )
+        )
+    distinct = columns[-1].distinct if len(columns) == 1 else 0
+    if len(keys) > 1 and every_key:
+        # The same pseudonym may appear under several identifiers; count it once.
+        distinct = len(key_multiplicities(np.concatenate(every_key)))
+    return KeyCounts(tuple(columns), distinct)
+
+
+def count_keys_spilling(
+    parts: Iterable[pa.Table], keys: list[str], memory_limit: str | None
+) -> KeyCounts:
+    """The same counts by DuckDB over key columns read segment by segment (bounded memory)."""
+    with spill.connect(memory_limit=memory_limit) as conn:
+        first = True
+        for part in parts:
+            conn.register("part", part)
+            verb = "CREATE TEMP TABLE upload AS" if first else "INSERT INTO upload"
+            conn.execute(f"{verb} SELECT * FROM part")
+            conn.unregister("part")
+            first = False
+        if first:
+            return KeyCounts((), 0)
+        shared = _shared_pseudonyms(conn, keys)
+        columns = []
+        for key in keys:
+            row = conn.execute(
+                "SELECT count(*), count(*) FILTER (WHERE n > 1), "
+                "coalesce(sum(n) FILTER (WHERE n > 1), 0), coalesce(max(n), 0) "
+                f'FROM (SELECT count(*) AS n FROM upload WHERE "{key}" IS NOT NULL '
+                f'GROUP BY "{key}")'
+            ).fetchone()
+            assert row is not None
+            if row[0]:
+                columns.append(KeyColumnCounts(key, *(int(v) for v in row), *shared[key]))
+        union = " UNION ALL ".join(
+            f'SELECT "{k}" AS p FROM upload WHERE "{k}" IS NOT NULL' for k in keys
+        )
+        [(distinct,)] = conn.execute(f"SELECT count(DISTINCT p) FROM ({union})").fetchall()
+    return KeyCounts(tuple(columns), int(distinct))
+
+
+def _shared_pseudonyms(
+    conn: duckdb.DuckDBPyConnection, keys: list[str]
+) -> dict[str, tuple[int, int]]:
     """Per key column: pseudonyms seen beside several values of another key column, and the most.
 
     A phone found on the rows of 34 different emails is a shared line or a placeholder: it links
@@ -27,55 +146,40 @@ def shared_pseudonyms(table: pa.Table, keys: list[str]) -> dict[str, tuple[int, 
     out = {key: (0, 0) for key in keys}
     if len(keys) < 2:
         return out
-    with duckdb.connect(config={"threads": max(1, os.cpu_count() or 1)}) as conn:
-        conn.register("upload", table.select(keys))
-        for key in keys:
-            distinct = ", ".join(f'count(DISTINCT "{other}")' for other in keys if other != key)
-            most = f"greatest({distinct})" if len(keys) > 2 else distinct
-            row = conn.execute(
-                f"SELECT count(*) FILTER (WHERE n > 1), coalesce(max(n), 0) FROM (SELECT "
-                f'{most} AS n FROM upload WHERE "{key}" IS NOT NULL GROUP BY "{key}")'
-            ).fetchone()
-            assert row is not None
-            out[key] = (int(row[0]), int(row[1]))
+    for key in keys:
+        distinct = ", ".join(f'count(DISTINCT "{other}")' for other in keys if other != key)
+        most = f"greatest({distinct})" if len(keys) > 2 else distinct
+        row = conn.execute(
+            f"SELECT count(*) FILTER (WHERE n > 1), coalesce(max(n), 0) FROM (SELECT "
+            f'{most} AS n FROM upload WHERE "{key}" IS NOT NULL GROUP BY "{key}")'
+        ).fetchone()
+        assert row is not None
+        out[key] = (int(row[0]), int(row[1]))
     return out
 
 
-def upload_stats(table: pa.Table, schema: DatasetSchema, sha256: str, size: int) -> IngestResult:
+def upload_stats(
+    counts: KeyCounts, schema: DatasetSchema, sha256: str, size: int, rows: int
+) -> IngestResult:
     """Row and pseudonym counts, and the duplicate-key report of each key column."""
-    duplicates: list[DuplicateReport] = []
-    shared = shared_pseudonyms(table, schema.key_columns)
-    every_key: list[np.ndarray] = []
-    distinct_keys = 0
-    max_rows = 0
-    for key in schema.key_columns:
-        chars = [c for _, c in pseudonym_chars(table.column(key)) if len(c)]
-        if not chars:
-            continue
-        every_key.extend(chars)
-        counts = key_multiplicities(np.concatenate(chars) if len(chars) > 1 else chars[0])
-        repeated = counts[counts > 1]
-        duplicates.append(
-            DuplicateReport(
-                column=key,
-                duplicated_pseudonyms=len(repeated),
-                rows_involved=int(repeated.sum()),
-                max_rows_per_pseudonym=int(counts.max()),
-                shared_pseudonyms=shared[key][0],
-                max_other_identifiers=shared[key][1],
-            )
+    duplicates = tuple(
+        DuplicateReport(
+            column=c.column,
+            duplicated_pseudonyms=c.duplicated,
+            rows_involved=c.rows_involved,
+            max_rows_per_pseudonym=c.max_rows,
+            shared_pseudonyms=c.shared,
+            max_other_identifiers=c.max_other,
         )
-        max_rows = max(max_rows, int(counts.max()))
-        distinct_keys = len(counts)
-    if len(schema.keys) > 1 and every_key:
-        # The same pseudonym may appear under several identifiers; count it once.
-        distinct_keys = len(key_multiplicities(np.concatenate(every_key)))
+        for c in counts.columns
+    )
+    most = max((c.max_rows for c in counts.columns), default=0)
     return IngestResult(
-        row_count=table.num_rows,
-        distinct_keys=distinct_keys,
+        row_count=rows,
+        distinct_keys=counts.distinct,
         # With several identifiers per row, a person's rows are only known after linking.
-        max_rows_per_key=max_rows if len(schema.keys) == 1 else 0,
+        max_rows_per_key=most if len(schema.keys) == 1 else 0,
         content_sha256=sha256,
         size_bytes=size,
-        duplicates=tuple(duplicates),
+        duplicates=duplicates,
     )
