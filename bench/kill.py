@@ -84,7 +84,7 @@ def _check(data_dir: Path, confirmed: set[str]) -> dict[str, int]:
     for dataset in store.list_datasets():
         try:
             rows = files.read(dataset.dataset_id, dataset.version).num_rows
-        except (DecryptionError, OSError):
+        except (DecryptionError, OSError):  # SegmentError is a DecryptionError
             rows = -1
         partial += rows != dataset.row_count
     without_debit = without_release = 0

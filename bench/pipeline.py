@@ -310,10 +310,11 @@ def stage_join(running: Any, agreement_id: str, runs: int) -> dict[str, Any]:
     )
     plan = testing.plan(hub, spec)
     tables = [hub.files.read(d.dataset_id, d.version) for d in plan.datasets]
+    sources = [hub.files.source(d.dataset_id, d.version) for d in plan.datasets]
     rows = sum(t.num_rows for t in tables)
 
     def ours() -> None:
-        hub.engine.compute(plan, tables, set(), "2026-01-01T00:00:00+00:00")
+        hub.engine.compute(plan, sources, set(), "2026-01-01T00:00:00+00:00")
 
     def baseline() -> None:
         with duckdb.connect() as conn:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import importlib
 import ipaddress
 import json
 import logging
@@ -18,7 +19,7 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 import grpc
 import sqlalchemy as sa
@@ -160,10 +161,9 @@ def make_engine(config: HubConfig) -> AggregationEngine:
     spill_dir = str(config.data_dir / "spill")
     shutil.rmtree(spill_dir, ignore_errors=True)  # a crash's spilled pages: their key died too
     os.makedirs(spill_dir, mode=0o700, exist_ok=True)
-    if config.engine == "spark":
-        from entremise.server.spark import SparkEngine
-
-        return SparkEngine(config.spark_master, spill_dir=spill_dir)
+    if config.engine == "spark":  # an optional dependency: `pip install entremise[spark]`
+        spark = importlib.import_module("entremise.server.spark")
+        return cast(AggregationEngine, spark.SparkEngine(config.spark_master, spill_dir=spill_dir))
     if config.engine != "duckdb":
         raise HubStartError(f"unknown engine {config.engine!r}: use duckdb or spark")
     return DuckDBEngine(

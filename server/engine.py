@@ -399,7 +399,12 @@ class DuckDBEngine(AggregationEngine):
             for i, source in enumerate(sources):
                 name = f"src{i}"
                 columns = source_columns(plan, i)
-                data = source.table(columns) if hasattr(source, "table") else source
+                # A stored version (files.StoredVersion), or a table given as is (tests, bench).
+                data = (
+                    source.select(columns)
+                    if isinstance(source, pa.Table)
+                    else source.table(columns)
+                )
                 if data is None:
                     data = source.reader(columns)
                     if person_table:  # read twice: copy once into spillable storage

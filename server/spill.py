@@ -35,7 +35,11 @@ def connect(
     *, threads: int | None = None, memory_limit: str | None = None, temp_dir: str | None = None
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory database; with `memory_limit`, it spills to encrypted files under `temp_dir`."""
-    config: dict[str, Any] = {"threads": threads or max(1, os.cpu_count() or 1)}
+    # Row order is never relied on (results are keyed by cell): not preserving it saves memory.
+    config: dict[str, Any] = {
+        "threads": threads or max(1, os.cpu_count() or 1),
+        "preserve_insertion_order": False,
+    }
     if memory_limit:
         config["memory_limit"] = memory_limit
     conn = duckdb.connect(config=config)

@@ -84,8 +84,8 @@ def _table(emails: list[str]) -> pa.Table:
 
 @pytest.fixture
 def hub(tmp_path: Path, db_url: str) -> Iterator[Hub]:
-    """A hub staging every upload on disk (not in memory), so tests see the staging emptied."""
-    h = start_hub(tmp_path / "hub", db_url, )
+    """A hub of its own: refused uploads must leave no partial file in its data dir."""
+    h = start_hub(tmp_path / "hub", db_url)
     yield h
     h.admin.close()
     h.running.stop(grace=None)
@@ -110,12 +110,12 @@ def partner(scenario: Scenario) -> Hostile:
 
 
 def _nothing_lost(s: Scenario) -> None:
-    """The scenario's stored data, budget and staging area are exactly as before."""
+    """The scenario's stored data and budget are as before; no partial file is left."""
     datasets = {d.name: d for d in s.hub.admin.list_datasets()}
     assert datasets["bank"].version == 1 and datasets["bank"].row_count == len(s.bank)
     assert datasets["panel"].version == 1 and datasets["panel"].row_count == len(s.panel)
     assert s.officer.budgets(s.agreement_id)[0].spent_epsilon == "0"
-    assert list((s.hub.data_dir / "data" / "staging").iterdir()) == []
+    assert list((s.hub.data_dir / "data").rglob("*.partial")) == []
 
 
 def test_raw_email_in_key_column_is_rejected_naming_the_column(

@@ -16,6 +16,7 @@ import pytest
 from entremise.cli.demo import SIZES
 from entremise.partners.synthetic import generate
 from entremise.server.crypto import DatasetCipher, Keyring
+from entremise.server.files import segments
 
 EMAIL_SHAPE = re.compile(rb"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 PHONE_SHAPE = re.compile(rb"(\+336\d{8}|0[67](?:[ .]?\d\d){4})")
@@ -30,10 +31,12 @@ def _readable_texts(workdir: Path) -> list[tuple[str, bytes]]:
         raw = path.read_bytes()
         out.append((str(path), raw))
         assert raw[:4] != b"PAR1", f"{path} is readable Parquet without the key"
-        if path.name.endswith(".arrow.enc"):
+        if path.name.endswith(".seg.enc"):
             version = int(path.name.split(".")[0][1:])
-            plain = cipher.open(path.parent.name, version, raw)
-            table = pa.ipc.open_stream(plain).read_all()
+            key = cipher.data_key(path.parent.name, version)
+            fs, where = segments.local_or(str(path))
+            parts = segments.read_segments(fs, where, key, path.parent.name, version)
+            table = pa.concat_tables(list(parts))
             out.append((f"{path} (decoded)", json.dumps(table.to_pylist(), default=str).encode()))
         if raw[:16] == b"SQLite format 3\x00":
             with sqlite3.connect(path) as conn:
@@ -90,7 +93,7 @@ def test_demo_json_report_and_no_raw_identifier_in_workdir(tmp_path: Path) -> No
     lowered = {e.lower() for e in emails}
     phones = set(data.bank["phone"])
     texts = _readable_texts(workdir)
-    assert any("v1.arrow.enc (decoded)" in name for name, _ in texts)
+    assert any("v1.seg.enc (decoded)" in name for name, _ in texts)
     assert any("(dump)" in name for name, _ in texts)
     for name, blob in texts:
         for match in EMAIL_SHAPE.findall(blob):

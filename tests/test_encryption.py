@@ -14,10 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from entremise.partners import aggregate, query
-from entremise.server.crypto import MAGIC, DatasetCipher, DecryptionError, Keyring
+from entremise.server.crypto import DatasetCipher, DecryptionError, Keyring
 from entremise.server.domain.errors import InvalidArgumentError
 from entremise.server.domain.models import ConsentSpec, DatasetSchema, IdentifierKind, KeyColumn
-from entremise.server.files import SealedDatasetFiles, TableCache
+from entremise.server.files import SealedDatasetFiles, TableCache, segments
+from entremise.server.files.segments import MAGIC
 from tests.conftest import Scenario
 
 
@@ -42,21 +43,31 @@ def test_stored_files_are_not_readable_without_the_key(scenario: Scenario) -> No
     assert table.num_rows == len(s.bank)
 
 
-def test_datasets_sealed_as_parquet_by_earlier_versions_stay_readable(scenario: Scenario) -> None:
+@pytest.mark.parametrize("legacy", ["arrow", "parquet"])
+def test_datasets_sealed_whole_by_earlier_versions_stay_readable(
+    scenario: Scenario, legacy: str
+) -> None:
+    """0.2 sealed one Arrow stream per version, earlier releases Parquet: both still open."""
     s = scenario
     files = s.hub.running.hub.files
     current = _file(s, s.bank_id)
-    assert current.name == "v1.arrow.enc"
+    assert current.name == "v1.seg.enc"
     table = files.read(s.bank_id, 1)
-    legacy = current.with_name("v1.parquet.enc")
+    older = current.with_name(f"v1.{legacy}.enc")
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    legacy.write_bytes(files.cipher.seal(s.bank_id, 1, sink.getvalue().to_pybytes()))
+    if legacy == "parquet":
+        pq.write_table(table, sink)
+    else:
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    older.write_bytes(files.cipher.seal(s.bank_id, 1, sink.getvalue().to_pybytes()))
     current.unlink()
     files.cache.drop(s.bank_id)  # read from disk, not from the decrypted-table cache
-    assert _file(s, s.bank_id) == legacy
+    assert _file(s, s.bank_id) == older
     assert files.read(s.bank_id, 1).equals(table)
     assert files.read(s.bank_id, 1, columns=["segment"]).column(0).equals(table.column("segment"))
+    release = s.analyst.run(query(s.agreement_id, "0.1", [aggregate("count")]))
+    assert release.release.release_id  # queries stream an older version whole
 
 
 def test_deleted_dataset_stays_unreadable_even_if_its_bytes_come_back(
@@ -85,7 +96,7 @@ def test_ciphertexts_are_bound_to_their_dataset_and_untampered(scenario: Scenari
     bank_bytes, panel_bytes = bank.read_bytes(), panel.read_bytes()
     files.cache.drop(s.bank_id)
     bank.write_bytes(panel_bytes)  # swap
-    with pytest.raises(DecryptionError, match="does not match its key"):
+    with pytest.raises(DecryptionError, match="swapped"):
         files.read(s.bank_id, 1)
     flipped = bytearray(bank_bytes)
     flipped[len(flipped) // 2] ^= 0x01
@@ -124,16 +135,16 @@ def test_master_key_rotation_keeps_data_readable_and_retires_the_old_key(
     assert set(new_ring["keys"]).isdisjoint(old_ring["keys"])
     # The running hub re-reads nothing: a restarted hub (new keyring) reads the data...
     fresh = DatasetCipher(Keyring.load(data_dir / "master.keys"), data_dir / "keys")
-    plain = fresh.open(s.bank_id, 1, _file(s, s.bank_id).read_bytes())
-    assert pa.ipc.open_stream(plain).read_all().num_rows == len(s.bank)
+    fs, path = segments.local_or(str(_file(s, s.bank_id)))
+    key = fresh.data_key(s.bank_id, 1)
+    parts = segments.read_segments(fs, path, key, s.bank_id, 1)
+    assert sum(t.num_rows for t in parts) == len(s.bank)
     # ...and the retired master key opens none of the re-wrapped data keys.
     retired = Keyring(
         {k: bytes.fromhex(v) for k, v in old_ring["keys"].items()}, old_ring["current"]
     )
     with pytest.raises(DecryptionError):
-        DatasetCipher(retired, data_dir / "keys").open(
-            s.bank_id, 1, _file(s, s.bank_id).read_bytes()
-        )
+        DatasetCipher(retired, data_dir / "keys").data_key(s.bank_id, 1)
     # Queries keep working once the hub uses the rotated keyring.
     s.hub.running.hub.files.cipher.keyring = Keyring.load(data_dir / "master.keys")
     assert s.analyst.run(query(s.agreement_id, "0.1", [aggregate("count")])).release.release_id
@@ -171,9 +182,9 @@ def test_a_hub_without_table_cache_decrypts_for_every_query(tmp_path: Path, db_u
         hub.running.stop(grace=None)
 
 
-@pytest.mark.parametrize("memory_upload_bytes", [0, 100_000, 1 << 30])
-def test_uploads_received_in_memory_or_staged_on_disk_read_back_the_same(
-    tmp_path: Path, memory_upload_bytes: int
+@pytest.mark.parametrize("segment_bytes", [50_000, 32 << 20])
+def test_uploads_sealed_in_one_or_many_segments_read_back_the_same(
+    tmp_path: Path, segment_bytes: int
 ) -> None:
     keys = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(20_000)]
     table = pa.table({"k": keys, "ok": [i % 3 > 0 for i in range(len(keys))]})
@@ -181,12 +192,12 @@ def test_uploads_received_in_memory_or_staged_on_disk_read_back_the_same(
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table, max_chunksize=5_000)
     payload = sink.getvalue().to_pybytes()
-    assert 100_000 < len(payload) < 1 << 30  # 100 KB spills part-way through the stream
+    assert 4 * 50_000 < len(payload) < 32 << 20  # several small segments, or one
     schema = DatasetSchema((KeyColumn("k", IdentifierKind.EMAIL),), (ConsentSpec("p", "ok"),), ())
     files = SealedDatasetFiles(
         DatasetCipher(Keyring.load(tmp_path / "ring"), tmp_path / "keys"),
         tmp_path / "data",
-        memory_upload_bytes=memory_upload_bytes,
+        segment_bytes=segment_bytes,
     )
     chunks = [payload[i : i + 65_536] for i in range(0, len(payload), 65_536)]
     result = files.ingest("d", 1, schema, chunks, hashlib.sha256(payload).hexdigest())
@@ -196,10 +207,13 @@ def test_uploads_received_in_memory_or_staged_on_disk_read_back_the_same(
         len(payload),
     )
     assert files.read("d", 1).equals(table)
-    assert list((tmp_path / "data" / "staging").iterdir()) == []
-    # A truncated stream is refused on either path, and nothing is stored or left staged.
+    spans = segments.spans(files.sealed.fs, files.path("d", 1))
+    assert (len(spans) > 1) == (segment_bytes == 50_000)  # a batch per segment, or one
+    # A truncated stream is refused, and nothing is stored, partial or readable.
     with pytest.raises(InvalidArgumentError, match="not a valid Arrow IPC stream"):
         broken = payload[: len(payload) // 2 + 7]  # cut inside a record batch
         files.ingest("d", 2, schema, [broken], hashlib.sha256(broken).hexdigest())
     assert not Path(files.path("d", 2)).exists()
-    assert list((tmp_path / "data" / "staging").iterdir()) == []
+    assert not list((tmp_path / "data").rglob("*.partial"))
+    with pytest.raises(DecryptionError):
+        files.cipher.data_key("d", 2)  # its data key was shredded

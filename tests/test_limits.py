@@ -61,7 +61,7 @@ def test_row_and_message_limits(tmp_path: Path) -> None:
                 agreement.agreement_id, "bank", data.bank, BANK_SCHEMA, keys=bank_key
             )
         assert rows.value.status is Status.RESOURCE_EXHAUSTED
-        assert "800 rows; the limit is 500" in rows.value.message
+        assert "more rows than the limit of 500" in rows.value.message
         bank.upload_dataset(
             agreement.agreement_id, "bank", data.bank.head(500), BANK_SCHEMA, keys=bank_key
         )

@@ -47,6 +47,10 @@ def _not_arrow() -> InvalidArgumentError:
     )
 
 
+class _Unreadable(Exception):
+    """The stream stopped parsing as Arrow: cut short, corrupted, or never Arrow at all."""
+
+
 def _validated_parts(
     batches: pa.RecordBatchStreamReader, schema: DatasetSchema
 ) -> Iterator[pa.Table]:
@@ -58,7 +62,7 @@ def _validated_parts(
         except StopIteration:
             return
         except (pa.ArrowInvalid, pa.ArrowTypeError, OSError):
-            raise _not_arrow() from None
+            raise _Unreadable from None
         if batch.num_rows:
             yield validate_part(pa.Table.from_batches([batch]), schema)
 
@@ -179,20 +183,23 @@ class SealedDatasetFiles(DatasetFiles):
         with contextlib.ExitStack() as sealing:
             writer: SegmentWriter | None = None
             rows = 0
-            for part in _validated_parts(batches, schema):
-                rows += part.num_rows
-                if rows > self.max_rows:
-                    raise ResourceLimitError(
-                        f"the upload has more than {self.max_rows} rows; the limit is "
-                        f"{self.max_rows}"
-                    )
-                if writer is None:
-                    writer = sealing.enter_context(
-                        self.sealed.writer(dataset_id, version, part.schema)
-                    )
-                for batch in part.to_batches():
-                    writer.add(batch)
-                keys.add(part)
+            try:
+                for part in _validated_parts(batches, schema):
+                    rows += part.num_rows
+                    if rows > self.max_rows:
+                        raise ResourceLimitError(
+                            f"the upload has more rows than the limit of {self.max_rows}"
+                        )
+                    if writer is None:
+                        writer = sealing.enter_context(
+                            self.sealed.writer(dataset_id, version, part.schema)
+                        )
+                    for batch in part.to_batches():
+                        writer.add(batch)
+                    keys.add(part)
+            except _Unreadable:
+                stream.finish(expected_sha256)  # cut short in transit says so first
+                raise _not_arrow() from None
             digest = stream.finish(expected_sha256)
             if writer is None:
                 raise InvalidArgumentError("the upload has no rows")

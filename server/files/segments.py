@@ -26,6 +26,8 @@ import pyarrow.fs as pafs
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from entremise.server.crypto import DecryptionError
+
 MAGIC = b"ENTREMISE-SEGMENTS-1\n"
 NONCE_BYTES = 12
 TAG_BYTES = 16
@@ -34,7 +36,7 @@ _LENGTH_BYTES = 4
 DEFAULT_SEGMENT_BYTES = 32 * 1024 * 1024
 
 
-class SegmentError(RuntimeError):
+class SegmentError(DecryptionError):
     """A sealed version that does not open: tampered, truncated, reordered or under another key."""
 
 
@@ -59,12 +61,15 @@ def spans(fs: pafs.FileSystem, path: str) -> list[Span]:
         size = handle.size()
         if handle.read(len(MAGIC)) != MAGIC:
             raise SegmentError(f"{path}: not a segmented sealed file")
-        found, at = [], len(MAGIC)
+        found: list[Span] = []
+        at = len(MAGIC)
         while at < size:
             prefix = handle.read_at(_LENGTH_BYTES, at)
             length = int.from_bytes(prefix, "big") if len(prefix) == _LENGTH_BYTES else -1
             if length < NONCE_BYTES + TAG_BYTES or at + _LENGTH_BYTES + length > size:
-                raise SegmentError(f"{path}: segment {len(found)} is cut short")
+                raise SegmentError(
+                    f"{path}: segment {len(found)} is cut short (truncated or tampered)"
+                )
             found.append(Span(len(found), at + _LENGTH_BYTES, length, False))
             at += _LENGTH_BYTES + length
     if not found:

@@ -127,7 +127,10 @@ def count_keys_spilling(
             ).fetchone()
             assert row is not None
             if row[0]:
-                columns.append(KeyColumnCounts(key, *(int(v) for v in row), *shared[key]))
+                distinct, duplicated, involved, most = (int(v) for v in row)
+                columns.append(
+                    KeyColumnCounts(key, distinct, duplicated, involved, most, *shared[key])
+                )
         union = " UNION ALL ".join(
             f'SELECT "{k}" AS p FROM upload WHERE "{k}" IS NOT NULL' for k in keys
         )
