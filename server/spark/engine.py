@@ -48,7 +48,8 @@ class SparkEngine(AggregationEngine):
     @property
     def session(self) -> SparkSession:
         """The engine's Spark session, started on first use."""
-        if self._session is None:
+        if self._session is None or self._session.sparkContext._jsc is None:
+            # (Stopped elsewhere: pyspark has one context per process, shared by engines.)
             # Executors run this interpreter: it has pyarrow, duckdb and entremise.
             os.environ["PYSPARK_PYTHON"] = sys.executable
             os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
