@@ -299,3 +299,37 @@ def test_the_data_key_is_in_no_plan(spark: SparkEngine, world) -> None:  # type:
     for text in (location.key.hex(), location.key.hex().upper()):
         assert text not in shown
     assert "entremise_sealed" in shown.lower() or "python" in shown.lower()
+
+
+def test_a_hub_on_spark_releases_through_grpc(spark: SparkEngine, tmp_path: Path) -> None:
+    """`engine="spark"`: a release through the SDK, charged as usual; exact values as DuckDB's."""
+    from entremise.server import testing
+    from entremise.server.domain.queries import exact_aggregates, withdrawn_people
+    from tests.conftest import build_scenario, start_hub
+
+    hub = start_hub(
+        tmp_path / "hub", f"sqlite:///{tmp_path / 'hub.db'}", engine="spark",
+        spark_master="local[2]",
+    )
+    try:
+        core = hub.running.hub
+        assert isinstance(core.engine, SparkEngine)
+        s = build_scenario(hub, total_epsilon="5", n_bank=400, n_panel=200, overlap=120)
+        result = s.analyst.sql_run(
+            "SELECT bank.segment, COUNT(*) AS n FROM bank JOIN panel GROUP BY bank.segment",
+            epsilon="1", agreement_id=s.agreement_id,
+        )
+        (aggregate,) = result.release.results
+        assert aggregate.cells and all(c.value is not None for c in aggregate.cells)
+        assert float(result.remaining_epsilon) == pytest.approx(4.0)
+        assert not result.replayed
+        spec = QuerySpec(s.agreement_id, (ROWS,), Epsilon.parse("1"), group_by=("bank.segment",))
+        query = testing.plan(core, spec)
+        gone = withdrawn_people(core.store.query_context(s.agreement_id))
+        exact = exact_aggregates(core.files, DuckDBEngine(), query, gone)
+        assert testing.exact_aggregates(core, query) == exact
+        assert sum(exact.rows) > 0
+    finally:
+        hub.admin.close()
+        hub.running.stop(grace=None)
+        core.engine.close()  # type: ignore[attr-defined]
