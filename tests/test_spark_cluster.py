@@ -22,12 +22,12 @@ pytest.importorskip("pyspark")
 if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
     pytest.skip("no Java: a standalone Spark master cannot start", allow_module_level=True)
 
-import pyspark  # noqa: E402
+import pyspark
 
-from entremise.server.domain.models import AggregateKind, FilterOp  # noqa: E402
-from entremise.server.engine import DuckDBEngine  # noqa: E402
-from entremise.server.spark import SparkEngine  # noqa: E402
-from tests.test_spark_engine import (  # noqa: E402
+from entremise.server.domain.models import AggregateKind, FilterOp
+from entremise.server.engine import DuckDBEngine
+from entremise.server.spark import SparkEngine
+from tests.test_spark_engine import (
     AMOUNT,
     NOW,
     PEOPLE,
@@ -89,7 +89,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     master = _start(
         [
             "org.apache.spark.deploy.master.Master",
-            "--host", "127.0.0.1", "--port", str(port), "--webui-port", str(_free_port()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--webui-port",
+            str(_free_port()),
         ],
         logs / "master.log",
         r"I have been elected leader|Starting Spark master",
@@ -98,9 +103,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         worker = _start(
             [
-                "org.apache.spark.deploy.worker.Worker", url,
-                "--host", "127.0.0.1", "--cores", "2", "--memory", "1g",
-                "--webui-port", str(_free_port()), "--work-dir", str(logs / "work"),
+                "org.apache.spark.deploy.worker.Worker",
+                url,
+                "--host",
+                "127.0.0.1",
+                "--cores",
+                "2",
+                "--memory",
+                "1g",
+                "--webui-port",
+                str(_free_port()),
+                "--work-dir",
+                str(logs / "work"),
             ],
             logs / "worker.log",
             r"Successfully registered with master",

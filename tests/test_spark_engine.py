@@ -21,9 +21,9 @@ import pytest
 
 pytest.importorskip("pyspark")
 
-from entremise.privacy.budget import Epsilon  # noqa: E402
-from entremise.server.crypto import DatasetCipher, Keyring  # noqa: E402
-from entremise.server.domain.models import (  # noqa: E402
+from entremise.privacy.budget import Epsilon
+from entremise.server.crypto import DatasetCipher, Keyring
+from entremise.server.domain.models import (
     AggregateKind,
     AggregateSpec,
     Agreement,
@@ -43,10 +43,10 @@ from entremise.server.domain.models import (  # noqa: E402
     QuerySpec,
     TextColumn,
 )
-from entremise.server.domain.planner import plan_query  # noqa: E402
-from entremise.server.engine import DuckDBEngine  # noqa: E402
-from entremise.server.files import SealedDatasetFiles, StoredVersion  # noqa: E402
-from entremise.server.spark import SparkEngine  # noqa: E402
+from entremise.server.domain.planner import plan_query
+from entremise.server.engine import DuckDBEngine
+from entremise.server.files import SealedDatasetFiles, StoredVersion
+from entremise.server.spark import SparkEngine
 
 PURPOSE = "research"
 NOW = "2026-11-27T00:00:00+00:00"
@@ -163,19 +163,41 @@ def plan(
     delta_units: int = 0,
 ) -> QueryPlan:
     datasets = tuple(
-        Dataset(name, name, f"p{i}", "ag", schema, len(tables[name]), len(tables[name]), 1, "",
-                NOW, "", 0)
+        Dataset(
+            name,
+            name,
+            f"p{i}",
+            "ag",
+            schema,
+            len(tables[name]),
+            len(tables[name]),
+            1,
+            "",
+            NOW,
+            "",
+            0,
+        )
         for i, (name, schema) in enumerate((("bank", BANK), ("panel", PANEL)))
     )
     agreement = Agreement(
-        "ag", "spark", PURPOSE,
+        "ag",
+        "spark",
+        PURPOSE,
         (DatasetSlot("p0", "bank"), DatasetSlot("p1", "panel")),
-        ("analyst",), Epsilon.parse("100"),
-        max_rows_per_person=rows, max_groups_per_person=groups, created_at=NOW,
-        status=AgreementStatus.ACTIVE, total_delta_units=10**12,
+        ("analyst",),
+        Epsilon.parse("100"),
+        max_rows_per_person=rows,
+        max_groups_per_person=groups,
+        created_at=NOW,
+        status=AgreementStatus.ACTIVE,
+        total_delta_units=10**12,
     )
     spec = QuerySpec(
-        "ag", aggregates, Epsilon.parse("1"), group_by=group_by, filters=filters,
+        "ag",
+        aggregates,
+        Epsilon.parse("1"),
+        group_by=group_by,
+        filters=filters,
         delta_units=delta_units,
     )
     return plan_query(spec, agreement, datasets)
@@ -206,7 +228,9 @@ def spark() -> Iterator[SparkEngine]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[SealedDatasetFiles, dict[str, pa.Table]]:
+def world(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[SealedDatasetFiles, dict[str, pa.Table]]:
     return store_world(tmp_path_factory.mktemp("spark"))
 
 
@@ -216,14 +240,20 @@ AMOUNT = "panel.amount"
 
 CASES = {
     "people and rows": dict(aggregates=(PEOPLE, ROWS)),
-    "sum and mean": dict(aggregates=(agg(AggregateKind.SUM, AMOUNT), agg(AggregateKind.MEAN, AMOUNT))),
+    "sum and mean": dict(
+        aggregates=(agg(AggregateKind.SUM, AMOUNT), agg(AggregateKind.MEAN, AMOUNT))
+    ),
     "variance and stddev": dict(
         aggregates=(agg(AggregateKind.VARIANCE, AMOUNT), agg(AggregateKind.STDDEV, "bank.income"))
     ),
     "quantile": dict(aggregates=(agg(AggregateKind.QUANTILE, AMOUNT, quantile=0.5),)),
     "grouped by one": dict(aggregates=(PEOPLE, ROWS), group_by=("panel.category",)),
     "grouped by two": dict(
-        aggregates=(ROWS, agg(AggregateKind.SUM, AMOUNT), agg(AggregateKind.QUANTILE, AMOUNT, quantile=0.9)),
+        aggregates=(
+            ROWS,
+            agg(AggregateKind.SUM, AMOUNT),
+            agg(AggregateKind.QUANTILE, AMOUNT, quantile=0.9),
+        ),
         group_by=("bank.segment", "panel.category"),
     ),
     "discovered keys": dict(aggregates=(PEOPLE, ROWS), group_by=("panel.shop",), delta_units=10**6),
@@ -232,8 +262,10 @@ CASES = {
         group_by=("panel.category",),
         filters=(
             any_of(
-                all_of(leaf("panel.category", FilterOp.IN, "food", "tech"),
-                       leaf(AMOUNT, FilterOp.LE, "300")),
+                all_of(
+                    leaf("panel.category", FilterOp.IN, "food", "tech"),
+                    leaf(AMOUNT, FilterOp.LE, "300"),
+                ),
                 leaf(AMOUNT, FilterOp.GT, "450"),
             ),
             leaf("bank.segment", FilterOp.NOT_IN, "private"),
@@ -241,15 +273,18 @@ CASES = {
     ),
     "month buckets": dict(aggregates=(ROWS, PEOPLE), group_by=("month:panel.bought_on",)),
     "day buckets and a date filter": dict(
-        aggregates=(ROWS,), group_by=("day:panel.bought_on",),
-        filters=(leaf("panel.bought_on", FilterOp.GE, "2026-03-01"),), groups=40,
+        aggregates=(ROWS,),
+        group_by=("day:panel.bought_on",),
+        filters=(leaf("panel.bought_on", FilterOp.GE, "2026-03-01"),),
+        groups=40,
     ),
     "bins": dict(
         aggregates=(ROWS, agg(AggregateKind.SUM, "bank.income")),
         group_by=("bins:panel.amount:50,200:small|medium|large",),
     ),
-    "caps that do not bite": dict(aggregates=(PEOPLE, ROWS), group_by=("panel.category",),
-                                  rows=20, groups=5),
+    "caps that do not bite": dict(
+        aggregates=(PEOPLE, ROWS), group_by=("panel.category",), rows=20, groups=5
+    ),
 }
 
 
@@ -271,15 +306,26 @@ def test_spark_computes_exactly_what_duckdb_does(case: str, spark: SparkEngine, 
 
 def test_a_single_identifier_join_needs_no_linking(spark: SparkEngine, tmp_path: Path) -> None:
     """Only the bank, whose one identifier is the person: pid is the email itself."""
-    files, tables = store_world(tmp_path, people=60, seed=3)
+    files, _ = store_world(tmp_path, people=60, seed=3)
     datasets = (Dataset("bank", "bank", "p0", "ag", BANK, 70, 70, 1, "", NOW, "", 0),)
     agreement = Agreement(
-        "ag", "spark", PURPOSE, (DatasetSlot("p0", "bank"),), ("analyst",), Epsilon.parse("10"),
-        max_rows_per_person=1, max_groups_per_person=1, created_at=NOW,
+        "ag",
+        "spark",
+        PURPOSE,
+        (DatasetSlot("p0", "bank"),),
+        ("analyst",),
+        Epsilon.parse("10"),
+        max_rows_per_person=1,
+        max_groups_per_person=1,
+        created_at=NOW,
         status=AgreementStatus.ACTIVE,
     )
-    spec = QuerySpec("ag", (PEOPLE, agg(AggregateKind.SUM, "bank.income")), Epsilon.parse("1"),
-                     group_by=("bank.segment",))
+    spec = QuerySpec(
+        "ag",
+        (PEOPLE, agg(AggregateKind.SUM, "bank.income")),
+        Epsilon.parse("1"),
+        group_by=("bank.segment",),
+    )
     query = plan_query(spec, agreement, datasets)
     bank = [files.source("bank", 1)]
     gone = {_pseudonym("e5")}
@@ -308,7 +354,9 @@ def test_a_hub_on_spark_releases_through_grpc(spark: SparkEngine, tmp_path: Path
     from tests.conftest import build_scenario, start_hub
 
     hub = start_hub(
-        tmp_path / "hub", f"sqlite:///{tmp_path / 'hub.db'}", engine="spark",
+        tmp_path / "hub",
+        f"sqlite:///{tmp_path / 'hub.db'}",
+        engine="spark",
         spark_master="local[2]",
     )
     try:
@@ -317,7 +365,8 @@ def test_a_hub_on_spark_releases_through_grpc(spark: SparkEngine, tmp_path: Path
         s = build_scenario(hub, total_epsilon="5", n_bank=400, n_panel=200, overlap=120)
         result = s.analyst.sql_run(
             "SELECT bank.segment, COUNT(*) AS n FROM bank JOIN panel GROUP BY bank.segment",
-            epsilon="1", agreement_id=s.agreement_id,
+            epsilon="1",
+            agreement_id=s.agreement_id,
         )
         (aggregate,) = result.release.results
         assert aggregate.cells and all(c.value is not None for c in aggregate.cells)

@@ -1,4 +1,4 @@
-"""The aggregation engine on Spark: the same exact aggregates as DuckDBEngine, computed by partition.
+"""The aggregation engine on Spark: DuckDBEngine's exact aggregates, partition by partition.
 
 Spark reads the sealed segments in its executors (`source`), links people across identifiers
 (the union-find itself runs on the driver, shared with DuckDBEngine), sends each person's rows
@@ -91,14 +91,20 @@ class SparkEngine(AggregationEngine):
                 spark.dataSource.register(EmptySource)
         return _collect(plan, combine(plan, partials))
 
-    def _read(self, spark: SparkSession, plan: QueryPlan, i: int, source: Any, now: str) -> DataFrame:
+    def _read(
+        self, spark: SparkSession, plan: QueryPlan, i: int, source: Any, now: str
+    ) -> DataFrame:
         """Dataset `i`'s consented rows (its needed columns) as a DataFrame read by executors."""
         columns = source_columns(plan, i)
         location = source.location()
         fs, _ = segments.local_or(location.uri)
         first = next(
             segments.read_segments(
-                fs, location.path, location.key, location.dataset_id, location.version,
+                fs,
+                location.path,
+                location.key,
+                location.dataset_id,
+                location.version,
                 [location.spans[0]],
             )
         )

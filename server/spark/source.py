@@ -76,6 +76,7 @@ def sealed_source(
             return [SegmentPartition(span) for span in location.spans]
 
         def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
+            assert isinstance(partition, SegmentPartition)
             span = partition.span
             fs, _ = segments.local_or(location.uri)
             with fs.open_input_file(location.path) as handle:
@@ -104,11 +105,11 @@ class EmptySource(DataSource):  # type: ignore[misc]
     """Registered under `SOURCE_NAME` after a query, so no key stays in the session."""
 
     @classmethod
-    def name(cls) -> str:
+    def name(cls) -> str:  # noqa: D102
         return SOURCE_NAME
 
-    def schema(self) -> str:
+    def schema(self) -> str:  # noqa: D102
         return "empty string"
 
-    def reader(self, schema: Any) -> DataSourceReader:
+    def reader(self, schema: Any) -> DataSourceReader:  # noqa: D102
         raise RuntimeError("no sealed version is open")
