@@ -134,11 +134,11 @@ def _payload(table: pa.Table) -> bytes:
 
 
 def store_world(
-    tmp: Path, people: int = 160, seed: int = 7
+    tmp: Path, people: int = 160, seed: int = 7, segment_bytes: int = 8192
 ) -> tuple[SealedDatasetFiles, dict[str, pa.Table]]:
     """The bank and panel sealed in small segments (several per dataset), caching nothing."""
     cipher = DatasetCipher(Keyring.load(tmp / "ring"), tmp / "keys")
-    files = SealedDatasetFiles(cipher, tmp / "data", segment_bytes=2048, cache_bytes=0)
+    files = SealedDatasetFiles(cipher, tmp / "data", segment_bytes=segment_bytes, cache_bytes=0)
     rng = np.random.default_rng(seed)
     tables = {"bank": _bank(rng, people), "panel": _panel(rng, people)}
     for name, schema in (("bank", BANK), ("panel", PANEL)):
@@ -306,7 +306,7 @@ def test_spark_computes_exactly_what_duckdb_does(case: str, spark: SparkEngine, 
 
 def test_a_single_identifier_join_needs_no_linking(spark: SparkEngine, tmp_path: Path) -> None:
     """Only the bank, whose one identifier is the person: pid is the email itself."""
-    files, _ = store_world(tmp_path, people=60, seed=3)
+    files, _ = store_world(tmp_path, people=60, seed=3, segment_bytes=2048)
     datasets = (Dataset("bank", "bank", "p0", "ag", BANK, 70, 70, 1, "", NOW, "", 0),)
     agreement = Agreement(
         "ag",
