@@ -59,6 +59,8 @@ class SparkEngine(AggregationEngine):
                 .config("spark.sql.execution.arrow.pyspark.enabled", "true")
                 .config("spark.sql.shuffle.partitions", str(self.partitions))
                 .config("spark.sql.session.timeZone", "UTC")
+                # Shuffled and spilled rows are decrypted records: encrypted on local disk.
+                .config("spark.io.encryption.enabled", "true")
                 .config("spark.ui.enabled", "false")
                 .config("spark.ui.showConsoleProgress", "false")
             )
