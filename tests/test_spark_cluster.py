@@ -128,7 +128,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_a_standalone_cluster_computes_what_duckdb_does(cluster: str, tmp_path: Path) -> None:
-    files, tables = store_world(tmp_path, people=80, seed=11)
+    files, tables = store_world(tmp_path, people=80, seed=11, segment_bytes=2048)
     engine = SparkEngine(cluster, partitions=4)
     try:
         assert engine.session.sparkContext.master == cluster

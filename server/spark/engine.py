@@ -98,6 +98,8 @@ class SparkEngine(AggregationEngine):
     ) -> DataFrame:
         """Dataset `i`'s consented rows (its needed columns) as a DataFrame read by executors."""
         columns = source_columns(plan, i)
+        if not hasattr(source, "location"):  # an in-memory table: nowhere executors can read
+            raise TypeError("the Spark engine reads stored versions (StoredVersion), not tables")
         location = source.location()
         fs, _ = segments.local_or(location.uri)
         first = next(
