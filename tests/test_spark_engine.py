@@ -239,14 +239,18 @@ ROWS = agg(AggregateKind.COUNT_ROWS)
 AMOUNT = "panel.amount"
 
 CASES = {
-    "people and rows": dict(aggregates=(PEOPLE, ROWS)),
-    "sum and mean": dict(
-        aggregates=(agg(AggregateKind.SUM, AMOUNT), agg(AggregateKind.MEAN, AMOUNT))
+    # One query, every ungrouped kind: people, rows, sum, mean, variance, stddev, quantile.
+    "every aggregate kind": dict(
+        aggregates=(
+            PEOPLE,
+            ROWS,
+            agg(AggregateKind.SUM, AMOUNT),
+            agg(AggregateKind.MEAN, AMOUNT),
+            agg(AggregateKind.VARIANCE, AMOUNT),
+            agg(AggregateKind.STDDEV, "bank.income"),
+            agg(AggregateKind.QUANTILE, AMOUNT, quantile=0.5),
+        )
     ),
-    "variance and stddev": dict(
-        aggregates=(agg(AggregateKind.VARIANCE, AMOUNT), agg(AggregateKind.STDDEV, "bank.income"))
-    ),
-    "quantile": dict(aggregates=(agg(AggregateKind.QUANTILE, AMOUNT, quantile=0.5),)),
     "grouped by one": dict(aggregates=(PEOPLE, ROWS), group_by=("panel.category",)),
     "grouped by two": dict(
         aggregates=(
