@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: help install protos check-protos demo chromium test test-fast test-pg race kill fuzz dp-audit bench-small bench-sql bench-xl bench bench-tumult bench-profile lint typecheck format clean
+.PHONY: help install protos check-protos demo chromium test test-fast test-pg race kill fuzz dp-audit bench-small bench-sql bench-xl bench-spark bench bench-tumult bench-profile lint typecheck format clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -16,7 +16,7 @@ help: ## Show this help
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	$(BIN)/pip install --quiet -e ".[dev,bench,spark]"
 	@touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install Entremise with its dev tools
@@ -63,6 +63,9 @@ bench-sql: $(STAMP) ## What DP SQL adds before a query runs (sqlglot + planner v
 
 bench-xl: $(STAMP) ## XL: 10M bank rows, 100M purchases, hub under --memory-limit 6GB; walls and peak RSS per process (JSON; ~6 GB of disk, not in CI)
 	$(BIN)/python -m bench.xl --hub-memory 6GB --out bench/results/XL.json
+
+bench-spark: $(STAMP) ## DuckDB vs Spark local[2] engines on the same plans at size S (JSON)
+	$(BIN)/python -m bench.spark_engine --size S --runs 3
 
 bench-small: $(STAMP) ## Stage benchmarks vs in-process baselines at size S (JSON, then a table)
 	$(BIN)/python -m bench.pipeline --size S --runs 5 --end-to-end

@@ -147,20 +147,30 @@ def link_people(
     [(n,)] = conn.execute("SELECT count(*) FROM node").fetchall()
     a = ends.column("a").to_numpy().astype(np.int64)
     b = ends.column("b").to_numpy().astype(np.int64)
-    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n)).tocsr()
-    components, component_of = connected_components(graph, directed=False)
-    smallest = np.full(components, n, dtype=np.int64)
-    np.minimum.at(smallest, component_of, np.arange(n, dtype=np.int64))
-    labels = pa.table(
-        {"id": pa.array(np.arange(n, dtype=np.int64)), "label_id": smallest[component_of]}
-    )
+    components, label_id = smallest_in_component(a, b, n)
+    labels = pa.table({"id": pa.array(np.arange(n, dtype=np.int64)), "label_id": label_id})
     conn.register("node_label", labels)
     conn.execute(
         "CREATE TEMP TABLE person AS SELECT n.node, m.node AS label FROM node n "
         "JOIN node_label l ON l.id = n.id JOIN node m ON m.id = l.label_id"
     )
     conn.unregister("node_label")
-    return int(components)
+    return components
+
+
+def smallest_in_component(
+    a: np.ndarray[Any, Any], b: np.ndarray[Any, Any], n: int
+) -> tuple[int, np.ndarray[Any, Any]]:
+    """Union-find over nodes 0..n-1 joined by edges (a[i], b[i]): each node's smallest peer.
+
+    Shared by both engines, so that they link people identically. Returns the number of
+    components and, per node, the smallest node of its component.
+    """
+    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n)).tocsr()
+    components, component_of = connected_components(graph, directed=False)
+    smallest = np.full(components, n, dtype=np.int64)
+    np.minimum.at(smallest, component_of, np.arange(n, dtype=np.int64))
+    return int(components), smallest[component_of]
 
 
 def build_sql(

@@ -1,0 +1,115 @@
+"""A Spark data source over one sealed version: each segment is a partition, opened by an executor.
+
+The data key travels only inside the pickled data source class (built per query by
+`sealed_source`), never in the DataSource options, so it is absent from Spark's plans, its
+logs and its event files. Each executor opens the store's filesystem from its URI (shared
+storage on a cluster), decrypts its own segment and yields Arrow batches of the consented
+rows: consent is checked before any row enters Spark.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyspark.sql.datasource import DataSource, DataSourceReader, InputPartition
+from pyspark.sql.pandas.types import from_arrow_schema
+from pyspark.sql.types import StructType
+
+from entremise.server.files import segments
+from entremise.server.files.sealed import SealedLocation
+
+#: The one name the per-query classes take; see `SparkEngine` for why it is reused.
+SOURCE_NAME = "entremise_sealed"
+
+
+@dataclass(frozen=True)
+class Consent:
+    """Which rows enter: `column` is true and `expiry` (if any) is missing or after `now`."""
+
+    column: str
+    expiry: str | None
+    now: str
+
+    def mask(self, table: pa.Table) -> pa.Array:
+        """The rule of `engine._consent_filter`, over an Arrow table (NULL consent: out)."""
+        keep = pc.fill_null(table.column(self.column), False)
+        if self.expiry is not None:
+            moment = dt.datetime.fromisoformat(self.now)
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=dt.UTC)
+            expiry = table.column(self.expiry)
+            later = pc.fill_null(pc.greater(expiry, pa.scalar(moment, expiry.type)), False)
+            keep = pc.and_(keep, pc.or_(pc.is_null(expiry), later))
+        return keep
+
+
+class SegmentPartition(InputPartition):  # type: ignore[misc]
+    """One segment: where it lies. No key (partitions are planned on the driver's side)."""
+
+    def __init__(self, span: segments.Span) -> None:
+        super().__init__(span.index)
+        self.span = span
+
+
+def spark_schema(arrow: pa.Schema) -> StructType:
+    """Spark's schema for the Arrow columns a reader yields."""
+    return from_arrow_schema(arrow)
+
+
+def sealed_source(
+    location: SealedLocation, columns: list[str], arrow: pa.Schema, consent: Consent
+) -> type[DataSource]:
+    """A data source class for one query's read of one version (it holds the key, in memory).
+
+    A class, not options: Spark instantiates registered classes itself, with string options
+    that end up in plans; the class is pickled by value with what it closes over.
+    """
+    schema = spark_schema(arrow)
+
+    class SealedReader(DataSourceReader):  # type: ignore[misc]
+        def partitions(self) -> list[InputPartition]:
+            return [SegmentPartition(span) for span in location.spans]
+
+        def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
+            assert isinstance(partition, SegmentPartition)
+            span = partition.span
+            fs, _ = segments.local_or(location.uri)
+            with fs.open_input_file(location.path) as handle:
+                sealed = handle.read_at(span.length, span.offset)
+            table = segments.open_segment(
+                sealed, location.key, location.dataset_id, location.version, span
+            )
+            table = table.filter(consent.mask(table)).select(columns).cast(arrow)
+            yield from table.to_batches()
+
+    class SealedSource(DataSource):  # type: ignore[misc]
+        @classmethod
+        def name(cls) -> str:
+            return SOURCE_NAME
+
+        def schema(self) -> StructType:
+            return schema
+
+        def reader(self, schema: Any) -> DataSourceReader:
+            return SealedReader()
+
+    return SealedSource
+
+
+class EmptySource(DataSource):  # type: ignore[misc]
+    """Registered under `SOURCE_NAME` after a query, so no key stays in the session."""
+
+    @classmethod
+    def name(cls) -> str:  # noqa: D102
+        return SOURCE_NAME
+
+    def schema(self) -> str:  # noqa: D102
+        return "empty string"
+
+    def reader(self, schema: Any) -> DataSourceReader:  # noqa: D102
+        raise RuntimeError("no sealed version is open")
