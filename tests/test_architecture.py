@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,25 @@ def test_clients_do_not_open_the_hubs_storage(folder: str) -> None:
         "sqlalchemy",
     )
     assert _offenders(folder, forbidden) == {}
+
+
+def test_only_the_spark_package_imports_pyspark() -> None:
+    """Spark is optional (`pip install entremise[spark]`): nothing else may need it."""
+    offenders = {
+        path: names
+        for folder in ("server", "partners", "privacy", "sdk", "cli")
+        for path, names in _offenders(folder, ("pyspark",)).items()
+        if not path.startswith("server/spark/")
+    }
+    assert offenders == {}
+
+
+def test_every_test_the_readme_names_exists() -> None:
+    """Each claim in the README names the test that shows it: that test must exist."""
+    named = set(re.findall(r"`(test_[a-z0-9_]+)`", (ROOT / "README.md").read_text()))
+    defined = {
+        match
+        for path in (ROOT / "tests").glob("test_*.py")
+        for match in re.findall(r"^def (test_[a-z0-9_]+)", path.read_text(), flags=re.M)
+    }
+    assert named and sorted(named - defined) == []
