@@ -266,8 +266,7 @@ def _dataset_rows(
         if r.dataset_index == i and r.derivation is not None
     ]
     rows = f"SELECT {pid} AS pid{cols} FROM {source} t{joins} WHERE {' AND '.join(conditions)}"
-    most = dataset.max_rows_per_key
-    if not (len(keys) > 1 or most == 0 or most > plan.max_rows_per_person):
+    if not _pre_join_cap(plan, dataset):
         return rows
     # No unit keeps more than the row cap after the join, so none needs more than the
     # cap from any one dataset before it: one person's records can then add at most
@@ -290,6 +289,17 @@ def _dataset_rows(
     )
 
 
+def _pre_join_cap(plan: QueryPlan, dataset: Dataset) -> bool:
+    """Whether a dataset's rows are capped per person before the join (see `_dataset_rows`)."""
+    most = dataset.max_rows_per_key
+    return len(dataset.schema.keys) > 1 or most == 0 or most > plan.max_rows_per_person
+
+
+def _rows_into_join(plan: QueryPlan, dataset: Dataset) -> int:
+    """The most rows one person brings into the join from this dataset."""
+    return plan.max_rows_per_person if _pre_join_cap(plan, dataset) else dataset.max_rows_per_key
+
+
 def _bounding_ctes(plan: QueryPlan, groups: list[str], aliases: list[str]) -> tuple[list[str], str]:
     """The caps after the join (groups, then rows per person), ending in `b`; the person column."""
     ctes: list[str] = []
@@ -297,10 +307,12 @@ def _bounding_ctes(plan: QueryPlan, groups: list[str], aliases: list[str]) -> tu
     bound_groups = bool(groups) and (
         plan.discovery is not None or plan.max_groups_per_person < len(plan.group_keys)
     )
-    # Upload statistics bound the rows any person can have in the join; when that bound is
-    # already within the cap, the (sorting) window below would drop nothing and is skipped.
-    most_rows = math.prod(d.max_rows_per_key for d in plan.datasets)
-    bound_rows = most_rows == 0 or most_rows > plan.max_rows_per_person
+    # Each dataset brings at most the cap of rows per person into the join (fewer when its
+    # upload statistics say so, `_dataset_rows`); when their product is already within the
+    # cap, the (sorting) window below would drop nothing and is skipped.
+    bound_rows = (
+        math.prod(_rows_into_join(plan, d) for d in plan.datasets) > plan.max_rows_per_person
+    )
     order = ", ".join([*groups, *(a for a in aliases if a not in groups)]) or "pid"
     person, source = "pid", "j"
     if bound_groups or bound_rows:
