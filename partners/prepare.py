@@ -510,11 +510,19 @@ class EncodedUpload:
     sha256: str
     rows: int
 
+    @property
+    def size(self) -> int:
+        """Bytes in the stream."""
+        return len(self.payload)
+
     def chunks(self, size: int = CHUNK_BYTES) -> Iterator[bytes]:
         """Columnar bytes in fixed-size chunks (per-row messages would be ~100x slower)."""
         view = memoryview(self.payload)
         for start in range(0, len(view), size):
             yield bytes(view[start : start + size])
+
+    def discard(self) -> None:
+        """Nothing to remove: the stream is in memory (a `SpooledUpload` removes its file)."""
 
 
 def encode(table: pa.Table) -> EncodedUpload:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import multiprocessing
 import os
 import tempfile
@@ -280,11 +279,11 @@ def _rebatch(batches: Iterable[pa.RecordBatch], chunk_rows: int) -> Iterator[pa.
         count += batch.num_rows
         while count >= chunk_rows:
             table = pa.Table.from_batches(held)
-            yield table.slice(0, chunk_rows).combine_chunks()
+            yield table.slice(0, chunk_rows)
             rest = table.slice(chunk_rows)
             held, count = rest.to_batches(), rest.num_rows
     if count:
-        yield pa.Table.from_batches(held).combine_chunks()
+        yield pa.Table.from_batches(held)
 
 
 class _ChunkPreparer:
@@ -314,6 +313,25 @@ class _ChunkPreparer:
         return table, reports, dropped
 
 
+#: A prepared chunk as Arrow IPC messages: its schema, then its record batches. Concatenated
+#: after one schema message and closed by END_OF_STREAM, they are one IPC stream, so the main
+#: process only hashes and writes bytes (parsing and re-encoding cost it as much as reading).
+Encoded = tuple[bytes, list[bytes]]
+END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+
+
+def _encode(table: pa.Table) -> Encoded:
+    batches = table.to_batches(max_chunksize=BATCH_ROWS)
+    return table.schema.serialize().to_pybytes(), [b.serialize().to_pybytes() for b in batches]
+
+
+def _prepared(
+    prepare: _ChunkPreparer, chunk: pa.Table, first_row: int
+) -> tuple[Encoded, list[PlaceholderReport], int]:
+    table, reports, dropped = prepare(chunk, first_row)
+    return _encode(table), reports, dropped
+
+
 _WORKER: _ChunkPreparer | None = None
 
 
@@ -323,22 +341,18 @@ def _start_worker(schema: UploadSchema, key: bytes, default_region: str) -> None
     _WORKER = _ChunkPreparer(schema, key, default_region)
 
 
-def _in_worker(chunk: bytes, first_row: int) -> tuple[bytes, list[PlaceholderReport], int]:
-    """A chunk prepared in a worker; tables cross the pipe as Arrow IPC streams, not objects."""
+def _in_worker(chunk: bytes, first_row: int) -> tuple[Encoded, list[PlaceholderReport], int]:
+    """A chunk prepared in a worker; tables cross the pipe as Arrow IPC, never as objects."""
     assert _WORKER is not None
-    table, reports, dropped = _WORKER(_from_ipc(chunk), first_row)
-    return _to_ipc(table), reports, dropped
+    return _prepared(_WORKER, pa.ipc.open_stream(chunk).read_all(), first_row)
 
 
 def _to_ipc(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def _from_ipc(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+    data: bytes = sink.getvalue().to_pybytes()
+    return data
 
 
 def _spool(
@@ -354,29 +368,31 @@ def _spool(
     """
     out = _Writer(sink, progress)
     rows = 0
-    head = list(itertools.islice(chunks, 2))
-    if workers == 1 or len(head) < 2:
-        for chunk, read in itertools.chain(head, chunks):
-            out.write(*prepare(chunk, rows), read)
+    if workers == 1:
+        for chunk, read in chunks:
+            out.write(*_prepared(prepare, chunk, rows), read)
             rows += chunk.num_rows
         out.close()
         return rows, out.dropped, out.reports
     context = multiprocessing.get_context("spawn")  # fork would copy gRPC's threads and state
+    # Started before the first chunk is read, so that the workers' imports overlap the reading.
     with ProcessPoolExecutor(
         workers,
         mp_context=context,
         initializer=_start_worker,
         initargs=(prepare.schema, prepare.key, prepare.default_region),
     ) as pool:
-        pending: deque[tuple[Future[tuple[bytes, list[PlaceholderReport], int]], int]] = deque()
+        pending: deque[tuple[Future[tuple[Encoded, list[PlaceholderReport], int]], int]] = deque()
         try:
-            for chunk, read in itertools.chain(head, chunks):
+            for chunk, read in chunks:
                 pending.append((pool.submit(_in_worker, _to_ipc(chunk), rows), read))
                 rows += chunk.num_rows
                 while len(pending) > workers:
-                    out.finish(*pending.popleft())
+                    future, done = pending.popleft()
+                    out.write(*future.result(), done)
             while pending:
-                out.finish(*pending.popleft())
+                future, done = pending.popleft()
+                out.write(*future.result(), done)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
@@ -389,28 +405,34 @@ class _Writer:
 
     def __init__(self, sink: _HashingFile, progress: Callable[[int], None]) -> None:
         self._sink, self._progress = sink, progress
-        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
-        self._schema: pa.Schema | None = None
+        self._schema: bytes | None = None
         self.reports: list[PlaceholderReport] = []
         self.dropped = 0
 
-    def finish(self, future: Future[tuple[bytes, list[PlaceholderReport], int]], read: int) -> None:
-        data, reports, dropped = future.result()
-        self.write(_from_ipc(data), reports, dropped, read)
-
     def write(
-        self, table: pa.Table, reports: list[PlaceholderReport], dropped: int, read: int
+        self, encoded: Encoded, reports: list[PlaceholderReport], dropped: int, read: int
     ) -> None:
-        if self._writer is None or self._schema is None:
-            self._schema = table.schema
-            self._writer = pa.ipc.new_stream(self._sink, table.schema)
-        elif table.schema != self._schema:
-            table = table.cast(self._schema)  # every chunk's types are the first chunk's
-        self._writer.write_table(table, max_chunksize=BATCH_ROWS)
+        schema, batches = encoded
+        if self._schema is None:
+            self._schema = schema
+            self._sink.write(schema)
+        elif schema != self._schema:  # not seen: every chunk's columns have the schema's types
+            batches = _recast(schema, batches, self._schema)
+        for batch in batches:
+            self._sink.write(batch)
         self.reports += reports
         self.dropped += dropped
         self._progress(read)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        if self._schema is not None:
+            self._sink.write(END_OF_STREAM)
+
+
+def _recast(schema: bytes, batches: list[bytes], target: bytes) -> list[bytes]:
+    """Batches encoded under `schema` re-encoded under `target` (cast column by column)."""
+    source, wanted = (pa.ipc.read_schema(pa.py_buffer(s)) for s in (schema, target))
+    table = pa.Table.from_batches(
+        [pa.ipc.read_record_batch(pa.py_buffer(b), source) for b in batches], source
+    )
+    return _encode(table.cast(wanted))[1]
