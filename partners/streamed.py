@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import multiprocessing
 import os
+import resource
 import tempfile
 import weakref
 from collections import deque
@@ -21,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.csv as pv
@@ -101,6 +104,7 @@ class StreamedPrepared:
     placeholders: tuple[PlaceholderReport, ...]
     rows_dropped: int
     columns: tuple[str, ...]  # the file's own columns, in order
+    workers_peak_rss_kib: int = 0  # the largest worker's peak RSS (0: prepared in-process)
 
 
 def check_source(path: Path) -> None:
@@ -147,23 +151,26 @@ def prepare_file(
     try:
         with os.fdopen(handle, "wb") as raw:
             sink = _HashingFile(raw)
-            rows, dropped, reports = _spool(
+            out = _Writer(
+                sink,
+                lambda done: on_progress(step, min(done, size), size) if on_progress else None,
+            )
+            rows = _spool(
                 source.chunks(schema.sent_columns, chunk_rows),
                 _ChunkPreparer(schema, key, default_region),
-                sink,
+                out,
                 workers,
-                lambda done: on_progress(step, min(done, size), size) if on_progress else None,
             )
         if rows == 0:
             raise PrepareError("the file has no data rows")
-        placeholders, dropped = summarise(reports, dropped, rows)
+        placeholders, dropped = summarise(out.reports, out.dropped, rows)
     except BaseException:
         _unlink(name)
         raise
     if on_progress is not None:
         on_progress(step, size, size)
     encoded = SpooledUpload(spooled, sink.sha256.hexdigest(), rows - dropped, sink.size)
-    return StreamedPrepared(encoded, placeholders, dropped, columns)
+    return StreamedPrepared(encoded, placeholders, dropped, columns, out.workers_peak_rss_kib)
 
 
 class _HashingFile(io.RawIOBase):
@@ -325,14 +332,34 @@ def _encode(table: pa.Table) -> Encoded:
     return table.schema.serialize().to_pybytes(), [b.serialize().to_pybytes() for b in batches]
 
 
-def _prepared(
-    prepare: _ChunkPreparer, chunk: pa.Table, first_row: int
-) -> tuple[Encoded, list[PlaceholderReport], int]:
+class _Done(NamedTuple):
+    """A prepared chunk, what it reports, and the peak RSS (KiB) of the process that made it."""
+
+    encoded: Encoded
+    reports: list[PlaceholderReport]
+    dropped: int
+    peak_rss_kib: int = 0
+
+
+def _prepared(prepare: _ChunkPreparer, chunk: pa.Table, first_row: int) -> _Done:
     table, reports, dropped = prepare(chunk, first_row)
-    return _encode(table), reports, dropped
+    return _Done(_encode(table), reports, dropped)
 
 
 _WORKER: _ChunkPreparer | None = None
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """Workers forked from a server process that imported this module once, else spawned.
+
+    Never forked from this process: it may run gRPC's threads, which a fork would copy
+    mid-lock. The fork server is started once and kept, so later uploads start at once.
+    """
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])  # not __main__: a script would run again
+        return context
+    return multiprocessing.get_context("spawn")
 
 
 def _start_worker(schema: UploadSchema, key: bytes, default_region: str) -> None:
@@ -341,10 +368,11 @@ def _start_worker(schema: UploadSchema, key: bytes, default_region: str) -> None
     _WORKER = _ChunkPreparer(schema, key, default_region)
 
 
-def _in_worker(chunk: bytes, first_row: int) -> tuple[Encoded, list[PlaceholderReport], int]:
+def _in_worker(chunk: bytes, first_row: int) -> _Done:
     """A chunk prepared in a worker; tables cross the pipe as Arrow IPC, never as objects."""
     assert _WORKER is not None
-    return _prepared(_WORKER, pa.ipc.open_stream(chunk).read_all(), first_row)
+    done = _prepared(_WORKER, pa.ipc.open_stream(chunk).read_all(), first_row)
+    return done._replace(peak_rss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def _to_ipc(table: pa.Table) -> bytes:
@@ -358,46 +386,44 @@ def _to_ipc(table: pa.Table) -> bytes:
 def _spool(
     chunks: Iterator[tuple[pa.Table, int]],
     prepare: _ChunkPreparer,
-    sink: _HashingFile,
+    out: _Writer,
     workers: int,
-    progress: Callable[[int], None],
-) -> tuple[int, int, list[PlaceholderReport]]:
-    """Prepare every chunk and append it to `sink` in file order: (rows read, dropped, reports).
+) -> int:
+    """Prepare every chunk and append it to `sink` in file order; the rows read.
 
     At most `workers` + 1 chunks are in flight, so memory does not grow with the file.
     """
-    out = _Writer(sink, progress)
     rows = 0
-    if workers == 1:
+    head = list(itertools.islice(chunks, 2))
+    chunks = itertools.chain(head, chunks)
+    if workers == 1 or len(head) < 2:  # a file of one chunk: starting workers costs more
         for chunk, read in chunks:
-            out.write(*_prepared(prepare, chunk, rows), read)
+            out.write(_prepared(prepare, chunk, rows), read)
             rows += chunk.num_rows
         out.close()
-        return rows, out.dropped, out.reports
-    context = multiprocessing.get_context("spawn")  # fork would copy gRPC's threads and state
-    # Started before the first chunk is read, so that the workers' imports overlap the reading.
+        return rows
     with ProcessPoolExecutor(
         workers,
-        mp_context=context,
+        mp_context=_context(),
         initializer=_start_worker,
         initargs=(prepare.schema, prepare.key, prepare.default_region),
     ) as pool:
-        pending: deque[tuple[Future[tuple[Encoded, list[PlaceholderReport], int]], int]] = deque()
+        pending: deque[tuple[Future[_Done], int]] = deque()
         try:
             for chunk, read in chunks:
                 pending.append((pool.submit(_in_worker, _to_ipc(chunk), rows), read))
                 rows += chunk.num_rows
                 while len(pending) > workers:
                     future, done = pending.popleft()
-                    out.write(*future.result(), done)
+                    out.write(future.result(), done)
             while pending:
                 future, done = pending.popleft()
-                out.write(*future.result(), done)
+                out.write(future.result(), done)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
     out.close()
-    return rows, out.dropped, out.reports
+    return rows
 
 
 class _Writer:
@@ -407,12 +433,10 @@ class _Writer:
         self._sink, self._progress = sink, progress
         self._schema: bytes | None = None
         self.reports: list[PlaceholderReport] = []
-        self.dropped = 0
+        self.dropped = self.workers_peak_rss_kib = 0
 
-    def write(
-        self, encoded: Encoded, reports: list[PlaceholderReport], dropped: int, read: int
-    ) -> None:
-        schema, batches = encoded
+    def write(self, done: _Done, read: int) -> None:
+        schema, batches = done.encoded
         if self._schema is None:
             self._schema = schema
             self._sink.write(schema)
@@ -420,8 +444,9 @@ class _Writer:
             batches = _recast(schema, batches, self._schema)
         for batch in batches:
             self._sink.write(batch)
-        self.reports += reports
-        self.dropped += dropped
+        self.reports += done.reports
+        self.dropped += done.dropped
+        self.workers_peak_rss_kib = max(self.workers_peak_rss_kib, done.peak_rss_kib)
         self._progress(read)
 
     def close(self) -> None:
