@@ -1,6 +1,6 @@
 """Partner-side preparation of a large CSV: streamed on 1 and on all cores vs its baselines (JSON).
 
-Each measurement runs in its own process, so that its peak RSS (ru_maxrss) is its own, and the
+Each measurement runs in its own process, so that its peak RSS (VmHWM) is its own, and the
 runs of the variants are interleaved, so that a noisy neighbour hits them alike. Times cover the
 work only (not the interpreter's start or imports; a pool's start is included). Baselines in
 the same run: `hmac.new` per identifier over the same normalised strings (one core), and the
@@ -62,9 +62,15 @@ def _upload_schema() -> Any:
     )
 
 
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def child(mode: str, path: Path, chunk_rows: int) -> dict[str, Any]:
     """One measurement, in this (fresh) process."""
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"workers_cpu_s": 0.0}
+    cpu = _cpu()
     if mode == "read":
         start = time.perf_counter()
         convert = pv.ConvertOptions(
@@ -80,10 +86,11 @@ def child(mode: str, path: Path, chunk_rows: int) -> dict[str, Any]:
 
         emails = pv.read_csv(path).column("email").to_pylist()
         messages = [("email:" + e.strip().lower()).encode() for e in emails]
-        start = time.perf_counter()
+        cpu, start = _cpu(), time.perf_counter()
         for m in messages:
             hmac.new(KEY, m, hashlib.sha256).hexdigest()
         out["seconds"] = time.perf_counter() - start
+        out["cpu_s"] = _cpu() - cpu
         pseudonymiser = Pseudonymiser(KEY)
         start = time.perf_counter()
         pseudonymiser._hex_digests(messages)  # our HMAC loop alone, same messages
@@ -109,10 +116,19 @@ def child(mode: str, path: Path, chunk_rows: int) -> dict[str, Any]:
         out["workers"] = workers
         out["sha256"] = prepared.encoded.sha256
         out["workers_peak_rss_mb"] = prepared.workers_peak_rss_kib / 1024
+        out["workers_cpu_s"] = prepared.workers_cpu_s
         prepared.encoded.discard()
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    out["peak_rss_mb"] = usage.ru_maxrss / 1024
+    out.setdefault("cpu_s", _cpu() - cpu + out["workers_cpu_s"])
+    out["peak_rss_mb"] = _peak_rss_mb()
     return out
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS since exec (VmHWM: ru_maxrss also counts the parent's at fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _spawn(mode: str, path: Path, chunk_rows: int) -> dict[str, Any]:
@@ -141,6 +157,8 @@ def run(rows: int, runs: int, chunk_rows: int, modes: tuple[str, ...]) -> dict[s
                 samples[mode].append(_spawn(mode, path, chunk_rows))
         size = path.stat().st_size
     results: dict[str, Any] = {
+        # Other work on the machine slows every variant; the load says how much there was.
+        "load_average_1_5_15_min_at_end": os.getloadavg(),
         "rows": rows,
         "file_mb": size / 2**20,
         "chunk_rows": chunk_rows,
@@ -154,9 +172,11 @@ def run(rows: int, runs: int, chunk_rows: int, modes: tuple[str, ...]) -> dict[s
             "ids_per_s": rows / statistics.median(seconds),
             "ids_per_s_min_max": [rows / max(seconds), rows / min(seconds)],
             "peak_rss_mb": _spread([g["peak_rss_mb"] for g in got]),
+            "cpu_s_all_processes": _spread([g["cpu_s"] for g in got]),
         }
         if mode == "stream_all":
             entry["workers"] = got[0]["workers"]
+            entry["workers_cpu_s"] = _spread([g["workers_cpu_s"] for g in got])
             entry["workers_peak_rss_mb"] = _spread([g["workers_peak_rss_mb"] for g in got])
         if mode == "hmac":
             for extra in ("ours_hmac_only_s", "ours_normalise_and_hmac_s"):

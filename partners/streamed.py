@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import resource
 import tempfile
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -104,7 +105,10 @@ class StreamedPrepared:
     placeholders: tuple[PlaceholderReport, ...]
     rows_dropped: int
     columns: tuple[str, ...]  # the file's own columns, in order
-    workers_peak_rss_kib: int = 0  # the largest worker's peak RSS (0: prepared in-process)
+    # What the workers cost (0: prepared in this process): the largest one's peak RSS, and
+    # their CPU seconds (they are the fork server's children: getrusage here cannot see them).
+    workers_peak_rss_kib: int = 0
+    workers_cpu_s: float = 0.0
 
 
 def check_source(path: Path) -> None:
@@ -170,7 +174,9 @@ def prepare_file(
     if on_progress is not None:
         on_progress(step, size, size)
     encoded = SpooledUpload(spooled, sink.sha256.hexdigest(), rows - dropped, sink.size)
-    return StreamedPrepared(encoded, placeholders, dropped, columns, out.workers_peak_rss_kib)
+    return StreamedPrepared(
+        encoded, placeholders, dropped, columns, out.workers_peak_rss_kib, out.workers_cpu_s
+    )
 
 
 class _HashingFile(io.RawIOBase):
@@ -333,12 +339,13 @@ def _encode(table: pa.Table) -> Encoded:
 
 
 class _Done(NamedTuple):
-    """A prepared chunk, what it reports, and the peak RSS (KiB) of the process that made it."""
+    """A prepared chunk, what it reports, and what it cost a worker (peak RSS in KiB, CPU s)."""
 
     encoded: Encoded
     reports: list[PlaceholderReport]
     dropped: int
     peak_rss_kib: int = 0
+    cpu_s: float = 0.0
 
 
 def _prepared(prepare: _ChunkPreparer, chunk: pa.Table, first_row: int) -> _Done:
@@ -371,8 +378,12 @@ def _start_worker(schema: UploadSchema, key: bytes, default_region: str) -> None
 def _in_worker(chunk: bytes, first_row: int) -> _Done:
     """A chunk prepared in a worker; tables cross the pipe as Arrow IPC, never as objects."""
     assert _WORKER is not None
+    start = time.process_time()
     done = _prepared(_WORKER, pa.ipc.open_stream(chunk).read_all(), first_row)
-    return done._replace(peak_rss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return done._replace(
+        peak_rss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        cpu_s=time.process_time() - start,
+    )
 
 
 def _to_ipc(table: pa.Table) -> bytes:
@@ -434,6 +445,7 @@ class _Writer:
         self._schema: bytes | None = None
         self.reports: list[PlaceholderReport] = []
         self.dropped = self.workers_peak_rss_kib = 0
+        self.workers_cpu_s = 0.0
 
     def write(self, done: _Done, read: int) -> None:
         schema, batches = done.encoded
@@ -447,6 +459,7 @@ class _Writer:
         self.reports += done.reports
         self.dropped += done.dropped
         self.workers_peak_rss_kib = max(self.workers_peak_rss_kib, done.peak_rss_kib)
+        self.workers_cpu_s += done.cpu_s
         self._progress(read)
 
     def close(self) -> None:
