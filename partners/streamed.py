@@ -10,11 +10,13 @@ The spooled file holds pseudonyms only, never a raw identifier.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import itertools
 import multiprocessing
 import os
+import re
 import resource
 import tempfile
 import time
@@ -207,6 +209,11 @@ class _Source:
 
     def _failed(self, exc: BaseException) -> PrepareError:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        ragged = _RAGGED.search(first)
+        if ragged:  # Arrow's message goes on to quote the line: names, emails...
+            expected, fields = ragged.groups()
+            where = _ragged_line(self.path, int(expected))
+            first = f"{where} has {fields} fields, the header {expected}"
         kind = "csv" if self.csv else "parquet"
         return PrepareError(f"{self.path}: cannot read as {kind} ({first})")
 
@@ -256,6 +263,19 @@ class _Source:
             seen += batch.num_rows
             self.read = self.size * seen // total
             yield batch
+
+
+_RAGGED = re.compile(r"Expected (\d+) columns, got (\d+)")
+
+
+def _ragged_line(path: Path, expected: int) -> str:
+    """'line N': the first line whose field count is not the header's (only when one failed)."""
+    with path.open(newline="", errors="replace") as text:
+        reader = csv.reader(text)
+        for row in reader:
+            if row and len(row) != expected:
+                return f"line {reader.line_num}"
+    return "a line"
 
 
 def _csv_read_options() -> pv.ReadOptions:

@@ -127,6 +127,18 @@ def test_whole_file_refusals_are_the_in_memory_ones(tmp_path: Path) -> None:
     garbage.write_bytes(b'email,phone\n"unterminated,\xff\xfe\x00')
     with pytest.raises(PrepareError, match=r"garbage\.csv: cannot read as csv"):
         _streamed(garbage, BANK_SCHEMA, spool_dir=tmp_path)
+    ragged = tmp_path / "ragged.csv"
+    bank = _bank(400)
+    bank.to_csv(ragged, index=False)
+    lines = ragged.read_text().splitlines()
+    lines[301] += ",secret@leak.fr"  # data row 301: line 302 of the file
+    ragged.write_text("\n".join(lines) + "\n")
+    with pytest.raises(PrepareError) as malformed:
+        _streamed(ragged, BANK_SCHEMA, spool_dir=tmp_path)
+    fields = len(bank.columns)
+    assert str(malformed.value) == (  # Arrow's message would quote the line, emails and all
+        f"{ragged}: cannot read as csv (line 302 has {fields + 1} fields, the header {fields})"
+    )
     kept.encoded.discard()
     assert list(tmp_path.glob("*.arrows")) == []
 
