@@ -141,7 +141,8 @@ def prepare_file(
     `workers` processes (default: every core) prepare chunks while this one reads the next;
     with 1, or for a file of one chunk, all happens here (workers take ~0.3 s to start).
     The result is the same bytes for any number of workers. `on_progress` hears
-    ("reading NAME", bytes of the file prepared, file size).
+    ("reading NAME", bytes of the file prepared, file size) and, per key column,
+    ("pseudonymising COLUMN", rows done, rows estimated) as each chunk is written.
     """
     if chunk_rows < 1:
         raise ValueError("chunk_rows must be at least 1")
@@ -161,7 +162,7 @@ def prepare_file(
             sink = _HashingFile(raw)
             out = _Writer(
                 sink,
-                lambda done: on_progress(step, min(done, size), size) if on_progress else None,
+                _reporter(on_progress, step, size, tuple(schema.keys)),
             )
             rows = _spool(
                 source.chunks(schema.sent_columns, chunk_rows),
@@ -177,10 +178,32 @@ def prepare_file(
         raise
     if on_progress is not None:
         on_progress(step, size, size)
+        for column in schema.keys:
+            on_progress(f"pseudonymising {column}", rows, rows)
     encoded = SpooledUpload(spooled, sink.sha256.hexdigest(), rows - dropped, sink.size)
     return StreamedPrepared(
         encoded, placeholders, dropped, columns, out.workers_peak_rss_kib, out.workers_cpu_s
     )
+
+
+def _reporter(
+    on_progress: Progress | None, step: str, size: int, keys: tuple[str, ...]
+) -> Callable[[int, int], None]:
+    """After each chunk: bytes of the file prepared, and rows pseudonymised per key column.
+
+    The rows' total is only known at the end of the file: until then it is estimated from the
+    bytes read. (The per-column steps are the ones a DataFrame's preparation reports.)
+    """
+
+    def report(read: int, rows: int) -> None:
+        if on_progress is None:
+            return
+        on_progress(step, min(read, size), size)
+        estimate = max(rows, rows * size // max(read, 1))
+        for column in keys:
+            on_progress(f"pseudonymising {column}", rows, estimate)
+
+    return report
 
 
 class _HashingFile:
@@ -430,8 +453,8 @@ def _spool(
     chunks = itertools.chain(head, chunks)
     if workers == 1 or len(head) < 2:  # a file of one chunk: starting workers costs more
         for chunk, read in chunks:
-            out.write(_prepared(prepare, chunk, rows), read)
             rows += chunk.num_rows
+            out.write(_prepared(prepare, chunk, rows - chunk.num_rows), read, rows)
         out.close()
         return rows
     with ProcessPoolExecutor(
@@ -440,17 +463,19 @@ def _spool(
         initializer=_start_worker,
         initargs=(prepare.schema, prepare.key, prepare.default_region),
     ) as pool:
-        pending: deque[tuple[Future[_Done], int]] = deque()
+        pending: deque[tuple[Future[_Done], int, int]] = deque()
         try:
             for chunk, read in chunks:
-                pending.append((pool.submit(_in_worker, _to_ipc(chunk), rows), read))
+                pending.append(
+                    (pool.submit(_in_worker, _to_ipc(chunk), rows), read, rows + len(chunk))
+                )
                 rows += chunk.num_rows
                 while len(pending) > workers:
-                    future, done = pending.popleft()
-                    out.write(future.result(), done)
+                    future, done, through = pending.popleft()
+                    out.write(future.result(), done, through)
             while pending:
-                future, done = pending.popleft()
-                out.write(future.result(), done)
+                future, done, through = pending.popleft()
+                out.write(future.result(), done, through)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
@@ -461,14 +486,15 @@ def _spool(
 class _Writer:
     """Prepared chunks appended to one Arrow IPC stream, with the reports they bring."""
 
-    def __init__(self, sink: _HashingFile, progress: Callable[[int], None]) -> None:
+    def __init__(self, sink: _HashingFile, progress: Callable[[int, int], None]) -> None:
         self._sink, self._progress = sink, progress
         self._schema: bytes | None = None
         self.reports: list[PlaceholderReport] = []
         self.dropped = self.workers_peak_rss_kib = 0
         self.workers_cpu_s = 0.0
 
-    def write(self, done: _Done, read: int) -> None:
+    def write(self, done: _Done, read: int, rows: int) -> None:
+        """Append a prepared chunk; `read`: bytes of the file read, `rows`: rows through it."""
         schema, batches = done.encoded
         if self._schema is None:
             self._schema = schema
@@ -481,7 +507,7 @@ class _Writer:
         self.dropped += done.dropped
         self.workers_peak_rss_kib = max(self.workers_peak_rss_kib, done.peak_rss_kib)
         self.workers_cpu_s += done.cpu_s
-        self._progress(read)
+        self._progress(read, rows)
 
     def close(self) -> None:
         if self._schema is not None:
