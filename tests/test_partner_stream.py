@@ -177,7 +177,7 @@ def test_the_spooled_file_is_removed_after_sending_and_after_an_error(
     assert result.dataset.row_count == result.rows_sent == whole.table.num_rows
     assert result.rows_dropped == whole.rows_dropped
     assert result.placeholders == whole.placeholders
-    assert list(spool.iterdir()) == []
+    assert list(spool.glob("entremise-upload-*")) == []
     size = path.stat().st_size
     reading = [s for s in steps if s[0] == "reading bank.csv"]
     assert reading[0] == ("reading bank.csv", 0, size)
@@ -192,7 +192,7 @@ def test_the_spooled_file_is_removed_after_sending_and_after_an_error(
         client.upload_dataset(
             agreement.agreement_id, "bank", path, BANK_SCHEMA, keys=keys, chunk_rows=CHUNK
         )
-    assert list(spool.iterdir()) == []
+    assert list(spool.glob("entremise-upload-*")) == []
     for c in (client, panel_client, analyst):
         c.close()
 
