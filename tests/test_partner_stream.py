@@ -182,9 +182,9 @@ def test_the_spooled_file_is_removed_after_sending_and_after_an_error(
     reading = [s for s in steps if s[0] == "reading bank.csv"]
     assert reading[0] == ("reading bank.csv", 0, size)
     assert reading[-1] == ("reading bank.csv", size, size)
-    keys = [f"pseudonymising {c}" for c in BANK_SCHEMA.keys]
-    assert {s[0] for s in steps} == {"reading bank.csv", "sending", *keys}
-    for step in keys:  # rows of the file, as the in-memory path reports them
+    per_key = [f"pseudonymising {c}" for c in BANK_SCHEMA.keys]
+    assert {s[0] for s in steps} == {"reading bank.csv", "sending", *per_key}
+    for step in per_key:  # rows of the file, as the in-memory path reports them
         assert [s for s in steps if s[0] == step][-1] == (step, len(bank), len(bank))
     bank.loc[900, "segment"] = None
     bank.to_csv(path, index=False)
