@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: help install protos check-protos demo chromium test test-fast test-pg race kill fuzz dp-audit bench-small bench-sql bench-xl bench-spark bench bench-tumult bench-profile lint typecheck format clean
+.PHONY: help install protos check-protos demo chromium test test-fast test-pg race kill fuzz dp-audit bench-small bench-sql bench-xl bench-spark bench bench-tumult bench-profile bench-prep lint typecheck format clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -66,6 +66,9 @@ bench-xl: $(STAMP) ## XL: 10M bank rows, 100M purchases, hub under --memory-limi
 
 bench-spark: $(STAMP) ## DuckDB vs Spark local[2] engines on the same plans at size S (JSON)
 	$(BIN)/python -m bench.spark_engine --size S --runs 3
+
+bench-prep: $(STAMP) ## Partner-side preparation of a 2M-row CSV: streamed on 1 and all cores vs hmac.new and a pyarrow read (JSON)
+	$(BIN)/python -m bench.partner_prep --rows 2000000 --runs 3
 
 bench-small: $(STAMP) ## Stage benchmarks vs in-process baselines at size S (JSON, then a table)
 	$(BIN)/python -m bench.pipeline --size S --runs 5 --end-to-end

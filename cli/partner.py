@@ -243,8 +243,15 @@ def upload(
     token: TokenOption = "",
     json_out: JsonOption = False,
     no_progress: NoProgressOption = False,
+    workers: Annotated[
+        int, typer.Option(min=0, help="Processes pseudonymising the file (0: every core).")
+    ] = 0,
 ) -> None:
-    """Pseudonymise FILE locally under the agreement's key and stream it as Arrow chunks."""
+    """Pseudonymise FILE locally under the agreement's key and stream it as Arrow chunks.
+
+    The file is prepared in chunks on every core and spooled to a temporary file of
+    pseudonyms (removed once sent), so memory stays bounded however large the file.
+    """
     with friendly_errors():
         upload_schema = UploadSchema.load(schema)
         keys = PartnerKeys.load(key_file, trust_on_first_use=trust_on_first_use)
@@ -261,6 +268,7 @@ def upload(
             keys=keys,
             default_region=region,
             on_progress=on_progress,
+            workers=workers or None,
         )
     ds = result.dataset
     if json_out:

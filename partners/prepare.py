@@ -133,29 +133,46 @@ def read_table(path: Path, *, on_progress: Progress | None = None) -> pd.DataFra
     raise PrepareError(f"{path}: unsupported file type {suffix!r} (use .csv or .parquet)")
 
 
-def _booleans(series: pd.Series, column: str) -> pa.Array:
+def _data_rows(bad: pd.Series | np.ndarray, first_row: int) -> str:
+    """'data rows 3, 8, ...': the file's own row numbers (1-based, past `first_row`), five at most.
+
+    Row numbers, never values: an error message may be pasted anywhere.
+    """
+    rows = np.flatnonzero(np.asarray(bad, dtype=bool))
+    shown = ", ".join(str(first_row + r + 1) for r in rows[:5])
+    return f"data rows {shown}{', ...' if len(rows) > 5 else ''}"
+
+
+def _booleans(series: pd.Series, column: str, first_row: int = 0) -> pa.Array:
     if pd.api.types.is_bool_dtype(series):
         return pa.array(series.astype(bool))
     text = series.astype("string").str.strip().str.lower()
     if text.isna().any():
-        raise PrepareError(f"consent column {column!r} has {int(text.isna().sum())} empty values")
+        raise PrepareError(
+            f"consent column {column!r} has {int(text.isna().sum())} empty values "
+            f"({_data_rows(text.isna(), first_row)})"
+        )
     bad = ~text.isin(_TRUE | _FALSE)
     if bad.any():
         raise PrepareError(
-            f"consent column {column!r} has {int(bad.sum())} values that are not true/false"
+            f"consent column {column!r} has {int(bad.sum())} values that are not true/false "
+            f"({_data_rows(bad, first_row)})"
         )
     return pa.array(text.isin(_TRUE).to_numpy())
 
 
-def _numbers(series: pd.Series, column: str) -> pa.Array:
+def _numbers(series: pd.Series, column: str, first_row: int = 0) -> pa.Array:
     values = pd.to_numeric(series, errors="coerce")
     bad = values.isna() & series.notna()
     if bad.any():
-        raise PrepareError(f"numeric column {column!r} has {int(bad.sum())} non-numeric values")
+        raise PrepareError(
+            f"numeric column {column!r} has {int(bad.sum())} non-numeric values "
+            f"({_data_rows(bad, first_row)})"
+        )
     return pa.array(values.astype("float64"), from_pandas=True)
 
 
-def _expiry(series: pd.Series, column: str) -> pa.Array:
+def _expiry(series: pd.Series, column: str, first_row: int = 0) -> pa.Array:
     text = series.astype("string").str.strip()
     parsed = pd.to_datetime(
         text.where(text != "", None), utc=True, errors="coerce", format="ISO8601"
@@ -164,12 +181,12 @@ def _expiry(series: pd.Series, column: str) -> pa.Array:
     if bad.any():
         raise PrepareError(
             f"consent expiry column {column!r} has {int(bad.sum())} values that are not "
-            "ISO 8601 dates or timestamps"
+            f"ISO 8601 dates or timestamps ({_data_rows(bad, first_row)})"
         )
     return pa.array(parsed, pa.timestamp("us", tz="UTC"), from_pandas=True)
 
 
-def _dates(series: pd.Series, column: str, spec: Date) -> pa.Array:
+def _dates(series: pd.Series, column: str, spec: Date, first_row: int = 0) -> pa.Array:
     """A date column as date32, or a timestamp column as naive UTC timestamp[us].
 
     Read from ISO 8601 text (a date, optionally a time and a zone), dates or timestamps: a zoned
@@ -192,12 +209,10 @@ def _dates(series: pd.Series, column: str, spec: Date) -> pa.Array:
         )
         bad = parsed.isna().to_numpy() & text.notna().to_numpy()
         if bad.any():
-            rows = np.flatnonzero(bad)
-            shown = ", ".join(str(r + 1) for r in rows[:5])
             what = "dates or timestamps" if spec.timestamp else "dates"
             raise PrepareError(
-                f"date column {column!r} has {len(rows)} values that are not ISO 8601 {what} "
-                f"(data rows {shown}{', ...' if len(rows) > 5 else ''})"
+                f"date column {column!r} has {int(bad.sum())} values that are not ISO 8601 "
+                f"{what} ({_data_rows(bad, first_row)})"
             )
     instants = pa.array(parsed.dt.tz_localize(None), pa.timestamp("us"), from_pandas=True)
     if spec.timestamp:
@@ -228,6 +243,7 @@ def _screened_in_steps(
     allow_empty: bool,
     step: str,
     on_progress: Progress,
+    first_row: int = 0,
 ) -> ScreenedColumn:
     """`pseudonymise_screened` over slices of PROGRESS_ROWS rows, reporting after each.
 
@@ -248,7 +264,11 @@ def _screened_in_steps(
             )
         except IdentifierError:
             return pseudonymiser.pseudonymise_screened(
-                values, kind, default_region=default_region, allow_empty=allow_empty
+                values,
+                kind,
+                default_region=default_region,
+                allow_empty=allow_empty,
+                first_row=first_row,
             )
         parts.append(screened.pseudonyms)
         placeholders.update({start + row: why for row, why in screened.placeholders.items()})
@@ -275,29 +295,60 @@ def prepare_table(
     would merge everyone who has them into one person at the hub; a row with no identifier left
     is dropped. `on_progress` hears ("pseudonymising COLUMN", rows done, rows) per key column.
     """
-    missing = [c for c in schema.sent_columns if c not in frame.columns]
-    if missing:
-        raise PrepareError(
-            f"unknown column(s) {missing}: not found in the file (it has {list(frame.columns)})"
-        )
+    check_columns(list(frame.columns), schema)
     if frame.empty:
         raise PrepareError("the file has no data rows")
-    arrays, reports = _key_columns(frame, schema, key, default_region, on_progress)
+    table, reports = prepare_rows(
+        frame, schema, key, default_region=default_region, on_progress=on_progress
+    )
+    identified, dropped = identified_rows(table, schema)
+    return PreparedTable(
+        _keep_identified(table, identified, dropped), *summarise(reports, dropped, len(frame))
+    )
+
+
+def check_columns(columns: list[str], schema: UploadSchema) -> None:
+    """Refuse a file that lacks a column the schema sends."""
+    missing = [c for c in schema.sent_columns if c not in columns]
+    if missing:
+        raise PrepareError(f"unknown column(s) {missing}: not found in the file (it has {columns})")
+
+
+def prepare_rows(
+    frame: pd.DataFrame,
+    schema: UploadSchema,
+    key: bytes,
+    *,
+    default_region: str = "FR",
+    on_progress: Progress | None = None,
+    first_row: int = 0,
+) -> tuple[pa.Table, list[PlaceholderReport]]:
+    """`prepare_table` on some of a file's rows, before rows without an identifier are dropped.
+
+    Each row is decided on its own, so the file's rows can be prepared in chunks: `first_row`
+    (data rows before this chunk) keeps errors naming the file's own rows.
+    """
+    arrays, reports = _key_columns(frame, schema, key, default_region, on_progress, first_row)
     if len(schema.keys) > 1:
         present = pd.concat(
             [frame[c].astype("string").str.strip().fillna("") != "" for c in schema.keys], axis=1
         ).any(axis=1)
         if not present.all():
-            raise PrepareError(f"{int((~present).sum())} rows have no identifier in any key column")
+            raise PrepareError(
+                f"{int((~present).sum())} rows have no identifier in any key column "
+                f"({_data_rows(~present, first_row)})"
+            )
     for consent in schema.consents.values():
-        arrays[consent.column] = _booleans(frame[consent.column], consent.column)
+        arrays[consent.column] = _booleans(frame[consent.column], consent.column, first_row)
         if consent.expiry_column:
             arrays[consent.expiry_column] = _expiry(
-                frame[consent.expiry_column], consent.expiry_column
+                frame[consent.expiry_column], consent.expiry_column, first_row
             )
     for name, spec in schema.columns.items():
-        arrays[name] = _declared_column(frame[name], name, spec)
-    return _drop_unidentified(pa.table(arrays), schema, reports)
+        # The raw-identifier check samples the file's first rows, whichever chunk holds them.
+        sample = max(0, RAW_IDENTIFIER_SAMPLE - first_row)
+        arrays[name] = _declared_column(frame[name], name, spec, first_row, sample)
+    return pa.table(arrays), reports
 
 
 def _key_columns(
@@ -306,6 +357,7 @@ def _key_columns(
     key: bytes,
     default_region: str,
     on_progress: Progress | None,
+    first_row: int = 0,
 ) -> tuple[dict[str, pa.Array], list[PlaceholderReport]]:
     """Each key column pseudonymised, placeholders left missing and counted by reason."""
     pseudonymiser = Pseudonymiser(key)
@@ -316,7 +368,11 @@ def _key_columns(
         try:
             if on_progress is None:
                 screened = pseudonymiser.pseudonymise_screened(
-                    frame[column], kind, default_region=default_region, allow_empty=several
+                    frame[column],
+                    kind,
+                    default_region=default_region,
+                    allow_empty=several,
+                    first_row=first_row,
                 )
             else:
                 screened = _screened_in_steps(
@@ -327,6 +383,7 @@ def _key_columns(
                     allow_empty=several,
                     step=f"pseudonymising {column}",
                     on_progress=on_progress,
+                    first_row=first_row,
                 )
         except IdentifierError as exc:
             raise PrepareError(f"key column {column!r}: {exc}") from None
@@ -336,10 +393,16 @@ def _key_columns(
     return arrays, reports
 
 
-def _declared_column(series: pd.Series, name: str, spec: ColumnSpec) -> pa.Array:
-    """A declared column as sent, refused if it still looks like raw identifiers."""
+def _declared_column(
+    series: pd.Series,
+    name: str,
+    spec: ColumnSpec,
+    first_row: int = 0,
+    sample: int = RAW_IDENTIFIER_SAMPLE,
+) -> pa.Array:
+    """A declared column as sent, refused if its first `sample` rows look like raw identifiers."""
     raw = looks_like_raw_identifier(  # digits and dashes: only dialling prefixes tell a phone
-        series.head(RAW_IDENTIFIER_SAMPLE).tolist(), numeric=isinstance(spec, Numeric | Date)
+        series.head(sample).tolist(), numeric=isinstance(spec, Numeric | Date)
     )
     if raw:
         raise PrepareError(
@@ -347,31 +410,44 @@ def _declared_column(series: pd.Series, name: str, spec: ColumnSpec) -> pa.Array
             "refusing to send it: drop it or declare it as a key column"
         )
     if isinstance(spec, Numeric):
-        return _numbers(series, name)
+        return _numbers(series, name, first_row)
     if isinstance(spec, Date):
-        return _dates(series, name, spec)
+        return _dates(series, name, spec, first_row)
     if series.isna().any():
         raise PrepareError(
-            f"categorical column {name!r} has {int(series.isna().sum())} empty values"
+            f"categorical column {name!r} has {int(series.isna().sum())} empty values "
+            f"({_data_rows(series.isna(), first_row)})"
         )
     return pa.array(series.astype(str), pa.string())
 
 
-def _drop_unidentified(
-    table: pa.Table, schema: UploadSchema, reports: list[PlaceholderReport]
-) -> PreparedTable:
-    """Drop rows whose every identifier was a placeholder; refuse a file with none left."""
+def identified_rows(table: pa.Table, schema: UploadSchema) -> tuple[np.ndarray, int]:
+    """Which rows kept an identifier (one not a placeholder), and how many did not."""
     identified = np.zeros(table.num_rows, dtype=bool)
     for column in schema.keys:
         identified |= pc.is_valid(table.column(column)).to_numpy(zero_copy_only=False)
-    dropped = int((~identified).sum())
-    reports.sort(key=lambda r: (r.column, r.reason))
-    if dropped == table.num_rows:
-        found = "; ".join(f"{r.column}: {r.count} {r.reason}" for r in reports)
+    return identified, int((~identified).sum())
+
+
+def _keep_identified(table: pa.Table, identified: np.ndarray, dropped: int) -> pa.Table:
+    return table.filter(pa.array(identified)) if dropped else table
+
+
+def summarise(
+    reports: list[PlaceholderReport], dropped: int, rows: int
+) -> tuple[tuple[PlaceholderReport, ...], int]:
+    """Placeholder counts merged per (column, reason), sorted; refuse a file with no row left.
+
+    Chunks of one file each report their own counts: merged, they are the whole file's.
+    """
+    counts: Counter[tuple[str, str]] = Counter()
+    for r in reports:
+        counts[(r.column, r.reason)] += r.count
+    merged = tuple(PlaceholderReport(c, why, n) for (c, why), n in sorted(counts.items()))
+    if dropped == rows:
+        found = "; ".join(f"{r.column}: {r.count} {r.reason}" for r in merged)
         raise PrepareError(f"no row has an identifier left, all are placeholders ({found})")
-    if dropped:
-        table = table.filter(pa.array(identified))
-    return PreparedTable(table, tuple(reports), dropped)
+    return merged, dropped
 
 
 def pseudonymise_identifiers(
@@ -434,11 +510,19 @@ class EncodedUpload:
     sha256: str
     rows: int
 
+    @property
+    def size(self) -> int:
+        """Bytes in the stream."""
+        return len(self.payload)
+
     def chunks(self, size: int = CHUNK_BYTES) -> Iterator[bytes]:
         """Columnar bytes in fixed-size chunks (per-row messages would be ~100x slower)."""
         view = memoryview(self.payload)
         for start in range(0, len(view), size):
             yield bytes(view[start : start + size])
+
+    def discard(self) -> None:
+        """Nothing to remove: the stream is in memory (a `SpooledUpload` removes its file)."""
 
 
 def encode(table: pa.Table) -> EncodedUpload:

@@ -244,9 +244,15 @@ class Pseudonymiser:
         *,
         default_region: str = "FR",
         allow_empty: bool = False,
+        first_row: int = 0,
     ) -> ScreenedColumn:
-        """As `pseudonymise_array`, but a placeholder gives null, never its shared pseudonym."""
-        return self._column(values, kind, default_region, allow_empty, screen=True)
+        """As `pseudonymise_array`, but a placeholder gives null, never its shared pseudonym.
+
+        `first_row` (rows of the file before `values`) only shifts the row numbers of errors.
+        """
+        return self._column(
+            values, kind, default_region, allow_empty, screen=True, first_row=first_row
+        )
 
     def _column(
         self,
@@ -255,6 +261,7 @@ class Pseudonymiser:
         default_region: str,
         allow_empty: bool,
         screen: bool,
+        first_row: int = 0,
     ) -> ScreenedColumn:
         """Plain emails in bulk; every other value (and each flagged email) decided one by one."""
         if not isinstance(values, pd.Series | list):
@@ -300,7 +307,7 @@ class Pseudonymiser:
                 placeholders[row] = reason
                 missing.append(row)
         if bad:
-            shown = ", ".join(str(r + 1) for r in bad[:5])
+            shown = ", ".join(str(first_row + r + 1) for r in bad[:5])
             raise IdentifierError(
                 f"{len(bad)} {kind} identifiers are empty or malformed (data rows {shown}"
                 f"{', ...' if len(bad) > 5 else ''})"

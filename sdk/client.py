@@ -47,6 +47,12 @@ from entremise.partners.prepare import (
     read_table,
 )
 from entremise.partners.schema import UploadSchema
+from entremise.partners.streamed import (
+    DEFAULT_CHUNK_ROWS,
+    SpooledUpload,
+    check_source,
+    prepare_file,
+)
 from entremise.sdk.errors import (
     InvalidArgumentError,
     MatchingKeyError,
@@ -174,11 +180,15 @@ class VerifiedKeys:
 
 @dataclass(frozen=True)
 class PreparedUpload:
-    """A pseudonymised, encoded dataset ready to send (nothing identifying is left in it)."""
+    """A pseudonymised, encoded dataset ready to send (nothing identifying is left in it).
+
+    A file's upload is spooled to a temporary file (`SpooledUpload`), removed once
+    `upload_dataset` has sent it, or when this object is dropped (so a send can be retried).
+    """
 
     agreement_id: str
     schema: UploadSchema
-    encoded: EncodedUpload
+    encoded: EncodedUpload | SpooledUpload
     key_fingerprint: str
     dropped_columns: tuple[str, ...]
     placeholders: tuple[PlaceholderReport, ...] = ()
@@ -532,11 +542,14 @@ class Client:
         chunk_bytes: int = 1024 * 1024,
         request_id: str = "",
         on_progress: Progress | None = None,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        workers: int | None = None,
     ) -> UploadResult:
         """Pseudonymise `source` locally under the agreement's key, then stream Arrow chunks.
 
-        `on_progress(step, done, total)` hears each long step: reading the file (bytes),
-        pseudonymising each key column (rows), sending (bytes); see `prepare.Progress`.
+        `on_progress(step, done, total)` hears each long step: preparing a file ("reading
+        NAME", bytes) or a DataFrame's key columns (rows), then sending (bytes); see
+        `prepare.Progress`. `chunk_rows` and `workers`: see `prepare_upload`.
         """
         prepared = self.prepare_upload(
             agreement_id,
@@ -545,14 +558,19 @@ class Client:
             keys=keys,
             default_region=default_region,
             on_progress=on_progress,
+            chunk_rows=chunk_rows,
+            workers=workers,
         )
-        return self.send_upload(
-            prepared,
-            name,
-            chunk_bytes=chunk_bytes,
-            request_id=request_id,
-            on_progress=on_progress,
-        )
+        try:
+            return self.send_upload(
+                prepared,
+                name,
+                chunk_bytes=chunk_bytes,
+                request_id=request_id,
+                on_progress=on_progress,
+            )
+        finally:
+            prepared.encoded.discard()  # a spooled file is not kept after its one send
 
     @partner_side_errors()  # raised as the SDK's errors
     def prepare_upload(
@@ -564,9 +582,37 @@ class Client:
         keys: PartnerKeys,
         default_region: str = "FR",
         on_progress: Progress | None = None,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        workers: int | None = None,
     ) -> PreparedUpload:
-        """The partner-side half of an upload: normalise, pseudonymise and encode locally."""
-        frame = read_table(source, on_progress=on_progress) if isinstance(source, Path) else source
+        """The partner-side half of an upload: normalise, pseudonymise and encode locally.
+
+        A file is prepared `chunk_rows` rows at a time on `workers` processes (default: every
+        core) and spooled to a temporary file, so memory does not grow with the file; a
+        DataFrame, already in memory, is prepared and encoded in memory.
+        """
+        if isinstance(source, Path):
+            check_source(source)  # before the key is fetched, as reading the file was
+            matching = self.matching_key(agreement_id, keys)
+            streamed = prepare_file(
+                source,
+                schema,
+                matching.key,
+                default_region=default_region,
+                chunk_rows=chunk_rows,
+                workers=workers,
+                on_progress=on_progress,
+            )
+            return PreparedUpload(
+                agreement_id,
+                schema,
+                streamed.encoded,
+                matching.fingerprint,
+                tuple(c for c in streamed.columns if c not in schema.sent_columns),
+                streamed.placeholders,
+                streamed.rows_dropped,
+            )
+        frame = source
         matching = self.matching_key(agreement_id, keys)
         prepared = prepare_table(
             frame, schema, matching.key, default_region=default_region, on_progress=on_progress
@@ -597,7 +643,7 @@ class Client:
         it may be called from gRPC's sending thread.
         """
         encoded = prepared.encoded
-        size = len(encoded.payload)
+        size = encoded.size
         header = partner_service_pb2.UploadHeader(
             agreement_id=prepared.agreement_id,
             name=name,
