@@ -188,6 +188,72 @@ def _tumult_setup(tumult: dict[str, Any]) -> str:
     return "Setup (not in the per-query times): " + "; ".join(str(p) for p in parts) + "."
 
 
+#: Assumed price of one vCPU-hour on demand (general-purpose instances, 2026 list prices are
+#: about 0.04-0.05 USD): an assumption for the projection, not a measurement.
+VCPU_HOUR_USD = 0.05
+
+
+def _xl(xl: dict[str, Any]) -> list[str]:
+    """The XL run: files larger than the hub's memory, every process's peak."""
+    rows, stages, peaks = xl["rows"], xl["stages_s"], xl["peak_rss_mb"]
+    lines = [
+        "",
+        f"## XL: {rows['bank']:,} bank rows, {rows['panel']:,} purchases, hub under "
+        f"`--memory-limit {xl['hub_memory_limit']}` (`make bench-xl`)",
+        "",
+        "One run (`python -m bench.xl`): CSV files written in chunks, a hub as its own process, "
+        "each partner in its own process uploading its file through the streamed preparation, "
+        "then the ten queries.",
+        "",
+        "| stage | wall s |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | {value:.1f} |" for name, value in stages.items()]
+    lines += ["", "| process | peak RSS MB |", "|---|---|"]
+    lines += [f"| {name} | {value:,.0f} |" for name, value in peaks.items()]
+    lines += ["", "| query | wall s |", "|---|---|"]
+    lines += [f"| {name} | {value:.1f} |" for name, value in xl["releases_s"].items()]
+    return lines
+
+
+def _projection(xl: dict[str, Any]) -> list[str]:
+    """Time and cost for 100M and 1B purchases on N workers, from XL's measured throughputs."""
+    purchases = xl["rows"]["panel"] + xl["rows"]["bank"]
+    upload_s = xl["stages_s"]["both partners prepare and upload in parallel (wall)"]
+    query_s = xl["stages_s"]["10 DP releases"] / len(xl["releases_s"])
+    cores = xl.get("cpus") or 2
+    upload_rate = purchases / upload_s / cores  # rows per second per core, measured
+    query_rate = purchases / query_s / cores
+    lines = [
+        "",
+        "## Projection to 100M and 1B rows on a cluster",
+        "",
+        f"Measured (XL, this {cores}-core machine): upload path {upload_rate:,.0f} rows/s per "
+        f"core (both partners' preparation and the hub's validation and sealing, wall); one "
+        f"DP release {query_rate:,.0f} rows/s per core (median query, all stages). "
+        "Extrapolated, not measured: time scales linearly with rows and inversely with cores "
+        "(each person's rows are aggregated in one partition, so the work divides by people; "
+        "the shuffle is assumed to be network-bound no sooner), partners prepare on their own "
+        f"machines, and a vCPU-hour costs {VCPU_HOUR_USD} USD (an assumption). The Spark "
+        "engine's fixed cost per query (seconds, see `make bench-spark`) is not included.",
+        "",
+        "| rows | workers x cores | upload h | one release min | 100 releases vCPU-h "
+        "| cost of 100 releases |",
+        "|---|---|---|---|---|---|",
+    ]
+    for total in (100_000_000, 1_000_000_000):
+        for workers, per in ((4, 8), (16, 8), (64, 8)):
+            all_cores = workers * per
+            upload_h = total / (upload_rate * all_cores) / 3600
+            release_min = total / (query_rate * all_cores) / 60
+            vcpu_h = 100 * total / query_rate / 3600
+            lines.append(
+                f"| {total:,} | {workers} x {per} | {upload_h:.2f} | {release_min:.1f} | "
+                f"{vcpu_h:,.1f} | {vcpu_h * VCPU_HOUR_USD:,.2f} USD |"
+            )
+    return lines
+
+
 def render(results_dir: Path) -> str:
     """The whole RESULTS.md."""
     medium = _load(results_dir / "M.json")
@@ -232,6 +298,10 @@ def render(results_dir: Path) -> str:
         lines += ["", f"## Against the targets (issue 7), at {large['size']}", ""]
         lines += _verdicts(large)
     lines += _tumult(medium, tumult)
+    xl = _load(results_dir / "XL.json")
+    if xl is not None:
+        lines += _xl(xl)
+        lines += _projection(xl)
     notes = HERE / "notes.md"
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]
