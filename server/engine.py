@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import zlib
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import duckdb
@@ -174,11 +175,18 @@ def smallest_in_component(
 
 
 def build_sql(
-    plan: QueryPlan, sources: list[str], *, now: str, person_table: bool
+    plan: QueryPlan,
+    sources: list[str],
+    *,
+    now: str,
+    person_table: bool,
+    bucket: tuple[int, int] | None = None,
 ) -> tuple[str, list[Any]]:
     """SQL text and parameters computing the exact bounded aggregates of `plan`.
 
     Expects a table `withdrawn(pseudonym)` and, when `person_table`, `person(node, label)`.
+    With `bucket=(n, b)` only the people whose hash falls in bucket b of n are aggregated:
+    people are disjoint across buckets, so the n partial results add up exactly.
     The steps, as common table expressions: withdrawn people; each dataset's consented,
     filtered rows with its pre-join row cap; the join on the person; the group and row caps
     after the join; the aggregates per cell.
@@ -187,7 +195,7 @@ def build_sql(
     needed = _needed_columns(plan)  # per dataset: name in the query's tables -> source column
     ctes = [_withdrawn_cte(person_table)]
     for i, (dataset, source) in enumerate(zip(plan.datasets, sources, strict=True)):
-        rows = _dataset_rows(plan, i, dataset, source, needed[i], params, now, person_table)
+        rows = _dataset_rows(plan, i, dataset, source, needed[i], params, now, person_table, bucket)
         ctes.append(f"d{i} AS ({rows})")
     join = "d0" + "".join(f" JOIN d{i} USING (pid)" for i in range(1, len(plan.datasets)))
     aliases = [f"d{i}_{c}" for i in sorted(needed) for c in sorted(needed[i])]
@@ -241,6 +249,7 @@ def _dataset_rows(
     params: list[Any],
     now: str,
     person_table: bool,
+    bucket: tuple[int, int] | None = None,
 ) -> str:
     """One dataset's consented rows passing the query's filters, capped per person."""
     keys = dataset.schema.key_columns
@@ -257,6 +266,8 @@ def _dataset_rows(
     # The analyst's filters on this dataset apply before its row cap, so the cap chooses
     # among the rows the query is about (a filter applied after it would miss kept rows).
     conditions = [_consent_filter(dataset, plan.agreement.purpose, now, "t.")]
+    if bucket is not None:  # a person's rows all fall in one bucket: it depends on pid alone
+        conditions.append(f"hash({pid}) % {bucket[0]} = {bucket[1]}")
     conditions += [_filter_sql(f, params) for f in plan.filters if f.ref.dataset_index == i]
     # Rows in no public cell of a derived grouping (a date outside its bounds, a missing
     # value) leave before the caps, so they never take the place of a row that counts.
@@ -395,9 +406,11 @@ class DuckDBEngine(AggregationEngine):
 
     One database serves every query (a cursor each), so `memory_limit` bounds them together;
     past it DuckDB spills, encrypted (`spill`). A version the table cache holds is scanned in
-    place; any other is streamed segment by segment. When identifiers are linked the sources
-    are read twice (edges, then rows), so they are first copied into DuckDB's own storage,
-    which spills too.
+    place; any other is streamed segment by segment. DuckDB's windows (the caps) do not spill
+    well, so data several times the memory limit is aggregated in passes over buckets of
+    people (`build_sql`'s `bucket`), whose partial results add up exactly; the sources are then
+    copied once into DuckDB's own storage (which spills), as they are when identifiers are
+    linked (read twice: edges, then rows).
     """
 
     def __init__(
@@ -408,6 +421,7 @@ class DuckDBEngine(AggregationEngine):
     ) -> None:
         self.threads = threads or max(1, os.cpu_count() or 1)
         self.memory_limit = memory_limit
+        self.memory_bytes = _bytes(memory_limit) if memory_limit else None
         self._db = spill.connect(threads=self.threads, memory_limit=memory_limit, temp_dir=temp_dir)
 
     def compute(  # noqa: D102
@@ -417,6 +431,7 @@ class DuckDBEngine(AggregationEngine):
             gone = pa.table({"pseudonym": pa.array(sorted(withdrawn), pa.string())})
             conn.register("withdrawn", gone)
             person_table = linked(plan)
+            buckets = self._buckets(sources)
             names = []
             for i, source in enumerate(sources):
                 name = f"src{i}"
@@ -429,7 +444,7 @@ class DuckDBEngine(AggregationEngine):
                 )
                 if data is None:
                     data = source.reader(columns)
-                    if person_table:  # read twice: copy once into spillable storage
+                    if person_table or buckets > 1:  # read more than once: copy it once
                         conn.register(f"{name}_stream", data)
                         conn.execute(f"CREATE TEMP TABLE {name} AS SELECT * FROM {name}_stream")
                         conn.unregister(f"{name}_stream")
@@ -439,9 +454,70 @@ class DuckDBEngine(AggregationEngine):
                 names.append(name)
             if person_table:
                 link_people(conn, plan, names, now)
-            sql, params = build_sql(plan, names, now=now, person_table=person_table)
-            rows = conn.execute(sql, params).fetchall()
+            if buckets == 1:
+                sql, params = build_sql(plan, names, now=now, person_table=person_table)
+                rows = conn.execute(sql, params).fetchall()
+            else:
+                rows = []
+                for b in range(buckets):
+                    sql, params = build_sql(
+                        plan, names, now=now, person_table=person_table, bucket=(buckets, b)
+                    )
+                    rows += conn.execute(sql, params).fetchall()
+                rows = combine(plan, rows)
         return _collect(plan, rows)
+
+    def _buckets(self, sources: list[Any]) -> int:
+        """Passes needed so that each holds a share of the data its windows can sort in memory.
+
+        The windows hold a few times their rows' bytes; the stored size (Arrow, uncompressed)
+        stands for those bytes. Without a memory limit, one pass.
+        """
+        if self.memory_bytes is None:
+            return 1
+        stored: int = sum(
+            int(s.nbytes) if isinstance(s, pa.Table) else int(s.stored_bytes()) for s in sources
+        )
+        return max(1, math.ceil(_WINDOW_FACTOR * stored / self.memory_bytes))
+
+
+#: Bytes the bounded join's windows and hash tables hold per byte of input, roughly.
+_WINDOW_FACTOR = 3
+
+
+def _bytes(limit: str) -> int:
+    """Bytes of a DuckDB memory limit written as 40MB, 6GB or 2GiB."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B\s*", limit, flags=re.I)
+    if match is None:
+        raise ValueError(f"memory limit {limit!r}: expected a size such as 512MB or 6GB")
+    power = " KMGT".index(match.group(2).upper() or " ")
+    return int(float(match.group(1)) * (1024 if match.group(3) else 1000) ** power)
+
+
+def combine(plan: QueryPlan, rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
+    """Add up partial results of disjoint sets of people, per group cell.
+
+    Counts, sums and histogram buckets add; so does a distinct count of people, since no one
+    is in two parts.
+    """
+    n_groups = len(plan.group_by)
+    merged: dict[tuple[Any, ...], list[Any]] = {}
+    for row in rows:
+        key = tuple(None if v is None else str(v) for v in row[:n_groups])
+        values = row[n_groups:]
+        into = merged.get(key)
+        if into is None:
+            merged[key] = [dict(v) if isinstance(v, dict) else v for v in values]
+            continue
+        for i, value in enumerate(values):
+            if isinstance(value, dict) or isinstance(into[i], dict) or value is None:
+                histogram = dict(into[i] or {})
+                for bucket, count in (value or {}).items():
+                    histogram[bucket] = histogram.get(bucket, 0) + count
+                into[i] = histogram
+            else:
+                into[i] = (into[i] or 0) + value
+    return [(*key, *values) for key, values in merged.items()]
 
 
 def source_columns(plan: QueryPlan, i: int) -> list[str]:

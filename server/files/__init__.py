@@ -105,6 +105,10 @@ class StoredVersion:
 
         return pa.RecordBatchReader.from_batches(schema, batches())
 
+    def stored_bytes(self) -> int:
+        """The version's stored size: about its decrypted size (Arrow is not compressed)."""
+        return self.files.sealed.size(self.dataset_id, self.version)
+
     def whole(self) -> pa.Table:
         """The whole decrypted table, kept in the cache if it fits (small data, repeated use)."""
         return self.files.read(self.dataset_id, self.version)

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from entremise.server import spill
 from entremise.server.domain.models import QueryPlan
 from entremise.server.engine import build_sql, linked
+from entremise.server.engine import combine as add_partials
 
 #: The one column a partition yields: a JSON array per partial row (exact integers, no float).
 PARTIAL = "partial string"
@@ -104,22 +105,4 @@ def _plain(row: tuple[Any, ...]) -> list[Any]:
 
 def combine(plan: QueryPlan, partials: list[str]) -> list[tuple[Any, ...]]:
     """Sum the partial rows per group key (counts, sums, histogram buckets), in `_collect` shape."""
-    n_groups = len(plan.group_by)
-    merged: dict[tuple[Any, ...], list[Any]] = {}
-    for text in partials:
-        row = json.loads(text)
-        key = tuple(None if v is None else str(v) for v in row[:n_groups])
-        values = row[n_groups:]
-        into = merged.get(key)
-        if into is None:
-            merged[key] = [dict(v) if isinstance(v, dict) else v for v in values]
-            continue
-        for i, value in enumerate(values):
-            if isinstance(value, dict) or isinstance(into[i], dict) or value is None:
-                histogram = dict(into[i] or {})
-                for bucket, count in (value or {}).items():
-                    histogram[bucket] = histogram.get(bucket, 0) + count
-                into[i] = histogram
-            else:
-                into[i] = (into[i] or 0) + value
-    return [(*key, *values) for key, values in merged.items()]
+    return add_partials(plan, (json.loads(text) for text in partials))
