@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark.sql.datasource import DataSource, DataSourceReader, InputPartition
@@ -99,6 +101,100 @@ def sealed_source(
             return SealedReader()
 
     return SealedSource
+
+
+#: What a bucketed read yields: per segment and bucket, the rows as one Arrow IPC stream.
+BUCKETED = "bucket int, ds int, rows binary"
+
+
+class DatasetSegment(InputPartition):  # type: ignore[misc]
+    """Segment `span` of dataset `ds` (no key: partitions are planned on the driver's side)."""
+
+    def __init__(self, ds: int, span: segments.Span) -> None:
+        super().__init__((ds, span.index))
+        self.ds = ds
+        self.span = span
+
+
+def buckets_of(keys: pa.ChunkedArray | pa.Array, n: int) -> np.ndarray:
+    """Each row's bucket in `range(n)`: DuckDB's hash of the key as text (the same everywhere)."""
+    conn = duckdb.connect(config={"threads": 1})
+    try:
+        conn.register("k", pa.table({"k": keys}))
+        out = conn.execute(f"SELECT (hash(CAST(k AS VARCHAR)) % {int(n)})::INTEGER FROM k")
+        return np.asarray(out.fetchnumpy()[out.description[0][0]], dtype=np.int64)
+    finally:
+        conn.close()
+
+
+def bucketed_source(
+    locations: list[SealedLocation],
+    columns: list[list[str]],
+    consents: list[Consent],
+    keys: list[str],
+    labels: list[int],
+) -> type[DataSource]:
+    """One data source over every dataset of a query whose people are their one identifier.
+
+    Each task decrypts one segment, keeps the consented rows and the needed columns, and
+    splits them by person into `len(labels)` buckets (a hash of the identifier, `buckets_of`);
+    it yields one row per bucket, `(labels[bucket], dataset, Arrow IPC stream of the rows)`.
+    Spark then moves a few large values per segment instead of every row, and `labels` are
+    chosen so that repartitioning by `bucket` sends bucket k to partition k.
+    """
+    n = len(labels)
+
+    class BucketReader(DataSourceReader):  # type: ignore[misc]
+        def partitions(self) -> list[InputPartition]:
+            return [
+                DatasetSegment(ds, span)
+                for ds, location in enumerate(locations)
+                for span in location.spans
+            ]
+
+        def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
+            assert isinstance(partition, DatasetSegment)
+            ds, span, location = partition.ds, partition.span, locations[partition.ds]
+            fs, _ = segments.local_or(location.uri)
+            with fs.open_input_file(location.path) as handle:
+                sealed = handle.read_at(span.length, span.offset)
+            table = segments.open_segment(
+                sealed, location.key, location.dataset_id, location.version, span
+            )
+            del sealed
+            table = table.filter(consents[ds].mask(table)).select(columns[ds])
+            bucket = buckets_of(table.column(keys[ds]), n)
+            order = np.argsort(bucket, kind="stable")
+            table = table.take(pa.array(order))
+            ends = np.cumsum(np.bincount(bucket, minlength=n))
+            # The n streams back to back in one buffer: the binary column's data, as is.
+            sink = pa.BufferOutputStream()
+            offsets = [0]
+            for k in range(n):  # every bucket, even empty: each partition learns each schema
+                start = int(ends[k - 1]) if k else 0
+                with pa.ipc.new_stream(sink, table.schema) as writer:
+                    writer.write_table(table.slice(start, int(ends[k]) - start))
+                offsets.append(sink.tell())
+            blobs = pa.Array.from_buffers(
+                pa.binary(), n, [None, pa.py_buffer(np.array(offsets, np.int32)), sink.getvalue()]
+            )
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(labels, pa.int32()), pa.array([ds] * n, pa.int32()), blobs],
+                names=["bucket", "ds", "rows"],
+            )
+
+    class BucketedSource(DataSource):  # type: ignore[misc]
+        @classmethod
+        def name(cls) -> str:
+            return SOURCE_NAME
+
+        def schema(self) -> str:
+            return BUCKETED
+
+        def reader(self, schema: Any) -> DataSourceReader:
+            return BucketReader()
+
+    return BucketedSource
 
 
 class EmptySource(DataSource):  # type: ignore[misc]
