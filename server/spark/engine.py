@@ -49,11 +49,15 @@ class SparkEngine(AggregationEngine):
     """
 
     def __init__(
-        self, master: str = "local[2]", *, spill_dir: str | None = None, partitions: int = 8
+        self,
+        master: str = "local[2]",
+        *,
+        spill_dir: str | None = None,
+        partitions: int | None = None,
     ) -> None:
         self.master = master
         self.spill_dir = spill_dir
-        self.partitions = partitions
+        self._partitions = partitions
         self._session: SparkSession | None = None
         self._labels: list[int] | None = None
         self._lock = threading.Lock()
@@ -70,7 +74,6 @@ class SparkEngine(AggregationEngine):
                 SparkSession.builder.master(self.master)
                 .appName("entremise")
                 .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-                .config("spark.sql.shuffle.partitions", str(self.partitions))
                 .config("spark.sql.session.timeZone", "UTC")
                 # Shuffled and spilled rows are decrypted records: encrypted on local disk.
                 .config("spark.io.encryption.enabled", "true")
@@ -87,7 +90,20 @@ class SparkEngine(AggregationEngine):
             self._session = builder.getOrCreate()
             self._session.sparkContext.setLogLevel("ERROR")
             self._labels = None
+            # The linking joins' partitions (a runtime setting: the slots are known now).
+            self._session.conf.set("spark.sql.shuffle.partitions", str(self.partitions))
         return self._session
+
+    @property
+    def partitions(self) -> int:
+        """Partitions per query: as given, else one per task slot (every executor core).
+
+        Each Python task costs a fixed ~0.1 s, and holds its share of the rows in memory:
+        data larger than the task slots' memory needs more partitions.
+        """
+        if self._partitions is not None:
+            return self._partitions
+        return max(1, int(self.session.sparkContext.defaultParallelism))
 
     def close(self) -> None:
         """Stop the Spark session (its JVM stays up for the process, as pyspark does)."""
@@ -137,7 +153,8 @@ class SparkEngine(AggregationEngine):
         columns = [source_columns(plan, i) for i in range(len(sources))]
         keys = [d.schema.key_columns[0] for d in plan.datasets]
         labels = self._partition_labels(spark)
-        spark.dataSource.register(bucketed_source(locations, columns, consents, keys, labels))
+        source = bucketed_source(locations, columns, consents, keys, labels, tasks=len(labels))
+        spark.dataSource.register(source)
         run = bucket_function(plan, withdrawn, now)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas")

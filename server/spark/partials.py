@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from entremise.server import spill
 from entremise.server.domain.models import QueryPlan
 from entremise.server.engine import build_sql, linked
+from entremise.server.spark.source import decoded
 
 #: The one column a partition yields: a JSON array per partial row (exact integers, no float).
 PARTIAL = "partial string"
@@ -83,7 +84,7 @@ def bucket_function(
             datasets = batch.column("ds").to_pylist()
             blobs = batch.column("rows")
             for j, ds in enumerate(datasets):
-                parts[ds].append(pa.ipc.open_stream(blobs[j].as_buffer()).read_all())
+                parts[ds].append(decoded(pa.ipc.open_stream(blobs[j].as_buffer()).read_all()))
         if any(not p for p in parts):  # a dataset without a segment here: no data at all
             return
         tables = [pa.concat_tables(p, promote_options="default") for p in parts]
