@@ -90,8 +90,6 @@ class SparkEngine(AggregationEngine):
             self._session = builder.getOrCreate()
             self._session.sparkContext.setLogLevel("ERROR")
             self._labels = None
-            # The linking joins' partitions (a runtime setting: the slots are known now).
-            self._session.conf.set("spark.sql.shuffle.partitions", str(self.partitions))
         return self._session
 
     @property
@@ -116,6 +114,9 @@ class SparkEngine(AggregationEngine):
     ) -> ExactAggregates:
         with self._lock:
             spark = self.session
+            # The linking joins' partitions: per query, as a cluster's executors (the task
+            # slots) may register after the session starts.
+            spark.conf.set("spark.sql.shuffle.partitions", str(self.partitions))
             try:
                 if linked(plan):
                     frames = [self._read(spark, plan, i, s, now) for i, s in enumerate(sources)]
