@@ -45,8 +45,14 @@ QUERIES: dict[str, tuple[AggregateKind, str, tuple[str, ...], float | None]] = {
 }
 
 
-def run(size: str, runs: int, master: str) -> dict[str, Any]:
-    """Upload at `size`, then time every query on both engines."""
+def run(
+    size: str,
+    runs: int,
+    master: str,
+    partitions: int | None = None,
+    only: list[str] | None = None,
+) -> dict[str, Any]:
+    """Upload at `size`, then time every query (or `only` these) on both engines."""
     bank, panel = generate(size)
     results: dict[str, Any] = {
         "size": size,
@@ -54,11 +60,13 @@ def run(size: str, runs: int, master: str) -> dict[str, Any]:
         "runs": runs,
         "cpus": os.cpu_count(),
         "spark_master": master,
+        "load_average_before": os.getloadavg(),
         "queries": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(Path(tmp) / "hub")
-        spark = SparkEngine(master, spill_dir=str(Path(tmp) / "spark"))
+        options = {} if partitions is None else {"partitions": partitions}
+        spark = SparkEngine(master, spill_dir=str(Path(tmp) / "spark"), **options)
         try:
             for who, frame, schema in (("bank", bank, BANK), ("panel", panel, PANEL)):
                 client, key, _ = bench.partners[who]
@@ -66,6 +74,8 @@ def run(size: str, runs: int, master: str) -> dict[str, Any]:
             hub = bench.running.hub
             duck = DuckDBEngine()
             for name, (kind, column, group_by, quantile) in QUERIES.items():
+                if only and name not in only:
+                    continue
                 spec = QuerySpec(
                     bench.agreement_id,
                     (AggregateSpec(name, kind, column, quantile=quantile),),
@@ -99,6 +109,7 @@ def run(size: str, runs: int, master: str) -> dict[str, Any]:
         finally:
             spark.close()
             bench.close()
+    results["load_average_after"] = os.getloadavg()
     return results
 
 
@@ -108,9 +119,11 @@ def main() -> None:
     parser.add_argument("--size", default="S", choices=["S", "M", "L"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--master", default="local[2]")
+    parser.add_argument("--partitions", type=int, help="the Spark engine's (default: its own)")
+    parser.add_argument("--only", nargs="*", choices=list(QUERIES), help="these queries alone")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    results = run(args.size, args.runs, args.master)
+    results = run(args.size, args.runs, args.master, args.partitions, args.only)
     text = json.dumps(results, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

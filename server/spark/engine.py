@@ -25,8 +25,20 @@ from entremise.server.domain.models import ExactAggregates, QueryPlan
 from entremise.server.domain.ports import AggregationEngine
 from entremise.server.engine import _collect, linked, smallest_in_component, source_columns
 from entremise.server.files import segments
-from entremise.server.spark.partials import PARTIAL, combine, partition_function, prefixed
-from entremise.server.spark.source import Consent, EmptySource, sealed_source
+from entremise.server.spark.partials import (
+    PARTIAL,
+    bucket_function,
+    combine,
+    partition_function,
+    prefixed,
+)
+from entremise.server.spark.source import (
+    SOURCE_NAME,
+    Consent,
+    EmptySource,
+    bucketed_source,
+    sealed_source,
+)
 
 
 class SparkEngine(AggregationEngine):
@@ -37,12 +49,17 @@ class SparkEngine(AggregationEngine):
     """
 
     def __init__(
-        self, master: str = "local[2]", *, spill_dir: str | None = None, partitions: int = 8
+        self,
+        master: str = "local[2]",
+        *,
+        spill_dir: str | None = None,
+        partitions: int | None = None,
     ) -> None:
         self.master = master
         self.spill_dir = spill_dir
-        self.partitions = partitions
+        self._partitions = partitions
         self._session: SparkSession | None = None
+        self._labels: list[int] | None = None
         self._lock = threading.Lock()
 
     @property
@@ -57,7 +74,6 @@ class SparkEngine(AggregationEngine):
                 SparkSession.builder.master(self.master)
                 .appName("entremise")
                 .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-                .config("spark.sql.shuffle.partitions", str(self.partitions))
                 .config("spark.sql.session.timeZone", "UTC")
                 # Shuffled and spilled rows are decrypted records: encrypted on local disk.
                 .config("spark.io.encryption.enabled", "true")
@@ -73,7 +89,19 @@ class SparkEngine(AggregationEngine):
                 builder = builder.config("spark.local.dir", self.spill_dir)
             self._session = builder.getOrCreate()
             self._session.sparkContext.setLogLevel("ERROR")
+            self._labels = None
         return self._session
+
+    @property
+    def partitions(self) -> int:
+        """Partitions per query: as given, else one per task slot (every executor core).
+
+        Each Python task costs a fixed ~0.1 s, and holds its share of the rows in memory:
+        data larger than the task slots' memory needs more partitions.
+        """
+        if self._partitions is not None:
+            return self._partitions
+        return max(1, int(self.session.sparkContext.defaultParallelism))
 
     def close(self) -> None:
         """Stop the Spark session (its JVM stays up for the process, as pyspark does)."""
@@ -86,12 +114,71 @@ class SparkEngine(AggregationEngine):
     ) -> ExactAggregates:
         with self._lock:
             spark = self.session
+            # The linking joins' partitions: per query, as a cluster's executors (the task
+            # slots) may register after the session starts.
+            spark.conf.set("spark.sql.shuffle.partitions", str(self.partitions))
             try:
-                frames = [self._read(spark, plan, i, s, now) for i, s in enumerate(sources)]
-                partials = self._partials(spark, plan, frames, withdrawn, now)
+                if linked(plan):
+                    frames = [self._read(spark, plan, i, s, now) for i, s in enumerate(sources)]
+                    partials = self._partials(spark, plan, frames, withdrawn, now)
+                else:
+                    partials = self._bucketed(spark, plan, sources, withdrawn, now)
             finally:
                 spark.dataSource.register(EmptySource)
         return _collect(plan, combine(plan, partials))
+
+    def _bucketed(
+        self,
+        spark: SparkSession,
+        plan: QueryPlan,
+        sources: list[Any],
+        withdrawn: Collection[str],
+        now: str,
+    ) -> list[str]:
+        """People known by one identifier: bucketed by it as segments are read, no row in the JVM.
+
+        Each reading task splits its segment's rows into one Arrow stream per partition (by
+        a hash of the identifier, the person); Spark shuffles these few values, and each
+        partition runs DuckDB's SQL over its people's rows of every dataset.
+        """
+        locations, consents = [], []
+        for i, source in enumerate(sources):
+            if not hasattr(source, "location"):
+                raise TypeError(
+                    "the Spark engine reads stored versions (StoredVersion), not tables"
+                )
+            locations.append(source.location())
+            consent = plan.datasets[i].schema.consent(plan.agreement.purpose)
+            assert consent is not None
+            consents.append(Consent(consent.column, consent.expiry_column or None, now))
+        columns = [source_columns(plan, i) for i in range(len(sources))]
+        keys = [d.schema.key_columns[0] for d in plan.datasets]
+        labels = self._partition_labels(spark)
+        source = bucketed_source(locations, columns, consents, keys, labels, tasks=len(labels))
+        spark.dataSource.register(source)
+        run = bucket_function(plan, withdrawn, now)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas")
+            frame = spark.read.format(SOURCE_NAME).load()
+            out = frame.repartition(self.partitions, "bucket").mapInArrow(run, PARTIAL)
+        return [row.partial for row in out.collect()]
+
+    def _partition_labels(self, spark: SparkSession) -> list[int]:
+        """Bucket labels l_k such that Spark's hash partitioning sends l_k to partition k."""
+        if self._labels is None or len(self._labels) != self.partitions:
+            n = self.partitions
+            found: dict[int, int] = {}
+            start = 0
+            while len(found) < n:
+                rows = spark.range(start, start + 64 * n).select(
+                    F.col("id").cast("int").alias("v"),
+                    F.expr(f"pmod(hash(CAST(id AS INT)), {n})").alias("p"),
+                )
+                for row in rows.collect():
+                    found.setdefault(row.p, row.v)
+                start += 64 * n
+            self._labels = [found[k] for k in range(n)]
+        return self._labels
 
     def _read(
         self, spark: SparkSession, plan: QueryPlan, i: int, source: Any, now: str

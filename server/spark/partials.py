@@ -19,6 +19,7 @@ from entremise.server import spill
 from entremise.server.domain.models import QueryPlan
 from entremise.server.engine import build_sql, linked
 from entremise.server.engine import combine as add_partials
+from entremise.server.spark.source import decoded
 
 #: The one column a partition yields: a JSON array per partial row (exact integers, no float).
 PARTIAL = "partial string"
@@ -56,6 +57,45 @@ def partition_function(
                 conn.register(names[i], table.drop_columns(["pid"]))
             if person_table:
                 conn.register("person", _people(plan, tables))
+            result = conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+        partial = [json.dumps(_plain(row)) for row in result]
+        yield pa.RecordBatch.from_arrays([pa.array(partial, pa.string())], schema=_ARROW)
+
+    return run
+
+
+def bucket_function(
+    plan: QueryPlan, withdrawn: Collection[str], now: str
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The `mapInArrow` function over bucketed reads (`source.bucketed_source`).
+
+    The partition's rows come as Arrow IPC streams, each dataset's rows of whole people (one
+    identifier per dataset: the person is that pseudonym). They are the source tables of
+    DuckDBEngine, restricted to consented rows of these people, and `build_sql` runs as is.
+    """
+    gone = sorted(withdrawn)
+    names = [f"src{i}" for i in range(len(plan.datasets))]
+    sql, params = build_sql(plan, names, now=now, person_table=False)
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        parts: list[list[pa.Table]] = [[] for _ in names]
+        for batch in batches:
+            datasets = batch.column("ds").to_pylist()
+            blobs = batch.column("rows")
+            for j, ds in enumerate(datasets):
+                parts[ds].append(decoded(pa.ipc.open_stream(blobs[j].as_buffer()).read_all()))
+        if any(not p for p in parts):  # a dataset without a segment here: no data at all
+            return
+        tables = [pa.concat_tables(p, promote_options="default") for p in parts]
+        if all(t.num_rows == 0 for t in tables):
+            return
+        conn = spill.connect(threads=1)  # in memory; never spills unencrypted
+        try:
+            conn.register("withdrawn", pa.table({"pseudonym": pa.array(gone, pa.string())}))
+            for name, table in zip(names, tables, strict=True):
+                conn.register(name, table)
             result = conn.execute(sql, params).fetchall()
         finally:
             conn.close()
