@@ -203,7 +203,8 @@ def _xl(xl: dict[str, Any]) -> list[str]:
         "",
         "One run (`python -m bench.xl`): CSV files written in chunks, a hub as its own process, "
         "each partner in its own process uploading its file through the streamed preparation, "
-        "then the ten queries.",
+        "then the ten queries."
+        + (f" Conditions: {xl['conditions']}" if "conditions" in xl else ""),
         "",
         "| stage | wall s |",
         "|---|---|",
@@ -230,25 +231,27 @@ def _projection(xl: dict[str, Any]) -> list[str]:
         "",
         f"Measured (XL, this {cores}-core machine): upload path {upload_rate:,.0f} rows/s per "
         f"core (both partners' preparation and the hub's validation and sealing, wall); one "
-        f"DP release {query_rate:,.0f} rows/s per core (median query, all stages). "
+        f"DP release {query_rate:,.0f} rows/s per core (mean of the ten queries, all stages). "
         "Extrapolated, not measured: time scales linearly with rows and inversely with cores "
         "(each person's rows are aggregated in one partition, so the work divides by people; "
         "the shuffle is assumed to be network-bound no sooner), partners prepare on their own "
-        f"machines, and a vCPU-hour costs {VCPU_HOUR_USD} USD (an assumption). The Spark "
-        "engine's fixed cost per query (seconds, see `make bench-spark`) is not included.",
+        f"machines, and a vCPU-hour costs {VCPU_HOUR_USD} USD (an assumption). These rates are "
+        "the DuckDB engine's on one machine; on the same 2 cores Spark `local[2]` took 2.1-4.9x "
+        'DuckDB\'s time per query at L (docs/spark.md, "Cost"): multiply release times and '
+        "costs by up to 5 for a conservative Spark figure.",
         "",
-        "| rows | workers x cores | upload h | one release min | 100 releases vCPU-h "
+        "| rows | workers x cores | upload min | one release s | 100 releases vCPU-h "
         "| cost of 100 releases |",
         "|---|---|---|---|---|---|",
     ]
     for total in (100_000_000, 1_000_000_000):
         for workers, per in ((4, 8), (16, 8), (64, 8)):
             all_cores = workers * per
-            upload_h = total / (upload_rate * all_cores) / 3600
-            release_min = total / (query_rate * all_cores) / 60
+            upload_min = total / (upload_rate * all_cores) / 60
+            release_s = total / (query_rate * all_cores)
             vcpu_h = 100 * total / query_rate / 3600
             lines.append(
-                f"| {total:,} | {workers} x {per} | {upload_h:.2f} | {release_min:.1f} | "
+                f"| {total:,} | {workers} x {per} | {upload_min:.1f} | {release_s:.1f} | "
                 f"{vcpu_h:,.1f} | {vcpu_h * VCPU_HOUR_USD:,.2f} USD |"
             )
     return lines
