@@ -536,7 +536,8 @@ def stage_end_to_end(size: str, runs: int) -> dict[str, Any]:
     workers = {}
     for who in ("bank", "panel"):
         jobs, done = spawn.Queue(), spawn.Queue()
-        process = spawn.Process(target=_partner_worker, args=(size, who, jobs, done), daemon=True)
+        # Not a daemon: a partner prepares its file on a pool of processes of its own.
+        process = spawn.Process(target=_partner_worker, args=(size, who, jobs, done))
         process.start()
         workers[who] = (process, jobs, done)
     for _, _, done in workers.values():
