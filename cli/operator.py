@@ -138,9 +138,10 @@ def serve(
     A --listen address other than loopback (127.0.0.1, ::1, localhost) needs TLS (--tls-cert,
     --tls-key) or --insecure.
     """
-    from entremise.server.app import HubConfig, HubStartError, is_loopback, parse_size
+    from entremise.server.app import HubConfig, HubStartError, is_loopback
     from entremise.server.app import serve as run_hub
     from entremise.server.operations import default_db_url
+    from entremise.server.spill import parse_size
 
     logging.basicConfig(
         level=logging.INFO,

@@ -9,7 +9,6 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -142,19 +141,6 @@ class HubConfig:
         )
 
 
-_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}
-_UNITS |= {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
-
-
-def parse_size(text: str, option: str) -> int:
-    """Bytes from "6GB", "512MiB" or "1073741824" (a ValueError naming `option` otherwise)."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
-    unit = match.group(2).upper() if match else ""
-    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise ValueError(f"{option}: {text!r} is not a size (e.g. 6GB, 512MiB)")
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
 def make_engine(config: HubConfig) -> AggregationEngine:
     """The configured engine; Spark is imported only when asked for (it starts a JVM)."""
     limit = config.memory_limit_bytes
@@ -167,7 +153,7 @@ def make_engine(config: HubConfig) -> AggregationEngine:
     if config.engine != "duckdb":
         raise HubStartError(f"unknown engine {config.engine!r}: use duckdb or spark")
     return DuckDBEngine(
-        memory_limit=None if limit is None else f"{limit // 2 // 1024**2}MB", temp_dir=spill_dir
+        memory_limit=None if limit is None else f"{limit // 2 // 1024**2}MiB", temp_dir=spill_dir
     )
 
 
@@ -430,7 +416,7 @@ def _build(config: HubConfig, locks: list[HubLock]) -> RunningHub:
             max_rows=config.max_upload_rows,
             cache_bytes=cache,
             store_uri=config.store_uri,
-            stats_memory=None if limit is None else f"{limit // 4 // 1024**2}MB",
+            stats_memory=None if limit is None else f"{limit // 4 // 1024**2}MiB",
             tally_bytes=None if limit is None else limit // 8,
         ),
         make_engine(config),

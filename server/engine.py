@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import zlib
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
@@ -421,7 +420,7 @@ class DuckDBEngine(AggregationEngine):
     ) -> None:
         self.threads = threads or max(1, os.cpu_count() or 1)
         self.memory_limit = memory_limit
-        self.memory_bytes = _bytes(memory_limit) if memory_limit else None
+        self.memory_bytes = spill.parse_size(memory_limit) if memory_limit else None
         self._db = spill.connect(threads=self.threads, memory_limit=memory_limit, temp_dir=temp_dir)
 
     def compute(  # noqa: D102
@@ -483,15 +482,6 @@ class DuckDBEngine(AggregationEngine):
 
 #: Bytes the bounded join's windows and hash tables hold per byte of input, roughly.
 _WINDOW_FACTOR = 3
-
-
-def _bytes(limit: str) -> int:
-    """Bytes of a DuckDB memory limit written as 40MB, 6GB or 2GiB."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B\s*", limit, flags=re.I)
-    if match is None:
-        raise ValueError(f"memory limit {limit!r}: expected a size such as 512MB or 6GB")
-    power = " KMGT".index(match.group(2).upper() or " ")
-    return int(float(match.group(1)) * (1024 if match.group(3) else 1000) ** power)
 
 
 def combine(plan: QueryPlan, rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:

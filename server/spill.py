@@ -12,12 +12,26 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 import tempfile
 from typing import Any
 
 import duckdb
 
 log = logging.getLogger(__name__)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}
+_UNITS |= {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+
+
+def parse_size(text: str, option: str = "memory limit") -> int:
+    """Bytes from "6GB", "512MiB" or "1073741824" (a ValueError naming `option` otherwise)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"{option}: {text!r} is not a size (e.g. 6GB, 512MiB)")
+    return int(float(match.group(1)) * _UNITS[unit])
 
 
 def _httpfs_path() -> str | None:
