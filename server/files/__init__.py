@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -100,7 +101,7 @@ class StoredVersion:
         schema = first.select(columns).schema
 
         def batches() -> Iterator[pa.RecordBatch]:
-            for part in _chain(first, parts):
+            for part in itertools.chain([first], parts):
                 yield from part.select(columns).to_batches()
 
         return pa.RecordBatchReader.from_batches(schema, batches())
@@ -116,11 +117,6 @@ class StoredVersion:
     def location(self) -> SealedLocation:
         """Where the segments lie and the key that opens them, for an engine elsewhere."""
         return self.files.sealed.location(self.dataset_id, self.version)
-
-
-def _chain(first: pa.Table, rest: Iterator[pa.Table]) -> Iterator[pa.Table]:
-    yield first
-    yield from rest
 
 
 class SealedDatasetFiles(DatasetFiles):
