@@ -9,7 +9,6 @@ rest), `cache` (decrypted tables). `SealedDatasetFiles` composes them behind the
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -276,19 +275,22 @@ class SealedDatasetFiles(DatasetFiles):
         keys = KeyTally(schema.key_columns, self.tally_bytes)
         rows = 0
         # Segment by segment: an erasure re-seals without holding the dataset in memory.
-        with self.sealed.writer(dataset_id, new_version, self._schema_of(dataset_id, version)) as w:
-            for table in self.sealed.tables(dataset_id, version):
+        with contextlib.ExitStack() as sealing:
+            writer: SegmentWriter | None = None
+            for table in self._tables(dataset_id, version):
+                if writer is None:
+                    writer = sealing.enter_context(
+                        self.sealed.writer(dataset_id, new_version, table.schema)
+                    )
                 kept = table.filter(pc.invert(hits(table)))
                 for batch in kept.to_batches():
-                    w.add(batch)
+                    writer.add(batch)
                 keys.add(kept)
                 rows += kept.num_rows
-        digest = hashlib.sha256(self.sealed.read_bytes(dataset_id, new_version)).hexdigest()
+        assert writer is not None  # a hit above means at least one table
+        digest = self.sealed.sha256(dataset_id, new_version)
         counted = keys.result() or self._keys_counted_from_disk(dataset_id, new_version, schema)
-        return upload_stats(counted, schema, digest, w.sealed_bytes, rows)
-
-    def _schema_of(self, dataset_id: str, version: int) -> pa.Schema:
-        return next(iter(self.sealed.tables(dataset_id, version))).schema
+        return upload_stats(counted, schema, digest, writer.sealed_bytes, rows)
 
     def delete(self, dataset_id: str, version: int | None = None) -> None:  # noqa: D102
         self.sealed.delete(dataset_id, version)

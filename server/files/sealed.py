@@ -15,6 +15,7 @@ rewritten (an erasure writes a new version); nothing forces a migration.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -161,10 +162,13 @@ class SealedStore:
         """Bytes stored for a version (about its decrypted size: Arrow is not compressed)."""
         return int(self.fs.get_file_info(self.path(dataset_id, version)).size or 0)
 
-    def read_bytes(self, dataset_id: str, version: int) -> bytes:
-        """The stored bytes of a version, sealed, as they are on the storage."""
+    def sha256(self, dataset_id: str, version: int) -> str:
+        """SHA-256 of a version's stored (sealed) bytes, read a MiB at a time."""
+        digest = hashlib.sha256()
         with self.fs.open_input_stream(self.path(dataset_id, version)) as stream:
-            return bytes(stream.read())
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     def delete(self, dataset_id: str, version: int | None = None) -> None:
         """Remove one version, or every version of a dataset."""
