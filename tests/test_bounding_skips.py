@@ -18,6 +18,7 @@ from entremise.server.domain.models import (
     AggregateSpec,
     Agreement,
     AgreementStatus,
+    CategoricalColumn,
     ConsentSpec,
     Dataset,
     DatasetSchema,
@@ -71,3 +72,55 @@ def test_skipping_the_window_changes_nothing_when_it_cannot_bite(panel_rows: int
     panel = {"x": panel_rows, "y": 2}
     assert _count_rows(bank, panel, known=True) == _count_rows(bank, panel, known=False)
     assert _count_rows(bank, panel, known=True) == min(panel_rows, CAP) + 2
+
+
+CATEGORIES = tuple(f"c{k}" for k in range(10))
+
+
+def _people_per_cell(panel_cells: dict[str, list[str]], groups_cap: int) -> dict[str, int]:
+    """People counted per category when each bank client has one row, and the panel these."""
+    category = CategoricalColumn("category", CATEGORIES)
+    panel_schema = DatasetSchema(SCHEMA.keys, SCHEMA.consents, (category,))
+    emails = [e for e, cells in panel_cells.items() for _ in cells]
+    panel = pa.table(
+        {
+            "email": emails,
+            "ok": [True] * len(emails),
+            "category": [c for cells in panel_cells.values() for c in cells],
+        }
+    )
+    bank = _rows(dict.fromkeys(panel_cells, 1))
+    most = max(len(c) for c in panel_cells.values())
+    datasets = (
+        Dataset("ds0", "bank", "p0", "ag", SCHEMA, bank.num_rows, bank.num_rows, 1, "", NOW, "", 1),
+        Dataset("ds1", "panel", "p1", "ag", panel_schema, len(emails), len(panel_cells), 1, "",
+                NOW, "", most),
+    )  # fmt: skip
+    agreement = Agreement(
+        "ag", "skips", "p", (DatasetSlot("p0", "bank"), DatasetSlot("p1", "panel")), ("a",),
+        Epsilon.parse("10"), max_rows_per_person=CAP, max_groups_per_person=groups_cap,
+        created_at=NOW, status=AgreementStatus.ACTIVE,
+    )  # fmt: skip
+    spec = QuerySpec(
+        "ag",
+        (AggregateSpec("n", AggregateKind.COUNT),),
+        Epsilon.parse("1"),
+        group_by=("panel.category",),
+        max_groups_per_person=groups_cap,
+    )
+    plan = plan_query(spec, agreement, datasets)
+    exact = DuckDBEngine(threads=1).compute(plan, [bank, panel], set(), NOW)
+    return dict(zip(CATEGORIES, exact.people, strict=True))
+
+
+def test_a_person_in_many_cells_still_counts_in_at_most_the_group_cap() -> None:
+    # x buys in all 10 categories: CAP rows (CAP cells) reach the join, more than 2 groups.
+    counted = _people_per_cell({"x": list(CATEGORIES) * 4, "y": ["c0"]}, groups_cap=2)
+    assert sum(counted.values()) == 2 + 1
+
+
+def test_skipping_the_group_window_keeps_every_cell_the_row_cap_left() -> None:
+    # CAP cells at most reach the join and the group cap is CAP: the window is skipped, and x
+    # is still counted in exactly CAP cells (one row of each cell comes first in the row cap).
+    counted = _people_per_cell({"x": list(CATEGORIES) * 4, "y": ["c0"]}, groups_cap=CAP)
+    assert sum(counted.values()) == CAP + 1
