@@ -16,6 +16,7 @@ preparing and uploading at once from their own processes, then the ten releases.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -55,6 +56,7 @@ from entremise.privacy.mechanisms import IntegerLaplace
 from entremise.server import testing
 from entremise.server.app import HubConfig, build_server
 from entremise.server.domain.models import AggregateKind, AggregateSpec, QuerySpec
+from entremise.server.spill import parse_size
 from entremise.v1 import partner_service_pb2
 
 from .data import (
@@ -375,8 +377,11 @@ def measure_interleaved(fns: dict[str, Callable[[], Any]], runs: int) -> dict[st
 class Bench:
     """A hub in a temporary directory with two partners, one analyst and one agreement."""
 
-    def __init__(self, tmp: Path) -> None:
-        self.running = build_server(HubConfig.for_dir(tmp, admin_token=ADMIN))
+    def __init__(self, tmp: Path, memory_limit: str | None = None) -> None:
+        config = HubConfig.for_dir(tmp, admin_token=ADMIN)
+        if memory_limit is not None:
+            config = dataclasses.replace(config, memory_limit_bytes=parse_size(memory_limit))
+        self.running = build_server(config)
         self.running.server.start()
         self.target = f"127.0.0.1:{self.running.port}"
         admin = Client.connect(self.target, token=ADMIN, timeout=3600)
@@ -505,7 +510,7 @@ def _partner_worker(size: str, who: str, jobs: Any, done: Any) -> None:
     del frame
     done.put(("ready", 0.0, 0.0, 0.0))
     while (job := jobs.get()) is not None:
-        target, token, agreement_id, key_bytes = job
+        target, token, agreement_id, key_bytes, workers = job
         client = Client.connect(target, token=token, timeout=3600)
         try:
             key = PartnerKeys(
@@ -514,7 +519,9 @@ def _partner_worker(size: str, who: str, jobs: Any, done: Any) -> None:
                 trust_on_first_use=True,
             )
             w0 = time.perf_counter()
-            prepared = client.prepare_upload(agreement_id, source, schema, keys=key)
+            prepared = client.prepare_upload(
+                agreement_id, source, schema, keys=key, workers=workers
+            )
             w1 = time.perf_counter()
             client.send_upload(prepared, who)
             prepared.encoded.discard()
@@ -525,13 +532,18 @@ def _partner_worker(size: str, who: str, jobs: Any, done: Any) -> None:
             client.close()
 
 
-def stage_end_to_end(size: str, runs: int) -> dict[str, Any]:
+def stage_end_to_end(
+    size: str, runs: int, *, hub_memory: str | None = None, partner_workers: int | None = None
+) -> dict[str, Any]:
     """Stage 5: a fresh hub; both partners prepare and upload at once, then the ten DP queries.
 
     Each partner runs in its own process, as it would on its own machine (here they share the
-    two cores with the hub); a partner's pseudonymisation holds Python's lock, so threads
-    would run them one after the other.
+    cores with the hub), preparing on `partner_workers` processes (default: its share of the
+    cores); a partner's pseudonymisation holds Python's lock, so threads would run them one
+    after the other. The hub runs in this process under `hub_memory` (`serve --memory-limit`);
+    with `--end-to-end-only` this process holds nothing else, so its peak RSS is the hub's.
     """
+    workers_each = partner_workers or max(1, (os.cpu_count() or 2) // 2)
     spawn = multiprocessing.get_context("spawn")  # no fork: the parent already runs gRPC
     workers = {}
     for who in ("bank", "panel"):
@@ -548,7 +560,7 @@ def stage_end_to_end(size: str, runs: int) -> dict[str, Any]:
 
     def once() -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            bench = Bench(Path(tmp))
+            bench = Bench(Path(tmp), hub_memory)
             try:
                 w0 = time.perf_counter()
                 for who, (_, jobs, _) in workers.items():
@@ -559,6 +571,7 @@ def stage_end_to_end(size: str, runs: int) -> dict[str, Any]:
                             token,
                             bench.agreement_id,
                             _raw_keys(key),
+                            workers_each,
                         )
                     )
                 for who, (_, _, done) in workers.items():
@@ -591,10 +604,20 @@ def stage_end_to_end(size: str, runs: int) -> dict[str, Any]:
         "split_median_s": {k: statistics.median(v[1:] or v) for k, v in splits.items()},
         "runs_with_warmup": runs + 1,
         "partner_peak_rss_mb": partner_peak_mb,
+        "partner_workers": workers_each,
+        "hub_memory_limit": hub_memory,
+        "this_process_peak_rss_mb": _peak_rss_mb(),
     }
 
 
-def run(size: str, runs: int, *, end_to_end: bool) -> dict[str, Any]:
+def run(
+    size: str,
+    runs: int,
+    *,
+    end_to_end: bool,
+    hub_memory: str | None = None,
+    partner_workers: int | None = None,
+) -> dict[str, Any]:
     """All stages at one size."""
     bank, panel = generate(size)
     results: dict[str, Any] = {
@@ -645,7 +668,9 @@ def run(size: str, runs: int, *, end_to_end: bool) -> dict[str, Any]:
             bench.close()
     results["stages"].extend(stage_noise(runs))
     if end_to_end:
-        results["stages"].append(stage_end_to_end(size, runs))
+        results["stages"].append(
+            stage_end_to_end(size, runs, hub_memory=hub_memory, partner_workers=partner_workers)
+        )
         mark("5 end to end")
     results["peak_rss_mb_after_stage"] = rss
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -685,13 +710,27 @@ def main() -> None:
     parser.add_argument(
         "--end-to-end-only", action="store_true", help="run only stage 5 (e.g. under a profiler)"
     )
+    parser.add_argument(
+        "--hub-memory", help="stage 5: the hub's --memory-limit (e.g. 4GB; default: none)"
+    )
+    parser.add_argument(
+        "--partner-workers", type=int, help="stage 5: preparing processes per partner"
+    )
     parser.add_argument("--out", type=Path, help="also write the JSON to this file")
     args = parser.parse_args()
     if args.end_to_end_only:
-        stage = stage_end_to_end(args.size, args.runs)
+        stage = stage_end_to_end(
+            args.size, args.runs, hub_memory=args.hub_memory, partner_workers=args.partner_workers
+        )
         print(json.dumps(stage, indent=2))
         return
-    results = run(args.size, args.runs, end_to_end=args.end_to_end)
+    results = run(
+        args.size,
+        args.runs,
+        end_to_end=args.end_to_end,
+        hub_memory=args.hub_memory,
+        partner_workers=args.partner_workers,
+    )
     document = json.dumps(results, indent=2)
     print(document)
     if args.out:
