@@ -1,9 +1,10 @@
 """The duplicate-key report of an upload is exact, even for pseudonyms crafted to share a prefix.
 
-The hub counts rows per pseudonym by sorting a 64-bit prefix and comparing only rows whose
-prefix repeats in full. A partner can craft keys that collide on the prefix (the hub cannot
-verify the HMAC), so these tests draw keys from pools built to collide, on both of the report's
-paths (mostly distinct keys, as a bank's, and mostly repeated keys, as a panel's).
+The hub counts rows per pseudonym by aggregating whole pseudonyms (`stats.count_keys`). A
+partner can craft keys that agree on a long prefix (the hub cannot verify the HMAC), which any
+shortcut on a prefix would merge, so these tests draw keys from pools built to collide, on both
+of the report's paths (mostly distinct keys, as a bank's, and mostly repeated keys, as a
+panel's).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from entremise.server.files.stats import (
     DEFAULT_TALLY_BYTES,
     KeyCounts,
     KeyTally,
-    count_keys_spilling,
+    count_keys,
     upload_stats,
 )
 from entremise.server.files.validation import validate_part, validate_table
@@ -172,36 +172,36 @@ class SealedDatasetFiles(DatasetFiles):
         chunks: Iterable[bytes],
         expected_sha256: str,
     ) -> IngestResult:
-        stream = ChunkStream(chunks, self.max_upload_bytes)
-        try:
-            batches = pa.ipc.open_stream(stream)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError):
-            stream.finish(expected_sha256)  # a corrupted upload says so first
-            raise _not_arrow() from None
-        keys = KeyTally(schema.key_columns, self.tally_bytes)
-        with contextlib.ExitStack() as sealing:
-            writer: SegmentWriter | None = None
-            rows = 0
+        with contextlib.closing(ChunkStream(chunks, self.max_upload_bytes)) as stream:
             try:
-                for part in _validated_parts(batches, schema):
-                    rows += part.num_rows
-                    if rows > self.max_rows:
-                        raise ResourceLimitError(
-                            f"the upload has more rows than the limit of {self.max_rows}"
-                        )
-                    if writer is None:
-                        writer = sealing.enter_context(
-                            self.sealed.writer(dataset_id, version, part.schema)
-                        )
-                    for batch in part.to_batches():
-                        writer.add(batch)
-                    keys.add(part)
-            except _Unreadable:
-                stream.finish(expected_sha256)  # cut short in transit says so first
+                batches = pa.ipc.open_stream(stream)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OSError):
+                stream.finish(expected_sha256)  # a corrupted upload says so first
                 raise _not_arrow() from None
-            digest = stream.finish(expected_sha256)
-            if writer is None:
-                raise InvalidArgumentError("the upload has no rows")
+            keys = KeyTally(schema.key_columns, self.tally_bytes, self.stats_memory)
+            with contextlib.ExitStack() as sealing:
+                writer: SegmentWriter | None = None
+                rows = 0
+                try:
+                    for part in _validated_parts(batches, schema):
+                        rows += part.num_rows
+                        if rows > self.max_rows:
+                            raise ResourceLimitError(
+                                f"the upload has more rows than the limit of {self.max_rows}"
+                            )
+                        if writer is None:
+                            writer = sealing.enter_context(
+                                self.sealed.writer(dataset_id, version, part.schema)
+                            )
+                        for batch in part.to_batches():
+                            writer.add(batch)
+                        keys.add(part)
+                except _Unreadable:
+                    stream.finish(expected_sha256)  # cut short in transit says so first
+                    raise _not_arrow() from None
+                digest = stream.finish(expected_sha256)
+                if writer is None:
+                    raise InvalidArgumentError("the upload has no rows")
         counted = keys.result() or self._keys_counted_from_disk(dataset_id, version, schema)
         return upload_stats(counted, schema, digest, stream.size, rows)
 
@@ -210,7 +210,7 @@ class SealedDatasetFiles(DatasetFiles):
     ) -> KeyCounts:
         """Key statistics re-read from the sealed segments (an upload too large to tally)."""
         parts = (t.select(schema.key_columns) for t in self.sealed.tables(dataset_id, version))
-        return count_keys_spilling(parts, schema.key_columns, self.stats_memory)
+        return count_keys(parts, schema.key_columns, self.stats_memory)
 
     def consent_counts(  # noqa: D102
         self, dataset_id: str, version: int, schema: DatasetSchema, now: str
@@ -272,7 +272,7 @@ class SealedDatasetFiles(DatasetFiles):
 
         if not any(pc.any(hits(t)).as_py() for t in self._tables(dataset_id, version)):
             return None
-        keys = KeyTally(schema.key_columns, self.tally_bytes)
+        keys = KeyTally(schema.key_columns, self.tally_bytes, self.stats_memory)
         rows = 0
         # Segment by segment: an erasure re-seals without holding the dataset in memory.
         with contextlib.ExitStack() as sealing:

@@ -1,9 +1,8 @@
-"""Pseudonym columns read as raw bytes: the format check and the rows per pseudonym.
+"""Pseudonym columns read as raw bytes, for the format check.
 
-Every upload carries millions of 64-character pseudonyms; Arrow's string kernels (regex, hash
-tables over variable-length strings) were the slowest step of an upload. These helpers read
-the Arrow buffers directly with numpy instead. The rules they serve live in `validation` and
-`stats`.
+Every upload carries millions of 64-character pseudonyms; Arrow's regex kernel was the slowest
+step of an upload. These helpers read the Arrow buffers directly with numpy instead. The rule
+they serve lives in `validation`; rows per pseudonym are counted in `stats`.
 """
 
 from __future__ import annotations
@@ -12,13 +11,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 PSEUDONYM_LENGTH = 64
-
-_NIBBLE = np.zeros(256, np.uint8)
-_NIBBLE[ord("0") : ord("9") + 1] = np.arange(10)
-_NIBBLE[ord("a") : ord("f") + 1] = np.arange(10, 16)
+_HEX_DIGITS = b"0123456789abcdef"
 
 
 def pseudonym_chars(key: pa.ChunkedArray) -> Iterator[tuple[int, np.ndarray]]:
@@ -54,45 +49,15 @@ def pseudonym_chars(key: pa.ChunkedArray) -> Iterator[tuple[int, np.ndarray]]:
 def invalid_pseudonyms(key: pa.ChunkedArray) -> int:
     """How many non-null values are not 64 lowercase hex characters.
 
-    Checked on the raw bytes with numpy: the regex kernel took ~1.6 s per 5M keys, this ~0.1 s.
+    Deleting every hex digit from a chunk's bytes (`bytes.translate`, ~4 GB/s) leaves nothing
+    when all are valid; only a chunk with something left is checked value by value with numpy.
+    The regex kernel took ~1.6 s per 5M keys.
     """
     bad = 0
     for wrong_length, chars in pseudonym_chars(key):
-        # uint8 wrap-around: c - 48 < 10 is 0-9, c - 97 < 6 is a-f.
-        hex_chars = ((chars - 48) < 10) | ((chars - 97) < 6)
-        bad += wrong_length + int((~hex_chars.all(axis=1)).sum())
+        bad += wrong_length
+        if chars.tobytes().translate(None, _HEX_DIGITS):
+            # uint8 wrap-around: c - 48 < 10 is 0-9, c - 97 < 6 is a-f.
+            hex_chars = ((chars - 48) < 10) | ((chars - 97) < 6)
+            bad += int((~hex_chars.all(axis=1)).sum())
     return bad
-
-
-def _exact_counts(chars: np.ndarray) -> np.ndarray:
-    """Rows per distinct pseudonym, comparing all 64 characters (a hash table in Arrow)."""
-    fixed = pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(PSEUDONYM_LENGTH), len(chars), [None, pa.py_buffer(np.ascontiguousarray(chars))]
-    )
-    counts: np.ndarray = pc.value_counts(fixed).field("counts").to_numpy()
-    return counts
-
-
-def key_multiplicities(chars: np.ndarray) -> np.ndarray:
-    """Rows per distinct pseudonym of validated keys, in no particular order.
-
-    Pseudonyms are uniformly random hex, so sorting their first 64 bits brings equal keys
-    together (5M keys: ~0.5 s, where a hash table over 64-byte keys took ~2 s); each pair of
-    neighbours with equal prefixes is then compared in full, as one 64-byte value, so the
-    counts stay exact. Keys crafted to share a prefix while differing later make that check
-    fail, and only then is the exact hash table used for all of them.
-    """
-    if len(chars) == 0:
-        return np.zeros(0, np.int64)
-    nibbles = _NIBBLE[chars[:, :16]]
-    prefix = np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2]).view(">u8")
-    prefix = prefix.ravel().astype(np.uint64)
-    order = np.argsort(prefix)
-    sorted_prefix = prefix[order]
-    same_prefix = sorted_prefix[1:] == sorted_prefix[:-1]
-    whole = np.ascontiguousarray(chars).view(f"V{PSEUDONYM_LENGTH}").ravel()[order]
-    same_key = same_prefix & (whole[1:] == whole[:-1])
-    if not np.array_equal(same_prefix, same_key):  # a shared prefix, different keys: crafted
-        return _exact_counts(chars)
-    starts = np.flatnonzero(np.concatenate(([True], ~same_key)))
-    return np.diff(np.append(starts, len(chars))).astype(np.int64)

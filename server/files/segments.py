@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 from cryptography.exceptions import InvalidTag
@@ -136,7 +137,7 @@ class SegmentWriter:
         self._segment_bytes = segment_bytes
         self._batches: list[pa.RecordBatch] = []
         self._buffered = 0
-        self._pending: bytes | None = None  # the previous segment's plaintext, not yet written
+        self._pending: pa.Buffer | None = None  # the previous segment's plaintext, not written
         self.segments = 0
         self.rows = 0
         self.sealed_bytes = len(MAGIC)
@@ -166,14 +167,20 @@ class SegmentWriter:
         self._batches, self._buffered = [], 0
         if self._pending is not None:
             self._write(self._pending, last=False)
-        self._pending = sink.getvalue().to_pybytes()
+        self._pending = sink.getvalue()
 
-    def _write(self, plaintext: bytes, *, last: bool) -> None:
+    def _write(self, plaintext: pa.Buffer, *, last: bool) -> None:
+        """Length, nonce and ciphertext, encrypted into the one buffer that is written."""
         nonce = secrets.token_bytes(NONCE_BYTES)
         aad = segment_aad(self._dataset_id, self._version, self.segments, last)
-        sealed = self._aead.encrypt(nonce, plaintext, aad)
-        length = NONCE_BYTES + len(sealed)
-        self._handle.write(length.to_bytes(_LENGTH_BYTES, "big") + nonce + sealed)
+        length = NONCE_BYTES + plaintext.size + TAG_BYTES
+        header = _LENGTH_BYTES + NONCE_BYTES
+        record = np.empty(_LENGTH_BYTES + length, np.uint8)  # every byte is written below
+        record[:header] = np.frombuffer(length.to_bytes(_LENGTH_BYTES, "big") + nonce, np.uint8)
+        # A numpy view of Arrow's buffer: cryptography reads it without a copy.
+        view = np.frombuffer(plaintext, np.uint8).data
+        self._aead.encrypt_into(nonce, view, aad, record[header:].data)
+        self._handle.write(record.data)
         self.segments += 1
         self.sealed_bytes += _LENGTH_BYTES + length
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 import hashlib
 import io
 import shutil
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from entremise.server.domain.errors import InvalidArgumentError, ResourceLimitError
 
@@ -23,14 +25,25 @@ if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
 
+#: Chunks (1 MiB each from the SDK) the hash may lag behind what was read.
+_HASH_BEHIND = 64
+
+
 class ChunkStream(io.RawIOBase):
-    """The upload's chunks as a readable file: counted against the limit and hashed as read."""
+    """The upload's chunks as a readable file: counted against the limit and hashed as read.
+
+    Hashing runs on a thread of its own (hashlib releases Python's lock), at most
+    `_HASH_BEHIND` chunks behind the reader, so it overlaps decoding, validating and sealing
+    (Arrow reads a batch's body, tens of MiB, at once); `close` stops it.
+    """
 
     def __init__(self, chunks: Iterable[bytes], max_bytes: int) -> None:
         super().__init__()
         self._chunks: Iterator[bytes] = iter(chunks)
         self._current = memoryview(b"")
         self._digest = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload-sha256")
+        self._hashing: deque[Future[None]] = deque()
         self.max_bytes = max_bytes
         self.size = 0
 
@@ -45,7 +58,9 @@ class ChunkStream(io.RawIOBase):
             if self.size + len(chunk) > self.max_bytes:
                 raise ResourceLimitError(f"upload exceeds {self.max_bytes} bytes")
             self.size += len(chunk)
-            self._digest.update(chunk)
+            if len(self._hashing) >= _HASH_BEHIND:  # one worker: updates run in order
+                self._hashing.popleft().result()
+            self._hashing.append(self._hasher.submit(self._digest.update, chunk))
             self._current = memoryview(chunk)
         out = memoryview(buffer).cast("B")
         n = min(len(out), len(self._current))
@@ -57,25 +72,36 @@ class ChunkStream(io.RawIOBase):
         """Exactly `size` bytes unless the stream ends first (Arrow expects no short read)."""
         if size < 0:
             return self.readall()
-        out = bytearray(size)
-        view, at = memoryview(out), 0
+        if len(self._current) >= size:  # within the current chunk: one copy
+            out = self._current[:size].tobytes()
+            self._current = self._current[size:]
+            return out
+        buffer = bytearray(size)
+        view, at = memoryview(buffer), 0
         while at < size:
             n = self.readinto(view[at:])
             if not n:
                 break
             at += n
-        return bytes(view[:at])
+        # Arrow takes any buffer: the bytearray itself, not a copy of it.
+        return cast(bytes, buffer) if at == size else bytes(view[:at])
 
     def finish(self, expected_sha256: str) -> str:
         """Read what Arrow left (trailing bytes count too) and check the announced hash."""
         while self.read(1 << 20):
             pass
+        self.close()
         digest = self._digest.hexdigest()
         if digest != expected_sha256:
             raise InvalidArgumentError(
                 "upload corrupted or incomplete: SHA-256 of the received bytes does not match"
             )
         return digest
+
+    def close(self) -> None:
+        """Wait for the hash of what was read and stop its thread."""
+        self._hasher.shutdown(wait=True)
+        super().close()
 
 
 def clear_leftovers(folder: Path) -> None:

@@ -9,18 +9,15 @@ a DuckDB that spills (encrypted) under the hub's memory limit, so any upload siz
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import duckdb
-import numpy as np
 import pyarrow as pa
 
 from entremise.server import spill
 from entremise.server.domain.models import DatasetSchema, DuplicateReport
 from entremise.server.domain.ports import IngestResult
-from entremise.server.files.pseudonyms import key_multiplicities, pseudonym_chars
 
 #: Key-column bytes an upload may tally in memory before its keys are counted from disk.
 DEFAULT_TALLY_BYTES = 1024**3
@@ -50,8 +47,10 @@ class KeyCounts:
 class KeyTally:
     """Key columns of an upload kept as they stream in, while they fit `max_bytes`."""
 
-    def __init__(self, keys: list[str], max_bytes: int = DEFAULT_TALLY_BYTES) -> None:
-        self.keys, self.max_bytes = keys, max_bytes
+    def __init__(
+        self, keys: list[str], max_bytes: int = DEFAULT_TALLY_BYTES, memory_limit: str | None = None
+    ) -> None:
+        self.keys, self.max_bytes, self.memory_limit = keys, max_bytes, memory_limit
         self._parts: list[pa.Table] | None = []
         self._bytes = 0
 
@@ -68,54 +67,31 @@ class KeyTally:
             return None
         if not self._parts:
             return KeyCounts((), 0)
-        return count_keys_in_memory(pa.concat_tables(self._parts), self.keys)
+        return count_keys(pa.concat_tables(self._parts), self.keys, self.memory_limit)
 
 
-def count_keys_in_memory(table: pa.Table, keys: list[str]) -> KeyCounts:
-    """Exact counts with numpy over the pseudonyms' bytes (see `pseudonyms.key_multiplicities`)."""
-    with duckdb.connect(config={"threads": max(1, os.cpu_count() or 1)}) as conn:
-        conn.register("upload", table)
-        shared = _shared_pseudonyms(conn, keys)
-    columns: list[KeyColumnCounts] = []
-    every_key: list[np.ndarray] = []
-    for key in keys:
-        chars = [c for _, c in pseudonym_chars(table.column(key)) if len(c)]
-        if not chars:
-            continue
-        every_key.extend(chars)
-        counts = key_multiplicities(np.concatenate(chars) if len(chars) > 1 else chars[0])
-        repeated = counts[counts > 1]
-        columns.append(
-            KeyColumnCounts(
-                key,
-                len(counts),
-                len(repeated),
-                int(repeated.sum()),
-                int(counts.max()),
-                *shared[key],
-            )
-        )
-    distinct = columns[-1].distinct if len(columns) == 1 else 0
-    if len(keys) > 1 and every_key:
-        # The same pseudonym may appear under several identifiers; count it once.
-        distinct = len(key_multiplicities(np.concatenate(every_key)))
-    return KeyCounts(tuple(columns), distinct)
-
-
-def count_keys_spilling(
-    parts: Iterable[pa.Table], keys: list[str], memory_limit: str | None
+def count_keys(
+    source: pa.Table | Iterable[pa.Table], keys: list[str], memory_limit: str | None
 ) -> KeyCounts:
-    """The same counts by DuckDB over key columns read segment by segment (bounded memory)."""
+    """Exact counts by DuckDB's hash aggregation over whole pseudonyms.
+
+    Over a table in memory (the tally) or over parts read segment by segment, copied into
+    DuckDB's own storage, which spills (encrypted) under `memory_limit`. 10M keys: ~0.1 s with
+    50k distinct, ~1 s with 10M distinct, where sorting their bytes with numpy took 1.5-3 s.
+    """
     with spill.connect(memory_limit=memory_limit) as conn:
-        first = True
-        for part in parts:
-            conn.register("part", part)
-            verb = "CREATE TEMP TABLE upload AS" if first else "INSERT INTO upload"
-            conn.execute(f"{verb} SELECT * FROM part")
-            conn.unregister("part")
-            first = False
-        if first:
-            return KeyCounts((), 0)
+        if isinstance(source, pa.Table):
+            conn.register("upload", source)
+        else:
+            first = True
+            for part in source:
+                conn.register("part", part)
+                verb = "CREATE TEMP TABLE upload AS" if first else "INSERT INTO upload"
+                conn.execute(f"{verb} SELECT * FROM part")
+                conn.unregister("part")
+                first = False
+            if first:
+                return KeyCounts((), 0)
         shared = _shared_pseudonyms(conn, keys)
         columns = []
         for key in keys:
@@ -131,6 +107,9 @@ def count_keys_spilling(
                 columns.append(
                     KeyColumnCounts(key, distinct, duplicated, involved, most, *shared[key])
                 )
+        if len(keys) == 1:
+            return KeyCounts(tuple(columns), columns[0].distinct if columns else 0)
+        # The same pseudonym may appear under several identifiers; count it once.
         union = " UNION ALL ".join(
             f'SELECT "{k}" AS p FROM upload WHERE "{k}" IS NOT NULL' for k in keys
         )
