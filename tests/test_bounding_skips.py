@@ -40,6 +40,14 @@ def _rows(counts: dict[str, int]) -> pa.Table:
     return pa.table({"email": emails, "ok": [True] * len(emails)})
 
 
+def _agreement(groups_cap: int) -> Agreement:
+    return Agreement(
+        "ag", "skips", "p", (DatasetSlot("p0", "bank"), DatasetSlot("p1", "panel")), ("a",),
+        Epsilon.parse("10"), max_rows_per_person=CAP, max_groups_per_person=groups_cap,
+        created_at=NOW, status=AgreementStatus.ACTIVE,
+    )  # fmt: skip
+
+
 def _count_rows(bank: dict[str, int], panel: dict[str, int], *, known: bool) -> int:
     """Rows released for these uploads; `known=False` hides the upload statistics."""
     datasets = tuple(
@@ -49,13 +57,8 @@ def _count_rows(bank: dict[str, int], panel: dict[str, int], *, known: bool) -> 
         )
         for i, (name, c) in enumerate((("bank", bank), ("panel", panel)))
     )  # fmt: skip
-    agreement = Agreement(
-        "ag", "skips", "p", (DatasetSlot("p0", "bank"), DatasetSlot("p1", "panel")), ("a",),
-        Epsilon.parse("10"), max_rows_per_person=CAP, max_groups_per_person=CAP,
-        created_at=NOW, status=AgreementStatus.ACTIVE,
-    )  # fmt: skip
     spec = QuerySpec("ag", (AggregateSpec("n", AggregateKind.COUNT_ROWS),), Epsilon.parse("1"))
-    plan = plan_query(spec, agreement, datasets)
+    plan = plan_query(spec, _agreement(CAP), datasets)
     exact = DuckDBEngine(threads=1).compute(plan, [_rows(bank), _rows(panel)], set(), NOW)
     return exact.rows[0]
 
@@ -96,11 +99,6 @@ def _people_per_cell(panel_cells: dict[str, list[str]], groups_cap: int) -> dict
         Dataset("ds1", "panel", "p1", "ag", panel_schema, len(emails), len(panel_cells), 1, "",
                 NOW, "", most),
     )  # fmt: skip
-    agreement = Agreement(
-        "ag", "skips", "p", (DatasetSlot("p0", "bank"), DatasetSlot("p1", "panel")), ("a",),
-        Epsilon.parse("10"), max_rows_per_person=CAP, max_groups_per_person=groups_cap,
-        created_at=NOW, status=AgreementStatus.ACTIVE,
-    )  # fmt: skip
     spec = QuerySpec(
         "ag",
         (AggregateSpec("n", AggregateKind.COUNT),),
@@ -108,7 +106,7 @@ def _people_per_cell(panel_cells: dict[str, list[str]], groups_cap: int) -> dict
         group_by=("panel.category",),
         max_groups_per_person=groups_cap,
     )
-    plan = plan_query(spec, agreement, datasets)
+    plan = plan_query(spec, _agreement(groups_cap), datasets)
     exact = DuckDBEngine(threads=1).compute(plan, [bank, panel], set(), NOW)
     return dict(zip(CATEGORIES, exact.people, strict=True))
 
