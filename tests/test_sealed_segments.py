@@ -224,3 +224,19 @@ def test_statistics_counted_in_memory_or_from_disk_agree(
         assert report.duplicated_pseudonyms == sum(n > 1 for n in counts.values())
     every = {v for c in schema.key_columns for v in table.column(c).to_pylist() if v is not None}
     assert in_memory.distinct_keys == len(every)
+
+
+def test_the_hash_covers_every_chunk_in_order_however_far_it_lags(tmp_path: Path) -> None:
+    """SHA-256 runs on its own thread, up to 64 chunks behind: hundreds of chunks, in order."""
+    payload = _payload(_table(20_000))
+    chunks = [payload[i : i + 4096] for i in range(0, len(payload), 4096)]
+    assert len(chunks) > 4 * 64
+    files = _files(tmp_path)
+    digest = hashlib.sha256(payload).hexdigest()
+    assert files.ingest("d", 1, SCHEMA, iter(chunks), digest).content_sha256 == digest
+    # The digest of the same chunks in another order (a hash that lost the order would pass).
+    swapped = [chunks[1], chunks[0], *chunks[2:]]
+    wrong_order = hashlib.sha256(b"".join(swapped)).hexdigest()
+    with pytest.raises(InvalidArgumentError, match="SHA-256"):
+        files.ingest("d", 2, SCHEMA, iter(chunks), wrong_order)
+    assert not _partials(tmp_path)
