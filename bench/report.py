@@ -279,13 +279,15 @@ def render(results_dir: Path) -> str:
     medium = _load(results_dir / "M.json")
     large = _load(results_dir / "L.json")
     tumult = _load(results_dir / "tumult-M.json")
+    runs = sorted({r["runs"] for r in (medium, large) if r is not None}) or [5]
     lines = [
         "# Benchmark results",
         "",
         "Produced by `make bench` on this project's 2-core machine: `python -m bench.pipeline "
         "--size M --runs 5`, the same at L with `--end-to-end`, `make bench-tumult`, then "
         "`python -m bench.report` (this file; raw JSON in `bench/results/`). Every stage warms "
-        "up, then alternates ours and its baselines in one process; medians of 5 runs.",
+        "up, then alternates ours and its baselines in one process; medians of "
+        f"{' and '.join(map(str, runs))} runs (this run's `--runs`).",
         "",
         "Baselines: (1) `hmac.new` per identifier with the same normalisation; (2) a raw-bytes "
         "gRPC sink with the same 1 MiB chunking; (3) the same consented join and group-by as "
