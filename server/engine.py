@@ -299,9 +299,11 @@ def _pre_join_rows(
     # Only people found in every other dataset reach the join; the rest leave before the
     # sort (a person's own rows are untouched, so the choice among them is the same). That
     # reads the other datasets twice, which a stream cannot be.
-    others = [f"pid IN (SELECT pid FROM r{k})" for k in range(len(plan.datasets)) if k != i]
-    if streamed:
-        others = []
+    others = (
+        []
+        if streamed
+        else [f"pid IN (SELECT pid FROM r{k})" for k in range(len(plan.datasets)) if k != i]
+    )
     return _capped_rows(f"r{i}", names, cells, plan.max_rows_per_person, " AND ".join(others))
 
 
@@ -376,8 +378,9 @@ def _bounding_ctes(plan: QueryPlan, groups: list[str], aliases: list[str]) -> tu
     """The caps after the join (groups, then rows per person), ending in `b`; the person column."""
     ctes: list[str] = []
     key = ", ".join(groups)
-    # Likewise a person's joined rows fall in at most as many cells as the rows they bring
-    # from the datasets that are grouped on: within the group cap, that window is skipped.
+    # A person's joined rows fall in at most as many cells as the rows they bring from the
+    # datasets that are grouped on (see `bound_rows` below): within the group cap, that
+    # window would drop nothing and is skipped.
     grouped = {r.dataset_index for r in plan.group_by}
     most_cells = math.prod(_rows_into_join(plan, plan.datasets[i]) for i in grouped)
     bound_groups = (
@@ -523,20 +526,18 @@ class DuckDBEngine(AggregationEngine):
                 names.append(name)
             if person_table:
                 link_people(conn, plan, names, now)
-            if buckets == 1:
+            rows: list[tuple[Any, ...]] = []
+            for b in range(buckets):  # streamed only in one pass: several copy their sources
                 sql, params = build_sql(
-                    plan, names, now=now, person_table=person_table, streamed=streamed
+                    plan,
+                    names,
+                    now=now,
+                    person_table=person_table,
+                    bucket=(buckets, b) if buckets > 1 else None,
+                    streamed=streamed,
                 )
-                rows = conn.execute(sql, params).fetchall()
-            else:
-                rows = []
-                for b in range(buckets):
-                    sql, params = build_sql(
-                        plan, names, now=now, person_table=person_table, bucket=(buckets, b)
-                    )
-                    rows += conn.execute(sql, params).fetchall()
-                rows = combine(plan, rows)
-        return _collect(plan, rows)
+                rows += conn.execute(sql, params).fetchall()
+        return _collect(plan, combine(plan, rows) if buckets > 1 else rows)
 
     def _buckets(self, sources: list[Any]) -> int:
         """Passes needed so that each holds a share of the data its windows can sort in memory.
