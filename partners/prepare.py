@@ -20,6 +20,7 @@ from entremise.partners.pseudonymise import (
     IdentifierError,
     Pseudonymiser,
     ScreenedColumn,
+    data_rows,
     looks_like_raw_identifier,
 )
 from entremise.partners.schema import ColumnSpec, Date, Numeric, UploadSchema
@@ -133,16 +134,6 @@ def read_table(path: Path, *, on_progress: Progress | None = None) -> pd.DataFra
     raise PrepareError(f"{path}: unsupported file type {suffix!r} (use .csv or .parquet)")
 
 
-def _data_rows(bad: pd.Series | np.ndarray, first_row: int) -> str:
-    """'data rows 3, 8, ...': the file's own row numbers (1-based, past `first_row`), five at most.
-
-    Row numbers, never values: an error message may be pasted anywhere.
-    """
-    rows = np.flatnonzero(np.asarray(bad, dtype=bool))
-    shown = ", ".join(str(first_row + r + 1) for r in rows[:5])
-    return f"data rows {shown}{', ...' if len(rows) > 5 else ''}"
-
-
 def _booleans(series: pd.Series, column: str, first_row: int = 0) -> pa.Array:
     if pd.api.types.is_bool_dtype(series):
         return pa.array(series.astype(bool))
@@ -150,13 +141,13 @@ def _booleans(series: pd.Series, column: str, first_row: int = 0) -> pa.Array:
     if text.isna().any():
         raise PrepareError(
             f"consent column {column!r} has {int(text.isna().sum())} empty values "
-            f"({_data_rows(text.isna(), first_row)})"
+            f"({data_rows(text.isna(), first_row)})"
         )
     bad = ~text.isin(_TRUE | _FALSE)
     if bad.any():
         raise PrepareError(
             f"consent column {column!r} has {int(bad.sum())} values that are not true/false "
-            f"({_data_rows(bad, first_row)})"
+            f"({data_rows(bad, first_row)})"
         )
     return pa.array(text.isin(_TRUE).to_numpy())
 
@@ -167,7 +158,7 @@ def _numbers(series: pd.Series, column: str, first_row: int = 0) -> pa.Array:
     if bad.any():
         raise PrepareError(
             f"numeric column {column!r} has {int(bad.sum())} non-numeric values "
-            f"({_data_rows(bad, first_row)})"
+            f"({data_rows(bad, first_row)})"
         )
     return pa.array(values.astype("float64"), from_pandas=True)
 
@@ -181,7 +172,7 @@ def _expiry(series: pd.Series, column: str, first_row: int = 0) -> pa.Array:
     if bad.any():
         raise PrepareError(
             f"consent expiry column {column!r} has {int(bad.sum())} values that are not "
-            f"ISO 8601 dates or timestamps ({_data_rows(bad, first_row)})"
+            f"ISO 8601 dates or timestamps ({data_rows(bad, first_row)})"
         )
     return pa.array(parsed, pa.timestamp("us", tz="UTC"), from_pandas=True)
 
@@ -212,7 +203,7 @@ def _dates(series: pd.Series, column: str, spec: Date, first_row: int = 0) -> pa
             what = "dates or timestamps" if spec.timestamp else "dates"
             raise PrepareError(
                 f"date column {column!r} has {int(bad.sum())} values that are not ISO 8601 "
-                f"{what} ({_data_rows(bad, first_row)})"
+                f"{what} ({data_rows(bad, first_row)})"
             )
     instants = pa.array(parsed.dt.tz_localize(None), pa.timestamp("us"), from_pandas=True)
     if spec.timestamp:
@@ -336,7 +327,7 @@ def prepare_rows(
         if not present.all():
             raise PrepareError(
                 f"{int((~present).sum())} rows have no identifier in any key column "
-                f"({_data_rows(~present, first_row)})"
+                f"({data_rows(~present, first_row)})"
             )
     for consent in schema.consents.values():
         arrays[consent.column] = _booleans(frame[consent.column], consent.column, first_row)
@@ -416,7 +407,7 @@ def _declared_column(
     if series.isna().any():
         raise PrepareError(
             f"categorical column {name!r} has {int(series.isna().sum())} empty values "
-            f"({_data_rows(series.isna(), first_row)})"
+            f"({data_rows(series.isna(), first_row)})"
         )
     return pa.array(series.astype(str), pa.string())
 

@@ -192,6 +192,17 @@ class ScreenedColumn:
     placeholders: Mapping[int, str]
 
 
+def data_rows(bad: pd.Series | np.ndarray, first_row: int = 0) -> str:
+    """'data rows 3, 8, ...': the file's own row numbers (1-based, past `first_row`), five at most.
+
+    `bad` flags rows of a chunk. Row numbers, never values: an error message may be pasted
+    anywhere.
+    """
+    rows = np.flatnonzero(np.asarray(bad, dtype=bool))
+    shown = ", ".join(str(first_row + r + 1) for r in rows[:5])
+    return f"data rows {shown}{', ...' if len(rows) > 5 else ''}"
+
+
 class Pseudonymiser:
     """HMAC-SHA256 with the key pads hashed once: about 2x faster than ``hmac.new`` per call."""
 
@@ -307,10 +318,11 @@ class Pseudonymiser:
                 placeholders[row] = reason
                 missing.append(row)
         if bad:
-            shown = ", ".join(str(first_row + r + 1) for r in bad[:5])
+            flagged = np.zeros(len(resolved), dtype=bool)
+            flagged[bad] = True
             raise IdentifierError(
-                f"{len(bad)} {kind} identifiers are empty or malformed (data rows {shown}"
-                f"{', ...' if len(bad) > 5 else ''})"
+                f"{len(bad)} {kind} identifiers are empty or malformed "
+                f"({data_rows(flagged, first_row)})"
             )
         valid = None
         if missing:
