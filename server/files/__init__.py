@@ -84,8 +84,7 @@ class StoredVersion:
         files = self.files
         table = files.cache.get(self.dataset_id, self.version)
         if table is None:
-            stored = files.sealed.size(self.dataset_id, self.version)
-            if stored > files.cache.max_bytes // 2:
+            if self.stored_bytes() > files.cache.max_bytes // 2:
                 return None
             table = files.read(self.dataset_id, self.version)
         return table.select(columns) if columns is not None else table
