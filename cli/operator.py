@@ -124,6 +124,37 @@ def serve(
     auth_lockout: Annotated[
         float, typer.Option(min=1, help="Seconds an address stays locked out.")
     ] = 120.0,
+    drain_grace: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="On SIGTERM: seconds in-flight releases and uploads get to finish (health is "
+            "NOT_SERVING meanwhile); then they are stopped, uncharged, and the hub exits 0.",
+        ),
+    ] = 30.0,
+    release_slots: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Releases computed at once (default: one per core, fewer if --memory-limit "
+            "leaves less than 256 MB each); the rest wait in a queue fair across analysts.",
+        ),
+    ] = None,
+    max_queued: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Releases waiting beyond the slots; past it a release is refused at once "
+            "(RESOURCE_EXHAUSTED with a retry-after hint, nothing spent). Default: 94.",
+        ),
+    ] = None,
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST:PORT serving Prometheus metrics at /metrics (queue length, releases in "
+            "flight, budget debits, RPCs by status). Default: not served.",
+        ),
+    ] = None,
     json_out: Annotated[
         bool,
         typer.Option("--json", help="Print one JSON line with the bound address once serving."),
@@ -169,6 +200,10 @@ def serve(
             auth_failures=auth_failures,
             auth_failure_window=auth_window,
             auth_lockout=auth_lockout,
+            drain_grace_s=drain_grace,
+            metrics_listen=metrics_listen,
+            release_slots=release_slots,
+            max_queued=max_queued,
         )
         if (tls_cert is None) != (tls_key is None):
             fail("--tls-cert and --tls-key go together")

@@ -115,13 +115,22 @@ BUDGET_KINDS = {"pure": common_pb2.BUDGET_KIND_PURE, "zcdp": common_pb2.BUDGET_K
 SENDING = "sending"
 
 
+#: Trailing metadata of a refusal from a busy hub: milliseconds to wait before retrying.
+RETRY_AFTER_KEY = "retry-after-ms"
+
+
 def _call(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except grpc.RpcError as exc:
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = exc.details() if hasattr(exc, "details") else str(exc)
-        raise RPCError(Status.from_grpc(code), details or code.name) from None
+        trailers = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
+        retry_ms = trailers.get(RETRY_AFTER_KEY)
+        retry_after = (
+            int(retry_ms) / 1000 if isinstance(retry_ms, str) and retry_ms.isdigit() else None
+        )
+        raise RPCError(Status.from_grpc(code), details or code.name, retry_after) from None
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,10 @@ from entremise.partners import schema as _schema
 class Status(enum.IntEnum):
     """Why a call failed: the gRPC status codes, by name and number.
 
-    The hub answers RESOURCE_EXHAUSTED when a budget is spent, PERMISSION_DENIED when the
-    caller's role or agreements do not allow the call, UNAVAILABLE when no hub answers.
+    The hub answers RESOURCE_EXHAUSTED when a budget is spent or when it is too busy to queue
+    the work (then `RPCError.retry_after_s` says when to retry; nothing was spent),
+    PERMISSION_DENIED when the caller's role or agreements do not allow the call, UNAVAILABLE
+    when no hub answers or the hub is shutting down.
     """
 
     OK = 0
@@ -64,13 +66,15 @@ class EntremiseError(Exception):
 class RPCError(EntremiseError):
     """A call the hub refused or could not answer.
 
-    `status` says why (a `Status`); `message` is the hub's explanation, one line.
+    `status` says why (a `Status`); `message` is the hub's explanation, one line;
+    `retry_after_s`, when the hub is busy, is how long it suggests waiting before retrying.
     """
 
-    def __init__(self, status: Status, message: str) -> None:
+    def __init__(self, status: Status, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(f"{status.name}: {message}")
         self.status = status
         self.message = message
+        self.retry_after_s = retry_after_s
 
 
 class InvalidArgumentError(EntremiseError, ValueError):

@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from entremise.server.api.metrics import MetricsEndpoint
 from entremise.server.api.servicers import (
     AdminServicer,
     AgreementServicer,
@@ -34,6 +35,7 @@ from entremise.server.api.servicers import (
 )
 from entremise.server.api.throttle import PeerThrottleInterceptor
 from entremise.server.crypto import DatasetCipher, Keyring
+from entremise.server.domain.admission import Admission
 from entremise.server.domain.audit import AuditSigner
 from entremise.server.domain.hub import Hub
 from entremise.server.domain.limits import PeerThrottle, RateLimiter
@@ -87,7 +89,9 @@ class HubConfig:
     data_dir: Path
     listen: str = "127.0.0.1:50051"
     admin_token: str | None = None
-    workers: int = 8
+    # RPC threads. Releases and uploads waiting for a slot hold one each, so the admission
+    # queues are sized to leave an eighth of them to previews, replays and reads.
+    workers: int = 128
     max_message_bytes: int = MAX_MESSAGE_BYTES
     master_key_file: Path | None = None
     # Where the audit signing key and the master keyring live (production: outside data_dir,
@@ -122,6 +126,13 @@ class HubConfig:
     spark_master: str = "local[2]"
     # Where sealed datasets live: a folder or a pyarrow filesystem URI (default: in data_dir).
     store_uri: str | None = None
+    # On SIGTERM: seconds in-flight releases and uploads get to finish before they are stopped
+    # (uncharged); HOST:PORT of the Prometheus /metrics endpoint (None: not served).
+    drain_grace_s: float = 30.0
+    metrics_listen: str | None = None
+    # Releases computed at once, and waiting beyond them (None: from cores, memory, threads).
+    release_slots: int | None = None
+    max_queued: int | None = None
 
     @classmethod
     def for_dir(
@@ -331,10 +342,32 @@ class RunningHub:
     locks: list[HubLock] = field(default_factory=list)
     # Per-address throttling before authentication (tests may set its clock).
     throttle: PeerThrottle = field(default_factory=PeerThrottle)
+    health_servicer: health.HealthServicer = field(default_factory=health.HealthServicer)
+    metrics: MetricsEndpoint | None = None
+
+    def drain(self, grace: float) -> bool:
+        """Stop taking heavy work and let what runs finish; whether it did within `grace` s.
+
+        Health turns NOT_SERVING at once (a load balancer sends new work elsewhere) while the
+        server still answers reads; new and queued releases and uploads are refused, uncharged
+        (UNAVAILABLE). Releases still computing after `grace` are interrupted: each is
+        cancelled and credited back (nothing was drawn). Uploads still streaming are cut by
+        `stop`, which removes their partial files.
+        """
+        self.health_servicer.enter_graceful_shutdown()
+        self.hub.admission.drain()
+        if self.hub.admission.idle(grace):
+            return True
+        log.warning("grace period over: interrupting the releases still computing (uncharged)")
+        self.hub.engine.interrupt()
+        self.hub.admission.releases.idle(_INTERRUPT_WAIT_S)
+        return False
 
     def stop(self, grace: float | None = 2.0) -> None:
         """Stop serving, release the database and the locks."""
         self.server.stop(grace).wait()
+        if self.metrics is not None:
+            self.metrics.close()
         self.store.close()
         for lock in self.locks:
             lock.release()
@@ -408,6 +441,13 @@ def _build(config: HubConfig, locks: list[HubLock]) -> RunningHub:
     cipher = DatasetCipher(keyring, config.data_dir / "keys")
     limit = config.memory_limit_bytes
     cache = config.table_cache_bytes if limit is None else min(config.table_cache_bytes, limit // 4)
+    admission = Admission.sized(
+        cores=os.cpu_count() or 1,
+        memory_limit_bytes=limit,
+        threads=config.workers,
+        release_slots=config.release_slots,
+        max_queued=config.max_queued,
+    )
     hub = Hub(
         store,
         SealedDatasetFiles(
@@ -422,6 +462,7 @@ def _build(config: HubConfig, locks: list[HubLock]) -> RunningHub:
         make_engine(config),
         signer=signer,
         head_path=config.data_dir / AUDIT_HEAD_FILE,
+        admission=admission,
     )
     hub.principals.bootstrap_admin(resolve_admin_token(config))
     swept = hub.recover()
@@ -446,7 +487,8 @@ def _build(config: HubConfig, locks: list[HubLock]) -> RunningHub:
             # take half of the calls. Off, a busy port is refused.
             ("grpc.so_reuseport", 0),
         ],
-        maximum_concurrent_rpcs=config.workers * 8,
+        # Past this gRPC itself refuses (RESOURCE_EXHAUSTED): calls beyond the threads wait.
+        maximum_concurrent_rpcs=config.workers * 2,
     )
     admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(hub, limiter), server)
     partner_service_pb2_grpc.add_PartnerServiceServicer_to_server(
@@ -487,7 +529,21 @@ def _build(config: HubConfig, locks: list[HubLock]) -> RunningHub:
             f"cannot listen on {config.listen}: the port is in use (another hub?) or the "
             "address is not this machine's"
         )
-    return RunningHub(server, port, hub, store, locks, throttle)
+    metrics = None
+    if config.metrics_listen is not None:
+        metrics_host, metrics_port = check_listen(config.metrics_listen)
+        try:
+            metrics = MetricsEndpoint(hub.admission, metrics_host, metrics_port)
+        except OSError as exc:
+            store.close()
+            raise HubStartError(
+                f"--metrics-listen {config.metrics_listen}: cannot listen there ({exc.strerror})"
+            ) from None
+    return RunningHub(server, port, hub, store, locks, throttle, health_servicer, metrics)
+
+
+#: After interrupting the engine: how long stopped releases get to be credited back.
+_INTERRUPT_WAIT_S = 10.0
 
 
 def _redacted(url: str) -> str:
@@ -496,7 +552,7 @@ def _redacted(url: str) -> str:
 
 
 def serve(config: HubConfig, *, port_file: Path | None = None, announce_json: bool = False) -> None:
-    """Run a hub until SIGINT/SIGTERM."""
+    """Run a hub until SIGINT/SIGTERM, then drain it (`RunningHub.drain`) and return."""
     running = build_server(config)
     if config.keys_dir is None:
         print(
@@ -520,5 +576,7 @@ def serve(config: HubConfig, *, port_file: Path | None = None, announce_json: bo
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    log.info("shutting down")
+    log.info("draining: no new releases or uploads; in-flight ones get %gs", config.drain_grace_s)
+    finished = running.drain(config.drain_grace_s)
+    log.info("shutting down (%s)", "drained" if finished else "stopped what was still running")
     running.stop()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import zlib
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
@@ -38,6 +39,7 @@ from scipy.sparse.csgraph import connected_components
 
 from entremise.server import spill
 from entremise.server.domain.derived import bin_labels
+from entremise.server.domain.errors import ComputationStopped
 from entremise.server.domain.models import (
     QUANTILE_CANDIDATES,
     AggregateKind,
@@ -493,50 +495,80 @@ class DuckDBEngine(AggregationEngine):
         self.memory_limit = memory_limit
         self.memory_bytes = spill.parse_size(memory_limit) if memory_limit else None
         self._db = spill.connect(threads=self.threads, memory_limit=memory_limit, temp_dir=temp_dir)
+        self._running: set[duckdb.DuckDBPyConnection] = set()
+        self._running_lock = threading.Lock()
+        self._stopping = False
+
+    def interrupt(self) -> None:
+        """Interrupt every query in progress; they, and any later one, raise ComputationStopped."""
+        with self._running_lock:
+            self._stopping = True
+            for conn in self._running:
+                conn.interrupt()
 
     def compute(  # noqa: D102
         self, plan: QueryPlan, sources: list[Any], withdrawn: Collection[str], now: str
     ) -> ExactAggregates:
         with self._db.cursor() as conn:
-            gone = pa.table({"pseudonym": pa.array(sorted(withdrawn), pa.string())})
-            conn.register("withdrawn", gone)
-            person_table = linked(plan)
-            buckets = self._buckets(sources)
-            names = []
-            streamed = False
-            for i, source in enumerate(sources):
-                name = f"src{i}"
-                columns = source_columns(plan, i)
-                # A stored version (files.StoredVersion), or a table given as is (tests, bench).
-                data = (
-                    source.select(columns)
-                    if isinstance(source, pa.Table)
-                    else source.table(columns)
-                )
-                if data is None:
-                    data = source.reader(columns)
-                    if person_table or buckets > 1:  # read more than once: copy it once
-                        conn.register(f"{name}_stream", data)
-                        conn.execute(f"CREATE TEMP TABLE {name} AS SELECT * FROM {name}_stream")
-                        conn.unregister(f"{name}_stream")
-                        names.append(name)
-                        continue
-                    streamed = True
-                conn.register(name, data)  # zero-copy over Arrow
-                names.append(name)
-            if person_table:
-                link_people(conn, plan, names, now)
-            rows: list[tuple[Any, ...]] = []
-            for b in range(buckets):  # streamed only in one pass: several copy their sources
-                sql, params = build_sql(
-                    plan,
-                    names,
-                    now=now,
-                    person_table=person_table,
-                    bucket=(buckets, b) if buckets > 1 else None,
-                    streamed=streamed,
-                )
-                rows += conn.execute(sql, params).fetchall()
+            with self._running_lock:
+                if self._stopping:
+                    raise ComputationStopped
+                self._running.add(conn)
+            try:
+                return self._compute(conn, plan, sources, withdrawn, now)
+            except duckdb.InterruptException:
+                if self._stopping:
+                    raise ComputationStopped from None
+                raise
+            finally:
+                with self._running_lock:
+                    self._running.discard(conn)
+
+    def _compute(
+        self,
+        conn: duckdb.DuckDBPyConnection,
+        plan: QueryPlan,
+        sources: list[Any],
+        withdrawn: Collection[str],
+        now: str,
+    ) -> ExactAggregates:
+        gone = pa.table({"pseudonym": pa.array(sorted(withdrawn), pa.string())})
+        conn.register("withdrawn", gone)
+        person_table = linked(plan)
+        buckets = self._buckets(sources)
+        names = []
+        streamed = False
+        for i, source in enumerate(sources):
+            name = f"src{i}"
+            columns = source_columns(plan, i)
+            # A stored version (files.StoredVersion), or a table given as is (tests, bench).
+            data = source.select(columns) if isinstance(source, pa.Table) else source.table(columns)
+            if data is None:
+                data = source.reader(columns)
+                if person_table or buckets > 1:  # read more than once: copy it once
+                    conn.register(f"{name}_stream", data)
+                    conn.execute(f"CREATE TEMP TABLE {name} AS SELECT * FROM {name}_stream")
+                    conn.unregister(f"{name}_stream")
+                    names.append(name)
+                    continue
+                streamed = True
+            conn.register(name, data)  # zero-copy over Arrow
+            names.append(name)
+        if person_table:
+            link_people(conn, plan, names, now)
+        rows: list[tuple[Any, ...]] = []
+        for b in range(buckets):  # streamed only in one pass: several copy their sources
+            sql, params = build_sql(
+                plan,
+                names,
+                now=now,
+                person_table=person_table,
+                bucket=(buckets, b) if buckets > 1 else None,
+                streamed=streamed,
+            )
+            if self._stopping:  # between passes, too
+                raise ComputationStopped
+            rows += conn.execute(sql, params).fetchall()
         return _collect(plan, combine(plan, rows) if buckets > 1 else rows)
 
     def _buckets(self, sources: list[Any]) -> int:

@@ -778,6 +778,25 @@ def test_unfinished_releases_fail_after_a_crash_and_keep_their_debit(store: Stor
     assert store.get_budget(AG).spent == eps("0.3")
 
 
+def test_a_cancelled_release_is_credited_back_once_and_only_while_running(store: Store) -> None:
+    seed(store)
+    before = store.get_budget(AG)
+    store.reserve_release(release("rel_1", cost="0.3"))
+    store.reserve_release(release("rel_2", cost="0.2", analyst_id=BOB))
+    released(store, "rel_3", "k3", cost="0.1")
+    assert store.cancel_release(release("rel_1", cost="0.9"))  # the stored cost is credited
+    assert not store.cancel_release(release("rel_1"))  # once
+    assert not store.cancel_release(release("rel_3"))  # a finished release stays
+    assert not store.cancel_release(release("rel_unknown"))
+    after = store.get_budget(AG)
+    assert after.spent == eps("0.3") and after.release_count == before.release_count + 2
+    spent = {a.analyst_id: a.spent for a in after.analysts}
+    assert spent[ALICE] == eps("0.1") and spent[BOB] == eps("0.2")
+    assert [r.release_id for r in store.list_releases()] == ["rel_2", "rel_3"]
+    store.reserve_release(release("rel_4", cost="0.7"))  # the credited budget can be spent
+    assert store.get_budget(AG).remaining == eps("0")
+
+
 def test_a_replay_is_the_first_released_release_of_the_key(store: Store) -> None:
     seed(store, agreement(), agreement("ag_two"))
     store.reserve_release(release("rel_1", replay_key="k"))  # running: answers nothing

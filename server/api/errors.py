@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn, TypeVar
@@ -11,7 +12,8 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from entremise.privacy.budget import InvalidEpsilonError
-from entremise.server.domain.errors import EntremiseError, ErrorCode
+from entremise.server.api.metrics import RPC_CALLS
+from entremise.server.domain.errors import EntremiseError, ErrorCode, OverloadedError
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,14 @@ ERROR_MAP: dict[ErrorCode, grpc.StatusCode] = {
     ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorCode.RESOURCE_LIMIT: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorCode.RELEASE_FAILED: grpc.StatusCode.INTERNAL,
+    ErrorCode.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.CLIENT_GONE: grpc.StatusCode.CANCELLED,
 }
+
+#: Trailing metadata of an OVERLOADED refusal: milliseconds to wait before retrying.
+RETRY_AFTER_KEY = "retry-after-ms"
+
 
 INTERNAL_MESSAGE = "internal server error (logged on the hub)"
 
@@ -46,15 +55,25 @@ def rpc_errors(context: grpc.ServicerContext, rpc: str) -> Iterator[None]:
     try:
         yield
     except EntremiseError as exc:
+        RPC_CALLS.labels(rpc, ERROR_MAP[exc.code].name).inc()
         log.info("%s refused: %s %s", rpc, exc.code, exc.message)
+        if isinstance(exc, OverloadedError):
+            context.set_trailing_metadata(
+                ((RETRY_AFTER_KEY, str(math.ceil(exc.retry_after_s * 1000))),)
+            )
         abort(context, ERROR_MAP[exc.code], exc.message)
     except InvalidEpsilonError as exc:
+        RPC_CALLS.labels(rpc, grpc.StatusCode.INVALID_ARGUMENT.name).inc()
         abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     except Exception as exc:
         if isinstance(exc, grpc.RpcError):  # the client went away mid-stream
+            RPC_CALLS.labels(rpc, grpc.StatusCode.CANCELLED.name).inc()
             raise
+        RPC_CALLS.labels(rpc, grpc.StatusCode.INTERNAL.name).inc()
         log.exception("%s failed", rpc)
         abort(context, grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+    else:
+        RPC_CALLS.labels(rpc, grpc.StatusCode.OK.name).inc()
 
 
 def rpc(
@@ -74,4 +93,11 @@ def rpc(
     return translated
 
 
-__all__: list[Any] = ["ERROR_MAP", "INTERNAL_MESSAGE", "abort", "rpc", "rpc_errors"]
+__all__: list[Any] = [
+    "ERROR_MAP",
+    "INTERNAL_MESSAGE",
+    "RETRY_AFTER_KEY",
+    "abort",
+    "rpc",
+    "rpc_errors",
+]

@@ -5,11 +5,12 @@ Errors are translated by the `rpc` decorator; conversions live in `serde`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
 from entremise.server.api.errors import rpc
+from entremise.server.api.metrics import count_debits
 from entremise.server.api.serde import (
     agreement_terms_from_proto,
     agreement_to_proto,
@@ -181,6 +182,7 @@ class PartnerServicer(_Base, partner_service_pb2_grpc.PartnerServiceServicer):
             header.content_sha256,
             chunks(),
             header.request_id,
+            _gone(context),
         )
         return partner_service_pb2.UploadDatasetResponse(dataset=dataset_to_proto(dataset))
 
@@ -294,8 +296,10 @@ class QueryServicer(_Base, query_service_pb2_grpc.QueryServiceServicer):
         self, request: query_service_pb2.RunQueryRequest, context: grpc.ServicerContext
     ) -> query_service_pb2.RunQueryResponse:
         release, budget, replayed = self.hub.queries.run(
-            self.caller(context), query_from_proto(request.query)
+            self.caller(context), query_from_proto(request.query), _gone(context)
         )
+        if not replayed:
+            count_debits([release])
         return query_service_pb2.RunQueryResponse(
             release=release_to_proto(release),
             remaining_epsilon=str(budget.remaining),
@@ -314,7 +318,8 @@ class QueryServicer(_Base, query_service_pb2_grpc.QueryServiceServicer):
     def RunQuote(
         self, request: query_service_pb2.RunQuoteRequest, context: grpc.ServicerContext
     ) -> query_service_pb2.RunQuoteResponse:
-        run = self.hub.quotes.run(self.caller(context), request.quote_id)
+        run = self.hub.quotes.run(self.caller(context), request.quote_id, _gone(context))
+        count_debits([r for r, again in zip(run.releases, run.replayed, strict=True) if not again])
         return query_service_pb2.RunQuoteResponse(
             releases=[release_to_proto(r) for r in run.releases],
             remaining_epsilon=str(run.budget.remaining),
@@ -390,3 +395,8 @@ class ComplianceServicer(_Base, compliance_service_pb2_grpc.ComplianceServiceSer
         return compliance_service_pb2.ListLedgerResponse(
             releases=[release_to_proto(r) for r in releases]
         )
+
+
+def _gone(context: grpc.ServicerContext) -> Callable[[], bool]:
+    """Whether the client cancelled or its deadline passed (a queued request then leaves)."""
+    return lambda: not context.is_active()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from entremise.server.domain.access import participant, require, view_owner
+from entremise.server.domain.admission import Admission
 from entremise.server.domain.agreements import Agreements
 from entremise.server.domain.errors import (
     FailedPreconditionError,
@@ -38,12 +39,18 @@ class Datasets:
     """Upload (validated, then published atomically), list and delete datasets."""
 
     def __init__(
-        self, store: Store, files: DatasetFiles, trail: AuditTrail, agreements: Agreements
+        self,
+        store: Store,
+        files: DatasetFiles,
+        trail: AuditTrail,
+        agreements: Agreements,
+        admission: Admission,
     ) -> None:
         self.store = store
         self.files = files
         self.trail = trail
         self.agreements = agreements
+        self.admission = admission
 
     def upload(
         self,
@@ -55,12 +62,15 @@ class Datasets:
         content_sha256: str,
         chunks: Iterable[bytes],
         request_id: str = "",
+        cancelled: Callable[[], bool] = lambda: False,
     ) -> Dataset:
         """Validate and store an upload into one of the agreement's slots.
 
         The data becomes visible only once fully received, checked and stored; pseudonyms must
         come from the agreement's current key context. A retry with the request id of an
         upload already published gets that dataset back, and nothing is stored twice.
+        Uploads take a slot of the hub's upload gate (`admission.uploads`) before a data byte
+        is read: the memory each holds is bounded, and a full queue is refused at once.
         """
         agreement = participant(self.store, caller, agreement_id)
         current = self._check_upload(
@@ -71,26 +81,27 @@ class Datasets:
             for _ in chunks:  # drain the stream
                 pass
             return done
-        previous = self.store.find_dataset(agreement_id, caller.principal_id, name)
-        dataset_id = previous.dataset_id if previous else new_id("ds")
-        version = previous.version + 1 if previous else 1
-        stats = self.files.ingest(dataset_id, version, schema, chunks, content_sha256.lower())
-        dataset = Dataset(
-            dataset_id=dataset_id,
-            name=name,
-            partner_id=caller.principal_id,
-            agreement_id=agreement_id,
-            schema=schema,
-            row_count=stats.row_count,
-            distinct_keys=stats.distinct_keys,
-            version=version,
-            content_sha256=stats.content_sha256,
-            created_at=now(),
-            key_fingerprint=current,
-            max_rows_per_key=stats.max_rows_per_key,
-            duplicates=stats.duplicates,
-        )
-        self.publish(dataset, previous, request_id)
+        with self.admission.uploads.slot((caller.principal_id,), cancelled):
+            previous = self.store.find_dataset(agreement_id, caller.principal_id, name)
+            dataset_id = previous.dataset_id if previous else new_id("ds")
+            version = previous.version + 1 if previous else 1
+            stats = self.files.ingest(dataset_id, version, schema, chunks, content_sha256.lower())
+            dataset = Dataset(
+                dataset_id=dataset_id,
+                name=name,
+                partner_id=caller.principal_id,
+                agreement_id=agreement_id,
+                schema=schema,
+                row_count=stats.row_count,
+                distinct_keys=stats.distinct_keys,
+                version=version,
+                content_sha256=stats.content_sha256,
+                created_at=now(),
+                key_fingerprint=current,
+                max_rows_per_key=stats.max_rows_per_key,
+                duplicates=stats.duplicates,
+            )
+            self.publish(dataset, previous, request_id)
         if caller.principal_id not in agreement.approved_by:
             self.agreements.approve(caller, agreement_id, via="upload")
         self.trail.record(

@@ -20,6 +20,9 @@ class ErrorCode(StrEnum):
     FAILED_PRECONDITION = "failed_precondition"
     RESOURCE_LIMIT = "resource_limit"
     RELEASE_FAILED = "release_failed"
+    OVERLOADED = "overloaded"
+    UNAVAILABLE = "unavailable"
+    CLIENT_GONE = "client_gone"
 
 
 class EntremiseError(Exception):
@@ -98,3 +101,35 @@ class ReleaseFailedError(EntremiseError):
             f"the release could not be completed; its cost ({charged}) stays spent, because the "
             "budget is debited before any data is read (the operator has the details)"
         )
+
+
+class OverloadedError(EntremiseError):
+    """Too much work is queued: retry after `retry_after_s` seconds; nothing was spent."""
+
+    code = ErrorCode.OVERLOADED
+
+    def __init__(self, what: str, retry_after_s: float) -> None:
+        super().__init__(
+            f"the hub is busy: its {what} queue is full; retry in {retry_after_s:g} s "
+            "(nothing was spent)"
+        )
+        self.retry_after_s = retry_after_s
+
+
+class UnavailableError(EntremiseError):
+    """The hub cannot take the work now (it is shutting down); retry later."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+class ClientGoneError(EntremiseError):
+    """The client cancelled or its deadline passed while its request waited: nothing ran."""
+
+    code = ErrorCode.CLIENT_GONE
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"cancelled by the client while waiting in the {what} queue")
+
+
+class ComputationStopped(Exception):
+    """The engine was interrupted (hub shutdown) before it produced a result: nothing left."""

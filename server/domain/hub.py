@@ -7,8 +7,10 @@ answers from these rooms. Each room applies its own authorisation rule.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
+from entremise.server.domain.admission import Admission
 from entremise.server.domain.agreements import Agreements
 from entremise.server.domain.audit import AuditSigner
 from entremise.server.domain.compliance import Compliance
@@ -36,18 +38,23 @@ class Hub:
         *,
         signer: AuditSigner,
         head_path: Path | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.store = store
         self.files = files
         self.engine = engine
+        # Without a configured admission: one release per core, no memory bound.
+        self.admission = admission or Admission.sized(
+            cores=os.cpu_count() or 1, memory_limit_bytes=None
+        )
         trail = AuditTrail(store, signer, head_path)
         self.principals = Principals(store, trail)
         self.keys = MatchingKeys(store, trail)
         self.agreements = Agreements(store, trail)
-        self.datasets = Datasets(store, files, trail, self.agreements)
+        self.datasets = Datasets(store, files, trail, self.agreements, self.admission)
         self.consent = Consent(store, files, trail, self.datasets)
-        self.queries = Queries(store, files, engine, trail)
-        self.quotes = Quotes(store, files, engine, trail)
+        self.queries = Queries(store, files, engine, trail, self.admission)
+        self.quotes = Quotes(store, files, engine, trail, self.admission)
         self.compliance = Compliance(store, files, signer.public_key_raw())
         self.witnessing = Witnessing(store, trail, signer)
 

@@ -198,6 +198,14 @@ class Store(ABC):
         """
 
     @abstractmethod
+    def cancel_release(self, release: Release) -> bool:
+        """Undo a running release that was stopped before any result existed (hub shutdown).
+
+        In one transaction: the release is removed and its debits (agreement and analyst) are
+        credited back. Only a release still `running` is cancelled; returns whether it was.
+        """
+
+    @abstractmethod
     def fail_unfinished_releases(self) -> int:
         """After a crash: releases left running are failed (their debit stays). Returns how many."""
 
@@ -380,6 +388,9 @@ class AggregationEngine(ABC):
         People with any pseudonym in `withdrawn` are left out entirely; consent whose expiry
         is before `now` (ISO 8601) counts as no consent.
         """
+
+    def interrupt(self) -> None:  # noqa: B027 - optional: an engine may not be able to
+        """Stop every computation in progress (hub shutdown): each raises ComputationStopped."""
 
 
 __all__ = [

@@ -9,16 +9,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, replace
-from typing import Any
+from typing import Any, Protocol
 
 from entremise.server.domain.access import require
+from entremise.server.domain.admission import Admission
 from entremise.server.domain.errors import (
     BudgetExhaustedError,
+    ClientGoneError,
+    ComputationStopped,
     FailedPreconditionError,
     NotFoundError,
     PermissionDeniedError,
     ReleaseFailedError,
+    UnavailableError,
 )
 from entremise.server.domain.ids import new_id, now
 from entremise.server.domain.keys import context_fingerprint
@@ -41,24 +47,37 @@ from entremise.server.domain.trail import AuditTrail
 
 log = logging.getLogger(__name__)
 
+#: How often a request waiting for an identical one looks whether its client is still there.
+_POLL_S = 0.05
+
 
 class Queries:
     """Preview (free, reads no row) and run (debit, compute, perturb, record) queries."""
 
     def __init__(
-        self, store: Store, files: DatasetFiles, engine: AggregationEngine, trail: AuditTrail
+        self,
+        store: Store,
+        files: DatasetFiles,
+        engine: AggregationEngine,
+        trail: AuditTrail,
+        admission: Admission,
     ) -> None:
         self.store = store
         self.files = files
         self.engine = engine
         self.trail = trail
+        self.admission = admission
+        self._inflight: dict[tuple[str, str], threading.Event] = {}
+        self._inflight_lock = threading.Lock()
 
     def preview(self, caller: Principal, spec: QuerySpec) -> PlanSummary:
         """Cost and expected accuracy; spends nothing and reads no row."""
         plan, budget, _ = self._authorised(caller, spec)
         return summarize(plan, budget.remaining)
 
-    def run(self, caller: Principal, spec: QuerySpec) -> tuple[Release, BudgetState, bool]:
+    def run(
+        self, caller: Principal, spec: QuerySpec, cancelled: Callable[[], bool] = lambda: False
+    ) -> tuple[Release, BudgetState, bool]:
         """Debit, compute, perturb, and store the release.
 
         The agreement and the analyst are debited, with the release recorded as running, in one
@@ -68,7 +87,14 @@ class Queries:
         linking), the release is marked failed, keeps its debit, and the analyst gets one fixed
         message: a failure that occurred only on some data would otherwise reveal it for free.
         An identical query on the same data state is answered from the ledger at no cost (the
-        third value says so): re-publishing a released value is post-processing.
+        third value says so): re-publishing a released value is post-processing; an identical
+        query still computing is waited for, then answered so (a client retrying after its
+        deadline gets the release it was charged for, at no second cost).
+
+        Releases run in the hub's bounded, fair `admission.releases` gate, entered before the
+        debit: a full queue, a draining hub or a client gone while queued (`cancelled()`) is
+        refused with nothing spent. A release the hub stops mid-computation (shutdown) is
+        cancelled and credited back: nothing was drawn, nothing left.
         """
         try:
             plan, budget, withdrawn = self._authorised(caller, spec)
@@ -81,32 +107,36 @@ class Queries:
                     {"reason": "outside_agreement_scope", "detail": exc.message},
                 )
             raise
-        key = replay_key(spec, plan, len(withdrawn), now()[:10])
-        previous = self.store.find_replay(plan.agreement.agreement_id, key)
-        if previous is not None:
-            self.trail.record(
-                "release_replayed",
-                caller,
-                plan.agreement.agreement_id,
-                {"release_id": previous.release_id},
-            )
-            return previous, budget, True
-        reserved, after = self._reserve(caller, spec, plan, budget)
-        summary = reserved.summary
+        started = now()
+        key = replay_key(spec, plan, len(withdrawn), started[:10])
+        agreement_id = plan.agreement.agreement_id
+        while True:  # an identical release in flight is waited for, then replayed
+            previous = self.store.find_replay(agreement_id, key)
+            if previous is not None:
+                if previous.created_at > started:  # it finished while this one waited
+                    budget = self.store.get_budget(agreement_id)
+                self.trail.record(
+                    "release_replayed", caller, agreement_id, {"release_id": previous.release_id}
+                )
+                return previous, budget, True
+            with self._inflight_lock:
+                ahead = self._inflight.get((agreement_id, key))
+                if ahead is None:
+                    mine = self._inflight[(agreement_id, key)] = threading.Event()
+                    break
+            while not ahead.wait(_POLL_S):
+                if cancelled():
+                    raise ClientGoneError("releases")
         try:
-            exact = exact_aggregates(self.files, self.engine, plan, withdrawn)
-            summary, results = draw(plan, exact, summary)
-        except Exception:
-            log.exception("release %s failed after its debit", reserved.release_id)
-            self.store.finish_release(replace(reserved, status="failed"))
-            self.trail.record(
-                "release_failed", caller, reserved.agreement_id, {"release_id": reserved.release_id}
-            )
-            raise ReleaseFailedError(str(plan.epsilon)) from None
-        release = replace(
-            reserved, summary=summary, results=results, replay_key=key, status="released"
-        )
-        self.store.finish_release(release)
+            with self.admission.releases.slot((caller.principal_id, agreement_id), cancelled):
+                reserved, after = self._reserve(caller, spec, plan, budget)
+                release = compute_release(self, caller, plan, withdrawn, reserved, key)
+        finally:
+            with self._inflight_lock:
+                del self._inflight[(agreement_id, key)]
+            mine.set()
+        if release.status == "failed":
+            raise ReleaseFailedError(str(plan.epsilon))
         log.info(
             "release committed id=%s agreement=%s %s=%s",
             release.release_id,
@@ -189,6 +219,51 @@ class Queries:
         if caller.principal_id not in context.agreement.analyst_ids:
             raise NotFoundError(f"agreement {spec.agreement_id!r} not found")
         return plan_on(context, spec), context.budget, withdrawn_people(context)
+
+
+class _Room(Protocol):
+    store: Store
+    files: DatasetFiles
+    engine: AggregationEngine
+    trail: AuditTrail
+
+
+def compute_release(
+    room: _Room, caller: Principal, plan: QueryPlan, withdrawn: set[str], held: Release, key: str
+) -> Release:
+    """Read, aggregate, perturb and store a reserved (debited) release; it is returned final.
+
+    A failure is `failed` and stays charged (it may depend on the data). An engine stopped by
+    the hub's shutdown (`ComputationStopped`) produced nothing, so the release is cancelled
+    and credited back, and the caller is told to retry (UnavailableError).
+    """
+    try:
+        exact = exact_aggregates(room.files, room.engine, plan, withdrawn)
+        summary, results = draw(plan, exact, held.summary)
+    except ComputationStopped:
+        if room.store.cancel_release(held):
+            room.trail.record(
+                "release_cancelled",
+                caller,
+                held.agreement_id,
+                {"release_id": held.release_id, "epsilon": str(held.epsilon_spent)},
+            )
+            raise UnavailableError(
+                "the hub is shutting down: the release was stopped before it computed anything "
+                "and its cost was credited back; retry once the hub is back"
+            ) from None
+        raise
+    except Exception:
+        log.exception("release %s failed after its debit", held.release_id)
+        failed = replace(held, status="failed")
+        room.store.finish_release(failed)
+        room.trail.record(
+            "release_failed", caller, held.agreement_id, {"release_id": held.release_id}
+        )
+        return failed
+    release = replace(held, summary=summary, results=results, replay_key=key, status="released")
+    room.store.finish_release(release)
+    return release
 
 
 def plan_on(context: QueryContext, spec: QuerySpec) -> QueryPlan:

@@ -13,12 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from entremise.privacy.budget import PrivacyLoss
 from entremise.server.domain.access import require
+from entremise.server.domain.admission import Admission
 from entremise.server.domain.codec import spec_from_dict, spec_to_dict, summary_to_dict
 from entremise.server.domain.errors import (
     BudgetExhaustedError,
@@ -26,6 +28,7 @@ from entremise.server.domain.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    UnavailableError,
 )
 from entremise.server.domain.ids import new_id, now
 from entremise.server.domain.models import (
@@ -42,13 +45,13 @@ from entremise.server.domain.models import (
 )
 from entremise.server.domain.ports import AggregationEngine, DatasetFiles, Store
 from entremise.server.domain.queries import (
-    exact_aggregates,
+    compute_release,
     plan_on,
     query_fingerprint,
     replay_key,
     withdrawn_people,
 )
-from entremise.server.domain.releasing import draw, summarize
+from entremise.server.domain.releasing import summarize
 from entremise.server.domain.trail import AuditTrail
 
 log = logging.getLogger(__name__)
@@ -92,12 +95,14 @@ class Quotes:
         files: DatasetFiles,
         engine: AggregationEngine,
         trail: AuditTrail,
+        admission: Admission,
         lifetime: timedelta = QUOTE_LIFETIME,
     ) -> None:
         self.store = store
         self.files = files
         self.engine = engine
         self.trail = trail
+        self.admission = admission
         self.lifetime = lifetime
 
     # -- quote ------------------------------------------------------------------------------
@@ -183,7 +188,9 @@ class Quotes:
 
     # -- run --------------------------------------------------------------------------------
 
-    def run(self, caller: Principal, quote_id: str) -> WorkloadRun:
+    def run(
+        self, caller: Principal, quote_id: str, cancelled: Callable[[], bool] = lambda: False
+    ) -> WorkloadRun:
         """Run a quote once: re-plan, refuse on any change, debit the whole, release each.
 
         Another analyst's quote answers exactly as an unknown one. The data state (dataset
@@ -192,6 +199,8 @@ class Quotes:
         every release in one transaction, checked on the total (agreement and analyst), and
         marks the quote used; only after that are rows read. A failure computing one query
         marks that release failed (charged, as a single run), and the others still release.
+        The workload takes one slot of the release gate, entered before the debit (see
+        `Queries.run`); stopped by a shutdown, its releases not yet computed are credited back.
         """
         require(caller, Role.ANALYST)
         quote = self.store.find_quote(quote_id)
@@ -230,14 +239,23 @@ class Quotes:
                 f"quote {quote_id!r} no longer holds: {'; '.join(changed)}; nothing was spent, "
                 "ask for a new quote"
             )
-        reserved, after, paid = self._reserve(caller, quote, specs, plans, previous, context)
-        releases: list[Release] = []
-        for plan, key, earlier, held in zip(plans, keys, previous, reserved, strict=True):
-            if earlier is not None:
-                releases.append(earlier)
-                continue
-            assert held is not None
-            releases.append(self._compute(caller, plan, key, withdrawn, held))
+        with self.admission.releases.slot((caller.principal_id, quote.agreement_id), cancelled):
+            reserved, after, paid = self._reserve(caller, quote, specs, plans, previous, context)
+            releases: list[Release] = []
+            for i, (plan, key, earlier, held) in enumerate(
+                zip(plans, keys, previous, reserved, strict=True)
+            ):
+                if earlier is not None:
+                    releases.append(earlier)
+                    continue
+                assert held is not None
+                try:
+                    releases.append(compute_release(self, caller, plan, withdrawn, held, key))
+                except UnavailableError:  # stopped by a shutdown: the rest never ran either
+                    for later in reserved[i + 1 :]:
+                        if later is not None:
+                            self.store.cancel_release(later)
+                    raise
         self.trail.record(
             "quote_run",
             caller,
@@ -325,25 +343,6 @@ class Quotes:
                 },
             )
         return reserved, after, total
-
-    def _compute(
-        self, caller: Principal, plan: QueryPlan, key: str, withdrawn: set[str], held: Release
-    ) -> Release:
-        """Read, aggregate, perturb and store one reserved release (as a single run does)."""
-        try:
-            exact = exact_aggregates(self.files, self.engine, plan, withdrawn)
-            summary, results = draw(plan, exact, held.summary)
-        except Exception:
-            log.exception("release %s failed after its debit", held.release_id)
-            failed = replace(held, status="failed")
-            self.store.finish_release(failed)
-            self.trail.record(
-                "release_failed", caller, held.agreement_id, {"release_id": held.release_id}
-            )
-            return failed
-        release = replace(held, summary=summary, results=results, replay_key=key, status="released")
-        self.store.finish_release(release)
-        return release
 
     # -- shared -----------------------------------------------------------------------------
 

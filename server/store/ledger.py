@@ -86,6 +86,47 @@ def debit_analyst(conn: Connection, release: Release) -> None:
         raise analyst_refusal(release, cap, spent)
 
 
+def cancel(conn: Connection, release: Release) -> bool:
+    """Remove a still-running release and credit its debits back; whether it was running.
+
+    The stored release's own cost is credited (not the caller's copy), under the same
+    transaction as the delete, so a release is credited once at most.
+    """
+    row = conn.execute(
+        sa.select(releases.c.epsilon_micros, releases.c.delta_units, releases.c.analyst_id).where(
+            releases.c.release_id == release.release_id, releases.c.status == "running"
+        )
+    ).first()
+    if row is None:
+        return False
+    deleted = conn.execute(
+        releases.delete().where(
+            releases.c.release_id == release.release_id, releases.c.status == "running"
+        )
+    )
+    if deleted.rowcount != 1:
+        return False
+    cost, delta = row.epsilon_micros, row.delta_units
+    conn.execute(
+        agreements.update()
+        .where(agreements.c.agreement_id == release.agreement_id)
+        .values(
+            spent_micros=agreements.c.spent_micros - cost,
+            spent_delta_units=agreements.c.spent_delta_units - delta,
+            release_count=agreements.c.release_count - 1,
+        )
+    )
+    conn.execute(
+        analyst_spend.update()
+        .where(
+            analyst_spend.c.agreement_id == release.agreement_id,
+            analyst_spend.c.analyst_id == row.analyst_id,
+        )
+        .values(spent_micros=analyst_spend.c.spent_micros - cost)
+    )
+    return True
+
+
 def _ensure_analyst_row(conn: Connection, release: Release) -> None:
     """The analyst's spend row, created at zero on its first release."""
     exists = conn.execute(

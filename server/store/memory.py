@@ -381,6 +381,20 @@ class MemoryStore(Store):
                 finished, json.dumps(release_payload(release))
             )
 
+    def cancel_release(self, release: Release) -> bool:  # noqa: D102
+        with self._lock:
+            stored = self._releases.get(release.release_id)
+            if stored is None or stored.release.status != "running":
+                return False
+            del self._releases[release.release_id]
+            spending = self._spending[stored.release.agreement_id]
+            cost = stored.release.epsilon_spent.micros
+            spending.micros -= cost
+            spending.delta_units -= stored.release.delta_units
+            spending.releases -= 1
+            spending.analysts[stored.release.analyst_id] -= cost
+            return True
+
     def fail_unfinished_releases(self) -> int:  # noqa: D102
         with self._lock:
             running = [k for k, r in self._releases.items() if r.release.status == "running"]

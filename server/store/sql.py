@@ -432,6 +432,10 @@ class SqlStore(Store):
                 )
             )
 
+    def cancel_release(self, release: Release) -> bool:  # noqa: D102
+        with self.writer.begin() as conn:
+            return ledger.cancel(conn, release)
+
     def fail_unfinished_releases(self) -> int:  # noqa: D102
         with self.writer.begin() as conn:
             done = conn.execute(
