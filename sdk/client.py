@@ -115,6 +115,16 @@ BUDGET_KINDS = {"pure": common_pb2.BUDGET_KIND_PURE, "zcdp": common_pb2.BUDGET_K
 SENDING = "sending"
 
 
+def _retry_after(exc: grpc.RpcError) -> float | None:
+    """Seconds a busy hub asked to wait (its `retry-after-ms` trailer), if it said."""
+    trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for item in trailers or ():
+        value = getattr(item, "value", None)
+        if getattr(item, "key", None) == RETRY_AFTER_KEY and isinstance(value, str):
+            return int(value) / 1000 if value.isdigit() else None
+    return None
+
+
 #: Trailing metadata of a refusal from a busy hub: milliseconds to wait before retrying.
 RETRY_AFTER_KEY = "retry-after-ms"
 
@@ -125,11 +135,7 @@ def _call(fn: Callable[[], T]) -> T:
     except grpc.RpcError as exc:
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = exc.details() if hasattr(exc, "details") else str(exc)
-        trailers = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
-        retry_ms = trailers.get(RETRY_AFTER_KEY)
-        retry_after = (
-            int(retry_ms) / 1000 if isinstance(retry_ms, str) and retry_ms.isdigit() else None
-        )
+        retry_after = _retry_after(exc)
         raise RPCError(Status.from_grpc(code), details or code.name, retry_after) from None
 
 

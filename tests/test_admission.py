@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from entremise.partners.synthetic import PANEL_SCHEMA
 from entremise.privacy.budget import Epsilon
-from entremise.sdk import Client, EntremiseError, Status
+from entremise.sdk import Client, EntremiseError, RPCError, Status
 from entremise.sdk.query import aggregate as agg
 from entremise.sdk.query import query
 from entremise.server.domain.admission import Admission, Gate
@@ -273,6 +273,10 @@ def test_a_full_queue_answers_resource_exhausted_with_retry_after_and_spends_not
         assert "queue is full" in error.details()  # type: ignore[attr-defined]
         trailers = dict(error.trailing_metadata())  # type: ignore[attr-defined]
         assert int(trailers["retry-after-ms"]) >= 100
+        with pytest.raises(RPCError) as busy:  # the SDK hands the hint on
+            scenario.analyst.run(_count(scenario.agreement_id, "0.3"))
+        assert busy.value.status is Status.RESOURCE_EXHAUSTED
+        assert busy.value.retry_after_s is not None and busy.value.retry_after_s >= 0.1
         assert _spent(scenario) == spent
     queued.join()
     ledger = scenario.officer.ledger(scenario.agreement_id)
