@@ -234,6 +234,46 @@ def _xl(xl: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _load_levels(load: dict[str, Any]) -> list[str]:
+    """`make load`: analysts at once against one hub process, and issue 18's verdicts."""
+    lines = [
+        "",
+        f"## Load: analysts at once over {load['agreements']} agreements at "
+        f"{load['size']}, hub under `--memory-limit {load['memory_limit']}` (`make load`)",
+        "",
+        "Closed loop: each analyst sends the ten bench queries in turn (distinct epsilons, so "
+        "no free replay), waiting out any back-pressure as told. Throughput counts the "
+        "releases completed over the level's wall time, which includes the queries still in "
+        "flight when the level's duration ended. Setup (uploads) took "
+        f"{load['setup_s']:.0f} s; the hub held {load['hub_rss_after_setup_mb']:,.0f} MB after it.",
+        "",
+        "| analysts | releases | throughput q/s | p50 s | p95 s | p99 s | errors | "
+        "back-pressure | hub peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for level in load["levels"]:
+        latency = level["latency_s"]
+        pressure = sum(v for k, v in level["outcomes"].items() if "back-pressure" in k)
+        lines.append(
+            f"| {level['analysts']} | {level['completed']} | {level['throughput_qps']:.2f} | "
+            f"{latency['p50']:.2f} | {latency['p95']:.2f} | {latency['p99']:.2f} | "
+            f"{level['errors']} | {pressure} | {level['hub_peak_rss_mb']:,.0f} |"
+        )
+    lines += ["", "Against the targets (issue 18):", ""]
+    for name, verdict in load["verdicts"].items():
+        if isinstance(verdict, dict):
+            detail = ", ".join(f"{k} {v:.2f}" for k, v in verdict.items() if k != "met")
+            lines.append(
+                f"- {name.replace('_', ' ')}: {'met' if verdict['met'] else 'not met'} ({detail})"
+            )
+        else:
+            lines.append(f"- {name.replace('_', ' ')}: {'met' if verdict else 'not met'}")
+    lines.append(
+        f"- the hub exited {load['hub_exit_code_after_sigterm']} on SIGTERM after the last level"
+    )
+    return lines
+
+
 def _projection(xl: dict[str, Any]) -> list[str]:
     """Time and cost for 100M and 1B purchases on N workers, from XL's measured throughputs."""
     purchases = xl["rows"]["panel"] + xl["rows"]["bank"]
@@ -324,6 +364,9 @@ def render(results_dir: Path) -> str:
     if xl is not None:
         lines += _xl(xl)
         lines += _projection(xl)
+    load = _load(results_dir / "load-M.json")
+    if load is not None:
+        lines += _load_levels(load)
     notes = HERE / "notes.md"
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]

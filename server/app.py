@@ -368,6 +368,7 @@ class RunningHub:
         self.server.stop(grace).wait()
         if self.metrics is not None:
             self.metrics.close()
+        self.hub.engine.close()
         self.store.close()
         for lock in self.locks:
             lock.release()

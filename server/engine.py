@@ -506,6 +506,10 @@ class DuckDBEngine(AggregationEngine):
             for conn in self._running:
                 conn.interrupt()
 
+    def close(self) -> None:
+        """Close the database (its memory, and its encrypted spill files, go with it)."""
+        self._db.close()
+
     def compute(  # noqa: D102
         self, plan: QueryPlan, sources: list[Any], withdrawn: Collection[str], now: str
     ) -> ExactAggregates:

@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import grpc
@@ -358,6 +358,39 @@ def test_a_release_stopped_by_shutdown_is_cancelled_and_credited_back(sqlite_hub
     assert scenario.officer.ledger(scenario.agreement_id) == []
     kinds = [e.kind for e in scenario.officer.audit_events()]
     assert kinds[-2:] == ["release", "release_cancelled"]
+
+
+def test_previews_and_reads_answer_while_every_release_slot_and_queue_place_is_taken(
+    tmp_path: Path,
+) -> None:
+    hub = start_hub(tmp_path / "hub", f"sqlite:///{tmp_path / 'hub.db'}", workers=16)
+    try:
+        scenario = build_scenario(hub)
+        gate = hub.running.hub.admission.releases
+        assert gate.slots + gate.max_queued <= 16 * 3 // 4  # waiting releases leave threads
+        with ExitStack() as every_slot:
+            for n in range(gate.slots):
+                every_slot.enter_context(held(gate, (f"holder{n}",)))
+            waiting = []
+            for i in range(gate.max_queued):
+                thread = threading.Thread(
+                    target=lambda i=i: scenario.analyst.run(  # type: ignore[misc]
+                        _count(scenario.agreement_id, f"0.0{i + 1:02d}")
+                    )
+                )
+                thread.start()
+                waiting.append(thread)
+            wait_for(lambda: gate.stats().queued == gate.max_queued)
+            started = time.monotonic()
+            plan = scenario.analyst.preview(_count(scenario.agreement_id))
+            assert scenario.officer.budgets(scenario.agreement_id)[0].spent_epsilon == "0"
+            assert time.monotonic() - started < 5  # not behind the queued releases
+            assert plan.epsilon == "0.1"
+        for thread in waiting:
+            thread.join()
+    finally:
+        hub.admin.close()
+        hub.running.stop(grace=None)
 
 
 def test_metrics_show_the_queue_releases_in_flight_debits_and_statuses(busy_hub: Hub) -> None:

@@ -392,6 +392,9 @@ class AggregationEngine(ABC):
     def interrupt(self) -> None:  # noqa: B027 - optional: an engine may not be able to
         """Stop every computation in progress (hub shutdown): each raises ComputationStopped."""
 
+    def close(self) -> None:  # noqa: B027 - optional: an engine may hold nothing
+        """Release what the engine holds (its database, its Spark session) once the hub stops."""
+
 
 __all__ = [
     "AggregationEngine",

@@ -21,6 +21,7 @@ import pyarrow as pa
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from entremise.server.domain.errors import ComputationStopped
 from entremise.server.domain.models import ExactAggregates, QueryPlan
 from entremise.server.domain.ports import AggregationEngine
 from entremise.server.engine import _collect, linked, smallest_in_component, source_columns
@@ -61,6 +62,13 @@ class SparkEngine(AggregationEngine):
         self._session: SparkSession | None = None
         self._labels: list[int] | None = None
         self._lock = threading.Lock()
+        self._stopping = False
+
+    def interrupt(self) -> None:
+        """Cancel the running job (hub shutdown): it, and any later query, stop uncharged."""
+        self._stopping = True
+        if self._session is not None:
+            self._session.sparkContext.cancelAllJobs()
 
     @property
     def session(self) -> SparkSession:
@@ -113,6 +121,8 @@ class SparkEngine(AggregationEngine):
         self, plan: QueryPlan, sources: list[Any], withdrawn: Collection[str], now: str
     ) -> ExactAggregates:
         with self._lock:
+            if self._stopping:
+                raise ComputationStopped
             spark = self.session
             # The linking joins' partitions: per query, as a cluster's executors (the task
             # slots) may register after the session starts.
@@ -123,6 +133,10 @@ class SparkEngine(AggregationEngine):
                     partials = self._partials(spark, plan, frames, withdrawn, now)
                 else:
                     partials = self._bucketed(spark, plan, sources, withdrawn, now)
+            except Exception:
+                if self._stopping:  # the job was cancelled: nothing came out of it
+                    raise ComputationStopped from None
+                raise
             finally:
                 spark.dataSource.register(EmptySource)
         return _collect(plan, combine(plan, partials))
