@@ -891,11 +891,18 @@ class Client:
         )
         return QueryPlan.from_proto(response.plan)
 
-    def run(self, q: Query | query_service_pb2.Query) -> QueryResult:
-        """Spend budget and release the noisy answer."""
+    def run(self, q: Query | query_service_pb2.Query, *, request_id: str = "") -> QueryResult:
+        """Spend budget and release the noisy answer.
+
+        `request_id` (default: a new random one) makes a retry safe: calling `run` again with
+        the same id, after a timeout or a lost connection, returns the release that id paid
+        for, never a second debit.
+        """
         response = self._unary(
             self._queries.RunQuery,
-            query_service_pb2.RunQueryRequest(query=_message(q)),
+            query_service_pb2.RunQueryRequest(
+                query=_message(q), request_id=request_id or uuid.uuid4().hex
+            ),
         )
         return self._witnessed("query run", QueryResult.from_proto(response))
 

@@ -312,13 +312,25 @@ def test_a_retry_after_a_deadline_gets_the_charged_release_never_a_second_charge
         scenario.agreement_id, "0.1", [agg("mean", "panel.amount")], group_by=["bank.segment"]
     )
     try:
-        stub.RunQuery(_request(spec), metadata=scenario.analyst._metadata, timeout=deadline_s)
+        stub.RunQuery(
+            _request(spec, "try-1"), metadata=scenario.analyst._metadata, timeout=deadline_s
+        )
     except grpc.RpcError as exc:
         assert exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
-    answer = scenario.analyst.run(spec)  # the retry: same query, no deadline
+    # Meanwhile the data changes (a withdrawal): the same query is no longer a free replay,
+    # but the retry names its request and gets what that request paid for, if anything.
+    scenario.bank_client.withdraw_consent(
+        scenario.agreement_id, [scenario.bank["email"][0]], "email", keys=scenario.bank_key
+    )
+    answer = scenario.analyst.run(spec, request_id="try-1")
+    again = scenario.analyst.run(spec, request_id="try-1")
+    assert again.replayed and again.release.release_id == answer.release.release_id
     ledger = scenario.officer.ledger(scenario.agreement_id)
     assert [r.release_id for r in ledger] == [answer.release.release_id]
     assert _spent(scenario) == "0.1"
+    with pytest.raises(RPCError) as reused:  # an id names one query
+        scenario.analyst.run(_count(scenario.agreement_id), request_id="try-1")
+    assert reused.value.status is Status.INVALID_ARGUMENT and "another query" in str(reused.value)
 
 
 def test_an_identical_query_sent_while_the_first_waits_is_answered_by_it_at_no_cost(
@@ -425,10 +437,10 @@ def _scrape(port: int) -> str:
         return str(response.read().decode())
 
 
-def _request(spec):  # type: ignore[no-untyped-def]
+def _request(spec, request_id: str = ""):  # type: ignore[no-untyped-def]
     from entremise.v1 import query_service_pb2
 
-    return query_service_pb2.RunQueryRequest(query=spec)
+    return query_service_pb2.RunQueryRequest(query=spec, request_id=request_id)
 
 
 # -- graceful shutdown -------------------------------------------------------------------------

@@ -22,10 +22,10 @@ def test_migrations_match_the_declared_schema_and_are_idempotent(db_url: str) ->
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"revision": "0007"}
+    assert json.loads(done.stdout) == {"revision": "0008"}
     store = SqlStore(db_url)  # a second upgrade (at start) changes nothing
     try:
-        assert store.upgrade() == "0007"
+        assert store.upgrade() == "0008"
         with store.engine.connect() as conn:
             context = MigrationContext.configure(conn)
             assert compare_metadata(context, metadata) == []

@@ -778,6 +778,26 @@ def test_unfinished_releases_fail_after_a_crash_and_keep_their_debit(store: Stor
     assert store.get_budget(AG).spent == eps("0.3")
 
 
+def test_a_request_id_reserves_one_release_per_analyst_and_finds_it(store: Store) -> None:
+    seed(store)
+    first = replace(release("rel_1"), request_id="req-1")
+    store.reserve_release(first)
+    assert store.find_request(ALICE, "req-1") == first
+    assert store.find_request(BOB, "req-1") is None and store.find_request(ALICE, "") is None
+    before = store.get_budget(AG)
+    with pytest.raises(AlreadyExistsError):  # the same analyst and id: refused, not debited
+        store.reserve_release(replace(release("rel_2"), request_id="req-1"))
+    assert store.get_budget(AG) == before
+    store.reserve_release(replace(release("rel_3", analyst_id=BOB), request_id="req-1"))
+    store.reserve_release(release("rel_4"))  # without ids, releases are not constrained
+    store.reserve_release(release("rel_5"))
+    done = replace(first, status="released", replay_key="k", results=RESULTS)
+    store.finish_release(done)
+    assert store.find_request(ALICE, "req-1") == done
+    assert store.cancel_release(release("rel_3"))  # a cancelled request can run afresh
+    assert store.find_request(BOB, "req-1") is None
+
+
 def test_a_cancelled_release_is_credited_back_once_and_only_while_running(store: Store) -> None:
     seed(store)
     before = store.get_budget(AG)

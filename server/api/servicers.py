@@ -296,7 +296,10 @@ class QueryServicer(_Base, query_service_pb2_grpc.QueryServiceServicer):
         self, request: query_service_pb2.RunQueryRequest, context: grpc.ServicerContext
     ) -> query_service_pb2.RunQueryResponse:
         release, budget, replayed = self.hub.queries.run(
-            self.caller(context), query_from_proto(request.query), _gone(context)
+            self.caller(context),
+            query_from_proto(request.query),
+            _gone(context),
+            request.request_id,
         )
         if not replayed:
             count_debits([release])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterable
 
 from entremise.server.domain.access import participant, require, view_owner
@@ -15,7 +14,7 @@ from entremise.server.domain.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from entremise.server.domain.ids import new_id, now
+from entremise.server.domain.ids import check_request_id, new_id, now
 from entremise.server.domain.keys import key_context
 from entremise.server.domain.models import (
     Agreement,
@@ -31,8 +30,6 @@ from entremise.server.domain.ports import DatasetFiles, Store
 from entremise.server.domain.trail import AuditTrail
 
 log = logging.getLogger(__name__)
-
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 class Datasets:
@@ -151,8 +148,7 @@ class Datasets:
                 "pseudonyms were derived under an outdated or unknown key context "
                 "(a partner rotated its key?): fetch the key material again and re-pseudonymise"
             )
-        if request_id and not _REQUEST_ID.match(request_id):
-            raise InvalidArgumentError("request_id must be 1-64 of letters, digits and . _ : -")
+        check_request_id(request_id)
         return current
 
     def _published(self, caller: Principal, request_id: str) -> Dataset | None:

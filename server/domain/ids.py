@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from datetime import UTC, datetime
+
+from entremise.server.domain.errors import InvalidArgumentError
 
 TOKEN_PREFIX = "ent_"
 
@@ -22,3 +25,12 @@ def now() -> str:
 def new_id(prefix: str) -> str:
     """Short random identifiers, typed by their prefix (ds_, ag_, rel_, pr_)."""
     return f"{prefix}_{uuid.uuid4().hex[:16]}"
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def check_request_id(request_id: str) -> None:
+    """A client's request id (uploads, releases): empty, or 1-64 safe characters."""
+    if request_id and not _REQUEST_ID.match(request_id):
+        raise InvalidArgumentError("request_id must be 1-64 of letters, digits and . _ : -")

@@ -786,6 +786,8 @@ class Release:
     # "released", or "failed": the budget was debited before the data was read, and the
     # computation did not finish (its cost stays spent: a failure must not be free).
     status: str = "released"
+    # The analyst's id for the request (empty: none): a retry with it gets this release.
+    request_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -198,6 +198,14 @@ class Store(ABC):
         """
 
     @abstractmethod
+    def find_request(self, analyst_id: str, request_id: str) -> Release | None:
+        """The release an analyst's request id reserved (running, released or failed), if any.
+
+        `reserve_release` refuses (AlreadyExistsError, nothing debited) a second release with
+        the same analyst and non-empty request id.
+        """
+
+    @abstractmethod
     def cancel_release(self, release: Release) -> bool:
         """Undo a running release that was stopped before any result existed (hub shutdown).
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any, Protocol
@@ -17,16 +18,18 @@ from typing import Any, Protocol
 from entremise.server.domain.access import require
 from entremise.server.domain.admission import Admission
 from entremise.server.domain.errors import (
+    AlreadyExistsError,
     BudgetExhaustedError,
     ClientGoneError,
     ComputationStopped,
     FailedPreconditionError,
+    InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
     ReleaseFailedError,
     UnavailableError,
 )
-from entremise.server.domain.ids import new_id, now
+from entremise.server.domain.ids import check_request_id, new_id, now
 from entremise.server.domain.keys import context_fingerprint
 from entremise.server.domain.models import (
     AgreementStatus,
@@ -76,7 +79,11 @@ class Queries:
         return summarize(plan, budget.remaining)
 
     def run(
-        self, caller: Principal, spec: QuerySpec, cancelled: Callable[[], bool] = lambda: False
+        self,
+        caller: Principal,
+        spec: QuerySpec,
+        cancelled: Callable[[], bool] = lambda: False,
+        request_id: str = "",
     ) -> tuple[Release, BudgetState, bool]:
         """Debit, compute, perturb, and store the release.
 
@@ -90,6 +97,10 @@ class Queries:
         third value says so): re-publishing a released value is post-processing; an identical
         query still computing is waited for, then answered so (a client retrying after its
         deadline gets the release it was charged for, at no second cost).
+
+        A `request_id` (the client's, unique per analyst) makes a retry safe whatever changed
+        meanwhile: the release it reserved is waited for while it computes and returned
+        (a failed one answers as it did), never debited twice.
 
         Releases run in the hub's bounded, fair `admission.releases` gate, entered before the
         debit: a full queue, a draining hub or a client gone while queued (`cancelled()`) is
@@ -107,6 +118,10 @@ class Queries:
                     {"reason": "outside_agreement_scope", "detail": exc.message},
                 )
             raise
+        check_request_id(request_id)
+        earlier = self._requested(caller, spec, request_id, cancelled)
+        if earlier is not None:
+            return earlier, self.store.get_budget(earlier.agreement_id), True
         started = now()
         key = replay_key(spec, plan, len(withdrawn), started[:10])
         agreement_id = plan.agreement.agreement_id
@@ -129,7 +144,13 @@ class Queries:
                     raise ClientGoneError("releases")
         try:
             with self.admission.releases.slot((caller.principal_id, agreement_id), cancelled):
-                reserved, after = self._reserve(caller, spec, plan, budget)
+                try:
+                    reserved, after = self._reserve(caller, spec, plan, budget, request_id)
+                except AlreadyExistsError:  # the same request id, reserved a moment ago
+                    earlier = self._requested(caller, spec, request_id, cancelled)
+                    if earlier is None:
+                        raise
+                    return earlier, self.store.get_budget(earlier.agreement_id), True
                 release = compute_release(self, caller, plan, withdrawn, reserved, key)
         finally:
             with self._inflight_lock:
@@ -146,8 +167,42 @@ class Queries:
         )
         return release, after, False
 
+    def _requested(
+        self, caller: Principal, spec: QuerySpec, request_id: str, cancelled: Callable[[], bool]
+    ) -> Release | None:
+        """The release this request id already reserved, once it finished; None if none.
+
+        The id must name the same query (else InvalidArgumentError); a failed release answers
+        as it did (ReleaseFailedError, still charged once).
+        """
+        if not request_id:
+            return None
+        earlier = self.store.find_request(caller.principal_id, request_id)
+        while earlier is not None and earlier.status == "running":
+            if cancelled():
+                raise ClientGoneError("releases")
+            time.sleep(_POLL_S)
+            earlier = self.store.find_request(caller.principal_id, request_id)
+        if earlier is None:  # none, or cancelled by a shutdown (credited back): run afresh
+            return None
+        if earlier.query_fingerprint != query_fingerprint(spec):
+            raise InvalidArgumentError(
+                f"request_id {request_id!r} was used for another query: use a new one"
+            )
+        if earlier.status == "failed":
+            raise ReleaseFailedError(str(earlier.epsilon_spent))
+        self.trail.record(
+            "release_replayed", caller, earlier.agreement_id, {"release_id": earlier.release_id}
+        )
+        return earlier
+
     def _reserve(
-        self, caller: Principal, spec: QuerySpec, plan: QueryPlan, budget: BudgetState
+        self,
+        caller: Principal,
+        spec: QuerySpec,
+        plan: QueryPlan,
+        budget: BudgetState,
+        request_id: str = "",
     ) -> tuple[Release, BudgetState]:
         """Debit the agreement and the analyst and record the release as running, atomically."""
         if plan.epsilon > budget.remaining:
@@ -165,6 +220,7 @@ class Queries:
             query_fingerprint=query_fingerprint(spec),
             delta_units=plan.delta_units,
             status="running",
+            request_id=request_id,
         )
         try:
             after = self.store.reserve_release(reserved)  # conditional debits + insert

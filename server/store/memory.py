@@ -347,8 +347,15 @@ class MemoryStore(Store):
         total = combined(releases)
         spending = self._spending[agreement.agreement_id]
         self._check_debit(agreement, spending, total)
+        requests = {
+            (r.release.analyst_id, r.release.request_id)
+            for r in self._releases.values()
+            if r.release.request_id
+        }
         for release in releases:
-            if release.release_id in self._releases:
+            if release.release_id in self._releases or (
+                release.request_id and (release.analyst_id, release.request_id) in requests
+            ):
                 raise already_exists("release", release.release_id)
         cost = total.epsilon_spent.micros
         spending.micros += cost
@@ -380,6 +387,14 @@ class MemoryStore(Store):
             self._releases[release.release_id] = _StoredRelease(
                 finished, json.dumps(release_payload(release))
             )
+
+    def find_request(self, analyst_id: str, request_id: str) -> Release | None:  # noqa: D102
+        with self._lock:
+            for stored in self._releases.values():
+                mine = stored.release
+                if request_id and (mine.analyst_id, mine.request_id) == (analyst_id, request_id):
+                    return stored.decoded()
+            return None
 
     def cancel_release(self, release: Release) -> bool:  # noqa: D102
         with self._lock:

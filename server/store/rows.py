@@ -178,6 +178,7 @@ def release_values(release: Release) -> dict[str, Any]:
         "replay_key": release.replay_key,
         "delta_units": release.delta_units,
         "status": release.status,
+        "request_id": release.request_id,
     }
 
 
@@ -198,6 +199,7 @@ def release_from_row(row: Any) -> Release:
         replay_key=row.replay_key,
         delta_units=row.delta_units,
         status=row.status,
+        request_id=row.request_id,
     )
 
 

@@ -432,6 +432,17 @@ class SqlStore(Store):
                 )
             )
 
+    def find_request(self, analyst_id: str, request_id: str) -> Release | None:  # noqa: D102
+        if not request_id:
+            return None
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(releases).where(
+                    releases.c.analyst_id == analyst_id, releases.c.request_id == request_id
+                )
+            ).first()
+            return None if row is None else release_from_row(row)
+
     def cancel_release(self, release: Release) -> bool:  # noqa: D102
         with self.writer.begin() as conn:
             return ledger.cancel(conn, release)

@@ -174,6 +174,17 @@ releases = sa.Table(
     sa.Column("delta_units", sa.BigInteger, nullable=False, server_default="0"),
     # running (debited, computing), released, or failed (debited, never finished).
     sa.Column("status", sa.String(12), nullable=False, server_default="released"),
+    # The analyst's own id for the request: a retry with it gets this release, never a debit.
+    sa.Column("request_id", sa.String(64), nullable=False, server_default=""),
+)
+# One release per analyst and request id (releases without one are not constrained).
+sa.Index(
+    "ux_releases_analyst_request",
+    releases.c.analyst_id,
+    releases.c.request_id,
+    unique=True,
+    sqlite_where=releases.c.request_id != "",
+    postgresql_where=releases.c.request_id != "",
 )
 
 
