@@ -58,11 +58,11 @@ race: $(STAMP) ## Budget race: 64 concurrent releases, budget for 10, on SQLite 
 kill: $(STAMP) ## Crash test: SIGKILL the hub mid-upload/mid-release 8 times, check invariants (JSON)
 	$(BIN)/python -m bench.kill --rounds 8
 
-load: $(STAMP) ## Load: 1, 8, 32, 64 analysts over 2 agreements at M, 60 s each, hub under --memory-limit 4GB (JSON; ~6 min, not in CI)
-	$(BIN)/python -m bench.load --size M --levels 1,8,32,64 --duration 60 --memory-limit 4GB --out bench/results/load-M.json
+load: $(STAMP) ## Load: 1, 8, 32, 64 analysts over 2 agreements at M, 60 s each (an upload meanwhile at 32), hub under --memory-limit 4GB (JSON; ~7 min, not in CI)
+	$(BIN)/python -m bench.load --size M --levels 1,8,32,64 --duration 60 --memory-limit 4GB --upload-at 32 --out bench/results/load-M.json
 
 load-small: $(STAMP) ## Load, short (CI): 1 and 8 analysts over 2 agreements at S, 8 s each, hub under --memory-limit 1GB (JSON)
-	$(BIN)/python -m bench.load --size S --levels 1,8 --duration 8 --memory-limit 1GB
+	$(BIN)/python -m bench.load --size S --levels 1,8 --duration 8 --memory-limit 1GB --upload-at 8
 
 bench-sql: $(STAMP) ## What DP SQL adds before a query runs (sqlglot + planner vs the mini-language; target < 5 ms)
 	$(BIN)/python -m bench.sql_planning --runs 200

@@ -29,6 +29,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,10 +101,14 @@ class HubProcess:
         return self.process.wait(timeout=120)
 
 
-def setup(target: str, size: str, agreements: int, analysts: int) -> list[tuple[str, str]]:
+def setup(
+    target: str, size: str, agreements: int, analysts: int
+) -> tuple[list[tuple[str, str]], Callable[[], float]]:
     """Two partners upload the bench data into each agreement; (agreement id, analyst token)s.
 
-    Analysts are spread over the agreements in turn.
+    Analysts are spread over the agreements in turn. Also returns a function that uploads the
+    panel again (a new version) into the first agreement and returns its seconds: an upload
+    while analysts query.
     """
     admin = Client.connect(target, token=ADMIN, timeout=3600)
     bank, panel = generate(size)
@@ -132,16 +137,30 @@ def setup(target: str, size: str, agreements: int, analysts: int) -> list[tuple[
         ):
             client.upload_dataset(agreement.agreement_id, name, frame, schema, keys=key)
         seats += [(agreement.agreement_id, token) for _, token in mine]
-    for _, client, _ in partners:
-        client.close()
     admin.close()
-    return seats
+    first = seats[0][0]
+
+    def upload_again() -> float:
+        _, client, key = partners[1]
+        began = time.monotonic()
+        client.upload_dataset(first, "panel", panel, PANEL, keys=key)
+        return time.monotonic() - began
+
+    return seats, upload_again
 
 
 def run_level(
-    hub: HubProcess, seats: list[tuple[str, str]], analysts: int, duration: float
+    hub: HubProcess,
+    seats: list[tuple[str, str]],
+    analysts: int,
+    duration: float,
+    upload: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
-    """`analysts` closed-loop analysts for `duration` seconds; what they saw."""
+    """`analysts` closed-loop analysts for `duration` seconds; what they saw.
+
+    With `upload`, a partner uploads a new version of its dataset meanwhile (from a third of
+    the duration on): the hub's memory then holds an upload beside the releases.
+    """
     stop_at = time.monotonic() + duration
     latencies: list[float] = []
     outcomes: Counter[str] = Counter()
@@ -200,7 +219,19 @@ def run_level(
 
     sampler = threading.Thread(target=sample)
     sampler.start()
+    uploaded: dict[str, Any] = {}
+
+    def upload_meanwhile() -> None:
+        time.sleep(duration / 3)
+        assert upload is not None
+        try:
+            uploaded["seconds"] = round(upload(), 2)
+        except RPCError as exc:
+            uploaded["error"] = f"{exc.status.name}: {exc.message}"
+
     threads = [threading.Thread(target=analyst, args=(i,)) for i in range(analysts)]
+    if upload is not None:
+        threads.append(threading.Thread(target=upload_meanwhile))
     began = time.monotonic()
     for thread in threads:
         thread.start()
@@ -216,6 +247,8 @@ def run_level(
         return latencies[min(done - 1, int(q * done))] if done else None
 
     errors = {k: v for k, v in outcomes.items() if k != "OK" and "back-pressure" not in k}
+    if "error" in uploaded:
+        errors["upload"] = 1
     return {
         "analysts": analysts,
         "duration_s": round(wall, 2),
@@ -232,6 +265,7 @@ def run_level(
         "errors": sum(errors.values()),
         "first_message_by_status": messages,
         "back_pressure_wait_s": round(waited_s[0], 2),
+        "upload_meanwhile": uploaded or None,
         "hub_peak_rss_mb": round(peak[0], 1),
         "hub_rss_high_water_mb": round(hub.rss_mb()[1], 1),
     }
@@ -278,6 +312,12 @@ def main() -> None:  # noqa: D103
     parser.add_argument("--duration", type=float, default=60.0, help="seconds per level")
     parser.add_argument("--memory-limit", default="4GB")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument(
+        "--upload-at",
+        type=int,
+        default=0,
+        help="at this level (number of analysts), a partner uploads a new version meanwhile",
+    )
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     limit_mb = parse_size(args.memory_limit, "--memory-limit") / 1024**2
@@ -285,12 +325,13 @@ def main() -> None:  # noqa: D103
         hub = HubProcess(Path(tmp), args.memory_limit, _free_port())
         try:
             t0 = time.monotonic()
-            seats = setup(hub.target, args.size, args.agreements, max(levels))
+            seats, upload_again = setup(hub.target, args.size, args.agreements, max(levels))
             setup_s = time.monotonic() - t0
             after_setup_mb = hub.rss_mb()[0]
             results = []
             for analysts in levels:
-                results.append(run_level(hub, seats, analysts, args.duration))
+                upload = upload_again if analysts == args.upload_at else None
+                results.append(run_level(hub, seats, analysts, args.duration, upload))
                 print(json.dumps(results[-1]), file=sys.stderr, flush=True)
             gates = [line for line in hub.metrics().splitlines() if line.startswith("entremise_")]
         finally:

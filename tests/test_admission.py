@@ -29,6 +29,7 @@ from entremise.privacy.budget import Epsilon
 from entremise.sdk import Client, EntremiseError, RPCError, Status
 from entremise.sdk.query import aggregate as agg
 from entremise.sdk.query import query
+from entremise.server.crypto import DecryptionError
 from entremise.server.domain.admission import Admission, Gate
 from entremise.server.domain.errors import (
     ClientGoneError,
@@ -403,6 +404,25 @@ def test_previews_and_reads_answer_while_every_release_slot_and_queue_place_is_t
     finally:
         hub.admin.close()
         hub.running.stop(grace=None)
+
+
+def test_a_version_being_read_outlives_its_replacement_until_the_reader_is_done(
+    sqlite_hub: Hub,
+) -> None:
+    scenario = build_scenario(sqlite_hub)
+    files = sqlite_hub.running.hub.files
+    old = Path(files.path(scenario.panel_id, 1))
+    assert old.exists()
+    with files.reading([(scenario.panel_id, 1)]):  # as a release planned on version 1 does
+        new = scenario.panel_client.upload_dataset(
+            scenario.agreement_id, "panel", scenario.panel, PANEL_SCHEMA, keys=scenario.panel_key
+        )
+        assert new.dataset.version == 2
+        assert old.exists()  # still readable, key and all
+        assert files.sealed.open(scenario.panel_id, 1).num_rows == len(scenario.panel)
+    assert not old.exists()  # removed (and its key shredded) once its reader is done
+    with pytest.raises(DecryptionError):
+        files.sealed.open(scenario.panel_id, 1)
 
 
 def test_metrics_show_the_queue_releases_in_flight_debits_and_statuses(busy_hub: Hub) -> None:

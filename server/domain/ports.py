@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -381,7 +382,15 @@ class DatasetFiles(ABC):
 
     @abstractmethod
     def delete(self, dataset_id: str, version: int | None = None) -> None:
-        """Remove stored data (one version, or every version)."""
+        """Remove stored data (one version, or every version).
+
+        A version being read (`reading`) is removed as soon as its last reader is done: a
+        release planned on it, and already paid for, completes on the data it was planned on.
+        """
+
+    @abstractmethod
+    def reading(self, versions: list[tuple[str, int]]) -> AbstractContextManager[None]:
+        """Hold these (dataset id, version)s while a computation reads them (see `delete`)."""
 
 
 class AggregationEngine(ABC):

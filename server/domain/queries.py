@@ -107,18 +107,38 @@ class Queries:
         refused with nothing spent. A release the hub stops mid-computation (shutdown) is
         cancelled and credited back: nothing was drawn, nothing left.
         """
-        try:
-            plan, budget, withdrawn = self._authorised(caller, spec)
-        except PermissionDeniedError as exc:
-            if caller.role is Role.ANALYST:  # the agreement's own analyst, outside its scope
-                self.trail.record(
-                    "release_refused",
-                    caller,
-                    spec.agreement_id,
-                    {"reason": "outside_agreement_scope", "detail": exc.message},
-                )
-            raise
         check_request_id(request_id)
+        while True:
+            try:
+                plan, budget, withdrawn = self._authorised(caller, spec)
+            except PermissionDeniedError as exc:
+                if caller.role is Role.ANALYST:  # the agreement's own analyst, out of scope
+                    self.trail.record(
+                        "release_refused",
+                        caller,
+                        spec.agreement_id,
+                        {"reason": "outside_agreement_scope", "detail": exc.message},
+                    )
+                raise
+            # The versions planned on are held from now on (a new upload removes the one it
+            # replaces only once no release reads it); one replaced before the hold: re-plan.
+            with self.files.reading(planned_versions(plan)):
+                if still_current(self.store, plan):
+                    return self._run_planned(
+                        caller, spec, plan, budget, withdrawn, cancelled, request_id
+                    )
+
+    def _run_planned(
+        self,
+        caller: Principal,
+        spec: QuerySpec,
+        plan: QueryPlan,
+        budget: BudgetState,
+        withdrawn: set[str],
+        cancelled: Callable[[], bool],
+        request_id: str,
+    ) -> tuple[Release, BudgetState, bool]:
+        """`run`, once the plan's versions are held."""
         earlier = self._requested(caller, spec, request_id, cancelled)
         if earlier is not None:
             return earlier, self.store.get_budget(earlier.agreement_id), True
@@ -354,12 +374,27 @@ def withdrawn_people(context: QueryContext) -> set[str]:
     return {p for pseudonyms in context.withdrawn.values() for p in pseudonyms}
 
 
+def planned_versions(plan: QueryPlan) -> list[tuple[str, int]]:
+    """The (dataset id, version)s a plan reads."""
+    return [(d.dataset_id, d.version) for d in plan.datasets]
+
+
+def still_current(store: Store, plan: QueryPlan) -> bool:
+    """Whether every version the plan reads is still its dataset's current one."""
+    try:
+        return all(store.get_dataset(d.dataset_id).version == d.version for d in plan.datasets)
+    except NotFoundError:  # deleted since: planning again says so
+        return False
+
+
 def exact_aggregates(
     files: DatasetFiles, engine: AggregationEngine, plan: QueryPlan, withdrawn: set[str]
 ) -> ExactAggregates:
     """Read the plan's datasets and compute its contribution-bounded exact aggregates."""
-    sources = [files.source(d.dataset_id, d.version) for d in plan.datasets]
-    return engine.compute(plan, sources, withdrawn, now())
+    versions = planned_versions(plan)
+    with files.reading(versions):  # a version replaced meanwhile is removed after
+        sources = [files.source(d, v) for d, v in versions]
+        return engine.compute(plan, sources, withdrawn, now())
 
 
 def query_fingerprint(spec: QuerySpec) -> str:

@@ -47,8 +47,10 @@ from entremise.server.domain.ports import AggregationEngine, DatasetFiles, Store
 from entremise.server.domain.queries import (
     compute_release,
     plan_on,
+    planned_versions,
     query_fingerprint,
     replay_key,
+    still_current,
     withdrawn_people,
 )
 from entremise.server.domain.releasing import summarize
@@ -216,8 +218,26 @@ class Quotes:
         specs = [spec_from_dict(d) for d in document["queries"]]
         context = self._context(caller, quote.agreement_id)
         plans = _plans(context, specs)
+        # The versions planned on are held while the workload runs (see `Queries.run`).
+        with self.files.reading(planned_versions(plans[0])):
+            return self._run_held(caller, quote, document, specs, context, plans, cancelled)
+
+    def _run_held(
+        self,
+        caller: Principal,
+        quote: Quote,
+        document: dict[str, Any],
+        specs: list[QuerySpec],
+        context: QueryContext,
+        plans: list[QueryPlan],
+        cancelled: Callable[[], bool],
+    ) -> WorkloadRun:
+        """`run`, once the plans' versions are held."""
+        quote_id = quote.quote_id
         withdrawn = withdrawn_people(context)
         changed = state_change(document["state"], data_state(plans[0], len(withdrawn)))
+        if not changed and not still_current(self.store, plans[0]):
+            changed = ["a dataset was replaced as the workload started"]
         if not changed:
             changed = [
                 f"the plan of query {i} changed"

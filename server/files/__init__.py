@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -147,6 +148,10 @@ class SealedDatasetFiles(DatasetFiles):
             segment_bytes=segment_bytes,
         )
         clear_leftovers(self.root / "staging")
+        # Versions being read, and deletions waiting for their readers (`reading`, `delete`).
+        self._readers: dict[tuple[str, int], int] = {}
+        self._deferred: set[tuple[str, int | None]] = set()
+        self._readers_lock = threading.Lock()
 
     def path(self, dataset_id: str, version: int) -> str:  # noqa: D102
         return self.sealed.path(dataset_id, version)
@@ -292,7 +297,35 @@ class SealedDatasetFiles(DatasetFiles):
         return upload_stats(counted, schema, digest, writer.sealed_bytes, rows)
 
     def delete(self, dataset_id: str, version: int | None = None) -> None:  # noqa: D102
+        with self._readers_lock:
+            busy = [v for (d, v), n in self._readers.items() if d == dataset_id and n > 0]
+            if (version is None and busy) or version in busy:
+                self._deferred.add((dataset_id, version))
+                return
         self.sealed.delete(dataset_id, version)
+
+    @contextlib.contextmanager
+    def reading(self, versions: list[tuple[str, int]]) -> Iterator[None]:  # noqa: D102
+        with self._readers_lock:
+            for key in versions:
+                self._readers[key] = self._readers.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            due = []
+            with self._readers_lock:
+                for key in versions:
+                    self._readers[key] -= 1
+                    if not self._readers[key]:
+                        del self._readers[key]
+                for dataset_id, version in list(self._deferred):
+                    if not any(
+                        d == dataset_id and (version in (None, v)) for d, v in self._readers
+                    ):
+                        self._deferred.discard((dataset_id, version))
+                        due.append((dataset_id, version))
+            for dataset_id, version in due:  # outside the lock: shredding touches the disk
+                self.sealed.delete(dataset_id, version)
 
 
 __all__ = [
