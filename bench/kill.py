@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -26,6 +24,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from entremise.cli.hub_process import HubProcess
 from entremise.partners import (
     Client,
     EntremiseRPCError,
@@ -44,34 +43,8 @@ ADMIN = "ent_kill_admin"
 
 
 def _start(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port_file = data_dir / "hub.port"
-    port_file.unlink(missing_ok=True)
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "entremise.cli",
-            "serve",
-            "--data-dir",
-            str(data_dir),
-            "--listen",
-            "127.0.0.1:0",
-            "--port-file",
-            str(port_file),
-            "--log-file",
-            str(data_dir / "hub.log"),
-        ],
-        env={**os.environ, "ENTREMISE_ADMIN_TOKEN": ADMIN},
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while not (port_file.exists() and port_file.read_text().strip()):
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("hub did not start")
-        time.sleep(0.05)
-    return process, f"127.0.0.1:{int(port_file.read_text())}"
+    hub = HubProcess(data_dir, ADMIN)
+    return hub.process, hub.target
 
 
 def _check(data_dir: Path, confirmed: set[str]) -> dict[str, int]:

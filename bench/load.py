@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from entremise.cli.hub_process import HubProcess
 from entremise.partners.identity import PartnerKeys
 from entremise.sdk import Client, RPCError, Status
 from entremise.sdk.query import aggregate, query
@@ -44,26 +43,15 @@ from .pipeline import BANK, PANEL, QUERIES
 ADMIN = "ent_load_admin"
 
 
-class HubProcess:
-    """`entremise serve` in a temporary data dir, with its metrics endpoint."""
+class LoadedHub(HubProcess):
+    """`entremise serve` under a memory limit, with its metrics endpoint and its memory read."""
 
     def __init__(self, data_dir: Path, memory_limit: str, metrics_port: int) -> None:
-        port_file = data_dir / "hub.port"
         self.metrics_port = metrics_port
-        self.process = subprocess.Popen(
+        super().__init__(
+            data_dir,
+            ADMIN,
             [
-                sys.executable,
-                "-m",
-                "entremise.cli",
-                "serve",
-                "--data-dir",
-                str(data_dir),
-                "--listen",
-                "127.0.0.1:0",
-                "--port-file",
-                str(port_file),
-                "--log-file",
-                str(data_dir / "hub.log"),
                 "--memory-limit",
                 memory_limit,
                 "--metrics-listen",
@@ -71,20 +59,12 @@ class HubProcess:
                 "--drain-grace",
                 "60",
             ],
-            env={**os.environ, "ENTREMISE_ADMIN_TOKEN": ADMIN},
-            stdin=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 120
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the hub did not start (see hub.log)")
-            time.sleep(0.05)
-        self.target = f"127.0.0.1:{int(port_file.read_text())}"
 
     def rss_mb(self) -> tuple[float, float]:
         """(resident now, high-water mark) in MB, from /proc."""
         fields = {}
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             key, _, value = line.partition(":")
             if key in ("VmRSS", "VmHWM"):
                 fields[key] = int(value.split()[0]) / 1024
@@ -94,11 +74,6 @@ class HubProcess:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             return str(response.read().decode())
-
-    def stop(self) -> int:
-        """SIGTERM, as an orchestrator stops it: the hub drains and should exit 0."""
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=120)
 
 
 def setup(
@@ -150,7 +125,7 @@ def setup(
 
 
 def run_level(
-    hub: HubProcess,
+    hub: LoadedHub,
     seats: list[tuple[str, str]],
     analysts: int,
     duration: float,
@@ -322,7 +297,7 @@ def main() -> None:  # noqa: D103
     levels = [int(x) for x in args.levels.split(",")]
     limit_mb = parse_size(args.memory_limit, "--memory-limit") / 1024**2
     with tempfile.TemporaryDirectory() as tmp:
-        hub = HubProcess(Path(tmp), args.memory_limit, _free_port())
+        hub = LoadedHub(Path(tmp), args.memory_limit, _free_port())
         try:
             t0 = time.monotonic()
             seats, upload_again = setup(hub.target, args.size, args.agreements, max(levels))
@@ -335,7 +310,7 @@ def main() -> None:  # noqa: D103
                 print(json.dumps(results[-1]), file=sys.stderr, flush=True)
             gates = [line for line in hub.metrics().splitlines() if line.startswith("entremise_")]
         finally:
-            exit_code = hub.stop()
+            exit_code = hub.stop(timeout=120)
     document = json.dumps(
         {
             "size": args.size,

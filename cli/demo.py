@@ -9,11 +9,8 @@ never reveals them) so that each release can be shown beside the truth and its 9
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,6 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from entremise.cli.hub_process import HubProcess
 from entremise.partners.identity import PartnerKeys, create_key_files
 from entremise.partners.synthetic import (
     AMOUNT_UPPER,
@@ -198,59 +196,6 @@ def demo_queries(agreement_id: str) -> list[DemoQuery]:
             lambda j: _by(j, ["week"], lambda g: g["email"].nunique()),
         ),
     ]
-
-
-class HubProcess:
-    """A hub in its own process, as it would run in production."""
-
-    def __init__(self, hub_dir: Path, admin_token: str) -> None:
-        hub_dir.mkdir(parents=True, exist_ok=True)
-        port_file = hub_dir / "hub.port"
-        port_file.unlink(missing_ok=True)
-        env = {**os.environ, "ENTREMISE_ADMIN_TOKEN": admin_token}
-        self.log = hub_dir / "hub.log"
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "entremise.cli",
-                "serve",
-                "--data-dir",
-                str(hub_dir),
-                "--listen",
-                "127.0.0.1:0",
-                "--port-file",
-                str(port_file),
-                "--log-file",
-                str(self.log),
-            ],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + 60
-        while not port_file.exists() or not port_file.read_text().strip():
-            if self.process.poll() is not None:
-                err = self.process.stderr.read().decode() if self.process.stderr else ""
-                raise RuntimeError(f"hub exited early: {err.strip().splitlines()[-1:]}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("hub did not start within 60 s")
-            time.sleep(0.05)
-        self.target = f"127.0.0.1:{int(port_file.read_text())}"
-
-    def stop(self) -> None:
-        """SIGTERM, then wait."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stderr:
-            self.process.stderr.close()
 
 
 def _cell_key(cell: Cell) -> tuple[str, ...]:

@@ -7,11 +7,8 @@ deterministic instead of timing a slow query.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -24,6 +21,7 @@ import pyarrow as pa
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from entremise.cli.hub_process import HubProcess
 from entremise.partners.synthetic import PANEL_SCHEMA
 from entremise.privacy.budget import Epsilon
 from entremise.sdk import Client, EntremiseError, RPCError, Status
@@ -446,6 +444,7 @@ def test_metrics_show_the_queue_releases_in_flight_debits_and_statuses(busy_hub:
     assert 'entremise_gate_queued{gate="releases"} 0.0' in text
     assert 'entremise_budget_debits_total{measure="pure"}' in text
     assert 'entremise_rpc_calls_total{code="OK",method="RunQuery"}' in text
+    assert 'entremise_rpc_seconds_count{method="RunQuery"}' in text
 
 
 def _spent(scenario: Scenario) -> str:
@@ -470,36 +469,14 @@ def test_sigterm_drains_finishes_the_upload_in_flight_refuses_new_work_and_exits
     tmp_path: Path,
 ) -> None:
     data_dir = tmp_path / "hub"
-    data_dir.mkdir()
     metrics_port = _free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "entremise.cli",
-            "serve",
-            "--data-dir",
-            str(data_dir),
-            "--listen",
-            "127.0.0.1:0",
-            "--port-file",
-            str(data_dir / "hub.port"),
-            "--log-file",
-            str(data_dir / "hub.log"),
-            "--metrics-listen",
-            f"127.0.0.1:{metrics_port}",
-            "--drain-grace",
-            "60",
-        ],
-        env={**os.environ, "ENTREMISE_ADMIN_TOKEN": ADMIN_TOKEN},
-        stdin=subprocess.DEVNULL,
+    served = HubProcess(
+        data_dir,
+        ADMIN_TOKEN,
+        ["--metrics-listen", f"127.0.0.1:{metrics_port}", "--drain-grace", "60"],
     )
+    process, target = served.process, served.target
     try:
-        wait_for(
-            lambda: (data_dir / "hub.port").exists() and bool((data_dir / "hub.port").read_text()),
-            60,
-        )
-        target = f"127.0.0.1:{int((data_dir / 'hub.port').read_text())}"
         hub = Hub(None, target, data_dir, Client.connect(target, token=ADMIN_TOKEN))  # type: ignore[arg-type]
         scenario = build_scenario(hub)
         prepared = scenario.panel_client.prepare_upload(
@@ -539,10 +516,8 @@ def test_sigterm_drains_finishes_the_upload_in_flight_refuses_new_work_and_exits
         assert len(uploaded) == 1  # the in-flight upload finished
         assert process.wait(30) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    log = (data_dir / "hub.log").read_text()
+        served.stop(timeout=5)
+    log = served.log.read_text()
     assert "draining" in log and "shutting down (drained)" in log
 
 

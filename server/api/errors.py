@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn, TypeVar
@@ -12,7 +13,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from entremise.privacy.budget import InvalidEpsilonError
-from entremise.server.api.metrics import RPC_CALLS
+from entremise.server.api.metrics import RPC_CALLS, RPC_SECONDS
 from entremise.server.domain.errors import EntremiseError, ErrorCode, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) ->
 @contextmanager
 def rpc_errors(context: grpc.ServicerContext, rpc: str) -> Iterator[None]:
     """Map domain errors to their status; anything unexpected becomes a sanitised INTERNAL."""
+    started = time.monotonic()
     try:
         yield
     except EntremiseError as exc:
@@ -74,6 +76,8 @@ def rpc_errors(context: grpc.ServicerContext, rpc: str) -> Iterator[None]:
         abort(context, grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
     else:
         RPC_CALLS.labels(rpc, grpc.StatusCode.OK.name).inc()
+    finally:
+        RPC_SECONDS.labels(rpc).observe(time.monotonic() - started)
 
 
 def rpc(

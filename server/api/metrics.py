@@ -1,16 +1,17 @@
 """What a person on call watches, in Prometheus' text format (`serve --metrics-listen`).
 
-Per RPC: calls by gRPC status (`rpc_errors` counts every outcome). Per gate (releases,
-uploads): slots, running, queued, admitted, refused, abandoned. Budget debits: releases
-paid and the privacy loss debited, by measure. Nothing here depends on the data: counts of
-calls and of debits, never of rows or people.
+Per RPC: calls by gRPC status, and durations (`rpc_errors` sees every outcome). Per gate
+(releases, uploads): slots, running, queued, admitted, refused, abandoned. Budget debits:
+releases paid and the privacy loss debited, by measure. Nothing here counts rows or people;
+durations follow data sizes, which the operator (whom the endpoint serves, on an internal
+address) knows anyway.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -24,6 +25,13 @@ RPC_CALLS = Counter(
     "entremise_rpc_calls",
     "Completed RPCs by method and gRPC status code.",
     ("method", "code"),
+    registry=REGISTRY,
+)
+RPC_SECONDS = Histogram(
+    "entremise_rpc_seconds",
+    "Time from an RPC's start to its answer, by method (a release's includes its queue wait).",
+    ("method",),
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
     registry=REGISTRY,
 )
 BUDGET_DEBITS = Counter(
@@ -118,6 +126,7 @@ __all__ = [
     "PRIVACY_LOSS_DEBITED",
     "REGISTRY",
     "RPC_CALLS",
+    "RPC_SECONDS",
     "MetricsEndpoint",
     "count_debits",
 ]
