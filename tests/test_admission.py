@@ -358,6 +358,30 @@ def test_an_identical_query_sent_while_the_first_waits_is_answered_by_it_at_no_c
     assert _spent(scenario) == "0.1"
 
 
+def test_a_flood_of_identical_queries_is_turned_back_not_left_holding_threads(
+    busy_hub: Hub,
+) -> None:
+    scenario = build_scenario(busy_hub)
+    gate = busy_hub.running.hub.admission.releases
+    queries = busy_hub.running.hub.queries
+    run = lambda: scenario.analyst.run(_count(scenario.agreement_id))  # noqa: E731
+    with held(gate):
+        threads = [threading.Thread(target=run)]
+        threads[0].start()
+        wait_for(lambda: gate.stats().queued == 1)
+        for _ in range(4):  # retries of the same query wait for it...
+            threads.append(threading.Thread(target=run))
+            threads[-1].start()
+        wait_for(lambda: sum(queries._waiting.values()) == 4)
+        with pytest.raises(RPCError) as flood:  # ...a fifth is told to come back
+            run()
+        assert flood.value.status is Status.RESOURCE_EXHAUSTED
+        assert flood.value.retry_after_s == 1.0
+    for thread in threads:
+        thread.join()
+    assert _spent(scenario) == "0.1"
+
+
 def test_a_release_stopped_by_shutdown_is_cancelled_and_credited_back(sqlite_hub: Hub) -> None:
     scenario = build_scenario(sqlite_hub)
     sqlite_hub.running.hub.engine.interrupt()  # as the end of a drain's grace period does

@@ -25,6 +25,7 @@ from entremise.server.domain.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    OverloadedError,
     PermissionDeniedError,
     ReleaseFailedError,
     UnavailableError,
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 
 #: How often a request waiting for an identical one looks whether its client is still there.
 _POLL_S = 0.05
+#: Identical requests that may wait for one computing (more are refused: busy, retry).
+_MAX_IDENTICAL_WAITING = 4
 
 
 class Queries:
@@ -70,7 +73,9 @@ class Queries:
         self.engine = engine
         self.trail = trail
         self.admission = admission
+        # Releases computing, by (agreement, replay key): the identical requests waiting on each.
         self._inflight: dict[tuple[str, str], threading.Event] = {}
+        self._waiting: dict[tuple[str, str], int] = {}
         self._inflight_lock = threading.Lock()
 
     def preview(self, caller: Principal, spec: QuerySpec) -> PlanSummary:
@@ -154,14 +159,25 @@ class Queries:
                     "release_replayed", caller, agreement_id, {"release_id": previous.release_id}
                 )
                 return previous, budget, True
+            slot = (agreement_id, key)
             with self._inflight_lock:
-                ahead = self._inflight.get((agreement_id, key))
+                ahead = self._inflight.get(slot)
                 if ahead is None:
-                    mine = self._inflight[(agreement_id, key)] = threading.Event()
+                    mine = self._inflight[slot] = threading.Event()
                     break
-            while not ahead.wait(_POLL_S):
-                if cancelled():
-                    raise ClientGoneError("releases")
+                # Each waiter holds an RPC thread: a few retries wait, a flood is turned back.
+                if self._waiting.get(slot, 0) >= _MAX_IDENTICAL_WAITING:
+                    raise OverloadedError("releases", 1.0)
+                self._waiting[slot] = self._waiting.get(slot, 0) + 1
+            try:
+                while not ahead.wait(_POLL_S):
+                    if cancelled():
+                        raise ClientGoneError("releases")
+            finally:
+                with self._inflight_lock:
+                    self._waiting[slot] -= 1
+                    if not self._waiting[slot]:
+                        del self._waiting[slot]
         try:
             with self.admission.releases.slot((caller.principal_id, agreement_id), cancelled):
                 try:
