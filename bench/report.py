@@ -245,11 +245,12 @@ def _load_levels(load: dict[str, Any]) -> list[str]:
         "no free replay), waiting out any back-pressure as told. Throughput counts the "
         "releases completed over the level's wall time, which includes the queries still in "
         "flight when the level's duration ended. Setup (uploads) took "
-        f"{load['setup_s']:.0f} s; the hub held {load['hub_rss_after_setup_mb']:,.0f} MB after it.",
+        f"{load['setup_s']:.0f} s; the hub held {load['hub_rss_after_setup_mb']:,.0f} MB after it."
+        + (f" Conditions: {load['conditions']}" if "conditions" in load else ""),
         "",
         "| analysts | releases | throughput q/s | p50 s | p95 s | p99 s | errors | "
-        "back-pressure | hub peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "back-pressure | upload meanwhile | hub peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for level in load["levels"]:
         latency = level["latency_s"]
@@ -257,7 +258,8 @@ def _load_levels(load: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {level['analysts']} | {level['completed']} | {level['throughput_qps']:.2f} | "
             f"{latency['p50']:.2f} | {latency['p95']:.2f} | {latency['p99']:.2f} | "
-            f"{level['errors']} | {pressure} | {level['hub_peak_rss_mb']:,.0f} |"
+            f"{level['errors']} | {pressure} | {_upload(level.get('upload_meanwhile'))} | "
+            f"{level['hub_peak_rss_mb']:,.0f} |"
         )
     lines += ["", "Against the targets (issue 18):", ""]
     for name, verdict in load["verdicts"].items():
@@ -272,6 +274,12 @@ def _load_levels(load: dict[str, Any]) -> list[str]:
         f"- the hub exited {load['hub_exit_code_after_sigterm']} on SIGTERM after the last level"
     )
     return lines
+
+
+def _upload(upload: dict[str, Any] | None) -> str:
+    if not upload:
+        return ""
+    return f"{upload['seconds']:.0f} s" if "seconds" in upload else f"failed: {upload['error']}"
 
 
 def _projection(xl: dict[str, Any]) -> list[str]:
