@@ -140,6 +140,32 @@ def test_a_request_whose_client_left_leaves_the_queue_and_no_slot_is_lost() -> N
         assert gate.stats().running == 1
 
 
+def test_a_callers_later_request_leaving_the_queue_leaves_its_earlier_one_waiting() -> None:
+    gate = Gate("releases", slots=1, max_queued=8)
+    gone = threading.Event()
+    ran: list[str] = []
+
+    def request(name: str, cancelled: Callable[[], bool]) -> None:
+        try:
+            with gate.slot(("a",), cancelled=cancelled):
+                ran.append(name)
+        except ClientGoneError:
+            ran.append(f"{name} left")
+
+    with held(gate):
+        first = threading.Thread(target=request, args=("first", lambda: False))
+        first.start()
+        wait_for(lambda: gate.stats().queued == 1)
+        second = threading.Thread(target=request, args=("second", gone.is_set))
+        second.start()
+        wait_for(lambda: gate.stats().queued == 2)
+        gone.set()
+        second.join()
+    first.join(timeout=5)
+    assert ran == ["second left", "first"]
+    assert gate.stats().running == 0  # no slot was handed to the request that left
+
+
 def test_draining_refuses_new_and_queued_work_while_running_work_finishes() -> None:
     gate = Gate("releases", slots=1, max_queued=8)
     refused: list[BaseException] = []

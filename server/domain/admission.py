@@ -42,7 +42,7 @@ class GateStats:
     abandoned_total: int
 
 
-@dataclass
+@dataclass(eq=False)  # by identity: one caller's tickets are otherwise equal
 class _Ticket:
     caller: tuple[str, ...]
     granted: bool = False
