@@ -398,7 +398,7 @@ def test_a_flood_of_identical_queries_is_turned_back_not_left_holding_threads(
         for _ in range(4):  # retries of the same query wait for it...
             threads.append(threading.Thread(target=run))
             threads[-1].start()
-        wait_for(lambda: sum(queries._waiting.values()) == 4)
+        wait_for(lambda: queries.identical.waiting() == 4)
         with pytest.raises(RPCError) as flood:  # ...a fifth is told to come back
             run()
         assert flood.value.status is Status.RESOURCE_EXHAUSTED

@@ -177,6 +177,55 @@ class Gate:
         return max(0.1, math.ceil(10 * typical * (queued / self.slots + 1)) / 10)
 
 
+class IdenticalRequests:
+    """One computation per key at a time: identical requests wait for it, then look again.
+
+    A release's key is its replay key, so an identical request arriving while the first
+    computes is answered by it (a replay) instead of paying twice. Each waiter holds an RPC
+    thread: a few wait, more are turned back as busy.
+    """
+
+    def __init__(self, max_waiting: int = 4) -> None:
+        self.max_waiting = max_waiting
+        self._running: dict[tuple[str, ...], threading.Event] = {}
+        self._waiting: dict[tuple[str, ...], int] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, key: tuple[str, ...], cancelled: Callable[[], bool]) -> bool:
+        """True: this request computes (call `done` after). False: an identical one finished.
+
+        Raises OverloadedError (too many waiting) or ClientGoneError (the client left).
+        """
+        with self._lock:
+            ahead = self._running.get(key)
+            if ahead is None:
+                self._running[key] = threading.Event()
+                return True
+            if self._waiting.get(key, 0) >= self.max_waiting:
+                raise OverloadedError("releases", 1.0)
+            self._waiting[key] = self._waiting.get(key, 0) + 1
+        try:
+            while not ahead.wait(_POLL_S):
+                if cancelled():
+                    raise ClientGoneError("releases")
+            return False
+        finally:
+            with self._lock:
+                self._waiting[key] -= 1
+                if not self._waiting[key]:
+                    del self._waiting[key]
+
+    def done(self, key: tuple[str, ...]) -> None:
+        """The computation of `key` ended (however): its waiters look again."""
+        with self._lock:
+            self._running.pop(key).set()
+
+    def waiting(self) -> int:
+        """Requests waiting for an identical one, in all."""
+        with self._lock:
+            return sum(self._waiting.values())
+
+
 _DRAINING = "the hub is shutting down: retry once it is back (nothing was spent)"
 
 
@@ -244,4 +293,5 @@ __all__ = [
     "Admission",
     "Gate",
     "GateStats",
+    "IdenticalRequests",
 ]

@@ -9,14 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any, Protocol
 
 from entremise.server.domain.access import require
-from entremise.server.domain.admission import Admission
+from entremise.server.domain.admission import Admission, IdenticalRequests
 from entremise.server.domain.errors import (
     AlreadyExistsError,
     BudgetExhaustedError,
@@ -25,7 +24,6 @@ from entremise.server.domain.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
-    OverloadedError,
     PermissionDeniedError,
     ReleaseFailedError,
     UnavailableError,
@@ -51,7 +49,7 @@ from entremise.server.domain.trail import AuditTrail
 
 log = logging.getLogger(__name__)
 
-#: How often a request waiting for an identical one looks whether its client is still there.
+#: How often a request waiting for its earlier request id looks whether its client is there.
 _POLL_S = 0.05
 #: Identical requests that may wait for one computing (more are refused: busy, retry).
 _MAX_IDENTICAL_WAITING = 4
@@ -73,10 +71,7 @@ class Queries:
         self.engine = engine
         self.trail = trail
         self.admission = admission
-        # Releases computing, by (agreement, replay key): the identical requests waiting on each.
-        self._inflight: dict[tuple[str, str], threading.Event] = {}
-        self._waiting: dict[tuple[str, str], int] = {}
-        self._inflight_lock = threading.Lock()
+        self.identical = IdenticalRequests(_MAX_IDENTICAL_WAITING)
 
     def preview(self, caller: Principal, spec: QuerySpec) -> PlanSummary:
         """Cost and expected accuracy; spends nothing and reads no row."""
@@ -147,37 +142,17 @@ class Queries:
         earlier = self._requested(caller, spec, request_id, cancelled)
         if earlier is not None:
             return earlier, self.store.get_budget(earlier.agreement_id), True
-        started = now()
-        key = replay_key(spec, plan, len(withdrawn), started[:10])
+        key = replay_key(spec, plan, len(withdrawn), now()[:10])
         agreement_id = plan.agreement.agreement_id
         while True:  # an identical release in flight is waited for, then replayed
             previous = self.store.find_replay(agreement_id, key)
             if previous is not None:
-                if previous.created_at > started:  # it finished while this one waited
-                    budget = self.store.get_budget(agreement_id)
                 self.trail.record(
                     "release_replayed", caller, agreement_id, {"release_id": previous.release_id}
                 )
-                return previous, budget, True
-            slot = (agreement_id, key)
-            with self._inflight_lock:
-                ahead = self._inflight.get(slot)
-                if ahead is None:
-                    mine = self._inflight[slot] = threading.Event()
-                    break
-                # Each waiter holds an RPC thread: a few retries wait, a flood is turned back.
-                if self._waiting.get(slot, 0) >= _MAX_IDENTICAL_WAITING:
-                    raise OverloadedError("releases", 1.0)
-                self._waiting[slot] = self._waiting.get(slot, 0) + 1
-            try:
-                while not ahead.wait(_POLL_S):
-                    if cancelled():
-                        raise ClientGoneError("releases")
-            finally:
-                with self._inflight_lock:
-                    self._waiting[slot] -= 1
-                    if not self._waiting[slot]:
-                        del self._waiting[slot]
+                return previous, self.store.get_budget(agreement_id), True
+            if self.identical.claim((agreement_id, key), cancelled):
+                break
         try:
             with self.admission.releases.slot((caller.principal_id, agreement_id), cancelled):
                 try:
@@ -189,9 +164,7 @@ class Queries:
                     return earlier, self.store.get_budget(earlier.agreement_id), True
                 release = compute_release(self, caller, plan, withdrawn, reserved, key)
         finally:
-            with self._inflight_lock:
-                del self._inflight[(agreement_id, key)]
-            mine.set()
+            self.identical.done((agreement_id, key))
         if release.status == "failed":
             raise ReleaseFailedError(str(plan.epsilon))
         log.info(
