@@ -310,6 +310,31 @@ def test_a_full_queue_answers_resource_exhausted_with_retry_after_and_spends_not
     ]  # the refused one left no trace but a refusal
 
 
+def test_a_quoted_workload_waits_in_the_same_queue_and_a_full_one_spends_nothing(
+    busy_hub: Hub,
+) -> None:
+    scenario = build_scenario(busy_hub)
+    gate = busy_hub.running.hub.admission.releases
+    quoted = scenario.analyst.quote(
+        [_count(scenario.agreement_id, "0.2"), _count(scenario.agreement_id, "0.3")],
+        agreement_id=scenario.agreement_id,
+    )
+    with held(gate):
+        queued = threading.Thread(
+            target=lambda: scenario.analyst.run(_count(scenario.agreement_id))
+        )
+        queued.start()
+        wait_for(lambda: gate.stats().queued == 1)
+        with pytest.raises(RPCError) as busy:
+            scenario.analyst.run_quote(quoted.quote_id)
+        assert busy.value.status is Status.RESOURCE_EXHAUSTED and busy.value.retry_after_s
+    queued.join()
+    assert _spent(scenario) == "0.1"  # the queued single query only
+    results = scenario.analyst.run_quote(quoted.quote_id)  # the quote was not used up
+    assert [r.release.epsilon_spent for r in results] == ["0.2", "0.3"]
+    assert _spent(scenario) == "0.6"
+
+
 def test_a_client_whose_deadline_passes_in_the_queue_is_not_charged(busy_hub: Hub) -> None:
     scenario = build_scenario(busy_hub)
     gate = busy_hub.running.hub.admission.releases
