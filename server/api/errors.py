@@ -53,30 +53,29 @@ def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) ->
 @contextmanager
 def rpc_errors(context: grpc.ServicerContext, rpc: str) -> Iterator[None]:
     """Map domain errors to their status; anything unexpected becomes a sanitised INTERNAL."""
-    started = time.monotonic()
+    started, code = time.monotonic(), grpc.StatusCode.OK
     try:
         yield
     except EntremiseError as exc:
-        RPC_CALLS.labels(rpc, ERROR_MAP[exc.code].name).inc()
+        code = ERROR_MAP[exc.code]
         log.info("%s refused: %s %s", rpc, exc.code, exc.message)
         if isinstance(exc, OverloadedError):
             context.set_trailing_metadata(
                 ((RETRY_AFTER_KEY, str(math.ceil(exc.retry_after_s * 1000))),)
             )
-        abort(context, ERROR_MAP[exc.code], exc.message)
+        abort(context, code, exc.message)
     except InvalidEpsilonError as exc:
-        RPC_CALLS.labels(rpc, grpc.StatusCode.INVALID_ARGUMENT.name).inc()
-        abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        code = grpc.StatusCode.INVALID_ARGUMENT
+        abort(context, code, str(exc))
     except Exception as exc:
         if isinstance(exc, grpc.RpcError):  # the client went away mid-stream
-            RPC_CALLS.labels(rpc, grpc.StatusCode.CANCELLED.name).inc()
+            code = grpc.StatusCode.CANCELLED
             raise
-        RPC_CALLS.labels(rpc, grpc.StatusCode.INTERNAL.name).inc()
+        code = grpc.StatusCode.INTERNAL
         log.exception("%s failed", rpc)
-        abort(context, grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
-    else:
-        RPC_CALLS.labels(rpc, grpc.StatusCode.OK.name).inc()
+        abort(context, code, INTERNAL_MESSAGE)
     finally:
+        RPC_CALLS.labels(rpc, code.name).inc()
         RPC_SECONDS.labels(rpc).observe(time.monotonic() - started)
 
 

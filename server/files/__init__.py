@@ -298,7 +298,7 @@ class SealedDatasetFiles(DatasetFiles):
 
     def delete(self, dataset_id: str, version: int | None = None) -> None:  # noqa: D102
         with self._readers_lock:
-            busy = [v for (d, v), n in self._readers.items() if d == dataset_id and n > 0]
+            busy = [v for d, v in self._readers if d == dataset_id]  # counts are kept > 0
             if (version is None and busy) or version in busy:
                 self._deferred.add((dataset_id, version))
                 return

@@ -89,22 +89,15 @@ def debit_analyst(conn: Connection, release: Release) -> None:
 def cancel(conn: Connection, release: Release) -> bool:
     """Remove a still-running release and credit its debits back; whether it was running.
 
-    The stored release's own cost is credited (not the caller's copy), under the same
-    transaction as the delete, so a release is credited once at most.
+    The stored release's own cost is credited (not the caller's copy), as the one statement
+    that deletes it returns it, so a release is credited once at most.
     """
     row = conn.execute(
-        sa.select(releases.c.epsilon_micros, releases.c.delta_units, releases.c.analyst_id).where(
-            releases.c.release_id == release.release_id, releases.c.status == "running"
-        )
+        releases.delete()
+        .where(releases.c.release_id == release.release_id, releases.c.status == "running")
+        .returning(releases.c.epsilon_micros, releases.c.delta_units, releases.c.analyst_id)
     ).first()
     if row is None:
-        return False
-    deleted = conn.execute(
-        releases.delete().where(
-            releases.c.release_id == release.release_id, releases.c.status == "running"
-        )
-    )
-    if deleted.rowcount != 1:
         return False
     cost, delta = row.epsilon_micros, row.delta_units
     conn.execute(
